@@ -1,0 +1,87 @@
+"""Block records and payload layout.
+
+Primitives:
+    BlockState: what is happening to a block's bytes (an Enum, never a magic count).
+    Block: bookkeeping of one block: where its payload is, its references and pins.
+    pack_block: copy a token range of per-layer KV into one flat block payload.
+    tensor_view: a tensor of a block payload, viewed in its spec shape (no copy).
+
+A payload is one flat uint8 tensor of ``n_tokens * spec.bytes_per_token`` bytes (layout in spec.py),
+so a move between tiers is one copy and accounting is exact to the byte.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .spec import KVSpec
+
+__all__ = ["BlockState", "Block", "pack_block", "tensor_view"]
+
+
+class BlockState(enum.Enum):
+    """State of a block's bytes. Only READY blocks may be demoted or dropped from memory."""
+
+    READY = "ready"          # stable where it is
+    LOADING = "loading"      # being read from SSD into host memory
+    MOVING = "moving"        # being copied between device and host
+    WRITING = "writing"      # being written to SSD; memory copy still valid
+
+
+@dataclass(eq=False)
+class Block:
+    """One block. Guarded by the engine's lock; payload bytes are moved outside it."""
+
+    key: bytes
+    n_tokens: int
+    nbytes: int
+    tier: str | None = None            # "device" | "host" | None (not in memory)
+    payload: torch.Tensor | None = None
+    on_ssd: bool = False
+    refs: int = 0                      # sessions referencing it (mirrors the persisted count)
+    pins: int = 0                      # pinned sessions referencing it
+    state: BlockState = BlockState.READY
+    load: "BlockLoad | None" = None    # the in-flight SSD read, while state is LOADING
+    write_queued: bool = False         # a queued op will write its value to SSD
+    corrupt: bool = False              # failed a checksum: a miss until rewritten or repaired
+
+
+@dataclass(eq=False)
+class BlockLoad:
+    """An in-flight SSD → host read of one block, waitable layer by layer."""
+
+    block: Block
+    buffer: torch.Tensor
+    layer_done: list[threading.Event]
+    remaining: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        for ev in self.layer_done:
+            ev.set()
+        self.done.set()
+
+
+def tensor_view(spec: KVSpec, payload: torch.Tensor, n_tokens: int, layer: int, index: int) -> torch.Tensor:
+    """Tensor ``index`` of ``layer`` inside a block payload, in its spec shape (a view)."""
+    t = spec.layers[layer].tensors[index]
+    start = spec.tensor_offset(layer, index, n_tokens)
+    flat = payload[start:start + t.bytes_per_token * n_tokens]
+    return flat.view(t.torch_dtype).view(t.shape(n_tokens))
+
+
+def pack_block(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], start: int, n_tokens: int,
+               out: torch.Tensor) -> None:
+    """Copy tokens ``[start, start + n_tokens)`` of ``kv`` into the flat payload ``out``."""
+    for li, layer in enumerate(spec.layers):
+        for ti, t in enumerate(layer.tensors):
+            tensor_view(spec, out, n_tokens, li, ti).copy_(kv[li][ti].narrow(t.seq_axis, start, n_tokens),
+                                                          non_blocking=True)

@@ -1,0 +1,119 @@
+"""Typed, validated configuration.
+
+Primitives: ``parse_size`` (``"8GiB"`` → bytes), ``TierKVConfig`` (frozen, checked once at
+construction). The library reads no environment variables; only the CLI does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+__all__ = ["parse_size", "format_size", "TierKVConfig", "PERSIST_MODES"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+PERSIST_MODES = ("write_back", "write_through")
+
+
+def parse_size(value: int | str, name: str = "size") -> int:
+    """Return a byte count from an int or a string such as ``"8GiB"``, ``"512MB"`` or ``"0"``.
+
+    Binary units (KiB, MiB, GiB, TiB) are powers of 1024; decimal ones (KB, MB, GB, TB) of 1000.
+
+    Raises:
+        ConfigError: the value is negative, not a number or has an unknown unit.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a byte count or a size string, not a bool")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0 bytes, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ConfigError(
+                f"{name}={value!r} is not a size; write an int or a string like '512MiB' or '8GB'"
+            )
+        return int(float(m.group(1)) * _UNITS[unit])
+    raise ConfigError(f"{name} must be an int or a size string, got {type(value).__name__}")
+
+
+def format_size(n: float) -> str:
+    """Format a byte count with a binary unit, e.g. ``1.50 GiB``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class TierKVConfig:
+    """Settings of a :class:`tierkv.TierKV` store.
+
+    Attributes:
+        device_bytes: budget of the device tier (GPU memory; a CPU pool without CUDA). 0 disables it.
+        host_bytes: budget of the host DRAM tier. 0 disables it.
+        ssd_bytes: budget of encoded block bytes in the LMDB store on SSD (must be > 0).
+        block_tokens: tokens per block, 16..4096.
+        persist: ``"write_back"`` (blocks reach SSD when demoted, and on ``close()``) or
+            ``"write_through"`` (every save is also written to SSD in the background).
+        device: torch device of the device tier, e.g. ``"cuda:0"`` or ``"cpu"``; ``None`` picks
+            CUDA when present, else the CPU.
+        ssd_codec: codec of values on SSD (``"zstd-planes"`` lossless, or ``"raw"``).
+        zstd_level: compression level of the ``zstd-planes`` codec.
+        io_threads: threads decoding blocks read from SSD.
+        pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available".
+    """
+
+    device_bytes: int | str = "1GiB"
+    host_bytes: int | str = "4GiB"
+    ssd_bytes: int | str = "64GiB"
+    block_tokens: int = 256
+    persist: str = "write_back"
+    device: str | None = None
+    ssd_codec: str = "zstd-planes"
+    zstd_level: int = 1
+    io_threads: int = 2
+    pin_host_memory: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("device_bytes", "host_bytes", "ssd_bytes"):
+            object.__setattr__(self, name, parse_size(getattr(self, name), name))
+        if self.ssd_bytes <= 0:
+            raise ConfigError("ssd_bytes must be > 0: the SSD tier is where sessions persist")
+        if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, int) or not (
+            16 <= self.block_tokens <= 4096
+        ):
+            raise ConfigError(f"block_tokens must be an int in 16..4096, got {self.block_tokens!r}")
+        if self.persist not in PERSIST_MODES:
+            raise ConfigError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
+        if not isinstance(self.io_threads, int) or not (1 <= self.io_threads <= 64):
+            raise ConfigError(f"io_threads must be an int in 1..64, got {self.io_threads!r}")
+        if not isinstance(self.zstd_level, int) or not (-7 <= self.zstd_level <= 22):
+            raise ConfigError(f"zstd_level must be an int in -7..22, got {self.zstd_level!r}")
+        from .codec import CODECS  # late import: codec does not depend on config
+
+        if self.ssd_codec not in CODECS:
+            raise ConfigError(f"ssd_codec must be one of {sorted(CODECS)}, got {self.ssd_codec!r}")
+
+    @classmethod
+    def from_settings(cls, **settings: object) -> "TierKVConfig":
+        """Build a config from keyword settings, naming any unknown one."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**settings)  # type: ignore[arg-type]

@@ -1,0 +1,852 @@
+"""The cache manager: ``TierKV``, the hooks an inference loop calls.
+
+Primitives:
+    TierKV: save / lookup / restore / prefetch / drop_session / offload / flush / stats / close.
+
+Control apart from data: every bookkeeping decision (which block is where, references, pins,
+budgets, what to persist) is made under one lock over small records (``Block``,
+``SessionRecord``); byte movement (packing, device<->host copies, encoding, LMDB writes, decoding)
+happens outside it, in the caller for a save's first copy, in the writer thread for SSD writes and
+demotions, and in the I/O pool for SSD reads.
+
+Ordering: persistent changes are queued as ops in the order their in-memory effects were made,
+and one writer thread applies them to LMDB in that order, so the store on disk always equals the
+in-memory state as of some earlier moment. Keys the memory side has deleted but the writer has not
+yet are "doomed" and never re-read from disk meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .blocks import Block, BlockLoad, BlockState, pack_block
+from .codec import CorruptValueError, make_codec, parse_block
+from .config import TierKVConfig
+from .errors import (BackgroundError, BudgetExceededError, ConfigError, SpecMismatchError,
+                     StoreClosedError, StoreFullError, StoreIOError, TierKVError, UnknownSessionError)
+from .handles import LoadHandle, RestoredKV, SaveHandle, _Part
+from .keys import as_tokens, block_keys, chain_seed, iter_block_keys
+from .movers import MOVERS, Transfer, decode_layer_into, encode_payload
+from .spec import KVSpec
+from .stats import Stats
+from .store import SessionRecord, SSDStore, check_session_id
+from .tiers import MemoryTier
+
+__all__ = ["TierKV"]
+
+_KV = Sequence[Sequence[torch.Tensor]]
+
+
+@dataclass(eq=False)
+class _Op:
+    """A persistent change for the writer thread."""
+
+    kind: str                                   # "session" | "drop" | "write" | "barrier"
+    session: str | None = None
+    record: SessionRecord | None = None
+    write: list[Block] = field(default_factory=list)
+    free_after: bool = False                    # demotion: drop memory copies once written
+    doomed: list[bytes] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class TierKV:
+    """A tiered KV cache: device memory → host DRAM → LMDB on SSD.
+
+    Args:
+        path: store directory (created if missing).
+        spec: the model's KV layout; a store is refused to any other spec.
+        config: a TierKVConfig; or pass its fields as keyword settings instead.
+
+    Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, path: str, spec: KVSpec, *, config: TierKVConfig | None = None, **settings: Any) -> None:
+        if config is not None and settings:
+            raise ConfigError("pass either config= or keyword settings, not both")
+        if not isinstance(spec, KVSpec):
+            raise ConfigError(f"spec must be a tierkv.KVSpec, got {type(spec).__name__}")
+        self.config = cfg = config or TierKVConfig.from_settings(**settings)
+        self.spec = spec
+        self.block_tokens = cfg.block_tokens
+        try:
+            device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as e:
+            raise ConfigError(f"device={cfg.device!r} is not a torch device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
+        self.device = device
+        self.codec = make_codec(cfg.ssd_codec, cfg.zstd_level)
+        ident = {"block_tokens": cfg.block_tokens, "codec": self.codec.name, "device_codec": "raw"}
+        self.fingerprint = spec.fingerprint(**ident)
+        self._ssd = SSDStore(path, self.fingerprint, dict(spec.describe(), **ident), cfg.ssd_bytes)
+        self.path = self._ssd.path
+        pin = cfg.pin_host_memory if cfg.pin_host_memory is not None else torch.cuda.is_available()
+        self._tiers = {
+            "device": MemoryTier("device", device, cfg.device_bytes),
+            "host": MemoryTier("host", torch.device("cpu"), cfg.host_bytes, pin),
+        }
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._blocks: dict[bytes, Block] = {}
+        self._sessions: dict[str, SessionRecord] = {}
+        self._doomed: Counter[bytes] = Counter()     # deleted in memory, deletion still queued
+        self._dropping: Counter[str] = Counter()     # dropped in memory, drop still queued
+        self._pending: Counter[str] = Counter()      # sessions with queued ops
+        self._touched: dict[str, float] = {}         # last_used updates to persist
+        self._ops: deque[_Op] = deque()
+        self._unreported: list[BaseException] = []   # op errors no handle has raised yet
+        self._bg_error: BaseException | None = None
+        self._stats = Stats()
+        self._closed = False
+        self._stopping = False
+        self._maint_blocked_until = 0.0
+        self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io")
+        self._writer = threading.Thread(target=self._writer_loop, name="tierkv-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------------ context management
+    def __enter__(self) -> "TierKV":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"store {self.path} is closed; open a new TierKV")
+        if self._bg_error is not None:
+            raise BackgroundError(f"a background thread failed: {self._bg_error!r}; close and reopen "
+                                  "the store") from self._bg_error
+
+    # ------------------------------------------------------------------ record lookups (locked)
+    def _block(self, key: bytes) -> Block | None:
+        b = self._blocks.get(key)
+        if b is not None or self._doomed[key]:
+            return b
+        meta = self._ssd.get_bmeta(key)
+        if meta is None:
+            return None
+        b = Block(key, meta.n_tokens, meta.n_tokens * self.spec.bytes_per_token,
+                  on_ssd=meta.enc_bytes > 0, refs=meta.refs)
+        self._blocks[key] = b
+        return b
+
+    @staticmethod
+    def _available(b: Block | None) -> bool:
+        return b is not None and (b.tier is not None or b.load is not None or (b.on_ssd and not b.corrupt))
+
+    def _session(self, session: str, now: float | None = None) -> SessionRecord | None:
+        rec = self._sessions.get(session)
+        if rec is None:
+            if self._dropping[session]:
+                return None
+            rec = self._ssd.get_session(session)
+            if rec is None:
+                return None
+            self._sessions[session] = rec
+            if rec.pinned:
+                for key in set(rec.keys):
+                    b = self._block(key)
+                    if b is not None:
+                        b.pins += 1
+        if rec.expired(time.time() if now is None else now):
+            self._drop_locked(rec)
+            return None
+        return rec
+
+    def _forget_block(self, b: Block) -> None:
+        """Delete a block from memory; the queued op deleting it on disk lists it as doomed."""
+        if b.tier is not None:
+            self._tiers[b.tier].remove(b)
+        self._blocks.pop(b.key, None)
+        self._doomed[b.key] += 1
+
+    def _unref(self, keys: Sequence[bytes], pinned: bool) -> list[bytes]:
+        doomed = []
+        for key in set(keys):
+            b = self._block(key)
+            if b is None:
+                continue
+            b.refs -= 1
+            if pinned:
+                b.pins -= 1
+            if b.refs <= 0:
+                self._forget_block(b)
+                doomed.append(key)
+        return doomed
+
+    def _drop_locked(self, rec: SessionRecord) -> None:
+        self._sessions.pop(rec.session, None)
+        self._touched.pop(rec.session, None)
+        self._dropping[rec.session] += 1
+        op = _Op("drop", session=rec.session, doomed=self._unref(rec.keys, rec.pinned))
+        self._enqueue(op)
+
+    def _enqueue(self, op: _Op) -> None:
+        if op.session is not None:
+            self._pending[op.session] += 1
+        self._ops.append(op)
+        self._wake.notify_all()
+
+    # ------------------------------------------------------------------ save
+    def save(self, tokens: Any, kv: _KV, session: str | None = None, *, tenant: str | None = None,
+             ttl: float | None = None, pinned: bool | None = None) -> SaveHandle:
+        """Cache ``kv`` for ``tokens`` (and make it ``session``'s state, if given).
+
+        Args:
+            tokens: every token id the KV covers (list, numpy or torch, 1-D).
+            kv: one tuple of tensors per layer in the spec's shapes, covering ``len(tokens)``.
+            session: session id; its record then maps to exactly these tokens, trailing partial
+                block included. Without one, only full blocks are cached, by content.
+            tenant: salt of the block keys; KV is shared only within a tenant.
+            ttl: seconds of idleness after which the session expires (``None`` keeps the
+                previous TTL, or none).
+            pinned: keep the session from eviction (``None`` keeps the previous setting).
+
+        Returns:
+            A SaveHandle; ``save`` itself returns once the new blocks are copied into the first
+            memory tier, without waiting for any disk I/O.
+        """
+        self._check_open()
+        toks = as_tokens(tokens)
+        if len(toks) == 0:
+            raise SpecMismatchError("cannot save zero tokens")
+        self.spec.check_kv(kv, len(toks))
+        if session is not None:
+            check_session_id(session)
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0
+                                or not math.isfinite(ttl)):
+            raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        B = self.block_tokens
+        keys = block_keys(chain_seed(self.fingerprint, tenant), toks, B, partial=session is not None)
+        target = self._tiers["device"] if self._tiers["device"].enabled else self._tiers["host"]
+
+        with self._lock:
+            self._check_open()
+            missing = [i for i, k in enumerate(keys) if not self._available(self._block(k))]
+        # First copy, outside the lock: into the first memory tier.
+        payloads = {}
+        for i in missing:
+            n = min(B, len(toks) - i * B)
+            buf = target.alloc(n * self.spec.bytes_per_token)
+            pack_block(self.spec, kv, i * B, n, buf)
+            payloads[i] = buf
+        if target.device.type == "cuda" or any(x.is_cuda for x in kv[0]):
+            torch.cuda.synchronize()
+        self._stats.moved("caller->" + target.name, sum(p.numel() for p in payloads.values()), 0.0)
+
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            old = self._session(session, now) if session is not None else None
+            if old is not None and old.tenant != tenant:
+                raise ConfigError(f"session {session!r} belongs to another tenant; use another session id")
+            is_pinned = bool(pinned if pinned is not None else (old.pinned if old else False))
+            new_bytes = sum(p.numel() for p in payloads.values())
+            if is_pinned and target.pinned_bytes() + new_bytes > target.budget:
+                raise BudgetExceededError(
+                    f"pinned sessions would hold {target.pinned_bytes() + new_bytes} B of the {target.name} "
+                    f"tier's {target.budget} B budget; unpin sessions or raise {target.name}_bytes")
+            blocks = []
+            for i, key in enumerate(keys):
+                b = self._block(key)
+                if i not in payloads and not self._available(b):
+                    # Dropped by another thread since the first look: copy it now (rare).
+                    n = min(B, len(toks) - i * B)
+                    payloads[i] = target.alloc(n * self.spec.bytes_per_token)
+                    pack_block(self.spec, kv, i * B, n, payloads[i])
+                if i in payloads and not self._available(b):
+                    n = min(B, len(toks) - i * B)
+                    if b is None:
+                        b = Block(key, n, n * self.spec.bytes_per_token)
+                        self._blocks[key] = b
+                    b.corrupt = False
+                    target.add(b, payloads[i])
+                elif b.tier is not None:
+                    self._tiers[b.tier].touch(b)
+                blocks.append(b)
+            write_through = self.config.persist == "write_through"
+            if session is None:
+                op = _Op("write", write=self._claim_writes(blocks) if write_through else [])
+            else:
+                old_keys = set(old.keys) if old else set()
+                new_keys = set(keys)
+                was_pinned = bool(old and old.pinned)
+                for b in blocks:
+                    if b.key not in old_keys:
+                        b.refs += 1
+                        b.pins += is_pinned
+                    elif was_pinned != is_pinned:
+                        b.pins += 1 if is_pinned else -1
+                doomed = self._unref([k for k in old_keys if k not in new_keys], was_pinned)
+                rec = SessionRecord(session, toks, keys, old.created if old else now, now,
+                                    ttl if ttl is not None else (old.ttl if old else None), is_pinned, tenant)
+                self._sessions[session] = rec
+                self._touched.pop(session, None)
+                op = _Op("session", session=session, record=rec, doomed=doomed,
+                         write=self._claim_writes(blocks) if write_through else [])
+            self._enqueue(op)
+            self._stats.count("saved_tokens", len(toks))
+        return SaveHandle(op.done, lambda: self._op_error(op))
+
+    def _claim_writes(self, blocks: Sequence[Block]) -> list[Block]:
+        out = []
+        for b in blocks:
+            if not b.on_ssd and not b.write_queued and b.tier is not None:
+                b.write_queued = True
+                out.append(b)
+        return out
+
+    def _op_error(self, op: _Op) -> BaseException | None:
+        with self._lock:
+            if op.error is not None and op.error in self._unreported:
+                self._unreported.remove(op.error)
+        return op.error
+
+    # ------------------------------------------------------------------ lookup / restore / prefetch
+    def _match(self, toks: np.ndarray, session: str | None, tenant: str | None) -> list[tuple[Block, int]]:
+        """Blocks of the longest cached prefix of ``toks``, each with the tokens it contributes."""
+        B = self.block_tokens
+        rec = self._session(session) if session is not None else None
+        if rec is not None and rec.tenant == tenant:
+            m = min(len(rec.tokens), len(toks))
+            diff = np.flatnonzero(rec.tokens[:m] != toks[:m])
+            lcp = int(diff[0]) if len(diff) else m
+            keys: Any = rec.keys[:(lcp + B - 1) // B]
+        else:
+            lcp = (len(toks) // B) * B
+            keys = iter_block_keys(chain_seed(self.fingerprint, tenant), toks, B, partial=False)
+        out = []
+        for i, key in enumerate(keys):
+            b = self._block(key)
+            if not self._available(b):
+                break
+            out.append((b, min(b.n_tokens, lcp - i * B)))
+        return out
+
+    def lookup(self, tokens: Any, session: str | None = None, *, tenant: str | None = None) -> int:
+        """Number of leading tokens of ``tokens`` whose KV is cached (in any tier).
+
+        With a session, its exact tokens count, trailing partial block included; without one (or
+        for an unknown session), full blocks are matched by content.
+        """
+        self._check_open()
+        toks = as_tokens(tokens)
+        if session is not None:
+            check_session_id(session)
+        with self._lock:
+            return sum(used for _, used in self._match(toks, session, tenant))
+
+    def restore(self, tokens: Any, session: str | None = None, *, tenant: str | None = None,
+                device: torch.device | str | None = None) -> RestoredKV:
+        """The cached prefix of ``tokens``: its token count and KV as per-layer tensors on ``device``.
+
+        Blocks already in memory are copied at once; blocks an earlier ``prefetch`` is loading are
+        waited for; the rest are read from SSD now. A block failing its checksum ends the prefix
+        there (a counted miss). To have at least one token left to prefill, pass ``tokens[:-1]``.
+        """
+        return self._start_load(tokens, session, tenant, promote=False, device=device).result()
+
+    def prefetch(self, tokens: Any, session: str | None = None, *, tenant: str | None = None,
+                 device: torch.device | str | None = None) -> LoadHandle:
+        """Start moving the cached prefix of ``tokens`` up to the device tier in the background.
+
+        Returns a LoadHandle: ``wait()``, per-layer ``layer(i)``, or ``result()``. A later
+        ``restore`` of the same tokens waits only for the blocks still in flight.
+        """
+        return self._start_load(tokens, session, tenant, promote=True, device=device)
+
+    def _start_load(self, tokens: Any, session: str | None, tenant: str | None, promote: bool,
+                    device: torch.device | str | None) -> LoadHandle:
+        self._check_open()
+        toks = as_tokens(tokens)
+        if session is not None:
+            check_session_id(session)
+        try:
+            dev = torch.device(device) if device is not None else self.device
+        except RuntimeError as e:
+            raise ConfigError(f"device={device!r}: {e}") from None
+        B = self.block_tokens
+        now = time.time()
+        parts: list[_Part] = []
+        loads: list[BlockLoad] = []
+        promote_now: list[Block] = []
+        with self._lock:
+            for i, (b, used) in enumerate(self._match(toks, session, tenant)):
+                if b.tier is not None:
+                    self._tiers[b.tier].touch(b)
+                    parts.append(_Part(b, i * B, used, b.payload, None, b.tier))
+                    if promote and b.tier == "host" and b.state is BlockState.READY:
+                        promote_now.append(b)
+                    continue
+                if b.load is None:
+                    b.load = BlockLoad(b, None, [threading.Event() for _ in self.spec.layers], self.spec.num_layers)
+                    b.state = BlockState.LOADING
+                    loads.append(b.load)
+                parts.append(_Part(b, i * B, used, None, b.load, "ssd"))
+            n = sum(p.used for p in parts)
+            self._stats.count("lookup_tokens", len(toks))
+            self._stats.count("hit_tokens", n)
+            for p in parts:
+                self._stats.count(f"hit_blocks_{p.source}", 1)
+            if session is not None and session in self._sessions:
+                self._touched[session] = now
+        if loads:
+            self._submit_loads(loads, promote)
+        for b in promote_now:
+            self._pool.submit(self._guard, self._promote, b)
+        return LoadHandle(self.spec, parts, dev, self._count_failed)
+
+    def _count_failed(self, first_token: int, lost_tokens: int) -> None:
+        self._stats.count("hit_tokens", -lost_tokens)
+
+    # ------------------------------------------------------------------ SSD -> host loads
+    def _submit_loads(self, loads: list[BlockLoad], promote: bool) -> None:
+        host = self._tiers["host"]
+        started = time.perf_counter()
+        try:
+            txn = self._ssd.env.begin(buffers=True)
+        except Exception as e:  # noqa: BLE001 - translated and delivered to every waiter
+            for bl in loads:
+                self._load_failed(bl, StoreIOError(f"cannot read the store: {e}"))
+            return
+        ready = []
+        for bl in loads:
+            try:
+                raw = self._ssd.get_value(txn, bl.block.key)
+                if raw is None:
+                    raise CorruptValueError("value missing from the store")
+                parsed = parse_block(raw, self.fingerprint, self.spec, self.codec, self.block_tokens)
+                if parsed.n_tokens != bl.block.n_tokens:
+                    raise CorruptValueError("value holds another token count than its record")
+                bl.buffer = host.alloc(bl.block.nbytes)
+                ready.append((bl, parsed))
+            except CorruptValueError as e:
+                self._load_failed(bl, e)
+        if not ready:
+            txn.abort()
+            return
+        job = {"left": len(ready) * self.spec.num_layers, "lock": threading.Lock(),
+               "bytes": sum(bl.block.nbytes for bl, _ in ready), "disk": sum(len(p.buf) for _, p in ready)}
+
+        def finish_one() -> None:
+            with job["lock"]:
+                job["left"] -= 1
+                last = job["left"] == 0
+            if last:
+                txn.abort()
+                elapsed = time.perf_counter() - started
+                self._stats.moved("ssd->host", job["bytes"], elapsed)
+                self._stats.count("ssd_read_bytes", job["disk"])
+
+        def decode(bl: BlockLoad, parsed: Any, layer: int) -> None:
+            try:
+                if bl.error is None:
+                    decode_layer_into(self.codec, self.spec, parsed, layer, bl.buffer)
+                    bl.layer_done[layer].set()
+                    with self._lock:
+                        bl.remaining -= 1
+                        complete = bl.remaining == 0
+                    if complete:
+                        self._load_complete(bl, promote)
+            except CorruptValueError as e:
+                self._load_failed(bl, e)
+            except BaseException as e:  # noqa: BLE001 - an unexpected failure must reach waiters
+                self._load_failed(bl, e)
+                self._bg_error = self._bg_error or e
+            finally:
+                finish_one()
+
+        # Layer-major order: layer 0 of every block first, so per-layer waits finish early.
+        for layer in range(self.spec.num_layers):
+            for bl, parsed in ready:
+                self._pool.submit(decode, bl, parsed, layer)
+
+    def _load_complete(self, bl: BlockLoad, promote: bool) -> None:
+        b = bl.block
+        with self._lock:
+            if self._blocks.get(b.key) is b and b.load is bl:
+                b.load = None
+                b.state = BlockState.READY
+                self._tiers["host"].add(b, bl.buffer)
+                self._wake.notify_all()
+            else:
+                promote = False
+        bl.done.set()
+        if promote:
+            self._promote(b)
+
+    def _load_failed(self, bl: BlockLoad, error: BaseException) -> None:
+        b = bl.block
+        with self._lock:
+            if b.load is bl:
+                b.load = None
+                b.state = BlockState.READY
+                if isinstance(error, CorruptValueError):
+                    b.corrupt = True
+            if isinstance(error, CorruptValueError) and bl.error is None:
+                self._stats.count("corrupt_blocks", 1)
+        bl.fail(error)
+
+    def _promote(self, b: Block) -> None:
+        """Move a host block up to the device tier (prefetch)."""
+        dev = self._tiers["device"]
+        with self._lock:
+            if not dev.enabled or b.tier != "host" or b.state is not BlockState.READY or self._blocks.get(b.key) is not b:
+                return
+            b.state = BlockState.MOVING
+            src = b.payload
+        t0 = time.perf_counter()
+        try:
+            new = MOVERS[("host", "device")](Transfer("host", "device", (b,)), self._tiers)[0]
+        finally:
+            with self._lock:
+                b.state = BlockState.READY
+        self._stats.moved("host->device", b.nbytes, time.perf_counter() - t0)
+        with self._lock:
+            if b.tier == "host" and b.payload is src and self._blocks.get(b.key) is b:
+                self._tiers["host"].remove(b)
+                dev.add(b, new)
+                self._wake.notify_all()
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - surfaced by the next call
+            self._bg_error = self._bg_error or e
+
+    # ------------------------------------------------------------------ sessions
+    def drop_session(self, session: str) -> None:
+        """Forget a session; blocks no other session uses are deleted from every tier.
+
+        Raises:
+            UnknownSessionError: no such session.
+        """
+        self._check_open()
+        check_session_id(session)
+        with self._lock:
+            rec = self._session(session)
+            if rec is None:
+                raise UnknownSessionError(f"no session {session!r} in store {self.path}")
+            self._drop_locked(rec)
+
+    def session_info(self, session: str) -> dict[str, Any]:
+        """A session's token count, block count, times, TTL, pin and tenant.
+
+        Raises:
+            UnknownSessionError: no such session.
+        """
+        self._check_open()
+        check_session_id(session)
+        with self._lock:
+            rec = self._session(session)
+            if rec is None:
+                raise UnknownSessionError(f"no session {session!r} in store {self.path}")
+            where = Counter(("memory:" + b.tier) if b.tier else ("ssd" if b.on_ssd else "missing")
+                            for b in (self._block(k) for k in rec.keys) if b is not None)
+            return {"session": session, "tokens": len(rec.tokens), "blocks": len(rec.keys),
+                    "created": rec.created, "last_used": self._touched.get(session, rec.last_used),
+                    "ttl": rec.ttl, "pinned": rec.pinned, "tenant": rec.tenant, "blocks_by_tier": dict(where)}
+
+    def offload(self, session: str | None = None) -> None:
+        """Push a session's blocks (or every block) out of memory to SSD, and wait for it.
+
+        What an idle agent session goes through over hours, done now: blocks not yet on SSD are
+        written, then their memory copies are released.
+        """
+        self._check_open()
+        with self._lock:
+            if session is None:
+                blocks = [b for b in self._blocks.values() if b.tier is not None]
+            else:
+                rec = self._session(session)
+                if rec is None:
+                    raise UnknownSessionError(f"no session {session!r} in store {self.path}")
+                blocks = [b for b in (self._blocks.get(k) for k in rec.keys) if b is not None and b.tier]
+            free_now = [b for b in blocks if b.on_ssd and b.state is BlockState.READY]
+            for b in free_now:
+                self._tiers[b.tier].remove(b)
+            to_write = [b for b in blocks if not b.on_ssd and b.state is BlockState.READY and not b.write_queued]
+            for b in to_write:
+                b.write_queued = True
+                b.state = BlockState.WRITING
+            op = _Op("write", write=to_write, free_after=True)
+            self._enqueue(op)
+        self.flush()
+        if op.error is not None:
+            raise op.error
+
+    # ------------------------------------------------------------------ writer thread
+    def _writer_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._ops and not self._stopping and not self._over_budget():
+                    self._wake.wait(timeout=1.0)
+                if self._stopping and not self._ops:
+                    return
+                ops = list(self._ops)
+                self._ops.clear()
+            try:
+                work = [op for op in ops if op.kind != "barrier"]
+                if work:
+                    self._apply(work)
+                self._maintain()
+            except BaseException as e:  # noqa: BLE001 - surfaced by the next call
+                self._bg_error = self._bg_error or e
+                for op in ops:
+                    op.error = op.error or BackgroundError(f"writer failed: {e!r}")
+                    op.done.set()
+                return
+            for op in ops:
+                if op.kind == "barrier":
+                    op.done.set()
+
+    def _over_budget(self) -> bool:
+        if time.monotonic() < self._maint_blocked_until:
+            return False
+        return any(t.excess() and any(True for _ in t.victims()) for t in self._tiers.values())
+
+    def _apply(self, ops: list[_Op]) -> None:
+        """Encode new values, then apply ``ops`` in one transaction (one by one if that fails)."""
+        with self._lock:
+            todo = {}
+            for op in ops:
+                for b in op.write:
+                    if b.payload is not None and b.key not in todo:
+                        todo[b.key] = (b, b.payload)
+            touched, self._touched = self._touched, {}
+            protect = set(self._pending)
+            keep = {k for s in protect if s in self._sessions for k in self._sessions[s].keys}
+        t0 = time.perf_counter()
+        items = list(todo.values())
+        values = dict(zip(todo, self._pool.map(
+            lambda bp: encode_payload(self.codec, self.fingerprint, self.spec, bp[0], bp[1]), items)))
+        raw = sum(b.nbytes for b, _ in items)
+        enc = sum(len(v) for v in values.values())
+        try:
+            self._commit(ops, values, touched, protect, keep)
+            failed: list[tuple[_Op, BaseException]] = []
+        except (StoreFullError, StoreIOError) as e:
+            if len(ops) == 1:
+                failed = [(ops[0], e)]
+            else:
+                failed = []
+                for op in ops:
+                    try:
+                        self._commit([op], values, {}, protect, keep)
+                    except (StoreFullError, StoreIOError) as e1:
+                        failed.append((op, e1))
+        self._stats.moved("host->ssd", raw, time.perf_counter() - t0)
+        self._stats.count("ssd_raw_written", raw)
+        self._stats.count("ssd_enc_written", enc)
+        failed_ops = {id(op) for op, _ in failed}
+        with self._lock:
+            for op, err in failed:
+                op.error = err
+                self._unreported.append(err)
+            for op in ops:
+                ok = id(op) not in failed_ops
+                for b in op.write:
+                    b.write_queued = False
+                    if ok and self._blocks.get(b.key) is b:
+                        b.on_ssd = True
+                        b.corrupt = False
+                    if b.state is BlockState.WRITING:
+                        b.state = BlockState.READY
+                    if ok and op.free_after and b.tier is not None and self._blocks.get(b.key) is b:
+                        self._tiers[b.tier].remove(b)
+                for key in op.doomed:
+                    self._doomed[key] -= 1
+                    if self._doomed[key] <= 0:
+                        del self._doomed[key]
+                if op.session is not None:
+                    self._pending[op.session] -= 1
+                    if self._pending[op.session] <= 0:
+                        del self._pending[op.session]
+                    if op.kind == "drop":
+                        self._dropping[op.session] -= 1
+                        if self._dropping[op.session] <= 0:
+                            del self._dropping[op.session]
+                op.done.set()
+            self._wake.notify_all()
+
+    def _commit(self, ops: list[_Op], values: dict[bytes, bytes], touched: dict[str, float],
+                protect: set[str], keep: set[bytes]) -> None:
+        now = time.time()
+        with self._ssd.batch() as batch:
+            batch.keep = keep
+            need = sum(len(values[b.key]) for op in ops for b in op.write if b.key in values)
+            batch.make_room(need, now, protect)
+            for op in ops:
+                if op.kind == "drop":
+                    batch.drop_session(op.session)
+                    continue
+                for b in op.write:
+                    if b.key in values:
+                        batch.put_value(b.key, values[b.key], b.n_tokens)
+                if op.kind == "session":
+                    batch.put_session(op.record, self.block_tokens)
+            for sid, t in touched.items():
+                batch.touch_session(sid, t)
+            evicted_sessions = [s for s in batch.dropped if s not in {op.session for op in ops if op.kind == "drop"}]
+            evicted_keys = set(batch.deleted)
+        if evicted_sessions or evicted_keys:
+            self._reconcile_evictions(evicted_sessions, evicted_keys)
+
+    def _reconcile_evictions(self, sessions: list[str], keys: set[bytes]) -> None:
+        """Mirror in memory what SSD eviction dropped (sessions without queued changes)."""
+        with self._lock:
+            for sid in sessions:
+                rec = self._sessions.pop(sid, None)
+                self._touched.pop(sid, None)
+                if rec is not None:
+                    for key in set(rec.keys):
+                        b = self._blocks.get(key)
+                        if b is not None:
+                            b.refs -= 1
+                            b.pins -= rec.pinned
+            for key in keys:
+                b = self._blocks.get(key)
+                if b is None:
+                    continue
+                b.on_ssd = False
+                if b.refs <= 0 and b.state is BlockState.READY:
+                    if b.tier is not None:
+                        self._tiers[b.tier].remove(b)
+                    self._blocks.pop(key, None)
+            self._stats.count("ssd_evicted_sessions", len(sessions))
+
+    def _maintain(self) -> None:
+        """Demote least-recently-used blocks from tiers over budget (device → host → SSD)."""
+        dev, host = self._tiers["device"], self._tiers["host"]
+        while True:
+            with self._lock:
+                if self._stopping and self._ops:
+                    return
+                victims: list[Block] = []
+                src = None
+                if dev.excess():
+                    excess = dev.excess()
+                    for b in dev.victims():
+                        victims.append(b)
+                        excess -= b.nbytes
+                        if excess <= 0 or len(victims) >= 64:
+                            break
+                    src = "device"
+                if not victims and host.excess():
+                    excess = host.excess()
+                    for b in host.victims():
+                        if b.on_ssd:
+                            host.remove(b)
+                            self._stats.count("host_evicted_blocks", 1)
+                            excess -= b.nbytes
+                        elif not b.write_queued:
+                            victims.append(b)
+                            excess -= b.nbytes
+                        if excess <= 0 or len(victims) >= 64:
+                            break
+                    src = "host"
+                if not victims:
+                    return
+                for b in victims:
+                    b.state = BlockState.MOVING if src == "device" else BlockState.WRITING
+                    if src == "host":
+                        b.write_queued = True
+            if src == "device" and host.enabled:
+                t0 = time.perf_counter()
+                try:
+                    new = MOVERS[("device", "host")](Transfer("device", "host", tuple(victims)), self._tiers)
+                finally:
+                    with self._lock:
+                        for b in victims:
+                            b.state = BlockState.READY
+                self._stats.moved("device->host", sum(b.nbytes for b in victims), time.perf_counter() - t0)
+                with self._lock:
+                    for b, payload in zip(victims, new):
+                        if b.tier == "device" and self._blocks.get(b.key) is b:
+                            dev.remove(b)
+                            host.add(b, payload)
+            else:
+                op = _Op("write", write=victims, free_after=True)
+                self._apply([op])
+                if op.error is not None:
+                    # Full: leave them in memory, retry in a second; the error reaches flush().
+                    self._maint_blocked_until = time.monotonic() + 1.0
+                    return
+
+    # ------------------------------------------------------------------ flush / stats / close
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued write and demotion is done; raise the first unreported error."""
+        self._check_open()
+        op = _Op("barrier")
+        with self._lock:
+            self._enqueue(op)
+        if not op.done.wait(timeout):
+            raise TierKVError(f"flush did not finish within {timeout} s")
+        self._check_open()
+        with self._lock:
+            if self._unreported:
+                err = self._unreported.pop(0)
+                raise err
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: hits per tier, misses, corrupt blocks, bytes and GB/s per direction,
+        resident bytes per tier, compression ratio."""
+        self._check_open()
+        with self._lock:
+            resident = {name: t.used for name, t in self._tiers.items()}
+            counts = {name: len(t) for name, t in self._tiers.items()}
+        resident["ssd"] = self._ssd.ssd_used()
+        return self._stats.snapshot(resident, counts, {n: t.budget for n, t in self._tiers.items()}
+                                    | {"ssd": self.config.ssd_bytes})
+
+    def close(self) -> None:
+        """Persist what write-back still holds only in memory, stop the threads, close LMDB.
+
+        Idempotent. Raises the first background error, after closing.
+        """
+        if self._closed:
+            return
+        error: BaseException | None = None
+        if self._bg_error is None:
+            try:
+                if self.config.persist == "write_back":
+                    with self._lock:
+                        dirty = [b for b in self._blocks.values()
+                                 if b.tier is not None and not b.on_ssd and not b.write_queued
+                                 and b.state is BlockState.READY]
+                        for b in dirty:
+                            b.write_queued = True
+                        self._enqueue(_Op("write", write=dirty))
+                self.flush()
+            except TierKVError as e:
+                error = e
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        self._writer.join()
+        self._pool.shutdown(wait=True)
+        self._closed = True
+        self._ssd.close()
+        if error is not None:
+            raise error
+        if self._bg_error is not None:
+            raise BackgroundError(f"a background thread failed: {self._bg_error!r}") from self._bg_error
+
+    def __del__(self) -> None:  # last resort; close() is the contract
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - nothing to report to at interpreter teardown
+                pass

@@ -1,0 +1,88 @@
+"""Token ids and block keys.
+
+Primitives:
+    as_tokens: normalise token ids (list, numpy or torch, 1-D) to a little-endian uint32 array.
+    chain_seed: the per-store, per-tenant seed of every key chain.
+    block_keys / iter_block_keys: the chained blake2b-128 keys of a token sequence's blocks.
+
+A full block's key hashes its parent's key and its own token ids, so equal keys mean equal
+prefixes (up to a 128-bit collision), whatever process computed them: no Python ``hash()``,
+no dependence on PYTHONHASHSEED. A trailing partial block is hashed in a separate domain so it
+never collides with a full block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import ConfigError, SpecMismatchError
+
+__all__ = ["as_tokens", "chain_seed", "block_keys", "iter_block_keys", "KEY_BYTES"]
+
+KEY_BYTES = 16
+_TOKEN_DTYPE = np.dtype("<u4")
+
+
+def as_tokens(tokens: Any) -> np.ndarray:
+    """Return ``tokens`` as a read-only 1-D ``<u4`` array.
+
+    Raises:
+        SpecMismatchError: not 1-D, not integers, or an id outside 0..2**32-1.
+    """
+    if hasattr(tokens, "detach"):  # torch.Tensor, without importing torch here
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise SpecMismatchError(f"token ids must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, _TOKEN_DTYPE)
+    if arr.dtype.kind not in "iu":
+        raise SpecMismatchError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype != _TOKEN_DTYPE:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= 2**32:
+            raise SpecMismatchError(f"token ids must be in 0..2**32-1, got range [{lo}, {hi}]")
+        arr = arr.astype(_TOKEN_DTYPE)
+    arr = np.ascontiguousarray(arr)
+    arr.flags.writeable = False
+    return arr
+
+
+def chain_seed(fingerprint: bytes, tenant: str | None) -> bytes:
+    """Seed of a key chain: the store fingerprint salted by the tenant (``None`` = shared)."""
+    if tenant is not None and (not isinstance(tenant, str) or not tenant or len(tenant) > 256):
+        raise ConfigError("tenant must be a non-empty string of at most 256 characters")
+    salt = b"\x00" if tenant is None else b"\x01" + tenant.encode("utf-8")
+    return hashlib.blake2b(fingerprint + salt, digest_size=KEY_BYTES, person=b"tierkv-seed").digest()
+
+
+def block_keys(seed: bytes, tokens: np.ndarray, block_tokens: int, partial: bool = True) -> list[bytes]:
+    """Keys of the blocks of ``tokens``: one per full block, plus the trailing partial one if asked.
+
+    Args:
+        seed: ``chain_seed(...)``.
+        tokens: output of ``as_tokens``.
+        block_tokens: tokens per full block.
+        partial: also key the trailing partial block (if the length is not a multiple).
+    """
+    return list(iter_block_keys(seed, tokens, block_tokens, partial))
+
+
+def iter_block_keys(seed: bytes, tokens: np.ndarray, block_tokens: int, partial: bool = True) -> Iterator[bytes]:
+    """``block_keys`` as a generator, so a lookup can stop hashing at its first miss."""
+    prev = seed
+    n_full = len(tokens) // block_tokens
+    data = tokens.data
+    step = block_tokens * _TOKEN_DTYPE.itemsize
+    for i in range(n_full):
+        prev = hashlib.blake2b(prev, digest_size=KEY_BYTES, person=b"tierkv-full")
+        prev.update(data[i * step:(i + 1) * step])
+        prev = prev.digest()
+        yield prev
+    if partial and len(tokens) % block_tokens:
+        h = hashlib.blake2b(prev, digest_size=KEY_BYTES, person=b"tierkv-part")
+        h.update(data[n_full * step:])
+        yield h.digest()

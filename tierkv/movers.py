@@ -1,0 +1,86 @@
+"""Movers: the code that moves block bytes between tiers, and nothing else.
+
+Primitives:
+    Transfer: a move as data: source tier, destination tier, blocks.
+    MOVERS: the registry, one function per (source, destination) pair.
+    copy_payload: device <-> host copy (on a side CUDA stream when CUDA is used).
+    encode_payload: host -> SSD bytes (the codec); the LMDB write itself is the writer's.
+    decode_layer_into: SSD bytes -> one layer of a host buffer.
+
+Bookkeeping (which block, which state) stays in engine.py; a mover never takes the engine's lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .blocks import Block
+from .codec import Codec, ParsedBlock, decode_layer, encode_block
+from .spec import KVSpec
+from .tiers import MemoryTier
+
+__all__ = ["Transfer", "MOVERS", "copy_payload", "encode_payload", "decode_layer_into"]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One move: ``blocks`` from tier ``src`` to tier ``dst`` ("device", "host" or "ssd")."""
+
+    src: str
+    dst: str
+    blocks: tuple[Block, ...]
+
+
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_payload(payload: torch.Tensor, dst: MemoryTier) -> torch.Tensor:
+    """Copy a payload into a new buffer of ``dst`` and return it once the copy is complete.
+
+    With CUDA the copy runs on a dedicated stream, so it overlaps the caller's compute stream,
+    and is synchronised before returning: a returned buffer is always safe to read.
+    """
+    out = dst.alloc(payload.numel())
+    cuda_dev = payload.device if payload.is_cuda else (dst.device if dst.device.type == "cuda" else None)
+    if cuda_dev is None:
+        out.copy_(payload)
+        return out
+    stream = _streams.get(cuda_dev)
+    if stream is None:
+        stream = _streams[cuda_dev] = torch.cuda.Stream(device=cuda_dev)
+    stream.wait_stream(torch.cuda.current_stream(cuda_dev))
+    with torch.cuda.stream(stream):
+        out.copy_(payload, non_blocking=True)
+    stream.synchronize()
+    return out
+
+
+def encode_payload(codec: Codec, fingerprint: bytes, spec: KVSpec, block: Block, payload: torch.Tensor) -> bytes:
+    """Encode a host payload into a self-describing SSD value."""
+    if payload.device.type != "cpu":
+        payload = payload.cpu()
+    return encode_block(codec, fingerprint, spec, payload.numpy(), block.n_tokens)
+
+
+def decode_layer_into(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: int, buffer: torch.Tensor) -> None:
+    """Decode ``layer`` of a parsed SSD value into its byte range of a host buffer."""
+    start, end = spec.layer_span(layer, parsed.n_tokens)
+    decode_layer(codec, parsed, layer, buffer[start:end].numpy())
+
+
+def _memory_move(transfer: Transfer, tiers: dict[str, MemoryTier]) -> list[torch.Tensor]:
+    return [copy_payload(b.payload, tiers[transfer.dst]) for b in transfer.blocks]
+
+
+#: (src, dst) -> mover. Memory-to-memory moves return the new payloads; SSD moves are driven by
+#: the engine's writer and loader, which call encode_payload / decode_layer_into.
+MOVERS: dict[tuple[str, str], Callable[..., object]] = {
+    ("device", "host"): _memory_move,
+    ("host", "device"): _memory_move,
+    ("host", "ssd"): encode_payload,
+    ("ssd", "host"): decode_layer_into,
+}

@@ -1,0 +1,252 @@
+"""KV layout of a model: what tensors each layer keeps per token.
+
+Primitives:
+    TensorSpec: one cached tensor of a layer (its per-token dims, token axis and dtype).
+    LayerSpec: the tensors one layer caches (key + value for GQA/MHA, one latent for MLA).
+    KVSpec: all layers of a model plus its identity; ``fingerprint`` seeds every block key.
+
+A tensor holding ``T`` tokens has shape ``dims`` with ``T`` inserted at ``seq_axis``: a GQA key
+with ``dims=(kv_heads, head_dim), seq_axis=1`` is ``[kv_heads, T, head_dim]``, the layout of a
+transformers cache without its batch axis; an MLA latent with ``dims=(576,), seq_axis=0`` is
+``[T, 576]``. A block's payload is every layer's tensors for its tokens, layer after layer, each
+tensor C-contiguous in that shape; so every offset is a token count times a per-token byte count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ConfigError, SpecMismatchError
+
+__all__ = ["TensorSpec", "LayerSpec", "KVSpec", "DTYPES", "FORMAT_VERSION"]
+
+#: On-disk format version; part of every fingerprint, so a new format never reads an old one.
+FORMAT_VERSION = 1
+
+#: Dtypes a KV tensor may have, by canonical name.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical name of a supported dtype; raises ConfigError for others."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in DTYPES:
+            return name
+    elif dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    raise ConfigError(f"unsupported KV dtype {dtype!r}; supported: {sorted(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor a layer caches.
+
+    Attributes:
+        name: role of the tensor, e.g. ``"key"``, ``"value"``, ``"latent"``.
+        dims: sizes of the non-token axes, in order.
+        seq_axis: where the token axis goes among them (0..len(dims)).
+        dtype: canonical dtype name (see ``DTYPES``).
+    """
+
+    name: str
+    dims: tuple[int, ...]
+    seq_axis: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        if any(d <= 0 for d in self.dims):
+            raise ConfigError(f"tensor {self.name!r}: dims must be positive, got {self.dims}")
+        if not 0 <= self.seq_axis <= len(self.dims):
+            raise ConfigError(f"tensor {self.name!r}: seq_axis {self.seq_axis} outside 0..{len(self.dims)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        return math.prod(self.dims) * self.itemsize
+
+    def shape(self, n_tokens: int) -> tuple[int, ...]:
+        """Shape of this tensor holding ``n_tokens`` tokens."""
+        d = list(self.dims)
+        d.insert(self.seq_axis, n_tokens)
+        return tuple(d)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The tensors one layer caches, in the order the caller passes them."""
+
+    tensors: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", tuple(self.tensors))
+        if not self.tensors:
+            raise ConfigError("a layer must cache at least one tensor")
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(t.bytes_per_token for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Per-layer KV layout and identity of a model.
+
+    Attributes:
+        model_id: the model's name, e.g. ``"HuggingFaceTB/SmolLM2-135M-Instruct"``.
+        layers: one LayerSpec per attention layer; layers may differ.
+        revision: weights revision or checksum; KV from other weights never matches.
+    """
+
+    model_id: str
+    layers: tuple[LayerSpec, ...]
+    revision: str = ""
+    _offsets: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.model_id or not isinstance(self.model_id, str):
+            raise ConfigError("KVSpec needs a non-empty model_id")
+        if not self.layers:
+            raise ConfigError("KVSpec needs at least one layer")
+        offsets, acc = [], 0
+        for layer in self.layers:
+            row = []
+            for t in layer.tensors:
+                row.append(acc)
+                acc += t.bytes_per_token
+            offsets.append(tuple(row))
+        object.__setattr__(self, "_offsets", tuple(offsets))
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def gqa(cls, model_id: str, num_layers: int, kv_heads: int, head_dim: int,
+            dtype: torch.dtype | str = torch.bfloat16, v_head_dim: int | None = None,
+            revision: str = "") -> "KVSpec":
+        """Grouped-query (or multi-head) attention: a key and a value ``[kv_heads, T, head_dim]``."""
+        layer = LayerSpec((
+            TensorSpec("key", (kv_heads, head_dim), 1, dtype_name(dtype)),
+            TensorSpec("value", (kv_heads, v_head_dim or head_dim), 1, dtype_name(dtype)),
+        ))
+        return cls(model_id, (layer,) * num_layers, revision)
+
+    @classmethod
+    def mla(cls, model_id: str, num_layers: int, kv_lora_rank: int, rope_dim: int,
+            dtype: torch.dtype | str = torch.bfloat16, revision: str = "") -> "KVSpec":
+        """Multi-head latent attention: one latent ``[T, kv_lora_rank + rope_dim]`` per layer."""
+        layer = LayerSpec((TensorSpec("latent", (kv_lora_rank + rope_dim,), 0, dtype_name(dtype)),))
+        return cls(model_id, (layer,) * num_layers, revision)
+
+    @classmethod
+    def from_hf_config(cls, config: Any, dtype: torch.dtype | str = torch.bfloat16,
+                       model_id: str | None = None, revision: str = "") -> "KVSpec":
+        """Build the spec of a transformers ``PretrainedConfig`` (or any object with its fields).
+
+        MLA models (``kv_lora_rank`` set) get one latent tensor per layer; every other model gets
+        GQA key/value tensors from ``num_key_value_heads`` (default ``num_attention_heads``) and
+        ``head_dim`` (default ``hidden_size // num_attention_heads``).
+        """
+        cfg = getattr(config, "get_text_config", lambda: config)()
+        name = model_id or getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "")
+        if not name:
+            raise ConfigError("config has no _name_or_path or model_type; pass model_id=")
+        try:
+            layers = int(cfg.num_hidden_layers)
+            if getattr(cfg, "kv_lora_rank", None):
+                return cls.mla(name, layers, int(cfg.kv_lora_rank), int(cfg.qk_rope_head_dim), dtype, revision)
+            heads = int(cfg.num_attention_heads)
+            kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+            head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        except AttributeError as e:
+            raise ConfigError(f"config lacks an attention field tierkv needs: {e}") from None
+        v_dim = getattr(cfg, "v_head_dim", None)
+        return cls.gqa(name, layers, kv_heads, head_dim, dtype, int(v_dim) if v_dim else None, revision)
+
+    # -- sizes and offsets ---------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Raw (uncompressed) KV bytes per token over all layers."""
+        return sum(layer.bytes_per_token for layer in self.layers)
+
+    def tensor_offset(self, layer: int, index: int, n_tokens: int) -> int:
+        """Byte offset of tensor ``index`` of ``layer`` in the payload of an ``n_tokens`` block."""
+        return self._offsets[layer][index] * n_tokens
+
+    def layer_span(self, layer: int, n_tokens: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of ``layer`` in the payload of an ``n_tokens`` block."""
+        start = self._offsets[layer][0] * n_tokens
+        return start, start + self.layers[layer].bytes_per_token * n_tokens
+
+    # -- identity ------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """A canonical, JSON-serialisable description; ``fingerprint`` hashes it."""
+        return {
+            "format": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "layers": [[[t.name, list(t.dims), t.seq_axis, t.dtype] for t in layer.tensors]
+                       for layer in self.layers],
+        }
+
+    def fingerprint(self, **extra: Any) -> bytes:
+        """16-byte blake2b digest of the description plus ``extra`` (block size, codec, ...)."""
+        doc = dict(self.describe(), **extra)
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.blake2b(blob, digest_size=16).digest()
+
+    # -- validation ----------------------------------------------------------------------------
+    def check_kv(self, kv: Sequence[Sequence[torch.Tensor]], n_tokens: int) -> None:
+        """Raise SpecMismatchError unless ``kv`` holds ``n_tokens`` tokens in this layout.
+
+        ``kv`` is a sequence with one entry per layer, each a sequence of that layer's tensors.
+        """
+        if len(kv) != self.num_layers:
+            raise SpecMismatchError(f"KV has {len(kv)} layers; the spec of {self.model_id} has {self.num_layers}")
+        device = None
+        for i, (layer, tensors) in enumerate(zip(self.layers, kv)):
+            if isinstance(tensors, torch.Tensor) or len(tensors) != len(layer.tensors):
+                raise SpecMismatchError(
+                    f"layer {i}: expected a tuple of {len(layer.tensors)} tensors "
+                    f"({', '.join(t.name for t in layer.tensors)})")
+            for t, x in zip(layer.tensors, tensors):
+                if not isinstance(x, torch.Tensor):
+                    raise SpecMismatchError(f"layer {i} {t.name}: expected a torch.Tensor, got {type(x).__name__}")
+                want = t.shape(n_tokens)
+                if tuple(x.shape) != want:
+                    raise SpecMismatchError(
+                        f"layer {i} {t.name}: shape {tuple(x.shape)} != expected {want} "
+                        f"({n_tokens} tokens at axis {t.seq_axis}; no batch axis)")
+                if x.dtype != t.torch_dtype:
+                    raise SpecMismatchError(f"layer {i} {t.name}: dtype {x.dtype} != spec dtype {t.dtype}")
+                if device is None:
+                    device = x.device
+                elif x.device != device:
+                    raise SpecMismatchError(f"layer {i} {t.name}: on {x.device}, other tensors on {device}")

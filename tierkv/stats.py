@@ -1,0 +1,61 @@
+"""Counters behind ``TierKV.stats()``.
+
+Primitives:
+    Stats: thread-safe counters and per-direction byte/second totals.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+__all__ = ["Stats"]
+
+
+class Stats:
+    """Counts events and bytes moved; ``snapshot`` turns them into the public dict."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._moved: dict[str, list[float]] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def moved(self, direction: str, nbytes: int, seconds: float) -> None:
+        """Record ``nbytes`` moved in ``direction`` (e.g. ``"ssd->host"``) taking ``seconds``."""
+        if nbytes <= 0:
+            return
+        with self._lock:
+            cell = self._moved.setdefault(direction, [0, 0.0, 0])
+            cell[0] += nbytes
+            cell[1] += seconds
+            cell[2] += 1
+
+    def snapshot(self, resident: dict[str, int], blocks: dict[str, int], budgets: dict[str, int]) -> dict[str, Any]:
+        with self._lock:
+            c = dict(self._counts)
+            moved = {d: {"bytes": int(b), "seconds": s, "ops": n, "gbps": (b / s / 1e9) if s > 0 else None}
+                     for d, (b, s, n) in self._moved.items()}
+        raw, enc = c.get("ssd_raw_written", 0), c.get("ssd_enc_written", 0)
+        lookups, hits = c.get("lookup_tokens", 0), c.get("hit_tokens", 0)
+        return {
+            "hits": {t: c.get(f"hit_blocks_{t}", 0) for t in ("device", "host", "ssd")},
+            "hit_tokens": hits,
+            "miss_tokens": max(0, lookups - hits),
+            "corrupt_blocks": c.get("corrupt_blocks", 0),
+            "saved_tokens": c.get("saved_tokens", 0),
+            "moved": moved,
+            "resident_bytes": resident,
+            "resident_blocks": blocks,
+            "budgets": budgets,
+            "ssd_read_bytes": c.get("ssd_read_bytes", 0),
+            "ssd_raw_written": raw,
+            "ssd_enc_written": enc,
+            "compression_ratio": (raw / enc) if enc else None,
+            "evicted": {"host_blocks": c.get("host_evicted_blocks", 0),
+                        "ssd_sessions": c.get("ssd_evicted_sessions", 0)},
+        }

@@ -1,0 +1,466 @@
+"""The SSD tier: one LMDB environment per store directory.
+
+Primitives:
+    SessionRecord: a session as persisted (token ids, block keys, times, TTL, pin, tenant).
+    BlockMeta: a block's persisted bookkeeping (reference count, tokens, encoded size).
+    SSDStore: opens/creates the environment, checks the store's identity, reads values.
+    Batch: one write transaction; every persistent change goes through one, so a crash leaves
+        either all of a batch or none of it.
+
+Databases inside the environment::
+
+    meta      b"format" | b"fingerprint" | b"spec" | b"ssd_used"
+    blocks    16-byte key -> encoded value (see codec.py)
+    bmeta     16-byte key -> refs u32, n_tokens u32, encoded bytes u64 (0 = no value), last_used f64
+    sessions  session id (UTF-8) -> SessionRecord bytes
+    lru       u64 BE last_used_ns | kind (b"s" session, b"b" unowned block) | id -> b""
+    expiry    u64 BE expires_ns | session id -> b""
+
+Opening reads only ``meta``: no scan of blocks or sessions. SSD eviction walks ``expiry`` and then
+``lru`` from their oldest end. Pinned sessions have no ``lru`` entry, so they are never chosen.
+Nothing here unpickles: records are fixed structs, JSON and raw arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import lmdb
+import numpy as np
+
+from .errors import ConfigError, ForeignStoreError, StoreFullError, StoreIOError, TierKVError
+from .keys import KEY_BYTES
+from .spec import FORMAT_VERSION
+
+__all__ = ["SessionRecord", "BlockMeta", "SSDStore", "Batch", "check_session_id"]
+
+_BMETA = struct.Struct("<IIQd")
+_U64BE = struct.Struct(">Q")
+_SESSION_MAGIC = b"TKS1"
+MAX_SESSION_ID_BYTES = 400  # LMDB's default max key size is 511 bytes
+
+_open_paths: set[str] = set()
+_open_paths_lock = threading.Lock()
+
+
+def check_session_id(session: str) -> bytes:
+    """Return the session id as LMDB key bytes, or raise ConfigError."""
+    if not isinstance(session, str) or not session:
+        raise ConfigError(f"session id must be a non-empty str, got {session!r}")
+    raw = session.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_SESSION_ID_BYTES or "\x00" in session:
+        raise ConfigError(f"session id must be at most {MAX_SESSION_ID_BYTES} UTF-8 bytes without NUL")
+    return raw
+
+
+@dataclass
+class SessionRecord:
+    """A session: its token ids, the keys of its blocks and its lifecycle fields."""
+
+    session: str
+    tokens: np.ndarray
+    keys: list[bytes]
+    created: float
+    last_used: float
+    ttl: float | None = None
+    pinned: bool = False
+    tenant: str | None = None
+
+    def expires_at(self) -> float | None:
+        return None if self.ttl is None else self.last_used + self.ttl
+
+    def expired(self, now: float) -> bool:
+        exp = self.expires_at()
+        return exp is not None and exp <= now
+
+    def encode(self) -> bytes:
+        head = json.dumps({"created": self.created, "last_used": self.last_used, "ttl": self.ttl,
+                           "pinned": self.pinned, "tenant": self.tenant}).encode()
+        body = b"".join([_SESSION_MAGIC, struct.pack("<III", len(head), len(self.tokens), len(self.keys)),
+                         head, self.tokens.astype("<u4").tobytes(), b"".join(self.keys)])
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    @classmethod
+    def decode(cls, session: str, raw: bytes | memoryview) -> "SessionRecord":
+        raw = bytes(raw)
+        try:
+            if raw[:4] != _SESSION_MAGIC or struct.unpack("<I", raw[-4:])[0] != zlib.crc32(raw[:-4]):
+                raise ValueError("bad magic or checksum")
+            n_head, n_tok, n_keys = struct.unpack_from("<III", raw, 4)
+            pos = 16
+            head = json.loads(raw[pos:pos + n_head])
+            pos += n_head
+            tokens = np.frombuffer(raw, dtype="<u4", count=n_tok, offset=pos)
+            pos += 4 * n_tok
+            keys = [raw[pos + i * KEY_BYTES: pos + (i + 1) * KEY_BYTES] for i in range(n_keys)]
+            if pos + n_keys * KEY_BYTES != len(raw) - 4:
+                raise ValueError("length mismatch")
+            return cls(session, tokens, keys, float(head["created"]), float(head["last_used"]),
+                       head["ttl"], bool(head["pinned"]), head["tenant"])
+        except (ValueError, KeyError, TypeError, struct.error) as e:
+            raise StoreIOError(f"session record {session!r} is damaged ({e}); drop it with drop_session") from None
+
+
+@dataclass
+class BlockMeta:
+    """Persisted bookkeeping of one block."""
+
+    refs: int
+    n_tokens: int
+    enc_bytes: int  # 0 while the value is not on SSD
+    last_used: float
+
+    def pack(self) -> bytes:
+        return _BMETA.pack(self.refs, self.n_tokens, self.enc_bytes, self.last_used)
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> "BlockMeta":
+        return cls(*_BMETA.unpack(bytes(raw)))
+
+
+def _ns(t: float) -> bytes:
+    return _U64BE.pack(max(0, int(t * 1e9)))
+
+
+def _lru_key(kind: bytes, ident: bytes, last_used: float) -> bytes:
+    return _ns(last_used) + kind + ident
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Translate LMDB errors into tierkv's hierarchy."""
+    try:
+        yield
+    except lmdb.MapFullError:
+        raise StoreFullError(f"{what}: the LMDB map is full; raise ssd_bytes or drop sessions") from None
+    except lmdb.ReadonlyError as e:
+        raise StoreIOError(f"{what}: the store is read-only ({e}); open a writable directory") from None
+    except lmdb.Error as e:
+        raise StoreIOError(f"{what}: LMDB failed: {e}") from e
+
+
+class SSDStore:
+    """The LMDB environment of a store directory.
+
+    Args:
+        path: directory of the store (created with owner-only permissions).
+        fingerprint: the store fingerprint (spec + block size + codec); a store created with
+            another one is refused with ForeignStoreError.
+        description: JSON-serialisable description saved for error messages.
+        ssd_bytes: budget of encoded value bytes; the map is sized to fit it plus B-tree overhead.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: bytes, description: dict, ssd_bytes: int) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.ssd_bytes = ssd_bytes
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"store path {self.path} is a file; give a directory (it is created if missing)")
+        with _open_paths_lock:
+            if self.path in _open_paths:
+                raise ConfigError(f"store {self.path} is already open in this process; share that TierKV object")
+            _open_paths.add(self.path)
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            # Overflow pages round each value up to 4 KiB and the B-trees need room too.
+            map_size = ssd_bytes + ssd_bytes // 4 + (64 << 20)
+            self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
+                                 max_readers=256, readahead=True, lock=True)
+        except (lmdb.Error, OSError) as e:
+            self._release_path()
+            if isinstance(e, PermissionError) or "ermission" in str(e) or "Read-only" in str(e):
+                raise StoreIOError(f"cannot open store {self.path}: {e}; the directory must be writable") from None
+            raise StoreIOError(f"cannot open store {self.path}: {e}") from None
+        try:
+            self.meta = self.env.open_db(b"meta")
+            self.blocks = self.env.open_db(b"blocks")
+            self.bmeta = self.env.open_db(b"bmeta")
+            self.sessions = self.env.open_db(b"sessions")
+            self.lru = self.env.open_db(b"lru")
+            self.expiry = self.env.open_db(b"expiry")
+            self._check_identity(fingerprint, description)
+        except BaseException:
+            self.env.close()
+            self._release_path()
+            raise
+        self.fingerprint = fingerprint
+
+    def _release_path(self) -> None:
+        with _open_paths_lock:
+            _open_paths.discard(self.path)
+
+    def _check_identity(self, fingerprint: bytes, description: dict) -> None:
+        with _translated("opening the store"), self.env.begin(write=True) as txn:
+            fmt = txn.get(b"format", db=self.meta)
+            if fmt is None:
+                txn.put(b"format", struct.pack("<I", FORMAT_VERSION), db=self.meta)
+                txn.put(b"fingerprint", fingerprint, db=self.meta)
+                txn.put(b"spec", json.dumps(description).encode(), db=self.meta)
+                txn.put(b"ssd_used", struct.pack("<Q", 0), db=self.meta)
+                return
+            version = struct.unpack("<I", fmt)[0]
+            if version != FORMAT_VERSION:
+                raise ForeignStoreError(f"store {self.path} has tierkv format {version}; this tierkv reads "
+                                        f"format {FORMAT_VERSION}; use another path or the matching tierkv")
+            if txn.get(b"fingerprint", db=self.meta) != fingerprint:
+                theirs = json.loads(txn.get(b"spec", db=self.meta) or b"{}")
+                raise ForeignStoreError(
+                    f"store {self.path} holds KV of another model or layout "
+                    f"(model {theirs.get('model_id')!r}, block_tokens {theirs.get('block_tokens')}, "
+                    f"codec {theirs.get('codec')!r}); open it with that spec and settings, or use another path")
+
+    # -- reads (any thread) --------------------------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction whose ``get`` returns zero-copy buffers into the map."""
+        with _translated("reading"), self.env.begin(buffers=True) as txn:
+            yield txn
+
+    def get_value(self, txn: lmdb.Transaction, key: bytes) -> memoryview | None:
+        return txn.get(key, db=self.blocks)
+
+    def get_session(self, session: str) -> SessionRecord | None:
+        with self.reader() as txn:
+            raw = txn.get(check_session_id(session), db=self.sessions)
+            return None if raw is None else SessionRecord.decode(session, raw)
+
+    def get_bmeta(self, key: bytes) -> BlockMeta | None:
+        with self.reader() as txn:
+            raw = txn.get(key, db=self.bmeta)
+            return None if raw is None else BlockMeta.unpack(raw)
+
+    def ssd_used(self) -> int:
+        with self.reader() as txn:
+            return struct.unpack("<Q", bytes(txn.get(b"ssd_used", db=self.meta)))[0]
+
+    def count_sessions(self) -> int:
+        with self.reader() as txn:
+            return txn.stat(self.sessions)["entries"]
+
+    def iter_sessions(self) -> Iterator[str]:
+        """Every persisted session id (a scan; for tools, never on a hot path)."""
+        with self.reader() as txn:
+            for k in txn.cursor(db=self.sessions).iternext(values=False):
+                yield bytes(k).decode("utf-8", "surrogatepass")
+
+    def data_file(self) -> str:
+        return os.path.join(self.path, "data.mdb")
+
+    # -- writes (the writer thread) ------------------------------------------------------------
+    @contextmanager
+    def batch(self) -> Iterator["Batch"]:
+        """One write transaction; commits on success, aborts on any exception."""
+        with _translated("writing"):
+            txn = self.env.begin(write=True)
+            try:
+                b = Batch(self, txn)
+                yield b
+                txn.put(b"ssd_used", struct.pack("<Q", b.ssd_used), db=self.meta)
+                txn.commit()
+            except BaseException:
+                txn.abort()
+                raise
+
+    def close(self) -> None:
+        """Close the environment (idempotent)."""
+        if getattr(self, "env", None) is not None:
+            self.env.close()
+            self.env = None
+            self._release_path()
+
+
+@dataclass
+class Batch:
+    """A write transaction with the store's invariants (refcounts, indexes, byte counter)."""
+
+    store: SSDStore
+    txn: lmdb.Transaction
+    ssd_used: int = field(init=False)
+    #: keys whose value and bookkeeping this batch deleted
+    deleted: list[bytes] = field(default_factory=list)
+    #: sessions this batch dropped
+    dropped: list[str] = field(default_factory=list)
+    #: keys that must survive a drop to refcount 0 (a queued change will reference them again):
+    #: they become unowned blocks in the LRU index instead of being deleted
+    keep: set[bytes] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.ssd_used = struct.unpack("<Q", bytes(self.txn.get(b"ssd_used", db=self.store.meta)))[0]
+
+    def _get_bmeta(self, key: bytes) -> BlockMeta | None:
+        raw = self.txn.get(key, db=self.store.bmeta)
+        return None if raw is None else BlockMeta.unpack(raw)
+
+    def _get_session(self, session: str) -> SessionRecord | None:
+        raw = self.txn.get(check_session_id(session), db=self.store.sessions)
+        return None if raw is None else SessionRecord.decode(session, raw)
+
+    def _unindex_session(self, rec: SessionRecord) -> None:
+        sid = check_session_id(rec.session)
+        if not rec.pinned:
+            self.txn.delete(_lru_key(b"s", sid, rec.last_used), db=self.store.lru)
+        if rec.ttl is not None:
+            self.txn.delete(_ns(rec.expires_at()) + sid, db=self.store.expiry)
+
+    def _index_session(self, rec: SessionRecord) -> None:
+        sid = check_session_id(rec.session)
+        if not rec.pinned:
+            self.txn.put(_lru_key(b"s", sid, rec.last_used), b"", db=self.store.lru)
+        if rec.ttl is not None:
+            self.txn.put(_ns(rec.expires_at()) + sid, b"", db=self.store.expiry)
+
+    def _incref(self, key: bytes, n_tokens: int) -> None:
+        meta = self._get_bmeta(key)
+        if meta is None:
+            meta = BlockMeta(0, n_tokens, 0, time.time())
+        elif meta.refs == 0:
+            self.txn.delete(_lru_key(b"b", key, meta.last_used), db=self.store.lru)
+        meta.refs += 1
+        self.txn.put(key, meta.pack(), db=self.store.bmeta)
+
+    def _decref(self, key: bytes) -> None:
+        meta = self._get_bmeta(key)
+        if meta is None:
+            return
+        meta.refs -= 1
+        if meta.refs <= 0 and key in self.keep:
+            meta.refs = 0
+            self.txn.put(_lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)
+            self.txn.put(key, meta.pack(), db=self.store.bmeta)
+        elif meta.refs <= 0:
+            self.delete_block(key, meta)
+        else:
+            self.txn.put(key, meta.pack(), db=self.store.bmeta)
+
+    def delete_block(self, key: bytes, meta: BlockMeta | None = None) -> None:
+        """Delete a block's value and bookkeeping, whatever its reference count."""
+        meta = meta or self._get_bmeta(key)
+        if meta is None:
+            return
+        if meta.refs <= 0:
+            self.txn.delete(_lru_key(b"b", key, meta.last_used), db=self.store.lru)
+        self.txn.delete(key, db=self.store.blocks)
+        self.txn.delete(key, db=self.store.bmeta)
+        self.ssd_used -= meta.enc_bytes
+        self.deleted.append(key)
+
+    def put_session(self, rec: SessionRecord, block_tokens: int) -> None:
+        """Write a session record, moving block references from its old record to the new one."""
+        old = self._get_session(rec.session)
+        old_keys = set(old.keys) if old else set()
+        new_keys = set(rec.keys)
+        for i, key in enumerate(rec.keys):
+            if key not in old_keys:
+                n = min(block_tokens, len(rec.tokens) - i * block_tokens)
+                self._incref(key, n)
+        if old is not None:
+            self._unindex_session(old)
+        self.txn.put(check_session_id(rec.session), rec.encode(), db=self.store.sessions)
+        self._index_session(rec)
+        for key in old_keys - new_keys:
+            self._decref(key)
+
+    def touch_session(self, session: str, last_used: float) -> None:
+        rec = self._get_session(session)
+        if rec is None or rec.last_used >= last_used:
+            return
+        self._unindex_session(rec)
+        rec.last_used = last_used
+        self.txn.put(check_session_id(session), rec.encode(), db=self.store.sessions)
+        self._index_session(rec)
+
+    def drop_session(self, session: str) -> bool:
+        """Delete a session; blocks no other session references are deleted with it."""
+        rec = self._get_session(session)
+        if rec is None:
+            return False
+        self._unindex_session(rec)
+        self.txn.delete(check_session_id(session), db=self.store.sessions)
+        for key in set(rec.keys):
+            self._decref(key)
+        self.dropped.append(session)
+        return True
+
+    def has_value(self, key: bytes) -> bool:
+        meta = self._get_bmeta(key)
+        return meta is not None and meta.enc_bytes > 0
+
+    def put_value(self, key: bytes, value: bytes, n_tokens: int) -> None:
+        """Store a block's encoded value; a block no session references enters the LRU index."""
+        meta = self._get_bmeta(key)
+        if meta is not None and meta.enc_bytes:
+            return  # already there (content-addressed: same key, same bytes)
+        if meta is None:
+            meta = BlockMeta(0, n_tokens, 0, time.time())
+            self.txn.put(_lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)
+        self.txn.put(key, value, db=self.store.blocks)
+        meta.enc_bytes = len(value)
+        self.txn.put(key, meta.pack(), db=self.store.bmeta)
+        self.ssd_used += len(value)
+
+    def make_room(self, needed: int, now: float, protect: set[str]) -> None:
+        """Evict until ``needed`` more bytes fit in the SSD budget.
+
+        Order: expired sessions, then the least recently used unpinned session or unowned block.
+        Sessions in ``protect`` (changes still queued) are skipped.
+
+        Raises:
+            StoreFullError: pinned or protected data alone leaves too little room.
+        """
+        budget = self.store.ssd_bytes
+        if self.ssd_used + needed <= budget:
+            return
+        if needed > budget:
+            raise StoreFullError(f"a write of {needed} B exceeds ssd_bytes={budget} B; raise ssd_bytes")
+        cur = self.txn.cursor(db=self.store.expiry)
+        victims: list[bytes] = []
+        for k in cur.iternext(values=False):
+            k = bytes(k)
+            if _U64BE.unpack(k[:8])[0] > now * 1e9:
+                break
+            victims.append(k)
+        for k in victims:
+            sid = k[8:].decode("utf-8", "surrogatepass")
+            if sid not in protect:
+                self.drop_session(sid)
+            if self.ssd_used + needed <= budget:
+                return
+        while self.ssd_used + needed > budget:
+            cur = self.txn.cursor(db=self.store.lru)
+            picked = None
+            for k in cur.iternext(values=False):
+                k = bytes(k)
+                kind, ident = k[8:9], k[9:]
+                if kind == b"s" and ident.decode("utf-8", "surrogatepass") in protect:
+                    continue
+                picked = (kind, ident)
+                break
+            if picked is None:
+                raise StoreFullError(
+                    f"SSD budget ssd_bytes={budget} B is full of pinned or in-flight sessions "
+                    f"({self.ssd_used} B used, {needed} B more needed); unpin or drop sessions, or raise ssd_bytes")
+            kind, ident = picked
+            if kind == b"s":
+                self.drop_session(ident.decode("utf-8", "surrogatepass"))
+            else:
+                self.delete_block(ident)
+
+    def purge_expired(self, now: float, protect: set[str]) -> None:
+        """Drop every session whose TTL has run out."""
+        cur = self.txn.cursor(db=self.store.expiry)
+        victims = []
+        for k in cur.iternext(values=False):
+            k = bytes(k)
+            if _U64BE.unpack(k[:8])[0] > now * 1e9:
+                break
+            victims.append(k[8:].decode("utf-8", "surrogatepass"))
+        for sid in victims:
+            if sid not in protect:
+                self.drop_session(sid)

@@ -1,0 +1,80 @@
+"""Memory tiers: the device pool (GPU memory, or a CPU pool without CUDA) and host DRAM.
+
+Primitives:
+    MemoryTier: a byte budget, exact usage and an LRU order over the blocks it holds.
+
+A tier only keeps books; the engine decides moves and the movers copy bytes. Usage counts block
+payload bytes exactly (``Block.nbytes``), not allocator overhead.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+import torch
+
+from .blocks import Block, BlockState
+
+__all__ = ["MemoryTier"]
+
+
+class MemoryTier:
+    """Blocks resident in one memory, least recently used first.
+
+    Args:
+        name: ``"device"`` or ``"host"``.
+        device: where its payloads live.
+        budget: bytes it may hold; 0 disables the tier.
+        pin: allocate page-locked host memory (host tier with CUDA present).
+    """
+
+    def __init__(self, name: str, device: torch.device, budget: int, pin: bool = False) -> None:
+        self.name = name
+        self.device = device
+        self.budget = budget
+        self.pin = pin
+        self.used = 0
+        self._lru: OrderedDict[bytes, Block] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget > 0
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 buffer for a payload of ``nbytes`` in this tier's memory."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
+
+    def add(self, block: Block, payload: torch.Tensor) -> None:
+        """Make ``payload`` the block's resident copy here (most recently used)."""
+        block.tier, block.payload = self.name, payload
+        self._lru[block.key] = block
+        self.used += block.nbytes
+
+    def remove(self, block: Block) -> torch.Tensor | None:
+        """Forget the block's copy here; returns the payload (still valid while referenced)."""
+        if self._lru.pop(block.key, None) is None:
+            return None
+        self.used -= block.nbytes
+        payload, block.tier, block.payload = block.payload, None, None
+        return payload
+
+    def touch(self, block: Block) -> None:
+        if block.key in self._lru:
+            self._lru.move_to_end(block.key)
+
+    def excess(self) -> int:
+        """Bytes above budget (0 when within it)."""
+        return max(0, self.used - self.budget)
+
+    def victims(self) -> Iterator[Block]:
+        """Evictable blocks, least recently used first: READY and not pinned."""
+        for block in list(self._lru.values()):
+            if block.state is BlockState.READY and block.pins == 0:
+                yield block
+
+    def pinned_bytes(self) -> int:
+        return sum(b.nbytes for b in self._lru.values() if b.pins > 0)
