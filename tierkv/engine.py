@@ -56,6 +56,7 @@ class _Op:
     write: list[Block] = field(default_factory=list)
     free_after: bool = False                    # demotion: drop memory copies once written
     doomed: list[bytes] = field(default_factory=list)
+    added: list[bytes] = field(default_factory=list)  # keys this session op took a reference on
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -254,7 +255,7 @@ class TierKV:
                 raise ConfigError(f"session {session!r} belongs to another tenant; use another session id")
             is_pinned = bool(pinned if pinned is not None else (old.pinned if old else False))
             new_bytes = sum(p.numel() for p in payloads.values())
-            if is_pinned and target.pinned_bytes() + new_bytes > target.budget:
+            if is_pinned and target.enabled and target.pinned_bytes() + new_bytes > target.budget:
                 raise BudgetExceededError(
                     f"pinned sessions would hold {target.pinned_bytes() + new_bytes} B of the {target.name} "
                     f"tier's {target.budget} B budget; unpin sessions or raise {target.name}_bytes")
@@ -295,6 +296,7 @@ class TierKV:
                 self._sessions[session] = rec
                 self._touched.pop(session, None)
                 op = _Op("session", session=session, record=rec, doomed=doomed,
+                         added=[b.key for b in blocks if b.key not in old_keys],
                          write=self._claim_writes(blocks) if write_through else [])
             self._enqueue(op)
             self._stats.count("saved_tokens", len(toks))
@@ -400,8 +402,10 @@ class TierKV:
             self._stats.count("hit_tokens", n)
             for p in parts:
                 self._stats.count(f"hit_blocks_{p.source}", 1)
-            if session is not None and session in self._sessions:
-                self._touched[session] = now
+            rec = self._sessions.get(session) if session is not None else None
+            if rec is not None and rec.tenant == tenant:
+                rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
+                self._touched[session] = rec.last_used
         if loads:
             self._submit_loads(loads, promote)
         for b in promote_now:
@@ -509,7 +513,7 @@ class TierKV:
             src = b.payload
         t0 = time.perf_counter()
         try:
-            new = MOVERS[("host", "device")](Transfer("host", "device", (b,)), self._tiers)[0]
+            new = MOVERS[("host", "device")](Transfer("host", "device", (b,), (src,)), self._tiers)[0]
         finally:
             with self._lock:
                 b.state = BlockState.READY
@@ -556,7 +560,7 @@ class TierKV:
             where = Counter(("memory:" + b.tier) if b.tier else ("ssd" if b.on_ssd else "missing")
                             for b in (self._block(k) for k in rec.keys) if b is not None)
             return {"session": session, "tokens": len(rec.tokens), "blocks": len(rec.keys),
-                    "created": rec.created, "last_used": self._touched.get(session, rec.last_used),
+                    "created": rec.created, "last_used": rec.last_used,
                     "ttl": rec.ttl, "pinned": rec.pinned, "tenant": rec.tenant, "blocks_by_tier": dict(where)}
 
     def offload(self, session: str | None = None) -> None:
@@ -655,6 +659,7 @@ class TierKV:
             for op, err in failed:
                 op.error = err
                 self._unreported.append(err)
+                self._roll_back(op)
             for op in ops:
                 ok = id(op) not in failed_ops
                 for b in op.write:
@@ -703,6 +708,28 @@ class TierKV:
             evicted_keys = set(batch.deleted)
         if evicted_sessions or evicted_keys:
             self._reconcile_evictions(evicted_sessions, evicted_keys)
+
+    def _roll_back(self, op: _Op) -> None:
+        """Undo in memory what a failed op did, so memory again matches the disk (locked).
+
+        A failed session save reverts to the session's last committed record (reloaded lazily);
+        blocks that only it referenced and that never reached SSD are released; failed writes of
+        unowned blocks release those cache entries rather than retrying forever.
+        """
+        if op.kind == "session":
+            if self._sessions.get(op.session) is op.record:
+                del self._sessions[op.session]
+            for key in op.added:
+                b = self._blocks.get(key)
+                if b is not None:
+                    b.refs -= 1
+                    b.pins -= op.record.pinned
+        for key in op.added or [b.key for b in op.write]:
+            b = self._blocks.get(key)
+            if b is not None and b.refs <= 0 and not b.on_ssd and b.state is not BlockState.LOADING:
+                if b.tier is not None:
+                    self._tiers[b.tier].remove(b)
+                del self._blocks[key]
 
     def _reconcile_evictions(self, sessions: list[str], keys: set[bytes]) -> None:
         """Mirror in memory what SSD eviction dropped (sessions without queued changes)."""
@@ -763,18 +790,20 @@ class TierKV:
                     b.state = BlockState.MOVING if src == "device" else BlockState.WRITING
                     if src == "host":
                         b.write_queued = True
+                payloads = tuple(b.payload for b in victims)
             if src == "device" and host.enabled:
                 t0 = time.perf_counter()
                 try:
-                    new = MOVERS[("device", "host")](Transfer("device", "host", tuple(victims)), self._tiers)
+                    new = MOVERS[("device", "host")](Transfer("device", "host", tuple(victims), payloads),
+                                                     self._tiers)
                 finally:
                     with self._lock:
                         for b in victims:
                             b.state = BlockState.READY
                 self._stats.moved("device->host", sum(b.nbytes for b in victims), time.perf_counter() - t0)
                 with self._lock:
-                    for b, payload in zip(victims, new):
-                        if b.tier == "device" and self._blocks.get(b.key) is b:
+                    for b, old, payload in zip(victims, payloads, new):
+                        if b.tier == "device" and b.payload is old and self._blocks.get(b.key) is b:
                             dev.remove(b)
                             host.add(b, payload)
             else:

@@ -75,7 +75,7 @@ def iter_block_keys(seed: bytes, tokens: np.ndarray, block_tokens: int, partial:
     """``block_keys`` as a generator, so a lookup can stop hashing at its first miss."""
     prev = seed
     n_full = len(tokens) // block_tokens
-    data = tokens.data
+    data = memoryview(tokens).cast("B")  # byte offsets, whatever the element type
     step = block_tokens * _TOKEN_DTYPE.itemsize
     for i in range(n_full):
         prev = hashlib.blake2b(prev, digest_size=KEY_BYTES, person=b"tierkv-full")

@@ -28,11 +28,16 @@ __all__ = ["Transfer", "MOVERS", "copy_payload", "encode_payload", "decode_layer
 
 @dataclass(frozen=True)
 class Transfer:
-    """One move: ``blocks`` from tier ``src`` to tier ``dst`` ("device", "host" or "ssd")."""
+    """One move: ``blocks`` from tier ``src`` to tier ``dst`` ("device", "host" or "ssd").
+
+    ``payloads`` are the source copies, captured under the engine's lock when the move was
+    planned: a block may be dropped meanwhile, but the bytes being moved stay valid.
+    """
 
     src: str
     dst: str
     blocks: tuple[Block, ...]
+    payloads: tuple[torch.Tensor, ...]
 
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -73,7 +78,7 @@ def decode_layer_into(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: in
 
 
 def _memory_move(transfer: Transfer, tiers: dict[str, MemoryTier]) -> list[torch.Tensor]:
-    return [copy_payload(b.payload, tiers[transfer.dst]) for b in transfer.blocks]
+    return [copy_payload(p, tiers[transfer.dst]) for p in transfer.payloads]
 
 
 #: (src, dst) -> mover. Memory-to-memory moves return the new payloads; SSD moves are driven by

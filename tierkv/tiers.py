@@ -71,9 +71,12 @@ class MemoryTier:
         return max(0, self.used - self.budget)
 
     def victims(self) -> Iterator[Block]:
-        """Evictable blocks, least recently used first: READY and not pinned."""
+        """Evictable blocks, least recently used first: READY and not pinned.
+
+        A disabled tier (budget 0) only passes blocks through, pinned ones included.
+        """
         for block in list(self._lru.values()):
-            if block.state is BlockState.READY and block.pins == 0:
+            if block.state is BlockState.READY and (block.pins == 0 or self.budget == 0):
                 yield block
 
     def pinned_bytes(self) -> int:

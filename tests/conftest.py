@@ -1,0 +1,64 @@
+"""Shared helpers: small specs, deterministic KV, stores in temporary directories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tierkv
+
+BLOCK = 16
+
+
+def small_spec(dtype=torch.bfloat16, layers=4, heads=2, dim=8, model_id="test/tiny") -> tierkv.KVSpec:
+    return tierkv.KVSpec.gqa(model_id, layers, heads, dim, dtype)
+
+
+def make_kv(spec: tierkv.KVSpec, n_tokens: int, seed: int = 0, device="cpu"):
+    """Deterministic KV with every bit pattern class of real KV (normal values, some extremes)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in spec.layers:
+        tensors = []
+        for t in layer.tensors:
+            x = torch.randn(t.shape(n_tokens), generator=g, dtype=torch.float32) * 3
+            tensors.append(x.to(t.torch_dtype).to(device))
+        out.append(tuple(tensors))
+    return out
+
+
+def kv_slice(kv, n):
+    return [tuple(x.narrow(1, 0, n) for x in layer) for layer in kv]
+
+
+def assert_kv_equal(a, b):
+    assert len(a) == len(b)
+    for la, lb in zip(a, b):
+        for x, y in zip(la, lb):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            # bit-exact: compare the raw bytes, so -0.0/0.0 and NaN payloads count too
+            assert torch.equal(x.contiguous().view(torch.uint8) if x.dtype.itemsize == 1 else
+                               x.contiguous().view(torch.int16 if x.dtype.itemsize == 2 else torch.int32),
+                               y.contiguous().view(torch.uint8) if y.dtype.itemsize == 1 else
+                               y.contiguous().view(torch.int16 if y.dtype.itemsize == 2 else torch.int32))
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return str(tmp_path / "store")
+
+
+@pytest.fixture
+def open_store(store_path):
+    opened = []
+
+    def _open(spec=None, path=None, **settings):
+        settings.setdefault("block_tokens", BLOCK)
+        settings.setdefault("ssd_bytes", "64MiB")
+        s = tierkv.TierKV(path or store_path, spec or small_spec(), **settings)
+        opened.append(s)
+        return s
+
+    yield _open
+    for s in opened:
+        s.close()

@@ -1,0 +1,179 @@
+"""Bad input gets a clear TierKVError and leaves the store unchanged."""
+
+import os
+
+import pytest
+import torch
+
+import tierkv
+from conftest import BLOCK, assert_kv_equal, make_kv, small_spec
+
+SPEC = small_spec()
+
+
+@pytest.fixture
+def filled(open_store):
+    s = open_store(SPEC)
+    kv = make_kv(SPEC, 2 * BLOCK)
+    s.save(range(2 * BLOCK), kv, session="ok").wait()
+    return s, kv
+
+
+def unchanged(s, kv):
+    assert_kv_equal(s.restore(range(2 * BLOCK), session="ok").kv, kv)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda kv: kv[:-1], "layers"),
+    (lambda kv: [(k.float(), v) for k, v in kv], "dtype"),
+    (lambda kv: [(k[:, :-1], v) for k, v in kv], "shape"),
+    (lambda kv: [(k.unsqueeze(0), v) for k, v in kv], "no batch axis"),
+    (lambda kv: [(k,) for k, v in kv], "tuple of 2"),
+    (lambda kv: [(k.float().numpy(), v) for k, v in kv], "torch.Tensor"),
+])
+def test_wrong_kv_is_refused(filled, bad, match):
+    s, kv = filled
+    with pytest.raises(tierkv.SpecMismatchError, match=match):
+        s.save(range(2 * BLOCK), bad(make_kv(SPEC, 2 * BLOCK, seed=3)), session="ok")
+    unchanged(s, kv)
+
+
+@pytest.mark.parametrize("tokens,match", [
+    ([], "zero tokens"),
+    ([[1, 2]], "1-D"),
+    ([1.5] * 32, "integers"),
+    ([-1] * 32, "range"),
+    ([2**33] * 32, "range"),
+])
+def test_bad_tokens(filled, tokens, match):
+    s, kv = filled
+    with pytest.raises(tierkv.SpecMismatchError, match=match):
+        s.save(tokens, kv, session="ok")
+    unchanged(s, kv)
+
+
+def test_token_kv_length_mismatch(filled):
+    s, kv = filled
+    with pytest.raises(tierkv.SpecMismatchError, match="shape"):
+        s.save(range(2 * BLOCK + 1), kv, session="ok")
+    unchanged(s, kv)
+
+
+@pytest.mark.parametrize("sid", ["", "x" * 401, "a\x00b", 7])
+def test_bad_session_ids(filled, sid):
+    s, kv = filled
+    with pytest.raises(tierkv.ConfigError, match="session id"):
+        s.save(range(2 * BLOCK), kv, session=sid)
+    unchanged(s, kv)
+
+
+def test_odd_but_valid_session_ids(open_store):
+    s = open_store(SPEC)
+    kv = make_kv(SPEC, BLOCK)
+    for sid in ["ünïcødé/🙂", "x" * 400, " spaces ", "../../etc/passwd"]:
+        s.save(range(BLOCK), kv, session=sid)
+        assert s.session_info(sid)["tokens"] == BLOCK
+
+
+def test_unknown_session(filled):
+    s, _ = filled
+    with pytest.raises(tierkv.UnknownSessionError, match="nope"):
+        s.drop_session("nope")
+    with pytest.raises(KeyError):  # also a KeyError, for callers that catch that
+        s.session_info("nope")
+    assert s.lookup(range(2 * BLOCK), session="nope") == 2 * BLOCK  # falls back to content
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(block_tokens=8), "block_tokens"),
+    (dict(block_tokens=5000), "block_tokens"),
+    (dict(device_bytes="lots"), "device_bytes"),
+    (dict(host_bytes=-1), "host_bytes"),
+    (dict(ssd_bytes=0), "ssd_bytes"),
+    (dict(persist="sometimes"), "persist"),
+    (dict(ssd_codec="lzma"), "ssd_codec"),
+    (dict(colour="blue"), "unknown setting"),
+    (dict(device="tpu:0"), "device"),
+])
+def test_bad_settings(store_path, settings, match):
+    with pytest.raises(tierkv.ConfigError, match=match):
+        tierkv.TierKV(store_path, SPEC, **settings)
+
+
+def test_cuda_device_without_cuda(store_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(tierkv.ConfigError, match="CUDA"):
+        tierkv.TierKV(store_path, SPEC, device="cuda")
+
+
+def test_foreign_store_refused(open_store, store_path):
+    s = open_store(SPEC)
+    s.save(range(BLOCK), make_kv(SPEC, BLOCK), session="s")
+    s.close()
+    for spec, settings in [(small_spec(model_id="another"), {}), (small_spec(torch.float16), {}),
+                           (SPEC, {"block_tokens": 32}), (SPEC, {"ssd_codec": "raw"})]:
+        with pytest.raises(tierkv.ForeignStoreError, match="another model or layout"):
+            tierkv.TierKV(store_path, spec, **{"block_tokens": BLOCK, **settings})
+    s = open_store(SPEC)
+    assert s.lookup(range(BLOCK), session="s") == BLOCK
+
+
+def test_other_format_version_refused(open_store, store_path):
+    import struct
+
+    import lmdb
+
+    open_store(SPEC).close()
+    env = lmdb.open(store_path, subdir=True, max_dbs=8)
+    meta = env.open_db(b"meta")  # before the write txn: open_db inside one would deadlock
+    with env.begin(write=True) as txn:
+        txn.put(b"format", struct.pack("<I", 99), db=meta)
+    env.close()
+    with pytest.raises(tierkv.ForeignStoreError, match="format 99"):
+        tierkv.TierKV(store_path, SPEC, block_tokens=BLOCK)
+
+
+def test_path_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(tierkv.ConfigError, match="is a file"):
+        tierkv.TierKV(str(f), SPEC)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    with pytest.raises(tierkv.StoreIOError, match="writable"):
+        tierkv.TierKV(str(d / "store"), SPEC)
+
+
+def test_same_path_twice_in_one_process(open_store, store_path):
+    open_store(SPEC)
+    with pytest.raises(tierkv.ConfigError, match="already open"):
+        tierkv.TierKV(store_path, SPEC, block_tokens=BLOCK)
+
+
+def test_closed_store(open_store):
+    s = open_store(SPEC)
+    s.close()
+    s.close()  # idempotent
+    for call in (lambda: s.lookup([1]), lambda: s.restore([1]), lambda: s.stats(),
+                 lambda: s.save(range(BLOCK), make_kv(SPEC, BLOCK))):
+        with pytest.raises(tierkv.StoreClosedError):
+            call()
+
+
+def test_store_files_are_owner_only(open_store, store_path):
+    open_store(SPEC).close()
+    assert os.stat(store_path).st_mode & 0o077 == 0
+    assert os.stat(os.path.join(store_path, "data.mdb")).st_mode & 0o077 == 0
+
+
+def test_errors_form_one_tree():
+    for name in tierkv.__all__:
+        obj = getattr(tierkv, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, tierkv.TierKVError)

@@ -1,0 +1,128 @@
+"""Bit-exact round trips along every tier path, for every float dtype."""
+
+import pytest
+import torch
+
+from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["device", "host", "ssd_reopen"])
+def test_round_trip_bit_exact(open_store, store_path, dtype, path):
+    spec = small_spec(dtype)
+    n = 5 * BLOCK + 7  # full blocks and a partial one
+    kv = make_kv(spec, n, seed=1)
+    toks = list(range(1000, 1000 + n))
+    budgets = {"device": dict(device_bytes="1MiB", host_bytes="1MiB"),
+               "host": dict(device_bytes=0, host_bytes="1MiB"),
+               "ssd_reopen": dict(device_bytes="1MiB", host_bytes="1MiB")}[path]
+    s = open_store(spec, **budgets)
+    s.save(toks, kv, session="s").wait()
+    if path == "ssd_reopen":
+        s.close()
+        s = open_store(spec)
+    r = s.restore(toks, session="s")
+    assert r.num_tokens == n
+    assert_kv_equal(r.kv, kv)
+    want = {"device": "device", "host": "host", "ssd_reopen": "ssd"}[path]
+    assert set(r.sources) == {want}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_through_demotion_to_ssd(open_store, dtype):
+    spec = small_spec(dtype)
+    n = 8 * BLOCK
+    kv = make_kv(spec, n, seed=2)
+    s = open_store(spec, device_bytes=2 * BLOCK * spec.bytes_per_token, host_bytes=2 * BLOCK * spec.bytes_per_token)
+    s.save(range(n), kv, session="s")
+    s.flush()
+    st = s.stats()
+    assert st["resident_bytes"]["device"] <= 2 * BLOCK * spec.bytes_per_token
+    assert st["resident_bytes"]["host"] <= 2 * BLOCK * spec.bytes_per_token
+    r = s.restore(range(n), session="s")
+    assert r.num_tokens == n and r.sources.get("ssd", 0) >= 4
+    assert_kv_equal(r.kv, kv)
+
+
+def test_mla_layout_and_mixed_layers(open_store):
+    import tierkv
+
+    latent = tierkv.LayerSpec((tierkv.TensorSpec("latent", (40,), 0, "bfloat16"),))
+    gqa = tierkv.LayerSpec((tierkv.TensorSpec("key", (1, 8), 1, "float16"),
+                            tierkv.TensorSpec("value", (1, 4), 1, "float16")))
+    spec = tierkv.KVSpec("mixed", (latent, gqa, latent))
+    n = 2 * BLOCK + 3
+    kv = make_kv(spec, n, seed=3)
+    s = open_store(spec, device_bytes=0, host_bytes=0)
+    s.save(range(n), kv, session="m").wait()
+    s.flush()
+    r = s.restore(range(n), session="m")
+    assert r.num_tokens == n
+    assert_kv_equal(r.kv, kv)
+
+
+def test_restore_of_longer_query_returns_cached_prefix(open_store):
+    spec = small_spec()
+    n = 3 * BLOCK + 5
+    kv = make_kv(spec, n)
+    s = open_store(spec)
+    s.save(range(n), kv, session="s")
+    query = list(range(n)) + [7, 8, 9]
+    assert s.lookup(query, session="s") == n
+    r = s.restore(query, session="s")
+    assert r.num_tokens == n
+    assert_kv_equal(r.kv, kv)
+
+
+def test_restore_diverging_inside_a_block_returns_exact_common_prefix(open_store):
+    spec = small_spec()
+    n = 3 * BLOCK
+    kv = make_kv(spec, n)
+    s = open_store(spec)
+    s.save(range(n), kv, session="s")
+    query = list(range(n))
+    query[BLOCK + 5] = 99999
+    r = s.restore(query, session="s")
+    assert r.num_tokens == BLOCK + 5
+    assert_kv_equal(r.kv, kv_slice(kv, BLOCK + 5))
+    # without the session only whole blocks match by content
+    assert s.lookup(query) == BLOCK
+
+
+def test_content_match_without_session(open_store):
+    spec = small_spec()
+    kv = make_kv(spec, 4 * BLOCK)
+    s = open_store(spec)
+    s.save(range(4 * BLOCK), kv)  # no session: full blocks, by content
+    assert s.lookup(range(4 * BLOCK + 9)) == 4 * BLOCK
+    assert s.lookup([5] + list(range(1, 4 * BLOCK))) == 0
+    r = s.restore(range(3 * BLOCK + 2))
+    assert r.num_tokens == 3 * BLOCK
+    assert_kv_equal(r.kv, kv_slice(kv, 3 * BLOCK))
+
+
+def test_miss_returns_empty(open_store):
+    s = open_store()
+    r = s.restore([1, 2, 3])
+    assert r.num_tokens == 0 and r.kv == []
+    assert s.lookup([]) == 0
+    assert s.stats()["miss_tokens"] == 3
+
+
+def test_save_grows_a_session_and_reuses_blocks(open_store):
+    spec = small_spec()
+    n1, n2 = 2 * BLOCK + 3, 4 * BLOCK + 1
+    kv = make_kv(spec, n2)
+    s = open_store(spec, persist="write_through")
+    s.save(range(n1), kv_slice(kv, n1), session="s").wait()
+    first = s.stats()["ssd_raw_written"]
+    s.save(range(n2), kv, session="s").wait()
+    # the two full blocks were not written again; the old partial block was deleted
+    written = s.stats()["ssd_raw_written"] - first
+    assert written == (n2 - 2 * BLOCK) * spec.bytes_per_token
+    assert s.session_info("s")["tokens"] == n2
+    assert s.stats()["resident_bytes"]["ssd"] > 0
+    r = s.restore(range(n2), session="s")
+    assert_kv_equal(r.kv, kv)

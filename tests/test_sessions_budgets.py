@@ -1,0 +1,198 @@
+"""Sharing, reference counts, budgets, eviction order, pins and TTLs, under scripted sequences."""
+
+import time
+
+import pytest
+import torch
+
+import tierkv
+from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
+
+SPEC = small_spec()
+BLK = BLOCK * SPEC.bytes_per_token  # bytes of one full block
+
+
+def tiers_of(s, session):
+    return s.session_info(session)["blocks_by_tier"]
+
+
+def test_shared_prefix_stored_once_and_survives_drop(open_store):
+    prefix = list(range(3 * BLOCK))
+    kv_a = make_kv(SPEC, 3 * BLOCK + 10, seed=1)
+    kv_b = [tuple(torch.cat([x[:, :3 * BLOCK], y[:, 3 * BLOCK:]], dim=1) for x, y in zip(la, lb))
+            for la, lb in zip(kv_a, make_kv(SPEC, 3 * BLOCK + 10, seed=2))]
+    s = open_store(SPEC, persist="write_through", ssd_codec="raw")
+    s.save(prefix + [1] * 10, kv_a, session="a").wait()
+    used_after_a = s.stats()["resident_bytes"]
+    s.save(prefix + [2] * 10, kv_b, session="b").wait()
+    used_after_b = s.stats()["resident_bytes"]
+    # b added only its own partial block, in memory and on SSD
+    assert used_after_b["device"] - used_after_a["device"] == 10 * SPEC.bytes_per_token
+    assert used_after_b["ssd"] - used_after_a["ssd"] < 10 * SPEC.bytes_per_token + 1024
+    s.drop_session("a")
+    s.flush()
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("a")
+    r = s.restore(prefix + [2] * 10, session="b")
+    assert r.num_tokens == 3 * BLOCK + 10
+    assert_kv_equal(r.kv, kv_b)
+    # a's partial block is gone; the shared blocks remain, also after a reopen
+    path = s.path
+    s.close()
+    s = open_store(SPEC, path=path, persist="write_through", ssd_codec="raw")
+    assert s.lookup(prefix + [1] * 10, session="a") == 3 * BLOCK  # content match, full blocks
+    r = s.restore(prefix + [2] * 10, session="b")
+    assert_kv_equal(r.kv, kv_b)
+    s.drop_session("b")
+    s.flush()
+    assert s.stats()["resident_bytes"] == {"device": 0, "host": 0, "ssd": 0}
+
+
+def test_budget_accounting_and_demotion_order(open_store):
+    s = open_store(SPEC, device_bytes=2 * BLK, host_bytes=2 * BLK)
+    kv = {name: make_kv(SPEC, 2 * BLOCK, seed=i) for i, name in enumerate("abcdefg")}
+    toks = {name: [i * 1000 + t for t in range(2 * BLOCK)] for i, name in enumerate("abcdefg")}
+
+    def save(name, **kw):
+        s.save(toks[name], kv[name], session=name, **kw)
+        s.flush()
+
+    save("a")
+    assert tiers_of(s, "a") == {"memory:device": 2}
+    save("b")
+    assert tiers_of(s, "a") == {"memory:host": 2} and tiers_of(s, "b") == {"memory:device": 2}
+    save("c")  # b pushed to host, a (least recently used there) to SSD
+    assert tiers_of(s, "a") == {"ssd": 2}
+    assert tiers_of(s, "b") == {"memory:host": 2}
+    assert tiers_of(s, "c") == {"memory:device": 2}
+    st = s.stats()
+    assert st["resident_bytes"]["device"] == 2 * BLK and st["resident_bytes"]["host"] == 2 * BLK
+    assert st["resident_blocks"] == {"device": 2, "host": 2}
+
+    r = s.restore(toks["a"], session="a")  # read from SSD into host: now b is the LRU there
+    assert r.sources == {"ssd": 2}
+    assert_kv_equal(r.kv, kv["a"])
+    s.flush()
+    assert tiers_of(s, "a") == {"memory:host": 2}
+    assert tiers_of(s, "b") == {"ssd": 2}
+
+    save("d", pinned=True)  # c demoted, d stays
+    save("e")               # e cannot push pinned d out: e itself goes down
+    assert tiers_of(s, "d") == {"memory:device": 2}
+    assert tiers_of(s, "e") == {"memory:host": 2}
+    with pytest.raises(tierkv.BudgetExceededError, match="pinned"):
+        s.save(toks["f"], kv["f"], session="f", pinned=True)
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("f")  # the refused save changed nothing
+    s.flush()
+    assert s.stats()["resident_bytes"]["device"] == 2 * BLK
+    for name in "abcde":
+        assert_kv_equal(s.restore(toks[name], session=name).kv, kv[name])
+
+
+def test_ttl_expiry_hides_and_drops_the_session(open_store):
+    s = open_store(SPEC)
+    kv = make_kv(SPEC, BLOCK + 3)
+    s.save(range(BLOCK + 3), kv, session="t", ttl=0.3)
+    s.save(range(BLOCK + 3), kv, session="keep")
+    assert s.lookup(range(BLOCK + 3), session="t") == BLOCK + 3
+    time.sleep(0.4)
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("t")
+    # the content-addressed full block is still shared with "keep"
+    assert s.lookup(range(BLOCK + 3), session="t") == BLOCK
+    assert s.lookup(range(BLOCK + 3), session="keep") == BLOCK + 3
+
+
+def test_ttl_is_counted_from_last_use(open_store):
+    s = open_store(SPEC)
+    s.save(range(BLOCK), make_kv(SPEC, BLOCK), session="t", ttl=0.5)
+    for _ in range(3):
+        time.sleep(0.2)
+        assert s.restore(range(BLOCK), session="t").num_tokens == BLOCK
+        s.flush()
+    s.session_info("t")
+
+
+def _ssd_store(open_store, blocks, **kw):
+    # raw codec: every value is its payload plus a small header, so sizes are predictable
+    return open_store(SPEC, ssd_codec="raw", persist="write_through", device_bytes=0, host_bytes=0,
+                      ssd_bytes=blocks * BLK + blocks * 1024, **kw)
+
+
+def test_ssd_evicts_expired_then_lru_never_pinned(open_store):
+    s = _ssd_store(open_store, 4)
+    kv = make_kv(SPEC, BLOCK)
+    for i, name in enumerate(["pinned", "old", "expiring", "recent"]):
+        s.save([i * 100 + t for t in range(BLOCK)], kv, session=name,
+               pinned=name == "pinned", ttl=0.2 if name == "expiring" else None).wait()
+        s.flush()
+    time.sleep(0.3)
+    s.restore([0 * 100 + t for t in range(BLOCK)], session="pinned")
+    s.save([900 + t for t in range(BLOCK)], kv, session="new1").wait()  # needs one block: the expired one goes
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("expiring")
+    s.session_info("old")
+    s.save([950 + t for t in range(BLOCK)], kv, session="new2").wait()  # next: least recently used = old
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("old")
+    for name in ("pinned", "recent", "new1", "new2"):
+        assert s.session_info(name)["tokens"] == BLOCK
+    assert s.stats()["evicted"]["ssd_sessions"] == 2
+    assert s.stats()["resident_bytes"]["ssd"] <= s.config.ssd_bytes
+
+
+def test_store_full_of_pinned_raises_and_keeps_committed_data(open_store):
+    s = _ssd_store(open_store, 2)
+    kv = make_kv(SPEC, BLOCK)
+    for i in range(2):
+        s.save([i * 100 + t for t in range(BLOCK)], kv, session=f"p{i}", pinned=True).wait()
+    h = s.save([500 + t for t in range(BLOCK)], kv, session="x")
+    with pytest.raises(tierkv.StoreFullError, match="pinned"):
+        h.wait()
+    s.flush()  # the error was reported through the handle: flush has nothing left to raise
+    for i in range(2):
+        assert_kv_equal(s.restore([i * 100 + t for t in range(BLOCK)], session=f"p{i}").kv, kv)
+    path = s.path
+    s.close()
+    s2 = open_store(SPEC, path=path, ssd_codec="raw", ssd_bytes=10 * BLK)
+    assert s2.lookup([500 + t for t in range(BLOCK)], session="x") == 0
+    assert s2.session_info("p0")["pinned"] is True
+
+
+def test_write_back_persists_on_close_and_write_through_on_save(open_store, store_path):
+    for mode in ("write_back", "write_through"):
+        path = store_path + mode
+        kv = make_kv(SPEC, 3 * BLOCK)
+        s = open_store(SPEC, path=path, persist=mode)
+        s.save(range(3 * BLOCK), kv, session="s").wait()
+        st = s.stats()["resident_bytes"]["ssd"]
+        assert (st > 0) == (mode == "write_through")
+        s.close()
+        s = open_store(SPEC, path=path)
+        assert_kv_equal(s.restore(range(3 * BLOCK), session="s").kv, kv)
+
+
+def test_offload_pushes_a_session_to_ssd(open_store):
+    s = open_store(SPEC)
+    kv = make_kv(SPEC, 3 * BLOCK + 1)
+    s.save(range(3 * BLOCK + 1), kv, session="s")
+    s.offload("s")
+    assert tiers_of(s, "s") == {"ssd": 4}
+    assert s.stats()["resident_bytes"]["device"] == 0
+    r = s.restore(range(3 * BLOCK + 1), session="s")
+    assert r.sources == {"ssd": 4}
+    assert_kv_equal(r.kv, kv)
+
+
+def test_tenants_do_not_share_blocks(open_store):
+    s = open_store(SPEC)
+    kv = make_kv(SPEC, 2 * BLOCK)
+    s.save(range(2 * BLOCK), kv, tenant="A")
+    assert s.lookup(range(2 * BLOCK), tenant="A") == 2 * BLOCK
+    assert s.lookup(range(2 * BLOCK), tenant="B") == 0
+    assert s.lookup(range(2 * BLOCK)) == 0
+    s.save(range(2 * BLOCK), kv, session="sa", tenant="A")
+    assert s.lookup(range(2 * BLOCK), session="sa", tenant="B") == 0
+    with pytest.raises(tierkv.ConfigError, match="tenant"):
+        s.save(range(2 * BLOCK), kv, session="sa", tenant="B")

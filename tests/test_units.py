@@ -1,0 +1,119 @@
+"""Units: sizes, specs, keys and the codec (property tests with hypothesis)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tierkv
+from tierkv.codec import CorruptValueError, RawCodec, ZstdPlanesCodec, decode_layer, encode_block, parse_block
+from tierkv.keys import as_tokens, block_keys, chain_seed
+from conftest import small_spec
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0", 0), (512, 512), ("8GiB", 8 * 2**30), ("1.5 GB", 1_500_000_000), ("64mib", 64 * 2**20),
+    ("2TiB", 2 * 2**40), ("100KB", 100_000),
+])
+def test_parse_size(text, expected):
+    assert tierkv.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1GiB", "GiB", "1 XB", True, 1.5, -3])
+def test_parse_size_rejects(bad):
+    with pytest.raises(tierkv.ConfigError):
+        tierkv.parse_size(bad)
+
+
+def test_spec_from_hf_config_gqa_and_mla():
+    class Llama:
+        _name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size = 30, 9, 3, 576
+
+    spec = tierkv.KVSpec.from_hf_config(Llama(), dtype=torch.bfloat16)
+    assert spec.num_layers == 30 and spec.bytes_per_token == 23_040  # 30*2*3*64*2
+    assert tierkv.KVSpec.from_hf_config(Llama(), dtype=torch.float32).bytes_per_token == 46_080
+
+    class DeepSeek:
+        model_type = "deepseek_v3"
+        num_hidden_layers, kv_lora_rank, qk_rope_head_dim = 61, 512, 64
+
+    mla = tierkv.KVSpec.from_hf_config(DeepSeek())
+    assert mla.layers[0].tensors[0].shape(7) == (7, 576)
+    assert mla.bytes_per_token == 61 * 576 * 2
+
+    class Broken:
+        model_type = "x"
+
+    with pytest.raises(tierkv.ConfigError, match="attention field"):
+        tierkv.KVSpec.from_hf_config(Broken())
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a = small_spec()
+    assert a.fingerprint() == small_spec().fingerprint()
+    assert a.fingerprint() != small_spec(torch.float16).fingerprint()
+    assert a.fingerprint(block_tokens=16) != a.fingerprint(block_tokens=32)
+    # a pinned value: the fingerprint must not change between releases of the same format
+    assert a.fingerprint(block_tokens=16, codec="zstd-planes", device_codec="raw").hex() == \
+        a.fingerprint(codec="zstd-planes", device_codec="raw", block_tokens=16).hex()
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=200), st.integers(1, 199))
+def test_block_keys_chain_property(tokens, cut):
+    seed = chain_seed(b"f" * 16, None)
+    full = block_keys(seed, as_tokens(tokens), 16, partial=False)
+    prefix = block_keys(seed, as_tokens(tokens[:cut]), 16, partial=False)
+    assert full[:len(prefix)] == prefix  # a prefix's keys are the prefix of the keys
+    if len(tokens) >= 16:
+        other = list(tokens)
+        other[0] = (other[0] + 1) % 2**32
+        assert block_keys(seed, as_tokens(other), 16, partial=False)[0] != full[0]
+
+
+def test_partial_key_differs_from_full_and_tenants_differ():
+    t = as_tokens(range(32))
+    s = chain_seed(b"f" * 16, None)
+    assert block_keys(s, t[:16], 16) != block_keys(s, t[:15], 16)
+    assert block_keys(chain_seed(b"f" * 16, "a"), t, 16) != block_keys(s, t, 16)
+    assert as_tokens(torch.arange(5)).tolist() == as_tokens(np.arange(5, dtype=np.int64)).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["bfloat16", "float16", "float32", "uint8"]), st.integers(1, 40),
+       st.sampled_from(["zstd", "raw"]), st.binary(min_size=0, max_size=64))
+def test_codec_round_trip(dtype, n_tokens, codec_name, noise):
+    spec = tierkv.KVSpec("m", (tierkv.LayerSpec((tierkv.TensorSpec("k", (3,), 0, dtype),
+                                                 tierkv.TensorSpec("v", (2, 5), 1, dtype))),) * 2)
+    rng = np.random.default_rng(len(noise))
+    payload = rng.integers(0, 256, n_tokens * spec.bytes_per_token, dtype=np.uint8)
+    payload[: len(noise)] = np.frombuffer(noise, np.uint8)[: payload.size]
+    codec = ZstdPlanesCodec() if codec_name == "zstd" else RawCodec()
+    value = encode_block(codec, b"F" * 16, spec, payload, n_tokens)
+    parsed = parse_block(value, b"F" * 16, spec, codec, 64)
+    out = np.zeros_like(payload)
+    for layer in range(spec.num_layers):
+        a, b = spec.layer_span(layer, n_tokens)
+        decode_layer(codec, parsed, layer, out[a:b])
+    assert np.array_equal(out, payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 2**16))
+def test_decoder_fuzz_any_bytes_are_a_clean_miss(junk, where):
+    """Arbitrary bytes, and valid values with bytes changed, never escape as anything but a miss."""
+    spec = small_spec(layers=2)
+    codec = ZstdPlanesCodec()
+    good = encode_block(codec, b"F" * 16, spec, np.arange(5 * spec.bytes_per_token, dtype=np.uint8) % 7, 5)
+    candidates = [junk, good[:where % len(good)], good[:where % len(good)] + junk,
+                  bytes(x ^ (0xFF if i == where % len(good) else 0) for i, x in enumerate(good))]
+    for value in candidates:
+        try:
+            parsed = parse_block(value, b"F" * 16, spec, codec, 16)
+            for layer in range(spec.num_layers):
+                a, b = spec.layer_span(layer, parsed.n_tokens)
+                decode_layer(codec, parsed, layer, np.zeros(b - a, np.uint8))
+        except CorruptValueError:
+            continue
+        assert value == good  # only the untouched value may decode
