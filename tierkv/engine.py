@@ -487,9 +487,13 @@ class TierKV:
                 self._wake.notify_all()
             else:
                 promote = False
-        bl.done.set()
-        if promote:
-            self._promote(b)
+        if promote:  # before done: a waiter on a prefetch finds the block on the device
+            try:
+                self._promote(b)
+            finally:
+                bl.done.set()
+        else:
+            bl.done.set()
 
     def _load_failed(self, bl: BlockLoad, error: BaseException) -> None:
         b = bl.block

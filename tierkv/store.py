@@ -464,3 +464,29 @@ class Batch:
         for sid in victims:
             if sid not in protect:
                 self.drop_session(sid)
+
+
+def describe_store(path: str | os.PathLike) -> dict:
+    """Read a store's identity and sizes without opening it for writing or knowing its spec."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        raise ConfigError(f"{path} is not a tierkv store (no data.mdb)")
+    try:
+        env = lmdb.open(path, subdir=True, max_dbs=8, readonly=True, lock=False)
+    except lmdb.Error as e:
+        raise StoreIOError(f"cannot read store {path}: {e}") from None
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            spec = json.loads(txn.get(b"spec", db=meta) or b"{}")
+            used = struct.unpack("<Q", txn.get(b"ssd_used", db=meta))[0]
+            sessions = txn.stat(env.open_db(b"sessions", txn=txn, create=False))["entries"]
+            blocks = txn.stat(env.open_db(b"blocks", txn=txn, create=False))["entries"]
+    except (lmdb.Error, KeyError, TypeError, struct.error, ValueError) as e:
+        raise StoreIOError(f"store {path} is unreadable or not a tierkv store: {e}") from None
+    finally:
+        env.close()
+    return {"path": path, "model_id": spec.get("model_id"), "format": spec.get("format"),
+            "block_tokens": spec.get("block_tokens"), "codec": spec.get("codec"),
+            "layers": len(spec.get("layers", [])), "sessions": sessions, "blocks_on_ssd": blocks,
+            "ssd_bytes_used": used, "data_file_bytes": os.path.getsize(os.path.join(path, "data.mdb"))}
