@@ -238,6 +238,7 @@ class TierKV:
             missing = [i for i, k in enumerate(keys) if not self._available(self._block(k))]
         # First copy, outside the lock: into the first memory tier.
         payloads = {}
+        t0 = time.perf_counter()
         for i in missing:
             n = min(B, len(toks) - i * B)
             buf = target.alloc(n * self.spec.bytes_per_token)
@@ -245,7 +246,8 @@ class TierKV:
             payloads[i] = buf
         if target.device.type == "cuda" or any(x.is_cuda for x in kv[0]):
             torch.cuda.synchronize()
-        self._stats.moved("caller->" + target.name, sum(p.numel() for p in payloads.values()), 0.0)
+        self._stats.moved("caller->" + target.name, sum(p.numel() for p in payloads.values()),
+                          time.perf_counter() - t0)
 
         now = time.time()
         with self._lock:
