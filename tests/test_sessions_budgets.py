@@ -69,17 +69,22 @@ def test_budget_accounting_and_demotion_order(open_store):
     assert st["resident_bytes"]["device"] == 2 * BLK and st["resident_bytes"]["host"] == 2 * BLK
     assert st["resident_blocks"] == {"device": 2, "host": 2}
 
-    r = s.restore(toks["a"], session="a")  # read from SSD into host: now b is the LRU there
+    r = s.restore(toks["a"], session="a")  # decoded from SSD straight into the result
     assert r.sources == {"ssd": 2}
     assert_kv_equal(r.kv, kv["a"])
     s.flush()
-    assert tiers_of(s, "a") == {"memory:host": 2}
+    assert tiers_of(s, "a") == {"ssd": 2}  # a restore does not fill the memory tiers
+    s.prefetch(toks["a"], session="a").wait()  # a prefetch does: a to the device, c down to host,
+    s.flush()                                  # b (least recently used on host) to SSD
+    assert tiers_of(s, "a") == {"memory:device": 2}
+    assert tiers_of(s, "c") == {"memory:host": 2}
     assert tiers_of(s, "b") == {"ssd": 2}
 
-    save("d", pinned=True)  # c demoted, d stays
+    save("d", pinned=True)  # a demoted, d stays
     save("e")               # e cannot push pinned d out: e itself goes down
     assert tiers_of(s, "d") == {"memory:device": 2}
     assert tiers_of(s, "e") == {"memory:host": 2}
+    assert tiers_of(s, "c") == {"ssd": 2}
     with pytest.raises(tierkv.BudgetExceededError, match="pinned"):
         s.save(toks["f"], kv["f"], session="f", pinned=True)
     with pytest.raises(tierkv.UnknownSessionError):

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Callable
 
-from .errors import TierKVError
+from .errors import ConfigError, TierKVError
 
 __all__ = ["main", "COMMANDS"]
 
@@ -43,6 +43,31 @@ def _info(args: argparse.Namespace) -> int:
         for k, v in desc.items():
             print(f"{k:>16}: {v}")
     return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context-tokens", type=int, default=4096, help="tokens of source files the agent reads (default 4096)")
+    p.add_argument("--answer-tokens", type=int, default=24, help="tokens generated per turn (default 24)")
+    p.add_argument("--store", help="store directory (default: <cache dir>/demo-store)")
+    p.add_argument("--cache-dir", help="where converted weights and the store live (default ~/.cache/tierkv)")
+    p.add_argument("--device-bytes", default="1GiB")
+    p.add_argument("--host-bytes", default="4GiB")
+    p.add_argument("--ssd-bytes", default="8GiB")
+    p.add_argument("--codec", default="zstd-planes", choices=["zstd-planes", "raw"], help="SSD codec")
+    p.add_argument("--block-tokens", type=int, default=256, help="tokens per block (16..4096)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+@command("demo", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    """An agent session on SmolLM2: saved, parked on SSD, resumed in a fresh process."""
+    from .demo import run_demo
+
+    if not 16 <= args.context_tokens <= 8000:
+        raise ConfigError("--context-tokens must be in 16..8000 (SmolLM2's context is 8192)")
+    if not 1 <= args.answer_tokens <= 128:
+        raise ConfigError("--answer-tokens must be in 1..128")
+    return run_demo(args)
 
 
 def main(argv: list[str] | None = None) -> int:

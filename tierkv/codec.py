@@ -6,13 +6,16 @@ Primitives:
     RawCodec: stores planes as they are, with a CRC32 each.
     encode_block / parse_block / decode_layer: the value format on disk.
 
-Why byte planes + zstd level 1 (bench/codec_choice.py, real SmolLM2 KV, 256-token blocks):
-in bf16 the low byte of every element (mantissa) is noise (ratio 1.01) while the high byte
-(sign, exponent) compresses 2.8x; splitting planes gives 1.47x overall against 1.28x for zstd on
-unsplit bytes. zstd stores incompressible input as raw blocks, so the noise plane decodes at
-memory speed (about 11 GB/s with its checksum), and level 1 beats level 3 on ratio and speed.
-blosc2 (shuffle + zstd) reached the same ratio but decoded slower per core, so it would only add
-a dependency.
+Why byte planes + zstd level 1 (``python bench/codec_choice.py``; real SmolLM2 KV, 256-token
+blocks, one core; bench/results/codec_choice.json): the low bytes of each element (mantissa) are
+noise (ratio 1.01) while the top byte (sign, exponent) compresses 2.8x. Splitting planes gives
+1.19x on fp32 and 1.45x on bf16, against 1.09x and 1.27x for zstd on unsplit bytes, and level 1
+beats level 3 on both ratio and speed. zstd stores incompressible planes as raw blocks, so they
+decode at memory speed with their XXH64 checksum. blosc2 (shuffle + zstd) reaches the same ratio
+and decodes about 2x faster per core, but carries no checksum: adding a CRC32 pass (4.3 GB/s) and
+the copy into the caller's tensors (we decode straight into them) leaves it within ~20%, not worth
+a dependency. End to end the reload was bound by the disk and by sharing two cores with the
+prefill, not by this codec (docs/benchmarks.md).
 
 Value layout (all integers little-endian)::
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import zstandard
@@ -39,7 +43,7 @@ from .errors import TierKVError
 from .spec import FORMAT_VERSION, KVSpec
 
 __all__ = ["Codec", "ZstdPlanesCodec", "RawCodec", "CODECS", "make_codec", "CorruptValueError",
-           "encode_block", "parse_block", "decode_layer", "ParsedBlock", "layer_itemsize"]
+           "encode_block", "parse_block", "decode_layer", "iter_layer_planes", "ParsedBlock", "layer_itemsize"]
 
 MAGIC = b"TKVB"
 _HEAD = struct.Struct("<4sHBB16sII")
@@ -58,6 +62,8 @@ class Codec:
     codec_id = 0
     #: planes carry their own checksum (True) or need the CRC32 in the header (False)
     checksum_in_frame = False
+    #: split each layer into byte planes (one per byte of its element) before encoding
+    split_planes = True
 
     def encode_plane(self, plane: np.ndarray) -> bytes:
         """Encode a contiguous uint8 plane."""
@@ -106,10 +112,15 @@ class ZstdPlanesCodec(Codec):
 
 
 class RawCodec(Codec):
-    """Planes stored as they are; integrity from a CRC32 per plane."""
+    """Each layer stored as it is (no plane split, no compression); a CRC32 per layer.
+
+    For KV that barely compresses (fp32: 1.19x) this trades disk bytes for almost no decode
+    CPU: the bytes go from the LMDB map into the result with one copy.
+    """
 
     name = "raw"
     codec_id = 2
+    split_planes = False
 
     def encode_plane(self, plane: np.ndarray) -> bytes:
         return plane.tobytes()
@@ -128,10 +139,11 @@ def make_codec(name: str, zstd_level: int = 1) -> Codec:
     return ZstdPlanesCodec(zstd_level) if name == ZstdPlanesCodec.name else CODECS[name]()
 
 
-def layer_itemsize(spec: KVSpec, layer: int) -> int:
-    """Plane count of a layer: its element size if all its tensors share one, else 1."""
+def layer_itemsize(spec: KVSpec, layer: int, codec: Codec) -> int:
+    """Plane count of a layer: its element size if the codec splits planes and all the layer's
+    tensors share one element size, else 1."""
     sizes = {t.itemsize for t in spec.layers[layer].tensors}
-    return sizes.pop() if len(sizes) == 1 else 1
+    return sizes.pop() if len(sizes) == 1 and codec.split_planes else 1
 
 
 def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.ndarray, n_tokens: int) -> bytes:
@@ -139,7 +151,7 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
     table, frames = [], []
     for layer in range(spec.num_layers):
         start, end = spec.layer_span(layer, n_tokens)
-        k = layer_itemsize(spec, layer)
+        k = layer_itemsize(spec, layer, codec)
         planes = payload[start:end].reshape(-1, k).T if k > 1 else payload[start:end].reshape(1, -1)
         table.append(struct.pack("<BB", k, k))
         for plane in planes:
@@ -182,7 +194,7 @@ def parse_block(buf: memoryview | bytes, fingerprint: bytes, spec: KVSpec, codec
         for layer in range(n_layers):
             k, n_planes = struct.unpack_from("<BB", buf, pos)
             pos += 2
-            if k != layer_itemsize(spec, layer) or n_planes != k:
+            if k != layer_itemsize(spec, layer, codec) or n_planes != k:
                 raise CorruptValueError("block layer table does not match the spec")
             layers.append((k, [_PLANE.unpack_from(buf, pos + i * _PLANE.size) for i in range(n_planes)]))
             pos += n_planes * _PLANE.size
@@ -204,22 +216,32 @@ def parse_block(buf: memoryview | bytes, fingerprint: bytes, spec: KVSpec, codec
     return ParsedBlock(n_tokens, placed, buf)
 
 
+def iter_layer_planes(codec: Codec, block: ParsedBlock, layer: int, layer_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Verify and decode the byte planes of one layer, yielding ``(plane index, uint8 plane)``.
+
+    Raises:
+        CorruptValueError: a plane fails its checksum or expands to the wrong size.
+    """
+    k, planes = block.layers[layer]
+    if layer_bytes % k:
+        raise CorruptValueError("layer size is not a multiple of its element size")
+    size = layer_bytes // k
+    for j, (off, length, crc) in enumerate(planes):
+        frame = block.buf[off:off + length]
+        if not codec.checksum_in_frame and zlib.crc32(frame) != crc:
+            raise CorruptValueError("plane checksum mismatch")
+        yield j, np.frombuffer(codec.decode_plane(frame, size), dtype=np.uint8)
+
+
 def decode_layer(codec: Codec, block: ParsedBlock, layer: int, out: np.ndarray) -> None:
     """Decode one layer of a parsed block into ``out`` (uint8, exactly the layer's bytes).
 
     Raises:
         CorruptValueError: a plane fails its checksum or expands to the wrong size.
     """
-    k, planes = block.layers[layer]
-    if out.size % k:
-        raise CorruptValueError("layer size is not a multiple of its element size")
-    size = out.size // k
+    k = block.layers[layer][0]
     grid = out.reshape(-1, k) if k > 1 else None
-    for j, (off, length, crc) in enumerate(planes):
-        frame = block.buf[off:off + length]
-        if not codec.checksum_in_frame and zlib.crc32(frame) != crc:
-            raise CorruptValueError("plane checksum mismatch")
-        plane = np.frombuffer(codec.decode_plane(frame, size), dtype=np.uint8)
+    for j, plane in iter_layer_planes(codec, block, layer, out.size):
         if grid is None:
             out[:] = plane
         else:

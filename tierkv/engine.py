@@ -34,8 +34,9 @@ from .config import TierKVConfig
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, SpecMismatchError,
                      StoreClosedError, StoreFullError, StoreIOError, TierKVError, UnknownSessionError)
 from .handles import LoadHandle, RestoredKV, SaveHandle, _Part
+from .pagecache import advise_willneed
 from .keys import as_tokens, block_keys, chain_seed, iter_block_keys
-from .movers import MOVERS, Transfer, decode_layer_into, encode_payload
+from .movers import MOVERS, Transfer, decode_layer_into, decode_layer_into_views, encode_payload
 from .spec import KVSpec
 from .stats import Stats
 from .store import SessionRecord, SSDStore, check_session_id
@@ -360,7 +361,18 @@ class TierKV:
         waited for; the rest are read from SSD now. A block failing its checksum ends the prefix
         there (a counted miss). To have at least one token left to prefill, pass ``tokens[:-1]``.
         """
-        return self._start_load(tokens, session, tenant, promote=False, device=device).result()
+        return self.restore_async(tokens, session, tenant=tenant, device=device).result()
+
+    def restore_async(self, tokens: Any, session: str | None = None, *, tenant: str | None = None,
+                      device: torch.device | str | None = None, allocate: Any = None) -> LoadHandle:
+        """Start a restore and return its LoadHandle at once (``layer(i)``, ``result()``).
+
+        Blocks only on SSD are decoded straight into the result tensors (on a CPU device), without
+        a stop in the host tier. ``allocate(layer, index, shape, dtype, device)`` may supply the
+        result tensors (e.g. views into a cache with headroom); it must return tensors of that
+        shape whose last axis is contiguous.
+        """
+        return self._start_load(tokens, session, tenant, promote=False, device=device, allocate=allocate)
 
     def prefetch(self, tokens: Any, session: str | None = None, *, tenant: str | None = None,
                  device: torch.device | str | None = None) -> LoadHandle:
@@ -372,7 +384,7 @@ class TierKV:
         return self._start_load(tokens, session, tenant, promote=True, device=device)
 
     def _start_load(self, tokens: Any, session: str | None, tenant: str | None, promote: bool,
-                    device: torch.device | str | None) -> LoadHandle:
+                    device: torch.device | str | None, allocate: Any = None) -> LoadHandle:
         self._check_open()
         toks = as_tokens(tokens)
         if session is not None:
@@ -381,6 +393,7 @@ class TierKV:
             dev = torch.device(device) if device is not None else self.device
         except RuntimeError as e:
             raise ConfigError(f"device={device!r}: {e}") from None
+        direct_ok = not promote and dev.type == "cpu"
         B = self.block_tokens
         now = time.time()
         parts: list[_Part] = []
@@ -393,58 +406,85 @@ class TierKV:
                     parts.append(_Part(b, i * B, used, b.payload, None, b.tier))
                     if promote and b.tier == "host" and b.state is BlockState.READY:
                         promote_now.append(b)
-                    continue
-                if b.load is None:
-                    b.load = BlockLoad(b, None, [threading.Event() for _ in self.spec.layers], self.spec.num_layers)
-                    b.state = BlockState.LOADING
-                    loads.append(b.load)
-                parts.append(_Part(b, i * B, used, None, b.load, "ssd"))
-            n = sum(p.used for p in parts)
+                elif b.load is not None or not direct_ok:
+                    if b.load is None:
+                        b.load = BlockLoad(b, None, [threading.Event() for _ in self.spec.layers], self.spec.num_layers)
+                        b.state = BlockState.LOADING
+                        loads.append(b.load)
+                    parts.append(_Part(b, i * B, used, None, b.load, "ssd"))
+                else:
+                    parts.append(_Part(b, i * B, used, None, None, "ssd", direct=True))
             self._stats.count("lookup_tokens", len(toks))
-            self._stats.count("hit_tokens", n)
+            self._stats.count("hit_tokens", sum(p.used for p in parts))
             for p in parts:
                 self._stats.count(f"hit_blocks_{p.source}", 1)
             rec = self._sessions.get(session) if session is not None else None
             if rec is not None and rec.tenant == tenant:
                 rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
                 self._touched[session] = rec.last_used
-        if loads:
-            self._submit_loads(loads, promote)
+        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate)
+        direct = [p for p in parts if p.direct]
+        if loads or direct:
+            self._submit_decodes(loads, direct, handle, promote)
         for b in promote_now:
             self._pool.submit(self._guard, self._promote, b)
-        return LoadHandle(self.spec, parts, dev, self._count_failed)
+        return handle
 
     def _count_failed(self, first_token: int, lost_tokens: int) -> None:
         self._stats.count("hit_tokens", -lost_tokens)
 
-    # ------------------------------------------------------------------ SSD -> host loads
-    def _submit_loads(self, loads: list[BlockLoad], promote: bool) -> None:
+    # ------------------------------------------------------------------ SSD reads
+    def _submit_decodes(self, loads: list[BlockLoad], direct: list[_Part], handle: LoadHandle,
+                        promote: bool) -> None:
+        """Parse the values of ``loads`` (into host buffers) and ``direct`` parts (into the
+        handle's result), then decode them layer-major on the I/O pool under one read txn."""
         host = self._tiers["host"]
         started = time.perf_counter()
         try:
             txn = self._ssd.env.begin(buffers=True)
         except Exception as e:  # noqa: BLE001 - translated and delivered to every waiter
+            err = StoreIOError(f"cannot read the store: {e}")
             for bl in loads:
-                self._load_failed(bl, StoreIOError(f"cannot read the store: {e}"))
+                self._load_failed(bl, err)
+            for p in direct:
+                self._direct_failed(p, err, handle, all_layers=True)
             return
-        ready = []
+
+        raws: dict[bytes, Any] = {}
+        for b in [bl.block for bl in loads] + [p.block for p in direct]:
+            raw = self._ssd.get_value(txn, b.key)
+            if raw is not None:
+                advise_willneed(raw[:4096])  # headers first: parse them without a stall each
+                raws[b.key] = raw
+
+        def parse(b: Block) -> Any:
+            raw = raws.get(b.key)
+            if raw is None:
+                raise CorruptValueError("value missing from the store")
+            parsed = parse_block(raw, self.fingerprint, self.spec, self.codec, self.block_tokens)
+            if parsed.n_tokens != b.n_tokens:
+                raise CorruptValueError("value holds another token count than its record")
+            return parsed
+
+        work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed)
         for bl in loads:
             try:
-                raw = self._ssd.get_value(txn, bl.block.key)
-                if raw is None:
-                    raise CorruptValueError("value missing from the store")
-                parsed = parse_block(raw, self.fingerprint, self.spec, self.codec, self.block_tokens)
-                if parsed.n_tokens != bl.block.n_tokens:
-                    raise CorruptValueError("value holds another token count than its record")
+                parsed = parse(bl.block)
                 bl.buffer = host.alloc(bl.block.nbytes)
-                ready.append((bl, parsed))
+                work.append((bl, parsed))
             except CorruptValueError as e:
                 self._load_failed(bl, e)
-        if not ready:
+        for p in direct:
+            try:
+                work.append((p, parse(p.block)))
+            except CorruptValueError as e:
+                self._direct_failed(p, e, handle, all_layers=True)
+        if not work:
             txn.abort()
             return
-        job = {"left": len(ready) * self.spec.num_layers, "lock": threading.Lock(),
-               "bytes": sum(bl.block.nbytes for bl, _ in ready), "disk": sum(len(p.buf) for _, p in ready)}
+        L = self.spec.num_layers
+        job = {"left": len(work) * L, "lock": threading.Lock(),
+               "bytes": sum(item.block.nbytes for item, _ in work), "disk": sum(len(p.buf) for _, p in work)}
 
         def finish_one() -> None:
             with job["lock"]:
@@ -452,32 +492,61 @@ class TierKV:
                 last = job["left"] == 0
             if last:
                 txn.abort()
-                elapsed = time.perf_counter() - started
-                self._stats.moved("ssd->host", job["bytes"], elapsed)
+                self._stats.moved("ssd->" + ("host" if not direct else "caller"), job["bytes"],
+                                  time.perf_counter() - started)
                 self._stats.count("ssd_read_bytes", job["disk"])
 
-        def decode(bl: BlockLoad, parsed: Any, layer: int) -> None:
+        def decode(item: Any, parsed: Any, layer: int) -> None:
             try:
-                if bl.error is None:
-                    decode_layer_into(self.codec, self.spec, parsed, layer, bl.buffer)
-                    bl.layer_done[layer].set()
-                    with self._lock:
-                        bl.remaining -= 1
-                        complete = bl.remaining == 0
-                    if complete:
-                        self._load_complete(bl, promote)
-            except CorruptValueError as e:
-                self._load_failed(bl, e)
-            except BaseException as e:  # noqa: BLE001 - an unexpected failure must reach waiters
-                self._load_failed(bl, e)
-                self._bg_error = self._bg_error or e
+                if isinstance(item, BlockLoad):
+                    if item.error is None:
+                        decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
+                        item.layer_done[layer].set()
+                        with self._lock:
+                            item.remaining -= 1
+                            complete = item.remaining == 0
+                        if complete:
+                            self._load_complete(item, promote)
+                elif item.error is None:
+                    decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._outs[layer],
+                                            item.start, item.used)
+                    handle._direct_layer_done(layer)
+                else:
+                    handle._direct_layer_done(layer)
+            except BaseException as e:  # noqa: BLE001 - every failure must reach the waiters
+                if isinstance(item, BlockLoad):
+                    self._load_failed(item, e)
+                else:
+                    self._direct_failed(item, e, handle, all_layers=False)
+                    handle._direct_layer_done(layer)
+                if not isinstance(e, CorruptValueError):
+                    self._bg_error = self._bg_error or e
             finally:
                 finish_one()
 
-        # Layer-major order: layer 0 of every block first, so per-layer waits finish early.
-        for layer in range(self.spec.num_layers):
-            for bl, parsed in ready:
-                self._pool.submit(decode, bl, parsed, layer)
+        # Layer-major order: layer 0 of every block first, so per-layer waits finish early. The
+        # disk is asked for the bytes in that same order (values are stored block after block).
+        for layer in range(L):
+            for _, parsed in work:
+                planes = parsed.layers[layer][1]
+                start, end = planes[0][0], planes[-1][0] + planes[-1][1]
+                advise_willneed(parsed.buf[start:end])
+        for layer in range(L):
+            for item, parsed in work:
+                self._pool.submit(decode, item, parsed, layer)
+
+    def _direct_failed(self, p: _Part, error: BaseException, handle: LoadHandle, all_layers: bool) -> None:
+        """A block decoded straight into a result failed: a counted miss; mark it corrupt."""
+        with self._lock:
+            first = p.error is None
+            p.error = p.error or error
+            if isinstance(error, CorruptValueError):
+                p.block.corrupt = True
+                if first:
+                    self._stats.count("corrupt_blocks", 1)
+        if all_layers:
+            for layer in range(self.spec.num_layers):
+                handle._direct_layer_done(layer)
 
     def _load_complete(self, bl: BlockLoad, promote: bool) -> None:
         b = bl.block
@@ -575,7 +644,7 @@ class TierKV:
         What an idle agent session goes through over hours, done now: blocks not yet on SSD are
         written, then their memory copies are released.
         """
-        self._check_open()
+        self.flush()  # let queued writes land first: their blocks are then simply released
         with self._lock:
             if session is None:
                 blocks = [b for b in self._blocks.values() if b.tier is not None]

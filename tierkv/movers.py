@@ -5,7 +5,8 @@ Primitives:
     MOVERS: the registry, one function per (source, destination) pair.
     copy_payload: device <-> host copy (on a side CUDA stream when CUDA is used).
     encode_payload: host -> SSD bytes (the codec); the LMDB write itself is the writer's.
-    decode_layer_into: SSD bytes -> one layer of a host buffer.
+    decode_layer_into: SSD bytes -> one layer of a host buffer (prefetch: the block is cached).
+    decode_layer_into_views: SSD bytes -> one layer of the caller's result tensors (restore).
 
 Bookkeeping (which block, which state) stays in engine.py; a mover never takes the engine's lock.
 """
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 
 from .blocks import Block
-from .codec import Codec, ParsedBlock, decode_layer, encode_block
+from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_planes, layer_itemsize
 from .spec import KVSpec
 from .tiers import MemoryTier
 
-__all__ = ["Transfer", "MOVERS", "copy_payload", "encode_payload", "decode_layer_into"]
+__all__ = ["Transfer", "MOVERS", "copy_payload", "encode_payload", "decode_layer_into", "decode_layer_into_views"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,38 @@ def decode_layer_into(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: in
     """Decode ``layer`` of a parsed SSD value into its byte range of a host buffer."""
     start, end = spec.layer_span(layer, parsed.n_tokens)
     decode_layer(codec, parsed, layer, buffer[start:end].numpy())
+
+
+def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: int,
+                            outs: tuple[torch.Tensor, ...], start: int, used: int) -> None:
+    """Decode ``layer`` of a parsed SSD value straight into the caller's output tensors.
+
+    ``outs`` are the layer's tensors for the whole restored prefix (CPU, last axis contiguous, any
+    other strides); the block's first ``used`` tokens land at token ``start``. This skips the
+    host-tier copy: bytes go from the LMDB map through the codec into the result once.
+    """
+    n = parsed.n_tokens
+    k = layer_itemsize(spec, layer, codec)
+    tensors = spec.layers[layer].tensors
+    dsts, counts = [], []
+    for t, out in zip(tensors, outs):
+        u8 = out.view(torch.uint8).numpy().view()
+        u8.shape = tuple(out.shape) + (t.itemsize,)  # raises rather than silently copying
+        sl = [slice(None)] * out.dim()
+        sl[t.seq_axis] = slice(start, start + used)
+        dsts.append(u8[tuple(sl)])
+        counts.append(t.bytes_per_token * n // k)
+    src_sl = lambda t: tuple(slice(0, used) if a == t.seq_axis else slice(None) for a in range(len(t.dims) + 1))  # noqa: E731
+    layer_bytes = spec.layers[layer].bytes_per_token * n
+    for j, plane in iter_layer_planes(codec, parsed, layer, layer_bytes):
+        off = 0
+        for t, dst, cnt in zip(tensors, dsts, counts):
+            part = plane[off:off + cnt]
+            off += cnt
+            if k == 1:
+                dst[...] = part.reshape(t.shape(n) + (t.itemsize,))[src_sl(t)]
+            else:
+                dst[..., j] = part.reshape(t.shape(n))[src_sl(t)]
 
 
 def _memory_move(transfer: Transfer, tiers: dict[str, MemoryTier]) -> list[torch.Tensor]:

@@ -1,0 +1,52 @@
+"""Helpers shared by the benchmark scripts: real KV capture, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sysconfig
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def timed(fn: Callable[[], Any], repeats: int = 7) -> dict[str, float]:
+    """Median, min and max seconds of ``repeats`` calls."""
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
+
+
+def real_kv(n_tokens: int, cache_dir: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KV of SmolLM2 (fp32) over ``n_tokens`` tokens of standard-library source."""
+    from tierkv.integrations.hf import cache_to_kv, load_smollm2, prefill
+
+    model, tok, _ = load_smollm2(cache_dir)
+    text = ""
+    for name in ("functools.py", "dataclasses.py", "argparse.py", "pathlib.py"):
+        with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as f:
+            text += f.read()
+    ids = tok.encode(text, add_special_tokens=False)[:n_tokens]
+    _, cache = prefill(model, ids)
+    return [(k.clone(), v.clone()) for k, v in cache_to_kv(cache)]
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")

@@ -1,0 +1,186 @@
+"""transformers integration on the real SmolLM2 model and a second, random-weight architecture.
+
+Bit-exact means: continuing from the restored cache gives the same tokens and bit-identical
+logits as continuing from the original in-memory cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from tierkv import TierKV  # noqa: E402
+from tierkv.integrations.hf import (SessionRunner, cache_to_kv, greedy_decode, kv_to_cache,  # noqa: E402
+                                    load_smollm2, prefill, restore_cache, spec_for_model)
+
+pytestmark = pytest.mark.model
+STEPS = 32
+
+
+@pytest.fixture(scope="session")
+def smol():
+    torch.manual_seed(0)
+    model, tok, spec = load_smollm2()
+    return model, tok, spec
+
+
+def stdlib_tokens(tok, n, name="functools.py"):
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as f:
+        return tok.encode(f.read(), add_special_tokens=False)[:n]
+
+
+def continue_from(model, kv, new_tokens, steps=STEPS):
+    cache = kv_to_cache([(k.clone(), v.clone()) for k, v in kv], model.config)
+    logits, cache = prefill(model, new_tokens, cache)
+    toks, logits, _ = greedy_decode(model, logits, cache, steps)
+    return toks, torch.stack(logits)
+
+
+def assert_same_continuation(a, b):
+    assert a[0] == b[0]
+    assert torch.equal(a[1], b[1]), float((a[1] - b[1]).abs().max())
+
+
+def test_spec_matches_the_real_cache(smol):
+    model, tok, spec = smol
+    assert spec.bytes_per_token == 46_080 and spec.num_layers == 30  # fp32: 30 * 2 * 3 * 64 * 4
+    _, cache = prefill(model, stdlib_tokens(tok, 40))
+    spec.check_kv(cache_to_kv(cache), 40)
+
+
+def test_restore_in_fresh_handle_and_subprocess_is_bit_exact(smol, tmp_path):
+    model, tok, spec = smol
+    ctx = stdlib_tokens(tok, 700)
+    new = tok.encode("\n# Question: what does lru_cache do?\n", add_special_tokens=False)
+    _, cache = prefill(model, ctx)
+    original = [(k.clone(), v.clone()) for k, v in cache_to_kv(cache)]
+    reference = continue_from(model, original, new)
+    store = str(tmp_path / "store")
+    with TierKV(store, spec) as kv:
+        kv.save(ctx, original, session="agent")
+    with TierKV(store, spec) as kv:  # a fresh handle: everything comes from SSD
+        r = kv.restore(ctx, session="agent")
+        assert r.num_tokens == len(ctx) and r.sources == {"ssd": 3}
+        assert_same_continuation(continue_from(model, r.kv, new), reference)
+        # the layer-by-layer path that SessionRunner uses
+        cache2, handle = restore_cache(kv, ctx, model.config, session="agent")
+        logits, cache2 = prefill(model, new, cache2)
+        toks, lg, _ = greedy_decode(model, logits, cache2, STEPS)
+        assert_same_continuation((toks, torch.stack(lg)), reference)
+    # and in a fresh process
+    ref_file = tmp_path / "ref.pt"
+    torch.save({"tokens": torch.tensor(reference[0]), "logits": reference[1]}, ref_file)
+    code = f"""
+import torch, json
+from tierkv import TierKV
+from tierkv.integrations.hf import load_smollm2, kv_to_cache, prefill, greedy_decode
+model, tok, spec = load_smollm2()
+ref = torch.load({str(ref_file)!r}, weights_only=True)
+with TierKV({store!r}, spec) as kv:
+    r = kv.restore({ctx!r}, session="agent")
+logits, cache = prefill(model, {new!r}, kv_to_cache(r.kv, model.config))
+toks, lg, _ = greedy_decode(model, logits, cache, {STEPS})
+print(json.dumps({{"n": r.num_tokens, "tokens": toks == ref["tokens"].tolist(),
+                   "logits": bool(torch.equal(torch.stack(lg), ref["logits"]))}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"n": len(ctx), "tokens": True, "logits": True}
+
+
+def test_shared_prefix_two_sessions(smol, tmp_path):
+    model, tok, spec = smol
+    prefix = stdlib_tokens(tok, 600, "contextlib.py")
+    sfx_a = tok.encode("\n# Explain ExitStack.", add_special_tokens=False)
+    sfx_b = tok.encode("\n# Explain suppress and redirect_stdout briefly.", add_special_tokens=False)
+    refs, kvs = {}, {}
+    for name, sfx in (("a", sfx_a), ("b", sfx_b)):
+        _, cache = prefill(model, prefix + sfx)
+        kvs[name] = [(k.clone(), v.clone()) for k, v in cache_to_kv(cache)]
+        refs[name] = continue_from(model, kvs[name], [13])
+    store = str(tmp_path / "store")
+    with TierKV(store, spec, block_tokens=128) as kv:
+        kv.save(prefix + sfx_a, kvs["a"], session="a")
+        kv.save(prefix + sfx_b, kvs["b"], session="b")
+        kv.flush()
+        shared_blocks = len(prefix) // 128
+        assert kv.stats()["resident_blocks"]["device"] == 2 * (len(prefix + sfx_a) // 128 + 1) - shared_blocks
+    with TierKV(store, spec, block_tokens=128) as kv:
+        for name, sfx in (("a", sfx_a), ("b", sfx_b)):
+            r = kv.restore(prefix + sfx, session=name)
+            assert r.num_tokens == len(prefix + sfx)
+            assert_same_continuation(continue_from(model, r.kv, [13]), refs[name])
+        kv.drop_session("a")
+        r = kv.restore(prefix + sfx_b, session="b")
+        assert_same_continuation(continue_from(model, r.kv, [13]), refs["b"])
+
+
+def test_session_runner_turns(smol, tmp_path):
+    model, tok, spec = smol
+    with TierKV(str(tmp_path / "store"), spec) as kv:
+        runner = SessionRunner(kv, model)
+        turn1 = stdlib_tokens(tok, 300)
+        t1 = runner.turn("s", turn1, max_new_tokens=8)
+        assert t1.restored_tokens == 0 and t1.prefilled_tokens == len(turn1)
+        turn2 = turn1 + t1.tokens + tok.encode(" And then?", add_special_tokens=False)
+        t2 = runner.turn("s", turn2, max_new_tokens=8)
+        assert t2.restored_tokens == len(turn1) + len(t1.tokens) - 1
+        # same as running turn 2 from scratch (fp32 on one machine: identical tokens)
+        logits, cache = prefill(model, turn2)
+        toks, _, _ = greedy_decode(model, logits, cache, 8)
+        assert toks == t2.tokens
+
+
+def test_second_architecture_qwen3_random_weights(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    spec = spec_for_model(model, model_id="test/qwen3-random")
+    assert [t.dims for t in spec.layers[0].tensors] == [(2, 16), (2, 16)]
+    ctx = list(range(5, 305))
+    _, cache = prefill(model, ctx)
+    original = [(k.clone(), v.clone()) for k, v in cache_to_kv(cache)]
+    reference = continue_from(model, original, [7, 8, 9])
+    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
+        kv.save(ctx, original, session="q")
+    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
+        r = kv.restore(ctx, session="q")
+        assert r.num_tokens == len(ctx)
+        assert_same_continuation(continue_from(model, r.kv, [7, 8, 9]), reference)
+
+
+def test_sliding_window_cache_is_refused():
+    from transformers import DynamicCache, MistralConfig
+
+    import tierkv
+
+    cfg = MistralConfig(num_hidden_layers=2, sliding_window=16, hidden_size=32, num_attention_heads=2,
+                        num_key_value_heads=1, intermediate_size=64, vocab_size=100)
+    cache = DynamicCache(config=cfg)
+    cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 0)
+    cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 1)
+    with pytest.raises(tierkv.SpecMismatchError, match="DynamicSlidingWindowLayer"):
+        cache_to_kv(cache)
+
+
+def test_demo_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tierkv.cli", "demo", "--context-tokens", "300",
+                          "--answer-tokens", "6", "--store", str(tmp_path / "demo"), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["tokens_identical"] is True and r["restored_from"] == "ssd"
+    assert r["max_abs_logit_diff"] == 0.0
+    assert r["page_cache_resident"] < 0.05
+    assert r["kv_bytes"] == r["session_tokens"] * 46_080
+    assert 1.0 < r["compression_ratio"] < 2.0
+    for key in ("context_tokens", "recompute_ttft_s", "restore_ttft_s", "speedup", "ssd_bytes", "reload_gbps"):
+        assert key in r

