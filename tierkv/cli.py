@@ -70,6 +70,99 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+_TOKENS_HELP = "context length: an int or k/M/G with decimal meaning (128k = 128,000; 1M = 1,000,000)"
+
+
+def _geometry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-bits", type=int, default=16, choices=[16, 8, 4], help="bits per KV element (default 16)")
+    p.add_argument("--indexer-bits", type=int, default=16, choices=[16, 8, 4],
+                   help="bits per sparse-attention indexer element (default 16)")
+    p.add_argument("--include-mtp", action="store_true", help="count the multi-token-prediction layer(s) too")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _calc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="preset name (see --list) or a config.json path")
+    p.add_argument("--tokens", default="128k", help=_TOKENS_HELP)
+    p.add_argument("--list", action="store_true", help="list the presets")
+    _geometry_args(p)
+
+
+@command("calc", _calc_args)
+def _calc(args: argparse.Namespace) -> int:
+    """KV-cache bytes of a model at a context length, with a breakdown."""
+    from .config import format_size
+    from .kvmath import load_presets, parse_tokens, preset
+
+    if args.list:
+        presets = load_presets()
+        if args.json:
+            print(json.dumps({n: {"family": g.family, **g.fields, "source": g.source} for n, g in presets.items()}))
+        else:
+            for n, g in sorted(presets.items()):
+                print(f"{n:<20} {g.family:<10} {g.fields['num_hidden_layers']:>3} layers  {g.source}")
+        return 0
+    if not args.model:
+        raise ConfigError("name a model (tierkv calc --list shows the presets) or pass --list")
+    geom = preset(args.model)
+    tokens = parse_tokens(args.tokens)
+    fp = geom.footprint(tokens, args.kv_bits, args.indexer_bits, args.include_mtp)
+    out = {"model": geom.name, "family": geom.family, "kv_bits": args.kv_bits, "indexer_bits": args.indexer_bits,
+           "include_mtp": args.include_mtp, **fp.as_dict(), "bytes_per_token": fp.total / tokens, "source": geom.source}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{geom.name} ({geom.family}), {tokens:,} tokens, {args.kv_bits}-bit KV"
+          + (f", {args.indexer_bits}-bit indexer" if fp.indexer else "")
+          + (", MTP layer included" if args.include_mtp else ""))
+    for label, v in (("KV", fp.kv), ("indexer", fp.indexer), ("sliding window", fp.window)):
+        if v or label == "KV":
+            print(f"  {label:<15} {v:>20,.0f} B  {v / 2**30:>10.2f} GiB")
+    print(f"  {'total':<15} {fp.total:>20,.0f} B  {fp.total / 2**30:>10.2f} GiB  ({format_size(fp.total / tokens)} per token)")
+    return 0
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="preset name (see tierkv calc --list) or a config.json path")
+    p.add_argument("--tokens", default="128k", help=_TOKENS_HELP)
+    p.add_argument("--sessions", type=int, default=1000, help="sessions to place (default 1000)")
+    p.add_argument("--hbm", default="80GiB", help="GPU memory for KV (default 80GiB)")
+    p.add_argument("--dram", default="1TiB", help="host memory for KV (default 1TiB)")
+    p.add_argument("--ssd", default="8TiB", help="SSD space for KV (default 8TiB)")
+    p.add_argument("--ssd-gbps", type=float, default=6.0, help="SSD read GB/s (default 6)")
+    p.add_argument("--pcie-gbps", type=float, default=50.0, help="host-to-device GB/s (default 50)")
+    p.add_argument("--codec-ratio", type=float, default=1.4, help="SSD compression ratio (default 1.4; measure yours)")
+    _geometry_args(p)
+
+
+@command("plan", _plan_args)
+def _plan(args: argparse.Namespace) -> int:
+    """How many long-context sessions fit in HBM, DRAM and SSD, and how fast one reloads."""
+    from .config import format_size, parse_size
+    from .kvmath import parse_tokens, plan, preset
+
+    r = plan(preset(args.model), parse_tokens(args.tokens), args.sessions, parse_size(args.hbm, "--hbm"),
+             parse_size(args.dram, "--dram"), parse_size(args.ssd, "--ssd"), args.kv_bits, args.indexer_bits,
+             args.ssd_gbps, args.pcie_gbps, args.codec_ratio, args.include_mtp)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    a = r["assumptions"]
+    print(f"{r['model']} ({r['family']}): {r['sessions']:,} sessions x {r['tokens']:,} tokens")
+    print(f"  one session      {format_size(r['session_bytes'])} raw, {format_size(r['session_ssd_bytes'])} on SSD")
+    print(f"  all sessions     {format_size(r['total_bytes'])} raw")
+    print(f"  {'tier':<6} {'capacity':>12} {'fits':>10} {'placed':>10} {'reload one':>12}")
+    for tier, cap in (("hbm", a["hbm_bytes"]), ("dram", a["dram_bytes"]), ("ssd", a["ssd_bytes"])):
+        print(f"  {tier:<6} {format_size(cap):>12} {r['fits'][tier]:>10,} {r['placed'][tier]:>10,} "
+              f"{r['reload_s'][tier] * 1000:>10.1f} ms")
+    if r["unplaced"]:
+        print(f"  {r['unplaced']:,} sessions do not fit anywhere")
+    print("  assumptions:")
+    for k, v in a.items():
+        print(f"    {k}: {v}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierkv", description="Tiered KV-cache store: tools and demos.")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -1,0 +1,138 @@
+"""KV-cache calculator and planner: reference figures, each family by hand, CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tierkv
+from tierkv.cli import main
+from tierkv.kvmath import Geometry, load_presets, parse_tokens, plan, preset
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("model,gib", [("deepseek-v4-pro", 5.48), ("glm-5", 60.44), ("qwen3-235b-a22b", 89.65)])
+def test_reference_figures(model, gib):
+    fp = preset(model).footprint(1_000_000, kv_bits=8, indexer_bits=16)
+    assert abs(fp.total / GIB - gib) < 0.01
+
+
+def test_every_preset_computes_from_its_family():
+    presets = load_presets()
+    assert len(presets) == 11
+    for name, g in presets.items():
+        assert g.source.startswith("config.json of huggingface.co/")
+        a = g.footprint(128_000, 16, 16).total
+        b = g.footprint(128_000, 8, 16).total
+        assert 0 < b < a
+
+
+def test_gqa_by_hand():
+    g = Geometry("t", "gqa", {"num_hidden_layers": 2, "num_key_value_heads": 3, "head_dim": 4})
+    assert g.footprint(10, kv_bits=16).total == 10 * 2 * 2 * 3 * 4 * 2
+    assert g.footprint(10, kv_bits=4).total == 10 * 2 * 2 * 3 * 4 * 0.5
+
+
+def test_mla_and_dsa_by_hand():
+    mla = Geometry("t", "mla", {"num_hidden_layers": 3, "kv_lora_rank": 8, "qk_rope_head_dim": 2})
+    assert mla.footprint(5, kv_bits=8).total == 5 * 3 * 10
+    dsa = Geometry("t", "mla_dsa", {"num_hidden_layers": 3, "kv_lora_rank": 8, "qk_rope_head_dim": 2,
+                                     "index_head_dim": 4})
+    fp = dsa.footprint(5, kv_bits=8, indexer_bits=16)
+    assert (fp.kv, fp.indexer) == (5 * 3 * 10, 5 * 3 * 4 * 2)
+
+
+def test_v4_hybrid_by_hand_and_mtp():
+    g = Geometry("t", "v4_hybrid", {"num_hidden_layers": 3, "head_dim": 2, "sliding_window": 4,
+                                    "index_head_dim": 3, "compress_ratios": [4, 8, 0, 0]})
+    fp = g.footprint(10, kv_bits=8, indexer_bits=16)
+    assert fp.window == 3 * 4 * 2                     # min(T, window) entries in every layer
+    assert fp.kv == (10 // 4) * 2 + (10 // 8) * 2      # compressed entries where r > 0
+    assert fp.indexer == (10 // 4) * 3 * 2            # indexer keys where r == 4
+    with_mtp = g.footprint(10, kv_bits=8, indexer_bits=16, include_mtp=True)
+    assert with_mtp.window == 4 * 4 * 2 and with_mtp.kv == fp.kv
+    m2 = preset("minimax-m2")
+    assert m2.footprint(100, include_mtp=True).total == m2.footprint(100).total * 65 / 62
+
+
+def test_planner_bytes_equal_what_the_engine_stores(tmp_path):
+    """Planner bytes per token (fp32) == raw payload bytes the engine stores for SmolLM2."""
+    geom = preset("smollm2-135m")
+    n = 300
+    spec = geom.kvspec("float32")
+    kv = [tuple(torch.randn(t.shape(n)) for t in layer.tensors) for layer in spec.layers]
+    with tierkv.TierKV(str(tmp_path / "s"), spec, block_tokens=64, persist="write_through") as s:
+        s.save(range(n), kv, session="x").wait()
+        st = s.stats()
+    assert st["ssd_raw_written"] == geom.footprint(n, kv_bits=32).total == n * 46_080
+    assert st["resident_bytes"]["device"] == n * 46_080
+
+
+def test_geometry_from_hf_config_and_config_json(tmp_path):
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    g = Geometry.from_hf_config(cfg)
+    assert g.footprint(10).total == 10 * 4 * 2 * 2 * 16 * 2
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"num_hidden_layers": 61, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                             "index_head_dim": 128, "model_type": "deepseek_v32"}))
+    g2 = Geometry.from_config_json(str(p))
+    assert g2.family == "mla_dsa"
+    assert g2.footprint(1000).total == preset("deepseek-v3.2").footprint(1000).total
+
+
+def test_plan_cascades_and_reports_assumptions():
+    r = plan(preset("qwen3-8b"), 128_000, 100, hbm=40 * GIB, dram=400 * GIB, ssd=4000 * GIB)
+    per = r["session_bytes"]
+    assert per == 128_000 * 36 * 2 * 8 * 128 * 2
+    assert r["placed"]["hbm"] == int(40 * GIB // per)
+    assert sum(r["placed"].values()) + r["unplaced"] == 100
+    assert r["reload_s"]["ssd"] >= r["reload_s"]["dram"] > 0
+    assert set(r["assumptions"]) >= {"ssd_gbps", "pcie_gbps", "codec_ratio", "kv_bits"}
+
+
+@pytest.mark.parametrize("text,n", [("4096", 4096), ("128k", 128_000), ("1M", 1_000_000), ("1.5k", 1500)])
+def test_parse_tokens(text, n):
+    assert parse_tokens(text) == n
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tierkv.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["calc", "no-such-model"], "unknown model"),
+    (["calc", "glm-5", "--tokens", "0"], "positive"),
+    (["calc", "glm-5", "--tokens", "-3"], "not a number"),
+    (["calc", "glm-5", "--kv-bits", "3"], "invalid choice"),
+    (["plan", "glm-5", "--sessions", "0"], "sessions"),
+    (["plan", "glm-5", "--hbm", "lots"], "--hbm"),
+])
+def test_cli_bad_input_exit_2(args, msg):
+    r = run_cli(*args)
+    assert r.returncode == 2 and msg in r.stderr
+
+
+def test_cli_malformed_config_json(tmp_path, capsys):
+    p = tmp_path / "config.json"
+    p.write_text("{not json")
+    assert main(["calc", str(p)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    p.write_text(json.dumps({"num_hidden_layers": 4}))
+    assert main(["calc", str(p)]) == 2
+    assert "attention fields" in capsys.readouterr().err
+
+
+def test_cli_calc_json_list_and_help(capsys):
+    assert main(["calc", "glm-5", "--tokens", "1M", "--kv-bits", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert round(out["total_gib"], 2) == 60.44 and out["indexer_bytes"] > 0
+    assert main(["calc", "--list"]) == 0
+    assert "deepseek-v4-pro" in capsys.readouterr().out
+    assert "1M = 1,000,000" in run_cli("calc", "--help").stdout
+    assert main(["plan", "deepseek-v4-pro", "--tokens", "1M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"]["hbm"] >= 1

@@ -1,0 +1,260 @@
+"""KV-cache arithmetic: bytes per token of a model's attention geometry, and tier planning.
+
+Primitives:
+    Geometry: a model's attention geometry in one of four families (gqa, mla, mla_dsa, v4_hybrid),
+        from a preset, a transformers config or a config.json.
+    Footprint: bytes of KV for a context, split into KV, indexer and sliding-window parts.
+    load_presets / preset: the bundled presets (tierkv/data/geometry_presets.json).
+    parse_tokens: "128k" -> 128_000, "1M" -> 1_000_000.
+    plan: how many sessions fit in HBM, DRAM and SSD, and how long one takes to reload.
+
+For gqa and mla models the per-token bytes come from the engine's own ``KVSpec`` (``Geometry.kvspec``):
+the planner and the store can never disagree about what a token of KV weighs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from .errors import ConfigError
+from .spec import KVSpec, LayerSpec, TensorSpec
+
+__all__ = ["Geometry", "Footprint", "load_presets", "preset", "parse_tokens", "plan", "FAMILIES", "BITS"]
+
+FAMILIES = ("gqa", "mla", "mla_dsa", "v4_hybrid")
+BITS = (32, 16, 8, 4)
+_REQUIRED = {
+    "gqa": ("num_hidden_layers", "num_key_value_heads", "head_dim"),
+    "mla": ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim"),
+    "mla_dsa": ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim", "index_head_dim"),
+    "v4_hybrid": ("num_hidden_layers", "head_dim", "sliding_window", "index_head_dim", "compress_ratios"),
+}
+_TOKENS_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*$")
+
+
+def parse_tokens(text: str | int) -> int:
+    """Token count from ``"4096"``, ``"128k"`` (128,000) or ``"1M"`` (1,000,000); decimal units."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = _TOKENS_RE.match(str(text))
+        if not m:
+            raise ConfigError(f"token count {text!r} is not a number like 4096, 128k or 1M")
+        n = int(float(m.group(1).replace("_", "")) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"token count must be positive, got {text!r}")
+    return n
+
+
+def _check_bits(bits: int, what: str) -> None:
+    if bits not in BITS:
+        raise ConfigError(f"{what} must be one of {BITS[1:]} (or 32 for fp32), got {bits}")
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """KV bytes of one context."""
+
+    tokens: int
+    kv: float         # per-token KV (gqa key/value, MLA latent) or V4's compressed entries
+    indexer: float    # sparse-attention indexer keys
+    window: float     # V4's sliding-window entries (independent of context beyond the window)
+
+    @property
+    def total(self) -> float:
+        return self.kv + self.indexer + self.window
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "kv_bytes": self.kv, "indexer_bytes": self.indexer,
+                "window_bytes": self.window, "total_bytes": self.total, "total_gib": self.total / 2**30}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A model's attention geometry.
+
+    Attributes:
+        name: preset name or model id.
+        family: one of FAMILIES.
+        fields: the config fields the family's formula reads (named as in config.json).
+        source: where the fields come from.
+    """
+
+    name: str
+    family: str
+    fields: dict[str, Any] = field(hash=False)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"{self.name}: unknown family {self.family!r}; known: {FAMILIES}")
+        missing = [f for f in _REQUIRED[self.family] if f not in self.fields]
+        if missing:
+            raise ConfigError(f"{self.name}: a {self.family} geometry needs {missing}")
+        for k, v in self.fields.items():
+            if k == "compress_ratios":
+                if not isinstance(v, list) or not all(isinstance(r, int) and r >= 0 for r in v):
+                    raise ConfigError(f"{self.name}: compress_ratios must be a list of non-negative ints")
+            elif k in _REQUIRED[self.family] and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ConfigError(f"{self.name}: {k} must be a positive int, got {v!r}")
+        if self.family == "v4_hybrid" and len(self.fields["compress_ratios"]) < self.layers:
+            raise ConfigError(f"{self.name}: compress_ratios needs one entry per layer ({self.layers})")
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any], name: str = "", source: str = "") -> "Geometry":
+        """Geometry of a config.json's fields; the family is inferred (GQA and MLA fields)."""
+        cfg = dict(cfg.get("text_config") or cfg)
+        name = name or cfg.get("_name_or_path") or cfg.get("model_type") or "model"
+        if "family" in cfg:
+            family = cfg["family"]
+        elif "compress_ratios" in cfg:
+            family = "v4_hybrid"
+        elif cfg.get("kv_lora_rank") and cfg.get("index_head_dim"):
+            family = "mla_dsa"
+        elif cfg.get("kv_lora_rank"):
+            family = "mla"
+        else:
+            family = "gqa"
+            try:
+                heads = int(cfg["num_attention_heads"])
+                cfg.setdefault("num_key_value_heads", heads)
+                if not cfg.get("head_dim"):
+                    cfg["head_dim"] = int(cfg["hidden_size"]) // heads
+            except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+                raise ConfigError(f"{name}: config lacks attention fields (num_attention_heads, hidden_size "
+                                  f"or head_dim): {e}") from None
+        keep = set(_REQUIRED.get(family, ())) | {"mtp_layers", "num_key_value_heads", "max_position_embeddings"}
+        return cls(name, family, {k: cfg[k] for k in keep if k in cfg}, source)
+
+    @classmethod
+    def from_config_json(cls, path: str) -> "Geometry":
+        """Geometry of a model's config.json (a file, or a directory holding one)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_config_dict(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(path))), source=path)
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "Geometry":
+        """Geometry of a transformers config object."""
+        d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+        return cls.from_config_dict(d, source="transformers config")
+
+    # -- arithmetic -----------------------------------------------------------------------------
+    @property
+    def layers(self) -> int:
+        return int(self.fields["num_hidden_layers"])
+
+    def _layers(self, include_mtp: bool) -> int:
+        return self.layers + (int(self.fields.get("mtp_layers", 0)) if include_mtp else 0)
+
+    def kvspec(self, dtype: str = "bfloat16", include_mtp: bool = False) -> KVSpec:
+        """The engine's KVSpec of the per-token part (gqa key/value; MLA latent)."""
+        f = self.fields
+        if self.family == "gqa":
+            d = (int(f["num_key_value_heads"]), int(f["head_dim"]))
+            layer = LayerSpec((TensorSpec("key", d, 1, dtype), TensorSpec("value", d, 1, dtype)))
+        elif self.family in ("mla", "mla_dsa"):
+            layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
+        else:
+            raise ConfigError(f"{self.name}: a {self.family} cache is not a per-token layout a KVSpec describes")
+        return KVSpec(self.name, (layer,) * self._layers(include_mtp))
+
+    def footprint(self, tokens: int, kv_bits: int = 16, indexer_bits: int = 16, include_mtp: bool = False) -> Footprint:
+        """KV bytes of a ``tokens``-long context at ``kv_bits`` per element (indexer at ``indexer_bits``)."""
+        _check_bits(kv_bits, "kv bits")
+        _check_bits(indexer_bits, "indexer bits")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            raise ConfigError(f"tokens must be a positive int, got {tokens!r}")
+        b_kv, b_idx = kv_bits / 8, indexer_bits / 8
+        f = self.fields
+        if self.family in ("gqa", "mla", "mla_dsa"):
+            spec = self.kvspec("uint8", include_mtp)  # one byte per element: elements per token
+            kv = tokens * spec.bytes_per_token * b_kv
+            idx = tokens * self._layers(include_mtp) * int(f["index_head_dim"]) * b_idx if self.family == "mla_dsa" else 0.0
+            return Footprint(tokens, kv, idx, 0.0)
+        ratios = list(f["compress_ratios"][:self.layers])
+        if include_mtp:
+            ratios += list(f["compress_ratios"][self.layers:])
+        hd, idx_d = int(f["head_dim"]), int(f["index_head_dim"])
+        window = len(ratios) * min(tokens, int(f["sliding_window"])) * hd * b_kv
+        kv = sum((tokens // r) * hd * b_kv for r in ratios if r > 0)
+        idx = sum((tokens // 4) * idx_d * b_idx for r in ratios if r == 4)
+        return Footprint(tokens, kv, idx, window)
+
+
+@lru_cache(maxsize=1)
+def load_presets() -> dict[str, Geometry]:
+    """Every bundled preset, by name."""
+    raw = json.loads(resources.files("tierkv").joinpath("data/geometry_presets.json").read_text())
+    out = {}
+    for name, entry in raw["models"].items():
+        entry = dict(entry)
+        source = entry.pop("source", "")
+        family = entry.pop("family")
+        out[name] = Geometry(name, family, entry, source)
+    return out
+
+
+def preset(name: str) -> Geometry:
+    """A preset by name, or a config.json path; ConfigError names the known presets otherwise."""
+    presets = load_presets()
+    if name in presets:
+        return presets[name]
+    if name.endswith(".json") or os.path.isdir(name):
+        return Geometry.from_config_json(name)
+    raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(presets))} (or a config.json path)")
+
+
+def plan(geom: Geometry, tokens: int, sessions: int, hbm: int, dram: int, ssd: int, kv_bits: int = 16,
+         indexer_bits: int = 16, ssd_gbps: float = 6.0, pcie_gbps: float = 50.0, codec_ratio: float = 1.4,
+         include_mtp: bool = False) -> dict[str, Any]:
+    """How ``sessions`` sessions of ``tokens`` tokens spread over HBM, DRAM and SSD.
+
+    Sessions fill HBM first, then DRAM, then SSD (compressed by ``codec_ratio``). Reload times:
+    DRAM -> HBM over PCIe; SSD -> DRAM -> HBM pipelined, so the slower of the SSD read (compressed
+    bytes) and the PCIe copy (raw bytes) sets the pace.
+    """
+    for name, v in (("sessions", sessions), ("ssd_gbps", ssd_gbps), ("pcie_gbps", pcie_gbps), ("codec_ratio", codec_ratio)):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{name} must be a positive number, got {v!r}")
+    fp = geom.footprint(tokens, kv_bits, indexer_bits, include_mtp)
+    per = fp.total
+    per_ssd = per / codec_ratio
+    fit = {"hbm": int(hbm // per), "dram": int(dram // per), "ssd": int(ssd // per_ssd)}
+    left, placed = sessions, {}
+    for tier in ("hbm", "dram", "ssd"):
+        placed[tier] = min(left, fit[tier])
+        left -= placed[tier]
+    return {
+        "model": geom.name, "family": geom.family, "tokens": tokens, "sessions": sessions,
+        "session_bytes": per, "session_ssd_bytes": per_ssd, "footprint": fp.as_dict(),
+        "fits": fit, "placed": placed, "unplaced": left,
+        "total_bytes": per * sessions, "total_ssd_bytes_if_all_on_ssd": per_ssd * sessions,
+        "reload_s": {"hbm": 0.0, "dram": per / (pcie_gbps * 1e9),
+                     "ssd": max(per_ssd / (ssd_gbps * 1e9), per / (pcie_gbps * 1e9))},
+        "assumptions": {
+            "kv_bits": kv_bits, "indexer_bits": indexer_bits, "include_mtp": include_mtp,
+            "hbm_bytes": hbm, "dram_bytes": dram, "ssd_bytes": ssd, "ssd_gbps": ssd_gbps,
+            "pcie_gbps": pcie_gbps, "codec_ratio": codec_ratio,
+            "placement": "sessions fill HBM, then DRAM, then SSD; whole sessions only",
+            "reload": "DRAM->HBM = raw bytes / PCIe; SSD->HBM = max(compressed bytes / SSD, raw bytes / PCIe), pipelined",
+            "not counted": "allocator and page overhead, model weights and activations in HBM",
+        },
+    }
