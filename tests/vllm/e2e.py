@@ -1,0 +1,40 @@
+"""One phase of the vLLM end-to-end check; run with the vLLM virtualenv's python.
+
+    python tests/vllm/e2e.py PHASE MODEL_DIR STORE_DIR STATS_DIR PROMPTS_JSON OUT_JSON
+
+PHASE is "connector" (serve with TierKVConnector) or "plain" (no connector). Each run is its own
+process, as a restarted server would be.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+if __name__ == "__main__":
+    phase, model, store, stats, prompts_file, out_file = sys.argv[1:7]
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    kw = {}
+    if phase == "connector":
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="TierKVConnector", kv_connector_module_path="tierkv.integrations.vllm",
+            kv_role="kv_both", kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"store_path": store, "block_tokens": 64, "stats_dir": stats})
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024, enforce_eager=True, block_size=32,
+              enable_prefix_caching=False, seed=0, **kw)
+    prompts = json.load(open(prompts_file))
+    results = []
+    for batch in prompts:  # batches in order: a later batch may hit what an earlier one saved
+        t0 = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch],
+                            SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
+        results.append({"seconds": time.perf_counter() - t0,
+                        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                        "cached": [o.num_cached_tokens for o in outs]})
+    json.dump(results, open(out_file, "w"))
+    del llm

