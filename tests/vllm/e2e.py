@@ -25,14 +25,16 @@ if __name__ == "__main__":
             kv_connector="TierKVConnector", kv_connector_module_path="tierkv.integrations.vllm",
             kv_role="kv_both", kv_load_failure_policy="recompute",
             kv_connector_extra_config={"store_path": store, "block_tokens": 64, "stats_dir": stats})
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=1024, enforce_eager=True, block_size=32,
+    max_len = int(os.environ.get("TIERKV_E2E_MAX_LEN", "1024"))
+    max_tokens = int(os.environ.get("TIERKV_E2E_MAX_TOKENS", "16"))
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=max_len, enforce_eager=True, block_size=32,
               enable_prefix_caching=False, seed=0, **kw)
     prompts = json.load(open(prompts_file))
     results = []
     for batch in prompts:  # batches in order: a later batch may hit what an earlier one saved
         t0 = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch],
-                            SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
+                            SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
         results.append({"seconds": time.perf_counter() - t0,
                         "tokens": [list(o.outputs[0].token_ids) for o in outs],
                         "cached": [o.num_cached_tokens for o in outs]})
