@@ -163,6 +163,27 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("which", choices=["reload", "ops"], help="reload: SSD reload throughput vs disk and "
+                   "baselines; ops: lookup latency, open time, per-block overhead")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of bench/<which>.py (e.g. --size 1GiB --json)")
+
+
+@command("bench", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    """Run a benchmark from bench/ (a source checkout): reload or ops."""
+    import os
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", f"{args.which}.py")
+    if not os.path.isfile(script):
+        raise ConfigError(f"{script} not found: tierkv bench runs from a source checkout of tierkv")
+    sys.argv = [script, *args.rest]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierkv", description="Tiered KV-cache store: tools and demos.")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -1,0 +1,112 @@
+"""Bookkeeping costs: lookup latency, store open time, per-block Python overhead.
+
+- lookup p50/p99 for one 1M-token session (with its session id, and by content);
+- lookup p50/p99 and store open time in a store of ``--sessions`` sessions (default 100,000);
+- save and restore time per block for tiny blocks (16 tokens, 1 layer): Python's share.
+
+    python bench/ops.py [--sessions 100000] [--out bench/results/ops.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, write_json  # noqa: E402
+
+import tierkv  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def lat(xs: list[float]) -> dict[str, float]:
+    return {"p50_ms": pct(xs, 50) * 1e3, "p99_ms": pct(xs, 99) * 1e3, "n": len(xs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sessions", type=int, default=100_000)
+    ap.add_argument("--long-tokens", type=int, default=1_000_000)
+    ap.add_argument("--out", default="bench/results/ops.json")
+    args = ap.parse_args()
+    spec = tierkv.KVSpec.gqa("bench/tiny", 1, 1, 8, torch.bfloat16)
+    work = tempfile.mkdtemp(prefix="tierkv-ops-")
+    res: dict = {"machine": machine(), "spec_bytes_per_token": spec.bytes_per_token}
+    try:
+        # one 1M-token session
+        n = args.long_tokens
+        toks = torch.randint(0, 50_000, (n,))
+        kv = [(torch.zeros(1, n, 8, dtype=torch.bfloat16), torch.zeros(1, n, 8, dtype=torch.bfloat16))]
+        with tierkv.TierKV(os.path.join(work, "long"), spec, ssd_bytes="4GiB") as s:
+            s.save(toks, kv, session="long")
+            s.flush()
+            for label, sid in (("with_session", "long"), ("by_content", None)):
+                xs = []
+                for _ in range(200):
+                    t = time.perf_counter()
+                    hit = s.lookup(toks, session=sid)
+                    xs.append(time.perf_counter() - t)
+                assert hit >= n - n % 256 - (0 if sid else 0)
+                res[f"lookup_1M_{label}"] = lat(xs)
+                print(f"lookup, 1M-token session, {label}: p50 {res[f'lookup_1M_{label}']['p50_ms']:.2f} ms, "
+                      f"p99 {res[f'lookup_1M_{label}']['p99_ms']:.2f} ms", flush=True)
+        # many sessions
+        path = os.path.join(work, "many")
+        kv1 = [(torch.zeros(1, 300, 8, dtype=torch.bfloat16), torch.zeros(1, 300, 8, dtype=torch.bfloat16))]
+        t0 = time.perf_counter()
+        with tierkv.TierKV(path, spec, ssd_bytes="8GiB", device_bytes=0, host_bytes=0, block_tokens=256) as s:
+            for i in range(args.sessions):
+                s.save([i] * 300, kv1, session=f"session-{i}")
+            s.flush()
+        res["create_sessions_s"] = time.perf_counter() - t0
+        opens = []
+        for _ in range(5):
+            t = time.perf_counter()
+            s = tierkv.TierKV(path, spec, ssd_bytes="8GiB", block_tokens=256)
+            opens.append(time.perf_counter() - t)
+            s.close()
+        res["open_s"] = {"median": statistics.median(opens), "max": max(opens), "sessions": args.sessions}
+        print(f"open with {args.sessions} sessions: {statistics.median(opens) * 1000:.1f} ms", flush=True)
+        with tierkv.TierKV(path, spec, ssd_bytes="8GiB", block_tokens=256) as s:
+            xs = []
+            rng = random.Random(0)
+            for _ in range(2000):
+                i = rng.randrange(args.sessions)
+                t = time.perf_counter()
+                s.lookup([i] * 300, session=f"session-{i}")
+                xs.append(time.perf_counter() - t)
+            res["lookup_in_many"] = lat(xs)
+            print(f"lookup in a {args.sessions}-session store: p50 {res['lookup_in_many']['p50_ms']:.3f} ms, "
+                  f"p99 {res['lookup_in_many']['p99_ms']:.3f} ms", flush=True)
+        # per-block overhead: tiny 16-token blocks
+        blocks = 4096
+        small = [(torch.zeros(1, 16 * blocks, 8, dtype=torch.bfloat16),) * 2]
+        with tierkv.TierKV(os.path.join(work, "tiny"), spec, block_tokens=16, ssd_bytes="1GiB") as s:
+            t = time.perf_counter()
+            s.save(range(16 * blocks), small, session="t")
+            save_s = time.perf_counter() - t
+            t = time.perf_counter()
+            r = s.restore(range(16 * blocks), session="t")
+            restore_s = time.perf_counter() - t
+            assert r.num_tokens == 16 * blocks
+        res["per_block_us"] = {"save": save_s / blocks * 1e6, "restore_from_memory": restore_s / blocks * 1e6}
+        print(f"per 16-token block: save {res['per_block_us']['save']:.1f} us, restore {res['per_block_us']['restore_from_memory']:.1f} us")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_json(args.out, res)
+
+
+if __name__ == "__main__":
+    main()

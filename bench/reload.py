@@ -1,0 +1,271 @@
+"""SSD reload throughput: tierkv against the disk's own limit and against other ways to store KV.
+
+Writes sessions of real KV (SmolLM2, captured once and cached on disk; ``--synthetic`` for random
+data) totalling ``--size`` into a fresh store, pushes them to SSD, drops the store's pages from
+the page cache, then restores them all. In the same run it measures the disk (O_DIRECT sequential
+read of a file of the same raw size, and a page-cache read of it) and baselines on the same KV:
+one file per session with torch.save / torch.load(weights_only=True), safetensors and numpy .npy,
+and raw LMDB values without a codec. Medians over ``--repeats`` runs with min and max.
+
+    python bench/reload.py [--size 1GiB] [--repeats 5] [--synthetic] [--out bench/results/reload.json]
+
+``tierkv bench reload`` runs the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, write_json  # noqa: E402
+
+import tierkv  # noqa: E402
+from tierkv.config import parse_size  # noqa: E402
+from tierkv.pagecache import drop_file_cache  # noqa: E402
+
+TOKENS = 2048  # tokens per session
+
+
+def session_kv(synthetic: bool, cache_dir: str) -> tuple[tierkv.KVSpec, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One session's KV: SmolLM2's over 2,048 tokens of stdlib source (cached as .npy), or random."""
+    spec = tierkv.KVSpec.gqa("HuggingFaceTB/SmolLM2-135M-Instruct", 30, 3, 64, torch.float32, revision="bench")
+    if synthetic:
+        g = torch.Generator().manual_seed(0)
+        return spec, [tuple(torch.randn(3, TOKENS, 64, generator=g) for _ in range(2)) for _ in range(30)]
+    path = os.path.join(cache_dir, f"bench-kv-smollm2-{TOKENS}.npy")
+    if not os.path.exists(path):
+        from common import real_kv
+
+        arr = torch.stack([torch.stack(kv) for kv in real_kv(TOKENS, cache_dir)]).numpy()
+        os.makedirs(cache_dir, exist_ok=True)
+        np.save(path + ".tmp.npy", arr)
+        os.replace(path + ".tmp.npy", path)
+    arr = torch.from_numpy(np.load(path))
+    return spec, [(arr[i, 0], arr[i, 1]) for i in range(30)]
+
+
+def stats_of(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def drop_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            drop_file_cache(os.path.join(root, f))
+
+
+def odirect_read(path: str, chunk: int = 4 << 20) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    total = 0
+    try:
+        while True:
+            n = os.readv(fd, [buf])
+            total += n
+            if n < chunk:
+                return total
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default="bench/results/reload.json")
+    ap.add_argument("--json", action="store_true", help="print the JSON result")
+    args = ap.parse_args(argv)
+    from tierkv.integrations.hf import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    spec, kv = session_kv(args.synthetic, cache_dir)
+    per = TOKENS * spec.bytes_per_token
+    n_sessions = max(1, parse_size(args.size, "--size") // per)
+    total = n_sessions * per
+    work = tempfile.mkdtemp(prefix="tierkv-reload-", dir=args.dir)
+    toks = [list(range(s * 100_000, s * 100_000 + TOKENS)) for s in range(n_sessions)]
+    results: dict[str, Any] = {"machine": machine(), "sessions": n_sessions, "tokens_per_session": TOKENS,
+                               "raw_bytes": total, "kv": "synthetic" if args.synthetic else "smollm2-fp32",
+                               "repeats": args.repeats}
+    timings: dict[str, list[float]] = {}
+
+    def measure(name: str, prepare: Callable[[], None], run: Callable[[], Any]) -> None:
+        for _ in range(args.repeats):
+            prepare()
+            t = time.perf_counter()
+            run()
+            timings.setdefault(name, []).append(time.perf_counter() - t)
+        print(f"  {name:<34} {total / statistics.median(timings[name]) / 1e9:6.2f} GB/s", flush=True)
+
+    try:
+        store = os.path.join(work, "store")
+        big = dict(device_bytes=0, host_bytes=2 * total + (1 << 30), ssd_bytes=2 * total + (1 << 30))
+        # --- save (offload) throughput and how long save blocks its caller -----------------
+        save_block, save_total = [], []
+        for rep in range(args.repeats):
+            shutil.rmtree(store, ignore_errors=True)
+            with tierkv.TierKV(store, spec, persist="write_through", **big) as s:
+                t0 = time.perf_counter()
+                for i in range(n_sessions):
+                    t = time.perf_counter()
+                    s.save(toks[i], kv, session=f"s{i}")
+                    save_block.append(time.perf_counter() - t)
+                s.flush()
+                save_total.append(time.perf_counter() - t0)
+                ssd_bytes = s.stats()["resident_bytes"]["ssd"]
+        results["save"] = {"throughput_gbps": total / statistics.median(save_total) / 1e9,
+                           "seconds": stats_of(save_total), "save_call_blocks_s": stats_of(save_block),
+                           "ssd_bytes": ssd_bytes, "compression_ratio": total / ssd_bytes}
+        print(f"  save (write-through, to SSD)       {results['save']['throughput_gbps']:6.2f} GB/s; "
+              f"save() blocks {statistics.median(save_block) * 1000:.1f} ms per {TOKENS}-token session", flush=True)
+        data = os.path.join(store, "data.mdb")
+        read_before = [0]
+
+        def tierkv_restore(prefetch: bool) -> Callable[[], None]:
+            def run() -> None:
+                with tierkv.TierKV(store, spec, **big) as s:
+                    if prefetch:
+                        handles = [s.prefetch(toks[i], session=f"s{i}") for i in range(n_sessions)]
+                        for h in handles:
+                            h.wait()
+                    for i in range(n_sessions):
+                        r = s.restore(toks[i], session=f"s{i}", device="cpu")
+                        assert r.num_tokens == TOKENS
+                    read_before[0] = s.stats()["ssd_read_bytes"]
+            return run
+
+        print(f"{n_sessions} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV; "
+              f"{ssd_bytes / 2**30:.2f} GiB on SSD ({total / ssd_bytes:.2f}x)", flush=True)
+        measure("tierkv cold", lambda: drop_file_cache(data), tierkv_restore(False))
+        results["tierkv_cold_disk_bytes"] = read_before[0]
+        measure("tierkv cold + prefetch", lambda: drop_file_cache(data), tierkv_restore(True))
+        measure("tierkv warm (page cache)", lambda: None, tierkv_restore(False))
+
+        # --- the disk's own limit: a file of the same raw size --------------------------------
+        raw_file = os.path.join(work, "raw.bin")
+        with open(raw_file, "wb") as f:
+            block = b"".join(x.contiguous().numpy().tobytes() for pair in kv for x in pair)
+            for _ in range(n_sessions):
+                f.write(block)
+        measure("disk O_DIRECT sequential read", lambda: drop_file_cache(raw_file), lambda: odirect_read(raw_file))
+        measure("disk page-cache read", lambda: None, lambda: odirect_read_cached(raw_file))
+        os.remove(raw_file)
+
+        # --- baselines: one file per session -------------------------------------------------
+        files = os.path.join(work, "files")
+        os.makedirs(files)
+        from safetensors.torch import load_file, save_file
+
+        flat = {f"l{i}.{j}": x.contiguous() for i, pair in enumerate(kv) for j, x in enumerate(pair)}
+        for i in range(n_sessions):
+            torch.save(flat, os.path.join(files, f"s{i}.pt"))
+            save_file(flat, os.path.join(files, f"s{i}.safetensors"))
+            np.save(os.path.join(files, f"s{i}.npy"), torch.stack([torch.stack(p) for p in kv]).numpy())
+        measure("torch.load per session (cold)", lambda: drop_tree(files),
+                lambda: [torch.load(os.path.join(files, f"s{i}.pt"), weights_only=True) for i in range(n_sessions)])
+        measure("safetensors per session (cold)", lambda: drop_tree(files),
+                lambda: [{k: v.clone() for k, v in load_file(os.path.join(files, f"s{i}.safetensors")).items()}
+                         for i in range(n_sessions)])
+        measure("numpy .npy per session (cold)", lambda: drop_tree(files),
+                lambda: [np.load(os.path.join(files, f"s{i}.npy")) for i in range(n_sessions)])
+        shutil.rmtree(files)
+
+        # --- raw LMDB values, no codec: one value per 256-token block ------------------------
+        import lmdb
+
+        rawdb = os.path.join(work, "rawlmdb")
+        env = lmdb.open(rawdb, map_size=2 * total + (1 << 30))
+        bt = 256
+        blocks = [b"".join(x[:, s:s + bt].contiguous().numpy().tobytes() for pair in kv for x in pair)
+                  for s in range(0, TOKENS, bt)]
+        with env.begin(write=True) as txn:
+            for i in range(n_sessions):
+                for j, b in enumerate(blocks):
+                    txn.put(f"{i}:{j}".encode(), b)
+        env.close()
+
+        def lmdb_read() -> None:
+            e = lmdb.open(rawdb, readonly=True, lock=False)
+            with e.begin(buffers=True) as txn:
+                for i in range(n_sessions):
+                    out = torch.empty(per, dtype=torch.uint8)
+                    pos = 0
+                    for j in range(len(blocks)):
+                        v = txn.get(f"{i}:{j}".encode())
+                        out[pos:pos + len(v)] = torch.frombuffer(v, dtype=torch.uint8)
+                        pos += len(v)
+            e.close()
+        measure("raw LMDB values, no codec (cold)", lambda: drop_file_cache(os.path.join(rawdb, "data.mdb")), lmdb_read)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    results["timings_s"] = {k: stats_of(v) for k, v in timings.items()}
+    results["logical_gbps"] = {k: total / statistics.median(v) / 1e9 for k, v in timings.items()}
+    cold = statistics.median(timings["tierkv cold"])
+    results["physical_gbps_tierkv_cold"] = results["tierkv_cold_disk_bytes"] / cold / 1e9
+    ratio = lambda a, b: statistics.median(timings[b]) / statistics.median(timings[a])  # noqa: E731
+    results["ratios"] = {
+        "tierkv_cold_vs_odirect": ratio("tierkv cold", "disk O_DIRECT sequential read"),
+        "tierkv_cold_vs_torch_load": ratio("tierkv cold", "torch.load per session (cold)"),
+        "tierkv_cold_vs_raw_lmdb": ratio("tierkv cold", "raw LMDB values, no codec (cold)"),
+        "tierkv_prefetch_vs_odirect": ratio("tierkv cold + prefetch", "disk O_DIRECT sequential read"),
+    }
+    for k, v in results["ratios"].items():
+        print(f"  {k:<34} {v:6.2f}x")
+    write_json(args.out, results)
+    _plot(results, os.path.splitext(args.out)[0] + ".png")
+    if args.json:
+        import json
+
+        print(json.dumps(results))
+    return results
+
+
+def odirect_read_cached(path: str, chunk: int = 4 << 20) -> int:
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        total = 0
+        while True:
+            n = f.readinto(buf)
+            total += n
+            if n < chunk:
+                return total
+
+
+def _plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no plot; pip install 'tierkv[plot]')")
+        return
+    names = list(results["logical_gbps"])
+    vals = [results["logical_gbps"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh(names, vals, color=["#2a7" if n.startswith("tierkv") else "#888" for n in names])
+    ax.set_xlabel("GB/s of KV delivered (median)")
+    ax.set_title(f"Reload of {results['raw_bytes'] / 2**30:.2f} GiB KV ({results['kv']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

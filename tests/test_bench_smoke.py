@@ -1,0 +1,28 @@
+"""The benchmark scripts run (tiny sizes): they must not rot. Their numbers are not checked here."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def test_reload_bench_runs(tmp_path):
+    out = tmp_path / "reload.json"
+    r = subprocess.run([sys.executable, "-m", "tierkv.cli", "bench", "reload", "--size", "40MiB", "--repeats",
+                        "1", "--synthetic", "--out", str(out), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["sessions"] >= 1 and res["save"]["compression_ratio"] > 0.9
+    assert {"tierkv cold", "disk O_DIRECT sequential read", "torch.load per session (cold)"} <= set(res["logical_gbps"])
+
+
+def test_ops_bench_runs(tmp_path):
+    out = tmp_path / "ops.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ops.py"), "--sessions", "200",
+                        "--long-tokens", "20000", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["open_s"]["sessions"] == 200 and res["lookup_in_many"]["p99_ms"] > 0
