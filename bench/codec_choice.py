@@ -1,6 +1,7 @@
 """Which lossless codec for KV on SSD? Ratio and single-core speed on real SmolLM2 KV.
 
-Candidates: tierkv's byte-plane split + zstd (levels 1 and 3), zstd on unsplit bytes, tierkv's raw
+Candidates: tierkv's default (byte-plane split + zstd level 1 where planes save >= 1.3x, else the
+layer stored as it is), the same always split (levels 1 and 3), zstd on unsplit bytes, tierkv's raw
 codec, and blosc2 (shuffle + zstd / lz4) when installed. Per 256-token block, all layers, in fp32
 (the model's own KV dtype) and bf16. Decoding is what a cold reload pays; encoding happens in the
 background writer.
@@ -58,7 +59,8 @@ def main() -> None:
             return len(value), enc, d
 
         cands = {"zstd-planes L1 (tierkv default)": lambda: tierkv_codec(ZstdPlanesCodec(1)),
-                 "zstd-planes L3": lambda: tierkv_codec(ZstdPlanesCodec(3)),
+                 "zstd-planes L1, always split": lambda: tierkv_codec(ZstdPlanesCodec(1, min_ratio=1.0)),
+                 "zstd-planes L3, always split": lambda: tierkv_codec(ZstdPlanesCodec(3, min_ratio=1.0)),
                  "raw (tierkv, crc32)": lambda: tierkv_codec(RawCodec())}
 
         def zstd_unsplit():

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="bench/results/reload.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result")
+    ap.add_argument("--codec", default="zstd-planes", help="tierkv's SSD codec (zstd-planes or raw)")
+    ap.add_argument("--only-tierkv", action="store_true", help="skip the disk and baseline measurements")
     args = ap.parse_args(argv)
     from tierkv.integrations.hf import default_cache_dir
 
@@ -114,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     try:
         store = os.path.join(work, "store")
-        big = dict(device_bytes=0, host_bytes=2 * total + (1 << 30), ssd_bytes=2 * total + (1 << 30))
+        big = dict(device_bytes=0, host_bytes=2 * total + (1 << 30), ssd_bytes=2 * total + (1 << 30),
+                   ssd_codec=args.codec)
+        results["codec"] = args.codec
         # --- save (offload) throughput and how long save blocks its caller -----------------
         save_block, save_total = [], []
         for rep in range(args.repeats):
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         measure("tierkv cold + prefetch", lambda: drop_file_cache(data), tierkv_restore(True))
         measure("tierkv warm (page cache)", lambda: None, tierkv_restore(False))
 
+        if args.only_tierkv:
+            raise _Done
         # --- the disk's own limit: a file of the same raw size --------------------------------
         raw_file = os.path.join(work, "raw.bin")
         with open(raw_file, "wb") as f:
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         pos += len(v)
             e.close()
         measure("raw LMDB values, no codec (cold)", lambda: drop_file_cache(os.path.join(rawdb, "data.mdb")), lmdb_read)
+    except _Done:
+        pass
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -219,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cold = statistics.median(timings["tierkv cold"])
     results["physical_gbps_tierkv_cold"] = results["tierkv_cold_disk_bytes"] / cold / 1e9
     ratio = lambda a, b: statistics.median(timings[b]) / statistics.median(timings[a])  # noqa: E731
+    if args.only_tierkv:
+        write_json(args.out, results)
+        return results
     results["ratios"] = {
         "tierkv_cold_vs_odirect": ratio("tierkv cold", "disk O_DIRECT sequential read"),
         "tierkv_cold_vs_torch_load": ratio("tierkv cold", "torch.load per session (cold)"),
@@ -234,6 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         print(json.dumps(results))
     return results
+
+
+class _Done(Exception):
+    """Stop after the tierkv measurements (--only-tierkv)."""
 
 
 def odirect_read_cached(path: str, chunk: int = 4 << 20) -> int:

@@ -181,6 +181,7 @@ def test_demo_end_to_end(tmp_path):
     assert r["max_abs_logit_diff"] == 0.0
     assert r["page_cache_resident"] < 0.05
     assert r["kv_bytes"] == r["session_tokens"] * 46_080
-    assert 1.0 < r["compression_ratio"] < 2.0
+    # fp32 KV: planes would save < 1.3x, so layers are stored unsplit (codec.py); headers cost a little
+    assert 0.99 < r["compression_ratio"] < 2.0
     for key in ("context_tokens", "recompute_ttft_s", "restore_ttft_s", "speedup", "ssd_bytes", "reload_gbps"):
         assert key in r

@@ -4,20 +4,26 @@ import random
 import threading
 import time
 
+import pytest
+
 import tierkv
 from conftest import BLOCK, assert_kv_equal, make_kv, small_spec
 
 SPEC = small_spec(layers=3)
 
 
-def test_threads_save_restore_prefetch_drop(open_store):
+@pytest.mark.parametrize("threads,seconds", [
+    (4, 6),
+    pytest.param(8, 60, marks=pytest.mark.stress),
+])
+def test_threads_save_restore_prefetch_drop(open_store, threads, seconds):
     s = open_store(SPEC, device_bytes=6 * BLOCK * SPEC.bytes_per_token,
                    host_bytes=6 * BLOCK * SPEC.bytes_per_token, persist="write_through")
     # shared 2-block prefix so sessions share blocks across threads
     ref = make_kv(SPEC, 6 * BLOCK, seed=42)
     base = list(range(6 * BLOCK))
     errors, checks = [], [0]
-    stop = time.monotonic() + 6
+    stop = time.monotonic() + seconds
 
     def worker(wid):
         rng = random.Random(wid)
@@ -49,10 +55,10 @@ def test_threads_save_restore_prefetch_drop(open_store):
         except Exception as e:  # noqa: BLE001 - collected and re-raised in the main thread
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
     assert not errors, errors
     assert checks[0] > 20

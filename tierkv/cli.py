@@ -45,6 +45,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="store directory")
+    p.add_argument("--repair", action="store_true", help="drop bad blocks and the sessions that use them")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@command("verify", _verify_args)
+def _verify(args: argparse.Namespace) -> int:
+    """Check every stored block's checksums and every session's blocks; --repair drops bad ones."""
+    from .verify import verify_store
+
+    r = verify_store(args.store, repair=args.repair)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['path']}: {r['blocks_checked']} blocks checked, {r['bad_blocks']} bad; "
+              f"{len(r['sessions_using_bad_blocks'])} sessions use bad blocks, "
+              f"{len(r['sessions_with_missing_blocks'])} miss blocks" + ("; repaired" if r["repaired"] else ""))
+        for key, why in list(r["bad"].items())[:20]:
+            print(f"  bad block {key}: {why}")
+    return 0 if r["repaired"] or not (r["bad_blocks"] or r["sessions_using_bad_blocks"]
+                                      or r["sessions_with_missing_blocks"]) else 1
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-tokens", type=int, default=4096, help="tokens of source files the agent reads (default 4096)")
     p.add_argument("--answer-tokens", type=int, default=24, help="tokens generated per turn (default 24)")

@@ -76,6 +76,8 @@ class TierKVConfig:
         zstd_level: compression level of the ``zstd-planes`` codec.
         io_threads: threads decoding blocks read from SSD.
         pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available".
+        nan_policy: ``"store"`` keeps NaN/Inf values as they are (bit-exact); ``"refuse"`` makes
+            ``save`` raise SpecMismatchError on any (one extra pass over the KV).
     """
 
     device_bytes: int | str = "1GiB"
@@ -88,6 +90,7 @@ class TierKVConfig:
     zstd_level: int = 1
     io_threads: int = 2
     pin_host_memory: bool | None = None
+    nan_policy: str = "store"
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes", "ssd_bytes"):
@@ -100,6 +103,8 @@ class TierKVConfig:
             raise ConfigError(f"block_tokens must be an int in 16..4096, got {self.block_tokens!r}")
         if self.persist not in PERSIST_MODES:
             raise ConfigError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
+        if self.nan_policy not in ("store", "refuse"):
+            raise ConfigError(f"nan_policy must be 'store' or 'refuse', got {self.nan_policy!r}")
         if not isinstance(self.io_threads, int) or not (1 <= self.io_threads <= 64):
             raise ConfigError(f"io_threads must be an int in 1..64, got {self.io_threads!r}")
         if not isinstance(self.zstd_level, int) or not (-7 <= self.zstd_level <= 22):

@@ -225,6 +225,11 @@ class TierKV:
         if len(toks) == 0:
             raise SpecMismatchError("cannot save zero tokens")
         self.spec.check_kv(kv, len(toks))
+        if self.config.nan_policy == "refuse":
+            for i, layer in enumerate(kv):
+                for x in layer:
+                    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                        raise SpecMismatchError(f"layer {i}: KV holds NaN or Inf (nan_policy='refuse')")
         if session is not None:
             check_session_id(session)
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0
@@ -528,7 +533,7 @@ class TierKV:
         # disk is asked for the bytes in that same order (values are stored block after block).
         for layer in range(L):
             for _, parsed in work:
-                planes = parsed.layers[layer][1]
+                planes = parsed.layers[layer][2]
                 start, end = planes[0][0], planes[-1][0] + planes[-1][1]
                 advise_willneed(parsed.buf[start:end])
         for layer in range(L):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .blocks import Block
-from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_planes, layer_itemsize
+from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_planes
 from .spec import KVSpec
 from .tiers import MemoryTier
 
@@ -87,7 +87,7 @@ def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, lay
     host-tier copy: bytes go from the LMDB map through the codec into the result once.
     """
     n = parsed.n_tokens
-    k = layer_itemsize(spec, layer, codec)
+    k = parsed.layers[layer][0]  # planes as stored: 1 when the layer was stored unsplit
     tensors = spec.layers[layer].tensors
     dsts, counts = [], []
     for t, out in zip(tensors, outs):

@@ -27,7 +27,7 @@ from .errors import ConfigError, SpecMismatchError
 __all__ = ["TensorSpec", "LayerSpec", "KVSpec", "DTYPES", "FORMAT_VERSION"]
 
 #: On-disk format version; part of every fingerprint, so a new format never reads an old one.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Dtypes a KV tensor may have, by canonical name.
 DTYPES: dict[str, torch.dtype] = {
@@ -40,6 +40,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -83,11 +84,11 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return _ITEMSIZE[self.dtype]
 
     @property
     def bytes_per_token(self) -> int:
-        return math.prod(self.dims) * self.itemsize
+        return math.prod(self.dims) * _ITEMSIZE[self.dtype]
 
     def shape(self, n_tokens: int) -> tuple[int, ...]:
         """Shape of this tensor holding ``n_tokens`` tokens."""
@@ -215,6 +216,16 @@ class KVSpec:
             "layers": [[[t.name, list(t.dims), t.seq_axis, t.dtype] for t in layer.tensors]
                        for layer in self.layers],
         }
+
+    @classmethod
+    def from_description(cls, doc: dict[str, Any]) -> "KVSpec":
+        """Inverse of ``describe``: the spec a store records in its meta database."""
+        try:
+            layers = tuple(LayerSpec(tuple(TensorSpec(n, tuple(d), int(ax), dt) for n, d, ax, dt in layer))
+                           for layer in doc["layers"])
+            return cls(str(doc["model_id"]), layers, str(doc.get("revision", "")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"not a tierkv spec description: {e}") from None
 
     def fingerprint(self, **extra: Any) -> bytes:
         """16-byte blake2b digest of the description plus ``extra`` (block size, codec, ...)."""

@@ -23,6 +23,7 @@ Nothing here unpickles: records are fixed structs, JSON and raw arrays.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -144,7 +145,15 @@ def _translated(what: str) -> Iterator[None]:
     except lmdb.ReadonlyError as e:
         raise StoreIOError(f"{what}: the store is read-only ({e}); open a writable directory") from None
     except lmdb.Error as e:
+        if "No space left" in str(e) or "ENOSPC" in str(e):
+            raise StoreFullError(f"{what}: the file system holding the store is full ({e}); "
+                                 "free space, lower ssd_bytes or drop sessions") from None
         raise StoreIOError(f"{what}: LMDB failed: {e}") from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise StoreFullError(f"{what}: the file system holding the store is full; free space or "
+                                 "lower ssd_bytes") from None
+        raise StoreIOError(f"{what}: {e}") from e
 
 
 class SSDStore:
@@ -257,16 +266,25 @@ class SSDStore:
     @contextmanager
     def batch(self) -> Iterator["Batch"]:
         """One write transaction; commits on success, aborts on any exception."""
-        with _translated("writing"):
-            txn = self.env.begin(write=True)
-            try:
-                b = Batch(self, txn)
-                yield b
-                txn.put(b"ssd_used", struct.pack("<Q", b.ssd_used), db=self.meta)
-                txn.commit()
-            except BaseException:
-                txn.abort()
-                raise
+        try:
+            with _translated("writing"):
+                txn = self.env.begin(write=True)
+                try:
+                    b = Batch(self, txn)
+                    yield b
+                    txn.put(b"ssd_used", struct.pack("<Q", b.ssd_used), db=self.meta)
+                    txn.commit()
+                except BaseException:
+                    txn.abort()
+                    raise
+        except StoreIOError as e:
+            # LMDB reports a short write at commit as EIO; a full file system is the usual cause.
+            st = os.statvfs(self.path)
+            if st.f_bavail * st.f_frsize < (16 << 20):
+                raise StoreFullError(f"writing: the file system holding {self.path} is full "
+                                     f"({st.f_bavail * st.f_frsize} B free); free space, lower ssd_bytes "
+                                     "or drop sessions") from e
+            raise
 
     def close(self) -> None:
         """Close the environment (idempotent)."""

@@ -1,0 +1,189 @@
+"""Crash safety (SIGKILL), multi-process sharing, NaN policy, and store repair."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import lmdb
+import pytest
+import torch
+
+import tierkv
+from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
+from helpers.saver import tokens_for
+
+HERE = os.path.dirname(__file__)
+SAVER = os.path.join(HERE, "helpers", "saver.py")
+SPEC = small_spec()
+
+
+def read_lines(proc, lines):
+    for line in proc.stdout:
+        lines.append(line.split())
+
+
+def check_store(path, acked, started):
+    """Every session whose save was acknowledged restores bit-exact to that version or to the one
+    in flight when the process died; nothing else (no partial session) is visible."""
+    checked = 0
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, ssd_bytes="256MiB") as s:
+        for sid, (vseed, n) in acked.items():
+            candidates = [(vseed, n)] + [c for c in started.get(sid, []) if c != (vseed, n)]
+            info = s.session_info(sid)
+            for cs, cn in candidates:
+                if info["tokens"] != cn:
+                    continue
+                r = s.restore(tokens_for(cs, cn), session=sid)
+                if r.num_tokens == cn:
+                    assert_kv_equal(r.kv, make_kv(SPEC, cn, seed=cs))
+                    checked += 1
+                    break
+            else:
+                raise AssertionError(f"session {sid} matches neither its acknowledged nor its in-flight version")
+    return checked
+
+
+@pytest.mark.parametrize("kills", [20, pytest.param(200, marks=pytest.mark.stress)])
+def test_sigkill_loses_nothing_acknowledged(tmp_path, kills):
+    path = str(tmp_path / "store")
+    rng = random.Random(7)
+    acked, started, total_checked = {}, {}, 0
+    for k in range(kills):
+        proc = subprocess.Popen([sys.executable, SAVER, path, str(k)], stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONPATH=HERE))
+        lines = []
+        t = threading.Thread(target=read_lines, args=(proc, lines), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not any(x[0] == "ok" for x in lines) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))  # kill at a random moment after the first durable save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        t.join(timeout=5)
+        assert any(x[0] == "ok" for x in lines), "child never saved"
+        for kind, sid, vseed, n in lines:
+            if kind == "ok":
+                acked[sid] = (int(vseed), int(n))
+                started[sid] = []
+            else:
+                started.setdefault(sid, []).append((int(vseed), int(n)))
+        total_checked = check_store(path, acked, started)
+    assert total_checked == len(acked) >= 5
+
+
+def test_three_processes_share_one_store(tmp_path):
+    path = str(tmp_path / "store")
+    tierkv.TierKV(path, SPEC, block_tokens=BLOCK, ssd_bytes="256MiB").close()  # create it
+    procs, outs = [], []
+    for seed in range(3):
+        p = subprocess.Popen([sys.executable, SAVER, path, str(seed), "--shared"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=HERE))
+        lines = []
+        t = threading.Thread(target=read_lines, args=(p, lines), daemon=True)
+        t.start()
+        procs.append((p, t))
+        outs.append(lines)
+    time.sleep(8)
+    for p, _ in procs:
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    acked, started = {}, {}
+    for lines in outs:
+        for kind, sid, vseed, n in lines:
+            if kind == "ok":
+                acked[sid] = (int(vseed), int(n))
+            started.setdefault(sid, []).append((int(vseed), int(n)))
+    assert sum(1 for lines in outs for x in lines if x[0] == "ok") > 30
+    assert "shared" in acked
+    check_store(path, acked, started)
+
+
+def test_nan_policy(open_store):
+    kv = make_kv(SPEC, BLOCK)
+    kv[1] = (kv[1][0].clone(), kv[1][1].clone())
+    kv[1][0][0, 3, 2] = float("nan")
+    s = open_store(SPEC)
+    s.save(range(BLOCK), kv, session="nan-ok")  # default: store as is
+    r = s.restore(range(BLOCK), session="nan-ok")
+    assert torch.isnan(r.kv[1][0][0, 3, 2])
+    strict = open_store(SPEC, path=s.path + "-strict", nan_policy="refuse")
+    with pytest.raises(tierkv.SpecMismatchError, match="NaN or Inf"):
+        strict.save(range(BLOCK), kv, session="nan")
+    with pytest.raises(tierkv.UnknownSessionError):
+        strict.session_info("nan")
+
+
+def test_verify_reports_and_repairs(open_store, store_path, capsys):
+    from tierkv.cli import main
+
+    s = open_store(SPEC)
+    kv = make_kv(SPEC, 3 * BLOCK)
+    s.save(range(3 * BLOCK), kv, session="damaged")
+    s.save(range(1000, 1000 + 2 * BLOCK), kv_slice(kv, 2 * BLOCK), session="fine")
+    s.close()
+    assert main(["verify", store_path]) == 0
+    keys = tierkv.keys.block_keys(tierkv.keys.chain_seed(s.fingerprint, None),
+                                  tierkv.keys.as_tokens(range(3 * BLOCK)), BLOCK)
+    env = lmdb.open(store_path, subdir=True, max_dbs=8)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True) as txn:
+        v = bytearray(txn.get(keys[1], db=db))
+        v[-3] ^= 0x10
+        txn.put(keys[1], bytes(v), db=db)
+    env.close()
+    capsys.readouterr()
+    assert main(["verify", store_path]) == 1
+    assert "1 bad" in capsys.readouterr().out
+    assert main(["verify", store_path, "--repair"]) == 0
+    assert main(["verify", store_path]) == 0
+    s = open_store(SPEC)
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("damaged")
+    assert_kv_equal(s.restore(range(1000, 1000 + 2 * BLOCK), session="fine").kv, kv_slice(kv, 2 * BLOCK))
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    yield str(mnt)
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_genuinely_full_filesystem(small_fs):
+    """A 6 MiB file system under a store that believes it has 64 MiB: saves fail with
+    StoreFullError once the disk is full, nothing committed is damaged, the loop goes on."""
+    path = os.path.join(small_fs, "store")
+    spec = small_spec(layers=8, heads=4, dim=32)
+    acked = []
+    with tierkv.TierKV(path, spec, block_tokens=BLOCK, ssd_bytes="64MiB", persist="write_through",
+                       device_bytes=0, host_bytes=0) as s:
+        full = None
+        for i in range(200):
+            try:
+                s.save(tokens_for(i, 4 * BLOCK), make_kv(spec, 4 * BLOCK, seed=i), session=f"s{i}").wait()
+                acked.append(i)
+            except tierkv.StoreFullError as e:
+                full = e
+                break
+        assert full is not None and "full" in str(full)
+        assert len(acked) >= 3
+        for i in acked[-3:]:  # the loop can go on: restores still work, exactly
+            r = s.restore(tokens_for(i, 4 * BLOCK), session=f"s{i}")
+            assert_kv_equal(r.kv, make_kv(spec, 4 * BLOCK, seed=i))
+        s.drop_session(f"s{acked[0]}")
+        s.flush()
+    with tierkv.TierKV(path, spec, block_tokens=BLOCK, ssd_bytes="64MiB") as s:
+        for i in acked[1:]:
+            r = s.restore(tokens_for(i, 4 * BLOCK), session=f"s{i}")
+            assert r.num_tokens == 4 * BLOCK
+            assert_kv_equal(r.kv, make_kv(spec, 4 * BLOCK, seed=i))
