@@ -187,3 +187,62 @@ def test_genuinely_full_filesystem(small_fs):
             r = s.restore(tokens_for(i, 4 * BLOCK), session=f"s{i}")
             assert r.num_tokens == 4 * BLOCK
             assert_kv_equal(r.kv, make_kv(spec, 4 * BLOCK, seed=i))
+
+
+def test_full_policy_miss_drops_saves_quietly(open_store):
+    spec = small_spec()
+    blk = BLOCK * spec.bytes_per_token
+    s = open_store(spec, ssd_codec="raw", persist="write_through", device_bytes=0, host_bytes=0,
+                   ssd_bytes=2 * blk + 2048, full_policy="miss")
+    kv = make_kv(spec, BLOCK)
+    s.save(range(BLOCK), kv, session="a", pinned=True).wait()
+    s.save(range(100, 100 + BLOCK), kv, session="b", pinned=True).wait()
+    s.save(range(200, 200 + BLOCK), kv, session="c").wait()  # no room, nothing evictable: dropped
+    s.flush()                                                 # and nothing raised
+    assert s.stats()["dropped_saves"] == 1
+    assert s.lookup(range(200, 200 + BLOCK), session="c") == 0
+    assert_kv_equal(s.restore(range(BLOCK), session="a").kv, kv)
+
+
+def test_truncated_data_file_is_refused_not_a_crash(open_store, store_path):
+    s = open_store(SPEC)
+    s.save(range(4 * BLOCK), make_kv(SPEC, 4 * BLOCK), session="s")
+    s.close()
+    data = os.path.join(store_path, "data.mdb")
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.raises(tierkv.StoreIOError, match="truncated"):
+        tierkv.TierKV(store_path, SPEC, block_tokens=BLOCK)
+
+
+def test_random_flips_in_the_data_file(open_store, store_path):
+    """Bytes flipped anywhere in the values' pages of data.mdb: each restore is exact or a
+    shorter prefix (a counted miss); never wrong KV, never a crash."""
+    s = open_store(SPEC, persist="write_through")
+    kvs = {i: make_kv(SPEC, 4 * BLOCK, seed=i) for i in range(6)}
+    for i, kv in kvs.items():
+        s.save(range(i * 1000, i * 1000 + 4 * BLOCK), kv, session=f"s{i}").wait()
+    s.close()
+    data = os.path.join(store_path, "data.mdb")
+    size = os.path.getsize(data)
+    rng = random.Random(3)
+    with open(data, "r+b") as f:
+        for _ in range(40):
+            pos = rng.randrange(size // 4, size)  # the first pages hold LMDB's meta and B-trees
+            f.seek(pos)
+            b = f.read(1)
+            f.seek(pos)
+            f.write(bytes([b[0] ^ 0x5A]))
+    try:
+        s = tierkv.TierKV(store_path, SPEC, block_tokens=BLOCK, ssd_bytes="64MiB")
+    except tierkv.StoreIOError:
+        return  # a damaged B-tree page: refused cleanly
+    try:
+        for i, kv in kvs.items():
+            try:
+                r = s.restore(range(i * 1000, i * 1000 + 4 * BLOCK), session=f"s{i}")
+            except tierkv.TierKVError:
+                continue  # a damaged record: a clean error
+            assert_kv_equal(r.kv, kv_slice(kv, r.num_tokens)) if r.num_tokens else None
+    finally:
+        s.close()

@@ -78,6 +78,9 @@ class TierKVConfig:
         pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available".
         nan_policy: ``"store"`` keeps NaN/Inf values as they are (bit-exact); ``"refuse"`` makes
             ``save`` raise SpecMismatchError on any (one extra pass over the KV).
+        full_policy: when the SSD is full of data that cannot be evicted, ``"raise"`` reports
+            StoreFullError through the save's handle and ``flush()``; ``"miss"`` drops that save
+            silently (counted in ``stats()["dropped_saves"]``): a later lookup simply misses.
     """
 
     device_bytes: int | str = "1GiB"
@@ -91,6 +94,7 @@ class TierKVConfig:
     io_threads: int = 2
     pin_host_memory: bool | None = None
     nan_policy: str = "store"
+    full_policy: str = "raise"
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes", "ssd_bytes"):
@@ -103,6 +107,8 @@ class TierKVConfig:
             raise ConfigError(f"block_tokens must be an int in 16..4096, got {self.block_tokens!r}")
         if self.persist not in PERSIST_MODES:
             raise ConfigError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
+        if self.full_policy not in ("raise", "miss"):
+            raise ConfigError(f"full_policy must be 'raise' or 'miss', got {self.full_policy!r}")
         if self.nan_policy not in ("store", "refuse"):
             raise ConfigError(f"nan_policy must be 'store' or 'refuse', got {self.nan_policy!r}")
         if not isinstance(self.io_threads, int) or not (1 <= self.io_threads <= 64):

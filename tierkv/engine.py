@@ -611,19 +611,23 @@ class TierKV:
             self._bg_error = self._bg_error or e
 
     # ------------------------------------------------------------------ sessions
+    def _known_session(self, session: str) -> SessionRecord:
+        """The live record of ``session`` (call with the lock held), or UnknownSessionError."""
+        self._check_open()
+        check_session_id(session)
+        rec = self._session(session)
+        if rec is None:
+            raise UnknownSessionError(f"no session {session!r} in store {self.path}")
+        return rec
+
     def drop_session(self, session: str) -> None:
         """Forget a session; blocks no other session uses are deleted from every tier.
 
         Raises:
             UnknownSessionError: no such session.
         """
-        self._check_open()
-        check_session_id(session)
         with self._lock:
-            rec = self._session(session)
-            if rec is None:
-                raise UnknownSessionError(f"no session {session!r} in store {self.path}")
-            self._drop_locked(rec)
+            self._drop_locked(self._known_session(session))
 
     def session_info(self, session: str) -> dict[str, Any]:
         """A session's token count, block count, times, TTL, pin and tenant.
@@ -631,12 +635,8 @@ class TierKV:
         Raises:
             UnknownSessionError: no such session.
         """
-        self._check_open()
-        check_session_id(session)
         with self._lock:
-            rec = self._session(session)
-            if rec is None:
-                raise UnknownSessionError(f"no session {session!r} in store {self.path}")
+            rec = self._known_session(session)
             where = Counter(("memory:" + b.tier) if b.tier else ("ssd" if b.on_ssd else "missing")
                             for b in (self._block(k) for k in rec.keys) if b is not None)
             return {"session": session, "tokens": len(rec.tokens), "blocks": len(rec.keys),
@@ -654,9 +654,7 @@ class TierKV:
             if session is None:
                 blocks = [b for b in self._blocks.values() if b.tier is not None]
             else:
-                rec = self._session(session)
-                if rec is None:
-                    raise UnknownSessionError(f"no session {session!r} in store {self.path}")
+                rec = self._known_session(session)
                 blocks = [b for b in (self._blocks.get(k) for k in rec.keys) if b is not None and b.tier]
             free_now = [b for b in blocks if b.on_ssd and b.state is BlockState.READY]
             for b in free_now:
@@ -737,9 +735,12 @@ class TierKV:
         failed_ops = {id(op) for op, _ in failed}
         with self._lock:
             for op, err in failed:
+                self._roll_back(op)
+                if isinstance(err, StoreFullError) and self.config.full_policy == "miss":
+                    self._stats.count("dropped_saves", 1)
+                    continue
                 op.error = err
                 self._unreported.append(err)
-                self._roll_back(op)
             for op in ops:
                 ok = id(op) not in failed_ops
                 for b in op.write:

@@ -47,6 +47,7 @@ class Stats:
             "hit_tokens": hits,
             "miss_tokens": max(0, lookups - hits),
             "corrupt_blocks": c.get("corrupt_blocks", 0),
+            "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,
             "resident_bytes": resident,

@@ -188,6 +188,7 @@ class SSDStore:
                 raise StoreIOError(f"cannot open store {self.path}: {e}; the directory must be writable") from None
             raise StoreIOError(f"cannot open store {self.path}: {e}") from None
         try:
+            self._check_truncation()  # before any B-tree page is touched
             self.meta = self.env.open_db(b"meta")
             self.blocks = self.env.open_db(b"blocks")
             self.bmeta = self.env.open_db(b"bmeta")
@@ -204,6 +205,15 @@ class SSDStore:
     def _release_path(self) -> None:
         with _open_paths_lock:
             _open_paths.discard(self.path)
+
+    def _check_truncation(self) -> None:
+        """Refuse a data file shorter than the pages LMDB says are in use: reading a mapped page
+        past the end of the file would kill the process with SIGBUS."""
+        used = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        size = os.path.getsize(self.data_file())
+        if size < used:
+            raise StoreIOError(f"store {self.path} is truncated: data.mdb has {size} B of the {used} B "
+                               "its meta page says are in use; restore it from a backup or delete the store")
 
     def _check_identity(self, fingerprint: bytes, description: dict) -> None:
         with _translated("opening the store"), self.env.begin(write=True) as txn:
