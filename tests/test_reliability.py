@@ -246,3 +246,16 @@ def test_random_flips_in_the_data_file(open_store, store_path):
             assert_kv_equal(r.kv, kv_slice(kv, r.num_tokens)) if r.num_tokens else None
     finally:
         s.close()
+
+
+def test_read_only_file_system(small_fs):
+    """A store on a read-only file system (root ignores directory modes, a ro mount it cannot)."""
+    path = os.path.join(small_fs, "store")
+    tierkv.TierKV(path, SPEC, block_tokens=BLOCK, ssd_bytes="4MiB").close()
+    r = subprocess.run(["mount", "-o", "remount,ro", small_fs], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount read-only here: {r.stderr.decode().strip()}")
+    with pytest.raises(tierkv.StoreIOError, match="writable|read-only|Read-only"):
+        tierkv.TierKV(os.path.join(small_fs, "new-store"), SPEC, block_tokens=BLOCK)
+    with pytest.raises(tierkv.StoreIOError):
+        tierkv.TierKV(path, SPEC, block_tokens=BLOCK, ssd_bytes="4MiB")

@@ -6,7 +6,7 @@ Primitives:
     block_keys / iter_block_keys: the chained blake2b-128 keys of a token sequence's blocks.
 
 A full block's key hashes its parent's key and its own token ids, so equal keys mean equal
-prefixes (up to a 128-bit collision), whatever process computed them: no Python ``hash()``,
+prefixes (up to a 128-bit collision), whatever process computed them: never the built-in hash function,
 no dependence on PYTHONHASHSEED. A trailing partial block is hashed in a separate domain so it
 never collides with a full block.
 """

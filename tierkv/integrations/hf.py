@@ -183,8 +183,9 @@ class TurnResult:
         logits: the logits each generated token was chosen from (float32, on CPU).
         restored_tokens: leading tokens whose KV came from tierkv.
         prefilled_tokens: tokens the model had to prefill.
-        ttft_s: seconds from the call to the first generated token (restore + prefill).
-        restore_s: seconds spent in lookup and restore.
+        ttft_s: seconds from the call to the first generated token (the restore overlaps the
+            prefill layer by layer, so the two are not timed apart; ``TierKV.stats()["moved"]``
+            has the reload's own duration).
         sources: blocks restored from each tier.
     """
 
@@ -193,7 +194,6 @@ class TurnResult:
     restored_tokens: int
     prefilled_tokens: int
     ttft_s: float
-    restore_s: float
     sources: dict[str, int] = field(default_factory=dict)
 
 
@@ -231,14 +231,13 @@ class SessionRunner:
             cache = kv_to_cache(restored.kv, self.model.config) if n else None
             logits, cache = prefill(self.model, tokens[n:], cache)
         ttft = time.perf_counter() - t0
-        t_restore = ttft  # overlapped with the prefill: the restore ends within the TTFT
         out, all_logits, cache = greedy_decode(self.model, logits, cache, max_new_tokens, self.eos_token_id)
         seen = tokens + out[:-1]
         if cache_len(cache) != len(seen):
             raise SpecMismatchError(f"cache holds {cache_len(cache)} tokens, the session {len(seen)}")
         self.store.save(seen, cache_to_kv(cache), session=session)
         sources = handle.result().sources if n else {}
-        return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, t_restore, sources)
+        return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, sources)
 
 
 # ---------------------------------------------------------------------------- the real model
