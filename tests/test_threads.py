@@ -13,8 +13,8 @@ SPEC = small_spec(layers=3)
 
 
 @pytest.mark.parametrize("threads,seconds", [
-    (4, 6),
-    pytest.param(8, 60, marks=pytest.mark.stress),
+    (8, 60),
+    pytest.param(8, 600, marks=pytest.mark.stress),
 ])
 def test_threads_save_restore_prefetch_drop(open_store, threads, seconds):
     s = open_store(SPEC, device_bytes=6 * BLOCK * SPEC.bytes_per_token,
