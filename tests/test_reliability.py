@@ -98,8 +98,11 @@ def test_three_processes_share_one_store(tmp_path):
         for kind, sid, vseed, n in lines:
             if kind == "ok":
                 acked[sid] = (int(vseed), int(n))
-            started.setdefault(sid, []).append((int(vseed), int(n)))
+            if kind in ("ok", "start"):
+                started.setdefault(sid, []).append((int(vseed), int(n)))
     assert sum(1 for lines in outs for x in lines if x[0] == "ok") > 30
+    assert sum(1 for lines in outs for x in lines if x[0] == "shared-restored") > 5
+    assert sum(1 for lines in outs for x in lines if x[0] == "restored") > 5
     assert "shared" in acked
     check_store(path, acked, started)
 

@@ -45,6 +45,15 @@ def main() -> None:
                 for a, b in zip(r.kv, want):
                     assert all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
                 print(f"restored {sid} {vseed} {n}", flush=True)
+            if shared and sid == "shared":
+                # the shared session is rewritten by every process: restore it by content; other
+                # processes may have replaced it meanwhile, so any prefix may come back, but exact
+                r = s.restore(tokens_for(vseed, n))
+                want = make_kv(spec, n, seed=vseed)
+                for a, b in zip(r.kv, want):
+                    assert all(torch.equal(x.view(torch.int16), y[:, :r.num_tokens].view(torch.int16))
+                               for x, y in zip(a, b))
+                print(f"shared-restored {sid} {vseed} {r.num_tokens}", flush=True)
             if i >= 10_000:
                 return
 
