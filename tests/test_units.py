@@ -117,3 +117,10 @@ def test_decoder_fuzz_any_bytes_are_a_clean_miss(junk, where):
         except CorruptValueError:
             continue
         assert value == good  # only the untouched value may decode
+
+
+def test_config_knows_exactly_the_codecs_codec_py_implements():
+    from tierkv.codec import CODECS
+    from tierkv.config import SSD_CODECS
+
+    assert set(SSD_CODECS) == set(CODECS)
