@@ -188,14 +188,15 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["reload", "ops"], help="reload: SSD reload throughput vs disk and "
-                   "baselines; ops: lookup latency, open time, per-block overhead")
+    p.add_argument("which", choices=["reload", "ttft", "ops"], help="reload: SSD reload throughput vs disk and "
+                   "baselines; ttft: real-model TTFT per tier vs recompute; ops: lookup latency, open time, "
+                   "per-block overhead")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of bench/<which>.py (e.g. --size 1GiB --json)")
 
 
 @command("bench", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
-    """Run a benchmark from bench/ (a source checkout): reload or ops."""
+    """Run a benchmark from bench/ (a source checkout): reload, ttft or ops."""
     import os
     import runpy
 
