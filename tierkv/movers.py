@@ -2,7 +2,7 @@
 
 Primitives:
     Transfer: a move as data: source tier, destination tier, blocks.
-    MOVERS: the registry, one function per (source, destination) pair.
+    MOVERS: the registry of memory-to-memory moves, one function per (source, destination) pair.
     copy_payload: device <-> host copy (on a side CUDA stream when CUDA is used).
     encode_payload: host -> SSD bytes (the codec); the LMDB write itself is the writer's.
     decode_layer_into: SSD bytes -> one layer of a host buffer (prefetch: the block is cached).
@@ -114,11 +114,10 @@ def _memory_move(transfer: Transfer, tiers: dict[str, MemoryTier]) -> list[torch
     return [copy_payload(p, tiers[transfer.dst]) for p in transfer.payloads]
 
 
-#: (src, dst) -> mover. Memory-to-memory moves return the new payloads; SSD moves are driven by
-#: the engine's writer and loader, which call encode_payload / decode_layer_into.
-MOVERS: dict[tuple[str, str], Callable[..., object]] = {
+#: (src, dst) -> mover for moves between memory tiers; they return the new payloads. Moves to and
+#: from SSD are driven by the engine's writer and loader, which call encode_payload and
+#: decode_layer_into / decode_layer_into_views around their LMDB transactions.
+MOVERS: dict[tuple[str, str], Callable[[Transfer, dict[str, MemoryTier]], list[torch.Tensor]]] = {
     ("device", "host"): _memory_move,
     ("host", "device"): _memory_move,
-    ("host", "ssd"): encode_payload,
-    ("ssd", "host"): decode_layer_into,
 }

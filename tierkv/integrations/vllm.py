@@ -359,10 +359,13 @@ class TierKVConnector(KVConnectorBase_V1):
         if i is None or not meta.saves:
             return
         for save in meta.saves:
-            if self.store.lookup(save.tokens) >= len(save.tokens):
-                continue  # already stored (loaded or saved before)
-            row = self._gathered.setdefault(save.req_id, [None] * self._layers)
-            row[i] = self.layout.gather(kv_layer, save.block_ids, len(save.tokens))
+            if i == 0:  # decide once per step, not once per layer
+                if self.store.lookup(save.tokens) >= len(save.tokens):
+                    continue  # already stored (loaded or saved before)
+                self._gathered[save.req_id] = [None] * self._layers
+            row = self._gathered.get(save.req_id)
+            if row is not None:
+                row[i] = self.layout.gather(kv_layer, save.block_ids, len(save.tokens))
 
     def wait_for_save(self) -> None:
         self._handles = []  # loads belong to one step
