@@ -22,7 +22,7 @@ Value layout (all integers little-endian)::
     magic "TKVB" | u16 format | u8 codec id | u8 reserved | 16 B store fingerprint
     | u32 n_tokens | u32 n_layers
     | per layer: u8 planes k | u8 mode | per plane: u32 length, u32 crc32 (stored mode only)
-    | u32 crc32 of everything above
+    | u32 crc32 of everything above, seeded with the crc32 of the block's key
     | plane bytes, layer after layer
 
 Mode 0: the layer's bytes split into k byte planes, each encoded by the codec (zstd frames carry
@@ -38,9 +38,10 @@ A value whose header, fingerprint, lengths or any plane checksum does not match 
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zstandard
@@ -49,7 +50,8 @@ from .errors import TierKVError
 from .spec import FORMAT_VERSION, KVSpec
 
 __all__ = ["Codec", "ZstdPlanesCodec", "RawCodec", "CODECS", "make_codec", "CorruptValueError",
-           "encode_block", "parse_block", "decode_layer", "iter_layer_planes", "ParsedBlock", "layer_itemsize"]
+           "encode_block", "parse_block", "decode_layer", "iter_layer_planes", "read_stored_layer", "ParsedBlock",
+           "layer_itemsize", "header_bound"]
 
 MAGIC = b"TKVB"
 _HEAD = struct.Struct("<4sHBB16sII")
@@ -142,8 +144,12 @@ def layer_itemsize(spec: KVSpec, layer: int, codec: Codec) -> int:
     return sizes.pop() if len(sizes) == 1 and codec.split_planes else 1
 
 
-def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.ndarray, n_tokens: int) -> bytes:
-    """Encode a block payload (uint8, ``n_tokens * spec.bytes_per_token`` bytes) into one value."""
+def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.ndarray, n_tokens: int,
+                 key: bytes = b"") -> bytes:
+    """Encode a block payload (uint8, ``n_tokens * spec.bytes_per_token`` bytes) into one value.
+
+    ``key``: the block key the value is stored under; it seeds the header checksum, so a value
+    read from the wrong place (another block's value) fails its header check."""
     table, frames = [], []
     min_ratio = getattr(codec, "min_ratio", 1.0)
     for layer in range(spec.num_layers):
@@ -164,27 +170,51 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
         frames.append(stored)
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, codec.codec_id, 0, fingerprint, n_tokens, spec.num_layers)
     head += b"".join(table)
-    return b"".join([head, _U32.pack(zlib.crc32(head))] + frames)
+    return b"".join([head, _U32.pack(zlib.crc32(head, zlib.crc32(key)))] + frames)
+
+
+#: ``read_at(offset, buffers)``: fill ``buffers`` (writable, C-contiguous) from the value's bytes at
+#: ``offset`` onwards, exactly, or raise CorruptValueError
+ReadAt = Callable[[int, Sequence[object]], None]
 
 
 @dataclass
 class ParsedBlock:
-    """A value whose header checked out; planes are still unverified."""
+    """A value whose header checked out; planes are still unverified.
+
+    ``buf`` is the value as LMDB returns it (a view of its map). When ``read_at`` is set, plane
+    bytes are read through it (``pread`` on the data file) and ``buf`` is never touched: faulting a
+    cold value in through the map costs a page fault per 4 KiB and a read-around window per fault.
+    """
 
     n_tokens: int
     #: per layer: (planes k, mode, [(offset, length, crc32) per plane])
     layers: list[tuple[int, int, list[tuple[int, int, int]]]]
     buf: memoryview
+    read_at: ReadAt | None = None
 
 
-def parse_block(buf: memoryview | bytes, fingerprint: bytes, spec: KVSpec, codec: Codec,
-                max_tokens: int) -> ParsedBlock:
+def header_bound(spec: KVSpec, codec: Codec) -> int:
+    """An upper bound on the header size of any value of ``spec`` under ``codec``."""
+    planes = sum(layer_itemsize(spec, i, codec) if codec.split_planes else 1 for i in range(spec.num_layers))
+    return _HEAD.size + 2 * spec.num_layers + planes * _PLANE.size + _U32.size
+
+
+def parse_block(buf: memoryview | bytes | int, fingerprint: bytes, spec: KVSpec, codec: Codec,
+                max_tokens: int, head: bytes | None = None, read_at: ReadAt | None = None,
+                key: bytes = b"") -> ParsedBlock:
     """Check a value's header against the store and return where its planes are.
+
+    ``head``: the value's first bytes (at least ``header_bound``, or all of it), already read; the
+    header is then parsed from it and only ``len(buf)`` is taken from ``buf`` (an int is taken as
+    the length). ``read_at`` is kept on the result for reading planes. ``key``: the block key the
+    value was stored under (``encode_block``'s).
 
     Raises:
         CorruptValueError: bad magic, version, codec, fingerprint, sizes or header checksum.
     """
-    buf = memoryview(buf)
+    total = buf if isinstance(buf, int) else len(buf)
+    buf = memoryview(head if head is not None else buf)
     try:
         magic, version, codec_id, _, fp, n_tokens, n_layers = _HEAD.unpack_from(buf, 0)
         if magic != MAGIC or version != FORMAT_VERSION:
@@ -204,7 +234,7 @@ def parse_block(buf: memoryview | bytes, fingerprint: bytes, spec: KVSpec, codec
             layers.append((k, mode, [_PLANE.unpack_from(buf, pos + i * _PLANE.size) for i in range(k)]))
             pos += k * _PLANE.size
         (crc,) = _U32.unpack_from(buf, pos)
-        if crc != zlib.crc32(buf[:pos]):
+        if crc != zlib.crc32(buf[:pos], zlib.crc32(key)):
             raise CorruptValueError("block header checksum mismatch")
         pos += _U32.size
     except struct.error:
@@ -216,9 +246,48 @@ def parse_block(buf: memoryview | bytes, fingerprint: bytes, spec: KVSpec, codec
             row.append((pos, length, pcrc))
             pos += length
         placed.append((k, mode, row))
-    if pos != len(buf):
-        raise CorruptValueError(f"block is {len(buf)} bytes, header describes {pos}")
-    return ParsedBlock(n_tokens, placed, buf)
+    if pos != total:
+        raise CorruptValueError(f"block is {total} bytes, header describes {pos}")
+    return ParsedBlock(n_tokens, placed, buf if head is None else memoryview(b""), read_at)
+
+
+_scratch = threading.local()
+
+
+def _frame(block: ParsedBlock, off: int, length: int) -> memoryview:
+    """Plane bytes: a view of the map, or read into this thread's scratch buffer (valid until the
+    thread's next read)."""
+    if block.read_at is None:
+        return block.buf[off:off + length]
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < length:
+        buf = _scratch.buf = bytearray(max(length, 1 << 20))
+    view = memoryview(buf)[:length]
+    block.read_at(off, [view])
+    return view
+
+
+def read_stored_layer(block: ParsedBlock, layer: int, dsts: Sequence[np.ndarray]) -> bool:
+    """Read a stored-mode layer straight into ``dsts`` and verify its CRC32.
+
+    ``dsts``: C-contiguous uint8 arrays, in the layer's byte order, whose sizes add up to the
+    layer. Returns False (nothing read) when the layer was encoded in planes or the block has no
+    ``read_at``; the caller then decodes through ``iter_layer_planes``. On a checksum failure the
+    destinations hold garbage and CorruptValueError is raised.
+    """
+    k, mode, planes = block.layers[layer]
+    if mode != _MODE_STORED or block.read_at is None:
+        return False
+    off, length, crc = planes[0]
+    if sum(d.nbytes for d in dsts) != length:
+        raise CorruptValueError("stored layer length mismatch")
+    block.read_at(off, dsts)
+    c = 0
+    for d in dsts:
+        c = zlib.crc32(d, c)
+    if c != crc:
+        raise CorruptValueError("stored layer checksum mismatch")
+    return True
 
 
 def iter_layer_planes(codec: Codec, block: ParsedBlock, layer: int, layer_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -232,7 +301,7 @@ def iter_layer_planes(codec: Codec, block: ParsedBlock, layer: int, layer_bytes:
         raise CorruptValueError("layer size is not a multiple of its element size")
     size = layer_bytes // k
     for j, (off, length, crc) in enumerate(planes):
-        frame = block.buf[off:off + length]
+        frame = _frame(block, off, length)
         if mode == _MODE_STORED:
             if length != size or zlib.crc32(frame) != crc:
                 raise CorruptValueError("stored layer checksum or length mismatch")
@@ -249,6 +318,8 @@ def decode_layer(codec: Codec, block: ParsedBlock, layer: int, out: np.ndarray) 
     Raises:
         CorruptValueError: a plane fails its checksum or expands to the wrong size.
     """
+    if read_stored_layer(block, layer, [out]):
+        return
     k = block.layers[layer][0]
     grid = out.reshape(-1, k) if k > 1 else None
     for j, plane in iter_layer_planes(codec, block, layer, out.size):

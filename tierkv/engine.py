@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .blocks import Block, BlockLoad, BlockState, pack_block
-from .codec import CorruptValueError, make_codec, parse_block
+from .codec import CorruptValueError, header_bound, make_codec, parse_block
 from .config import TierKVConfig
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, SpecMismatchError,
                      StoreClosedError, StoreFullError, StoreIOError, TierKVError, UnknownSessionError)
@@ -89,6 +89,7 @@ class TierKV:
             raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
         self.device = device
         self.codec = make_codec(cfg.ssd_codec, cfg.zstd_level)
+        self._header_bound = header_bound(spec, self.codec)
         ident = {"block_tokens": cfg.block_tokens, "codec": self.codec.name, "device_codec": "raw"}
         self.fingerprint = spec.fingerprint(**ident)
         self._ssd = SSDStore(path, self.fingerprint, dict(spec.describe(), **ident), cfg.ssd_bytes)
@@ -457,18 +458,31 @@ class TierKV:
                 self._direct_failed(p, err, handle, all_layers=True)
             return
 
-        raws: dict[bytes, Any] = {}
+        values = self._ssd.values
+        where: dict[bytes, Any] = {}   # key -> (offset, size) in data.mdb, or the mapped value
+        cursor = self._ssd.blocks_cursor(txn)
         for b in [bl.block for bl in loads] + [p.block for p in direct]:
-            raw = self._ssd.get_value(txn, b.key)
-            if raw is not None:
-                advise_willneed(raw[:4096])  # headers first: parse them without a stall each
-                raws[b.key] = raw
+            loc = values.locate(cursor, b.key) if values is not None else None
+            if loc is None:
+                raw = self._ssd.get_value(txn, b.key)  # inline, or no pread: through the map
+                if raw is None:
+                    continue
+                if values is None:
+                    advise_willneed(raw[:4096])  # headers first: parse them without a stall each
+                loc = raw
+            where[b.key] = loc
 
         def parse(b: Block) -> Any:
-            raw = raws.get(b.key)
-            if raw is None:
+            loc = where.get(b.key)
+            if loc is None:
                 raise CorruptValueError("value missing from the store")
-            parsed = parse_block(raw, self.fingerprint, self.spec, self.codec, self.block_tokens)
+            if isinstance(loc, tuple):  # pread: the header now, each layer when it is decoded
+                offset, size = loc
+                head = values.read_head(offset, size, self._header_bound)
+                parsed = parse_block(size, self.fingerprint, self.spec, self.codec, self.block_tokens,
+                                     head=head, read_at=values.read_at(offset), key=b.key)
+            else:
+                parsed = parse_block(loc, self.fingerprint, self.spec, self.codec, self.block_tokens, key=b.key)
             if parsed.n_tokens != b.n_tokens:
                 raise CorruptValueError("value holds another token count than its record")
             return parsed
@@ -531,16 +545,31 @@ class TierKV:
             finally:
                 finish_one()
 
-        # Layer-major order: layer 0 of every block first, so per-layer waits finish early. The
-        # disk is asked for the bytes in that same order (values are stored block after block).
+        # Layer-major order: layer 0 of every block first, so per-layer waits finish early. Read
+        # through the map, the disk is asked for the bytes in that order up front; with pread
+        # the decode threads read each (block, layer) range themselves, io_threads at a time.
         for layer in range(L):
             for _, parsed in work:
+                if parsed.read_at is not None:
+                    continue
                 planes = parsed.layers[layer][2]
                 start, end = planes[0][0], planes[-1][0] + planes[-1][1]
                 advise_willneed(parsed.buf[start:end])
-        for layer in range(L):
-            for item, parsed in work:
-                self._pool.submit(decode, item, parsed, layer)
+        # A few workers pulling from one queue, not a future per (block, layer): submitting
+        # thousands of futures while the workers hold the GIL cost ~60 us each (bench/reload.py).
+        tasks = iter([(item, parsed, layer) for layer in range(L) for item, parsed in work])
+        take = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with take:
+                    task = next(tasks, None)
+                if task is None:
+                    return
+                decode(*task)
+
+        for _ in range(min(self.config.io_threads, len(work) * L)):
+            self._pool.submit(worker)
 
     def _direct_failed(self, p: _Part, error: BaseException, handle: LoadHandle, all_layers: bool) -> None:
         """A block decoded straight into a result failed: a counted miss; mark it corrupt."""

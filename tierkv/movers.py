@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .blocks import Block
-from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_planes
+from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_planes, read_stored_layer
 from .spec import KVSpec
 from .tiers import MemoryTier
 
@@ -69,7 +69,7 @@ def encode_payload(codec: Codec, fingerprint: bytes, spec: KVSpec, block: Block,
     """Encode a host payload into a self-describing SSD value."""
     if payload.device.type != "cpu":
         payload = payload.cpu()
-    return encode_block(codec, fingerprint, spec, payload.numpy(), block.n_tokens)
+    return encode_block(codec, fingerprint, spec, payload.numpy(), block.n_tokens, key=block.key)
 
 
 def decode_layer_into(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: int, buffer: torch.Tensor) -> None:
@@ -97,6 +97,10 @@ def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, lay
         sl[t.seq_axis] = slice(start, start + used)
         dsts.append(u8[tuple(sl)])
         counts.append(t.bytes_per_token * n // k)
+    if used == n and parsed.read_at is not None:
+        segments = _contiguous_runs(dsts, tensors)
+        if segments is not None and read_stored_layer(parsed, layer, segments):
+            return
     src_sl = lambda t: tuple(slice(0, used) if a == t.seq_axis else slice(None) for a in range(len(t.dims) + 1))  # noqa: E731
     layer_bytes = spec.layers[layer].bytes_per_token * n
     for j, plane in iter_layer_planes(codec, parsed, layer, layer_bytes):
@@ -108,6 +112,20 @@ def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, lay
                 dst[...] = part.reshape(t.shape(n) + (t.itemsize,))[src_sl(t)]
             else:
                 dst[..., j] = part.reshape(t.shape(n))[src_sl(t)]
+
+
+def _contiguous_runs(dsts: list[np.ndarray], tensors: tuple) -> list[np.ndarray] | None:
+    """``dsts`` (whole blocks, in the layer's byte order) as C-contiguous runs, one per index of
+    the axes before the sequence axis (e.g. one per head), for a vectored read; None when a run
+    is not contiguous or there are too many for one ``preadv``."""
+    runs: list[np.ndarray] = []
+    for t, dst in zip(tensors, dsts):
+        for idx in np.ndindex(*dst.shape[:t.seq_axis]):
+            run = dst[idx]
+            if not run.flags.c_contiguous:
+                return None
+            runs.append(run.reshape(-1))
+    return runs if len(runs) <= 512 else None
 
 
 def _memory_move(transfer: Transfer, tiers: dict[str, MemoryTier]) -> list[torch.Tensor]:

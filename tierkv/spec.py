@@ -27,7 +27,7 @@ from .errors import ConfigError, SpecMismatchError
 __all__ = ["TensorSpec", "LayerSpec", "KVSpec", "DTYPES", "FORMAT_VERSION"]
 
 #: On-disk format version; part of every fingerprint, so a new format never reads an old one.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: Dtypes a KV tensor may have, by canonical name.
 DTYPES: dict[str, torch.dtype] = {

@@ -4,6 +4,7 @@ Primitives:
     SessionRecord: a session as persisted (token ids, block keys, times, TTL, pin, tenant).
     BlockMeta: a block's persisted bookkeeping (reference count, tokens, encoded size).
     SSDStore: opens/creates the environment, checks the store's identity, reads values.
+    ValueReader: reads values with pread on data.mdb, by their place in LMDB's map (Linux).
     Batch: one write transaction; every persistent change goes through one, so a crash leaves
         either all of a batch or none of it.
 
@@ -23,10 +24,12 @@ Nothing here unpickles: records are fixed structs, JSON and raw arrays.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -37,6 +40,7 @@ from typing import Iterator
 import lmdb
 import numpy as np
 
+from .codec import CorruptValueError
 from .errors import ConfigError, ForeignStoreError, StoreFullError, StoreIOError, TierKVError
 from .keys import KEY_BYTES
 from .spec import FORMAT_VERSION
@@ -180,8 +184,11 @@ class SSDStore:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             # Overflow pages round each value up to 4 KiB and the B-trees need room too.
             map_size = ssd_bytes + ssd_bytes // 4 + (64 << 20)
+            # No readahead on Linux (MADV_RANDOM): a cold B-tree page faults in alone, not with a
+            # read_ahead_kb window of the values around it (4 ms a fault with an 8 MiB window);
+            # values are read with pread there (ValueReader).
             self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
-                                 max_readers=256, readahead=True, lock=True)
+                                 max_readers=256, readahead=not sys.platform.startswith("linux"), lock=True)
         except (lmdb.Error, OSError) as e:
             self._release_path()
             if isinstance(e, PermissionError) or "ermission" in str(e) or "Read-only" in str(e):
@@ -201,6 +208,7 @@ class SSDStore:
             self._release_path()
             raise
         self.fingerprint = fingerprint
+        self.values = ValueReader.open(self)
 
     def _release_path(self) -> None:
         with _open_paths_lock:
@@ -244,6 +252,10 @@ class SSDStore:
 
     def get_value(self, txn: lmdb.Transaction, key: bytes) -> memoryview | None:
         return txn.get(key, db=self.blocks)
+
+    def blocks_cursor(self, txn: lmdb.Transaction) -> lmdb.Cursor:
+        """A cursor on the values, for ``ValueReader.locate``."""
+        return txn.cursor(db=self.blocks)
 
     def get_session(self, session: str) -> SessionRecord | None:
         with self.reader() as txn:
@@ -299,9 +311,115 @@ class SSDStore:
     def close(self) -> None:
         """Close the environment (idempotent)."""
         if getattr(self, "env", None) is not None:
+            if self.values is not None:
+                self.values.close()
             self.env.close()
             self.env = None
             self._release_path()
+
+
+class ValueReader:
+    """Reads LMDB values with ``pread`` on data.mdb instead of through LMDB's map.
+
+    Why: py-lmdb pre-faults every page of a value it returns, so ``get`` on a cold 12 MB value
+    reads all of it, 4 KiB fault by fault (each pulling a read_ahead_kb window around it), before
+    the caller sees a byte; a restore that wants layer 0 of every block first waited for every
+    block in full. A value above LMDB's inline size lives in contiguous overflow pages; its leaf
+    node (next to the key, which the cursor exposes without pre-faulting the value) holds the
+    first page's number and the size. ``pread`` then reads exactly the byte ranges asked for,
+    straight into the caller's tensors, from several threads, and a disk error is an OSError
+    instead of SIGBUS. Each read checks the overflow page header (its page number and flag), and
+    the value's own header checksum is seeded with its key, so a misplaced read is a miss.
+    ``open`` returns None (values then go through the map) off Linux or if the map cannot be
+    found in /proc/self/maps.
+    """
+
+    def __init__(self, fd: int, start: int, end: int, psize: int) -> None:
+        self._fd, self._start, self._end, self._psize = fd, start, end, psize
+
+    @classmethod
+    def open(cls, store: "SSDStore") -> "ValueReader | None":
+        try:
+            fd = os.open(store.data_file(), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            with store.reader() as txn:
+                probe = txn.get(b"fingerprint", db=store.meta)
+                addr = _address(probe)
+                for start, end, inode in _file_maps():
+                    if inode == st.st_ino and start <= addr < end:
+                        if os.pread(fd, len(probe), addr - start) == bytes(probe):
+                            return cls(fd, start, end, store.env.stat()["psize"])
+        except (OSError, ValueError, TierKVError):
+            pass
+        os.close(fd)
+        return None
+
+    def locate(self, cursor: lmdb.Cursor, key: bytes) -> tuple[int, int] | None:
+        """(file offset, size) of the overflow value stored under ``key`` in ``cursor``'s
+        database, without touching the value; None if absent or stored inline in its leaf."""
+        if not cursor.set_key(key):
+            return None
+        addr = _address(cursor.key())
+        if not (self._start + _NODE.size <= addr and addr + len(key) + 8 <= self._end):
+            return None
+        lo, hi, flags, ksize = _NODE.unpack(ctypes.string_at(addr - _NODE.size, _NODE.size))
+        if not flags & _F_BIGDATA or ksize != len(key):
+            return None
+        (pgno,) = struct.unpack("<Q", ctypes.string_at(addr + ksize, 8))
+        return pgno * self._psize + _PAGE_HEAD.size, lo | (hi << 16)
+
+    def read_head(self, offset: int, size: int, n: int) -> bytes:
+        """The first ``n`` bytes of the value at ``offset`` (from ``locate``), after checking the
+        overflow page header in front of it."""
+        page, head = bytearray(_PAGE_HEAD.size), bytearray(min(n, size))
+        self.read_at(offset - _PAGE_HEAD.size)(0, [page, head])
+        pgno, _, flags, pages = _PAGE_HEAD.unpack(page)
+        if (pgno * self._psize + _PAGE_HEAD.size != offset or not flags & _P_OVERFLOW
+                or pages * self._psize < size + _PAGE_HEAD.size):
+            raise CorruptValueError("value location does not hold an overflow page")
+        return bytes(head)
+
+    def read_at(self, base: int):
+        """A ``read_at`` (codec.ReadAt) for the value at file offset ``base``."""
+        def read(off: int, bufs) -> None:
+            want = sum(memoryview(b).nbytes for b in bufs)
+            try:
+                got = os.preadv(self._fd, bufs, base + off)
+            except OSError as e:
+                raise CorruptValueError(f"cannot read the value: {e}") from None
+            if got != want:
+                raise CorruptValueError(f"value ends early: read {got} of {want} B")
+        return read
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# LMDB 0.9 on-disk structures (mdb.c): a leaf node's header (data size lo/hi, flags, key size)
+# sits right before its key; an overflow page starts with (page number, pad, flags, page count).
+_NODE = struct.Struct("<HHHH")
+_PAGE_HEAD = struct.Struct("<QHHI")
+_F_BIGDATA, _P_OVERFLOW = 0x01, 0x04
+
+
+def _address(buf: memoryview) -> int:
+    """Address of a buffer's first byte (without touching its pages)."""
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
+
+
+def _file_maps() -> Iterator[tuple[int, int, int]]:
+    """(start, end, inode) of this process's file mappings at file offset 0."""
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) >= 5 and int(parts[2], 16) == 0 and parts[4] != "0":
+                lo, hi = parts[0].split("-")
+                yield int(lo, 16), int(hi, 16), int(parts[4])
 
 
 @dataclass

@@ -52,7 +52,7 @@ def verify_store(path: str, repair: bool = False) -> dict[str, Any]:
                     if meta_raw is None:
                         raise CorruptValueError("no bookkeeping record")
                     meta = BlockMeta.unpack(meta_raw)
-                    parsed = parse_block(raw, fingerprint, spec, codec, desc["block_tokens"])
+                    parsed = parse_block(raw, fingerprint, spec, codec, desc["block_tokens"], key=key)
                     if parsed.n_tokens != meta.n_tokens:
                         raise CorruptValueError("token count differs from its record")
                     for layer in range(spec.num_layers):

@@ -1,0 +1,122 @@
+"""The pread read path (store.ValueReader): where it reads, that it is the path taken, and that a
+value read from the wrong place is a miss."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lmdb
+import pytest
+import torch
+
+import tierkv
+from tierkv.keys import as_tokens, block_keys, chain_seed
+
+from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pread path is Linux-only")
+
+
+def big_spec():
+    # 16 tokens x 4 layers x (4 heads x 64 x fp32) x 2 = 128 KiB a block: overflow values in LMDB
+    return small_spec(dtype=torch.float32, heads=4, dim=64)
+
+
+def keys_of(s, n):
+    return block_keys(chain_seed(s.fingerprint, None), as_tokens(range(n)), BLOCK, partial=False)
+
+
+def test_locate_finds_each_value_where_lmdb_keeps_it(open_store):
+    spec = big_spec()
+    s = open_store(spec, persist="write_through")
+    s.save(range(4 * BLOCK), make_kv(spec, 4 * BLOCK), session="s")
+    s.flush()
+    reader = s._ssd.values
+    assert reader is not None
+    fd = os.open(s._ssd.data_file(), os.O_RDONLY)
+    try:
+        with s._ssd.reader() as txn:
+            cur = s._ssd.blocks_cursor(txn)
+            for key in keys_of(s, 4 * BLOCK):
+                offset, size = reader.locate(cur, key)
+                value = bytes(s._ssd.get_value(txn, key))
+                assert size == len(value)
+                assert os.pread(fd, size, offset) == value
+            assert reader.locate(cur, b"\0" * 16) is None
+    finally:
+        os.close(fd)
+
+
+def test_restore_reads_values_with_pread_not_through_the_map(open_store, store_path, monkeypatch):
+    spec = big_spec()
+    n = 5 * BLOCK + 3
+    kv = make_kv(spec, n, seed=4)
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    s.save(range(n), kv, session="s")
+    s.close()
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+
+    def no_map_reads(txn, key):
+        raise AssertionError("a block value was read through LMDB's map")
+
+    monkeypatch.setattr(s._ssd, "get_value", no_map_reads)
+    assert_kv_equal(s.restore(range(n), session="s").kv, kv)
+    h = s.prefetch(range(n), session="s")  # the host-tier path reads the same way
+    h.wait()
+    assert_kv_equal(s.restore(range(n), session="s").kv, kv)
+
+
+def test_map_fallback_restores_exactly(open_store):
+    """Off Linux (no ValueReader) values are read through the map; same bytes."""
+    spec = big_spec()
+    n = 3 * BLOCK
+    kv = make_kv(spec, n, seed=5)
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    s.save(range(n), kv, session="s")
+    s.flush()
+    s._ssd.values = None
+    assert_kv_equal(s.restore(range(n), session="s").kv, kv)
+
+
+def test_value_stored_under_another_key_is_a_miss(open_store, store_path):
+    """The header checksum is seeded with the block key: another block's value (same model,
+    same size, a valid value in itself) found under a key is a counted miss, never its KV."""
+    spec = big_spec()
+    n = 3 * BLOCK
+    kv = make_kv(spec, n, seed=6)
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    s.save(range(n), kv, session="s")
+    s.close()
+    k0, k1, _ = keys_of(s, n)
+    env = lmdb.open(store_path, max_dbs=8)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True) as txn:
+        txn.put(k1, bytes(txn.get(k0, db=db)), db=db)
+    env.close()
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    r = s.restore(range(n), session="s")
+    assert r.num_tokens == BLOCK
+    assert_kv_equal(r.kv, kv_slice(kv, BLOCK))
+    assert s.stats()["corrupt_blocks"] == 1
+
+
+def test_overflow_page_header_is_checked(open_store, store_path):
+    """A location whose page header does not name it (a damaged leaf node or page) is a miss."""
+    spec = big_spec()
+    n = 2 * BLOCK
+    kv = make_kv(spec, n, seed=7)
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    s.save(range(n), kv, session="s")
+    s.flush()
+    with s._ssd.reader() as txn:
+        offset, size = s._ssd.values.locate(s._ssd.blocks_cursor(txn), keys_of(s, n)[1])
+    s.close()
+    with open(os.path.join(store_path, "data.mdb"), "r+b") as f:
+        f.seek(offset - 16)  # the overflow page's own page number
+        f.write(b"\xff" * 8)
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    r = s.restore(range(n), session="s")
+    assert r.num_tokens == BLOCK
+    assert_kv_equal(r.kv, kv_slice(kv, BLOCK))
+    assert s.stats()["corrupt_blocks"] == 1
