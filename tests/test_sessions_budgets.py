@@ -201,3 +201,28 @@ def test_tenants_do_not_share_blocks(open_store):
     assert s.lookup(range(2 * BLOCK), session="sa", tenant="B") == 0
     with pytest.raises(tierkv.ConfigError, match="tenant"):
         s.save(range(2 * BLOCK), kv, session="sa", tenant="B")
+
+
+def test_session_lookup_fast_path_agrees_with_block_match(open_store):
+    """lookup(session=...) counts without the generic matcher; both must say the same."""
+    spec = small_spec()
+    n = 6 * BLOCK + 5
+    s = open_store(spec)
+    s.save(range(n), make_kv(spec, n), session="s")
+    s.flush()
+    base = list(range(n))
+    queries = [base, base[:3 * BLOCK], base[:3 * BLOCK + 7], base + [1, 2, 3],
+               base[:2 * BLOCK + 4] + [99_999] + base[2 * BLOCK + 5:], [7] + base[1:], base[:1]]
+
+    def generic(q):
+        with s._lock:
+            return sum(used for _, used in s._match(tierkv.keys.as_tokens(q), "s", None))
+
+    for q in queries:
+        assert s.lookup(q, session="s") == generic(q), q[:3]
+    rec = s._sessions["s"]
+    s._block(rec.keys[4]).corrupt = True   # as a failed checksum leaves it
+    s._block(rec.keys[4]).tier = None
+    for q in queries:
+        assert s.lookup(q, session="s") == generic(q), q[:3]
+    assert s.lookup(base, session="s") == 4 * BLOCK
