@@ -5,7 +5,9 @@ data) totalling ``--size`` into a fresh store, pushes them to SSD, drops the sto
 the page cache, then restores them all. In the same run it measures the disk (O_DIRECT sequential
 read of a file of the same raw size, and a page-cache read of it) and baselines on the same KV:
 one file per session with torch.save / torch.load(weights_only=True), safetensors and numpy .npy,
-and raw LMDB values without a codec. Medians over ``--repeats`` runs with min and max.
+and raw LMDB values without a codec. Medians over ``--repeats`` rounds with min and max; each
+round runs every method once, in turn, so all of them see the same disk (this VM's disk speed
+drifts by 2x within minutes).
 
     python bench/reload.py [--size 1GiB] [--repeats 5] [--synthetic] [--out bench/results/reload.json]
 
@@ -105,14 +107,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "raw_bytes": total, "kv": "synthetic" if args.synthetic else "smollm2-fp32",
                                "repeats": args.repeats}
     timings: dict[str, list[float]] = {}
-
-    def measure(name: str, prepare: Callable[[], None], run: Callable[[], Any]) -> None:
-        for _ in range(args.repeats):
-            prepare()
-            t = time.perf_counter()
-            run()
-            timings.setdefault(name, []).append(time.perf_counter() - t)
-        print(f"  {name:<34} {total / statistics.median(timings[name]) / 1e9:6.2f} GB/s", flush=True)
+    #: name -> (prepare, run); measured round-robin, one run of each per round, so every method
+    #: sees the same disk conditions (this VM's disk speed drifts by 2x within minutes)
+    methods: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
 
     try:
         store = os.path.join(work, "store")
@@ -137,10 +134,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "ssd_bytes": ssd_bytes, "compression_ratio": total / ssd_bytes}
         print(f"  save (write-through, to SSD)       {results['save']['throughput_gbps']:6.2f} GB/s; "
               f"save() blocks {statistics.median(save_block) * 1000:.1f} ms per {TOKENS}-token session", flush=True)
+        print(f"{n_sessions} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV; "
+              f"{ssd_bytes / 2**30:.2f} GiB on SSD ({total / ssd_bytes:.2f}x)", flush=True)
         data = os.path.join(store, "data.mdb")
-        read_before = [0]
+        read_bytes: dict[str, int] = {}
 
-        def tierkv_restore(prefetch: bool) -> Callable[[], None]:
+        def tierkv_restore(name: str, prefetch: bool) -> Callable[[], None]:
             def run() -> None:
                 with tierkv.TierKV(store, spec, **big) as s:
                     if prefetch:
@@ -150,75 +149,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for i in range(n_sessions):
                         r = s.restore(toks[i], session=f"s{i}", device="cpu")
                         assert r.num_tokens == TOKENS
-                    read_before[0] = s.stats()["ssd_read_bytes"]
+                    read_bytes[name] = s.stats()["ssd_read_bytes"]
             return run
 
-        print(f"{n_sessions} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV; "
-              f"{ssd_bytes / 2**30:.2f} GiB on SSD ({total / ssd_bytes:.2f}x)", flush=True)
-        measure("tierkv cold", lambda: drop_file_cache(data), tierkv_restore(False))
-        results["tierkv_cold_disk_bytes"] = read_before[0]
-        measure("tierkv cold + prefetch", lambda: drop_file_cache(data), tierkv_restore(True))
-        measure("tierkv warm (page cache)", lambda: None, tierkv_restore(False))
+        methods["tierkv cold"] = (lambda: drop_file_cache(data), tierkv_restore("cold", False))
+        methods["tierkv cold + prefetch"] = (lambda: drop_file_cache(data), tierkv_restore("prefetch", True))
+        methods["tierkv warm (page cache)"] = (lambda: tierkv_restore("warm", False)(), tierkv_restore("warm", False))
 
-        if args.only_tierkv:
-            raise _Done
-        # --- the disk's own limit: a file of the same raw size --------------------------------
-        raw_file = os.path.join(work, "raw.bin")
-        with open(raw_file, "wb") as f:
-            block = b"".join(x.contiguous().numpy().tobytes() for pair in kv for x in pair)
-            for _ in range(n_sessions):
-                f.write(block)
-        measure("disk O_DIRECT sequential read", lambda: drop_file_cache(raw_file), lambda: odirect_read(raw_file))
-        measure("disk page-cache read", lambda: None, lambda: odirect_read_cached(raw_file))
-        os.remove(raw_file)
+        if not args.only_tierkv:
+            # --- the disk's own limit: a file of the same raw size ----------------------------
+            raw_file = os.path.join(work, "raw.bin")
+            with open(raw_file, "wb") as f:
+                block = b"".join(x.contiguous().numpy().tobytes() for pair in kv for x in pair)
+                for _ in range(n_sessions):
+                    f.write(block)
+            methods["disk O_DIRECT sequential read"] = (lambda: drop_file_cache(raw_file),
+                                                        lambda: odirect_read(raw_file))
+            methods["disk page-cache read"] = (lambda: odirect_read_cached(raw_file),
+                                               lambda: odirect_read_cached(raw_file))
 
-        # --- baselines: one file per session -------------------------------------------------
-        files = os.path.join(work, "files")
-        os.makedirs(files)
-        from safetensors.torch import load_file, save_file
+            # --- baselines: one file per session ---------------------------------------------
+            files = os.path.join(work, "files")
+            os.makedirs(files)
+            from safetensors.torch import load_file, save_file
 
-        flat = {f"l{i}.{j}": x.contiguous() for i, pair in enumerate(kv) for j, x in enumerate(pair)}
-        for i in range(n_sessions):
-            torch.save(flat, os.path.join(files, f"s{i}.pt"))
-            save_file(flat, os.path.join(files, f"s{i}.safetensors"))
-            np.save(os.path.join(files, f"s{i}.npy"), torch.stack([torch.stack(p) for p in kv]).numpy())
-        measure("torch.load per session (cold)", lambda: drop_tree(files),
+            flat = {f"l{i}.{j}": x.contiguous() for i, pair in enumerate(kv) for j, x in enumerate(pair)}
+            for i in range(n_sessions):
+                torch.save(flat, os.path.join(files, f"s{i}.pt"))
+                save_file(flat, os.path.join(files, f"s{i}.safetensors"))
+                np.save(os.path.join(files, f"s{i}.npy"), torch.stack([torch.stack(p) for p in kv]).numpy())
+            methods["torch.load per session (cold)"] = (
+                lambda: drop_tree(files),
                 lambda: [torch.load(os.path.join(files, f"s{i}.pt"), weights_only=True) for i in range(n_sessions)])
-        measure("safetensors per session (cold)", lambda: drop_tree(files),
+            methods["safetensors per session (cold)"] = (
+                lambda: drop_tree(files),
                 lambda: [{k: v.clone() for k, v in load_file(os.path.join(files, f"s{i}.safetensors")).items()}
                          for i in range(n_sessions)])
-        measure("numpy .npy per session (cold)", lambda: drop_tree(files),
+            methods["numpy .npy per session (cold)"] = (
+                lambda: drop_tree(files),
                 lambda: [np.load(os.path.join(files, f"s{i}.npy")) for i in range(n_sessions)])
-        shutil.rmtree(files)
 
-        # --- raw LMDB values, no codec: one value per 256-token block ------------------------
-        import lmdb
+            # --- raw LMDB values, no codec: one value per 256-token block --------------------
+            import lmdb
 
-        rawdb = os.path.join(work, "rawlmdb")
-        env = lmdb.open(rawdb, map_size=2 * total + (1 << 30))
-        bt = 256
-        blocks = [b"".join(x[:, s:s + bt].contiguous().numpy().tobytes() for pair in kv for x in pair)
-                  for s in range(0, TOKENS, bt)]
-        with env.begin(write=True) as txn:
-            for i in range(n_sessions):
-                for j, b in enumerate(blocks):
-                    txn.put(f"{i}:{j}".encode(), b)
-        env.close()
-
-        def lmdb_read() -> None:
-            e = lmdb.open(rawdb, readonly=True, lock=False)
-            with e.begin(buffers=True) as txn:
+            rawdb = os.path.join(work, "rawlmdb")
+            env = lmdb.open(rawdb, map_size=2 * total + (1 << 30))
+            bt = 256
+            blocks = [b"".join(x[:, s:s + bt].contiguous().numpy().tobytes() for pair in kv for x in pair)
+                      for s in range(0, TOKENS, bt)]
+            with env.begin(write=True) as txn:
                 for i in range(n_sessions):
-                    out = torch.empty(per, dtype=torch.uint8)
-                    pos = 0
-                    for j in range(len(blocks)):
-                        v = txn.get(f"{i}:{j}".encode())
-                        out[pos:pos + len(v)] = torch.frombuffer(v, dtype=torch.uint8)
-                        pos += len(v)
-            e.close()
-        measure("raw LMDB values, no codec (cold)", lambda: drop_file_cache(os.path.join(rawdb, "data.mdb")), lmdb_read)
-    except _Done:
-        pass
+                    for j, b in enumerate(blocks):
+                        txn.put(f"{i}:{j}".encode(), b)
+            env.close()
+
+            def lmdb_read() -> None:
+                e = lmdb.open(rawdb, readonly=True, lock=False)
+                with e.begin(buffers=True) as txn:
+                    for i in range(n_sessions):
+                        out = torch.empty(per, dtype=torch.uint8)
+                        pos = 0
+                        for j in range(len(blocks)):
+                            v = txn.get(f"{i}:{j}".encode())
+                            out[pos:pos + len(v)].numpy()[:] = np.frombuffer(v, dtype=np.uint8)
+                            pos += len(v)
+                e.close()
+            methods["raw LMDB values, no codec (cold)"] = (
+                lambda: drop_file_cache(os.path.join(rawdb, "data.mdb")), lmdb_read)
+
+        for rnd in range(args.repeats):
+            for name, (prepare, run) in methods.items():
+                prepare()
+                t = time.perf_counter()
+                run()
+                timings.setdefault(name, []).append(time.perf_counter() - t)
+            print(f"  round {rnd + 1}/{args.repeats} done", flush=True)
+        for name, xs in timings.items():
+            print(f"  {name:<34} {total / statistics.median(xs) / 1e9:6.2f} GB/s", flush=True)
+        results["tierkv_cold_disk_bytes"] = read_bytes["cold"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -245,10 +253,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         print(json.dumps(results))
     return results
-
-
-class _Done(Exception):
-    """Stop after the tierkv measurements (--only-tierkv)."""
 
 
 def odirect_read_cached(path: str, chunk: int = 4 << 20) -> int:

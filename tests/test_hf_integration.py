@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("transformers")
 from tierkv import TierKV  # noqa: E402
-from tierkv.integrations.hf import (SessionRunner, cache_to_kv, greedy_decode, kv_to_cache,  # noqa: E402
-                                    load_smollm2, prefill, restore_cache, spec_for_model)
+from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, cache_to_kv, greedy_decode,  # noqa: E402
+                                    kv_to_cache, load_smollm2, prefill, restore_cache, spec_for_model,
+                                    use_grouped_attention)
 
 pytestmark = pytest.mark.model
 STEPS = 32
@@ -134,6 +135,47 @@ def test_session_runner_turns(smol, tmp_path):
         logits, cache = prefill(model, turn2)
         toks, _, _ = greedy_decode(model, logits, cache, 8)
         assert toks == t2.tokens
+
+
+def test_session_runner_reuses_its_pool_and_stays_exact(smol, tmp_path):
+    """reserve() sizes the restore buffers once; later turns restore into the same (dirty)
+    memory and still equal a from-scratch run."""
+    model, tok, spec = smol
+    with TierKV(str(tmp_path / "store"), spec, device_bytes=0, host_bytes=0) as kv:
+        runner = SessionRunner(kv, model)
+        runner.reserve(600)
+        ptrs = {k: b.data_ptr() for k, b in runner.pool._bufs.items()}
+        assert len(ptrs) == 2 * spec.num_layers
+        tokens = stdlib_tokens(tok, 250, "dataclasses.py")
+        for question in (" Why?", " And then?", " Summarise."):
+            t = runner.turn("p", tokens, max_new_tokens=6)
+            logits, cache = prefill(model, tokens)
+            assert greedy_decode(model, logits, cache, 6)[0] == t.tokens
+            tokens = tokens + t.tokens + tok.encode(question, add_special_tokens=False)
+        assert t.restored_tokens > 250
+        assert {k: b.data_ptr() for k, b in runner.pool._bufs.items()} == ptrs
+
+
+def test_grouped_attention_matches_sdpa():
+    """use_grouped_attention changes the kernel, not the math: a prefill over a cache (masked)
+    and a decode step agree with transformers' sdpa to float rounding."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ctx, new = list(range(5, 405)), [7, 8, 9, 10, 11]
+    _, cache = prefill(model, ctx)
+    kv = [(k.clone(), v.clone()) for k, v in cache_to_kv(cache)]
+    ref = continue_from(model, kv, new, steps=4)
+    use_grouped_attention(model)
+    assert model.config._attn_implementation == GROUPED_ATTENTION
+    got = continue_from(model, kv, new, steps=4)
+    assert got[0] == ref[0]
+    assert torch.allclose(got[1], ref[1], atol=1e-4, rtol=1e-4)
+    _, full = prefill(model, ctx)  # unmasked: handed to sdpa unchanged
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(cache_to_kv(full), kv))
 
 
 def test_second_architecture_qwen3_random_weights(tmp_path):

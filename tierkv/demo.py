@@ -262,8 +262,11 @@ def child_main(argv: list[str]) -> int:
 
     with TierKV(a.store, spec, ssd_codec=a.codec, block_tokens=a.block_tokens) as kv:
         # The loop an agent server runs: restore (layer by layer, overlapped with the prefill of
-        # the new message), decode, save the grown session.
-        turn = SessionRunner(kv, model, eos).turn(a.session, seen + turn2, a.answer_tokens)
+        # the new message), decode, save the grown session. Its KV buffers are sized at start-up,
+        # as a server sizes its KV pool.
+        runner = SessionRunner(kv, model, eos)
+        runner.reserve(len(seen) + len(turn2) + a.answer_tokens)
+        turn = runner.turn(a.session, seen + turn2, a.answer_tokens)
         kv.flush()
         st = kv.stats()
     tokens, all_logits = turn.tokens, turn.logits
