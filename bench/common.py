@@ -31,11 +31,12 @@ def timed(fn: Callable[[], Any], repeats: int = 7) -> dict[str, float]:
     return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
 
 
-def real_kv(n_tokens: int, cache_dir: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """KV of SmolLM2 (fp32) over ``n_tokens`` tokens of standard-library source."""
+def real_kv(n_tokens: int, cache_dir: str | None = None,
+            dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KV of SmolLM2 (run in ``dtype``) over ``n_tokens`` tokens of standard-library source."""
     from tierkv.integrations.hf import cache_to_kv, load_smollm2, prefill
 
-    model, tok, _ = load_smollm2(cache_dir)
+    model, tok, _ = load_smollm2(cache_dir, dtype=dtype)
     text = ""
     for name in ("functools.py", "dataclasses.py", "argparse.py", "pathlib.py"):
         with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as f:

@@ -10,7 +10,8 @@ token, ``--repeats`` times each:
 - the SSD cases once more with ``prefetch`` issued at arrival.
 
 Every case includes ``--server-work-ms`` (default 50) of the server's own work (tokenising,
-scheduling) between arrival and the prefill; a prefetch runs during it.
+scheduling) between arrival and the prefill; a prefetch runs during it. Restores write into a
+``CachePool`` sized at start-up, as a server's KV pool is.
 
     python bench/ttft.py [--sizes 512 2048 8000] [--repeats 3]     # -> bench/results/ttft.json
 """
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
-from tierkv.integrations.hf import cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
+from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
 from tierkv.pagecache import drop_file_cache  # noqa: E402
 
 
@@ -48,6 +49,9 @@ def main() -> None:
                    for n in ("argparse.py", "functools.py", "dataclasses.py"))
     all_ids = tok.encode(text, add_special_tokens=False)
     message = tok.encode("\n# Question: what does this file do?\n", add_special_tokens=False)[:16]
+    # The server's KV buffers, sized at start-up (a server's KV pool): restores write into them.
+    pool = CachePool()
+    pool.reserve(spec, max(args.sizes) + HEADROOM)
     work = tempfile.mkdtemp(prefix="tierkv-ttft-")
     rows = []
     try:
@@ -89,7 +93,7 @@ def main() -> None:
                     if prefetch:
                         s.prefetch(ctx, session="s")  # at arrival: overlaps the server's own work
                     time.sleep(args.server_work_ms / 1000)
-                    c, h = restore_cache(s, ctx, model.config, session="s")
+                    c, h = restore_cache(s, ctx, model.config, session="s", pool=pool)
                     assert h.num_tokens == size
                     prefill(model, message, c)
                     return time.perf_counter() - t0

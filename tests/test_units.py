@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import tierkv
 from tierkv.codec import CorruptValueError, RawCodec, ZstdPlanesCodec, decode_layer, encode_block, parse_block
+from tierkv.errors import SpecMismatchError
 from tierkv.keys import as_tokens, block_keys, chain_seed
 from conftest import small_spec
 
@@ -124,3 +125,34 @@ def test_config_knows_exactly_the_codecs_codec_py_implements():
     from tierkv.config import SSD_CODECS
 
     assert set(SSD_CODECS) == set(CODECS)
+
+
+def test_tokens_view_matches_as_tokens_and_checks_range():
+    import torch
+
+    from tierkv.keys import as_tokens, tokens_view
+
+    for t in (torch.tensor([0, 5, 2**31 + 7, 2**32 - 1]), torch.randint(0, 50_000, (70_000,)),
+              torch.tensor([3, 1, 2], dtype=torch.int32)):
+        assert np.array_equal(tokens_view(t), as_tokens(t))
+    first = tokens_view(torch.tensor([1, 2, 3]))
+    assert list(first) == [1, 2, 3]
+    for bad in (torch.tensor([-1, 3]), torch.tensor([2**32]), torch.tensor([5, -(2**40)])):
+        with pytest.raises(SpecMismatchError):
+            tokens_view(bad)
+    assert list(tokens_view([4, 5])) == [4, 5]  # other inputs go through as_tokens
+
+
+@given(st.integers(0, 300_000), st.integers(0, 300_000), st.integers(0, 300_000))
+@settings(max_examples=60, deadline=None)
+def test_common_prefix(n_a, n_b, cut):
+    from tierkv.keys import common_prefix
+
+    a = np.arange(n_a, dtype=np.uint32)
+    b = np.arange(n_b, dtype=np.uint32)
+    if cut < min(n_a, n_b):
+        b[cut] += 1
+        expect = cut
+    else:
+        expect = min(n_a, n_b)
+    assert common_prefix(a, b) == expect

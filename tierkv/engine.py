@@ -35,7 +35,7 @@ from .errors import (BackgroundError, BudgetExceededError, ConfigError, SpecMism
                      StoreClosedError, StoreFullError, StoreIOError, TierKVError, UnknownSessionError)
 from .handles import LoadHandle, RestoredKV, SaveHandle, _Part
 from .pagecache import advise_willneed
-from .keys import as_tokens, block_keys, chain_seed, iter_block_keys
+from .keys import as_tokens, block_keys, chain_seed, common_prefix, iter_block_keys, tokens_view
 from .movers import MOVERS, Transfer, decode_layer_into, decode_layer_into_views, encode_payload
 from .spec import KVSpec
 from .stats import Stats
@@ -335,9 +335,7 @@ class TierKV:
         B = self.block_tokens
         rec = self._session(session) if session is not None else None
         if rec is not None and rec.tenant == tenant:
-            m = min(len(rec.tokens), len(toks))
-            diff = np.flatnonzero(rec.tokens[:m] != toks[:m])
-            lcp = int(diff[0]) if len(diff) else m
+            lcp = common_prefix(rec.tokens, toks)
             keys: Any = rec.keys[:(lcp + B - 1) // B]
         else:
             lcp = (len(toks) // B) * B
@@ -355,7 +353,7 @@ class TierKV:
         for an unknown session), full blocks are matched by content.
         """
         self._check_open()
-        toks = as_tokens(tokens)
+        toks = tokens_view(tokens)  # may be this thread's scratch: used only before returning
         if session is not None:
             check_session_id(session)
         with self._lock:
@@ -364,12 +362,7 @@ class TierKV:
                 return sum(used for _, used in self._match(toks, session, tenant))
             # The session path without a generator: one dict probe per block (bench/ops.py:
             # a 1M-token session is 3,907 blocks).
-            m = min(len(rec.tokens), len(toks))
-            a, b = rec.tokens[:m], toks[:m]
-            if np.array_equal(a, b):
-                lcp = m
-            else:
-                lcp = int(np.argmax(a != b))
+            lcp = common_prefix(rec.tokens, toks)
             n_blocks = (lcp + self.block_tokens - 1) // self.block_tokens
             blocks, found = self._blocks, 0
             for key in rec.keys[:n_blocks]:
