@@ -12,15 +12,16 @@ noise (ratio 1.01) while the top byte (sign, exponent) compresses 2.8x. Splittin
 1.19x on fp32 and 1.45x on bf16, against 1.09x and 1.27x for zstd on unsplit bytes, and level 1
 beats level 3 on both ratio and speed. zstd stores incompressible planes as raw blocks, so they
 decode at memory speed with their XXH64 checksum. blosc2 (shuffle + zstd) reaches the same ratio
-and decodes about 2x faster per core, but carries no checksum: adding a CRC32 pass (4.3 GB/s) and
-the copy into the caller's tensors (we decode straight into them) leaves it within ~20%, not worth
-a dependency. End to end the reload was bound by the disk and by sharing two cores with the
-prefill, not by this codec (docs/benchmarks.md).
+and decodes about 2x faster per core, but carries no checksum: adding a checksum pass and the copy
+into the caller's tensors (we decode straight into them) leaves it within ~20%, not worth a
+dependency. On a 2-core machine even bf16's 1.45x does not pay against a 1.5-2.5 GB/s disk (zstd
+decodes ~1.1 GB/s per core): there ``ssd_codec="raw"`` reloads faster (docs/benchmarks.md).
 
 Checksums are CRC32C (the ``crc32c`` package: SSE4.2 instructions, 27 GB/s on one core here and
 the GIL released, against 4.2 GB/s for zlib's CRC32): a stored fp32 layer is read straight into
-the caller's tensors and then checksummed, and at zlib's speed that pass was a third of a cold
-restore's CPU time, taken from the prefill it overlaps.
+the caller's tensors and then checksummed; at zlib's speed that pass was most of a restore's user
+CPU, taken from the prefill it overlaps (a checked copy of a stored layer, bench/codec_choice.py:
+2.83 GB/s with zlib's CRC32, 7.00 GB/s with CRC32C).
 
 Value layout (all integers little-endian)::
 

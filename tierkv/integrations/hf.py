@@ -112,8 +112,8 @@ def use_grouped_attention(model: Any) -> None:
 
     Why: transformers' "sdpa" copies every KV head ``num_key_value_groups`` times whenever a mask
     is passed, i.e. for every prefill that follows a cache, the restore path's one forward pass.
-    For SmolLM2 (9 query / 3 KV heads) a 27-token message over an 8K-token restored context spends
-    ~250 ms of ~430 ms there; grouped, ~150 ms. Unmasked passes (a prefill from scratch), other
+    For SmolLM2 (9 query / 3 KV heads), a 27-token message after an 8K-token session restored
+    from cold SSD: 840 ms with "sdpa", 460 ms grouped (bench/ttft_parts.py). Unmasked passes (a prefill from scratch), other
     devices and other attention options go to transformers' "sdpa" unchanged, so recompute
     baselines do not move. Outputs equal "sdpa"'s to float rounding, not bit for bit; compare
     restored against original caches under the same setting.
@@ -150,8 +150,8 @@ class CachePool:
     """Per-layer key/value buffers kept from one turn to the next: a server's KV memory pool.
 
     Why: a restore into fresh tensors pays a page fault and a page zeroing per 4 KiB of KV the
-    first time each page is written — ~130 ms of kernel CPU for an 8K-token SmolLM2 restore on
-    the test machine, taken from the prefill it overlaps. Buffers from the pool are already
+    first time each page is written, taken from the prefill it overlaps: an 8K-token SmolLM2 turn
+    restored from cold SSD takes 631 ms into fresh tensors, 460 ms into a pool (bench/ttft_parts.py). Buffers from the pool are already
     mapped. A buffer is handed out again only when the cache that used it is gone: one pool per
     loop that runs one turn at a time (``SessionRunner`` owns one).
     """

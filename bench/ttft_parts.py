@@ -1,0 +1,106 @@
+"""Where a restored turn's time goes: one long session restored from cold SSD, under variants.
+
+A session of ``--tokens`` (default 8,064, the demo's 8K session) of SmolLM2 fp32 KV is saved to
+SSD (real KV of 2,048 tokens of stdlib source, repeated: the timing does not depend on the
+values). Then, round after round, each variant runs once (pages dropped before each):
+
+- prefill only: the KV fully restored first, then only the prefill of the 27-token message is
+  timed — the floor with no reload at all;
+- overlapped: restore layer by layer into a ``CachePool`` while prefilling (what the demo does);
+- overlapped, fresh buffers: the same with new tensors for the restore (no pool);
+- overlapped, sdpa: the same with transformers' "sdpa" attention (repeats KV heads) instead of
+  ``use_grouped_attention``.
+
+    python bench/ttft_parts.py [--tokens 8064] [--rounds 6]     # -> bench/results/ttft_parts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, write_json  # noqa: E402
+from reload import session_kv  # noqa: E402
+
+import tierkv  # noqa: E402
+from tierkv.integrations.hf import (GROUPED_ATTENTION, HEADROOM, CachePool, load_smollm2, prefill,  # noqa: E402
+                                    restore_cache)
+from tierkv.pagecache import drop_file_cache  # noqa: E402
+
+MESSAGE = 27  # the demo's turn-2 message length
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=8064)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--out", default="bench/results/ttft_parts.json")
+    args = ap.parse_args()
+    model, _, spec = load_smollm2()
+    torch.set_num_threads(os.cpu_count() or 1)
+    _, kv2k = session_kv(False, os.path.join(os.path.expanduser("~"), ".cache", "tierkv"))
+    n = args.tokens
+    reps = -(-n // kv2k[0][0].shape[1])
+    kv = [(torch.cat([k] * reps, 1)[:, :n].contiguous(), torch.cat([v] * reps, 1)[:, :n].contiguous())
+          for k, v in kv2k]
+    toks = np.random.default_rng(0).integers(0, 49_000, n).tolist()
+    msg = list(range(1000, 1000 + MESSAGE))
+    work = tempfile.mkdtemp(prefix="tierkv-ttft-parts-")
+    path = os.path.join(work, "store")
+    big = 2 * n * spec.bytes_per_token + (64 << 20)
+    with tierkv.TierKV(path, spec, ssd_bytes=4 * big, persist="write_through") as s:
+        s.save(toks, kv, session="a").wait()
+    del kv
+    pool = CachePool()
+    pool.reserve(spec, n + HEADROOM)
+    prefill(model, msg, None)  # warm-up
+
+    def turn(use_pool: bool, attention: str, overlap: bool) -> float:
+        drop_file_cache(os.path.join(path, "data.mdb"))
+        model.set_attn_implementation(attention)
+        with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0) as s:
+            t0 = time.perf_counter()
+            cache, h = restore_cache(s, toks, model.config, session="a", pool=pool if use_pool else None)
+            assert h.num_tokens == n
+            if not overlap:
+                h.result()
+                t0 = time.perf_counter()
+            prefill(model, msg, cache)
+            t = time.perf_counter() - t0
+            h.result()
+        model.set_attn_implementation(GROUPED_ATTENTION)
+        return t
+
+    variants = {
+        "prefill only (KV restored first)": lambda: turn(True, GROUPED_ATTENTION, False),
+        "overlapped restore + prefill": lambda: turn(True, GROUPED_ATTENTION, True),
+        "overlapped, fresh buffers (no pool)": lambda: turn(False, GROUPED_ATTENTION, True),
+        "overlapped, sdpa attention": lambda: turn(True, "sdpa", True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    try:
+        for r in range(args.rounds):
+            for name, fn in variants.items():
+                times[name].append(fn())
+            print(f"  round {r + 1}/{args.rounds}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = {name: {"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "n": len(x)}
+           for name, x in times.items()}
+    for name, st in out.items():
+        print(f"  {name:<38} {st['median_s'] * 1000:6.0f} ms ({st['min_s'] * 1000:.0f}-{st['max_s'] * 1000:.0f})")
+    write_json(args.out, {"machine": machine(), "tokens": n, "message_tokens": MESSAGE,
+                          "kv_bytes": n * spec.bytes_per_token, "rounds": args.rounds, "ttft": out})
+
+
+if __name__ == "__main__":
+    main()
