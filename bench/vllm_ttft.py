@@ -7,7 +7,7 @@ without the connector serving the same prompts. TTFT = time of a 1-token generat
 vLLM's own prefix cache disabled so every request either loads or recomputes.
 
     .venv-vllm/bin/python must exist (make vllm-venv); then, from the main venv:
-    python bench/vllm_ttft.py [--prefix-tokens 7000] [--requests 3]
+    python bench/vllm_ttft.py [--prefix-tokens 7000] [--requests 3] [--codec zstd-planes|raw]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--prefix-tokens", type=int, default=7000)
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--vllm-python", default=os.path.join(HERE, "..", ".venv-vllm", "bin", "python"))
+    ap.add_argument("--codec", default="zstd-planes", help="the connector's ssd_codec (zstd-planes or raw)")
     ap.add_argument("--out", default="bench/results/vllm_ttft.json")
     args = ap.parse_args()
     from tierkv.integrations.hf import load_smollm2
@@ -47,7 +48,8 @@ def main() -> None:
     d = tempfile.mkdtemp(prefix="tierkv-vllm-bench-")
     json.dump([[prefix + ask(0)]], open(os.path.join(d, "seed.json"), "w"))
     json.dump([[prefix + ask(i + 1)] for i in range(args.requests)], open(os.path.join(d, "reqs.json"), "w"))
-    env = dict(os.environ, TIERKV_E2E_MAX_LEN=str(args.prefix_tokens + 64), TIERKV_E2E_MAX_TOKENS="1")
+    env = dict(os.environ, TIERKV_E2E_MAX_LEN=str(args.prefix_tokens + 64), TIERKV_E2E_MAX_TOKENS="1",
+               TIERKV_E2E_CODEC=args.codec)
 
     def run(kind: str, prompts: str, out: str, stats: str) -> list[dict]:
         subprocess.run([args.vllm_python, E2E, kind, model.name_or_path, os.path.join(d, "store"),
@@ -64,7 +66,7 @@ def main() -> None:
     t_kv = [b["seconds"] for b in with_tierkv]
     t_plain = [b["seconds"] for b in plain]
     res = {
-        "machine": machine(), "prefix_tokens": len(prefix), "requests": args.requests,
+        "machine": machine(), "prefix_tokens": len(prefix), "requests": args.requests, "codec": args.codec,
         "ttft_tierkv_s": {"median": statistics.median(t_kv), "min": min(t_kv), "max": max(t_kv), "runs": t_kv,
                           "first_cold_s": t_kv[0]},
         "ttft_recompute_s": {"median": statistics.median(t_plain), "min": min(t_plain), "max": max(t_plain),

@@ -95,13 +95,15 @@ def test_bad_connector_settings_are_clear_errors():
 from tierkv.integrations.vllm import ConnectorSettings
 from tierkv import ConfigError
 for extra, msg in [({}, "store_path"), ({"store_path": "/x", "block_tokens": 48}, "multiple"),
-                   ({"store_path": "/x", "colour": 1}, "unknown"), ({"store_path": "/x", "ssd_bytes": "lots"}, "ssd_bytes")]:
+                   ({"store_path": "/x", "colour": 1}, "unknown"), ({"store_path": "/x", "ssd_bytes": "lots"}, "ssd_bytes"),
+                   ({"store_path": "/x", "ssd_codec": "lz4"}, "ssd_codec")]:
     try:
         ConnectorSettings.parse(extra, 32, "m")
     except ConfigError as e:
         assert msg in str(e), (msg, str(e))
     else:
         raise SystemExit(f"accepted {extra}")
+assert ConnectorSettings.parse({"store_path": "/x", "ssd_codec": "raw"}, 32, "m").ssd_codec == "raw"
 print("ok")
 """
     r = subprocess.run([VLLM_PY, "-c", code], capture_output=True, text=True, timeout=120)

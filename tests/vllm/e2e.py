@@ -24,7 +24,8 @@ if __name__ == "__main__":
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="TierKVConnector", kv_connector_module_path="tierkv.integrations.vllm",
             kv_role="kv_both", kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"store_path": store, "block_tokens": 64, "stats_dir": stats})
+            kv_connector_extra_config={"store_path": store, "block_tokens": 64, "stats_dir": stats,
+                                       "ssd_codec": os.environ.get("TIERKV_E2E_CODEC", "zstd-planes")})
     max_len = int(os.environ.get("TIERKV_E2E_MAX_LEN", "1024"))
     max_tokens = int(os.environ.get("TIERKV_E2E_MAX_TOKENS", "16"))
     llm = LLM(model=model, dtype="bfloat16", max_model_len=max_len, enforce_eager=True, block_size=32,

@@ -40,7 +40,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                 KVConnectorRole)
 
-from ..config import parse_size
+from ..config import SSD_CODECS, parse_size
 from ..engine import TierKV
 from ..errors import BlockLoadError, ConfigError, TierKVError
 from ..spec import KVSpec, LayerSpec, TensorSpec, dtype_name
@@ -60,7 +60,9 @@ class ConnectorSettings:
     Keys: ``store_path`` (required), ``block_tokens`` (a multiple of vLLM's block size, default
     256), ``device_bytes`` / ``host_bytes`` / ``ssd_bytes`` (sizes, default 0 / "1GiB" / "16GiB":
     vLLM's own paged cache is the device tier), ``model_id`` (default: the model path),
-    ``stats_dir`` (optional: each connector process writes its counters there as JSON).
+    ``stats_dir`` (optional: each connector process writes its counters there as JSON),
+    ``ssd_codec`` ("zstd-planes", the default, or "raw": on a machine with few cores the planes'
+    decoding is slower than the disk; docs/benchmarks.md).
     """
 
     store_path: str
@@ -70,8 +72,10 @@ class ConnectorSettings:
     ssd_bytes: int
     model_id: str
     stats_dir: str | None = None
+    ssd_codec: str = "zstd-planes"
 
-    KNOWN = ("store_path", "block_tokens", "device_bytes", "host_bytes", "ssd_bytes", "model_id", "stats_dir")
+    KNOWN = ("store_path", "block_tokens", "device_bytes", "host_bytes", "ssd_bytes", "model_id", "stats_dir",
+             "ssd_codec")
 
     @classmethod
     def parse(cls, extra: dict[str, Any] | None, vllm_block_size: int, default_model_id: str) -> "ConnectorSettings":
@@ -87,10 +91,13 @@ class ConnectorSettings:
         if isinstance(bt, bool) or not isinstance(bt, int) or bt <= 0 or bt % vllm_block_size:
             raise ConfigError(f"TierKVConnector: block_tokens={bt!r} must be a positive multiple of vLLM's "
                               f"block_size ({vllm_block_size})")
+        codec = extra.get("ssd_codec", "zstd-planes")
+        if codec not in SSD_CODECS:
+            raise ConfigError(f"TierKVConnector: ssd_codec={codec!r} must be one of {list(SSD_CODECS)}")
         return cls(path, bt, parse_size(extra.get("device_bytes", 0), "device_bytes"),
                    parse_size(extra.get("host_bytes", "1GiB"), "host_bytes"),
                    parse_size(extra.get("ssd_bytes", "16GiB"), "ssd_bytes"),
-                   str(extra.get("model_id", default_model_id)), extra.get("stats_dir"))
+                   str(extra.get("model_id", default_model_id)), extra.get("stats_dir"), codec)
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,7 @@ class TierKVConnector(KVConnectorBase_V1):
         self.store = _STORES.acquire(
             self.settings.store_path, self._spec, block_tokens=self.settings.block_tokens,
             persist="write_through", ssd_bytes=self.settings.ssd_bytes, device="cpu",
+            ssd_codec=self.settings.ssd_codec,
             device_bytes=self.settings.device_bytes if is_worker else 0,
             host_bytes=self.settings.host_bytes if is_worker else 0)
         # scheduler side
