@@ -79,8 +79,9 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
 def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> tuple[torch.Tensor, Any]:
     """Run ``input_ids`` through the model after ``cache``; return last-position logits and the cache.
 
-    Only the last position's logits are computed (``logits_to_keep=1``), as a server does: the
-    LM head over every prompt position costs SmolLM2 ~3 s of an 8K-token prefill on 2 cores.
+    Only the last position's logits are computed (``logits_to_keep=1``), as a server does: the LM
+    head over every prompt position is a sizeable share of a long prefill (49,152 x 576 for
+    SmolLM2, per position).
     """
     if cache is None:
         cache = DynamicCache(config=model.config)
