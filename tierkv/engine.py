@@ -496,9 +496,16 @@ class TierKV:
             loc = where.get(b.key)
             if loc is None:
                 raise CorruptValueError("value missing from the store")
+            head = None
             if isinstance(loc, tuple):  # pread: the header now, each layer when it is decoded
                 offset, size = loc
                 head = values.read_head(offset, size, self._header_bound)
+                if head is None:  # the location is not trusted: read through the map instead
+                    self._stats.count("pread_fallbacks", 1)
+                    loc = self._ssd.get_value(txn, b.key)
+                    if loc is None:
+                        raise CorruptValueError("value missing from the store")
+            if head is not None:
                 parsed = parse_block(size, self.fingerprint, self.spec, self.codec, self.block_tokens,
                                      head=head, read_at=values.read_at(offset), key=b.key)
             else:

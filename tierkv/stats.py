@@ -54,6 +54,8 @@ class Stats:
             "resident_blocks": blocks,
             "budgets": budgets,
             "ssd_read_bytes": c.get("ssd_read_bytes", 0),
+            # values whose place in data.mdb did not check out, read through LMDB's map instead
+            "pread_fallbacks": c.get("pread_fallbacks", 0),
             "ssd_raw_written": raw,
             "ssd_enc_written": enc,
             "compression_ratio": (raw / enc) if enc else None,

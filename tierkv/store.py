@@ -185,8 +185,8 @@ class SSDStore:
             # Overflow pages round each value up to 4 KiB and the B-trees need room too.
             map_size = ssd_bytes + ssd_bytes // 4 + (64 << 20)
             # No readahead on Linux (MADV_RANDOM): a cold B-tree page faults in alone, not with a
-            # read_ahead_kb window of the values around it (4 ms a fault with an 8 MiB window);
-            # values are read with pread there (ValueReader).
+            # read_ahead_kb window of the values around it (8 MiB on the test machine); values
+            # are read with pread there (ValueReader).
             self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
                                  max_readers=256, readahead=not sys.platform.startswith("linux"), lock=True)
         except (lmdb.Error, OSError) as e:
@@ -311,7 +311,7 @@ class SSDStore:
     def close(self) -> None:
         """Close the environment (idempotent)."""
         if getattr(self, "env", None) is not None:
-            if self.values is not None:
+            if getattr(self, "values", None) is not None:
                 self.values.close()
             self.env.close()
             self.env = None
@@ -328,8 +328,9 @@ class ValueReader:
     node (next to the key, which the cursor exposes without pre-faulting the value) holds the
     first page's number and the size. ``pread`` then reads exactly the byte ranges asked for,
     straight into the caller's tensors, from several threads, and a disk error is an OSError
-    instead of SIGBUS. Each read checks the overflow page header (its page number and flag), and
-    the value's own header checksum is seeded with its key, so a misplaced read is a miss.
+    instead of SIGBUS. The overflow page header in front of a located value must name that page
+    (else the value is read through the map), and the value's own header checksum is seeded with
+    its key, so a misplaced read is never taken for another block's KV.
     ``open`` returns None (values then go through the map) off Linux or if the map cannot be
     found in /proc/self/maps.
     """
@@ -371,15 +372,17 @@ class ValueReader:
         (pgno,) = struct.unpack("<Q", ctypes.string_at(addr + ksize, 8))
         return pgno * self._psize + _PAGE_HEAD.size, lo | (hi << 16)
 
-    def read_head(self, offset: int, size: int, n: int) -> bytes:
-        """The first ``n`` bytes of the value at ``offset`` (from ``locate``), after checking the
-        overflow page header in front of it."""
+    def read_head(self, offset: int, size: int, n: int) -> bytes | None:
+        """The first ``n`` bytes of the value at ``offset`` (from ``locate``), or None when the
+        overflow page header in front of it does not name that page: then the location is not
+        trusted (a damaged page, or an LMDB whose layout differs from 0.9's) and the caller
+        reads the value through the map, where its own checksums still judge it."""
         page, head = bytearray(_PAGE_HEAD.size), bytearray(min(n, size))
         self.read_at(offset - _PAGE_HEAD.size)(0, [page, head])
         pgno, _, flags, pages = _PAGE_HEAD.unpack(page)
         if (pgno * self._psize + _PAGE_HEAD.size != offset or not flags & _P_OVERFLOW
                 or pages * self._psize < size + _PAGE_HEAD.size):
-            raise CorruptValueError("value location does not hold an overflow page")
+            return None
         return bytes(head)
 
     def read_at(self, base: int):
