@@ -22,15 +22,22 @@ def big_spec():
     return small_spec(dtype=torch.float32, heads=4, dim=64)
 
 
+def saved(open_store, n, seed, **settings):
+    """A store holding one session ``s`` of ``n`` tokens (flushed to SSD), its spec and KV."""
+    spec = big_spec()
+    kv = make_kv(spec, n, seed=seed)
+    s = open_store(spec, **settings)
+    s.save(range(n), kv, session="s")
+    s.flush()
+    return s, spec, kv
+
+
 def keys_of(s, n):
     return block_keys(chain_seed(s.fingerprint, None), as_tokens(range(n)), BLOCK, partial=False)
 
 
 def test_locate_finds_each_value_where_lmdb_keeps_it(open_store):
-    spec = big_spec()
-    s = open_store(spec, persist="write_through")
-    s.save(range(4 * BLOCK), make_kv(spec, 4 * BLOCK), session="s")
-    s.flush()
+    s, _, _ = saved(open_store, 4 * BLOCK, 0, persist="write_through")
     reader = s._ssd.values
     assert reader is not None
     fd = os.open(s._ssd.data_file(), os.O_RDONLY)
@@ -48,11 +55,8 @@ def test_locate_finds_each_value_where_lmdb_keeps_it(open_store):
 
 
 def test_restore_reads_values_with_pread_not_through_the_map(open_store, store_path, monkeypatch):
-    spec = big_spec()
     n = 5 * BLOCK + 3
-    kv = make_kv(spec, n, seed=4)
-    s = open_store(spec, host_bytes=0, device_bytes=0)
-    s.save(range(n), kv, session="s")
+    s, spec, kv = saved(open_store, n, 4, host_bytes=0, device_bytes=0)
     s.close()
     s = open_store(spec, host_bytes=0, device_bytes=0)
 
@@ -69,24 +73,16 @@ def test_restore_reads_values_with_pread_not_through_the_map(open_store, store_p
 
 def test_map_fallback_restores_exactly(open_store):
     """Off Linux (no ValueReader) values are read through the map; same bytes."""
-    spec = big_spec()
     n = 3 * BLOCK
-    kv = make_kv(spec, n, seed=5)
-    s = open_store(spec, host_bytes=0, device_bytes=0)
-    s.save(range(n), kv, session="s")
-    s.flush()
+    s, _, kv = saved(open_store, n, 5, host_bytes=0, device_bytes=0)
     s._ssd.values = None
     assert_kv_equal(s.restore(range(n), session="s").kv, kv)
 
 
 def restore_after_damage(open_store, n, seed, damage):
-    """Save ``n`` tokens, close, apply ``damage(store, path)``, reopen, restore: only the first
-    block may come back (exact), and one block is counted corrupt."""
-    spec = big_spec()
-    kv = make_kv(spec, n, seed=seed)
-    s = open_store(spec, host_bytes=0, device_bytes=0)
-    s.save(range(n), kv, session="s")
-    s.flush()
+    """Save ``n`` tokens, apply ``damage(store)`` (it closes the store), reopen, restore: only
+    the first block may come back (exact), and one block is counted corrupt."""
+    s, spec, kv = saved(open_store, n, seed, host_bytes=0, device_bytes=0)
     damage(s)
     s = open_store(spec, host_bytes=0, device_bytes=0)
     r = s.restore(range(n), session="s")
@@ -114,12 +110,8 @@ def test_untrusted_location_falls_back_to_the_map(open_store, store_path):
     """A location whose overflow page header does not name it (a damaged LMDB page, or an LMDB
     whose layout is not 0.9's) is not read by pread: the value is read through the map, where
     its own checksums judge it — here it is intact, so the restore is whole and exact."""
-    spec = big_spec()
     n = 2 * BLOCK
-    kv = make_kv(spec, n, seed=7)
-    s = open_store(spec, host_bytes=0, device_bytes=0)
-    s.save(range(n), kv, session="s")
-    s.flush()
+    s, spec, kv = saved(open_store, n, 7, host_bytes=0, device_bytes=0)
     with s._ssd.reader() as txn:
         offset, _ = s._ssd.values.locate(s._ssd.blocks_cursor(txn), keys_of(s, n)[1])
     s.close()

@@ -494,21 +494,19 @@ class TierKV:
 
         def parse(b: Block) -> Any:
             loc = where.get(b.key)
-            if loc is None:
-                raise CorruptValueError("value missing from the store")
-            head = None
+            parsed = None
             if isinstance(loc, tuple):  # pread: the header now, each layer when it is decoded
                 offset, size = loc
                 head = values.read_head(offset, size, self._header_bound)
-                if head is None:  # the location is not trusted: read through the map instead
+                if head is not None:
+                    parsed = parse_block(size, self.fingerprint, self.spec, self.codec, self.block_tokens,
+                                         head=head, read_at=values.read_at(offset), key=b.key)
+                else:  # the location is not trusted: read through the map instead
                     self._stats.count("pread_fallbacks", 1)
                     loc = self._ssd.get_value(txn, b.key)
-                    if loc is None:
-                        raise CorruptValueError("value missing from the store")
-            if head is not None:
-                parsed = parse_block(size, self.fingerprint, self.spec, self.codec, self.block_tokens,
-                                     head=head, read_at=values.read_at(offset), key=b.key)
-            else:
+            if parsed is None:
+                if loc is None:
+                    raise CorruptValueError("value missing from the store")
                 parsed = parse_block(loc, self.fingerprint, self.spec, self.codec, self.block_tokens, key=b.key)
             if parsed.n_tokens != b.n_tokens:
                 raise CorruptValueError("value holds another token count than its record")
@@ -575,10 +573,9 @@ class TierKV:
         # Layer-major order: layer 0 of every block first, so per-layer waits finish early. Read
         # through the map, the disk is asked for the bytes in that order up front; with pread
         # the decode threads read each (block, layer) range themselves, io_threads at a time.
-        for layer in range(L):
-            for _, parsed in work:
-                if parsed.read_at is not None:
-                    continue
+        mapped = [parsed for _, parsed in work if parsed.read_at is None]
+        for layer in range(L if mapped else 0):
+            for parsed in mapped:
                 planes = parsed.layers[layer][2]
                 start, end = planes[0][0], planes[-1][0] + planes[-1][1]
                 advise_willneed(parsed.buf[start:end])
