@@ -226,3 +226,70 @@ def test_session_lookup_fast_path_agrees_with_block_match(open_store):
     for q in queries:
         assert s.lookup(q, session="s") == generic(q), q[:3]
     assert s.lookup(base, session="s") == 4 * BLOCK
+
+
+def test_memoized_session_lookup_follows_every_availability_change(open_store):
+    """lookup(session=...) remembers how many leading blocks are available until a block's
+    availability moves; through saves, shared prefixes, drops, offloads, SSD evictions and a
+    corrupt block, it must keep agreeing with the generic matcher."""
+    import random
+
+    spec = small_spec()
+    blk = BLOCK * spec.bytes_per_token
+    # SSD holds ~8 blocks: later saves evict older sessions
+    s = open_store(spec, device_bytes=3 * blk, host_bytes=3 * blk, ssd_bytes=8 * blk + 8 * 1024,
+                   ssd_codec="raw", persist="write_through")
+    rng = random.Random(5)
+    prefix = list(range(10_000, 10_000 + 2 * BLOCK))
+    live: dict[str, list[int]] = {}
+
+    def check():
+        s.flush()
+        for sid, toks in live.items():
+            for q in (toks, toks[:BLOCK + 3], toks + [5]):
+                with s._lock:  # one look: background threads cannot move blocks in between
+                    fast = s.lookup(q, session=sid)  # an evicted session's is a content match
+                    slow = sum(used for _, used in s._match(tierkv.keys.as_tokens(q), sid, None))
+                assert fast == slow, (sid, len(q))
+
+    for step in range(40):
+        with s._lock:
+            known = sorted(k for k in live if s._session(k) is not None)  # SSD eviction drops some
+        op = rng.choice(["save", "save", "drop", "offload", "corrupt", "resave"])
+        if op == "save" or not known:
+            sid = f"s{step}"
+            n = rng.randrange(1, 5) * BLOCK + rng.randrange(BLOCK)
+            toks = (prefix if rng.random() < 0.5 else []) + list(range(step * 1000, step * 1000 + n))
+            s.save(toks, make_kv(spec, len(toks), seed=step), session=sid).wait()
+            live[sid] = toks
+        elif op == "drop":
+            sid = rng.choice(known)
+            s.drop_session(sid)
+            del live[sid]
+        elif op == "offload":
+            s.offload(rng.choice(known))
+        elif op == "corrupt":
+            sid = rng.choice(known)
+            with s._lock:
+                s.lookup(live[sid], session=sid)  # the memo is current: the flag alone must move it
+                rec = s._session(sid)
+                on_ssd = [s._blocks[k] for k in rec.keys if k in s._blocks and s._blocks[k].tier is None
+                          and s._blocks[k].available]
+                if on_ssd:
+                    rng.choice(on_ssd).corrupt = True  # as a failed checksum on a restore leaves it
+                    assert s.lookup(live[sid], session=sid) == sum(
+                        used for _, used in s._match(tierkv.keys.as_tokens(live[sid]), sid, None))
+        else:
+            sid = rng.choice(known)
+            s.save(live[sid], make_kv(spec, len(live[sid]), seed=step), session=sid).wait()
+        check()
+    assert s.stats()["evicted"]["ssd_sessions"] > 0  # the scenario did reach SSD eviction
+    # quiet store: a second lookup answers from the memo, without walking the blocks again
+    with s._lock:
+        sid = max((k for k in live if s._session(k) is not None), key=lambda k: int(k[1:]))
+    s.lookup(live[sid], session=sid)
+    epoch = s._epoch.value
+    with s._lock:
+        memo = s._session(sid).available_at
+    s.lookup(live[sid], session=sid)
+    assert s._epoch.value == epoch and memo is not None and memo[0] == epoch

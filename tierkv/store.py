@@ -78,6 +78,8 @@ class SessionRecord:
     ttl: float | None = None
     pinned: bool = False
     tenant: str | None = None
+    # (engine availability epoch, leading available blocks): a memo, never stored
+    available_at: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     def expires_at(self) -> float | None:
         return None if self.ttl is None else self.last_used + self.ttl
