@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 import lmdb
 import pytest
 import torch
 
+from tierkv.codec import header_bound
 from tierkv.keys import as_tokens, block_keys, chain_seed
+from tierkv.pagecache import drop_file_cache, resident_fraction
 
 from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
 
@@ -123,3 +127,36 @@ def test_untrusted_location_falls_back_to_the_map(open_store, store_path):
     assert_kv_equal(r.kv, kv)
     st = s.stats()
     assert st["pread_fallbacks"] == 1 and st["corrupt_blocks"] == 0
+
+
+def test_restore_asks_the_disk_for_every_blocks_first_layer_at_once(open_store, store_path):
+    """Layer 0 of every block is wanted first, each at a new place in the file: the restore asks
+    the kernel for all of them before any decode thread reads, and for nothing beyond them."""
+    n = 6 * BLOCK
+    settings = dict(host_bytes=0, device_bytes=0, io_threads=1, ssd_codec="raw")
+    s, spec, kv = saved(open_store, n, 9, persist="write_through", **settings)
+    s.close()
+    data = os.path.join(store_path, "data.mdb")
+    drop_file_cache(data)
+    if resident_fraction(data) > 0.05:
+        pytest.skip("this file system keeps the store in memory")
+    s = open_store(spec, **settings)
+    with s._ssd.reader() as txn:
+        cur = s._ssd.blocks_cursor(txn)
+        offsets = [s._ssd.values.locate(cur, key)[0] for key in keys_of(s, n)]
+    first = header_bound(spec, s.codec)  # raw codec: one plane a layer, so the header's exact size
+    layer = spec.layer_span(0, BLOCK)[1]  # bytes of one layer of a full block
+    gate = threading.Event()
+    s._pool.submit(gate.wait)  # the only decode thread waits: whatever is read now was asked for
+    try:
+        h = s.restore_async(range(n), session="s")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and min(
+                resident_fraction(data, off + first, layer) for off in offsets) < 1.0:
+            time.sleep(0.01)
+        assert min(resident_fraction(data, off + first, layer) for off in offsets) == 1.0
+        last = [resident_fraction(data, off + first + (spec.num_layers - 1) * layer, layer) for off in offsets]
+        assert max(last) == 0.0, last
+    finally:
+        gate.set()
+    assert_kv_equal(h.result().kv, kv)

@@ -590,6 +590,15 @@ class TierKV:
                 planes = parsed.layers[layer][2]
                 start, end = planes[0][0], planes[-1][0] + planes[-1][1]
                 advise_willneed(parsed.buf[start:end])
+        # The first layer of every block is wanted at once, each at a new place in the file where
+        # the kernel's readahead has no history yet: ask for all of them up front, so the disk
+        # serves them in parallel instead of two at a time (in a timing probe, layer 0 of an
+        # 8K-token restore was ready in under half the time; later layers follow in file order
+        # and the kernel's own readahead serves them).
+        if values is not None:
+            values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
+                                     sum(length for _, length, _ in parsed.layers[0][2]))
+                                    for item, parsed in work if parsed.read_at is not None])
         # A few workers pulling from one queue, not a future per (block, layer): submitting
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
         # on every submit (profiled: tens of microseconds each).

@@ -31,24 +31,27 @@ def drop_file_cache(path: str) -> None:
         os.close(fd)
 
 
-def resident_fraction(path: str) -> float:
-    """Fraction of ``path``'s pages resident in the page cache (0.0 .. 1.0)."""
+def resident_fraction(path: str, offset: int = 0, length: int | None = None) -> float:
+    """Fraction (0.0 .. 1.0) of ``path``'s pages resident in the page cache; of the pages holding
+    bytes ``[offset, offset + length)`` when given."""
     size = os.path.getsize(path)
-    if size == 0:
+    end = size if length is None else min(size, offset + length)
+    start = offset - offset % mmap.PAGESIZE
+    if end <= start:
         return 0.0
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        addr = _libc.mmap(None, end - start, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "mmap failed")
         try:
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            pages = (end - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE
             vec = (ctypes.c_ubyte * pages)()
-            if _libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+            if _libc.mincore(ctypes.c_void_p(addr), end - start, vec) != 0:
                 raise OSError(ctypes.get_errno(), "mincore failed")
             return sum(v & 1 for v in vec) / pages
         finally:
-            _libc.munmap(ctypes.c_void_p(addr), size)
+            _libc.munmap(ctypes.c_void_p(addr), end - start)
     finally:
         os.close(fd)
 

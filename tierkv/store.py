@@ -399,6 +399,14 @@ class ValueReader:
                 raise CorruptValueError(f"value ends early: read {got} of {want} B")
         return read
 
+    def advise_willneed(self, ranges: list[tuple[int, int]]) -> None:
+        """Ask the kernel to start reading these (file offset, length) ranges now (best effort)."""
+        for offset, length in ranges:
+            try:
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return  # a hint only
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
