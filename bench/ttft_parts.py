@@ -11,6 +11,9 @@ values). Then, round after round, each variant runs once (pages dropped before e
 - overlapped, sdpa: the same with transformers' "sdpa" attention (repeats KV heads) instead of
   ``use_grouped_attention``.
 
+For the overlapped variant it also records a timeline: when layer 0 of the restore was ready,
+when the whole restore was done, and how many layers the prefill had reached by then.
+
     python bench/ttft_parts.py [--tokens 8064] [--rounds 6]     # -> bench/results/ttft_parts.json
 """
 
@@ -22,6 +25,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -64,25 +68,38 @@ def main() -> None:
     pool.reserve(spec, n + HEADROOM)
     prefill(model, msg, None)  # warm-up
 
-    def turn(use_pool: bool, attention: str, overlap: bool) -> float:
+    timeline: list[dict[str, float]] = []
+
+    def turn(use_pool: bool, attention: str, overlap: bool, trace: bool = False) -> float:
         drop_file_cache(os.path.join(path, "data.mdb"))
         model.set_attn_implementation(attention)
         with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0) as s:
             t0 = time.perf_counter()
             cache, h = restore_cache(s, toks, model.config, session="a", pool=pool if use_pool else None)
             assert h.num_tokens == n
+            if trace:
+                ready: list[float] = []   # when the prefill got each layer
+                done: list[float] = []
+                waiter = threading.Thread(target=lambda: (h.wait(), done.append(time.perf_counter())))
+                waiter.start()
+                layer = h.layer
+                h.layer = lambda i: (layer(i), ready.append(time.perf_counter()))[0]
             if not overlap:
                 h.result()
                 t0 = time.perf_counter()
             prefill(model, msg, cache)
             t = time.perf_counter() - t0
             h.result()
+            if trace:
+                waiter.join()
+                timeline.append({"layer0_ready_ms": (ready[0] - t0) * 1e3, "restore_done_ms": (done[0] - t0) * 1e3,
+                                 "layers_prefilled_by_then": sum(r <= done[0] for r in ready)})
         model.set_attn_implementation(GROUPED_ATTENTION)
         return t
 
     variants = {
         "prefill only (KV restored first)": lambda: turn(True, GROUPED_ATTENTION, False),
-        "overlapped restore + prefill": lambda: turn(True, GROUPED_ATTENTION, True),
+        "overlapped restore + prefill": lambda: turn(True, GROUPED_ATTENTION, True, trace=True),
         "overlapped, fresh buffers (no pool)": lambda: turn(False, GROUPED_ATTENTION, True),
         "overlapped, sdpa attention": lambda: turn(True, "sdpa", True),
     }
@@ -98,8 +115,13 @@ def main() -> None:
            for name, x in times.items()}
     for name, st in out.items():
         print(f"  {name:<38} {st['median_s'] * 1000:6.0f} ms ({st['min_s'] * 1000:.0f}-{st['max_s'] * 1000:.0f})")
+    trace = {k: statistics.median(t[k] for t in timeline) for k in timeline[0]}
+    print(f"  overlapped: layer 0 ready at {trace['layer0_ready_ms']:.0f} ms, restore done at "
+          f"{trace['restore_done_ms']:.0f} ms, {trace['layers_prefilled_by_then']:.0f} of {spec.num_layers} "
+          "layers prefilled by then (medians)")
     write_json(args.out, {"machine": machine(), "tokens": n, "message_tokens": MESSAGE,
-                          "kv_bytes": n * spec.bytes_per_token, "rounds": args.rounds, "ttft": out})
+                          "kv_bytes": n * spec.bytes_per_token, "rounds": args.rounds, "ttft": out,
+                          "overlapped_timeline": trace})
 
 
 if __name__ == "__main__":

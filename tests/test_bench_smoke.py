@@ -26,3 +26,21 @@ def test_ops_bench_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["open_s"]["sessions"] == 200 and res["lookup_in_many"]["p99_ms"] > 0
+
+
+def test_ttft_parts_bench_runs(tmp_path):
+    out = tmp_path / "ttft_parts.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ttft_parts.py"), "--tokens", "600", "--rounds",
+                        "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["ttft"]) == 4 and 0 <= res["overlapped_timeline"]["layers_prefilled_by_then"] <= 30
+
+
+def test_thread_exactness_bench_runs(tmp_path):
+    out = tmp_path / "thread_exactness.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "thread_exactness.py"), "--contexts", "40",
+                        "--messages", "1", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["results"]) == 2 and isinstance(res["identical"], bool)
