@@ -19,6 +19,7 @@ scheduling) between arrival and the prefill; a prefetch runs during it. Restores
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--server-work-ms", type=float, default=50.0)
     ap.add_argument("--out", default="bench/results/ttft.json")
+    ap.add_argument("--json", action="store_true", help="print the JSON result")
     args = ap.parse_args()
     model, tok, spec = load_smollm2()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -113,8 +115,40 @@ def main() -> None:
             print(f"{size:>6} tokens: " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_json(args.out, {"machine": machine(), "model": spec.model_id, "server_work_ms": args.server_work_ms,
-                          "repeats": args.repeats, "rows": rows})
+    results = {"machine": machine(), "model": spec.model_id, "server_work_ms": args.server_work_ms,
+               "repeats": args.repeats, "rows": rows}
+    write_json(args.out, results)
+    plot(results, os.path.splitext(args.out)[0] + ".png")
+    if args.json:
+        print(json.dumps(results))
+
+
+def plot(results: dict, path: str) -> None:
+    """TTFT per context size and case (log scale), medians, as a PNG (matplotlib optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no plot; pip install 'tierkv[plot]')")
+        return
+    rows = results["rows"]
+    cases = list(rows[0]["ttft_s"])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(cases)
+    for j, case in enumerate(cases):
+        xs = [i + (j - (len(cases) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r["ttft_s"][case]["median"] * 1000 for r in rows], width, label=case,
+               color="#888" if case == "recompute" else None)
+    ax.set_xticks(range(len(rows)), [f"{r['context_tokens']} tokens" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("TTFT, ms (median, log scale)")
+    ax.set_title(f"Time to first token: recompute vs restore per tier ({results['model']})")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

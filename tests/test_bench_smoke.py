@@ -44,3 +44,13 @@ def test_thread_exactness_bench_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert len(res["results"]) == 2 and isinstance(res["identical"], bool)
+
+
+def test_ttft_bench_runs(tmp_path):
+    out = tmp_path / "ttft.json"
+    r = subprocess.run([sys.executable, "-m", "tierkv.cli", "bench", "ttft", "--sizes", "64", "--repeats", "1",
+                        "--server-work-ms", "1", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {"recompute", "cold_ssd", "warm_ssd+prefetch"} <= set(res["rows"][0]["ttft_s"])
