@@ -293,3 +293,25 @@ def test_memoized_session_lookup_follows_every_availability_change(open_store):
         memo = s._session(sid).available_at
     s.lookup(live[sid], session=sid)
     assert s._epoch.value == epoch and memo is not None and memo[0] == epoch
+
+
+def test_cpu_device_tier_demotes_and_promotes_without_copying(open_store):
+    """With the device tier on the CPU (no CUDA) and an unpinned host tier, both hold the same
+    kind of memory: a demotion or a prefetch's promotion changes a block's tier, not its buffer."""
+    s = open_store(SPEC, device="cpu", device_bytes=2 * BLK, host_bytes=8 * BLK, pin_host_memory=False)
+    kv_a, kv_b = make_kv(SPEC, 2 * BLOCK, seed=1), make_kv(SPEC, 2 * BLOCK, seed=2)
+    s.save(range(2 * BLOCK), kv_a, session="a")
+    s.flush()
+    with s._lock:
+        before = [s._blocks[k].payload.data_ptr() for k in s._sessions["a"].keys]
+    s.save(range(5000, 5000 + 2 * BLOCK), kv_b, session="b")  # pushes a down to the host tier
+    s.flush()
+    assert tiers_of(s, "a") == {"memory:host": 2}
+    with s._lock:
+        assert [s._blocks[k].payload.data_ptr() for k in s._sessions["a"].keys] == before
+    s.prefetch(range(2 * BLOCK), session="a").wait()  # and back up (b's blocks go down)
+    assert tiers_of(s, "a").get("memory:device", 0) >= 1
+    with s._lock:
+        assert [s._blocks[k].payload.data_ptr() for k in s._sessions["a"].keys] == before
+    assert_kv_equal(s.restore(range(2 * BLOCK), session="a").kv, kv_a)
+    assert_kv_equal(s.restore(range(5000, 5000 + 2 * BLOCK), session="b").kv, kv_b)

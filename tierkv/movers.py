@@ -4,6 +4,7 @@ Primitives:
     Transfer: a move as data: source tier, destination tier, blocks.
     MOVERS: the registry of memory-to-memory moves, one function per (source, destination) pair.
     copy_payload: device <-> host copy (on a side CUDA stream when CUDA is used).
+    same_memory: whether a move between memory tiers needs no copy (both tiers in plain CPU memory).
     encode_payload: host -> SSD bytes (the codec); the LMDB write itself is the writer's.
     decode_layer_into: SSD bytes -> one layer of a host buffer (prefetch: the block is cached).
     decode_layer_into_views: SSD bytes -> one layer of the caller's result tensors (restore).
@@ -24,7 +25,7 @@ from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_pl
 from .spec import KVSpec
 from .tiers import MemoryTier
 
-__all__ = ["Transfer", "MOVERS", "copy_payload", "encode_payload", "decode_layer_into", "decode_layer_into_views"]
+__all__ = ["Transfer", "MOVERS", "copy_payload", "same_memory", "encode_payload", "decode_layer_into", "decode_layer_into_views"]
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,15 @@ def _contiguous_runs(dsts: list[np.ndarray], tensors: tuple) -> list[np.ndarray]
 
 
 def _memory_move(transfer: Transfer, tiers: dict[str, MemoryTier]) -> list[torch.Tensor]:
-    return [copy_payload(p, tiers[transfer.dst]) for p in transfer.payloads]
+    dst = tiers[transfer.dst]
+    return [p if same_memory(p, dst) else copy_payload(p, dst) for p in transfer.payloads]
+
+
+def same_memory(payload: torch.Tensor, tier: MemoryTier) -> bool:
+    """Whether ``payload`` already lies in the kind of memory ``tier`` allocates (a "device" tier
+    on the CPU next to an unpinned host tier): moving it there is a change of tier, not a copy.
+    Payloads are never written after they are packed, so the moved block may keep the buffer."""
+    return payload.device == tier.device and payload.device.type == "cpu" and payload.is_pinned() == tier.pin
 
 
 #: (src, dst) -> mover for moves between memory tiers; they return the new payloads. Moves to and
