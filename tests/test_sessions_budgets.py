@@ -315,3 +315,5 @@ def test_cpu_device_tier_demotes_and_promotes_without_copying(open_store):
         assert [s._blocks[k].payload.data_ptr() for k in s._sessions["a"].keys] == before
     assert_kv_equal(s.restore(range(2 * BLOCK), session="a").kv, kv_a)
     assert_kv_equal(s.restore(range(5000, 5000 + 2 * BLOCK), session="b").kv, kv_b)
+    moved = s.stats()["moved"]  # bytes copied between tiers: none were
+    assert "device->host" not in moved and "host->device" not in moved, moved

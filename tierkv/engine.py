@@ -673,7 +673,8 @@ class TierKV:
         finally:
             with self._lock:
                 b.state = BlockState.READY
-        self._stats.moved("host->device", b.nbytes, time.perf_counter() - t0)
+        if new is not src:  # a copy, not a change of tier in the same memory
+            self._stats.moved("host->device", b.nbytes, time.perf_counter() - t0)
         with self._lock:
             if b.tier == "host" and b.payload is src and self._blocks.get(b.key) is b:
                 self._tiers["host"].remove(b)
@@ -958,7 +959,9 @@ class TierKV:
                     with self._lock:
                         for b in victims:
                             b.state = BlockState.READY
-                self._stats.moved("device->host", sum(b.nbytes for b in victims), time.perf_counter() - t0)
+                # bytes copied (none where both tiers are plain CPU memory: movers.same_memory)
+                self._stats.moved("device->host", sum(b.nbytes for b, old, payload in zip(victims, payloads, new)
+                                                      if payload is not old), time.perf_counter() - t0)
                 with self._lock:
                     for b, old, payload in zip(victims, payloads, new):
                         if b.tier == "device" and b.payload is old and self._blocks.get(b.key) is b:
@@ -988,7 +991,7 @@ class TierKV:
                 raise err
 
     def stats(self) -> dict[str, Any]:
-        """Counters: hits per tier, misses, corrupt blocks, bytes and GB/s per direction,
+        """Counters: hits per tier, misses, corrupt blocks, bytes copied and GB/s per direction,
         resident bytes per tier, compression ratio."""
         self._check_open()
         with self._lock:
