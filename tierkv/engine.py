@@ -592,9 +592,8 @@ class TierKV:
                 advise_willneed(parsed.buf[start:end])
         # The first layer of every block is wanted at once, each at a new place in the file where
         # the kernel's readahead has no history yet: ask for all of them up front, so the disk
-        # serves them in parallel instead of two at a time (in a timing probe, layer 0 of an
-        # 8K-token restore was ready in under half the time; later layers follow in file order
-        # and the kernel's own readahead serves them).
+        # serves them in parallel instead of two at a time (bench/ttft_parts.py records when
+        # layer 0 is ready); later layers follow in file order under the kernel's own readahead.
         if values is not None:
             values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
                                      sum(length for _, length, _ in parsed.layers[0][2]))
