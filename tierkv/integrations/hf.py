@@ -114,7 +114,8 @@ def use_grouped_attention(model: Any) -> None:
     Why: transformers' "sdpa" copies every KV head ``num_key_value_groups`` times whenever a mask
     is passed, i.e. for every prefill that follows a cache, the restore path's one forward pass.
     For SmolLM2 (9 query / 3 KV heads), a 27-token message after an 8K-token session restored
-    from cold SSD: 840 ms with "sdpa", 460 ms grouped (bench/ttft_parts.py). Unmasked passes (a prefill from scratch), other
+    from cold SSD: 522 ms with "sdpa", 433 ms grouped (bench/ttft_parts.py; 840 and 460 ms in an
+    earlier run: "sdpa" swings most). Unmasked passes (a prefill from scratch), other
     devices and other attention options go to transformers' "sdpa" unchanged, so recompute
     baselines do not move. Outputs equal "sdpa"'s to float rounding, not bit for bit; compare
     restored against original caches under the same setting.
@@ -152,7 +153,8 @@ class CachePool:
 
     Why: a restore into fresh tensors pays a page fault and a page zeroing per 4 KiB of KV the
     first time each page is written, taken from the prefill it overlaps: an 8K-token SmolLM2 turn
-    restored from cold SSD takes 631 ms into fresh tensors, 460 ms into a pool (bench/ttft_parts.py). Buffers from the pool are already
+    restored from cold SSD takes 533 ms into fresh tensors, 433 ms into a pool
+    (bench/ttft_parts.py). Buffers from the pool are already
     mapped. A buffer is handed out again only when the cache that used it is gone: one pool per
     loop that runs one turn at a time (``SessionRunner`` owns one).
     """
