@@ -9,7 +9,8 @@ values). Then, round after round, each variant runs once (pages dropped before e
 - overlapped: restore layer by layer into a ``CachePool`` while prefilling (what the demo does);
 - overlapped, fresh buffers: the same with new tensors for the restore (no pool);
 - overlapped, sdpa: the same with transformers' "sdpa" attention (repeats KV heads) instead of
-  ``use_grouped_attention``.
+  ``use_grouped_attention``;
+- overlapped, 4 I/O threads: the same with ``io_threads=4`` (the default is 2).
 
 For the overlapped variant it also records a timeline: when layer 0 of the restore was ready,
 when the whole restore was done, and how many layers the prefill had reached by then.
@@ -70,10 +71,10 @@ def main() -> None:
 
     timeline: list[dict[str, float]] = []
 
-    def turn(use_pool: bool, attention: str, overlap: bool, trace: bool = False) -> float:
+    def turn(use_pool: bool, attention: str, overlap: bool, trace: bool = False, io_threads: int = 2) -> float:
         drop_file_cache(os.path.join(path, "data.mdb"))
         model.set_attn_implementation(attention)
-        with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0) as s:
+        with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0, io_threads=io_threads) as s:
             t0 = time.perf_counter()
             cache, h = restore_cache(s, toks, model.config, session="a", pool=pool if use_pool else None)
             assert h.num_tokens == n
@@ -102,6 +103,7 @@ def main() -> None:
         "overlapped restore + prefill": lambda: turn(True, GROUPED_ATTENTION, True, trace=True),
         "overlapped, fresh buffers (no pool)": lambda: turn(False, GROUPED_ATTENTION, True),
         "overlapped, sdpa attention": lambda: turn(True, "sdpa", True),
+        "overlapped, 4 I/O threads": lambda: turn(True, GROUPED_ATTENTION, True, io_threads=4),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:
