@@ -10,7 +10,10 @@ values). Then, round after round, each variant runs once (pages dropped before e
 - overlapped, fresh buffers: the same with new tensors for the restore (no pool);
 - overlapped, sdpa: the same with transformers' "sdpa" attention (repeats KV heads) instead of
   ``use_grouped_attention``;
-- overlapped, 4 I/O threads: the same with ``io_threads=4`` (the default is 2).
+- overlapped, 4 I/O threads: the same with ``io_threads=4`` (the default is 2);
+- overlapped, one shared descriptor: the same with every value read through data.mdb's one
+  descriptor, as before tierkv gave each value being read a descriptor of its own
+  (``ValueReader.read_at``).
 
 For the overlapped variant it also records a timeline: when layer 0 of the restore was ready,
 when the whole restore was done, and how many layers the prefill had reached by then.
@@ -40,6 +43,7 @@ import tierkv  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, HEADROOM, CachePool, load_smollm2, prefill,  # noqa: E402
                                     restore_cache)
 from tierkv.pagecache import drop_file_cache  # noqa: E402
+from tierkv.store import ValueReader  # noqa: E402
 
 MESSAGE = 27  # the demo's turn-2 message length
 
@@ -70,9 +74,12 @@ def main() -> None:
     prefill(model, msg, None)  # warm-up
 
     timeline: list[dict[str, float]] = []
+    default_fds = ValueReader.MAX_OWN_FDS
 
-    def turn(use_pool: bool, attention: str, overlap: bool, trace: bool = False, io_threads: int = 2) -> float:
+    def turn(use_pool: bool, attention: str, overlap: bool, trace: bool = False, io_threads: int = 2,
+             own_fds: bool = True) -> float:
         drop_file_cache(os.path.join(path, "data.mdb"))
+        ValueReader.MAX_OWN_FDS = default_fds if own_fds else 0
         model.set_attn_implementation(attention)
         with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0, io_threads=io_threads) as s:
             t0 = time.perf_counter()
@@ -96,6 +103,7 @@ def main() -> None:
                 timeline.append({"layer0_ready_ms": (ready[0] - t0) * 1e3, "restore_done_ms": (done[0] - t0) * 1e3,
                                  "layers_prefilled_by_then": sum(r <= done[0] for r in ready)})
         model.set_attn_implementation(GROUPED_ATTENTION)
+        ValueReader.MAX_OWN_FDS = default_fds
         return t
 
     variants = {
@@ -104,6 +112,7 @@ def main() -> None:
         "overlapped, fresh buffers (no pool)": lambda: turn(False, GROUPED_ATTENTION, True),
         "overlapped, sdpa attention": lambda: turn(True, "sdpa", True),
         "overlapped, 4 I/O threads": lambda: turn(True, GROUPED_ATTENTION, True, io_threads=4),
+        "overlapped, one shared descriptor": lambda: turn(True, GROUPED_ATTENTION, True, own_fds=False),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:

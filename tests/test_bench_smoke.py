@@ -34,7 +34,7 @@ def test_ttft_parts_bench_runs(tmp_path):
                         "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert len(res["ttft"]) == 5 and 0 <= res["overlapped_timeline"]["layers_prefilled_by_then"] <= 30
+    assert len(res["ttft"]) == 6 and 0 <= res["overlapped_timeline"]["layers_prefilled_by_then"] <= 30
 
 
 def test_thread_exactness_bench_runs(tmp_path):

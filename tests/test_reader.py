@@ -160,3 +160,54 @@ def test_restore_asks_the_disk_for_every_blocks_first_layer_at_once(open_store, 
     finally:
         gate.set()
     assert_kv_equal(h.result().kv, kv)
+
+
+def _descriptors_of(path):
+    """How many of this process's open descriptors refer to ``path``."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == path
+        except OSError:
+            pass
+    return n
+
+
+def test_each_value_is_read_through_a_descriptor_of_its_own_closed_after(open_store, monkeypatch):
+    """The kernel keeps readahead state per open file: a restore reads each value through a
+    descriptor of its own (one sequential stream per block, layer after layer), and closes them
+    all when it is done. Over the cap, values share the reader's descriptor; still exact."""
+    n = 6 * BLOCK + 5
+    settings = dict(host_bytes=0, device_bytes=0, io_threads=1)
+    s, spec, kv = saved(open_store, n, 11, **settings)
+    s.close()
+    s = open_store(spec, **settings)
+    data = os.path.realpath(s._ssd.data_file())
+    shared = _descriptors_of(data)  # the reader's own, plus LMDB's
+    gate = threading.Event()
+    s._pool.submit(gate.wait)  # the only decode thread waits: the restore's files are open now
+    try:
+        h = s.restore_async(range(n), session="s")
+        assert _descriptors_of(data) == shared + 7  # 6 full blocks and the partial one
+    finally:
+        gate.set()
+    assert_kv_equal(h.result().kv, kv)
+    h.wait()
+    deadline = time.monotonic() + 5  # closed by the thread that decodes the last layer
+    while _descriptors_of(data) != shared and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _descriptors_of(data) == shared and s._ssd.values._own_fds == 0
+
+    monkeypatch.setattr(type(s._ssd.values), "MAX_OWN_FDS", 2)
+    gate = threading.Event()
+    s._pool.submit(gate.wait)
+    try:
+        h = s.restore_async(range(n), session="s")
+        assert _descriptors_of(data) == shared + 2
+    finally:
+        gate.set()
+    assert_kv_equal(h.result().kv, kv)
+    deadline = time.monotonic() + 5
+    while _descriptors_of(data) != shared and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _descriptors_of(data) == shared and s._ssd.values._own_fds == 0

@@ -503,6 +503,8 @@ class TierKV:
                 loc = raw
             where[b.key] = loc
 
+        files: list[Any] = []   # the values' readers, closed when the job is done
+
         def parse(b: Block) -> Any:
             loc = where.get(b.key)
             parsed = None
@@ -510,8 +512,10 @@ class TierKV:
                 offset, size = loc
                 head = values.read_head(offset, size, self._header_bound)
                 if head is not None:
+                    # a descriptor per value: its layers are one readahead stream (ValueReader.read_at)
+                    files.append(values.read_at(offset, own_fd=True))
                     parsed = parse_block(size, self.fingerprint, self.spec, self.codec, self.block_tokens,
-                                         head=head, read_at=values.read_at(offset), key=b.key)
+                                         head=head, read_at=files[-1], key=b.key)
                 else:  # the location is not trusted: read through the map instead
                     self._stats.count("pread_fallbacks", 1)
                     loc = self._ssd.get_value(txn, b.key)
@@ -523,21 +527,30 @@ class TierKV:
                 raise CorruptValueError("value holds another token count than its record")
             return parsed
 
-        work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed)
-        for bl in loads:
-            try:
-                parsed = parse(bl.block)
-                bl.buffer = host.alloc(bl.block.nbytes)
-                work.append((bl, parsed))
-            except CorruptValueError as e:
-                self._load_failed(bl, e)
-        for p in direct:
-            try:
-                work.append((p, parse(p.block)))
-            except CorruptValueError as e:
-                self._direct_failed(p, e, handle, all_layers=True)
-        if not work:
+        def release() -> None:
             txn.abort()
+            for f in files:
+                f.close()
+
+        work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed)
+        try:
+            for bl in loads:
+                try:
+                    parsed = parse(bl.block)
+                    bl.buffer = host.alloc(bl.block.nbytes)
+                    work.append((bl, parsed))
+                except CorruptValueError as e:
+                    self._load_failed(bl, e)
+            for p in direct:
+                try:
+                    work.append((p, parse(p.block)))
+                except CorruptValueError as e:
+                    self._direct_failed(p, e, handle, all_layers=True)
+        except BaseException:
+            release()
+            raise
+        if not work:
+            release()
             return
         L = self.spec.num_layers
         job = {"left": len(work) * L, "lock": threading.Lock(),
@@ -548,7 +561,7 @@ class TierKV:
                 job["left"] -= 1
                 last = job["left"] == 0
             if last:
-                txn.abort()
+                release()
                 self._stats.moved("ssd->" + ("host" if not direct else "caller"), job["bytes"],
                                   time.perf_counter() - started)
                 self._stats.count("ssd_read_bytes", job["disk"])

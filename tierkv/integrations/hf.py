@@ -114,7 +114,7 @@ def use_grouped_attention(model: Any) -> None:
     Why: transformers' "sdpa" copies every KV head ``num_key_value_groups`` times whenever a mask
     is passed, i.e. for every prefill that follows a cache, the restore path's one forward pass.
     For SmolLM2 (9 query / 3 KV heads), a 27-token message after an 8K-token session restored
-    from cold SSD: 565 ms with "sdpa", 409 ms grouped (bench/ttft_parts.py; 522 and 433 ms in an
+    from cold SSD: 793 ms with "sdpa", 425 ms grouped (bench/ttft_parts.py; 522 and 433 ms in an
     earlier run: "sdpa" swings most). Unmasked passes (a prefill from scratch), other
     devices and other attention options go to transformers' "sdpa" unchanged, so recompute
     baselines do not move. Outputs equal "sdpa"'s to float rounding, not bit for bit; compare
@@ -153,7 +153,7 @@ class CachePool:
 
     Why: a restore into fresh tensors pays a page fault and a page zeroing per 4 KiB of KV the
     first time each page is written, taken from the prefill it overlaps: an 8K-token SmolLM2 turn
-    restored from cold SSD takes 532 ms into fresh tensors, 409 ms into a pool
+    restored from cold SSD takes 559 ms into fresh tensors, 425 ms into a pool
     (bench/ttft_parts.py). Buffers from the pool are already
     mapped. A buffer is handed out again only when the cache that used it is gone: one pool per
     loop that runs one turn at a time (``SessionRunner`` owns one).
