@@ -211,3 +211,19 @@ def test_each_value_is_read_through_a_descriptor_of_its_own_closed_after(open_st
     while _descriptors_of(data) != shared and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _descriptors_of(data) == shared and s._ssd.values._own_fds == 0
+
+
+def test_a_restores_reads_are_counted_before_its_caller_wakes(open_store, monkeypatch):
+    """stats() right after restore() returns already counts the restore's reads, however long
+    the decode thread then takes to close the restore's descriptors."""
+    from tierkv.store import ValueFile
+
+    n = 3 * BLOCK
+    s, spec, kv = saved(open_store, n, 12, host_bytes=0, device_bytes=0)
+    s.close()
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    close = ValueFile.close
+    monkeypatch.setattr(ValueFile, "close", lambda self: (time.sleep(0.05), close(self))[1])
+    assert_kv_equal(s.restore(range(n), session="s").kv, kv)
+    st = s.stats()
+    assert st["ssd_read_bytes"] == s._ssd.ssd_used() and st["moved"]["ssd->caller"]["bytes"] > 0

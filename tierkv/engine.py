@@ -556,34 +556,41 @@ class TierKV:
         job = {"left": len(work) * L, "lock": threading.Lock(),
                "bytes": sum(item.block.nbytes for item, _ in work), "disk": sum(p.nbytes for _, p in work)}
 
-        def finish_one() -> None:
+        def count_down() -> bool:
+            """One (block, layer) task is done; True for the job's last. Its moves are counted
+            here, before any waiter is woken: a caller woken by its last layer sees them."""
             with job["lock"]:
                 job["left"] -= 1
                 last = job["left"] == 0
             if last:
-                release()
                 self._stats.moved("ssd->" + ("host" if not direct else "caller"), job["bytes"],
                                   time.perf_counter() - started)
                 self._stats.count("ssd_read_bytes", job["disk"])
+            return last
 
         def decode(item: Any, parsed: Any, layer: int) -> None:
+            counted = last = False
             try:
                 if isinstance(item, BlockLoad):
                     if item.error is None:
                         decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
+                    counted, last = True, count_down()
+                    if item.error is None:
                         item.layer_done[layer].set()
                         with self._lock:
                             item.remaining -= 1
                             complete = item.remaining == 0
                         if complete:
                             self._load_complete(item, promote)
-                elif item.error is None:
-                    decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._outs[layer],
-                                            item.start, item.used)
-                    handle._direct_layer_done(layer)
                 else:
+                    if item.error is None:
+                        decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._outs[layer],
+                                                item.start, item.used)
+                    counted, last = True, count_down()
                     handle._direct_layer_done(layer)
             except BaseException as e:  # noqa: BLE001 - every failure must reach the waiters
+                if not counted:
+                    counted, last = True, count_down()
                 if isinstance(item, BlockLoad):
                     self._load_failed(item, e)
                 else:
@@ -592,7 +599,8 @@ class TierKV:
                 if not isinstance(e, CorruptValueError):
                     self._bg_error = self._bg_error or e
             finally:
-                finish_one()
+                if last:
+                    release()
 
         # Layer-major order: layer 0 of every block first, so per-layer waits finish early. Read
         # through the map, the disk is asked for the bytes in that order up front; with pread
