@@ -436,7 +436,8 @@ class ValueReader:
 
 
 class ValueFile:
-    """Reads one value's bytes (a codec.ReadAt): ``read(offset, buffers)`` from the value's start."""
+    """One value's reader, a codec.ReadAt: ``file(offset, buffers)`` fills ``buffers`` from the
+    value's byte ``offset`` on, through the reader's descriptor or one of its own."""
 
     def __init__(self, reader: ValueReader, base: int, own_fd: int = -1) -> None:
         self._reader, self._base, self._own = reader, base, own_fd
