@@ -569,28 +569,26 @@ class TierKV:
             return last
 
         def decode(item: Any, parsed: Any, layer: int) -> None:
-            counted = last = False
+            last = False
             try:
-                if isinstance(item, BlockLoad):
-                    if item.error is None:
+                try:
+                    if item.error is None and isinstance(item, BlockLoad):
                         decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
-                    counted, last = True, count_down()
-                    if item.error is None:
-                        item.layer_done[layer].set()
-                        with self._lock:
-                            item.remaining -= 1
-                            complete = item.remaining == 0
-                        if complete:
-                            self._load_complete(item, promote)
-                else:
-                    if item.error is None:
+                    elif item.error is None:
                         decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._outs[layer],
                                                 item.start, item.used)
-                    counted, last = True, count_down()
+                finally:
+                    last = count_down()  # before this task's waiters wake, even on a failure
+                if not isinstance(item, BlockLoad):
                     handle._direct_layer_done(layer)
+                elif item.error is None:
+                    item.layer_done[layer].set()
+                    with self._lock:
+                        item.remaining -= 1
+                        complete = item.remaining == 0
+                    if complete:
+                        self._load_complete(item, promote)
             except BaseException as e:  # noqa: BLE001 - every failure must reach the waiters
-                if not counted:
-                    counted, last = True, count_down()
                 if isinstance(item, BlockLoad):
                     self._load_failed(item, e)
                 else:
