@@ -156,3 +156,48 @@ def test_common_prefix(n_a, n_b, cut):
     else:
         expect = min(n_a, n_b)
     assert common_prefix(a, b) == expect
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(["bfloat16", "float16", "float32", "uint8"]), st.integers(1, 24), st.integers(0, 24),
+       st.integers(0, 5), st.sampled_from(["planes", "stored", "raw"]), st.booleans(), st.booleans())
+def test_decode_into_result_views_matches_the_payload(dtype, n_tokens, cut, start, mode, use_pread, headroom):
+    """decode_layer_into_views (a restore's decode straight into the caller's tensors) writes
+    exactly the block's first ``used`` tokens at token ``start`` and nothing else, for planes
+    joined as whole elements, stored layers read as segments, result tensors with headroom
+    (strided) and partial blocks."""
+    from tierkv.blocks import tensor_view
+    from tierkv.movers import decode_layer_into_views, layer_targets
+
+    spec = tierkv.KVSpec("m", (tierkv.LayerSpec((tierkv.TensorSpec("k", (3,), 0, dtype),
+                                                 tierkv.TensorSpec("v", (2, 5), 1, dtype))),) * 2)
+    rng = np.random.default_rng(n_tokens * 31 + start)
+    # low-entropy bytes compress, so the planes codec keeps its planes; random ones are stored
+    payload = rng.integers(0, 4 if mode == "planes" else 256, n_tokens * spec.bytes_per_token, dtype=np.uint8)
+    codec = {"planes": ZstdPlanesCodec(min_ratio=0.0), "stored": ZstdPlanesCodec(min_ratio=1e9), "raw": RawCodec()}[mode]
+    value = encode_block(codec, b"F" * 16, spec, payload, n_tokens)
+
+    def read_at(off, bufs):
+        for b in bufs:
+            m = memoryview(b).cast("B")
+            m[:] = value[off:off + m.nbytes]
+            off += m.nbytes
+
+    parsed = parse_block(value, b"F" * 16, spec, codec, 64, read_at=read_at if use_pread else None)
+    used = max(1, n_tokens - cut)
+    total = start + used + (3 if headroom else 0)
+    flat = torch.from_numpy(payload)
+    for layer in range(spec.num_layers):
+        outs = []
+        for t in spec.layers[layer].tensors:  # with headroom: strided, as in a cache with room to grow
+            big = torch.full(t.shape(total + (4 if headroom else 0)), 77, dtype=t.torch_dtype)
+            outs.append(big.narrow(t.seq_axis, 0, total))
+        before = [o.clone() for o in outs]
+        decode_layer_into_views(codec, spec, parsed, layer, layer_targets(spec, layer, tuple(outs)), start, used)
+        for i, (t, out, old) in enumerate(zip(spec.layers[layer].tensors, outs, before)):
+            want = tensor_view(spec, flat, n_tokens, layer, i).narrow(t.seq_axis, 0, used)
+            assert torch.equal(out.narrow(t.seq_axis, start, used).view(torch.uint8), want.view(torch.uint8))
+            rest = torch.ones(out.shape, dtype=torch.bool)
+            rest.narrow(t.seq_axis, start, used).fill_(False)
+            assert torch.equal(out.view(torch.uint8)[rest.repeat_interleave(t.itemsize, -1)],
+                               old.view(torch.uint8)[rest.repeat_interleave(t.itemsize, -1)])

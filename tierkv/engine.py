@@ -575,7 +575,7 @@ class TierKV:
                     if item.error is None and isinstance(item, BlockLoad):
                         decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
                     elif item.error is None:
-                        decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._outs[layer],
+                        decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._targets(layer),
                                                 item.start, item.used)
                 finally:
                     last = count_down()  # before this task's waiters wake, even on a failure

@@ -17,6 +17,7 @@ import torch
 
 from .blocks import Block, BlockLoad, tensor_view
 from .errors import BlockLoadError, TierKVError
+from .movers import LayerTargets, layer_targets
 
 if TYPE_CHECKING:
     from .spec import KVSpec
@@ -105,6 +106,7 @@ class LoadHandle:
         self._outs: list[tuple[torch.Tensor, ...]] = [
             tuple(alloc(li, ti, t.shape(self.num_tokens), t.torch_dtype, device) for ti, t in enumerate(layer.tensors))
             for li, layer in enumerate(spec.layers)] if self.num_tokens else []
+        self._targets_cache: list[LayerTargets | None] = [None] * spec.num_layers
         n_direct = sum(p.direct for p in parts)
         self._direct_left = [n_direct] * spec.num_layers
         self._layer_ready = [threading.Event() for _ in spec.layers]
@@ -116,6 +118,14 @@ class LoadHandle:
         self._fill_lock = threading.Lock()   # copies; may wait on loads, so never the one above
 
     # -- called by the engine's decode tasks -------------------------------------------------------
+    def _targets(self, layer: int) -> LayerTargets:
+        """Layer ``layer``'s result tensors as byte arrays to decode into, built on first use (two
+        tasks racing to build them build equal views; either is kept)."""
+        t = self._targets_cache[layer]
+        if t is None:
+            t = self._targets_cache[layer] = layer_targets(self._spec, layer, self._outs[layer])
+        return t
+
     def _direct_layer_done(self, layer: int) -> None:
         with self._lock:
             self._direct_left[layer] -= 1
