@@ -170,7 +170,9 @@ def test_decode_into_result_views_matches_the_payload(dtype, n_tokens, cut, star
     from tierkv.movers import decode_layer_into_views, layer_targets
 
     spec = tierkv.KVSpec("m", (tierkv.LayerSpec((tierkv.TensorSpec("k", (3,), 0, dtype),
-                                                 tierkv.TensorSpec("v", (2, 5), 1, dtype))),) * 2)
+                                                 tierkv.TensorSpec("v", (2, 5), 1, dtype))),
+                               tierkv.LayerSpec((tierkv.TensorSpec("k", (2, 3), 2, dtype),)),  # tokens last
+                               tierkv.LayerSpec((tierkv.TensorSpec("k", (3,), 1, dtype),))))
     rng = np.random.default_rng(n_tokens * 31 + start)
     # low-entropy bytes compress, so the planes codec keeps its planes; random ones are stored
     payload = rng.integers(0, 4 if mode == "planes" else 256, n_tokens * spec.bytes_per_token, dtype=np.uint8)

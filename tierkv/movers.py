@@ -150,9 +150,9 @@ def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, lay
             if k == 1:
                 dst[...] = part.reshape(t.shape(n) + (t.itemsize,))[cut]
             elif j == 0 and wide is not None:
-                dst.view(wide)[..., 0] = part.reshape(t.shape(n))[cut[:-1]]
+                dst.view(wide)[..., 0] = part.reshape(t.shape(n))[cut]
             else:
-                dst[..., j] = part.reshape(t.shape(n))[cut[:-1]]
+                dst[..., j] = part.reshape(t.shape(n))[cut]
 
 
 _LITTLE = sys.byteorder == "little"
