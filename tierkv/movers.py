@@ -15,7 +15,7 @@ Bookkeeping (which block, which state) stays in engine.py; a mover never takes t
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -94,6 +94,8 @@ class LayerTargets:
     #: array whose first axis is the token axis, so any token range of it is one read segment;
     #: None when a tensor is not laid out so (or there are too many for one ``preadv``)
     runs: tuple[np.ndarray, ...] | None
+    #: (block tokens, tokens used, planes) -> where a block's byte planes land (``_plane_plan``)
+    plans: dict = field(default_factory=dict, compare=False)
 
 
 def layer_targets(spec: KVSpec, layer: int, outs: tuple[torch.Tensor, ...]) -> LayerTargets:
@@ -126,33 +128,43 @@ def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, lay
     if used == n and parsed.read_at is not None and targets.runs is not None and k == 1:
         if read_stored_layer(parsed, layer, [run[start:start + used] for run in targets.runs]):
             return
-    tensors = spec.layers[layer].tensors
-    dsts, counts = [], []
-    for t, u8 in zip(tensors, targets.u8s):
-        sl = [slice(None)] * (u8.ndim - 1)
-        sl[t.seq_axis] = slice(start, start + used)
-        dsts.append(u8[tuple(sl)])
-        counts.append(t.bytes_per_token * n // k)
-    # the block's tokens in each tensor as stored (all ``n``), cut to the ``used`` ones
-    cuts = [tuple(slice(0, used) if a == t.seq_axis else slice(None) for a in range(len(t.dims) + 1))
-            for t in tensors]
-    # plane 0 (the least significant byte on a little-endian machine) is written as whole
-    # elements, zero-extended, and each later plane as bytes at a stride of k: 16 us per
-    # 256-token bf16 block tensor against 28 writing both planes strided, and it runs in
-    # parallel on two threads (a casting shift-or was as fast on one but held the GIL)
-    wide = _WIDE.get(k) if _LITTLE else None
-    layer_bytes = spec.layers[layer].bytes_per_token * n
+    plan = targets.plans.get((n, used, k))
+    if plan is None:
+        plan = targets.plans[(n, used, k)] = _plane_plan(spec, layer, targets, n, used, k)
+    at = slice(start, start + used)
+    layer_bytes, entries = plan
+    writes = [(dst[lead + (at,)], elems[lead + (at,)] if elems is not None else None, cnt, shape, cut)
+              for dst, elems, lead, cnt, shape, cut in entries]
     for j, plane in iter_layer_planes(codec, parsed, layer, layer_bytes):
         off = 0
-        for t, dst, cnt, cut in zip(tensors, dsts, counts, cuts):
-            part = plane[off:off + cnt]
+        for dst, elems, cnt, shape, cut in writes:
+            part = plane[off:off + cnt].reshape(shape)[cut]
             off += cnt
             if k == 1:
-                dst[...] = part.reshape(t.shape(n) + (t.itemsize,))[cut]
-            elif j == 0 and wide is not None:
-                dst.view(wide)[..., 0] = part.reshape(t.shape(n))[cut]
+                dst[...] = part
+            elif j == 0 and elems is not None:
+                # plane 0 (the least significant byte on a little-endian machine) as whole
+                # elements, zero-extended; each later plane as bytes at a stride of k: about half
+                # the time of strided writes for every plane, and it runs in parallel on two
+                # threads (a casting shift-or was as fast on one but held the GIL)
+                elems[...] = part
             else:
-                dst[..., j] = part.reshape(t.shape(n))[cut]
+                dst[..., j] = part
+
+
+def _plane_plan(spec: KVSpec, layer: int, targets: LayerTargets, n: int, used: int, k: int) -> tuple[int, list]:
+    """How a block of ``n`` tokens (``used`` of them kept) in ``k`` planes lands in ``targets``,
+    computed once per restore, layer and block shape rather than per task: the layer's bytes,
+    and per tensor (its bytes, its elements as ``k``-byte integers or None, the index up to the
+    token axis, its bytes per plane, a plane part's shape, the cut to ``used`` tokens)."""
+    wide = _WIDE.get(k) if _LITTLE and k > 1 else None
+    entries = []
+    for t, u8 in zip(spec.layers[layer].tensors, targets.u8s):
+        shape = t.shape(n) + ((t.itemsize,) if k == 1 else ())
+        cut = tuple(slice(0, used) if a == t.seq_axis else slice(None) for a in range(len(t.dims) + 1))
+        entries.append((u8, u8.view(wide)[..., 0] if wide is not None else None, (slice(None),) * t.seq_axis,
+                        t.bytes_per_token * n // k, shape, cut))
+    return spec.layers[layer].bytes_per_token * n, entries
 
 
 _LITTLE = sys.byteorder == "little"
