@@ -307,8 +307,14 @@ def iter_layer_planes(codec: Codec, block: ParsedBlock, layer: int, layer_bytes:
     if layer_bytes % k:
         raise CorruptValueError("layer size is not a multiple of its element size")
     size = layer_bytes // k
+    frames = None
+    if block.read_at is not None and len(planes) > 1:
+        # a layer's planes lie back to back: one read for all of them, not one per plane
+        first = planes[0][0]
+        span = _frame(block, first, planes[-1][0] + planes[-1][1] - first)
+        frames = [span[off - first:off - first + length] for off, length, _ in planes]
     for j, (off, length, crc) in enumerate(planes):
-        frame = _frame(block, off, length)
+        frame = frames[j] if frames is not None else _frame(block, off, length)
         if mode == _MODE_STORED:
             if length != size or crc32c(frame) != crc:
                 raise CorruptValueError("stored layer checksum or length mismatch")
