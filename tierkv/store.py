@@ -402,8 +402,8 @@ class ValueReader:
         reads layer 0 of every block, then layer 1 of every block, ...: through one descriptor
         that is a jump to another block on every read, and readahead sees no stream. With a
         descriptor per value, each block's layers are one sequential stream, read ahead as such:
-        the demo's 8K-token turn restored from cold SSD takes 425 ms, against 529 ms with one
-        shared descriptor (``bench/ttft_parts.py``).
+        the demo's 8K-token turn restored from cold SSD took 425 ms, against 529 ms with one
+        shared descriptor, in one run of ``bench/ttft_parts.py`` (475 against 587 in a slower one).
         """
         fd = -1
         if own_fd and self._path:
