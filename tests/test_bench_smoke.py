@@ -55,3 +55,15 @@ def test_ttft_bench_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {"recompute", "cold_ssd", "warm_ssd+prefetch"} <= set(res["rows"][0]["ttft_s"])
+
+
+def test_ab_reload_bench_runs(tmp_path):
+    """Two versions side by side (here the same one twice): both restore every session."""
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab_reload.py"), "--a", ROOT, "--size", "20MiB",
+                        "--rounds", "1", "--synthetic", "--out", str(out), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["gbps"]) == {"cold A", "cold B", "warm A", "warm B"} and set(res["b_over_a"]) == {"cold", "warm"}
+    assert all(v["median"] > 0 for v in res["gbps"].values())

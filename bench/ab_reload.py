@@ -1,0 +1,138 @@
+"""Two versions of tierkv restoring the same store, side by side: is a change faster?
+
+This VM's speed drifts by 2x within minutes, so comparing a bench run today with one from
+yesterday says little. This script writes one store of real KV (as ``bench/reload.py`` does)
+and then, round after round, restores every session with version A, then with version B, each
+in a fresh process (pages dropped first for ``cold``), so both see the same disk and CPU.
+
+    python bench/ab_reload.py --a /path/to/old/checkout [--b .] [--dtype bf16] [--mode cold warm]
+                              [--rounds 6] [--size 1GiB] [--out bench/results/ab_reload.json]
+
+``--a`` / ``--b``: directories holding a ``tierkv`` package (a checkout, or ``git archive`` of a
+commit); B defaults to this repository. The store is written by this repository's tierkv and
+must be readable by both (same format version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, sessions: int, mode: str,
+          codec: str) -> None:
+    """Restore every session of ``store`` with the tierkv found in ``root``; print GB/s as JSON."""
+    sys.path.insert(0, os.path.abspath(root))
+    sys.path.insert(1, HERE)
+    import tierkv
+    from tierkv.pagecache import drop_file_cache
+
+    if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
+        raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
+    from reload import TOKENS, session_kv
+
+    spec, _ = session_kv(synthetic, cache_dir, dtype)
+    big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec)
+    if mode == "cold":
+        drop_file_cache(os.path.join(store, "data.mdb"))
+    with tierkv.TierKV(store, spec, **big) as s:
+        t = time.perf_counter()
+        for i in range(sessions):
+            r = s.restore(_tokens(i, TOKENS), session=f"s{i}", device="cpu")
+            if r.num_tokens != TOKENS:
+                raise SystemExit(f"{root}: restored {r.num_tokens} of {TOKENS} tokens (another store format?)")
+        el = time.perf_counter() - t
+    print(json.dumps({"gbps": sessions * TOKENS * spec.bytes_per_token / el / 1e9, "seconds": el}))
+
+
+def _tokens(i: int, n: int) -> list[int]:
+    return list(range(i * 100_000, i * 100_000 + n))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--a", required=True, help="directory holding version A's tierkv package")
+    ap.add_argument("--b", default=ROOT, help="directory holding version B's tierkv package (default: this repository)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--codec", default="zstd-planes")
+    ap.add_argument("--mode", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
+    ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default="bench/results/ab_reload.json")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sessions", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.store, args.dtype, args.synthetic, args.cache_dir, args.sessions, args.mode[0],
+              args.codec)
+        return {}
+
+    sys.path.insert(0, HERE)
+    import tierkv
+    from common import machine, write_json
+    from reload import TOKENS, session_kv
+    from tierkv.config import parse_size
+    from tierkv.integrations.hf import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    spec, kv = session_kv(args.synthetic, cache_dir, args.dtype)
+    per = TOKENS * spec.bytes_per_token
+    sessions = max(1, parse_size(args.size, "--size") // per)
+    work = tempfile.mkdtemp(prefix="tierkv-ab-", dir=args.dir)
+    store = os.path.join(work, "store")
+    versions = {"A": os.path.abspath(args.a), "B": os.path.abspath(args.b)}
+    rates: dict[str, list[float]] = {}
+    try:
+        with tierkv.TierKV(store, spec, persist="write_through", device_bytes=0, host_bytes=0,
+                           ssd_bytes=2 * sessions * per + (1 << 30), ssd_codec=args.codec) as s:
+            for i in range(sessions):
+                s.save(_tokens(i, TOKENS), kv, session=f"s{i}")
+            s.flush()
+        for rnd in range(args.rounds):
+            for mode in args.mode:
+                for name, root in versions.items():
+                    cmd = [sys.executable, os.path.abspath(__file__), "--a", root, "--child", root, "--store", store,
+                           "--dtype", args.dtype, "--codec", args.codec, "--mode", mode,
+                           "--sessions", str(sessions), "--cache-dir", cache_dir]
+                    if args.synthetic:
+                        cmd.append("--synthetic")
+                    r = subprocess.run(cmd, capture_output=True, text=True)
+                    if r.returncode:
+                        raise SystemExit(f"version {name} ({root}) failed:\n{r.stderr[-3000:]}")
+                    rates.setdefault(f"{mode} {name}", []).append(json.loads(r.stdout.splitlines()[-1])["gbps"])
+            print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    results: dict[str, Any] = {
+        "machine": machine(), "versions": versions, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "codec": args.codec, "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
+        "rounds": args.rounds,
+        "gbps": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in rates.items()},
+        "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},
+    }
+    for k, v in results["gbps"].items():
+        print(f"  {k:8} {v['median']:6.2f} GB/s ({v['min']:.2f}-{v['max']:.2f})")
+    for m, x in results["b_over_a"].items():
+        print(f"  {m}: B/A = {x:.2f}x")
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
