@@ -256,17 +256,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # --- the same LMDB reads (get + copy, nothing checked) on tierkv's own store file:
             # this VM's disk serves some files faster than others, so this row separates the
             # access method from the file it reads
-            with tierkv.TierKV(store, spec, **big) as s:
-                with s._ssd.reader() as txn:
-                    tierkv_keys = [bytes(k) for k in s._ssd.blocks_cursor(txn).iternext(keys=True, values=False)]
-
             def lmdb_read_tierkv_file() -> None:
                 e = lmdb.open(store, readonly=True, lock=False, max_dbs=8)
                 db = e.open_db(b"blocks", create=False)
                 with e.begin(buffers=True) as txn:
                     out = torch.empty(16 << 20, dtype=torch.uint8)
-                    for k in tierkv_keys:
-                        v = txn.get(k, db=db)
+                    for _, v in txn.cursor(db=db):  # every block value, in key order
                         if len(v) > out.numel():
                             out = torch.empty(len(v), dtype=torch.uint8)
                         out[:len(v)].numpy()[:] = np.frombuffer(v, dtype=np.uint8)
