@@ -17,7 +17,9 @@ def test_reload_bench_runs(tmp_path):
     res = json.loads(out.read_text())
     assert res["sessions"] >= 1 and res["save"]["compression_ratio"] > 0.9
     assert {"tierkv cold", "disk O_DIRECT sequential read", "torch.load per session (cold)",
-            "LMDB get on tierkv's store file (cold)"} <= set(res["logical_gbps"])
+            "LMDB get on tierkv's store file (cold)", "tierkv cold, into preallocated tensors",
+            "raw LMDB values into a preallocated buffer (cold)"} <= set(res["logical_gbps"])
+    assert res["ratios"]["tierkv_preallocated_cold_vs_raw_lmdb_preallocated"] > 0
 
 
 def test_ops_bench_runs(tmp_path):
