@@ -179,14 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # a server restores into KV memory it allocated at start-up (its pool, or vLLM's paged
         # cache), not into fresh tensors that pay a page fault and a zeroed page per 4 KiB on first
-        # write: these rows restore session after session into one set of such buffers
-        pool: dict[tuple[int, int], torch.Tensor] = {}
+        # write: these rows restore session after session into one CachePool, reserved up front
+        from tierkv.integrations.hf import CachePool
+
+        pool = CachePool()
+        pool.reserve(spec, TOKENS)
 
         def from_pool(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
-            buf = pool.get((layer, index))
-            if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
-                buf = pool[(layer, index)] = torch.zeros(shape, dtype=dtype, device=device)
-            return buf
+            return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
 
         def tierkv_restore(name: str, prefetch: bool, into_pool: bool = False) -> Callable[[], None]:
             def run() -> None:
@@ -202,7 +202,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     read_bytes[name] = s.stats()["ssd_read_bytes"]
             return run
 
-        tierkv_restore("pool", False, True)()  # allocate and touch the pool once, as at start-up
         methods["tierkv cold"] = (lambda: drop_file_cache(data), tierkv_restore("cold", False))
         methods["tierkv cold, into preallocated tensors"] = (lambda: drop_file_cache(data),
                                                               tierkv_restore("pool", False, True))
