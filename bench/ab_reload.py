@@ -10,7 +10,8 @@ in a fresh process (pages dropped first for ``cold``), so both see the same disk
 
 ``--a`` / ``--b``: directories holding a ``tierkv`` package (a checkout, or ``git archive`` of a
 commit); B defaults to this repository. The store is written by this repository's tierkv and
-must be readable by both (same format version).
+must be readable by both (same format version). With ``--own-stores`` each version writes a
+store of its own (the same KV) and restores that one: for changes to how values are encoded.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ ROOT = os.path.dirname(HERE)
 
 def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, sessions: int, mode: str,
           codec: str) -> None:
-    """Restore every session of ``store`` with the tierkv found in ``root``; print GB/s as JSON."""
+    """Restore every session of ``store`` with the tierkv found in ``root``; print GB/s as JSON.
+    ``mode`` "write": write the store instead."""
     sys.path.insert(0, os.path.abspath(root))
     sys.path.insert(1, HERE)
     import tierkv
@@ -42,7 +44,11 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
     from reload import TOKENS, session_kv
 
-    spec, _ = session_kv(synthetic, cache_dir, dtype)
+    spec, kv = session_kv(synthetic, cache_dir, dtype)
+    if mode == "write":
+        write_store(tierkv, store, spec, kv, sessions, codec)
+        print(json.dumps({"written": store}))
+        return
     big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec)
     if mode == "cold":
         drop_file_cache(os.path.join(store, "data.mdb"))
@@ -54,6 +60,18 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
                 raise SystemExit(f"{root}: restored {r.num_tokens} of {TOKENS} tokens (another store format?)")
         el = time.perf_counter() - t
     print(json.dumps({"gbps": sessions * TOKENS * spec.bytes_per_token / el / 1e9, "seconds": el}))
+
+
+def write_store(tierkv: Any, store: str, spec: Any, kv: Any, sessions: int, codec: str) -> None:
+    """Save ``sessions`` sessions of ``kv`` into a fresh store at ``store`` (write-through)."""
+    from reload import TOKENS
+
+    per = TOKENS * spec.bytes_per_token
+    with tierkv.TierKV(store, spec, persist="write_through", device_bytes=0, host_bytes=0,
+                       ssd_bytes=2 * sessions * per + (1 << 30), ssd_codec=codec) as s:
+        for i in range(sessions):
+            s.save(_tokens(i, TOKENS), kv, session=f"s{i}")
+        s.flush()
 
 
 def _tokens(i: int, n: int) -> list[int]:
@@ -73,13 +91,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="bench/results/ab_reload.json")
+    ap.add_argument("--own-stores", action="store_true",
+                    help="each version writes and restores a store of its own (for encoder changes)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sessions", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--write", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.store, args.dtype, args.synthetic, args.cache_dir, args.sessions, args.mode[0],
-              args.codec)
+        child(args.child, args.store, args.dtype, args.synthetic, args.cache_dir, args.sessions,
+              "write" if args.write else args.mode[0], args.codec)
         return {}
 
     sys.path.insert(0, HERE)
@@ -96,25 +117,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="tierkv-ab-", dir=args.dir)
     store = os.path.join(work, "store")
     versions = {"A": os.path.abspath(args.a), "B": os.path.abspath(args.b)}
+    stores = {name: os.path.join(work, f"store-{name}") if args.own_stores else store for name in versions}
     rates: dict[str, list[float]] = {}
+    store_bytes: dict[str, int] = {}
+
+    def run_child(name: str, mode: str) -> dict[str, Any]:
+        root = versions[name]
+        cmd = [sys.executable, os.path.abspath(__file__), "--a", root, "--child", root, "--store", stores[name],
+               "--dtype", args.dtype, "--codec", args.codec, "--mode", "cold" if mode == "write" else mode,
+               "--sessions", str(sessions), "--cache-dir", cache_dir]
+        cmd += ["--synthetic"] if args.synthetic else []
+        cmd += ["--write"] if mode == "write" else []
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"version {name} ({root}) failed:\n{r.stderr[-3000:]}")
+        return json.loads(r.stdout.splitlines()[-1])
+
     try:
-        with tierkv.TierKV(store, spec, persist="write_through", device_bytes=0, host_bytes=0,
-                           ssd_bytes=2 * sessions * per + (1 << 30), ssd_codec=args.codec) as s:
-            for i in range(sessions):
-                s.save(_tokens(i, TOKENS), kv, session=f"s{i}")
-            s.flush()
+        if args.own_stores:
+            for name in versions:
+                run_child(name, "write")
+        else:
+            write_store(tierkv, store, spec, kv, sessions, args.codec)
+        store_bytes = {name: os.path.getsize(os.path.join(stores[name], "data.mdb")) for name in versions}
         for rnd in range(args.rounds):
             for mode in args.mode:
-                for name, root in versions.items():
-                    cmd = [sys.executable, os.path.abspath(__file__), "--a", root, "--child", root, "--store", store,
-                           "--dtype", args.dtype, "--codec", args.codec, "--mode", mode,
-                           "--sessions", str(sessions), "--cache-dir", cache_dir]
-                    if args.synthetic:
-                        cmd.append("--synthetic")
-                    r = subprocess.run(cmd, capture_output=True, text=True)
-                    if r.returncode:
-                        raise SystemExit(f"version {name} ({root}) failed:\n{r.stderr[-3000:]}")
-                    rates.setdefault(f"{mode} {name}", []).append(json.loads(r.stdout.splitlines()[-1])["gbps"])
+                for name in versions:
+                    rates.setdefault(f"{mode} {name}", []).append(run_child(name, mode)["gbps"])
             print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -122,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(), "versions": versions, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "codec": args.codec, "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
-        "rounds": args.rounds,
+        "rounds": args.rounds, "own_stores": args.own_stores, "store_file_bytes": store_bytes,
         "gbps": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in rates.items()},
         "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},
     }

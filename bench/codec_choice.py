@@ -58,7 +58,9 @@ def main() -> None:
             assert np.array_equal(out, raw)
             return len(value), enc, d
 
-        cands = {"zstd-planes L1 (tierkv default)": lambda: tierkv_codec(ZstdPlanesCodec(1)),
+        cands = {"zstd-planes L1 (tierkv default: long matches only)": lambda: tierkv_codec(ZstdPlanesCodec(1)),
+                 "zstd-planes L1, zstd's own level-1 match finder": lambda: tierkv_codec(
+                     ZstdPlanesCodec(1, long_matches_only=False)),
                  "zstd-planes L1, always split": lambda: tierkv_codec(ZstdPlanesCodec(1, min_ratio=1.0)),
                  "zstd-planes L3, always split": lambda: tierkv_codec(ZstdPlanesCodec(3, min_ratio=1.0)),
                  "raw (tierkv, crc32)": lambda: tierkv_codec(RawCodec())}

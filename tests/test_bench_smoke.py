@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
@@ -59,13 +61,17 @@ def test_ttft_bench_runs(tmp_path):
     assert {"recompute", "cold_ssd", "warm_ssd+prefetch"} <= set(res["rows"][0]["ttft_s"])
 
 
-def test_ab_reload_bench_runs(tmp_path):
-    """Two versions side by side (here the same one twice): both restore every session."""
+@pytest.mark.parametrize("own_stores", [False, True])
+def test_ab_reload_bench_runs(tmp_path, own_stores):
+    """Two versions side by side (here the same one twice): both restore every session, from one
+    store or (``--own-stores``) each from a store it wrote."""
     out = tmp_path / "ab.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab_reload.py"), "--a", ROOT, "--size", "20MiB",
-                        "--rounds", "1", "--synthetic", "--out", str(out), "--dir", str(tmp_path)],
+                        "--rounds", "1", "--synthetic", "--out", str(out), "--dir", str(tmp_path)]
+                       + (["--own-stores"] if own_stores else []),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["gbps"]) == {"cold A", "cold B", "warm A", "warm B"} and set(res["b_over_a"]) == {"cold", "warm"}
     assert all(v["median"] > 0 for v in res["gbps"].values())
+    assert res["own_stores"] is own_stores and all(n > 0 for n in res["store_file_bytes"].values())

@@ -120,6 +120,29 @@ def test_decoder_fuzz_any_bytes_are_a_clean_miss(junk, where):
         assert value == good  # only the untouched value may decode
 
 
+def test_zstd_values_decode_whichever_match_finder_wrote_them():
+    """The match-finder setting is the encoder's alone: values written with zstd's own level-1
+    parameters (the default before long_matches_only) and with the default decode the same."""
+    from conftest import make_kv
+    from tierkv.blocks import pack_block
+
+    spec = small_spec(layers=3, heads=2, dim=64)
+    n = 64
+    payload = torch.empty(n * spec.bytes_per_token, dtype=torch.uint8)
+    pack_block(spec, make_kv(spec, n), 0, n, payload)
+    payload = payload.numpy()
+    old, new = ZstdPlanesCodec(min_ratio=1.0, long_matches_only=False), ZstdPlanesCodec(min_ratio=1.0)
+    for writer, reader in [(old, new), (new, old), (new, new)]:
+        value = encode_block(writer, b"F" * 16, spec, payload, n)
+        parsed = parse_block(value, b"F" * 16, spec, reader, 64)
+        assert all(mode == 0 for _, mode, _ in parsed.layers)  # split into planes, zstd frames
+        out = np.zeros_like(payload)
+        for layer in range(spec.num_layers):
+            a, b = spec.layer_span(layer, n)
+            decode_layer(reader, parsed, layer, out[a:b])
+        assert np.array_equal(out, payload)
+
+
 def test_config_knows_exactly_the_codecs_codec_py_implements():
     from tierkv.codec import CODECS
     from tierkv.config import SSD_CODECS
