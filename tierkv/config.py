@@ -75,7 +75,9 @@ class TierKVConfig:
         device: torch device of the device tier, e.g. ``"cuda:0"`` or ``"cpu"``; ``None`` picks
             CUDA when present, else the CPU.
         ssd_codec: codec of values on SSD (``"zstd-planes"`` lossless, or ``"raw"``).
-        zstd_level: compression level of the ``zstd-planes`` codec.
+        zstd_level: compression level of the ``zstd-planes`` codec. Its match finder looks for long
+            matches only (``ZstdPlanesCodec.long_matches_only``), so levels above 1 gain little on KV;
+            negative levels store literals uncompressed and so barely compress KV at all.
         io_threads: threads decoding blocks read from SSD.
         pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available".
         nan_policy: ``"store"`` keeps NaN/Inf values as they are (bit-exact); ``"refuse"`` makes
