@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,23 +47,26 @@ def main() -> None:
     prefix = tok.encode(text, add_special_tokens=False)[:args.prefix_tokens]
     ask = lambda i: tok.encode(f"\n# Question {i}: what does this code do?\n", add_special_tokens=False)  # noqa: E731
     d = tempfile.mkdtemp(prefix="tierkv-vllm-bench-")
-    json.dump([[prefix + ask(0)]], open(os.path.join(d, "seed.json"), "w"))
-    json.dump([[prefix + ask(i + 1)] for i in range(args.requests)], open(os.path.join(d, "reqs.json"), "w"))
-    env = dict(os.environ, TIERKV_E2E_MAX_LEN=str(args.prefix_tokens + 64), TIERKV_E2E_MAX_TOKENS="1",
-               TIERKV_E2E_CODEC=args.codec)
+    try:
+        json.dump([[prefix + ask(0)]], open(os.path.join(d, "seed.json"), "w"))
+        json.dump([[prefix + ask(i + 1)] for i in range(args.requests)], open(os.path.join(d, "reqs.json"), "w"))
+        env = dict(os.environ, TIERKV_E2E_MAX_LEN=str(args.prefix_tokens + 64), TIERKV_E2E_MAX_TOKENS="1",
+                   TIERKV_E2E_CODEC=args.codec)
 
-    def run(kind: str, prompts: str, out: str, stats: str) -> list[dict]:
-        subprocess.run([args.vllm_python, E2E, kind, model.name_or_path, os.path.join(d, "store"),
-                        os.path.join(d, stats), os.path.join(d, prompts), os.path.join(d, out)],
-                       check=True, env=env, capture_output=True, text=True)
-        return json.load(open(os.path.join(d, out)))
+        def run(kind: str, prompts: str, out: str, stats: str) -> list[dict]:
+            subprocess.run([args.vllm_python, E2E, kind, model.name_or_path, os.path.join(d, "store"),
+                            os.path.join(d, stats), os.path.join(d, prompts), os.path.join(d, out)],
+                           check=True, env=env, capture_output=True, text=True)
+            return json.load(open(os.path.join(d, out)))
 
-    run("connector", "seed.json", "seed_out.json", "s0")
-    drop_file_cache(os.path.join(d, "store", "data.mdb"))
-    with_tierkv = run("connector", "reqs.json", "tierkv_out.json", "s1")
-    plain = run("plain", "reqs.json", "plain_out.json", "s2")
-    worker = [json.load(open(os.path.join(d, "s1", f))) for f in os.listdir(os.path.join(d, "s1"))
-              if f.startswith("worker")][0]
+        run("connector", "seed.json", "seed_out.json", "s0")
+        drop_file_cache(os.path.join(d, "store", "data.mdb"))
+        with_tierkv = run("connector", "reqs.json", "tierkv_out.json", "s1")
+        plain = run("plain", "reqs.json", "plain_out.json", "s2")
+        worker = [json.load(open(os.path.join(d, "s1", f))) for f in os.listdir(os.path.join(d, "s1"))
+                  if f.startswith("worker")][0]
+    finally:  # the store and vLLM outputs: ~100-150 MB per run
+        shutil.rmtree(d, ignore_errors=True)
     t_kv = [b["seconds"] for b in with_tierkv]
     t_plain = [b["seconds"] for b in plain]
     res = {
