@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--codec", default="zstd-planes", help="tierkv's SSD codec (zstd-planes or raw)")
     ap.add_argument("--only-tierkv", action="store_true", help="skip the disk and baseline measurements")
     args = ap.parse_args(argv)
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.integrations.hf import CachePool, default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
     spec, kv = session_kv(args.synthetic, cache_dir, args.dtype)
@@ -180,8 +180,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # a server restores into KV memory it allocated at start-up (its pool, or vLLM's paged
         # cache), not into fresh tensors that pay a page fault and a zeroed page per 4 KiB on first
         # write: these rows restore session after session into one CachePool, reserved up front
-        from tierkv.integrations.hf import CachePool
-
         pool = CachePool()
         pool.reserve(spec, TOKENS)
 

@@ -111,8 +111,6 @@ class ZstdPlanesCodec(Codec):
         self.min_ratio = min_ratio
         self.long_matches_only = long_matches_only
         # zstd contexts are not thread-safe: one per thread, created lazily.
-        import threading
-
         self._local = threading.local()
 
     def _ctx(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
