@@ -8,10 +8,13 @@ one file per session with torch.save / torch.load(weights_only=True), safetensor
 and raw LMDB values without a codec. tierkv and raw LMDB are measured twice: into fresh memory,
 and into buffers allocated once and reused (a server's KV pool; fresh tensors pay a page fault per
 4 KiB on first write). Medians over ``--repeats`` rounds with min and max; each
-round runs every method once, in turn, so all of them see the same disk (this VM's disk speed
-drifts by 2x within minutes).
+round runs every method once, in an order shuffled per round (seeded, recorded in the JSON), so
+all of them see the same disk (this VM's disk speed drifts by 2x within minutes) and none always
+runs right after the same neighbour. ``--store-last`` writes the baselines' files before
+tierkv's store instead of after it (this VM's disk serves recently written files faster).
 
-    python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic] [--out bench/results/reload.json]
+    python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic] [--store-last]
+                           [--seed 0] [--out bench/results/reload.json]
 
 ``tierkv bench reload`` runs the same.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true", help="print the JSON result")
     ap.add_argument("--codec", default="zstd-planes", help="tierkv's SSD codec (zstd-planes or raw)")
     ap.add_argument("--only-tierkv", action="store_true", help="skip the disk and baseline measurements")
+    ap.add_argument("--store-last", action="store_true",
+                    help="write the baselines' files first and tierkv's store last (default: the store first)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the per-round method order")
     args = ap.parse_args(argv)
     from tierkv.integrations.hf import CachePool, default_cache_dir
 
@@ -122,97 +129,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     toks = [list(range(s * 100_000, s * 100_000 + TOKENS)) for s in range(n_sessions)]
     results: dict[str, Any] = {"machine": machine(), "sessions": n_sessions, "tokens_per_session": TOKENS,
                                "raw_bytes": total, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
-                               "repeats": args.repeats}
+                               "repeats": args.repeats, "seed": args.seed,
+                               "written": "baselines, then tierkv's store" if args.store_last and not args.only_tierkv
+                               else "tierkv's store, then baselines"}
     timings: dict[str, list[float]] = {}
-    #: name -> (prepare, run); measured round-robin, one run of each per round, so every method
-    #: sees the same disk conditions (this VM's disk speed drifts by 2x within minutes)
+    #: name -> (prepare, run); measured round-robin, one run of each per round (in a shuffled
+    #: order), so every method sees the same disk conditions (this VM's disk speed drifts by 2x
+    #: within minutes)
     methods: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
 
     try:
         store = os.path.join(work, "store")
+        data = os.path.join(store, "data.mdb")
         big = dict(device_bytes=0, host_bytes=2 * total + (1 << 30), ssd_bytes=2 * total + (1 << 30),
                    ssd_codec=args.codec)
         results["codec"] = args.codec
-        # --- save (offload) throughput and how long save blocks its caller -----------------
-        save_block, save_total = [], []
-        for rep in range(args.repeats):
-            shutil.rmtree(store, ignore_errors=True)
-            with tierkv.TierKV(store, spec, persist="write_through", **big) as s:
-                t0 = time.perf_counter()
-                for i in range(n_sessions):
-                    t = time.perf_counter()
-                    s.save(toks[i], kv, session=f"s{i}")
-                    save_block.append(time.perf_counter() - t)
-                s.flush()
-                save_total.append(time.perf_counter() - t0)
-                ssd_bytes = s.stats()["resident_bytes"]["ssd"]
-        results["save"] = {"throughput_gbps": total / statistics.median(save_total) / 1e9,
-                           "seconds": stats_of(save_total), "save_call_blocks_s": stats_of(save_block),
-                           "ssd_bytes": ssd_bytes, "compression_ratio": total / ssd_bytes}
-        print(f"  save (write-through, to SSD)       {results['save']['throughput_gbps']:6.2f} GB/s; "
-              f"save() blocks {statistics.median(save_block) * 1000:.1f} ms per {TOKENS}-token session", flush=True)
-        # --- how long save() blocks for one 4096-token session, beyond its copy into memory ----
-        # (the target: <= 5 ms plus the copy into the first memory tier; the copy is timed by
-        # the engine itself: stats()["moved"]["caller->host"])
-        kv4 = [(torch.cat([k, k], 1), torch.cat([v, v], 1)) for k, v in kv]
-        blocked, copied = [], []
-        with tierkv.TierKV(os.path.join(work, "save4k"), spec, **big) as s:
-            for rep in range(max(5, args.repeats)):
-                before = s.stats()["moved"].get("caller->host", {"seconds": 0.0})["seconds"]
-                t = time.perf_counter()
-                s.save(list(range(10**7 + rep * 10_000, 10**7 + rep * 10_000 + 2 * TOKENS)), kv4, session=f"b{rep}")
-                blocked.append(time.perf_counter() - t)
-                copied.append(s.stats()["moved"]["caller->host"]["seconds"] - before)
-            s.flush()
-        shutil.rmtree(os.path.join(work, "save4k"))
-        results["save_4096"] = {"blocked_s": stats_of(blocked), "copy_s": stats_of(copied),
-                                "beyond_copy_s": stats_of([b - c for b, c in zip(blocked, copied)]),
-                                "bytes": 2 * per}
-        print(f"  save() of a {2 * TOKENS}-token session ({2 * per / 1e6:.0f} MB) blocks "
-              f"{statistics.median(blocked) * 1000:.1f} ms: copy {statistics.median(copied) * 1000:.1f} ms + "
-              f"{statistics.median([b - c for b, c in zip(blocked, copied)]) * 1000:.2f} ms", flush=True)
-        del kv4
-        print(f"{n_sessions} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV; "
-              f"{ssd_bytes / 2**30:.2f} GiB on SSD ({total / ssd_bytes:.2f}x)", flush=True)
-        data = os.path.join(store, "data.mdb")
-        read_bytes: dict[str, int] = {}
 
-        # a server restores into KV memory it allocated at start-up (its pool, or vLLM's paged
-        # cache), not into fresh tensors that pay a page fault and a zeroed page per 4 KiB on first
-        # write: these rows restore session after session into one CachePool, reserved up front
-        pool = CachePool()
-        pool.reserve(spec, TOKENS)
-
-        def from_pool(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
-            return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
-
-        def tierkv_restore(name: str, prefetch: bool, into_pool: bool = False) -> Callable[[], None]:
-            def run() -> None:
-                with tierkv.TierKV(store, spec, **big) as s:
-                    if prefetch:
-                        handles = [s.prefetch(toks[i], session=f"s{i}") for i in range(n_sessions)]
-                        for h in handles:
-                            h.wait()
-                    for i in range(n_sessions):
-                        r = s.restore_async(toks[i], session=f"s{i}", device="cpu",
-                                            allocate=from_pool if into_pool else None).result()
-                        assert r.num_tokens == TOKENS
-                    read_bytes[name] = s.stats()["ssd_read_bytes"]
-            return run
-
-        methods["tierkv cold"] = (lambda: drop_file_cache(data), tierkv_restore("cold", False))
-        methods["tierkv cold, into preallocated tensors"] = (lambda: drop_file_cache(data),
-                                                              tierkv_restore("pool", False, True))
-        methods["tierkv cold + prefetch"] = (lambda: drop_file_cache(data), tierkv_restore("prefetch", True))
-        methods["tierkv warm (page cache)"] = (lambda: tierkv_restore("warm", False)(), tierkv_restore("warm", False))
-
-        if not args.only_tierkv:
+        def write_baselines() -> None:
+            """Write the baselines' files (the disk's raw file, per-session files, a raw LMDB
+            store) and register their methods."""
             # --- the disk's own limit: a file of the same raw size ----------------------------
             raw_file = os.path.join(work, "raw.bin")
             with open(raw_file, "wb") as f:
                 block = b"".join(raw(x).tobytes() for pair in kv for x in pair)
                 for _ in range(n_sessions):
                     f.write(block)
+
             methods["disk O_DIRECT sequential read"] = (lambda: drop_file_cache(raw_file),
                                                         lambda: odirect_read(raw_file))
             methods["disk page-cache read"] = (lambda: odirect_read_cached(raw_file),
@@ -266,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             out[pos:pos + len(v)].numpy()[:] = np.frombuffer(v, dtype=np.uint8)
                             pos += len(v)
                 e.close()
+
             methods["raw LMDB values, no codec (cold)"] = (
                 lambda: drop_file_cache(os.path.join(rawdb, "data.mdb")), lmdb_read)
             methods["raw LMDB values into a preallocated buffer (cold)"] = (
@@ -273,25 +216,125 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             # --- the same LMDB reads (get + copy, nothing checked) on tierkv's own store file:
             # this VM's disk serves some files faster than others, so this row separates the
-            # access method from the file it reads
+            # access method from the file it reads. Values are read in the order a restore
+            # reads them (session after session, each session's blocks in order), which is the
+            # order they were written in: block keys are hashes, so the database's key order
+            # jumps around the file (this row read in key order before session 14)
             def lmdb_read_tierkv_file() -> None:
                 e = lmdb.open(store, readonly=True, lock=False, max_dbs=8)
                 db = e.open_db(b"blocks", create=False)
                 with e.begin(buffers=True) as txn:
                     out = torch.empty(16 << 20, dtype=torch.uint8)
-                    for _, v in txn.cursor(db=db):  # every block value, in key order
+                    for key in store_keys_in_restore_order(e, txn):
+                        v = txn.get(key, db=db)
                         if len(v) > out.numel():
                             out = torch.empty(len(v), dtype=torch.uint8)
                         out[:len(v)].numpy()[:] = np.frombuffer(v, dtype=np.uint8)
                 e.close()
+
+            def store_keys_in_restore_order(e: Any, txn: Any) -> list[bytes]:
+                from tierkv.store import SessionRecord
+
+                sessions = e.open_db(b"sessions", txn=txn, create=False)
+                return [k for i in range(n_sessions)
+                        for k in SessionRecord.decode(f"s{i}", txn.get(f"s{i}".encode(), db=sessions)).keys]
+
             methods["LMDB get on tierkv's store file (cold)"] = (lambda: drop_file_cache(data), lmdb_read_tierkv_file)
             # and the disk's limit measured on that file (the whole data.mdb: values and LMDB's pages)
             methods["disk O_DIRECT read of tierkv's store file"] = (lambda: drop_file_cache(data),
                                                                     lambda: odirect_read(data))
+
+        if args.store_last and not args.only_tierkv:
+            write_baselines()
+
+        # --- save (offload) throughput and how long save blocks its caller -----------------
+        save_block, save_total = [], []
+        for rep in range(args.repeats):
+            shutil.rmtree(store, ignore_errors=True)
+            with tierkv.TierKV(store, spec, persist="write_through", **big) as s:
+                t0 = time.perf_counter()
+                for i in range(n_sessions):
+                    t = time.perf_counter()
+                    s.save(toks[i], kv, session=f"s{i}")
+                    save_block.append(time.perf_counter() - t)
+                s.flush()
+                save_total.append(time.perf_counter() - t0)
+                ssd_bytes = s.stats()["resident_bytes"]["ssd"]
+        results["save"] = {"throughput_gbps": total / statistics.median(save_total) / 1e9,
+                           "seconds": stats_of(save_total), "save_call_blocks_s": stats_of(save_block),
+                           "ssd_bytes": ssd_bytes, "compression_ratio": total / ssd_bytes}
+        print(f"  save (write-through, to SSD)       {results['save']['throughput_gbps']:6.2f} GB/s; "
+              f"save() blocks {statistics.median(save_block) * 1000:.1f} ms per {TOKENS}-token session", flush=True)
+        # --- how long save() blocks for one 4096-token session, beyond its copy into memory ----
+        # (the target: <= 5 ms plus the copy into the first memory tier; the copy is timed by
+        # the engine itself: stats()["moved"]["caller->host"])
+        kv4 = [(torch.cat([k, k], 1), torch.cat([v, v], 1)) for k, v in kv]
+        blocked, copied = [], []
+        with tierkv.TierKV(os.path.join(work, "save4k"), spec, **big) as s:
+            for rep in range(max(5, args.repeats)):
+                before = s.stats()["moved"].get("caller->host", {"seconds": 0.0})["seconds"]
+                t = time.perf_counter()
+                s.save(list(range(10**7 + rep * 10_000, 10**7 + rep * 10_000 + 2 * TOKENS)), kv4, session=f"b{rep}")
+                blocked.append(time.perf_counter() - t)
+                copied.append(s.stats()["moved"]["caller->host"]["seconds"] - before)
+            s.flush()
+        shutil.rmtree(os.path.join(work, "save4k"))
+        results["save_4096"] = {"blocked_s": stats_of(blocked), "copy_s": stats_of(copied),
+                                "beyond_copy_s": stats_of([b - c for b, c in zip(blocked, copied)]),
+                                "bytes": 2 * per}
+        print(f"  save() of a {2 * TOKENS}-token session ({2 * per / 1e6:.0f} MB) blocks "
+              f"{statistics.median(blocked) * 1000:.1f} ms: copy {statistics.median(copied) * 1000:.1f} ms + "
+              f"{statistics.median([b - c for b, c in zip(blocked, copied)]) * 1000:.2f} ms", flush=True)
+        del kv4
+        print(f"{n_sessions} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV; "
+              f"{ssd_bytes / 2**30:.2f} GiB on SSD ({total / ssd_bytes:.2f}x)", flush=True)
+        read_bytes: dict[str, int] = {}
+
+        # a server restores into KV memory it allocated at start-up (its pool, or vLLM's paged
+        # cache), not into fresh tensors that pay a page fault and a zeroed page per 4 KiB on first
+        # write: these rows restore session after session into one CachePool, reserved up front
+        pool = CachePool()
+        pool.reserve(spec, TOKENS)
+
+        def from_pool(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
+            return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
+
+        def tierkv_restore(name: str, prefetch: bool, into_pool: bool = False) -> Callable[[], None]:
+            def run() -> None:
+                with tierkv.TierKV(store, spec, **big) as s:
+                    if prefetch:
+                        handles = [s.prefetch(toks[i], session=f"s{i}") for i in range(n_sessions)]
+                        for h in handles:
+                            h.wait()
+                    for i in range(n_sessions):
+                        r = s.restore_async(toks[i], session=f"s{i}", device="cpu",
+                                            allocate=from_pool if into_pool else None).result()
+                        assert r.num_tokens == TOKENS
+                    read_bytes[name] = s.stats()["ssd_read_bytes"]
+            return run
+
+        methods["tierkv cold"] = (lambda: drop_file_cache(data), tierkv_restore("cold", False))
+        methods["tierkv cold, into preallocated tensors"] = (lambda: drop_file_cache(data),
+                                                              tierkv_restore("pool", False, True))
+        methods["tierkv cold + prefetch"] = (lambda: drop_file_cache(data), tierkv_restore("prefetch", True))
+        methods["tierkv warm (page cache)"] = (lambda: tierkv_restore("warm", False)(), tierkv_restore("warm", False))
+
+        if not args.store_last and not args.only_tierkv:
+            write_baselines()
+        if not args.only_tierkv:
             results["store_file_bytes"] = os.path.getsize(data)
 
+        rng = random.Random(args.seed)
+        results["round_orders"] = []
         for rnd in range(args.repeats):
-            for name, (prepare, run) in methods.items():
+            # every method once per round, in a fresh order: on this VM a read's speed depends on
+            # what ran just before it (the host's own caching of the virtual disk), so no method
+            # may always follow the same neighbour
+            order = list(methods)
+            rng.shuffle(order)
+            results["round_orders"].append(order)
+            for name in order:
+                prepare, run = methods[name]
                 prepare()
                 t = time.perf_counter()
                 run()

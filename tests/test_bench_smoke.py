@@ -10,13 +10,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
-def test_reload_bench_runs(tmp_path):
+@pytest.mark.parametrize("store_last", [False, True])
+def test_reload_bench_runs(tmp_path, store_last):
     out = tmp_path / "reload.json"
     r = subprocess.run([sys.executable, "-m", "tierkv.cli", "bench", "reload", "--size", "40MiB", "--repeats",
-                        "1", "--synthetic", "--out", str(out), "--dir", str(tmp_path)],
+                        "2", "--synthetic", "--out", str(out), "--dir", str(tmp_path)]
+                       + (["--store-last"] if store_last else []),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert res["written"].startswith("baselines" if store_last else "tierkv")
+    # every round ran every method once, in an order of its own
+    assert len(res["round_orders"]) == 2
+    assert all(sorted(order) == sorted(res["logical_gbps"]) for order in res["round_orders"])
     assert res["sessions"] >= 1 and res["save"]["compression_ratio"] > 0.9
     assert {"tierkv cold", "disk O_DIRECT sequential read", "torch.load per session (cold)",
             "LMDB get on tierkv's store file (cold)", "tierkv cold, into preallocated tensors",
