@@ -75,6 +75,35 @@ def test_restore_reads_values_with_pread_not_through_the_map(open_store, store_p
     assert_kv_equal(s.restore(range(n), session="s").kv, kv)
 
 
+def test_reader_finds_the_map_from_lmdb_pages_where_the_kernel_says_it_is(open_store):
+    """The reader works out where LMDB's map starts from a page header (no /proc needed); it
+    must agree with the kernel's own list of this process's mappings."""
+    s, _, _ = saved(open_store, 2 * BLOCK, 1, persist="write_through")
+    reader = s._ssd.values
+    ino = os.stat(s._ssd.data_file()).st_ino
+    with open("/proc/self/maps") as f:
+        maps = [line.split() for line in f]
+    starts = [int(m[0].split("-")[0], 16) for m in maps if len(m) >= 6 and int(m[4]) == ino and int(m[2], 16) == 0]
+    assert reader._start in starts
+
+
+def test_without_pread_the_map_reads_ahead(open_store, monkeypatch):
+    """Where no ValueReader can be made, values are read through the map: the store then
+    reopens LMDB with readahead (without it, every 4 KiB page of a cold value is a read of its
+    own), and restores stay exact, cold too."""
+    from tierkv import store as store_mod
+
+    n = 3 * BLOCK
+    s, spec, kv = saved(open_store, n, 8, host_bytes=0, device_bytes=0)
+    assert s._ssd.env.flags()["readahead"] is False  # the pread path keeps MADV_RANDOM
+    s.close()
+    monkeypatch.setattr(store_mod.ValueReader, "open", classmethod(lambda cls, store: None))
+    s = open_store(spec, host_bytes=0, device_bytes=0)
+    assert s._ssd.values is None and s._ssd.env.flags()["readahead"] is True
+    drop_file_cache(s._ssd.data_file())
+    assert_kv_equal(s.restore(range(n), session="s").kv, kv)
+
+
 def test_map_fallback_restores_exactly(open_store):
     """Off Linux (no ValueReader) values are read through the map; same bytes."""
     n = 3 * BLOCK

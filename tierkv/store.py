@@ -53,6 +53,7 @@ _U64BE = struct.Struct(">Q")
 _SESSION_MAGIC = b"TKS1"
 MAX_SESSION_ID_BYTES = 400  # LMDB's default max key size is 511 bytes
 
+_LINUX = sys.platform.startswith("linux")
 _open_paths: set[str] = set()
 _open_paths_lock = threading.Lock()
 
@@ -185,13 +186,10 @@ class SSDStore:
             _open_paths.add(self.path)
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
-            # Overflow pages round each value up to 4 KiB and the B-trees need room too.
-            map_size = ssd_bytes + ssd_bytes // 4 + (64 << 20)
             # No readahead on Linux (MADV_RANDOM): a cold B-tree page faults in alone, not with a
             # read_ahead_kb window of the values around it (8 MiB on the test machine); values
             # are read with pread there (ValueReader).
-            self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
-                                 max_readers=256, readahead=not sys.platform.startswith("linux"), lock=True)
+            self._open_env(readahead=not _LINUX)
         except (lmdb.Error, OSError) as e:
             self._release_path()
             if isinstance(e, PermissionError) or "ermission" in str(e) or "Read-only" in str(e):
@@ -199,19 +197,38 @@ class SSDStore:
             raise StoreIOError(f"cannot open store {self.path}: {e}") from None
         try:
             self._check_truncation()  # before any B-tree page is touched
-            self.meta = self.env.open_db(b"meta")
-            self.blocks = self.env.open_db(b"blocks")
-            self.bmeta = self.env.open_db(b"bmeta")
-            self.sessions = self.env.open_db(b"sessions")
-            self.lru = self.env.open_db(b"lru")
-            self.expiry = self.env.open_db(b"expiry")
+            self._open_dbs()
             self._check_identity(fingerprint, description)
+            self.fingerprint = fingerprint
+            self.values = ValueReader.open(self)
+            if self.values is None and _LINUX:
+                # No pread here, so values are read through the map, and a map without
+                # readahead reads every 4 KiB page of a cold value as a request of its own:
+                # reopen the environment with readahead (a fault then reads a window around it)
+                self.env.close()
+                with _translated("reopening the store"):
+                    self._open_env(readahead=True)
+                    self._open_dbs()
         except BaseException:
-            self.env.close()
+            if self.env is not None:
+                self.env.close()
             self._release_path()
             raise
-        self.fingerprint = fingerprint
-        self.values = ValueReader.open(self)
+
+    def _open_env(self, readahead: bool) -> None:
+        # Overflow pages round each value up to 4 KiB and the B-trees need room too.
+        map_size = self.ssd_bytes + self.ssd_bytes // 4 + (64 << 20)
+        self.env = None
+        self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
+                             max_readers=256, readahead=readahead, lock=True)
+
+    def _open_dbs(self) -> None:
+        self.meta = self.env.open_db(b"meta")
+        self.blocks = self.env.open_db(b"blocks")
+        self.bmeta = self.env.open_db(b"bmeta")
+        self.sessions = self.env.open_db(b"sessions")
+        self.lru = self.env.open_db(b"lru")
+        self.expiry = self.env.open_db(b"expiry")
 
     def _release_path(self) -> None:
         with _open_paths_lock:
@@ -335,7 +352,8 @@ class ValueReader:
     (else the value is read through the map), and the value's own header checksum is seeded with
     its key, so a misplaced read is never taken for another block's KV.
     ``open`` returns None (values then go through the map) off Linux or if the map cannot be
-    found in /proc/self/maps.
+    located: where the map starts comes from LMDB itself (a page's header holds its own page
+    number), checked by reading a known value with pread, so no /proc is needed.
     """
 
     #: most descriptors of its own a reader keeps open at once (``read_at(..., own_fd=True)``)
@@ -354,14 +372,18 @@ class ValueReader:
         except OSError:
             return None
         try:
-            st = os.fstat(fd)
+            psize, info = store.env.stat()["psize"], store.env.info()
             with store.reader() as txn:
                 probe = txn.get(b"fingerprint", db=store.meta)
-                addr = _address(probe)
-                for start, end, inode in _file_maps():
-                    if inode == st.st_ino and start <= addr < end:
-                        if os.pread(fd, len(probe), addr - start) == bytes(probe):
-                            return cls(fd, start, end, store.env.stat()["psize"], store.data_file())
+                if probe is not None and ctypes.sizeof(ctypes.c_size_t) == 8:
+                    # the map starts page-aligned, so the probe's page starts at its address
+                    # rounded down, and a page begins with its own number (mdb.c: mp_pgno)
+                    addr = _address(probe)
+                    page = addr - addr % psize
+                    (pgno,) = struct.unpack("<Q", ctypes.string_at(page, 8))
+                    start = page - pgno * psize
+                    if pgno <= info["last_pgno"] and os.pread(fd, len(probe), addr - start) == bytes(probe):
+                        return cls(fd, start, start + info["map_size"], psize, store.data_file())
         except (OSError, ValueError, TierKVError):
             pass
         os.close(fd)
@@ -470,16 +492,6 @@ _F_BIGDATA, _P_OVERFLOW = 0x01, 0x04
 def _address(buf: memoryview) -> int:
     """Address of a buffer's first byte (without touching its pages)."""
     return np.frombuffer(buf, dtype=np.uint8).ctypes.data
-
-
-def _file_maps() -> Iterator[tuple[int, int, int]]:
-    """(start, end, inode) of this process's file mappings at file offset 0."""
-    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            if len(parts) >= 5 and int(parts[2], 16) == 0 and parts[4] != "0":
-                lo, hi = parts[0].split("-")
-                yield int(lo, 16), int(hi, 16), int(parts[4])
 
 
 @dataclass
