@@ -152,6 +152,15 @@ def test_flipped_byte_is_a_counted_miss_never_wrong_kv(open_store, store_path, i
     assert s.lookup(range(n), session="s") == 2 * BLOCK
     s.save(range(n), kv, session="s")
     assert_kv_equal(s.restore(range(n), session="s").kv, kv)
+    # on SSD too: the new copy replaced the damaged value, so a restarted process reads it whole
+    s.flush()
+    used = s.stats()["resident_bytes"]["ssd"]
+    s.close()
+    s = open_store(spec, device_bytes=0, host_bytes=0)
+    r = s.restore(range(n), session="s")
+    assert r.num_tokens == n and s.stats()["corrupt_blocks"] == 0
+    assert_kv_equal(r.kv, kv)
+    assert s.stats()["resident_bytes"]["ssd"] == used  # the replaced value's bytes are not counted twice
 
 
 def test_value_of_another_store_is_refused(open_store, store_path, tmp_path):

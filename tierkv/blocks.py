@@ -72,6 +72,8 @@ class Block:
     load: "BlockLoad | None" = None    # the in-flight SSD read, while state is LOADING
     write_queued: bool = False         # a queued op will write its value to SSD
     corrupt: bool = False              # failed a checksum: a miss until rewritten or repaired
+    repair: bool = False               # saved again after its SSD value failed a checksum: the next
+                                       # write replaces that value (on_ssd is False meanwhile)
     epoch: Epoch | None = field(default=None, repr=False)  # the owning store's; None: not tracked
 
     def __post_init__(self) -> None:

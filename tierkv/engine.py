@@ -301,6 +301,12 @@ class TierKV:
                     if b is None:
                         b = Block(key, n, n * self.spec.bytes_per_token, epoch=self._epoch)
                         self._blocks[key] = b
+                    if b.corrupt and b.on_ssd:
+                        # its value on SSD failed a checksum: this copy is written over it, and
+                        # until then the block counts as not on SSD (so it is written, never
+                        # dropped from memory as if a good copy were on disk)
+                        b.on_ssd = False
+                        b.repair = True
                     b.corrupt = False
                     target.add(b, payloads[i])
                 elif b.tier is not None:
@@ -843,6 +849,7 @@ class TierKV:
                     if ok and self._blocks.get(b.key) is b:
                         b.on_ssd = True
                         b.corrupt = False
+                        b.repair = False
                     if b.state is BlockState.WRITING:
                         b.state = BlockState.READY
                     if ok and op.free_after and b.tier is not None and self._blocks.get(b.key) is b:
@@ -876,7 +883,7 @@ class TierKV:
                     continue
                 for b in op.write:
                     if b.key in values:
-                        batch.put_value(b.key, values[b.key], b.n_tokens)
+                        batch.put_value(b.key, values[b.key], b.n_tokens, replace=b.repair)
                 if op.kind == "session":
                     batch.put_session(op.record, self.block_tokens)
             for sid, t in touched.items():

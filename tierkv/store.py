@@ -610,11 +610,16 @@ class Batch:
         meta = self._get_bmeta(key)
         return meta is not None and meta.enc_bytes > 0
 
-    def put_value(self, key: bytes, value: bytes, n_tokens: int) -> None:
-        """Store a block's encoded value; a block no session references enters the LRU index."""
+    def put_value(self, key: bytes, value: bytes, n_tokens: int, replace: bool = False) -> None:
+        """Store a block's encoded value; a block no session references enters the LRU index.
+
+        ``replace``: write over a value already stored (one that failed its checksum).
+        """
         meta = self._get_bmeta(key)
         if meta is not None and meta.enc_bytes:
-            return  # already there (content-addressed: same key, same bytes)
+            if not replace:
+                return  # already there (content-addressed: same key, same bytes)
+            self.ssd_used -= meta.enc_bytes
         if meta is None:
             meta = BlockMeta(0, n_tokens, 0, time.time())
             self.txn.put(_lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)

@@ -146,6 +146,7 @@ class _Save:
     req_id: str
     tokens: list[int]
     block_ids: list[int]
+    start: int = 0  # the first token this step computes: earlier ones were computed or loaded before
 
 
 @dataclass
@@ -229,13 +230,17 @@ class TierKVConnector(KVConnectorBase_V1):
         # scheduler side
         self._computed: dict[str, int] = {}
         self._need_load: dict[str, tuple[Any, int, int]] = {}
-        self._pending_save: dict[str, tuple[list[int], list[int]]] = {}
+        #: req_id -> (full-block tokens, block ids, whether part of its prefix is loaded from tierkv)
+        self._pending_save: dict[str, tuple[list[int], list[int], bool]] = {}
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_index: dict[str, int] = {}
         self._handles: list[tuple[_Load, Any]] = []
         self._gathered: dict[str, list[torch.Tensor | None]] = {}
         self._failed_blocks: set[int] = set()
+        #: req_id -> first token of a load that failed: vLLM's pages from there on held no valid
+        #: KV, and must not be saved until a step has recomputed them
+        self._bad_from: dict[str, int] = {}
         self.loaded_tokens = 0
         self.saved_tokens = 0
         self.matched_tokens = 0
@@ -274,37 +279,45 @@ class TierKVConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             tokens = list(new.prompt_token_ids or [])
             block_ids = list(new.block_ids[0])
-            if new.req_id in self._need_load:
+            loading = new.req_id in self._need_load
+            if loading:
                 _, start, end = self._need_load.pop(new.req_id)
                 meta.loads.append(_Load(new.req_id, tokens[:end], block_ids, start, end))
             full = len(tokens) // bt * bt
             if full:
-                self._pending_save[new.req_id] = (tokens[:full], block_ids)
+                self._pending_save[new.req_id] = (tokens[:full], block_ids, loading)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             if req_id in self._pending_save and cached.new_block_ids[i] is not None:
-                tokens, block_ids = self._pending_save[req_id]
-                self._pending_save[req_id] = (tokens, block_ids + list(cached.new_block_ids[i][0]))
+                tokens, block_ids, again = self._pending_save[req_id]
+                self._pending_save[req_id] = (tokens, block_ids + list(cached.new_block_ids[i][0]), again)
         # Save once the prompt's full blocks are all computed (chunked prefill may take steps).
-        for req_id, (tokens, block_ids) in list(self._pending_save.items()):
-            done = self._progress(scheduler_output, req_id)
-            if done is not None and done >= len(tokens):
-                meta.saves.append(_Save(req_id, tokens, block_ids))
-                del self._pending_save[req_id]
+        for req_id, (tokens, block_ids, again) in list(self._pending_save.items()):
+            progress = self._progress(scheduler_output, req_id)
+            if progress is not None and sum(progress) >= len(tokens):
+                meta.saves.append(_Save(req_id, tokens, block_ids, progress[0]))
+                if again:
+                    # Part of its prefix is loaded from tierkv in this step. If that load fails,
+                    # the worker drops this save (those pages hold no valid KV) and vLLM
+                    # recomputes them in a later step: one more save then stores the recomputed
+                    # KV (after a load that worked, the worker finds it stored and skips it).
+                    self._pending_save[req_id] = (tokens, block_ids, False)
+                else:
+                    del self._pending_save[req_id]
         return meta
 
     @staticmethod
-    def _progress(so: Any, req_id: str) -> int | None:
-        """Tokens of the request computed by the end of this step, if it is scheduled."""
+    def _progress(so: Any, req_id: str) -> tuple[int, int] | None:
+        """(tokens computed before this step, tokens it schedules) of the request, if scheduled."""
         n = so.num_scheduled_tokens.get(req_id)
         if n is None:
             return None
         for new in so.scheduled_new_reqs:
             if new.req_id == req_id:
-                return new.num_computed_tokens + n
+                return new.num_computed_tokens, n
         cached = so.scheduled_cached_reqs
         if req_id in cached.req_ids:
-            return cached.num_computed_tokens[cached.req_ids.index(req_id)] + n
+            return cached.num_computed_tokens[cached.req_ids.index(req_id)], n
         return None
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -354,6 +367,15 @@ class TierKVConnector(KVConnectorBase_V1):
         first_page = first_bad // self._block_size
         last_page = (load.end - 1) // self._block_size
         self._failed_blocks.update(load.block_ids[first_page:last_page + 1])
+        # reported to vLLM from the page's first token on: it recomputes from there
+        bad = first_page * self._block_size
+        self._bad_from[load.req_id] = min(bad, self._bad_from.get(load.req_id, bad))
+
+    def _stale(self, save: _Save) -> bool:
+        """Whether ``save`` would copy pages a failed load left without valid KV: the load failed
+        from token t on, and this step does not recompute from t or earlier."""
+        bad = self._bad_from.get(save.req_id)
+        return bad is not None and save.start > bad
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
@@ -368,7 +390,7 @@ class TierKVConnector(KVConnectorBase_V1):
             return
         for save in meta.saves:
             if i == 0:  # decide once per step, not once per layer
-                if self.store.lookup(save.tokens) >= len(save.tokens):
+                if self._stale(save) or self.store.lookup(save.tokens) >= len(save.tokens):
                     continue  # already stored (loaded or saved before)
                 self._gathered[save.req_id] = [None] * self._layers
             row = self._gathered.get(save.req_id)
@@ -385,6 +407,9 @@ class TierKVConnector(KVConnectorBase_V1):
             row = self._gathered.pop(save.req_id, None)
             if row is None or any(x is None for x in row):
                 continue
+            if self._stale(save):  # a load of this request failed during this step
+                continue
+            self._bad_from.pop(save.req_id, None)  # this step recomputed what the failed load lacked
             try:
                 # The KV was copied out of vLLM's pages above, so they may be reused at once; the
                 # write to SSD happens in tierkv's writer thread (flushed on shutdown and at exit).
@@ -395,6 +420,8 @@ class TierKVConnector(KVConnectorBase_V1):
                 pass  # a failed save is a future miss, never a failed request
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        for req_id in finished_req_ids:
+            self._bad_from.pop(req_id, None)
         return None, None
 
     def shutdown(self) -> None:
