@@ -86,7 +86,9 @@ def test_corrupt_store_is_recomputed_not_served(setup):
     again = phase(setup, "connector", "second.json", "corrupt_out.json", stats="stats3")
     s3 = stats(setup, "stats3")
     w = s3["worker"]
-    assert w["corrupt_blocks"] == 4  # every damaged block of the shared prefix was caught
+    # every damaged block of the shared prefix was caught: 4, or 8 when both requests' loads ran
+    # in the same step and each read them
+    assert w["corrupt_blocks"] in (4, 8)
     assert again[0]["tokens"] == plain[1]["tokens"]
     # Nothing stored before the damage was served, and nothing from the failed step was saved: a
     # failed load leaves vLLM's pages without valid KV, so that step's save of the request is
