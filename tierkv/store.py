@@ -380,7 +380,7 @@ class ValueReader:
                     # rounded down, and a page begins with its own number (mdb.c: mp_pgno)
                     addr = _address(probe)
                     page = addr - addr % psize
-                    (pgno,) = struct.unpack("<Q", ctypes.string_at(page, 8))
+                    pgno = _PAGE_HEAD.unpack(ctypes.string_at(page, _PAGE_HEAD.size))[0]
                     start = page - pgno * psize
                     if pgno <= info["last_pgno"] and os.pread(fd, len(probe), addr - start) == bytes(probe):
                         return cls(fd, start, start + info["map_size"], psize, store.data_file())
