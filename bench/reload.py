@@ -12,7 +12,7 @@ with ``pread`` (the path off Linux). Medians over ``--repeats`` rounds with min 
 round runs every method once, in an order shuffled per round (seeded, recorded in the JSON), so
 all of them see the same disk (this VM's disk speed drifts by 2x within minutes) and none always
 runs right after the same neighbour. ``--store-last`` writes the baselines' files before
-tierkv's store instead of after it (this VM's disk serves recently written files faster).
+tierkv's store instead of after it, to test whether the file written last reads fastest.
 
     python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic] [--store-last]
                            [--seed 0] [--out bench/results/reload.json]
@@ -300,6 +300,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def from_pool(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
             return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
 
+        def open_store(map_reads: bool) -> tierkv.TierKV:
+            if not map_reads:
+                return tierkv.TierKV(store, spec, **big)
+            from tierkv.store import ValueReader
+
+            real = ValueReader.__dict__["open"]
+            ValueReader.open = classmethod(lambda cls, store: None)  # as where pread is not used
+            try:
+                s = tierkv.TierKV(store, spec, **big)
+            finally:
+                ValueReader.open = real
+            assert s._ssd.values is None
+            return s
+
         def tierkv_restore(name: str, prefetch: bool, into_pool: bool = False,
                            map_reads: bool = False) -> Callable[[], None]:
             def run() -> None:
@@ -324,20 +338,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods["tierkv cold, values read through LMDB's map"] = (lambda: drop_file_cache(data),
                                                                   tierkv_restore("map", False, map_reads=True))
 
-        def open_store(map_reads: bool) -> tierkv.TierKV:
-            if not map_reads:
-                return tierkv.TierKV(store, spec, **big)
-            from tierkv.store import ValueReader
-
-            real = ValueReader.__dict__["open"]
-            ValueReader.open = classmethod(lambda cls, store: None)  # as where pread is not used
-            try:
-                s = tierkv.TierKV(store, spec, **big)
-            finally:
-                ValueReader.open = real
-            assert s._ssd.values is None
-            return s
-
         if not args.store_last and not args.only_tierkv:
             write_baselines()
         if not args.only_tierkv:
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["round_orders"] = []
         for rnd in range(args.repeats):
             # every method once per round, in a fresh order: on this VM a read's speed depends on
-            # what ran just before it (the host's own caching of the virtual disk), so no method
+            # what ran just before it (for reasons outside the guest), so no method
             # may always follow the same neighbour
             order = list(methods)
             rng.shuffle(order)
