@@ -69,6 +69,9 @@ class TensorSpec:
     dims: tuple[int, ...]
     seq_axis: int
     dtype: str
+    # sizes are fixed at construction and read on every restore's hot path (per block and
+    # layer): computed once here, not per call
+    _bytes_per_token: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
@@ -77,6 +80,7 @@ class TensorSpec:
             raise ConfigError(f"tensor {self.name!r}: dims must be positive, got {self.dims}")
         if not 0 <= self.seq_axis <= len(self.dims):
             raise ConfigError(f"tensor {self.name!r}: seq_axis {self.seq_axis} outside 0..{len(self.dims)}")
+        object.__setattr__(self, "_bytes_per_token", math.prod(self.dims) * _ITEMSIZE[self.dtype])
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,7 +92,7 @@ class TensorSpec:
 
     @property
     def bytes_per_token(self) -> int:
-        return math.prod(self.dims) * _ITEMSIZE[self.dtype]
+        return self._bytes_per_token
 
     def shape(self, n_tokens: int) -> tuple[int, ...]:
         """Shape of this tensor holding ``n_tokens`` tokens."""
@@ -102,15 +106,17 @@ class LayerSpec:
     """The tensors one layer caches, in the order the caller passes them."""
 
     tensors: tuple[TensorSpec, ...]
+    _bytes_per_token: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", tuple(self.tensors))
         if not self.tensors:
             raise ConfigError("a layer must cache at least one tensor")
+        object.__setattr__(self, "_bytes_per_token", sum(t.bytes_per_token for t in self.tensors))
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(t.bytes_per_token for t in self.tensors)
+        return self._bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class KVSpec:
     layers: tuple[LayerSpec, ...]
     revision: str = ""
     _offsets: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    _bytes_per_token: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -142,6 +149,7 @@ class KVSpec:
                 acc += t.bytes_per_token
             offsets.append(tuple(row))
         object.__setattr__(self, "_offsets", tuple(offsets))
+        object.__setattr__(self, "_bytes_per_token", acc)
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -195,7 +203,7 @@ class KVSpec:
     @property
     def bytes_per_token(self) -> int:
         """Raw (uncompressed) KV bytes per token over all layers."""
-        return sum(layer.bytes_per_token for layer in self.layers)
+        return self._bytes_per_token
 
     def tensor_offset(self, layer: int, index: int, n_tokens: int) -> int:
         """Byte offset of tensor ``index`` of ``layer`` in the payload of an ``n_tokens`` block."""
