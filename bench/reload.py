@@ -8,10 +8,11 @@ one file per session with torch.save / torch.load(weights_only=True), safetensor
 and raw LMDB values without a codec. tierkv and raw LMDB are measured twice: into fresh memory,
 and into buffers allocated once and reused (a server's KV pool; fresh tensors pay a page fault per
 4 KiB on first write). tierkv is also measured reading its values through LMDB's map instead of
-with ``pread`` (the path off Linux). Medians over ``--repeats`` rounds with min and max; each
-round runs every method once, in an order shuffled per round (seeded, recorded in the JSON), so
-all of them see the same disk (this VM's disk speed drifts by 2x within minutes) and none always
-runs right after the same neighbour. ``--store-last`` writes the baselines' files before
+with ``pread`` (the path off Linux), and its store file is read without the engine
+(bench/read_patterns.py): the engine's read pattern alone, and one stream of whole values.
+Medians over ``--repeats`` rounds with min and max; each round runs every method once, in an
+order shuffled per round (seeded, recorded in the JSON), so all of them see the same disk (this
+VM's disk speed drifts by 2x within minutes) and none always runs right after the same neighbour. ``--store-last`` writes the baselines' files before
 tierkv's store instead of after it, to test whether the file written last reads fastest.
 
     python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic] [--store-last]
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
-from tierkv.config import parse_size  # noqa: E402
+from tierkv.config import TierKVConfig, parse_size  # noqa: E402
 from tierkv.pagecache import drop_file_cache  # noqa: E402
 
 TOKENS = 2048  # tokens per session
@@ -340,6 +341,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         if not args.store_last and not args.only_tierkv:
             write_baselines()
+
+        # --- tierkv's store file read without the engine (bench/read_patterns.py): its read
+        # pattern alone, and one stream of whole values; splits a gap to a baseline into the
+        # pattern's share and the engine's own work
+        if sys.platform.startswith("linux"):
+            import read_patterns
+
+            layout = read_patterns.value_layout(store, spec, [f"s{i}" for i in range(n_sessions)], **big)
+            methods["tierkv's read pattern without the engine (cold)"] = (
+                lambda: drop_file_cache(data),
+                lambda: read_patterns.layer_major(data, layout, TierKVConfig().io_threads))
+            methods["whole values from tierkv's store file, one stream (cold)"] = (
+                lambda: drop_file_cache(data), lambda: read_patterns.whole_values(data, layout))
         if not args.only_tierkv:
             results["store_file_bytes"] = os.path.getsize(data)
 
@@ -373,6 +387,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["preallocated_vs_fresh_tensors"] = ratio("tierkv cold, into preallocated tensors", "tierkv cold")
     # reading values through LMDB's map instead of with pread, as a fraction of pread's rate
     results["map_reads_vs_pread"] = ratio("tierkv cold, values read through LMDB's map", "tierkv cold")
+    if "tierkv's read pattern without the engine (cold)" in timings:
+        # the engine's restore (into preallocated tensors) as a fraction of its read pattern
+        # alone; and one stream of whole values against that pattern
+        results["engine_vs_its_read_pattern"] = ratio("tierkv cold, into preallocated tensors",
+                                                      "tierkv's read pattern without the engine (cold)")
+        results["one_stream_vs_read_pattern"] = ratio("whole values from tierkv's store file, one stream (cold)",
+                                                      "tierkv's read pattern without the engine (cold)")
     if args.only_tierkv:
         write_json(args.out, results)
         return results
