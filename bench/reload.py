@@ -12,8 +12,9 @@ with ``pread`` (the path off Linux), and its store file is read without the engi
 (bench/read_patterns.py): the engine's read pattern alone, and one stream of whole values.
 Medians over ``--repeats`` rounds with min and max; each round runs every method once, in an
 order shuffled per round (seeded, recorded in the JSON), so all of them see the same disk (this
-VM's disk speed drifts by 2x within minutes) and none always runs right after the same neighbour. ``--store-last`` writes the baselines' files before
-tierkv's store instead of after it, to test whether the file written last reads fastest.
+VM's disk speed drifts by 2x within minutes) and none always runs right after the same neighbour.
+``--store-last`` writes the baselines' files before tierkv's store instead of after it, to test
+whether the file written last reads fastest.
 
     python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic] [--store-last]
                            [--seed 0] [--out bench/results/reload.json]
