@@ -51,3 +51,19 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")
+
+
+def disk_read_counters(path: str) -> tuple[int, int, int] | None:
+    """(reads completed, sectors read, milliseconds spent reading) of the block device holding
+    ``path``, from /proc/diskstats; None off Linux or when the device is not found. Counters are
+    device-wide: other processes' reads on the same disk count too."""
+    try:
+        st = os.stat(path)
+        with open("/proc/diskstats") as f:
+            for line in f:
+                p = line.split()
+                if int(p[0]) == os.major(st.st_dev) and int(p[1]) == os.minor(st.st_dev):
+                    return int(p[3]), int(p[5]), int(p[6])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -31,6 +31,8 @@ def test_reload_bench_runs(tmp_path, store_last):
     assert res["map_reads_vs_pread"] > 0
     if sys.platform.startswith("linux"):  # the store read without the engine (its checksums held)
         assert res["engine_vs_its_read_pattern"] > 0 and res["one_stream_vs_read_pattern"] > 0
+    for row in res.get("disk_requests", {}).values():  # only where /proc/diskstats names the disk
+        assert row["requests"] >= 0 and row["mean_kib"] >= 0 and row["in_flight"] >= 0
     assert res["ratios"]["tierkv_preallocated_cold_vs_raw_lmdb_preallocated"] > 0
 
 
