@@ -74,27 +74,33 @@ def layer_major(path: str, layout: list[list[Value]], threads: int = 2) -> None:
                 os.posix_fadvise(fd, v.offset + v.layers[0][0], v.layers[0][1], os.POSIX_FADV_WILLNEED)
             tasks = iter([(i, layer) for layer in range(len(row[0].layers)) for i in range(len(row))])
             take = threading.Lock()
+            errors: list[BaseException] = []   # a thread's exception, raised by the caller
 
             def work() -> None:
-                while True:
-                    with take:
-                        task = next(tasks, None)
-                    if task is None:
-                        return
-                    i, layer = task
-                    off, length = row[i].layers[layer]
-                    dst = pool[base[i] + off:base[i] + off + length]
-                    if os.preadv(fds[i], [dst], row[i].offset + off) != length:
-                        raise OSError("short read")
-                    crc = crc32c(dst)
-                    if row[i].crcs[layer] not in (None, crc):
-                        raise OSError(f"layer {layer} of a value fails its checksum: wrong location?")
+                try:
+                    while not errors:
+                        with take:
+                            task = next(tasks, None)
+                        if task is None:
+                            return
+                        i, layer = task
+                        off, length = row[i].layers[layer]
+                        dst = pool[base[i] + off:base[i] + off + length]
+                        if os.preadv(fds[i], [dst], row[i].offset + off) != length:
+                            raise OSError("short read")
+                        crc = crc32c(dst)
+                        if row[i].crcs[layer] not in (None, crc):
+                            raise OSError(f"layer {layer} of a value fails its checksum: wrong location?")
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    errors.append(e)
 
             pool_threads = [threading.Thread(target=work) for _ in range(threads)]
             for t in pool_threads:
                 t.start()
             for t in pool_threads:
                 t.join()
+            if errors:
+                raise errors[0]
         finally:
             for fd in fds:
                 os.close(fd)

@@ -87,3 +87,28 @@ def test_ab_reload_bench_runs(tmp_path, own_stores):
     assert set(res["gbps"]) == {"cold A", "cold B", "warm A", "warm B"} and set(res["b_over_a"]) == {"cold", "warm"}
     assert all(v["median"] > 0 for v in res["gbps"].values())
     assert res["own_stores"] is own_stores and all(n > 0 for n in res["store_file_bytes"].values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tierkv's pread reader is Linux-only")
+def test_read_patterns_check_what_they_read(tmp_path):
+    """The reload bench's bare read pattern verifies each stored layer: a value read from the wrong
+    place fails the run instead of being timed as if it were KV."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import read_patterns
+    import torch
+
+    import tierkv
+
+    spec = tierkv.KVSpec.gqa("t", 4, 2, 16, torch.float32)
+    kv = [(torch.randn(2, 512, 16), torch.randn(2, 512, 16)) for _ in range(4)]
+    settings = dict(device_bytes=0, host_bytes=1 << 28, ssd_bytes=1 << 30)
+    with tierkv.TierKV(str(tmp_path), spec, persist="write_through", **settings) as s:
+        s.save(list(range(512)), kv, session="s0")
+        s.flush()
+    layout = read_patterns.value_layout(str(tmp_path), spec, ["s0"], **settings)
+    data = str(tmp_path / "data.mdb")
+    read_patterns.layer_major(data, layout)
+    read_patterns.whole_values(data, layout)
+    layout[0][0].offset += 4096
+    with pytest.raises(OSError, match="checksum"):
+        read_patterns.layer_major(data, layout)
