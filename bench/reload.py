@@ -381,27 +381,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if before is not None and after is not None:
                     disk.setdefault(name, []).append(tuple(b - a for a, b in zip(before, after)))
             print(f"  round {rnd + 1}/{args.repeats} done", flush=True)
+        # per method, medians over the rounds: requests, their mean size, the mean time each
+        # spent at the disk, and the mean number in flight (time at the disk over wall time).
+        # Device-wide counters: another process reading the same disk would count too
+        requests = {
+            k: {"requests": statistics.median(n for n, _, _ in v),
+                "mean_kib": statistics.median(sec * 512 / 1024 / max(n, 1) for n, sec, _ in v),
+                "ms_per_request": statistics.median(ms / max(n, 1) for n, _, ms in v),
+                "in_flight": statistics.median(ms / 1e3 / t for (_, _, ms), t in zip(v, timings[k]))}
+            for k, v in disk.items()}
+        if requests:
+            results["disk_requests"] = requests
         for name, xs in timings.items():
             line = f"  {name:<34} {total / statistics.median(xs) / 1e9:6.2f} GB/s"
-            if disk.get(name):
-                n, sec, ms = (statistics.median(x[i] for x in disk[name]) for i in range(3))
-                line += f"   {n:.0f} read requests, {sec / 2 / max(n, 1):.0f} KiB and {ms / max(n, 1):.1f} ms each"
+            if name in requests:
+                r = requests[name]
+                line += (f"   {r['requests']:.0f} read requests, {r['mean_kib']:.0f} KiB and "
+                         f"{r['ms_per_request']:.1f} ms each")
             print(line, flush=True)
         results["tierkv_cold_disk_bytes"] = read_bytes["cold"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     results["timings_s"] = {k: stats_of(v) for k, v in timings.items()}
-    if disk:
-        # per method, medians over the rounds: requests, their mean size, the mean time each
-        # spent at the disk, and the mean number in flight (time at the disk over wall time).
-        # Device-wide counters: another process reading the same disk would count too
-        results["disk_requests"] = {
-            k: {"requests": statistics.median(n for n, _, _ in v),
-                "mean_kib": statistics.median(sec * 512 / 1024 / max(n, 1) for n, sec, _ in v),
-                "ms_per_request": statistics.median(ms / max(n, 1) for n, _, ms in v),
-                "in_flight": statistics.median(ms / 1e3 / t for (_, _, ms), t in zip(v, timings[k]))}
-            for k, v in disk.items()}
     results["logical_gbps"] = {k: total / statistics.median(v) / 1e9 for k, v in timings.items()}
     cold = statistics.median(timings["tierkv cold"])
     results["physical_gbps_tierkv_cold"] = results["tierkv_cold_disk_bytes"] / cold / 1e9
