@@ -2,8 +2,14 @@
 
 This VM's speed drifts by 2x within minutes, so comparing a bench run today with one from
 yesterday says little. This script writes one store of real KV (as ``bench/reload.py`` does)
-and then, round after round, restores every session with version A, then with version B, each
-in a fresh process (pages dropped first for ``cold``), so both see the same disk and CPU. Each
+and then, round after round, restores every session with version A and with version B, each
+in a fresh process (pages dropped first for ``cold``), so both see the same disk and CPU. The
+order alternates (A first in even rounds, B first in odd ones; use an even ``--rounds``), so
+that neither version always runs right after the other: on this VM a run's speed depends on
+what ran just before it. B/A is reported two ways: the ratio of the medians, and the median of
+the per-round ratios ("paired"), which cancels drift between rounds. How far apart two equal
+versions land is measured by A/A runs (the same code as A and B; docs/benchmarks.md): a paired
+B/A inside their spread is not a measured difference. Each
 child also reports how long its ``restore_async`` calls took to return, all sessions together:
 the caller's work before the reads start (lookups, header checks), which the disk waits on.
 
@@ -81,6 +87,10 @@ def write_store(tierkv: Any, store: str, spec: Any, kv: Any, sessions: int, code
         s.flush()
 
 
+def _spread(v: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+
+
 def _tokens(i: int, n: int) -> list[int]:
     return list(range(i * 100_000, i * 100_000 + n))
 
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates: dict[str, list[float]] = {}
     setups: dict[str, list[float]] = {}   # ms, all sessions' restore_async calls together
     store_bytes: dict[str, int] = {}
+    orders: list[tuple[str, str]] = []   # per round, which version ran first
 
     def run_child(name: str, mode: str) -> dict[str, Any]:
         root = versions[name]
@@ -149,8 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_store(tierkv, store, spec, kv, sessions, args.codec)
         store_bytes = {name: os.path.getsize(os.path.join(stores[name], "data.mdb")) for name in versions}
         for rnd in range(args.rounds):
+            order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
+            orders.append(order)
             for mode in args.mode:
-                for name in versions:
+                for name in order:
                     out = run_child(name, mode)
                     rates.setdefault(f"{mode} {name}", []).append(out["gbps"])
                     setups.setdefault(f"{mode} {name}", []).append(out["setup_s"] * 1e3)
@@ -161,19 +174,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(), "versions": versions, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "codec": args.codec, "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
-        "rounds": args.rounds, "own_stores": args.own_stores, "store_file_bytes": store_bytes,
-        "gbps": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in rates.items()},
+        "rounds": args.rounds, "own_stores": args.own_stores,
+        "round_orders": orders, "store_file_bytes": store_bytes,
+        "gbps": {k: _spread(v) for k, v in rates.items()},
         "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},
+        # per round, B's rate over A's in the same round: drift between rounds cancels
+        "b_over_a_paired": {m: _spread([b / a for a, b in zip(rates[f"{m} A"], rates[f"{m} B"])]) for m in args.mode},
         # the caller's side of every restore_async before the reads start (lookups, header checks)
-        "setup_ms": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
-                     for k, v in setups.items()},
+        "setup_ms": {k: _spread(v) for k, v in setups.items()},
     }
     for k, v in results["gbps"].items():
         su = results["setup_ms"][k]
         print(f"  {k:8} {v['median']:6.2f} GB/s ({v['min']:.2f}-{v['max']:.2f}); restore_async returned after "
               f"{su['median']:.1f} ms in total ({su['min']:.1f}-{su['max']:.1f})")
     for m, x in results["b_over_a"].items():
-        print(f"  {m}: B/A = {x:.2f}x")
+        p = results["b_over_a_paired"][m]
+        print(f"  {m}: B/A = {x:.2f}x (medians); per round {p['median']:.2f}x ({p['min']:.2f}-{p['max']:.2f})")
     write_json(args.out, results)
     return results
 

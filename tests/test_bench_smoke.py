@@ -76,16 +76,21 @@ def test_ttft_bench_runs(tmp_path):
 @pytest.mark.parametrize("own_stores", [False, True])
 def test_ab_reload_bench_runs(tmp_path, own_stores):
     """Two versions side by side (here the same one twice): both restore every session, from one
-    store or (``--own-stores``) each from a store it wrote."""
+    store or (``--own-stores``) each from a store it wrote, taking turns at running first; B/A is
+    also reported per round."""
     out = tmp_path / "ab.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab_reload.py"), "--a", ROOT, "--size", "20MiB",
-                        "--rounds", "1", "--synthetic", "--out", str(out), "--dir", str(tmp_path)]
+                        "--rounds", "2", "--synthetic", "--out", str(out), "--dir", str(tmp_path)]
                        + (["--own-stores"] if own_stores else []),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["gbps"]) == {"cold A", "cold B", "warm A", "warm B"} and set(res["b_over_a"]) == {"cold", "warm"}
-    assert all(v["median"] > 0 for v in res["gbps"].values())
+    assert all(v["median"] > 0 and len(v["runs"]) == 2 for v in res["gbps"].values())
+    assert res["round_orders"] == [["A", "B"], ["B", "A"]]
+    for mode in ("cold", "warm"):
+        paired = [b / a for a, b in zip(res["gbps"][f"{mode} A"]["runs"], res["gbps"][f"{mode} B"]["runs"])]
+        assert res["b_over_a_paired"][mode]["runs"] == pytest.approx(paired)
     assert res["own_stores"] is own_stores and all(n > 0 for n in res["store_file_bytes"].values())
 
 
