@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -21,10 +22,21 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def collected() -> None:
+    """Run a full garbage collection now, before a timed run. A full collection walks every
+    tracked object of the process: after a bench has imported torch and loaded KV or a model, one
+    takes tens of milliseconds, and the interpreter starts one whenever allocations reach its
+    threshold. Then it lands inside whichever timed run is going, at random. In an A/A run of
+    ``ab_reload.py`` it was most of one child's reported setup time. A server avoids the same
+    pauses with ``gc.freeze()`` after start-up."""
+    gc.collect()
+
+
 def timed(fn: Callable[[], Any], repeats: int = 7) -> dict[str, float]:
-    """Median, min and max seconds of ``repeats`` calls."""
+    """Median, min and max seconds of ``repeats`` calls, each after a full collection."""
     ts = []
     for _ in range(repeats):
+        collected()
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)

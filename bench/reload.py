@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import disk_read_counters, machine, write_json  # noqa: E402
+from common import collected, disk_read_counters, machine, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.config import TierKVConfig, parse_size  # noqa: E402
@@ -373,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in order:
                 prepare, run = methods[name]
                 prepare()
+                collected()
                 before = disk_read_counters(work)
                 t = time.perf_counter()
                 run()

@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import collected, machine, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
@@ -71,6 +71,7 @@ def main() -> None:
                     res.setdefault(name, []).append(t)
 
             def recompute() -> float:
+                collected()
                 t0 = time.perf_counter()
                 time.sleep(args.server_work_ms / 1000)  # the server's own work before the prefill
                 prefill(model, ctx + message)
@@ -91,6 +92,7 @@ def main() -> None:
                         if tier == "cold_ssd":
                             drop_file_cache(os.path.join(path, "data.mdb"))
                         s = tierkv.TierKV(path, spec, ssd_bytes=4 * big, **budgets)
+                    collected()
                     t0 = time.perf_counter()  # the request arrives
                     if prefetch:
                         s.prefetch(ctx, session="s")  # at arrival: overlaps the server's own work

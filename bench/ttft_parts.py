@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import collected, machine, write_json  # noqa: E402
 from reload import session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -82,6 +82,7 @@ def main() -> None:
         ValueReader.MAX_OWN_FDS = default_fds if own_fds else 0
         model.set_attn_implementation(attention)
         with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0, io_threads=io_threads) as s:
+            collected()
             t0 = time.perf_counter()
             cache, h = restore_cache(s, toks, model.config, session="a", pool=pool if use_pool else None)
             assert h.num_tokens == n
