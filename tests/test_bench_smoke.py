@@ -29,6 +29,10 @@ def test_reload_bench_runs(tmp_path, store_last):
             "raw LMDB values into a preallocated buffer (cold)",
             "tierkv cold, values read through LMDB's map"} <= set(res["logical_gbps"])
     assert res["map_reads_vs_pread"] > 0
+    # cold and warm, prefetch on and off, in KV delivered (logical) and store bytes read (physical)
+    both = {"tierkv cold", "tierkv cold + prefetch", "tierkv warm (page cache)", "tierkv warm (page cache) + prefetch"}
+    assert both <= set(res["logical_gbps"]) and both <= set(res["physical_gbps"])
+    assert all(res["physical_gbps"][k] > 0 for k in both)
     if sys.platform.startswith("linux"):  # the store read without the engine (its checksums held)
         assert res["engine_vs_its_read_pattern"] > 0 and res["one_stream_vs_read_pattern"] > 0
     for row in res.get("disk_requests", {}).values():  # only where /proc/diskstats names the disk
