@@ -319,8 +319,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             assert s._ssd.values is None
             return s
 
-        def tierkv_restore(name: str, prefetch: bool, into_pool: bool = False,
+        def tierkv_restore(row: str | None, prefetch: bool, into_pool: bool = False,
                            map_reads: bool = False) -> Callable[[], None]:
+            """A run restoring every session; it records the store bytes read under ``row``
+            (its method's name; None for a warm-up)."""
             def run() -> None:
                 with open_store(map_reads) as s:
                     if prefetch:
@@ -331,19 +333,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         r = s.restore_async(toks[i], session=f"s{i}", device="cpu",
                                             allocate=from_pool if into_pool else None).result()
                         assert r.num_tokens == TOKENS
-                    read_bytes[name] = s.stats()["ssd_read_bytes"]
+                    if row is not None:
+                        read_bytes[row] = s.stats()["ssd_read_bytes"]
             return run
 
-        methods["tierkv cold"] = (lambda: drop_file_cache(data), tierkv_restore("cold", False))
-        methods["tierkv cold, into preallocated tensors"] = (lambda: drop_file_cache(data),
-                                                              tierkv_restore("pool", False, True))
-        methods["tierkv cold + prefetch"] = (lambda: drop_file_cache(data), tierkv_restore("prefetch", True))
-        methods["tierkv warm (page cache)"] = (lambda: tierkv_restore("warm", False)(), tierkv_restore("warm", False))
-        methods["tierkv warm (page cache) + prefetch"] = (lambda: tierkv_restore("warm", False)(),
-                                                          tierkv_restore("warm prefetch", True))
+        def tierkv_method(row: str, prepare: Callable[[], Any], **how: Any) -> None:
+            methods[row] = (prepare, tierkv_restore(row, **how))
+
+        cold, warm_up = (lambda: drop_file_cache(data)), tierkv_restore(None, False)
+        tierkv_method("tierkv cold", cold, prefetch=False)
+        tierkv_method("tierkv cold, into preallocated tensors", cold, prefetch=False, into_pool=True)
+        tierkv_method("tierkv cold + prefetch", cold, prefetch=True)
+        tierkv_method("tierkv warm (page cache)", warm_up, prefetch=False)
+        tierkv_method("tierkv warm (page cache) + prefetch", warm_up, prefetch=True)
         # the path taken off Linux, or wherever values cannot be read with pread
-        methods["tierkv cold, values read through LMDB's map"] = (lambda: drop_file_cache(data),
-                                                                  tierkv_restore("map", False, map_reads=True))
+        tierkv_method("tierkv cold, values read through LMDB's map", cold, prefetch=False, map_reads=True)
 
         if not args.store_last and not args.only_tierkv:
             write_baselines()
@@ -402,15 +406,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 line += (f"   {r['requests']:.0f} read requests, {r['mean_kib']:.0f} KiB and "
                          f"{r['ms_per_request']:.1f} ms each")
             print(line, flush=True)
-        results["tierkv_cold_disk_bytes"] = read_bytes["cold"]
-        tierkv_rows = {"tierkv cold": "cold", "tierkv cold, into preallocated tensors": "pool",
-                       "tierkv cold + prefetch": "prefetch", "tierkv warm (page cache)": "warm",
-                       "tierkv warm (page cache) + prefetch": "warm prefetch",
-                       "tierkv cold, values read through LMDB's map": "map"}
+        results["tierkv_cold_disk_bytes"] = read_bytes["tierkv cold"]
         # bytes tierkv read from its store file (from the disk when cold, the page cache when
         # warm) over the same median time: below the logical rate by the compression ratio
-        results["physical_gbps"] = {row: read_bytes[key] / statistics.median(timings[row]) / 1e9
-                                    for row, key in tierkv_rows.items()}
+        results["physical_gbps"] = {row: n / statistics.median(timings[row]) / 1e9 for row, n in read_bytes.items()}
         for row, gbps in results["physical_gbps"].items():
             print(f"  {row:<34} {gbps:6.2f} GB/s read from the store file", flush=True)
     finally:
