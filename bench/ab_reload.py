@@ -169,20 +169,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def _with_runs(v: list[float]) -> dict[str, Any]:
-        return {**stats_of(v), "runs": v}
-
     results: dict[str, Any] = {
         "machine": machine(), "versions": versions, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "codec": args.codec, "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
         "rounds": args.rounds, "own_stores": args.own_stores,
         "round_orders": orders, "store_file_bytes": store_bytes,
-        "gbps": {k: _with_runs(v) for k, v in rates.items()},
+        "gbps": {k: stats_of(v) for k, v in rates.items()},
         "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},
         # per round, B's rate over A's in the same round: drift between rounds cancels
-        "b_over_a_paired": {m: _with_runs([b / a for a, b in zip(rates[f"{m} A"], rates[f"{m} B"])]) for m in args.mode},
+        "b_over_a_paired": {m: stats_of([b / a for a, b in zip(rates[f"{m} A"], rates[f"{m} B"])]) for m in args.mode},
         # the caller's side of every restore_async before the reads start (lookups, header checks)
-        "setup_ms": {k: _with_runs(v) for k, v in setups.items()},
+        "setup_ms": {k: stats_of(v) for k, v in setups.items()},
     }
     for k, v in results["gbps"].items():
         su = results["setup_ms"][k]

@@ -79,8 +79,10 @@ def raw(x: torch.Tensor) -> np.ndarray:
     return x.contiguous().view(torch.uint8).numpy()
 
 
-def stats_of(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+def stats_of(xs: list[float]) -> dict[str, Any]:
+    """Median, min, max and every value in run order (a round's value is kept, not only the
+    spread: on this VM a run can be bimodal, and the rounds show it)."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "runs": list(xs)}
 
 
 def drop_tree(path: str) -> None:
