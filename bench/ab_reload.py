@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     sys.path.insert(0, HERE)
     import tierkv
-    from common import machine, write_json
-    from reload import TOKENS, session_kv, stats_of
+    from common import machine, stats_of, write_json
+    from reload import TOKENS, session_kv
     from tierkv.config import parse_size
     from tierkv.integrations.hf import default_cache_dir
 

@@ -32,6 +32,12 @@ def collected() -> None:
     gc.collect()
 
 
+def stats_of(xs: list[float]) -> dict[str, Any]:
+    """Median, min, max and every value in run order (a round's value is kept, not only the
+    spread: on this VM a run can be bimodal, and the rounds show it)."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "runs": list(xs)}
+
+
 def timed(fn: Callable[[], Any], repeats: int = 7) -> dict[str, float]:
     """Median, min and max seconds of ``repeats`` calls, each after a full collection."""
     ts = []

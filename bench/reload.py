@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, disk_read_counters, machine, write_json  # noqa: E402
+from common import collected, disk_read_counters, machine, stats_of, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.config import TierKVConfig, parse_size  # noqa: E402
@@ -77,12 +77,6 @@ def session_kv(synthetic: bool, cache_dir: str, dtype: str = "fp32") -> tuple[ti
 def raw(x: torch.Tensor) -> np.ndarray:
     """A tensor's bytes as a numpy uint8 array (any dtype, bf16 included)."""
     return x.contiguous().view(torch.uint8).numpy()
-
-
-def stats_of(xs: list[float]) -> dict[str, Any]:
-    """Median, min, max and every value in run order (a round's value is kept, not only the
-    spread: on this VM a run can be bimodal, and the rounds show it)."""
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "runs": list(xs)}
 
 
 def drop_tree(path: str) -> None:

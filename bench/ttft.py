@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, machine, write_json  # noqa: E402
+from common import collected, machine, stats_of, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
                 timed(f"{tier}+prefetch", lambda tier=tier: via_store(tier, True))
             med = {k: statistics.median(v) for k, v in res.items()}
             row = {"context_tokens": size, "new_tokens": len(message),
-                   "ttft_s": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in res.items()},
+                   "ttft_s": {k: stats_of(v) for k, v in res.items()},
                    "speedup_vs_recompute": {k: med["recompute"] / v for k, v in med.items() if k != "recompute"}}
             rows.append(row)
             print(f"{size:>6} tokens: " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), flush=True)
