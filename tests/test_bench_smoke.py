@@ -38,6 +38,10 @@ def test_reload_bench_runs(tmp_path, store_last):
     for row in res.get("disk_requests", {}).values():  # only where /proc/diskstats names the disk
         assert row["requests"] >= 0 and row["mean_kib"] >= 0 and row["in_flight"] >= 0
     assert res["ratios"]["tierkv_preallocated_cold_vs_raw_lmdb_preallocated"] > 0
+    # every ratio also per round (median of the rounds' ratios), from every round's time kept
+    assert set(res["ratios_paired"]) == set(res["ratios"]) and all(v > 0 for v in res["ratios_paired"].values())
+    cold = res["timings_s"]["tierkv cold"]
+    assert len(cold["runs"]) == cold["n"] and min(cold["runs"]) == cold["min"]
 
 
 def test_ops_bench_runs(tmp_path):
