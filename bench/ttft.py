@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -109,9 +108,9 @@ def main() -> None:
                 timed(tier, lambda tier=tier: via_store(tier, False))
             for tier in ("warm_ssd", "cold_ssd"):
                 timed(f"{tier}+prefetch", lambda tier=tier: via_store(tier, True))
-            med = {k: statistics.median(v) for k, v in res.items()}
-            row = {"context_tokens": size, "new_tokens": len(message),
-                   "ttft_s": {k: stats_of(v) for k, v in res.items()},
+            stats = {k: stats_of(v) for k, v in res.items()}
+            med = {k: v["median"] for k, v in stats.items()}
+            row = {"context_tokens": size, "new_tokens": len(message), "ttft_s": stats,
                    "speedup_vs_recompute": {k: med["recompute"] / v for k, v in med.items() if k != "recompute"}}
             rows.append(row)
             print(f"{size:>6} tokens: " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()), flush=True)
