@@ -145,3 +145,33 @@ def test_odirect_read_covers_the_file(tmp_path, threads):
         if e.errno != 22:
             raise
         pytest.skip("O_DIRECT refused by this file system")
+
+
+def test_reload_runs_tables_match_the_runs_own_ratios(capsys):
+    """The tables and tallies in docs/benchmarks.md come from bench/reload_runs.py: every kept
+    reload run is in them, and each ratio it computes agrees with the one the run itself stored."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import glob
+
+    import reload_runs
+
+    results = os.path.join(ROOT, "bench", "results")
+    report = reload_runs.main(["--results", results])
+    listed = {f for config in report.values() for f in config["runs"]}
+    kept = {os.path.basename(p) for p in glob.glob(os.path.join(results, "reload*.json"))}
+    assert listed == kept
+    out = capsys.readouterr().out
+    checked = 0
+    for run in reload_runs.load_runs(results):
+        assert f"(`{run['file']}`)" in out
+        with open(os.path.join(results, run["file"])) as f:
+            stored = json.load(f).get("ratios", {})
+        for name, target in (("tierkv_cold_vs_odirect", "vs O_DIRECT"), ("tierkv_cold_vs_torch_load", "vs torch.load"),
+                             ("tierkv_cold_vs_raw_lmdb", "vs raw LMDB")):
+            if name in stored:
+                assert reload_runs.ratio(run, target) == pytest.approx(stored[name], rel=1e-9)
+                checked += 1
+    assert checked > 0
+    # a tally counts the runs at or above the target's ratio, and only runs that measured it
+    fp32 = report["fp32"]["tallies"]["vs O_DIRECT"]
+    assert 0 <= fp32["met"] <= fp32["runs"] <= len(report["fp32"]["runs"])

@@ -1,0 +1,140 @@
+"""Every `tierkv bench reload` run kept in bench/results/, as the tables and tallies that
+docs/benchmarks.md quotes: one row per run, each target ratio computed from the run's JSON (the
+ratio of the two medians), bold where the target is met, and per target how many runs met it.
+
+    python bench/reload_runs.py [--results bench/results] > /tmp/runs.md
+
+Nothing is measured here; the runs are the JSON files `tierkv bench reload --out` wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+from typing import Any
+
+COLD, PRE, WARM = "tierkv cold", "tierkv cold, into preallocated tensors", "tierkv warm (page cache)"
+ODIRECT, ODIRECT4 = "disk O_DIRECT sequential read", "disk O_DIRECT read, 4 requests in flight"
+TORCH, LMDB, LMDB_PRE = ("torch.load per session (cold)", "raw LMDB values, no codec (cold)",
+                         "raw LMDB values into a preallocated buffer (cold)")
+
+#: target name -> (tierkv row, baseline row, the ratio that meets it)
+TARGETS = {
+    "vs O_DIRECT": (COLD, ODIRECT, 1.0),
+    "vs O_DIRECT, preallocated": (PRE, ODIRECT, 1.0),
+    "vs torch.load": (COLD, TORCH, 1.5),
+    "vs torch.load, preallocated": (PRE, TORCH, 1.5),
+    "vs raw LMDB": (COLD, LMDB, 0.9),
+    "vs raw LMDB, both preallocated": (PRE, LMDB_PRE, 0.9),
+}
+
+
+def load_runs(results: str) -> list[dict[str, Any]]:
+    """Every reload run in ``results``, each with its file, configuration and label, sorted by
+    configuration and run number. ``reload.json`` is fp32 run 3 (its file kept the old name)."""
+    runs = []
+    for path in glob.glob(os.path.join(results, "reload*.json")):
+        name = os.path.basename(path)
+        m = re.fullmatch(r"reload(_bf16)?(_raw)?(?:_run(\d+))?(_store_last)?\.json", name)
+        if m is None:
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        if "logical_gbps" not in r:
+            continue
+        bf16, number = m.group(1) is not None, int(m.group(3) or (1 if m.group(1) else 3))
+        config = "fp32" if not bf16 else ("bf16 raw" if r.get("codec") == "raw" else "bf16 zstd-planes")
+        label = f"{number}, store last" if m.group(4) else str(number)
+        runs.append({"file": name, "config": config, "number": number, "store_last": bool(m.group(4)),
+                     "label": label, "gbps": r["logical_gbps"]})
+    order = {"fp32": 0, "bf16 zstd-planes": 1, "bf16 raw": 2}
+    return sorted(runs, key=lambda run: (order[run["config"]], run["number"], run["store_last"]))
+
+
+def ratio(run: dict[str, Any], target: str) -> float | None:
+    """The target's ratio in ``run`` (tierkv's median rate over the baseline's), or None when
+    the run lacks either row."""
+    mine, theirs, _ = TARGETS[target]
+    g = run["gbps"]
+    return g[mine] / g[theirs] if mine in g and theirs in g else None
+
+
+def cell(value: float | None, meets: float | None = None) -> str:
+    if value is None:
+        return "—"
+    text = f"{value:.2f}x" if meets is not None else f"{value:.2f}"
+    return f"**{text}**" if meets is not None and value >= meets else text
+
+
+def rate(run: dict[str, Any], row: str) -> str:
+    return cell(run["gbps"].get(row))
+
+
+def table(runs: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of ``runs`` (one configuration)."""
+    head = ["run", "tierkv cold", "preallocated", "warm", "O_DIRECT", "O_DIRECT, 4 in flight", "torch.load",
+            "raw LMDB", "raw LMDB preallocated", "vs O_DIRECT (preallocated)",
+            "vs torch.load (preallocated)", "vs raw LMDB", "preallocated vs raw LMDB preallocated",
+            "vs O_DIRECT, 4 in flight"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        pair = lambda a, b: f"{cell(ratio(run, a), TARGETS[a][2])} ({cell(ratio(run, b), TARGETS[b][2])})"  # noqa: E731
+        g = run["gbps"]
+        four = g[COLD] / g[ODIRECT4] if ODIRECT4 in g else None
+        lines.append("| " + " | ".join([
+            f"{run['label']} (`{run['file']}`)", rate(run, COLD), rate(run, PRE), rate(run, WARM), rate(run, ODIRECT), rate(run, ODIRECT4),
+            rate(run, TORCH), rate(run, LMDB), rate(run, LMDB_PRE),
+            pair("vs O_DIRECT", "vs O_DIRECT, preallocated"), pair("vs torch.load", "vs torch.load, preallocated"),
+            cell(ratio(run, "vs raw LMDB"), 0.9), cell(ratio(run, "vs raw LMDB, both preallocated"), 0.9),
+            cell(four, 1.0)]) + " |")
+    return lines
+
+
+def tallies(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per target: how many of ``runs`` measured it, and how many met it."""
+    out = {}
+    for target, (_, _, meets) in TARGETS.items():
+        values = [v for v in (ratio(run, target) for run in runs) if v is not None]
+        out[target] = {"runs": len(values), "met": sum(v >= meets for v in values)}
+    return out
+
+
+def spans(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per method, the lowest and highest median over ``runs``: how far each rate moved."""
+    out: dict[str, tuple[float, float]] = {}
+    for row in (COLD, PRE, ODIRECT, TORCH, LMDB, LMDB_PRE):
+        values = [run["gbps"][row] for run in runs if row in run["gbps"]]
+        if values:
+            out[row] = (min(values), max(values))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    runs = load_runs(args.results)
+    report: dict[str, Any] = {}
+    for config in ("fp32", "bf16 zstd-planes", "bf16 raw"):
+        mine = [run for run in runs if run["config"] == config]
+        if not mine:
+            continue
+        print(f"### {config}: {len(mine)} runs\n")
+        print("\n".join(table(mine)))
+        t, s = tallies(mine), spans(mine)
+        print()
+        for target, n in t.items():
+            if n["runs"]:
+                print(f"- {target}: met in {n['met']} of {n['runs']} runs")
+        for row, (lo, hi) in s.items():
+            print(f"- {row}: medians {lo:.2f}–{hi:.2f} GB/s")
+        print()
+        report[config] = {"runs": [run["file"] for run in mine], "tallies": t, "spans": s}
+    return report
+
+
+if __name__ == "__main__":
+    main()
