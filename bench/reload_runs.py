@@ -21,14 +21,18 @@ ODIRECT, ODIRECT4 = "disk O_DIRECT sequential read", "disk O_DIRECT read, 4 requ
 TORCH, LMDB, LMDB_PRE = ("torch.load per session (cold)", "raw LMDB values, no codec (cold)",
                          "raw LMDB values into a preallocated buffer (cold)")
 
+#: the reload targets (issue 5): tierkv's cold restore at least as fast as an O_DIRECT read of
+#: the same bytes, 1.5x torch.load of per-session files, 0.9x raw LMDB values without a codec
+AT_LEAST = {"O_DIRECT": 1.0, "torch.load": 1.5, "raw LMDB": 0.9}
+
 #: target name -> (tierkv row, baseline row, the ratio that meets it)
 TARGETS = {
-    "vs O_DIRECT": (COLD, ODIRECT, 1.0),
-    "vs O_DIRECT, preallocated": (PRE, ODIRECT, 1.0),
-    "vs torch.load": (COLD, TORCH, 1.5),
-    "vs torch.load, preallocated": (PRE, TORCH, 1.5),
-    "vs raw LMDB": (COLD, LMDB, 0.9),
-    "vs raw LMDB, both preallocated": (PRE, LMDB_PRE, 0.9),
+    "vs O_DIRECT": (COLD, ODIRECT, AT_LEAST["O_DIRECT"]),
+    "vs O_DIRECT, preallocated": (PRE, ODIRECT, AT_LEAST["O_DIRECT"]),
+    "vs torch.load": (COLD, TORCH, AT_LEAST["torch.load"]),
+    "vs torch.load, preallocated": (PRE, TORCH, AT_LEAST["torch.load"]),
+    "vs raw LMDB": (COLD, LMDB, AT_LEAST["raw LMDB"]),
+    "vs raw LMDB, both preallocated": (PRE, LMDB_PRE, AT_LEAST["raw LMDB"]),
 }
 
 
@@ -88,8 +92,9 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
             f"{run['label']} (`{run['file']}`)", rate(run, COLD), rate(run, PRE), rate(run, WARM), rate(run, ODIRECT), rate(run, ODIRECT4),
             rate(run, TORCH), rate(run, LMDB), rate(run, LMDB_PRE),
             pair("vs O_DIRECT", "vs O_DIRECT, preallocated"), pair("vs torch.load", "vs torch.load, preallocated"),
-            cell(ratio(run, "vs raw LMDB"), 0.9), cell(ratio(run, "vs raw LMDB, both preallocated"), 0.9),
-            cell(four, 1.0)]) + " |")
+            cell(ratio(run, "vs raw LMDB"), AT_LEAST["raw LMDB"]),
+            cell(ratio(run, "vs raw LMDB, both preallocated"), AT_LEAST["raw LMDB"]),
+            cell(four, AT_LEAST["O_DIRECT"])]) + " |")
     return lines
 
 

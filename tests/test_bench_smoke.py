@@ -42,6 +42,9 @@ def test_reload_bench_runs(tmp_path, store_last):
     assert res["ratios"]["tierkv_preallocated_cold_vs_raw_lmdb_preallocated"] > 0
     # every ratio also per round (median of the rounds' ratios), from every round's time kept
     assert set(res["ratios_paired"]) == set(res["ratios"]) and all(v > 0 for v in res["ratios_paired"].values())
+    # each target judged on its ratio of medians, met exactly when it reaches the threshold
+    assert set(res["targets"]) <= set(res["ratios"]) and len(res["targets"]) == 6
+    assert all(t["met"] == (t["ratio"] >= t["at_least"]) for t in res["targets"].values())
     cold = res["timings_s"]["tierkv cold"]
     assert len(cold["runs"]) == cold["n"] and min(cold["runs"]) == cold["min"]
 
