@@ -99,11 +99,16 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def tallies(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per target: how many of ``runs`` measured it, and how many met it."""
+    """Per target: how many of ``runs`` measured it and how many met it, in all and split by
+    which was written last (``--store-last``: tierkv's store after the baselines' files)."""
     out = {}
     for target, (_, _, meets) in TARGETS.items():
-        values = [v for v in (ratio(run, target) for run in runs) if v is not None]
-        out[target] = {"runs": len(values), "met": sum(v >= meets for v in values)}
+        count: dict[str, int] = {}
+        for tag, mine in (("", runs), ("store_first_", [r for r in runs if not r["store_last"]]),
+                          ("store_last_", [r for r in runs if r["store_last"]])):
+            values = [v for v in (ratio(run, target) for run in mine) if v is not None]
+            count[tag + "runs"], count[tag + "met"] = len(values), sum(v >= meets for v in values)
+        out[target] = count
     return out
 
 
@@ -133,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print()
         for target, n in t.items():
             if n["runs"]:
-                print(f"- {target}: met in {n['met']} of {n['runs']} runs")
+                print(f"- {target}: met in {n['met']} of {n['runs']} runs (store written first: "
+                      f"{n['store_first_met']} of {n['store_first_runs']}; last: "
+                      f"{n['store_last_met']} of {n['store_last_runs']})")
         for row, (lo, hi) in s.items():
             print(f"- {row}: medians {lo:.2f}–{hi:.2f} GB/s")
         print()
