@@ -262,3 +262,42 @@ def test_read_only_file_system(small_fs):
         tierkv.TierKV(os.path.join(small_fs, "new-store"), SPEC, block_tokens=BLOCK)
     with pytest.raises(tierkv.StoreIOError):
         tierkv.TierKV(path, SPEC, block_tokens=BLOCK, ssd_bytes="4MiB")
+
+
+READER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, small_spec
+s = tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, ssd_bytes="2MiB")
+with s._ssd.reader():   # what a restore holds while it reads
+    print("reading", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_process_killed_mid_read_does_not_pin_the_store(tmp_path):
+    """A process killed while it held a read transaction (in the middle of a restore) leaves its
+    slot in LMDB's reader table; until it is cleared, no page freed after that snapshot can be
+    reused, so a store that evicts to stay in budget grows until its map is full. The surviving
+    process clears dead readers and keeps the file near its budget."""
+    path = str(tmp_path / "store")
+    budget = 2 << 20
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes=budget,
+                       host_bytes=0, device_bytes=0) as s:
+        s.save(list(range(64)), make_kv(SPEC, 64), session="first").wait()
+        child = subprocess.Popen([sys.executable, "-c", READER, path, HERE], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "reading"
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        n = 4096  # 1 MiB of KV per session: 100 sessions write 50x the budget
+        kv = make_kv(SPEC, n)
+        for i in range(100):
+            s.save([i] + list(range(1, n)), kv, session=f"s{i}").wait()
+        assert s.stats()["resident_bytes"]["ssd"] <= budget
+        r = s.restore([99] + list(range(1, n)), session="s99")
+        assert r.num_tokens == n
+        assert_kv_equal(r.kv, kv)
+    assert os.path.getsize(os.path.join(path, "data.mdb")) < 8 * budget

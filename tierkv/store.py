@@ -310,6 +310,7 @@ class SSDStore:
         """One write transaction; commits on success, aborts on any exception."""
         try:
             with _translated("writing"):
+                self.clear_dead_readers()
                 txn = self.env.begin(write=True)
                 try:
                     b = Batch(self, txn)
@@ -327,6 +328,20 @@ class SSDStore:
                                      f"({st.f_bavail * st.f_frsize} B free); free space, lower ssd_bytes "
                                      "or drop sessions") from e
             raise
+
+    def clear_dead_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction (one killed in
+        the middle of a restore); returns how many were freed.
+
+        Why: LMDB reuses a freed page only once no reader's snapshot predates its release, and a
+        dead process's slot keeps its snapshot forever. A store evicting to stay within
+        ``ssd_bytes`` could then reuse nothing: its file grew with every write until the map was
+        full, and every later save failed with StoreFullError although the budget had room
+        (``test_process_killed_mid_read_does_not_pin_the_store``). LMDB tells a live process
+        from a dead one by the lock each process holds on the lock file, so a reused PID is not
+        taken for the dead one. Cheap enough to run before every write batch.
+        """
+        return self.env.reader_check()
 
     def close(self) -> None:
         """Close the environment (idempotent)."""
