@@ -197,6 +197,7 @@ class SSDStore:
             raise StoreIOError(f"cannot open store {self.path}: {e}") from None
         try:
             self._check_truncation()  # before any B-tree page is touched
+            self.clear_dead_readers()  # left by processes that died mid-read (also before each write)
             self._open_dbs()
             self._check_identity(fingerprint, description)
             self.fingerprint = fingerprint
