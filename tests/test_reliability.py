@@ -292,12 +292,104 @@ def test_process_killed_mid_read_does_not_pin_the_store(tmp_path):
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()
-        n = 4096  # 1 MiB of KV per session: 100 sessions write 50x the budget
+        n = 4096  # 1 MiB of KV per session: 40 sessions write 20x the budget
         kv = make_kv(SPEC, n)
-        for i in range(100):
+        for i in range(40):
             s.save([i] + list(range(1, n)), kv, session=f"s{i}").wait()
         assert s.stats()["resident_bytes"]["ssd"] <= budget
-        r = s.restore([99] + list(range(1, n)), session="s99")
+        r = s.restore([39] + list(range(1, n)), session="s39")
         assert r.num_tokens == n
         assert_kv_equal(r.kv, kv)
     assert os.path.getsize(os.path.join(path, "data.mdb")) < 8 * budget
+
+
+def _save_many(s, first, count, n=4096):
+    """``count`` sessions of ``n`` tokens (1 MiB of KV each at n=4096), each saved durably."""
+    kv = make_kv(SPEC, n)
+    for i in range(first, first + count):
+        s.save([i] + list(range(1, n)), kv, session=f"s{i}").wait()
+    return kv
+
+
+def test_reopen_with_a_lower_ssd_bytes_evicts_down_to_it(tmp_path):
+    """A store reopened with a budget below what it holds (a user freeing disk space) restores
+    what it holds and evicts down to the new budget at its next write. Before, LMDB's map was
+    sized from the new budget alone, smaller than the file: every write failed with
+    StoreFullError."""
+    path = str(tmp_path / "store")
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="128MiB",
+                       host_bytes=0, device_bytes=0) as s:
+        kv = _save_many(s, 0, 80)
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    assert size > 80 << 20
+    small = 4 << 20
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes=small,
+                       host_bytes=0, device_bytes=0) as s:
+        r = s.restore([79] + list(range(1, 4096)), session="s79")
+        assert r.num_tokens == 4096
+        _save_many(s, 100, 20)
+        assert s.stats()["resident_bytes"]["ssd"] <= small
+        r = s.restore([119] + list(range(1, 4096)), session="s119")
+        assert r.num_tokens == 4096
+        assert_kv_equal(r.kv, kv)
+    # LMDB does not shrink its file, but reuses the pages the evictions freed
+    assert os.path.getsize(os.path.join(path, "data.mdb")) <= size + (8 << 20)
+
+
+GROWER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, make_kv, small_spec
+from test_reliability import _save_many, SPEC
+with tierkv.TierKV(sys.argv[1], SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="512MiB",
+                   host_bytes=0, device_bytes=0) as s:
+    _save_many(s, 1000, 100)
+print("grown", flush=True)
+"""
+
+
+def test_another_process_grows_the_store_past_this_ones_budget(tmp_path):
+    """Two processes opened one store with different ``ssd_bytes``; the one with the larger
+    budget grows the file past what the other's budget alone would map. The other still
+    restores and saves. Before, LMDB refused its every new transaction (MDB_MAP_RESIZED): its
+    own sessions became misses and other calls raised StoreIOError."""
+    path = str(tmp_path / "store")
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="4MiB",
+                       host_bytes=0, device_bytes=0) as s:
+        kv = _save_many(s, 0, 1)
+        r = subprocess.run([sys.executable, "-c", GROWER, path, HERE], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=HERE), timeout=300)
+        assert r.stdout.strip() == "grown", r.stderr[-2000:]
+        assert os.path.getsize(os.path.join(path, "data.mdb")) > 100 << 20
+        for sid, first in (("s0", 0), ("s1050", 1050)):
+            r = s.restore([first] + list(range(1, 4096)), session=sid)
+            assert r.num_tokens == 4096, sid
+            assert_kv_equal(r.kv, kv)
+        _save_many(s, 2000, 2)
+        assert s.restore([2001] + list(range(1, 4096)), session="s2001").num_tokens == 4096
+
+
+LIMITED = """
+import resource, sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, make_kv, small_spec
+resource.setrlimit(resource.RLIMIT_AS, (40 << 30, 40 << 30))
+spec = small_spec()
+with tierkv.TierKV(sys.argv[1], spec, block_tokens=BLOCK, ssd_bytes="1GiB", persist="write_through") as s:
+    s.save(list(range(64)), make_kv(spec, 64), session="a").wait()
+    assert s.restore(list(range(64)), session="a").num_tokens == 64
+    print(s._ssd.env.info()["map_size"], flush=True)
+"""
+
+
+def test_store_opens_under_an_address_space_limit(tmp_path):
+    """Where a ulimit on address space refuses a map as large as the file system, the store
+    opens with the map its budget needs."""
+    path = str(tmp_path / "store")
+    r = subprocess.run([sys.executable, "-c", LIMITED, path, HERE], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    st = os.statvfs(str(tmp_path))
+    if st.f_blocks * st.f_frsize > 40 << 30:  # the file system's size was refused: the fallback
+        assert int(r.stdout) == (1 << 30) + (1 << 30) // 4 + (64 << 20)

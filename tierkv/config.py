@@ -68,7 +68,9 @@ class TierKVConfig:
     Attributes:
         device_bytes: budget of the device tier (GPU memory; a CPU pool without CUDA). 0 disables it.
         host_bytes: budget of the host DRAM tier. 0 disables it.
-        ssd_bytes: budget of encoded block bytes in the LMDB store on SSD (must be > 0).
+        ssd_bytes: budget of encoded block bytes in the LMDB store on SSD (must be > 0). A store
+            reopened with a lower budget than it holds evicts down to it at its next write
+            (data.mdb keeps its size: LMDB reuses the freed pages but never shrinks the file).
         block_tokens: tokens per block, 16..4096.
         persist: ``"write_back"`` (blocks reach SSD when demoted, and on ``close()``) or
             ``"write_through"`` (every save is also written to SSD in the background).

@@ -150,6 +150,9 @@ def _translated(what: str) -> Iterator[None]:
         yield
     except lmdb.MapFullError:
         raise StoreFullError(f"{what}: the LMDB map is full; raise ssd_bytes or drop sessions") from None
+    except lmdb.MapResizedError:
+        raise StoreIOError(f"{what}: another process grew the store past this process's map (a file "
+                           "larger than this file system's first 16 TiB); reopen the store") from None
     except lmdb.ReadonlyError as e:
         raise StoreIOError(f"{what}: the store is read-only ({e}); open a writable directory") from None
     except lmdb.Error as e:
@@ -216,12 +219,44 @@ class SSDStore:
             self._release_path()
             raise
 
+    def _map_sizes(self) -> list[int]:
+        """LMDB map sizes to try, largest first. The map is address space, not memory or disk,
+        and its size caps how far data.mdb may grow; tierkv's own budget is ``ssd_bytes``.
+
+        - The budget plus slack: overflow pages round each value up to 4 KiB, the B-trees need
+          room, and a transaction cannot reuse the pages it frees itself.
+        - The file as it is plus that slack: a store reopened with a lower ``ssd_bytes`` holds
+          more than the new budget until its next write evicts down to it; a map sized from the
+          budget alone left no room for that write, and every save failed with StoreFullError.
+        - The file system's size (up to 16 TiB), tried first: a map the file can never outgrow.
+          When another process, opened with a larger ``ssd_bytes``, grows the file past this
+          process's map, LMDB refuses every new transaction here (MDB_MAP_RESIZED), and
+          remapping is only safe with no transaction open in the process.
+        """
+        slack = self.ssd_bytes // 4 + (64 << 20)
+        try:
+            held = os.path.getsize(os.path.join(self.path, "data.mdb"))
+        except OSError:
+            held = 0
+        need = max(self.ssd_bytes, held) + slack
+        try:
+            st = os.statvfs(self.path)
+            whole = min(st.f_blocks * st.f_frsize, 16 << 40)
+        except OSError:
+            whole = 0
+        return [whole, need] if whole > need else [need]
+
     def _open_env(self, readahead: bool) -> None:
-        # Overflow pages round each value up to 4 KiB and the B-trees need room too.
-        map_size = self.ssd_bytes + self.ssd_bytes // 4 + (64 << 20)
         self.env = None
-        self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
-                             max_readers=256, readahead=readahead, lock=True)
+        sizes = self._map_sizes()
+        for i, map_size in enumerate(sizes):
+            try:
+                self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
+                                     max_readers=256, readahead=readahead, lock=True)
+                return
+            except lmdb.Error:
+                if i == len(sizes) - 1:  # e.g. a ulimit on address space: the smaller map
+                    raise
 
     def _open_dbs(self) -> None:
         self.meta = self.env.open_db(b"meta")
@@ -336,8 +371,9 @@ class SSDStore:
 
         Why: LMDB reuses a freed page only once no reader's snapshot predates its release, and a
         dead process's slot keeps its snapshot forever. A store evicting to stay within
-        ``ssd_bytes`` could then reuse nothing: its file grew with every write until the map was
-        full, and every later save failed with StoreFullError although the budget had room
+        ``ssd_bytes`` could then reuse nothing: its file grew with every write until the map (or
+        the disk) was full, and every later save failed with StoreFullError although the budget
+        had room
         (``test_process_killed_mid_read_does_not_pin_the_store``). LMDB tells a live process
         from a dead one by the lock each process holds on the lock file, so a reused PID is not
         taken for the dead one. Cheap enough to run before every write batch.
