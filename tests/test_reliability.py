@@ -393,3 +393,32 @@ def test_store_opens_under_an_address_space_limit(tmp_path):
     st = os.statvfs(str(tmp_path))
     if st.f_blocks * st.f_frsize > 40 << 30:  # the file system's size was refused: the fallback
         assert int(r.stdout) == (1 << 30) + (1 << 30) // 4 + (64 << 20)
+
+
+def test_hundreds_of_restores_in_flight(tmp_path):
+    """Each restore from SSD holds a read transaction, so its view of the store stays whole while
+    its blocks are read; a server may have hundreds in flight (a batch of requests, each
+    prefetched on arrival), and processes sharing a store share LMDB's reader table. 300 restores
+    are started while the I/O threads are held busy, then all complete in full; with LMDB's
+    table of 256 slots the 257th restore raised StoreIOError."""
+    path = str(tmp_path / "store")
+    kv = make_kv(SPEC, 2 * BLOCK)
+    toks = [[i] + list(range(1, 2 * BLOCK)) for i in range(300)]
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", host_bytes=0, device_bytes=0) as s:
+        for i, t in enumerate(toks):
+            s.save(t, kv, session=f"s{i}")
+        s.flush()
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, host_bytes=0, device_bytes=0) as s:
+        gate = threading.Event()
+        busy = [s._pool.submit(gate.wait) for _ in range(s.config.io_threads)]
+        try:
+            handles = [s.restore_async(t, session=f"s{i}", device="cpu") for i, t in enumerate(toks)]
+        finally:
+            gate.set()
+        for f in busy:
+            f.result()
+        for h in handles:
+            r = h.result()
+            assert r.num_tokens == 2 * BLOCK
+            assert_kv_equal(r.kv, kv)
+        assert s.stats()["corrupt_blocks"] == 0

@@ -50,6 +50,12 @@ __all__ = ["SessionRecord", "BlockMeta", "SSDStore", "Batch", "check_session_id"
 
 _BMETA = struct.Struct("<IIQd")
 _U64BE = struct.Struct(">Q")
+#: slots in LMDB's reader table, shared by every process that has the store open. Each restore
+#: from SSD holds a read transaction until its blocks are read (its view of the store stays whole
+#: meanwhile), and a server can have hundreds in flight: with 256 slots the 257th restore raised
+#: StoreIOError (``test_hundreds_of_restores_in_flight``). 64 B each: 256 KiB of lock file.
+#: The first process to open a store sizes the table; later ones use that size.
+MAX_READERS = 4096
 _SESSION_MAGIC = b"TKS1"
 MAX_SESSION_ID_BYTES = 400  # LMDB's default max key size is 511 bytes
 
@@ -252,7 +258,7 @@ class SSDStore:
         for i, map_size in enumerate(sizes):
             try:
                 self.env = lmdb.open(self.path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
-                                     max_readers=256, readahead=readahead, lock=True)
+                                     max_readers=MAX_READERS, readahead=readahead, lock=True)
                 return
             except lmdb.Error:
                 if i == len(sizes) - 1:  # e.g. a ulimit on address space: the smaller map
