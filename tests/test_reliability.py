@@ -422,3 +422,43 @@ def test_hundreds_of_restores_in_flight(tmp_path):
             assert r.num_tokens == 2 * BLOCK
             assert_kv_equal(r.kv, kv)
         assert s.stats()["corrupt_blocks"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_child_gets_a_clear_error_and_the_parent_goes_on(tmp_path):
+    """LMDB environments and threads do not survive fork. A child forked from a process with a
+    store open gets ForkedProcessError from every call, instead of reading through the parent's
+    environment and waiting forever on a writer thread it does not have (a save's ``wait()``
+    hung before); its ``close()`` touches nothing, and the parent goes on."""
+    path = str(tmp_path / "store")
+    kv = make_kv(SPEC, 2 * BLOCK)
+    toks = list(range(2 * BLOCK))
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through") as s:
+        s.save(toks, kv, session="a").wait()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what each call did, then leave without any clean-up
+            signal.alarm(30)
+            os.close(r)
+            out = []
+            for call in (lambda: s.restore(toks, session="a"), lambda: s.save(toks, kv, session="b"),
+                         lambda: s.lookup(toks, session="a"), s.flush, s.stats, s.close, s.close):
+                try:
+                    call()
+                    out.append("ok")
+                except tierkv.ForkedProcessError:
+                    out.append("forked")
+                except BaseException as e:  # noqa: BLE001 - reported to the parent
+                    out.append(type(e).__name__)
+            os.write(w, " ".join(out).encode())
+            os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            assert f.read().split() == ["forked"] * 5 + ["ok", "ok"]
+        assert status == 0
+        got = s.restore(toks, session="a")
+        assert_kv_equal(got.kv, kv)
+        s.save(list(range(100, 100 + 2 * BLOCK)), kv, session="b").wait()
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK) as s:
+        assert s.restore(list(range(100, 100 + 2 * BLOCK)), session="b").num_tokens == 2 * BLOCK

@@ -6,8 +6,8 @@ The public API is what ``__all__`` lists; every other module is internal.
 from .config import TierKVConfig, parse_size
 from .engine import TierKV
 from .errors import (BackgroundError, BlockLoadError, BudgetExceededError, ConfigError,
-                     ForeignStoreError, SpecMismatchError, StoreClosedError, StoreFullError,
-                     StoreIOError, TierKVError, UnknownSessionError)
+                     ForeignStoreError, ForkedProcessError, SpecMismatchError, StoreClosedError,
+                     StoreFullError, StoreIOError, TierKVError, UnknownSessionError)
 from .handles import LoadHandle, RestoredKV, SaveHandle
 from .spec import KVSpec, LayerSpec, TensorSpec
 
@@ -17,6 +17,7 @@ __all__ = [
     "TierKV", "TierKVConfig", "KVSpec", "LayerSpec", "TensorSpec", "RestoredKV", "SaveHandle",
     "LoadHandle", "parse_size",
     "TierKVError", "ConfigError", "SpecMismatchError", "UnknownSessionError", "ForeignStoreError",
-    "StoreFullError", "BudgetExceededError", "StoreClosedError", "StoreIOError", "BackgroundError",
+    "StoreFullError", "BudgetExceededError", "StoreClosedError", "ForkedProcessError", "StoreIOError",
+    "BackgroundError",
     "BlockLoadError", "__version__",
 ]

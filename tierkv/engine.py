@@ -18,6 +18,7 @@ yet are "doomed" and never re-read from disk meanwhile.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -31,8 +32,9 @@ import torch
 from .blocks import Block, BlockLoad, BlockState, Epoch, pack_block
 from .codec import CorruptValueError, header_bound, make_codec, parse_block
 from .config import TierKVConfig
-from .errors import (BackgroundError, BudgetExceededError, ConfigError, SpecMismatchError,
-                     StoreClosedError, StoreFullError, StoreIOError, TierKVError, UnknownSessionError)
+from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
+                     SpecMismatchError, StoreClosedError, StoreFullError, StoreIOError, TierKVError,
+                     UnknownSessionError)
 from .handles import LoadHandle, RestoredKV, SaveHandle, _Part
 from .pagecache import advise_willneed
 from .keys import as_tokens, block_keys, chain_seed, common_prefix, iter_block_keys, tokens_view
@@ -113,6 +115,7 @@ class TierKV:
         self._bg_error: BaseException | None = None
         self._stats = Stats()
         self._closed = False
+        self._pid = os.getpid()  # the process that owns the environment and threads
         self._stopping = False
         self._maint_blocked_until = 0.0
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io")
@@ -127,6 +130,12 @@ class TierKV:
         self.close()
 
     def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise ForkedProcessError(
+                f"this TierKV of {self.path} was opened in process {self._pid}, and this is a process "
+                "forked from it: LMDB environments and the engine's threads do not survive fork. Open "
+                "the store in each process after forking, or start workers with multiprocessing's "
+                "'spawn' or 'forkserver' method")
         if self._closed:
             raise StoreClosedError(f"store {self.path} is closed; open a new TierKV")
         if self._bg_error is not None:
@@ -1029,9 +1038,14 @@ class TierKV:
     def close(self) -> None:
         """Persist what write-back still holds only in memory, stop the threads, close LMDB.
 
-        Idempotent. Raises the first background error, after closing.
+        Idempotent. Raises the first background error, after closing. In a process forked from
+        the one that opened it, only marks it closed: the environment and threads are the
+        parent's, and closing LMDB here would release the parent's reader slots.
         """
         if self._closed:
+            return
+        if os.getpid() != self._pid:
+            self._closed = True
             return
         error: BaseException | None = None
         if self._bg_error is None:

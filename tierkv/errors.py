@@ -5,8 +5,8 @@ Foreign exceptions (LMDB's, zstd's, OS errors) are translated at the edge of the
 meets them, so callers catch one tree.
 
 Primitives: TierKVError, ConfigError, SpecMismatchError, UnknownSessionError, ForeignStoreError,
-StoreFullError, BudgetExceededError, StoreClosedError, StoreIOError, BackgroundError,
-BlockLoadError.
+StoreFullError, BudgetExceededError, StoreClosedError, ForkedProcessError, StoreIOError,
+BackgroundError, BlockLoadError.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "StoreFullError",
     "BudgetExceededError",
     "StoreClosedError",
+    "ForkedProcessError",
     "StoreIOError",
     "BackgroundError",
     "BlockLoadError",
@@ -59,6 +60,12 @@ class BudgetExceededError(TierKVError):
 
 class StoreClosedError(TierKVError):
     """The store was used after ``close()``."""
+
+
+class ForkedProcessError(StoreClosedError):
+    """A TierKV was used in a process forked from the one that opened it: LMDB environments and
+    the engine's threads do not survive ``fork``. Open the store in each process after forking,
+    or start workers with multiprocessing's ``"spawn"`` or ``"forkserver"`` method."""
 
 
 class StoreIOError(TierKVError):
