@@ -147,6 +147,55 @@ def test_ssd_evicts_expired_then_lru_never_pinned(open_store):
     assert s.stats()["resident_bytes"]["ssd"] <= s.config.ssd_bytes
 
 
+def test_eviction_counts_restores_not_yet_written(open_store):
+    """A restore marks its session used in memory; the mark reaches disk with the writer's next
+    batch. That batch must apply it before it evicts: before, a session restored just before a
+    save that needed room was evicted as the least recently used (its mark on disk still old),
+    or as expired by a TTL that its last use had extended."""
+    s = _ssd_store(open_store, 3)
+    kv = make_kv(SPEC, BLOCK)
+    toks = {name: [i * 100 + t for t in range(BLOCK)] for i, name in enumerate(["a", "b", "c", "t", "d", "e"])}
+    for name in ("a", "b", "c"):
+        s.save(toks[name], kv, session=name).wait()
+    assert s.restore(toks["a"], session="a").num_tokens == BLOCK  # a is now the most recently used
+    s.save(toks["d"], kv, session="d").wait()                    # needs a block: b, the least recently used
+    assert s.lookup(toks["a"], session="a") == BLOCK
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("b")
+    s.drop_session("c")
+    s.save(toks["t"], kv, session="t", ttl=0.5).wait()           # store: a, d, t
+    time.sleep(0.4)
+    assert s.restore(toks["t"], session="t").num_tokens == BLOCK  # used: now expires 0.5 s from here
+    time.sleep(0.2)                                               # past its first expiry, not its second
+    s.save(toks["e"], kv, session="e").wait()                     # needs a block: not t (a is the LRU)
+    assert s.lookup(toks["t"], session="t") == BLOCK
+    with pytest.raises(tierkv.UnknownSessionError):
+        s.session_info("a")
+
+
+def test_a_restore_reaches_disk_without_a_save(open_store, store_path):
+    """The mark of use a restore leaves reaches disk within a few seconds even where the process
+    only restores (other processes sharing the store evict by it; a restart after a crash counts
+    TTLs from it), and at close. Before, it waited for the next save, and close dropped it."""
+    s = open_store(SPEC, persist="write_through")
+    s.save(range(BLOCK), make_kv(SPEC, BLOCK), session="r", ttl=3600).wait()
+    saved = s._ssd.get_session("r").last_used
+    time.sleep(0.05)
+    s.restore(range(BLOCK), session="r")
+    used = s.session_info("r")["last_used"]
+    assert used > saved
+    deadline = time.monotonic() + 10
+    while s._ssd.get_session("r").last_used < used and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert s._ssd.get_session("r").last_used == used   # on disk, without any save
+    time.sleep(0.05)
+    s.restore(range(BLOCK), session="r")
+    used = s.session_info("r")["last_used"]
+    s.close()
+    s = open_store(SPEC, persist="write_through")
+    assert s.session_info("r")["last_used"] == used     # close wrote it
+
+
 def test_store_full_of_pinned_raises_and_keeps_committed_data(open_store):
     s = _ssd_store(open_store, 2)
     kv = make_kv(SPEC, BLOCK)

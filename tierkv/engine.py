@@ -47,6 +47,8 @@ from .tiers import MemoryTier
 __all__ = ["TierKV"]
 
 _KV = Sequence[Sequence[torch.Tensor]]
+#: seconds a restore's mark of use may wait for a write batch before the writer makes one for it
+TOUCH_WRITE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -110,6 +112,7 @@ class TierKV:
         self._dropping: Counter[str] = Counter()     # dropped in memory, drop still queued
         self._pending: Counter[str] = Counter()      # sessions with queued ops
         self._touched: dict[str, float] = {}         # last_used updates to persist
+        self._last_batch = time.monotonic()          # when the writer last began a batch
         self._ops: deque[_Op] = deque()
         self._unreported: list[BaseException] = []   # op errors no handle has raised yet
         self._bg_error: BaseException | None = None
@@ -783,7 +786,8 @@ class TierKV:
     def _writer_loop(self) -> None:
         while True:
             with self._wake:
-                while not self._ops and not self._stopping and not self._over_budget():
+                while (not self._ops and not self._stopping and not self._over_budget()
+                       and not self._touches_due()):
                     self._wake.wait(timeout=1.0)
                 if self._stopping and not self._ops:
                     return
@@ -791,7 +795,9 @@ class TierKV:
                 self._ops.clear()
             try:
                 work = [op for op in ops if op.kind != "barrier"]
-                if work:
+                # uses marked by restores ride with the next batch, or go alone once due, or when
+                # a flush or close asks for everything queued
+                if work or (self._touched and (len(work) < len(ops) or self._touches_due())):
                     self._apply(work)
                 self._maintain()
             except BaseException as e:  # noqa: BLE001 - surfaced by the next call
@@ -803,6 +809,12 @@ class TierKV:
             for op in ops:
                 if op.kind == "barrier":
                     op.done.set()
+
+    def _touches_due(self) -> bool:
+        """Restores have marked sessions used, and no batch has written that for a while: write
+        it, so that other processes sharing the store (which evict by last use) and a restart
+        after a crash see it. A process that only restores would otherwise never write it."""
+        return bool(self._touched) and time.monotonic() - self._last_batch >= TOUCH_WRITE_S
 
     def _over_budget(self) -> bool:
         if time.monotonic() < self._maint_blocked_until:
@@ -830,6 +842,9 @@ class TierKV:
             self._commit(ops, values, touched, protect, keep)
             failed: list[tuple[_Op, BaseException]] = []
         except (StoreFullError, StoreIOError) as e:
+            with self._lock:  # not written: keep the uses for the next batch
+                for sid, t in touched.items():
+                    self._touched[sid] = max(t, self._touched.get(sid, t))
             if len(ops) == 1:
                 failed = [(ops[0], e)]
             else:
@@ -882,8 +897,13 @@ class TierKV:
     def _commit(self, ops: list[_Op], values: dict[bytes, bytes], touched: dict[str, float],
                 protect: set[str], keep: set[bytes]) -> None:
         now = time.time()
+        self._last_batch = time.monotonic()
         with self._ssd.batch() as batch:
             batch.keep = keep
+            # uses made since the last batch first: eviction picks by last use and expiry, and a
+            # session restored a moment ago must not go as the least recently used
+            for sid, t in touched.items():
+                batch.touch_session(sid, t)
             need = sum(len(values[b.key]) for op in ops for b in op.write if b.key in values)
             batch.make_room(need, now, protect)
             for op in ops:
@@ -895,8 +915,6 @@ class TierKV:
                         batch.put_value(b.key, values[b.key], b.n_tokens, replace=b.repair)
                 if op.kind == "session":
                     batch.put_session(op.record, self.block_tokens)
-            for sid, t in touched.items():
-                batch.touch_session(sid, t)
             evicted_sessions = [s for s in batch.dropped if s not in {op.session for op in ops if op.kind == "drop"}]
             evicted_keys = set(batch.deleted)
         if evicted_sessions or evicted_keys:
