@@ -462,3 +462,36 @@ def test_forked_child_gets_a_clear_error_and_the_parent_goes_on(tmp_path):
         s.save(list(range(100, 100 + 2 * BLOCK)), kv, session="b").wait()
     with tierkv.TierKV(path, SPEC, block_tokens=BLOCK) as s:
         assert s.restore(list(range(100, 100 + 2 * BLOCK)), session="b").num_tokens == 2 * BLOCK
+
+
+USER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, small_spec
+with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK) as s:
+    assert s.restore(list(range(2 * BLOCK)), session="x").num_tokens == 2 * BLOCK
+    print(time.time(), flush=True)
+"""
+
+
+def test_ttl_counts_from_another_process_s_use(tmp_path):
+    """A session's TTL counts from its last use by any process sharing the store: a process
+    whose own copy of the record says it expired reads the record again before dropping it.
+    Before, it dropped a session another process had just used."""
+    path = str(tmp_path / "store")
+    ttl = 5.0
+    kv = make_kv(SPEC, 2 * BLOCK)
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through") as s:
+        s.save(list(range(2 * BLOCK)), kv, session="x", ttl=ttl).wait()
+        saved = s.session_info("x")["last_used"]
+        r = subprocess.run([sys.executable, "-c", USER, path, HERE], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        used = float(r.stdout)
+        if used - saved > ttl - 0.5:
+            pytest.skip("the other process started too slowly for this TTL")
+        time.sleep(max(0.0, saved + ttl + 0.2 - time.time()))   # past the expiry this process knows of
+        got = s.restore(list(range(2 * BLOCK)), session="x")
+        assert got.num_tokens == 2 * BLOCK
+        assert_kv_equal(got.kv, kv)
+        assert s.session_info("x")["last_used"] >= used

@@ -183,6 +183,7 @@ class TierKV:
 
     def _session(self, session: str, now: float | None = None) -> SessionRecord | None:
         rec = self._sessions.get(session)
+        loaded = rec is None
         if rec is None:
             if self._dropping[session]:
                 return None
@@ -195,7 +196,17 @@ class TierKV:
                     b = self._block(key)
                     if b is not None:
                         b.pins += 1
-        if rec.expired(time.time() if now is None else now):
+        now = time.time() if now is None else now
+        if rec.expired(now) and not loaded:
+            # another process sharing the store may have used it since this one loaded it: its
+            # TTL counts from that use, which is on disk (TierKV._touches_due)
+            try:
+                disk = self._ssd.get_session(session)
+            except TierKVError:
+                disk = None
+            if disk is not None and disk.last_used > rec.last_used:
+                rec.last_used = disk.last_used
+        if rec.expired(now):
             self._drop_locked(rec)
             return None
         return rec
