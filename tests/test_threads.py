@@ -13,7 +13,7 @@ SPEC = small_spec(layers=3)
 
 
 @pytest.mark.parametrize("threads,seconds", [
-    (8, 60),
+    (8, 40),
     pytest.param(8, 600, marks=pytest.mark.stress),
 ])
 def test_threads_save_restore_prefetch_drop(open_store, threads, seconds):
