@@ -366,3 +366,25 @@ def test_cpu_device_tier_demotes_and_promotes_without_copying(open_store):
     assert_kv_equal(s.restore(range(5000, 5000 + 2 * BLOCK), session="b").kv, kv_b)
     moved = s.stats()["moved"]  # bytes copied between tiers: none were
     assert "device->host" not in moved and "host->device" not in moved, moved
+
+
+@pytest.mark.parametrize("persist", ["write_back", "write_through"])
+def test_saves_faster_than_the_disk_wait_instead_of_growing_memory(open_store, persist):
+    """Backpressure: saves arriving faster than the writer moves blocks to SSD may run a memory
+    tier over its budget by its slack (its budget again); beyond that, save waits for the writer.
+    Before, nothing bounded it: an 8 MiB host tier held 619 MiB after 1,500 quick 1 MiB saves."""
+    budget, n = 4 << 20, 4096                       # 1 MiB of KV per session
+    s = open_store(SPEC, block_tokens=256, persist=persist, device_bytes=0, host_bytes=budget,
+                   ssd_bytes="512MiB")
+    kv = make_kv(SPEC, n)
+    peak = 0
+    for i in range(120):
+        s.save([i] + list(range(1, n)), kv, session=f"s{i}")
+        peak = max(peak, s.stats()["resident_bytes"]["host"])
+    assert peak <= 2 * budget + n * SPEC.bytes_per_token
+    assert s.stats()["backpressure"]["timeouts"] == 0
+    s.flush()
+    for i in (0, 60, 119):
+        r = s.restore([i] + list(range(1, n)), session=f"s{i}")
+        assert r.num_tokens == n
+        assert_kv_equal(r.kv, kv)

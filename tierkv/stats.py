@@ -59,6 +59,10 @@ class Stats:
             "ssd_raw_written": raw,
             "ssd_enc_written": enc,
             "compression_ratio": (raw / enc) if enc else None,
+            # saves that waited for the writer because a memory tier ran over its budget's slack
+            "backpressure": {"save_waits": c.get("save_waits", 0),
+                             "seconds": c.get("save_wait_us", 0) / 1e6,
+                             "timeouts": c.get("save_wait_timeouts", 0)},
             "evicted": {"host_blocks": c.get("host_evicted_blocks", 0),
                         "ssd_sessions": c.get("ssd_evicted_sessions", 0)},
         }
