@@ -264,6 +264,12 @@ def test_read_only_file_system(small_fs):
         tierkv.TierKV(path, SPEC, block_tokens=BLOCK, ssd_bytes="4MiB")
 
 
+def _ssd_only(path, ssd_bytes, **settings):
+    """A write-through store with no memory tiers: every save reaches SSD, every restore reads it."""
+    return tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes=ssd_bytes,
+                         host_bytes=0, device_bytes=0, **settings)
+
+
 READER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -279,12 +285,11 @@ with s._ssd.reader():   # what a restore holds while it reads
 def test_process_killed_mid_read_does_not_pin_the_store(tmp_path):
     """A process killed while it held a read transaction (in the middle of a restore) leaves its
     slot in LMDB's reader table; until it is cleared, no page freed after that snapshot can be
-    reused, so a store that evicts to stay in budget grows until its map is full. The surviving
+    reused, so a store that evicts to stay in budget grows with every write. The surviving
     process clears dead readers and keeps the file near its budget."""
     path = str(tmp_path / "store")
     budget = 2 << 20
-    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes=budget,
-                       host_bytes=0, device_bytes=0) as s:
+    with _ssd_only(path, budget) as s:
         s.save(list(range(64)), make_kv(SPEC, 64), session="first").wait()
         child = subprocess.Popen([sys.executable, "-c", READER, path, HERE], stdout=subprocess.PIPE, text=True)
         try:
@@ -317,14 +322,12 @@ def test_reopen_with_a_lower_ssd_bytes_evicts_down_to_it(tmp_path):
     sized from the new budget alone, smaller than the file: every write failed with
     StoreFullError."""
     path = str(tmp_path / "store")
-    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="128MiB",
-                       host_bytes=0, device_bytes=0) as s:
+    with _ssd_only(path, "128MiB") as s:
         kv = _save_many(s, 0, 80)
     size = os.path.getsize(os.path.join(path, "data.mdb"))
     assert size > 80 << 20
     small = 4 << 20
-    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes=small,
-                       host_bytes=0, device_bytes=0) as s:
+    with _ssd_only(path, small) as s:
         r = s.restore([79] + list(range(1, 4096)), session="s79")
         assert r.num_tokens == 4096
         _save_many(s, 100, 20)
@@ -339,11 +342,8 @@ def test_reopen_with_a_lower_ssd_bytes_evicts_down_to_it(tmp_path):
 GROWER = """
 import sys
 sys.path.insert(0, sys.argv[2])
-import tierkv
-from conftest import BLOCK, make_kv, small_spec
-from test_reliability import _save_many, SPEC
-with tierkv.TierKV(sys.argv[1], SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="512MiB",
-                   host_bytes=0, device_bytes=0) as s:
+from test_reliability import _save_many, _ssd_only
+with _ssd_only(sys.argv[1], "512MiB") as s:
     _save_many(s, 1000, 100)
 print("grown", flush=True)
 """
@@ -355,8 +355,7 @@ def test_another_process_grows_the_store_past_this_ones_budget(tmp_path):
     restores and saves. Before, LMDB refused its every new transaction (MDB_MAP_RESIZED): its
     own sessions became misses and other calls raised StoreIOError."""
     path = str(tmp_path / "store")
-    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="4MiB",
-                       host_bytes=0, device_bytes=0) as s:
+    with _ssd_only(path, "4MiB") as s:
         kv = _save_many(s, 0, 1)
         r = subprocess.run([sys.executable, "-c", GROWER, path, HERE], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=HERE), timeout=300)

@@ -369,8 +369,8 @@ class TierKV:
 
     def _wait_for_memory(self, target: MemoryTier) -> None:
         """Backpressure. Saves arriving faster than the writer can move blocks to SSD left every
-        memory tier growing without bound (``test_saves_faster_than_the_disk_wait_instead_of_growing_memory``:
-        a 4 MiB host tier reached 28-74 MiB). A tier may run over its budget by its slack (its budget
+        memory tier growing without bound
+        (``test_saves_faster_than_the_disk_wait_instead_of_growing_memory`` failed). A tier may run over its budget by its slack (its budget
         again, at most SAVE_SLACK_MAX) while the writer catches up; beyond that, ``save`` waits
         until the writer has brought it back under, at most SAVE_WAIT_S, then goes on (counted:
         the writer may be stuck, e.g. on a full store, and a save must not hang)."""
