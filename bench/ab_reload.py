@@ -16,6 +16,7 @@ the caller's work before the reads start (lookups, header checks), which the dis
     python bench/ab_reload.py --a /path/to/old/checkout [--b .] [--dtype bf16] [--mode cold warm]
                               [--rounds 6] [--size 1GiB] [--out bench/results/ab_reload.json]
 
+``--preallocated``: restore into tensors reserved up front (a CachePool), as a server does.
 ``--a`` / ``--b``: directories holding a ``tierkv`` package (a checkout, or ``git archive`` of a
 commit); B defaults to this repository. The store is written by this repository's tierkv and
 must be readable by both (same format version). With ``--own-stores`` each version writes a
@@ -40,9 +41,11 @@ ROOT = os.path.dirname(HERE)
 
 
 def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, sessions: int, mode: str,
-          codec: str) -> None:
+          codec: str, preallocated: bool = False) -> None:
     """Restore every session of ``store`` with the tierkv found in ``root``; print GB/s as JSON.
-    ``mode`` "write": write the store instead."""
+    ``mode`` "write": write the store instead. ``preallocated``: restore into one CachePool
+    reserved up front (as a server does, and as the reload bench's preallocated rows), not into
+    fresh tensors."""
     sys.path.insert(0, os.path.abspath(root))
     sys.path.insert(1, HERE)
     import tierkv
@@ -59,6 +62,15 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         print(json.dumps({"written": store}))
         return
     big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec)
+    allocate = None
+    if preallocated:
+        from tierkv.integrations.hf import CachePool
+
+        pool = CachePool()
+        pool.reserve(spec, TOKENS)
+
+        def allocate(layer: int, index: int, shape: Any, dtype: Any, device: Any) -> Any:
+            return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
     if mode == "cold":
         drop_file_cache(os.path.join(store, "data.mdb"))
     setup = 0.0   # restore_async until it returns: the caller's work before the reads start
@@ -67,7 +79,7 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         t = time.perf_counter()
         for i in range(sessions):
             a = time.perf_counter()
-            handle = s.restore_async(_tokens(i, TOKENS), session=f"s{i}", device="cpu")  # = restore()
+            handle = s.restore_async(_tokens(i, TOKENS), session=f"s{i}", device="cpu", allocate=allocate)
             setup += time.perf_counter() - a
             r = handle.result()
             if r.num_tokens != TOKENS:
@@ -108,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="bench/results/ab_reload.json")
     ap.add_argument("--own-stores", action="store_true",
                     help="each version writes and restores a store of its own (for encoder changes)")
+    ap.add_argument("--preallocated", action="store_true",
+                    help="restore into tensors reserved up front (a CachePool), not fresh ones")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sessions", type=int, default=0, help=argparse.SUPPRESS)
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.store, args.dtype, args.synthetic, args.cache_dir, args.sessions,
-              "write" if args.write else args.mode[0], args.codec)
+              "write" if args.write else args.mode[0], args.codec, args.preallocated)
         return {}
 
     sys.path.insert(0, HERE)
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "--sessions", str(sessions), "--cache-dir", cache_dir]
         cmd += ["--synthetic"] if args.synthetic else []
         cmd += ["--write"] if mode == "write" else []
+        cmd += ["--preallocated"] if args.preallocated else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"version {name} ({root}) failed:\n{r.stderr[-3000:]}")
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(), "versions": versions, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "codec": args.codec, "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
-        "rounds": args.rounds, "own_stores": args.own_stores,
+        "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
         "round_orders": orders, "store_file_bytes": store_bytes,
         "gbps": {k: stats_of(v) for k, v in rates.items()},
         "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},

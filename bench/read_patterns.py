@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,11 +63,20 @@ def value_layout(store: str, spec: tierkv.KVSpec, sessions: list[str], **setting
     return out
 
 
-def layer_major(path: str, layout: list[list[Value]], threads: int = 2) -> None:
-    """Read every session as the engine does, without the engine (see the module doc)."""
+def layer_major(path: str, layout: list[list[Value]], threads: int = 2, starts: list[float] | None = None,
+                into: np.ndarray | None = None) -> None:
+    """Read every session as the engine does, without the engine (see the module doc).
+
+    ``starts``: if given, each session's start (``time.perf_counter()``) is appended to it.
+    ``into``: a uint8 buffer of at least one session's values to read into (e.g. one already
+    written, as a server's KV memory is); by default a fresh one, faulted in by the first session.
+    """
     biggest = max(sum(v.size for v in row) for row in layout)
-    pool = np.empty(biggest, np.uint8)   # one session's values, back to back; reused
+    # one session's values, back to back; reused
+    pool = into[:biggest] if into is not None and into.nbytes >= biggest else np.empty(biggest, np.uint8)
     for row in layout:
+        if starts is not None:
+            starts.append(time.perf_counter())
         base = np.cumsum([0] + [v.size for v in row[:-1]])
         fds = [os.open(path, os.O_RDONLY) for _ in row]
         try:

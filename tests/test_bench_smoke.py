@@ -95,10 +95,11 @@ def test_ab_reload_bench_runs(tmp_path, own_stores):
     out = tmp_path / "ab.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab_reload.py"), "--a", ROOT, "--size", "20MiB",
                         "--rounds", "2", "--synthetic", "--out", str(out), "--dir", str(tmp_path)]
-                       + (["--own-stores"] if own_stores else []),
+                       + (["--own-stores", "--preallocated"] if own_stores else []),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert res["preallocated"] is own_stores   # into a reserved CachePool, or fresh tensors
     assert set(res["gbps"]) == {"cold A", "cold B", "warm A", "warm B"} and set(res["b_over_a"]) == {"cold", "warm"}
     assert all(v["median"] > 0 and len(v["runs"]) == 2 for v in res["gbps"].values())
     assert res["round_orders"] == [["A", "B"], ["B", "A"]]
@@ -106,6 +107,35 @@ def test_ab_reload_bench_runs(tmp_path, own_stores):
         paired = [b / a for a, b in zip(res["gbps"][f"{mode} A"]["runs"], res["gbps"][f"{mode} B"]["runs"])]
         assert res["b_over_a_paired"][mode]["runs"] == pytest.approx(paired)
     assert res["own_stores"] is own_stores and all(n > 0 for n in res["store_file_bytes"].values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tierkv's pread reader is Linux-only")
+def test_reload_timeline_bench_runs(tmp_path):
+    """The engine and its bare read pattern, read by read: every timed run accounts for its reads,
+    and no part of a run is counted longer than the run."""
+    out = tmp_path / "timeline.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "reload_timeline.py"), "--size", "20MiB",
+                        "--rounds", "1", "--synthetic", "--out", str(out), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["rows"]) == {"engine cold", "read pattern cold", "engine warm", "read pattern warm"}
+    for row in res["rows"].values():
+        for i, seconds in enumerate(row["seconds"]["runs"]):
+            assert row["reads"]["runs"][i] >= 4 * res["sessions"]   # every layer of every session read
+            assert 0 <= row["no_read_in_flight_s"]["runs"][i] <= seconds
+            assert 0 <= row["before_first_read_s"]["runs"][i] <= seconds
+    assert res["engine_vs_pattern_cold"] > 0 and res["engine_vs_pattern_warm_paired"] > 0
+
+
+def test_timeline_counts_time_with_no_read_in_flight():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import reload_timeline as tl
+
+    reads = [(1, 1.0, 2.0), (2, 1.5, 3.0), (1, 4.0, 5.0)]   # (thread, start, end)
+    assert tl.no_read_in_flight(reads, 0.0, 6.0) == pytest.approx(1.0 + 1.0 + 1.0)
+    assert tl.between_reads(reads) == pytest.approx(2.0)   # thread 1: 2.0 -> 4.0
+    assert tl.first_read_after(reads, 1.2) == 1.5
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tierkv's pread reader is Linux-only")

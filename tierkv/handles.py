@@ -142,10 +142,13 @@ class LoadHandle:
         """Wait until every block is loaded (or failed); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
-        for ev in self._layer_ready:
+        # Last layer first: the decode tasks run layer after layer, so the last layer is
+        # normally the last one done, and the caller then wakes once, not once per layer. Each
+        # wake-up takes the GIL away from the decode threads while they are mid-restore.
+        for ev in reversed(self._layer_ready):
             if not ev.wait(left()):
                 return False
-        for p in self._parts:
+        for p in reversed(self._parts):
             if p.load is not None and not p.load.done.wait(left()):
                 return False
         return True

@@ -1,0 +1,226 @@
+"""Where a cold restore's time goes: the engine against its own read pattern, read by read.
+
+``bench/reload.py`` reports that tierkv's engine restores its store at 0.79-1.06x of the same
+store read by its bare read pattern (``bench/read_patterns.layer_major``: the same reads from
+the same number of threads, checksums included, nothing else). This script splits that gap. It
+writes one store of real KV, then, round after round in a shuffled order, restores every
+session cold with the engine (into preallocated tensors, as a server does) and reads it cold
+with the bare pattern, timing every ``preadv`` both make (both read through ``os.preadv``). Per
+method it reports:
+
+- ``no_read_in_flight_s``: wall time during which neither thread had a read in flight, whether
+  setup, bookkeeping between reads or waiting for the GIL. The kernel's readahead may still keep
+  the disk busy then; the disk waits for nobody only while a read is in flight.
+- ``before_first_read_s``: per session, from the restore call (the pattern: the session's
+  start) to its first read, summed over the sessions: setup the disk waits on.
+- ``between_reads_s``: per thread, the time from one read's return to its next read's start,
+  summed over threads: the per-(block, layer) work around each read (checksums included).
+- ``warm``: the same runs from the page cache, with the process's user and system CPU seconds,
+  where the engine's extra CPU per GiB shows without the disk in the way.
+
+    python bench/reload_timeline.py [--size 1GiB] [--rounds 8] [--dtype fp32] [--seed 0]
+                                    [--out bench/results/engine_timeline.json]
+
+Wrapping ``os.preadv`` costs both methods the same microsecond or so per read. Figures from one
+run only; this VM's speed drifts, so compare the methods within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ab_reload import _tokens, write_store  # noqa: E402
+from common import collected, machine, stats_of, write_json  # noqa: E402
+from read_patterns import layer_major, value_layout  # noqa: E402
+from reload import TOKENS, session_kv  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import tierkv  # noqa: E402
+from tierkv.config import TierKVConfig, parse_size  # noqa: E402
+from tierkv.pagecache import drop_file_cache  # noqa: E402
+
+#: (thread id, start, end) of every os.preadv while a run is recorded
+_reads: list[tuple[int, float, float]] = []
+_recording = False
+_real_preadv = os.preadv
+
+
+def _timed_preadv(fd: int, buffers: Any, offset: int) -> int:
+    if not _recording:
+        return _real_preadv(fd, buffers, offset)
+    start = time.perf_counter()
+    try:
+        return _real_preadv(fd, buffers, offset)
+    finally:
+        _reads.append((threading.get_ident(), start, time.perf_counter()))
+
+
+def no_read_in_flight(reads: list[tuple[int, float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] during which no read of ``reads`` was in flight."""
+    idle, in_flight, last = 0.0, 0, start
+    for t, step in sorted([(a, 1) for _, a, _ in reads] + [(b, -1) for _, _, b in reads]):
+        if in_flight == 0:
+            idle += t - last
+        in_flight += step
+        last = t
+    return idle + (end - last if in_flight == 0 else 0.0)
+
+
+def between_reads(reads: list[tuple[int, float, float]]) -> float:
+    """Per reading thread, the gaps between one read's end and its next read's start, summed.
+    The caller's thread is left out: its reads (the engine's value headers) are setup, and its
+    gaps are whole sessions."""
+    by_thread: dict[int, list[tuple[float, float]]] = {}
+    for tid, a, b in reads:
+        if tid != threading.main_thread().ident:
+            by_thread.setdefault(tid, []).append((a, b))
+    total = 0.0
+    for spans in by_thread.values():
+        spans.sort()
+        total += sum(nxt[0] - cur[1] for cur, nxt in zip(spans, spans[1:]))
+    return total
+
+
+def first_read_after(reads: list[tuple[int, float, float]], t: float) -> float:
+    return min((a for _, a, _ in reads if a >= t), default=t)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global _recording
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--codec", default="zstd-planes")
+    ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the per-round method order")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default="bench/results/engine_timeline.json")
+    args = ap.parse_args(argv)
+    if not sys.platform.startswith("linux"):
+        raise SystemExit("reload_timeline needs tierkv's pread reader (Linux)")
+    from tierkv.integrations.hf import CachePool, default_cache_dir
+
+    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    per = TOKENS * spec.bytes_per_token
+    n = max(1, parse_size(args.size, "--size") // per)
+    total = n * per
+    work = tempfile.mkdtemp(prefix="tierkv-timeline-", dir=args.dir)
+    store = os.path.join(work, "store")
+    data = os.path.join(store, "data.mdb")
+    big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=2 * total + (1 << 30), ssd_codec=args.codec)
+    io_threads = TierKVConfig().io_threads
+    pool = CachePool()
+    pool.reserve(spec, TOKENS)
+
+    def from_pool(layer: int, index: int, shape: Any, dtype: Any, device: Any) -> Any:
+        return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
+
+    def engine() -> list[float]:
+        """Restore every session; the time of each restore call."""
+        calls = []
+        with tierkv.TierKV(store, spec, **big) as s:
+            for i in range(n):
+                calls.append(time.perf_counter())
+                r = s.restore_async(_tokens(i, TOKENS), session=f"s{i}", device="cpu", allocate=from_pool).result()
+                if r.num_tokens != TOKENS:
+                    raise SystemExit(f"restored {r.num_tokens} of {TOKENS} tokens")
+        return calls
+
+    def pattern() -> list[float]:
+        """Read every session with the bare pattern, one session at a time; each one's start."""
+        starts: list[float] = []
+        layer_major(data, layout, io_threads, starts, into=pattern_buffer)
+        return starts
+
+    results: dict[str, Any] = {"machine": machine(), "sessions": n, "tokens_per_session": TOKENS, "raw_bytes": total,
+                               "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+                               "codec": args.codec, "io_threads": io_threads, "rounds": args.rounds,
+                               "seed": args.seed}
+    os.preadv = _timed_preadv
+    try:
+        write_store(tierkv, store, spec, kv, n, args.codec)
+        layout = value_layout(store, spec, [f"s{i}" for i in range(n)], **big)
+        # like the engine's preallocated tensors (the pool, reserved and written above), a buffer
+        # whose pages are already in place: neither method pays page faults in the timed runs
+        pattern_buffer = np.ones(max(sum(v.size for v in row) for row in layout), np.uint8)
+        methods: dict[str, Callable[[], list[float]]] = {"engine": engine, "read pattern": pattern}
+        rows: dict[str, dict[str, list[float]]] = {}
+        orders = []
+        rng = random.Random(args.seed)
+        for mode in ("cold", "warm"):
+            if mode == "warm":
+                engine(), pattern()   # the store into the page cache
+            for _ in range(args.rounds if mode == "cold" else max(3, args.rounds // 2)):
+                order = list(methods)
+                rng.shuffle(order)
+                orders.append([mode] + order)
+                for name in order:
+                    if mode == "cold":
+                        drop_file_cache(data)
+                    collected()
+                    _reads.clear()
+                    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+                    _recording = True
+                    t0 = time.perf_counter()
+                    starts = methods[name]()
+                    t1 = time.perf_counter()
+                    _recording = False
+                    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+                    reads = list(_reads)
+                    row = rows.setdefault(f"{name} {mode}", {k: [] for k in (
+                        "seconds", "gbps", "no_read_in_flight_s", "before_first_read_s", "between_reads_s",
+                        "reads", "user_cpu_s", "system_cpu_s")})
+                    row["seconds"].append(t1 - t0)
+                    row["gbps"].append(total / (t1 - t0) / 1e9)
+                    row["no_read_in_flight_s"].append(no_read_in_flight(reads, t0, t1))
+                    row["before_first_read_s"].append(sum(first_read_after(reads, t) - t for t in starts))
+                    row["between_reads_s"].append(between_reads(reads))
+                    row["reads"].append(len(reads))
+                    row["user_cpu_s"].append(cpu1.ru_utime - cpu0.ru_utime)
+                    row["system_cpu_s"].append(cpu1.ru_stime - cpu0.ru_stime)
+                print(f"  {mode} round {len(orders)}: " + ", ".join(
+                    f"{name} {rows[f'{name} {mode}']['gbps'][-1]:.2f} GB/s" for name in order), flush=True)
+    finally:
+        os.preadv = _real_preadv
+        shutil.rmtree(work, ignore_errors=True)
+
+    results["round_orders"] = orders
+    results["rows"] = {name: {k: stats_of(v) for k, v in row.items()} for name, row in rows.items()}
+    for mode in ("cold", "warm"):
+        e, p = rows[f"engine {mode}"], rows[f"read pattern {mode}"]
+        results[f"engine_vs_pattern_{mode}"] = statistics.median(p["seconds"]) / statistics.median(e["seconds"])
+        results[f"engine_vs_pattern_{mode}_paired"] = statistics.median(
+            [b / a for a, b in zip(e["seconds"], p["seconds"])])
+    print(f"{n} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV, {args.dtype}, {args.codec}; "
+          f"medians of {args.rounds} cold rounds (per GiB of KV, ms)")
+    print(f"{'':24}{'GB/s':>6}{'total':>8}{'no read':>9}{'before 1st':>11}{'between':>9}{'user CPU':>9}{'sys CPU':>8}")
+    gib = total / 2**30
+    for name, row in rows.items():
+        med = {k: statistics.median(v) for k, v in row.items()}
+        print(f"{name:24}{med['gbps']:6.2f}" + "".join(
+            f"{med[k] / gib * 1000:{w}.0f}" for k, w in (("seconds", 8), ("no_read_in_flight_s", 9),
+                                                        ("before_first_read_s", 11), ("between_reads_s", 9),
+                                                        ("user_cpu_s", 9), ("system_cpu_s", 8))))
+    print(f"engine / read pattern: cold {results['engine_vs_pattern_cold']:.3f}x "
+          f"(paired {results['engine_vs_pattern_cold_paired']:.3f}x), warm {results['engine_vs_pattern_warm']:.3f}x "
+          f"(paired {results['engine_vs_pattern_warm_paired']:.3f}x)")
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
