@@ -54,7 +54,7 @@ def value_layout(store: str, spec: tierkv.KVSpec, sessions: list[str], **setting
                     offset, size = ssd.values.locate(cur, key)
                     head = ssd.values.read_head(offset, size, s._header_bound)
                     parsed = parse_block(size, s.fingerprint, s.spec, s.codec, s.block_tokens, head=head,
-                                         read_at=lambda off, bufs: None, key=key)
+                                         read_at=lambda off, bufs, nbytes: None, key=key)
                     row.append(Value(offset, size,
                                      [(planes[0][0], planes[-1][0] + planes[-1][1] - planes[0][0])
                                       for _, _, planes in parsed.layers],

@@ -202,7 +202,8 @@ def test_decode_into_result_views_matches_the_payload(dtype, n_tokens, cut, star
     codec = {"planes": ZstdPlanesCodec(min_ratio=0.0), "stored": ZstdPlanesCodec(min_ratio=1e9), "raw": RawCodec()}[mode]
     value = encode_block(codec, b"F" * 16, spec, payload, n_tokens)
 
-    def read_at(off, bufs):
+    def read_at(off, bufs, nbytes):
+        assert nbytes == sum(memoryview(b).nbytes for b in bufs)
         for b in bufs:
             m = memoryview(b).cast("B")
             m[:] = value[off:off + m.nbytes]

@@ -193,9 +193,10 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
     return b"".join([head, _U32.pack(crc32c(head, crc32c(key)))] + frames)
 
 
-#: ``read_at(offset, buffers)``: fill ``buffers`` (writable, C-contiguous) from the value's bytes at
-#: ``offset`` onwards, exactly, or raise CorruptValueError
-ReadAt = Callable[[int, Sequence[object]], None]
+#: ``read_at(offset, buffers, nbytes)``: fill ``buffers`` (writable, C-contiguous; ``nbytes`` in
+#: all, which the caller knows) from the value's bytes at ``offset`` onwards, exactly, or raise
+#: CorruptValueError
+ReadAt = Callable[[int, Sequence[object], int], None]
 
 
 @dataclass
@@ -285,7 +286,7 @@ def _frame(block: ParsedBlock, off: int, length: int) -> memoryview:
     if buf is None or len(buf) < length:
         buf = _scratch.buf = bytearray(max(length, 1 << 20))
     view = memoryview(buf)[:length]
-    block.read_at(off, [view])
+    block.read_at(off, [view], length)
     return view
 
 
@@ -303,7 +304,7 @@ def read_stored_layer(block: ParsedBlock, layer: int, dsts: Sequence[np.ndarray]
     off, length, crc = planes[0]
     if sum(d.nbytes for d in dsts) != length:
         raise CorruptValueError("stored layer length mismatch")
-    block.read_at(off, dsts)
+    block.read_at(off, dsts, length)
     c = 0
     for d in dsts:
         c = crc32c(d, c)
