@@ -53,6 +53,7 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
 
     if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
         raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
+    import common
     from common import collected
     from reload import TOKENS, session_kv
 
@@ -62,15 +63,7 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         print(json.dumps({"written": store}))
         return
     big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec)
-    allocate = None
-    if preallocated:
-        from tierkv.integrations.hf import CachePool
-
-        pool = CachePool()
-        pool.reserve(spec, TOKENS)
-
-        def allocate(layer: int, index: int, shape: Any, dtype: Any, device: Any) -> Any:
-            return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
+    allocate = common.preallocated(spec, TOKENS) if preallocated else None
     if mode == "cold":
         drop_file_cache(os.path.join(store, "data.mdb"))
     setup = 0.0   # restore_async until it returns: the caller's work before the reads start

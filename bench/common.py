@@ -85,3 +85,18 @@ def disk_read_counters(path: str) -> tuple[int, int, int] | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def preallocated(spec: Any, tokens: int) -> Callable[..., torch.Tensor]:
+    """An ``allocate`` for ``restore_async`` that hands out views of one ``CachePool`` reserved
+    (and written) now, for sessions of up to ``tokens`` tokens: a server restores into KV memory
+    it allocated at start-up, not into fresh tensors that pay a page fault and a zeroed page per
+    4 KiB on first write."""
+    from tierkv.integrations.hf import CachePool
+
+    pool = CachePool()
+    pool.reserve(spec, tokens)
+
+    def allocate(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
+        return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
+    return allocate

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, disk_read_counters, machine, stats_of, write_json  # noqa: E402
+from common import collected, disk_read_counters, machine, preallocated, stats_of, write_json  # noqa: E402
 import reload_runs  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="write the baselines' files first and tierkv's store last (default: the store first)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-round method order")
     args = ap.parse_args(argv)
-    from tierkv.integrations.hf import CachePool, default_cache_dir
+    from tierkv.integrations.hf import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
     spec, kv = session_kv(args.synthetic, cache_dir, args.dtype)
@@ -316,13 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         read_bytes: dict[str, int] = {}
 
         # a server restores into KV memory it allocated at start-up (its pool, or vLLM's paged
-        # cache), not into fresh tensors that pay a page fault and a zeroed page per 4 KiB on first
-        # write: these rows restore session after session into one CachePool, reserved up front
-        pool = CachePool()
-        pool.reserve(spec, TOKENS)
-
-        def from_pool(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
-            return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
+        # cache): these rows restore session after session into one CachePool, reserved up front
+        from_pool = preallocated(spec, TOKENS)
 
         def open_store(map_reads: bool) -> tierkv.TierKV:
             if not map_reads:

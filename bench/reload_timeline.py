@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ab_reload import _tokens, write_store  # noqa: E402
-from common import collected, machine, stats_of, write_json  # noqa: E402
+from common import collected, machine, preallocated, stats_of, write_json  # noqa: E402
 from read_patterns import layer_major, value_layout  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if not sys.platform.startswith("linux"):
         raise SystemExit("reload_timeline needs tierkv's pread reader (Linux)")
-    from tierkv.integrations.hf import CachePool, default_cache_dir
+    from tierkv.integrations.hf import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     per = TOKENS * spec.bytes_per_token
@@ -123,11 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = os.path.join(store, "data.mdb")
     big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=2 * total + (1 << 30), ssd_codec=args.codec)
     io_threads = TierKVConfig().io_threads
-    pool = CachePool()
-    pool.reserve(spec, TOKENS)
-
-    def from_pool(layer: int, index: int, shape: Any, dtype: Any, device: Any) -> Any:
-        return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
+    from_pool = preallocated(spec, TOKENS)
 
     def engine() -> list[float]:
         """Restore every session; the time of each restore call."""
