@@ -51,15 +51,12 @@ import tierkv  # noqa: E402
 from tierkv.config import TierKVConfig, parse_size  # noqa: E402
 from tierkv.pagecache import drop_file_cache  # noqa: E402
 
-#: (thread id, start, end) of every os.preadv while a run is recorded
+#: (thread id, start, end) of every os.preadv since the list was last cleared (before each timed run)
 _reads: list[tuple[int, float, float]] = []
-_recording = False
 _real_preadv = os.preadv
 
 
 def _timed_preadv(fd: int, buffers: Any, offset: int) -> int:
-    if not _recording:
-        return _real_preadv(fd, buffers, offset)
     start = time.perf_counter()
     try:
         return _real_preadv(fd, buffers, offset)
@@ -97,8 +94,23 @@ def first_read_after(reads: list[tuple[int, float, float]], t: float) -> float:
     return min((a for _, a, _ in reads if a >= t), default=t)
 
 
+def timed_run(run: Callable[[], list[float]], total: int) -> dict[str, float]:
+    """One run of ``run`` (which returns each session's start), split read by read."""
+    _reads.clear()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    starts = run()
+    t1 = time.perf_counter()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    reads = list(_reads)
+    return {"seconds": t1 - t0, "gbps": total / (t1 - t0) / 1e9,
+            "no_read_in_flight_s": no_read_in_flight(reads, t0, t1),
+            "before_first_read_s": sum(first_read_after(reads, t) - t for t in starts),
+            "between_reads_s": between_reads(reads), "reads": len(reads),
+            "user_cpu_s": cpu1.ru_utime - cpu0.ru_utime, "system_cpu_s": cpu1.ru_stime - cpu0.ru_stime}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    global _recording
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
     ap.add_argument("--rounds", type=int, default=8)
@@ -168,26 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if mode == "cold":
                         drop_file_cache(data)
                     collected()
-                    _reads.clear()
-                    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-                    _recording = True
-                    t0 = time.perf_counter()
-                    starts = methods[name]()
-                    t1 = time.perf_counter()
-                    _recording = False
-                    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-                    reads = list(_reads)
-                    row = rows.setdefault(f"{name} {mode}", {k: [] for k in (
-                        "seconds", "gbps", "no_read_in_flight_s", "before_first_read_s", "between_reads_s",
-                        "reads", "user_cpu_s", "system_cpu_s")})
-                    row["seconds"].append(t1 - t0)
-                    row["gbps"].append(total / (t1 - t0) / 1e9)
-                    row["no_read_in_flight_s"].append(no_read_in_flight(reads, t0, t1))
-                    row["before_first_read_s"].append(sum(first_read_after(reads, t) - t for t in starts))
-                    row["between_reads_s"].append(between_reads(reads))
-                    row["reads"].append(len(reads))
-                    row["user_cpu_s"].append(cpu1.ru_utime - cpu0.ru_utime)
-                    row["system_cpu_s"].append(cpu1.ru_stime - cpu0.ru_stime)
+                    row = rows.setdefault(f"{name} {mode}", {})
+                    for k, v in timed_run(methods[name], total).items():
+                        row.setdefault(k, []).append(v)
                 print(f"  {mode} round {len(orders)}: " + ", ".join(
                     f"{name} {rows[f'{name} {mode}']['gbps'][-1]:.2f} GB/s" for name in order), flush=True)
     finally:
