@@ -13,6 +13,9 @@ method it reports:
   the disk busy then; the disk waits for nobody only while a read is in flight.
 - ``before_first_read_s``: per session, from the restore call (the pattern: the session's
   start) to its first read, summed over the sessions: setup the disk waits on.
+- ``after_last_read_s``: per session, from the end of its last read to the next session's
+  start (the run's end for the last): the restore's finish (waking the caller, the result) and
+  the caller's loop, during which the disk has nothing asked of it but readahead.
 - ``between_reads_s``: per thread, the time from one read's return to its next read's start,
   summed over threads: the per-(block, layer) work around each read (checksums included).
 - ``warm``: the same runs from the page cache, with the process's user and system CPU seconds,
@@ -94,6 +97,17 @@ def first_read_after(reads: list[tuple[int, float, float]], t: float) -> float:
     return min((a for _, a, _ in reads if a >= t), default=t)
 
 
+def after_last_read(reads: list[tuple[int, float, float]], starts: list[float], end: float) -> float:
+    """Per session (``starts``: each one's start), the time from the end of its last read to the
+    next session's start, or to ``end`` for the last session; summed."""
+    total = 0.0
+    for s, e in zip(starts, starts[1:] + [end]):
+        last = max((b for _, a, b in reads if s <= a and b <= e), default=None)
+        if last is not None:
+            total += e - last
+    return total
+
+
 def timed_run(run: Callable[[], list[float]], total: int) -> dict[str, float]:
     """One run of ``run`` (which returns each session's start), split read by read."""
     _reads.clear()
@@ -106,6 +120,7 @@ def timed_run(run: Callable[[], list[float]], total: int) -> dict[str, float]:
     return {"seconds": t1 - t0, "gbps": total / (t1 - t0) / 1e9,
             "no_read_in_flight_s": no_read_in_flight(reads, t0, t1),
             "before_first_read_s": sum(first_read_after(reads, t) - t for t in starts),
+            "after_last_read_s": after_last_read(reads, starts, t1),
             "between_reads_s": between_reads(reads), "reads": len(reads),
             "user_cpu_s": cpu1.ru_utime - cpu0.ru_utime, "system_cpu_s": cpu1.ru_stime - cpu0.ru_stime}
 
@@ -198,13 +213,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [b / a for a, b in zip(e["seconds"], p["seconds"])])
     print(f"{n} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV, {args.dtype}, {args.codec}; "
           f"medians of {args.rounds} cold rounds (per GiB of KV, ms)")
-    print(f"{'':24}{'GB/s':>6}{'total':>8}{'no read':>9}{'before 1st':>11}{'between':>9}{'user CPU':>9}{'sys CPU':>8}")
+    print(f"{'':24}{'GB/s':>6}{'total':>8}{'no read':>9}{'before 1st':>11}{'after last':>11}{'between':>9}"
+          f"{'user CPU':>9}{'sys CPU':>8}")
     gib = total / 2**30
     for name, row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items()}
         print(f"{name:24}{med['gbps']:6.2f}" + "".join(
             f"{med[k] / gib * 1000:{w}.0f}" for k, w in (("seconds", 8), ("no_read_in_flight_s", 9),
-                                                        ("before_first_read_s", 11), ("between_reads_s", 9),
+                                                        ("before_first_read_s", 11), ("after_last_read_s", 11),
+                                                        ("between_reads_s", 9),
                                                         ("user_cpu_s", 9), ("system_cpu_s", 8))))
     print(f"engine / read pattern: cold {results['engine_vs_pattern_cold']:.3f}x "
           f"(paired {results['engine_vs_pattern_cold_paired']:.3f}x), warm {results['engine_vs_pattern_warm']:.3f}x "

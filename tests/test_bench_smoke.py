@@ -125,6 +125,7 @@ def test_reload_timeline_bench_runs(tmp_path):
             assert row["reads"]["runs"][i] >= 4 * res["sessions"]   # every layer of every session read
             assert 0 <= row["no_read_in_flight_s"]["runs"][i] <= seconds
             assert 0 <= row["before_first_read_s"]["runs"][i] <= seconds
+            assert 0 <= row["after_last_read_s"]["runs"][i] <= seconds
     assert res["engine_vs_pattern_cold"] > 0 and res["engine_vs_pattern_warm_paired"] > 0
 
 
@@ -136,6 +137,8 @@ def test_timeline_counts_time_with_no_read_in_flight():
     assert tl.no_read_in_flight(reads, 0.0, 6.0) == pytest.approx(1.0 + 1.0 + 1.0)
     assert tl.between_reads(reads) == pytest.approx(2.0)   # thread 1: 2.0 -> 4.0
     assert tl.first_read_after(reads, 1.2) == 1.5
+    # sessions start at 0.5 and 3.5: the first one's reads end at 3.0, the second's at 5.0
+    assert tl.after_last_read(reads, [0.5, 3.5], 6.0) == pytest.approx((3.5 - 3.0) + (6.0 - 5.0))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tierkv's pread reader is Linux-only")
