@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
+from .affinity import AFFINITIES
 from .errors import ConfigError
 
 __all__ = ["parse_size", "format_size", "TierKVConfig", "PERSIST_MODES"]
@@ -81,6 +82,9 @@ class TierKVConfig:
             matches only (``ZstdPlanesCodec.long_matches_only``), so levels above 1 gain little on KV;
             negative levels store literals uncompressed and so barely compress KV at all.
         io_threads: threads decoding blocks read from SSD.
+        io_affinity: ``"spread"`` gives each I/O thread its own slice of the CPUs the process may
+            run on, so a restore's decode threads never start out sharing one CPU (see
+            ``tierkv.affinity``); ``"inherit"`` leaves them on the process's whole CPU set.
         pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available".
         nan_policy: ``"store"`` keeps NaN/Inf values as they are (bit-exact); ``"refuse"`` makes
             ``save`` raise SpecMismatchError on any (one extra pass over the KV).
@@ -98,6 +102,7 @@ class TierKVConfig:
     ssd_codec: str = "zstd-planes"
     zstd_level: int = 1
     io_threads: int = 2
+    io_affinity: str = "spread"
     pin_host_memory: bool | None = None
     nan_policy: str = "store"
     full_policy: str = "raise"
@@ -119,6 +124,8 @@ class TierKVConfig:
             raise ConfigError(f"nan_policy must be 'store' or 'refuse', got {self.nan_policy!r}")
         if not isinstance(self.io_threads, int) or not (1 <= self.io_threads <= 64):
             raise ConfigError(f"io_threads must be an int in 1..64, got {self.io_threads!r}")
+        if self.io_affinity not in AFFINITIES:
+            raise ConfigError(f"io_affinity must be one of {list(AFFINITIES)}, got {self.io_affinity!r}")
         if not isinstance(self.zstd_level, int) or not (-7 <= self.zstd_level <= 22):
             raise ConfigError(f"zstd_level must be an int in -7..22, got {self.zstd_level!r}")
         if self.ssd_codec not in SSD_CODECS:

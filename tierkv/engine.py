@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .affinity import spread_initializer
 from .blocks import Block, BlockLoad, BlockState, Epoch, pack_block
 from .codec import CorruptValueError, header_bound, make_codec, parse_block
 from .config import TierKVConfig
@@ -125,7 +126,8 @@ class TierKV:
         self._pid = os.getpid()  # the process that owns the environment and threads
         self._stopping = False
         self._maint_blocked_until = 0.0
-        self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io")
+        self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io",
+                                        initializer=spread_initializer(cfg.io_threads, cfg.io_affinity))
         self._writer = threading.Thread(target=self._writer_loop, name="tierkv-writer", daemon=True)
         self._writer.start()
 
