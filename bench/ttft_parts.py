@@ -11,6 +11,8 @@ values). Then, round after round, each variant runs once (pages dropped before e
 - overlapped, sdpa: the same with transformers' "sdpa" attention (repeats KV heads) instead of
   ``use_grouped_attention``;
 - overlapped, 4 I/O threads: the same with ``io_threads=4`` (the default is 2);
+- overlapped, I/O threads not spread: the same with ``io_affinity="inherit"`` (the default,
+  "spread", gives each I/O thread CPUs of its own; here they may run on any, as torch's do);
 - overlapped, one shared descriptor: the same with every value read through data.mdb's one
   descriptor, as before tierkv gave each value being read a descriptor of its own
   (``ValueReader.read_at``).
@@ -77,11 +79,12 @@ def main() -> None:
     default_fds = ValueReader.MAX_OWN_FDS
 
     def turn(use_pool: bool, attention: str, overlap: bool, trace: bool = False, io_threads: int = 2,
-             own_fds: bool = True) -> float:
+             own_fds: bool = True, io_affinity: str = "spread") -> float:
         drop_file_cache(os.path.join(path, "data.mdb"))
         ValueReader.MAX_OWN_FDS = default_fds if own_fds else 0
         model.set_attn_implementation(attention)
-        with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0, io_threads=io_threads) as s:
+        with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0, io_threads=io_threads,
+                        io_affinity=io_affinity) as s:
             collected()
             t0 = time.perf_counter()
             cache, h = restore_cache(s, toks, model.config, session="a", pool=pool if use_pool else None)
@@ -113,6 +116,7 @@ def main() -> None:
         "overlapped, fresh buffers (no pool)": lambda: turn(False, GROUPED_ATTENTION, True),
         "overlapped, sdpa attention": lambda: turn(True, "sdpa", True),
         "overlapped, 4 I/O threads": lambda: turn(True, GROUPED_ATTENTION, True, io_threads=4),
+        "overlapped, I/O threads not spread": lambda: turn(True, GROUPED_ATTENTION, True, io_affinity="inherit"),
         "overlapped, one shared descriptor": lambda: turn(True, GROUPED_ATTENTION, True, own_fds=False),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
