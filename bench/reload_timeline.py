@@ -18,6 +18,8 @@ method it reports:
   the caller's loop, during which the disk has nothing asked of it but readahead.
 - ``between_reads_s``: per thread, the time from one read's return to its next read's start,
   summed over threads: the per-(block, layer) work around each read (checksums included).
+- ``engine, threads not spread``: the engine with ``io_affinity="inherit"``, its I/O threads free
+  to run on any CPU (the default, "spread", gives each CPUs of its own; ``tierkv.affinity``).
 - ``warm``: the same runs from the page cache, with the process's user and system CPU seconds,
   where the engine's extra CPU per GiB shows without the disk in the way.
 
@@ -152,10 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     io_threads = TierKVConfig().io_threads
     from_pool = preallocated(spec, TOKENS)
 
-    def engine() -> list[float]:
+    def engine(io_affinity: str = "spread") -> list[float]:
         """Restore every session; the time of each restore call."""
         calls = []
-        with tierkv.TierKV(store, spec, **big) as s:
+        with tierkv.TierKV(store, spec, io_affinity=io_affinity, **big) as s:
             for i in range(n):
                 calls.append(time.perf_counter())
                 r = s.restore_async(_tokens(i, TOKENS), session=f"s{i}", device="cpu", allocate=from_pool).result()
@@ -180,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # like the engine's preallocated tensors (the pool, reserved and written above), a buffer
         # whose pages are already in place: neither method pays page faults in the timed runs
         pattern_buffer = np.ones(max(sum(v.size for v in row) for row in layout), np.uint8)
-        methods: dict[str, Callable[[], list[float]]] = {"engine": engine, "read pattern": pattern}
+        methods: dict[str, Callable[[], list[float]]] = {
+            "engine": engine, "read pattern": pattern,
+            "engine, threads not spread": lambda: engine("inherit")}
         rows: dict[str, dict[str, list[float]]] = {}
         orders = []
         rng = random.Random(args.seed)
@@ -211,14 +215,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[f"engine_vs_pattern_{mode}"] = statistics.median(p["seconds"]) / statistics.median(e["seconds"])
         results[f"engine_vs_pattern_{mode}_paired"] = statistics.median(
             [b / a for a, b in zip(e["seconds"], p["seconds"])])
+        i = rows[f"engine, threads not spread {mode}"]
+        results[f"spread_vs_not_spread_{mode}"] = statistics.median(i["seconds"]) / statistics.median(e["seconds"])
+        results[f"spread_vs_not_spread_{mode}_paired"] = statistics.median(
+            [b / a for a, b in zip(e["seconds"], i["seconds"])])
     print(f"{n} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV, {args.dtype}, {args.codec}; "
           f"medians of {args.rounds} cold rounds (per GiB of KV, ms)")
-    print(f"{'':24}{'GB/s':>6}{'total':>8}{'no read':>9}{'before 1st':>11}{'after last':>11}{'between':>9}"
+    print(f"{'':32}{'GB/s':>6}{'total':>8}{'no read':>9}{'before 1st':>11}{'after last':>11}{'between':>9}"
           f"{'user CPU':>9}{'sys CPU':>8}")
     gib = total / 2**30
     for name, row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items()}
-        print(f"{name:24}{med['gbps']:6.2f}" + "".join(
+        print(f"{name:32}{med['gbps']:6.2f}" + "".join(
             f"{med[k] / gib * 1000:{w}.0f}" for k, w in (("seconds", 8), ("no_read_in_flight_s", 9),
                                                         ("before_first_read_s", 11), ("after_last_read_s", 11),
                                                         ("between_reads_s", 9),
@@ -226,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"engine / read pattern: cold {results['engine_vs_pattern_cold']:.3f}x "
           f"(paired {results['engine_vs_pattern_cold_paired']:.3f}x), warm {results['engine_vs_pattern_warm']:.3f}x "
           f"(paired {results['engine_vs_pattern_warm_paired']:.3f}x)")
+    print(f"engine, threads spread / not spread: cold {results['spread_vs_not_spread_cold']:.3f}x "
+          f"(paired {results['spread_vs_not_spread_cold_paired']:.3f}x), warm {results['spread_vs_not_spread_warm']:.3f}x "
+          f"(paired {results['spread_vs_not_spread_warm_paired']:.3f}x)")
     write_json(args.out, results)
     return results
 

@@ -119,7 +119,8 @@ def test_reload_timeline_bench_runs(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert set(res["rows"]) == {"engine cold", "read pattern cold", "engine warm", "read pattern warm"}
+    assert set(res["rows"]) == {f"{m} {mode}" for m in ("engine", "read pattern", "engine, threads not spread")
+                                for mode in ("cold", "warm")}
     for row in res["rows"].values():
         for i, seconds in enumerate(row["seconds"]["runs"]):
             assert row["reads"]["runs"][i] >= 4 * res["sessions"]   # every layer of every session read
@@ -127,6 +128,7 @@ def test_reload_timeline_bench_runs(tmp_path):
             assert 0 <= row["before_first_read_s"]["runs"][i] <= seconds
             assert 0 <= row["after_last_read_s"]["runs"][i] <= seconds
     assert res["engine_vs_pattern_cold"] > 0 and res["engine_vs_pattern_warm_paired"] > 0
+    assert res["spread_vs_not_spread_cold"] > 0 and res["spread_vs_not_spread_warm_paired"] > 0
 
 
 def test_timeline_counts_time_with_no_read_in_flight():
