@@ -65,7 +65,8 @@ def test_ttft_parts_bench_runs(tmp_path):
                         "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert len(res["ttft"]) == 6 and 0 <= res["overlapped_timeline"]["layers_prefilled_by_then"] <= 30
+    assert len(res["ttft"]) == 7 and "overlapped, I/O threads not spread" in res["ttft"]
+    assert 0 <= res["overlapped_timeline"]["layers_prefilled_by_then"] <= 30
 
 
 def test_thread_exactness_bench_runs(tmp_path):
