@@ -92,6 +92,8 @@ def test_unknown_session(filled):
     (dict(ssd_bytes=0), "ssd_bytes"),
     (dict(persist="sometimes"), "persist"),
     (dict(ssd_codec="lzma"), "ssd_codec"),
+    (dict(io_affinity="pinned"), "io_affinity"),
+    (dict(io_threads=0), "io_threads"),
     (dict(colour="blue"), "unknown setting"),
     (dict(device="tpu:0"), "device"),
 ])
