@@ -111,8 +111,17 @@ def test_cpu_groups_split_the_allowed_cpus_evenly(cpus, threads):
         assert max(map(len, groups)) - min(map(len, groups)) <= 1
 
 
-def _io_thread_cpus():
-    return [os.sched_getaffinity(t.native_id) for t in threading.enumerate() if t.name.startswith("tierkv-io")]
+def _io_thread_cpus(s):
+    """The CPU set of each of ``s``'s I/O threads, all of them started: each is held busy while
+    the next task is submitted, so the pool has to start every one."""
+    gate = threading.Event()
+    held = [s._pool.submit(gate.wait) for _ in range(s.config.io_threads)]
+    try:
+        return [os.sched_getaffinity(t.native_id) for t in threading.enumerate() if t.name.startswith("tierkv-io")]
+    finally:
+        gate.set()
+        for f in held:
+            f.result()
 
 
 def _restore_from_ssd(open_store, **settings):
@@ -137,22 +146,24 @@ def test_io_threads_start_on_separate_cpus(open_store, io_threads):
     untouched. "inherit" leaves them on the whole set."""
     mine = os.sched_getaffinity(0)
     s = _restore_from_ssd(open_store, io_threads=io_threads)
-    groups = _io_thread_cpus()
+    groups = _io_thread_cpus(s)
     assert len(groups) == io_threads and os.sched_getaffinity(0) == mine
     assert sorted(map(sorted, groups)) == sorted(map(sorted, cpu_groups(mine, io_threads)))
     if io_threads <= len(mine):
         assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:])
     s.close()
     s = _restore_from_ssd(open_store, io_threads=io_threads, io_affinity="inherit")
-    assert _io_thread_cpus() == [mine] * io_threads
+    assert _io_thread_cpus(s) == [mine] * io_threads
 
 
 def test_restores_stay_exact_when_cpus_cannot_be_assigned(open_store, monkeypatch):
     """A CPU that went away (hotplug, a cpuset shrunk under the process) makes the affinity call
-    fail: the threads run wherever they may and restores are exact."""
+    fail: the threads run wherever they may, restores are exact, and stats() counts it."""
     def refuse(pid, cpus):
         raise OSError(22, "Invalid argument")
 
     monkeypatch.setattr(os, "sched_setaffinity", refuse, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    _restore_from_ssd(open_store)
+    s = _restore_from_ssd(open_store)
+    assert len(_io_thread_cpus(s)) == 2
+    assert s.stats()["io_affinity_refused"] == 2  # each I/O thread's refusal, counted, not hidden

@@ -34,9 +34,11 @@ def cpu_groups(allowed: Sequence[int], threads: int) -> list[frozenset[int]]:
     return [frozenset(cpus[i * len(cpus) // threads:(i + 1) * len(cpus) // threads]) for i in range(threads)]
 
 
-def spread_initializer(threads: int, policy: str) -> Callable[[], None] | None:
+def spread_initializer(threads: int, policy: str,
+                       refused: Callable[[], None] = lambda: None) -> Callable[[], None] | None:
     """A ``ThreadPoolExecutor`` initializer that moves each new pool thread onto its own CPU
-    group (``policy == "spread"``); None where that cannot or need not be done."""
+    group (``policy == "spread"``); None where that cannot or need not be done. ``refused`` is
+    called in a thread whose move the kernel refused (the thread then runs where it was)."""
     if policy != "spread" or not hasattr(os, "sched_setaffinity"):
         return None
     try:
@@ -53,6 +55,6 @@ def spread_initializer(threads: int, policy: str) -> Callable[[], None] | None:
             group = groups[next(slots) % len(groups)]
         try:
             os.sched_setaffinity(0, group)  # 0: the calling thread, on Linux
-        except OSError:
-            pass  # a CPU went away (hotplug, cpuset change): the thread runs where it may
+        except OSError:  # a CPU went away (hotplug, a cpuset shrunk): it runs where it may
+            refused()
     return initializer

@@ -127,7 +127,9 @@ class TierKV:
         self._stopping = False
         self._maint_blocked_until = 0.0
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io",
-                                        initializer=spread_initializer(cfg.io_threads, cfg.io_affinity))
+                                        initializer=spread_initializer(
+                                            cfg.io_threads, cfg.io_affinity,
+                                            refused=lambda: self._stats.count("io_affinity_refused")))
         self._writer = threading.Thread(target=self._writer_loop, name="tierkv-writer", daemon=True)
         self._writer.start()
 

@@ -56,6 +56,8 @@ class Stats:
             "ssd_read_bytes": c.get("ssd_read_bytes", 0),
             # values whose place in data.mdb did not check out, read through LMDB's map instead
             "pread_fallbacks": c.get("pread_fallbacks", 0),
+            # I/O threads the kernel would not move onto their CPU slice (io_affinity="spread")
+            "io_affinity_refused": c.get("io_affinity_refused", 0),
             "ssd_raw_written": raw,
             "ssd_enc_written": enc,
             "compression_ratio": (raw / enc) if enc else None,
