@@ -1,10 +1,16 @@
 """Keeping the I/O threads on separate CPUs.
 
+Primitives:
+    AFFINITIES: the accepted values of ``TierKVConfig.io_affinity``.
+    cpu_groups: how a set of CPUs is divided among a number of threads.
+    spread_initializer: the I/O pool's thread initializer that applies that division.
+
 A restore wakes the pooled I/O threads all at once from the caller's thread. Linux places a woken
 thread near its waker, so two decode threads often start on the same CPU and share it until the
-load balancer moves one: on this project's 2-CPU machine a cold restore ran at about 0.85x of the
-same reads done by freshly started threads (docs/benchmarks.md, session 22). Giving each pooled
-thread its own share of the CPUs the process may use keeps them apart from the first read.
+load balancer moves one. Giving each pooled thread its own share of the CPUs the process may use
+keeps them apart from the first read: on this project's 2-CPU machine a cold fp32 restore ran
+1.065x as fast with the threads spread as without, side by side in one process
+(``bench/reload_timeline.py``; docs/benchmarks.md, session 22).
 
 Each thread gets a disjoint, contiguous slice of the allowed CPUs (contiguous: neighbouring CPUs
 share caches), so on a large machine a thread can still move within its slice; with more threads
