@@ -211,14 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["round_orders"] = orders
     results["rows"] = {name: {k: stats_of(v) for k, v in row.items()} for name, row in rows.items()}
     for mode in ("cold", "warm"):
-        e, p = rows[f"engine {mode}"], rows[f"read pattern {mode}"]
-        results[f"engine_vs_pattern_{mode}"] = statistics.median(p["seconds"]) / statistics.median(e["seconds"])
-        results[f"engine_vs_pattern_{mode}_paired"] = statistics.median(
-            [b / a for a, b in zip(e["seconds"], p["seconds"])])
-        i = rows[f"engine, threads not spread {mode}"]
-        results[f"spread_vs_not_spread_{mode}"] = statistics.median(i["seconds"]) / statistics.median(e["seconds"])
-        results[f"spread_vs_not_spread_{mode}_paired"] = statistics.median(
-            [b / a for a, b in zip(e["seconds"], i["seconds"])])
+        # the engine's rate over another row's: the ratio of medians, and the median per round
+        for key, other in (("engine_vs_pattern", "read pattern"), ("spread_vs_not_spread", "engine, threads not spread")):
+            e, o = rows[f"engine {mode}"]["seconds"], rows[f"{other} {mode}"]["seconds"]
+            results[f"{key}_{mode}"] = statistics.median(o) / statistics.median(e)
+            results[f"{key}_{mode}_paired"] = statistics.median([b / a for a, b in zip(e, o)])
     print(f"{n} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV, {args.dtype}, {args.codec}; "
           f"medians of {args.rounds} cold rounds (per GiB of KV, ms)")
     print(f"{'':32}{'GB/s':>6}{'total':>8}{'no read':>9}{'before 1st':>11}{'after last':>11}{'between':>9}"

@@ -142,7 +142,7 @@ def _restore_from_ssd(open_store, **settings):
 @pytest.mark.parametrize("io_threads", [2, 3])
 def test_io_threads_start_on_separate_cpus(open_store, io_threads):
     """io_affinity="spread" (the default): each decode thread has a slice of the process's CPUs
-    of its own, so a restore's threads never begin by sharing one; the caller's affinity is
+    of its own (one CPU each in turn where threads outnumber CPUs); the caller's affinity is
     untouched. "inherit" leaves them on the whole set."""
     mine = os.sched_getaffinity(0)
     s = _restore_from_ssd(open_store, io_threads=io_threads)

@@ -83,8 +83,9 @@ class TierKVConfig:
             negative levels store literals uncompressed and so barely compress KV at all.
         io_threads: threads decoding blocks read from SSD.
         io_affinity: ``"spread"`` gives each I/O thread its own slice of the CPUs the process may
-            run on, so a restore's decode threads never start out sharing one CPU (see
-            ``tierkv.affinity``); ``"inherit"`` leaves them on the process's whole CPU set.
+            run on, so a restore's decode threads do not start out sharing one CPU (with more
+            threads than CPUs, they take one CPU each in turn; see ``tierkv.affinity``);
+            ``"inherit"`` leaves them on the process's whole CPU set.
         pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available".
         nan_policy: ``"store"`` keeps NaN/Inf values as they are (bit-exact); ``"refuse"`` makes
             ``save`` raise SpecMismatchError on any (one extra pass over the KV).
