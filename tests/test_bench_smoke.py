@@ -29,7 +29,8 @@ def test_reload_bench_runs(tmp_path, store_last):
             "LMDB get on tierkv's store file (cold)", "tierkv cold, into preallocated tensors",
             "raw LMDB values into a preallocated buffer (cold)",
             "tierkv cold, values read through LMDB's map",
-            "disk O_DIRECT read, 4 requests in flight"} <= set(res["logical_gbps"])
+            "disk O_DIRECT read, 4 requests in flight",
+            "disk O_DIRECT sequential read, huge-page buffer"} <= set(res["logical_gbps"])
     assert res["ratios"]["tierkv_cold_vs_odirect_4_in_flight"] > 0
     assert res["map_reads_vs_pread"] > 0
     # cold and warm, prefetch on and off, in KV delivered (logical) and store bytes read (physical)
@@ -44,7 +45,8 @@ def test_reload_bench_runs(tmp_path, store_last):
     # every ratio also per round (median of the rounds' ratios), from every round's time kept
     assert set(res["ratios_paired"]) == set(res["ratios"]) and all(v > 0 for v in res["ratios_paired"].values())
     # each target judged on its ratio of medians, met exactly when it reaches the threshold
-    assert set(res["targets"]) <= set(res["ratios"]) and len(res["targets"]) == 6
+    assert set(res["targets"]) <= set(res["ratios"]) and len(res["targets"]) == 8
+    assert res["targets"]["tierkv_cold_vs_odirect_huge_page_buffer"]["at_least"] == 1.0
     assert all(t["met"] == (t["ratio"] >= t["at_least"]) for t in res["targets"].values())
     cold = res["timings_s"]["tierkv cold"]
     assert len(cold["runs"]) == cold["n"] and min(cold["runs"]) == cold["min"]
@@ -170,21 +172,40 @@ def test_read_patterns_check_what_they_read(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is not available here")
-@pytest.mark.parametrize("threads", [1, 3, 4])
-def test_odirect_read_covers_the_file(tmp_path, threads):
+@pytest.mark.parametrize("threads,huge", [(1, False), (3, False), (4, False), (1, True), (2, True)])
+def test_odirect_read_covers_the_file(tmp_path, threads, huge):
     """The disk-limit rows read every chunk of the file once, with one request or several in
-    flight, including a last chunk shorter than the others."""
+    flight, into 4 KiB pages or huge pages, including a last chunk shorter than the others."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import reload
 
     path = tmp_path / "raw.bin"
     path.write_bytes(os.urandom(10 * 64 * 1024 + 8192))
     try:
-        assert reload.odirect_read(str(path), chunk=64 * 1024, threads=threads) == path.stat().st_size
+        assert reload.odirect_read(str(path), chunk=64 * 1024, threads=threads, huge=huge) == path.stat().st_size
     except OSError as e:  # a file system without O_DIRECT (tmpfs): nothing to measure there
         if e.errno != errno.EINVAL:
             raise
         pytest.skip("O_DIRECT refused by this file system")
+
+
+def test_huge_page_buffer_is_aligned_for_huge_pages():
+    """The huge-page baseline's buffer starts on a 2 MiB boundary (else the kernel cannot back
+    it with huge pages) and is exactly as long as asked."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import ctypes
+
+    import reload
+
+    m, view = reload.huge_page_buffer(3 << 20)
+    try:
+        assert len(view) == 3 << 20
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        assert addr % (2 << 20) == 0
+        view[-1] = 7  # writable, to its last byte
+    finally:
+        view.release()
+        m.close()
 
 
 def test_reload_runs_tables_match_the_runs_own_ratios(capsys):
