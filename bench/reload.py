@@ -112,7 +112,7 @@ def odirect_read(path: str, chunk: int = 4 << 20, threads: int = 1, huge: bool =
 
     ``huge``: read into a buffer backed by huge pages instead of 4 KiB pages. The buffer decides
     what the disk is asked for: on the test machine a 4 MiB read into 4 KiB pages reached the
-    disk as one request of 512 KiB to 4 MiB, depending on how the buffer's pages happened to lie
+    disk as requests of 512 KiB to 4 MiB each, depending on how the buffer's pages happened to lie
     in physical memory, and its rate followed (1.2–1.5 GB/s in requests of 512–700 KiB, 2.1–3.2
     in 4 MiB ones, over runs 8–38). Into huge pages every read is one 4 MiB request: the disk's
     limit, measured from run 36 on."""
