@@ -124,13 +124,13 @@ def odirect_read(path: str, chunk: int = 4 << 20, threads: int = 1, huge: bool =
         if huge:
             m, buf = huge_page_buffer(chunk)
         else:
-            m = buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+            m = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+            buf = memoryview(m)
         try:
             for offset in range(t * chunk, size, threads * chunk):
                 done[t] += os.preadv(fd, [buf], offset)
         finally:
-            if huge:
-                buf.release()
+            buf.release()
             m.close()
 
     try:
