@@ -87,7 +87,7 @@ def disk_read_counters(path: str) -> tuple[int, int, int] | None:
     return None
 
 
-def preallocated(spec: Any, tokens: int) -> Callable[..., torch.Tensor]:
+def preallocated(spec: Any, tokens: int, device: str = "cpu") -> Callable[..., torch.Tensor]:
     """An ``allocate`` for ``restore_async`` that hands out views of one ``CachePool`` reserved
     (and written) now, for sessions of up to ``tokens`` tokens: a server restores into KV memory
     it allocated at start-up, not into fresh tensors that pay a page fault and a zeroed page per
@@ -95,7 +95,7 @@ def preallocated(spec: Any, tokens: int) -> Callable[..., torch.Tensor]:
     from tierkv.integrations.hf import CachePool
 
     pool = CachePool()
-    pool.reserve(spec, tokens)
+    pool.reserve(spec, tokens, device)
 
     def allocate(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
         return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]

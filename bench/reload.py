@@ -25,6 +25,7 @@ whether the file written last reads fastest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import random
@@ -74,6 +75,19 @@ def session_kv(synthetic: bool, cache_dir: str, dtype: str = "fp32") -> tuple[ti
     if tdtype == torch.bfloat16:
         arr = arr.view(torch.bfloat16)
     return spec, [(arr[i, 0], arr[i, 1]) for i in range(30)]
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work: a timed run ends when its bytes are in GPU memory."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def on_device(run: Callable[[], Any]) -> Callable[[], None]:
+    def timed_run() -> None:
+        run()
+        synchronize("cuda" if torch.cuda.is_available() else "cpu")
+    return timed_run
 
 
 def raw(x: torch.Tensor) -> np.ndarray:
@@ -165,7 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--store-last", action="store_true",
                     help="write the baselines' files first and tierkv's store last (default: the store first)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-round method order")
+    ap.add_argument("--gpu", default=None,
+                    help="also restore into this device's memory (default: cuda where a GPU is; 'none' skips "
+                         "those rows; 'cpu' runs them without a GPU, to test them)")
     args = ap.parse_args(argv)
+    gpu = args.gpu or ("cuda" if torch.cuda.is_available() else "none")
+    gpu = None if gpu == "none" else gpu
+    #: the GPU rows' names say "GPU"; run on the CPU (a test), they say so
+    on = "GPU" if gpu == "cuda" else f"{gpu} (as the GPU)"
     from tierkv.integrations.hf import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
@@ -177,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     toks = [list(range(s * 100_000, s * 100_000 + TOKENS)) for s in range(n_sessions)]
     results: dict[str, Any] = {"machine": machine(), "sessions": n_sessions, "tokens_per_session": TOKENS,
                                "raw_bytes": total, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
-                               "repeats": args.repeats, "seed": args.seed,
+                               "repeats": args.repeats, "seed": args.seed, "gpu_rows": gpu,
                                "written": "baselines, then tierkv's store" if args.store_last and not args.only_tierkv
                                else "tierkv's store, then baselines"}
     timings: dict[str, list[float]] = {}
@@ -189,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     #: within minutes)
     methods: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
 
+    stack = contextlib.ExitStack()
     try:
         store = os.path.join(work, "store")
         data = os.path.join(store, "data.mdb")
@@ -239,6 +261,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             methods["numpy .npy per session (cold)"] = (
                 lambda: drop_tree(files),
                 lambda: [np.load(os.path.join(files, f"s{i}.npy")) for i in range(n_sessions)])
+            if gpu is not None:
+                # what a GPU server does without an offload engine: load each file onto the GPU
+                methods[f"torch.load per session (cold), onto the {on}"] = (
+                    lambda: drop_tree(files),
+                    on_device(lambda: [torch.load(os.path.join(files, f"s{i}.pt"), weights_only=True,
+                                                  map_location=gpu) for i in range(n_sessions)]))
+                # the host-to-GPU link's own limit: one copy of the same bytes from pinned memory
+                src = torch.empty(total, dtype=torch.uint8, pin_memory=gpu == "cuda")
+                src.view(-1, per)[:] = torch.from_numpy(np.frombuffer(block, np.uint8))
+                dst = torch.empty(total, dtype=torch.uint8, device=gpu)
+                methods[f"pinned host memory to {on} memory, one copy"] = (
+                    lambda: None, on_device(lambda: dst.copy_(src, non_blocking=True)))
 
             # --- raw LMDB values, no codec: one value per 256-token block --------------------
             import lmdb
@@ -352,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # a server restores into KV memory it allocated at start-up (its pool, or vLLM's paged
         # cache): these rows restore session after session into one CachePool, reserved up front
         from_pool = preallocated(spec, TOKENS)
+        gpu_pool = preallocated(spec, TOKENS, gpu) if gpu is not None else None
 
         def open_store(map_reads: bool) -> tierkv.TierKV:
             if not map_reads:
@@ -368,9 +403,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return s
 
         def tierkv_restore(row: str | None, prefetch: bool, into_pool: bool = False,
-                           map_reads: bool = False) -> Callable[[], None]:
-            """A run restoring every session; it records the store bytes read under ``row``
-            (its method's name; None for a warm-up)."""
+                           map_reads: bool = False, device: str = "cpu") -> Callable[[], None]:
+            """A run restoring every session into ``device`` memory; it records the store bytes
+            read under ``row`` (its method's name; None for a warm-up)."""
+            pool = from_pool if device == "cpu" else gpu_pool
             def run() -> None:
                 with open_store(map_reads) as s:
                     if prefetch:
@@ -378,9 +414,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         for h in handles:
                             h.wait()
                     for i in range(n_sessions):
-                        r = s.restore_async(toks[i], session=f"s{i}", device="cpu",
-                                            allocate=from_pool if into_pool else None).result()
+                        r = s.restore_async(toks[i], session=f"s{i}", device=device,
+                                            allocate=pool if into_pool else None).result()
                         assert r.num_tokens == TOKENS
+                    synchronize(device)
                     if row is not None:
                         read_bytes[row] = s.stats()["ssd_read_bytes"]
             return run
@@ -396,6 +433,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tierkv_method("tierkv warm (page cache) + prefetch", warm_up, prefetch=True)
         # the path taken off Linux, or wherever values cannot be read with pread
         tierkv_method("tierkv cold, values read through LMDB's map", cold, prefetch=False, map_reads=True)
+        if gpu is not None:
+            # into GPU memory: SSD -> pinned host buffers -> the GPU, each layer copied as soon
+            # as every block has it (LoadHandle._fill), on a side stream
+            tierkv_method(f"tierkv cold, into {on} memory", cold, prefetch=False, device=gpu)
+            tierkv_method(f"tierkv cold, into preallocated {on} tensors", cold, prefetch=False, into_pool=True,
+                          device=gpu)
+            tierkv_method(f"tierkv warm (page cache), into {on} memory", warm_up, prefetch=False, device=gpu)
+            # sessions held in the host tier (pinned DRAM): the reload a hit in host memory costs
+            host_store = stack.enter_context(tierkv.TierKV(os.path.join(work, "host-store"), spec, **big))
+            for i in range(n_sessions):
+                host_store.save(toks[i], kv, session=f"s{i}")
+            host_store.flush()
+            # dropped before the store closes: it writes back what it still holds in memory
+            stack.callback(lambda: [host_store.drop_session(f"s{i}") for i in range(n_sessions)])
+
+            def from_host() -> None:
+                for i in range(n_sessions):
+                    r = host_store.restore_async(toks[i], session=f"s{i}", device=gpu).result()
+                    assert r.num_tokens == TOKENS and r.sources == {"host": TOKENS // 256}
+                synchronize(gpu)
+            methods[f"tierkv host tier (pinned DRAM), into {on} memory"] = (lambda: None, from_host)
 
         if not args.store_last and not args.only_tierkv:
             write_baselines()
@@ -461,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for row, gbps in results["physical_gbps"].items():
             print(f"  {row:<34} {gbps:6.2f} GB/s read from the store file", flush=True)
     finally:
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
 
     results["timings_s"] = {k: stats_of(v) for k, v in timings.items()}
@@ -504,6 +563,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tierkv_preallocated_cold_vs_raw_lmdb_preallocated": (
             "tierkv cold, into preallocated tensors", "raw LMDB values into a preallocated buffer (cold)", 1.0),
     }
+    if gpu is not None:
+        pairs.update({
+            "tierkv_cold_gpu_vs_odirect_huge_page_buffer": (
+                f"tierkv cold, into {on} memory", "disk O_DIRECT sequential read, huge-page buffer", 1.0),
+            "tierkv_preallocated_cold_gpu_vs_odirect_huge_page_buffer": (
+                f"tierkv cold, into preallocated {on} tensors", "disk O_DIRECT sequential read, huge-page buffer", 1.0),
+            "tierkv_cold_gpu_vs_torch_load_gpu": (
+                f"tierkv cold, into {on} memory", f"torch.load per session (cold), onto the {on}", 1.0),
+            "tierkv_cold_gpu_vs_cpu": (f"tierkv cold, into {on} memory", "tierkv cold", 1.0),
+            "tierkv_host_tier_gpu_vs_pinned_copy": (
+                f"tierkv host tier (pinned DRAM), into {on} memory", f"pinned host memory to {on} memory, one copy", 1.0),
+        })
     results["ratios"] = {k: ratio(a, b) * scale for k, (a, b, scale) in pairs.items()}
     # the same per round (both methods ran in that round), then the median: drift between rounds
     # cancels; both are reported, neither is picked

@@ -43,6 +43,15 @@ def assert_kv_equal(a, b):
                                y.contiguous().view(torch.int16 if y.dtype.itemsize == 2 else torch.int32))
 
 
+@pytest.fixture(autouse=True)
+def cpu_machine_unless_marked(request, monkeypatch):
+    """The suite tests the CPU configuration on every machine. With a GPU present the engine
+    would default to it (device tier in GPU memory, host tier pinned), which tests/test_cuda.py
+    covers; tests marked ``cuda`` or ``real_devices`` see the machine as it is."""
+    if request.node.get_closest_marker("cuda") is None and request.node.get_closest_marker("real_devices") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture
 def store_path(tmp_path):
     return str(tmp_path / "store")

@@ -7,16 +7,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
+@pytest.mark.real_devices
 @pytest.mark.parametrize("store_last", [False, True])
 def test_reload_bench_runs(tmp_path, store_last):
     out = tmp_path / "reload.json"
     r = subprocess.run([sys.executable, "-m", "tierkv.cli", "bench", "reload", "--size", "40MiB", "--repeats",
                         "2", "--synthetic", "--out", str(out), "--dir", str(tmp_path)]
-                       + (["--store-last"] if store_last else []),
+                       # the GPU rows run on the CPU where no GPU is (store first: one run is enough)
+                       + (["--store-last"] if store_last else [] if torch.cuda.is_available() else ["--gpu", "cpu"]),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -50,6 +53,18 @@ def test_reload_bench_runs(tmp_path, store_last):
     assert all(t["met"] == (t["ratio"] >= t["at_least"]) for t in res["targets"].values())
     cold = res["timings_s"]["tierkv cold"]
     assert len(cold["runs"]) == cold["n"] and min(cold["runs"]) == cold["min"]
+    if not store_last or torch.cuda.is_available():
+        on = "GPU" if torch.cuda.is_available() else "cpu (as the GPU)"
+        assert res["gpu_rows"] == ("cuda" if torch.cuda.is_available() else "cpu")
+        assert {f"tierkv cold, into {on} memory", f"tierkv cold, into preallocated {on} tensors",
+                f"tierkv warm (page cache), into {on} memory", f"tierkv host tier (pinned DRAM), into {on} memory",
+                f"torch.load per session (cold), onto the {on}", f"pinned host memory to {on} memory, one copy",
+                } <= set(res["logical_gbps"])
+        assert all(res["ratios"][k] > 0 for k in ("tierkv_cold_gpu_vs_odirect_huge_page_buffer",
+                                                  "tierkv_cold_gpu_vs_torch_load_gpu", "tierkv_cold_gpu_vs_cpu",
+                                                  "tierkv_host_tier_gpu_vs_pinned_copy"))
+    else:
+        assert res["gpu_rows"] is None and not any("GPU" in k for k in res["logical_gbps"])
 
 
 def test_ops_bench_runs(tmp_path):

@@ -36,7 +36,7 @@ from .config import TierKVConfig
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
                      SpecMismatchError, StoreClosedError, StoreFullError, StoreIOError, TierKVError,
                      UnknownSessionError)
-from .handles import LoadHandle, RestoredKV, SaveHandle, _Part
+from .handles import LoadHandle, RestoredKV, SaveHandle, _Part, via_host_staging
 from .pagecache import advise_willneed
 from .keys import as_tokens, block_keys, chain_seed, common_prefix, iter_block_keys, tokens_view
 from .movers import MOVERS, Transfer, decode_layer_into, decode_layer_into_views, encode_payload
@@ -305,8 +305,11 @@ class TierKV:
             buf = target.alloc(n * self.spec.bytes_per_token)
             pack_block(self.spec, kv, i * B, n, buf)
             payloads[i] = buf
-        if target.device.type == "cuda" or any(x.is_cuda for x in kv[0]):
-            torch.cuda.synchronize()
+        cuda = target.device if target.device.type == "cuda" else next((x.device for x in kv[0] if x.is_cuda), None)
+        if cuda is not None and payloads:
+            # the copies were queued on this thread's stream, after the work that produced the KV:
+            # wait for that stream only, not for every stream of the device
+            torch.cuda.current_stream(cuda).synchronize()
         self._stats.moved("caller->" + target.name, sum(p.numel() for p in payloads.values()),
                           time.perf_counter() - t0)
 
@@ -493,7 +496,8 @@ class TierKV:
             dev = torch.device(device) if device is not None else self.device
         except RuntimeError as e:
             raise ConfigError(f"device={device!r}: {e}") from None
-        direct_ok = not promote and dev.type == "cpu"
+        staged = via_host_staging(dev)
+        direct_ok = not promote
         B = self.block_tokens
         now = time.time()
         parts: list[_Part] = []
@@ -522,7 +526,7 @@ class TierKV:
             if rec is not None and rec.tenant == tenant:
                 rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
                 self._touched[session] = rec.last_used
-        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate)
+        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged)
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._submit_decodes(loads, direct, handle, promote)

@@ -3,7 +3,8 @@
 Primitives:
     Transfer: a move as data: source tier, destination tier, blocks.
     MOVERS: the registry of memory-to-memory moves, one function per (source, destination) pair.
-    copy_payload: device <-> host copy (on a side CUDA stream when CUDA is used).
+    copy_stream: the side CUDA stream a device's copies run on (one per device).
+    copy_payload: device <-> host copy (on that side stream when CUDA is used).
     same_memory: whether a move between memory tiers needs no copy (both tiers in plain CPU memory).
     encode_payload: host -> SSD bytes (the codec); the LMDB write itself is the writer's.
     decode_layer_into: SSD bytes -> one layer of a host buffer (prefetch: the block is cached).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,7 +29,7 @@ from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_pl
 from .spec import KVSpec
 from .tiers import MemoryTier
 
-__all__ = ["Transfer", "MOVERS", "copy_payload", "same_memory", "encode_payload", "decode_layer_into", "decode_layer_into_views",
+__all__ = ["Transfer", "MOVERS", "copy_stream", "copy_payload", "same_memory", "encode_payload", "decode_layer_into", "decode_layer_into_views",
            "LayerTargets", "layer_targets"]
 
 
@@ -46,6 +48,20 @@ class Transfer:
 
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
+_streams_lock = threading.Lock()
+
+
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream tierkv copies on for a CUDA ``device`` (one per device, made on first use)."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _streams.get(device)
+    if stream is None:
+        with _streams_lock:
+            stream = _streams.get(device)
+            if stream is None:
+                stream = _streams[device] = torch.cuda.Stream(device=device)
+    return stream
 
 
 def copy_payload(payload: torch.Tensor, dst: MemoryTier) -> torch.Tensor:
@@ -59,9 +75,7 @@ def copy_payload(payload: torch.Tensor, dst: MemoryTier) -> torch.Tensor:
     if cuda_dev is None:
         out.copy_(payload)
         return out
-    stream = _streams.get(cuda_dev)
-    if stream is None:
-        stream = _streams[cuda_dev] = torch.cuda.Stream(device=cuda_dev)
+    stream = copy_stream(cuda_dev)
     stream.wait_stream(torch.cuda.current_stream(cuda_dev))
     with torch.cuda.stream(stream):
         out.copy_(payload, non_blocking=True)

