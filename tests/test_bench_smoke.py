@@ -76,6 +76,7 @@ def test_ops_bench_runs(tmp_path):
     assert res["open_s"]["sessions"] == 200 and res["lookup_in_many"]["p99_ms"] > 0
 
 
+@pytest.mark.model  # loads SmolLM2 (or KV captured from it)
 def test_ttft_parts_bench_runs(tmp_path):
     out = tmp_path / "ttft_parts.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ttft_parts.py"), "--tokens", "600", "--rounds",
@@ -86,6 +87,7 @@ def test_ttft_parts_bench_runs(tmp_path):
     assert 0 <= res["overlapped_timeline"]["layers_prefilled_by_then"] <= 30
 
 
+@pytest.mark.model  # loads SmolLM2 (or KV captured from it)
 def test_thread_exactness_bench_runs(tmp_path):
     out = tmp_path / "thread_exactness.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "thread_exactness.py"), "--contexts", "40",
@@ -95,6 +97,7 @@ def test_thread_exactness_bench_runs(tmp_path):
     assert len(res["results"]) == 2 and isinstance(res["identical"], bool)
 
 
+@pytest.mark.model  # loads SmolLM2 (or KV captured from it)
 def test_ttft_bench_runs(tmp_path):
     out = tmp_path / "ttft.json"
     r = subprocess.run([sys.executable, "-m", "tierkv.cli", "bench", "ttft", "--sizes", "64", "--repeats", "1",

@@ -20,7 +20,7 @@ def kv_digest(kv) -> str:
     h = hashlib.sha256()
     for layer in kv:
         for x in layer:
-            h.update(x.contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(x.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

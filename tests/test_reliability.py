@@ -21,6 +21,12 @@ SAVER = os.path.join(HERE, "helpers", "saver.py")
 SPEC = small_spec()
 
 
+def child_env():
+    """The environment of a child process: this one's, with the tests' folder first on its path
+    (kept, not replaced: where tierkv or its dependencies are found through PYTHONPATH too)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+
+
 def read_lines(proc, lines):
     for line in proc.stdout:
         lines.append(line.split())
@@ -54,7 +60,7 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path, kills):
     acked, started, total_checked = {}, {}, 0
     for k in range(kills):
         proc = subprocess.Popen([sys.executable, SAVER, path, str(k)], stdout=subprocess.PIPE, text=True,
-                                env=dict(os.environ, PYTHONPATH=HERE))
+                                env=child_env())
         lines = []
         t = threading.Thread(target=read_lines, args=(proc, lines), daemon=True)
         t.start()
@@ -82,7 +88,7 @@ def test_three_processes_share_one_store(tmp_path):
     procs, outs = [], []
     for seed in range(3):
         p = subprocess.Popen([sys.executable, SAVER, path, str(seed), "--shared"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=HERE))
+                             stderr=subprocess.PIPE, text=True, env=child_env())
         lines = []
         t = threading.Thread(target=read_lines, args=(p, lines), daemon=True)
         t.start()
@@ -358,7 +364,7 @@ def test_another_process_grows_the_store_past_this_ones_budget(tmp_path):
     with _ssd_only(path, "4MiB") as s:
         kv = _save_many(s, 0, 1)
         r = subprocess.run([sys.executable, "-c", GROWER, path, HERE], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=HERE), timeout=300)
+                           env=child_env(), timeout=300)
         assert r.stdout.strip() == "grown", r.stderr[-2000:]
         assert os.path.getsize(os.path.join(path, "data.mdb")) > 100 << 20
         for sid, first in (("s0", 0), ("s1050", 1050)):

@@ -118,8 +118,7 @@ def layer_targets(spec: KVSpec, layer: int, outs: tuple[torch.Tensor, ...]) -> L
     u8s: list[np.ndarray] = []
     runs: list[np.ndarray] | None = []
     for t, out in zip(spec.layers[layer].tensors, outs):
-        u8 = out.view(torch.uint8).numpy().view()
-        u8.shape = tuple(out.shape) + (t.itemsize,)  # raises rather than silently copying
+        u8 = _reshaped(out.view(torch.uint8).numpy(), tuple(out.shape) + (t.itemsize,))
         u8s.append(u8)
         for idx in itertools.product(*map(range, u8.shape[:t.seq_axis])):  # cheaper than np.ndindex
             run = u8[idx]
@@ -128,6 +127,16 @@ def layer_targets(spec: KVSpec, layer: int, outs: tuple[torch.Tensor, ...]) -> L
                 break
             runs.append(run)
     return LayerTargets(tuple(u8s), tuple(runs) if runs is not None and len(runs) <= 512 else None)
+
+
+def _reshaped(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``a`` viewed in ``shape``; raises rather than silently copying (writes must land in ``a``)."""
+    try:
+        return np.reshape(a, shape, copy=False)
+    except TypeError:  # numpy before 2.1 has no copy=; setting the shape of a view raises alike
+        v = a.view()
+        v.shape = shape
+        return v
 
 
 def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: int,
