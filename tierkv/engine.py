@@ -470,8 +470,8 @@ class TierKV:
                       device: torch.device | str | None = None, allocate: Any = None) -> LoadHandle:
         """Start a restore and return its LoadHandle at once (``layer(i)``, ``result()``).
 
-        Blocks only on SSD are decoded straight into the result tensors (on a CPU device), without
-        a stop in the host tier. ``allocate(layer, index, shape, dtype, device)`` may supply the
+        Blocks only on SSD are decoded straight into the result tensors (on a CPU device; on a
+        GPU into one host staging buffer, uploaded layer by layer), without a stop in the host tier. ``allocate(layer, index, shape, dtype, device)`` may supply the
         result tensors (e.g. views into a cache with headroom); it must return tensors of that
         shape whose last axis is contiguous.
         """

@@ -191,11 +191,7 @@ class LoadHandle:
                     out.narrow(t.seq_axis, start, used).copy_(src.narrow(t.seq_axis, start, used),
                                                               non_blocking=stream is not None)
             if stream is not None:
-                for out in self._outs[layer]:
-                    out.record_stream(stream)
-                event = torch.cuda.Event()
-                event.record(stream)
-                self._upload_events[layer] = event
+                self._upload_events[layer] = self._copies_end(layer)
 
     # -- waiting ------------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -248,12 +244,17 @@ class LoadHandle:
                         self._outs[i][ti].narrow(t.seq_axis, p.start, p.used).copy_(
                             src.narrow(t.seq_axis, 0, p.used), non_blocking=stream is not None)
                 if stream is not None:
-                    for out in self._outs[i]:
-                        out.record_stream(stream)  # dropped unread, its memory waits for the copies
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    self._layer_events[i] = event
+                    self._layer_events[i] = self._copies_end(i)
             self._filled[i] = True
+
+    def _copies_end(self, layer: int) -> torch.cuda.Event:
+        """An event after the copies into ``layer``'s results queued so far on the side stream,
+        which now holds those results: dropped unread, their memory waits for the copies."""
+        for out in self._outs[layer]:
+            out.record_stream(self._stream)
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
 
     def _copy_memory_runs(self) -> set[int]:
         """Copy every run of consecutive whole blocks held in memory up to the results at once:
