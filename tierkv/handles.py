@@ -160,6 +160,7 @@ class LoadHandle:
             else:
                 self._direct_runs.append([p.start, p.used])
         self._batched: set[int] | None = None   # ids of memory parts copied by _copy_memory_runs
+        self._fills = any(not p.direct for p in parts)  # parts _fill copies (memory, loads)
 
     # -- called by the engine's decode tasks -------------------------------------------------------
     def _targets(self, layer: int) -> LayerTargets:
@@ -222,7 +223,7 @@ class LoadHandle:
         Into CUDA results the copies are queued on the side stream (``non_blocking``: from pinned
         host buffers they overlap the reads of later layers) and an event records their end."""
         with self._fill_lock:
-            if self._filled[i]:
+            if self._filled[i] or not self._fills:
                 return
             stream = self._stream
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
@@ -332,9 +333,10 @@ class LoadHandle:
         """Wait for every block and return the restored prefix (truncated at a failed block).
 
         Into GPU memory each layer is copied as soon as every block has it, so the copies of
-        early layers overlap the reads of later ones; the returned tensors are ready for work
-        queued on the calling thread's current CUDA stream."""
-        if self._stream is not None:
+        early layers overlap the reads of later ones (SSD blocks: by the decode threads; the
+        rest: here, layer by layer, only when there are such blocks); the returned tensors are
+        ready for work queued on the calling thread's current CUDA stream."""
+        if self._stream is not None and self._fills:
             for i in range(self._spec.num_layers):
                 self._layer_ready[i].wait()
                 self._fill(i)
