@@ -53,9 +53,10 @@ fi
 SIZE=${SIZE:-1GiB}
 REPEATS=${REPEATS:-5}
 step test_cuda 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
+# first the short one: page-locked memory and the host pool (session 26)
+step pinned_alloc 60 python3 bench/pinned_alloc.py --out "$OUT/gpu_pinned_alloc.json"
 step reload_bf16_raw 260 python3 bench/reload.py --dtype bf16 --codec raw --size "$SIZE" --repeats "$REPEATS" --seed 1 \
     --cache-dir "$KV" --out "$OUT/gpu_reload_bf16_raw.json"
-step pinned_alloc 60 python3 bench/pinned_alloc.py --out "$OUT/gpu_pinned_alloc.json"
 # the rest of the suite sees a CPU-only machine (tests/conftest.py); SIGINT at the limit still
 # prints pytest's summary
 rm -f "$OUT"/*.png  # at most 8 files come back from the device tool; the plot is redrawn from the JSON

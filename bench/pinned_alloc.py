@@ -3,9 +3,16 @@
 tierkv's host tier allocates one buffer per block, pinned when CUDA is present so that copies to
 and from the GPU run at the link's rate. This measures, per block-sized buffer (a 256-token
 SmolLM2 block in bf16 by default): allocating it pinned the first time (torch's caching host
-allocator asks the driver for new page-locked memory), allocating it again after the first ones
-were freed (served from that cache), allocating plain memory, and copying a block into each kind;
-then one GPU upload of the same bytes from each kind. Medians of ``--repeats`` rounds.
+allocator asks the driver for new page-locked memory; every round keeps what the earlier ones
+took, so each round's buffers are new), allocating it again after the first ones were freed
+(served from that cache), allocating plain memory, and copying a block into each kind; then one
+GPU upload of the same bytes from each kind. Then tierkv's host pool (``tierkv.hostmem``): locking
+one slab, per block it holds, and taking a block from slabs already locked. Medians of
+``--repeats`` rounds.
+
+Session 25's run on an H200 cleared the kept buffers at the start of each round by mistake, so
+only its first round took new memory (4.4 ms per block; the later rounds, served from torch's
+cache, 0.004-0.005 ms); fixed in session 26.
 
     python bench/pinned_alloc.py [--block-bytes 5898240] [--blocks 64] [--repeats 5] [--out ...]
 """
@@ -23,6 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, stats_of, write_json  # noqa: E402
+
+from tierkv.hostmem import SlabPool  # noqa: E402
 
 
 def per_block(fn: Any, blocks: int) -> float:
@@ -46,7 +55,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, list[float]] = {}
     keep: list[torch.Tensor] = []
     for _ in range(args.repeats):
-        keep.clear()
         # new page-locked memory each round: hold what earlier rounds took, so the cache is empty
         fresh = [None] * nb
         rows.setdefault("pinned alloc, new memory", []).append(per_block(
@@ -70,6 +78,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del keep[:nb]
     rows["pinned alloc, reused from torch's cache"] = [per_block(
         lambda: [reused.append(torch.empty(n, dtype=torch.uint8, pin_memory=True)) for _ in range(nb)], nb)]
+    del keep, reused
+    # tierkv's host pool: slabs locked ahead (by its thread; timed here on this one), blocks taken
+    geometry = SlabPool(n, nb * n, 1, pin=False)  # its slab size (plain memory, then dropped)
+    geometry.close()
+    slab_bytes, per_slab = geometry.slab_bytes, geometry.per_slab
+    n_slabs = -(-nb // per_slab)
+    kept_slabs: list[torch.Tensor] = []  # held across rounds: each round locks new memory
+    for _ in range(args.repeats):
+        rows.setdefault("pool: lock a slab, per block it holds", []).append(per_block(
+            lambda: kept_slabs.extend(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=True)
+                                      for _ in range(n_slabs)), n_slabs * per_slab))
+    del kept_slabs
+    for _ in range(args.repeats):
+        pool = SlabPool(n, nb * n, nb * n, pin=True)
+        pool.wait_ready(60)
+        taken = []
+        rows.setdefault("pool: take a block from locked slabs", []).append(per_block(
+            lambda: taken.extend(pool.take() for _ in range(min(nb, pool.snapshot()["free_slots"]))), nb))
+        rows.setdefault("copy a block into a pool block", []).append(per_block(
+            lambda: [b.copy_(src) for b in taken], len(taken)))
+        pool.close()
+        del taken, pool
     results: dict[str, Any] = {"machine": machine(), "block_bytes": n, "blocks": nb, "repeats": args.repeats,
                                "per_block_s": {k: stats_of(v) for k, v in rows.items()},
                                "gbps": {k: n / statistics.median(v) / 1e9 for k, v in rows.items()}}

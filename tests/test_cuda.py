@@ -6,6 +6,7 @@ memory blocks copied up whole and scattered). The "cuda" cases run where a GPU i
 elsewhere."""
 
 import contextlib
+import gc
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import tierkv
 import tierkv.engine
 import tierkv.handles
+import tierkv.hostmem
 from conftest import BLOCK, assert_kv_equal, make_kv, small_spec
 
 DEVICES = ["cpu", "cpu-staged", pytest.param("cuda", marks=[
@@ -98,6 +100,54 @@ def test_host_tier_hit_into_strided_buffers(open_store, device, monkeypatch):
             assert len(h._batched) == 9  # the whole blocks, as one run; the partial one alone
         if source == "ssd":
             assert (h._shadow is not None) == staged
+
+
+def test_host_pool_place_reused_while_a_restore_still_reads_it(open_store, device, monkeypatch):
+    """The host tier's blocks come from the slab pool (page-locked on a GPU). A restore from the
+    host tier into the device's memory queues its copies behind a caller's busy stream; the
+    handle is dropped and saves push the restored blocks out of the host tier at once, so their
+    places could be taken and written while those copies wait. The result must hold the old
+    bytes: the places stay held until the copies have run (``hostmem.hold_until``)."""
+    if device != "cuda":  # the pool's logic on plain memory: the CPU cannot page-lock
+        monkeypatch.setattr(tierkv.hostmem, "can_pin", lambda: True)
+        monkeypatch.setattr(tierkv.hostmem, "host_buffer", lambda n, pin: torch.empty(n, dtype=torch.uint8))
+    spec = small_spec()
+    n = 4 * BLOCK
+    kv = make_kv(spec, n, seed=40)
+    s = open_store(spec, device=device, device_bytes=0, host_bytes=4 * BLOCK * spec.bytes_per_token,
+                   pin_host_memory=True, persist="write_through")
+    assert s._host_pool.wait_ready(10)
+    s.save(range(n), kv, session="a")
+    s.flush()
+    a_places = {b.payload.data_ptr() for b in s._blocks.values() if b.tier == "host"}
+    assert len(a_places) == 4 and s.stats()["host_pool"]["taken"] == 4
+    if device == "cuda":
+        assert all(b.payload.is_pinned() for b in s._blocks.values() if b.tier == "host")
+    with user_stream(device):
+        busy(device)
+        busy(device)
+        h = s.restore_async(range(n), session="a")
+        r = h.result()
+        assert r.sources == {"host": 4}
+        del h
+        gc.collect()
+        taken = set()  # places the later saves' blocks took
+        for j in range(3):
+            s.save(range(10_000 * (j + 1), 10_000 * (j + 1) + n), make_kv(spec, n, seed=41 + j), session=f"b{j}")
+            taken |= places_of(s, f"b{j}")
+            s.flush()
+        got = on_cpu(r.kv)
+    assert_kv_equal(got, on_cpu(kv))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        s.save(range(90_000, 90_000 + n), make_kv(spec, n, seed=49), session="c")
+        taken |= places_of(s, "c")
+    assert taken & a_places  # a's places were taken again (on a GPU, once its copies had run)
+
+
+def places_of(s, session):
+    blocks = [s._blocks.get(k) for k in s._sessions[session].keys]
+    return {b.payload.data_ptr() for b in blocks if b is not None and b.tier == "host"}
 
 
 def test_prefetch_promotes_and_layerwise(open_store, device):

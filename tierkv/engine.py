@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import hostmem
 from .affinity import spread_initializer
 from .blocks import Block, BlockLoad, BlockState, Epoch, pack_block
 from .codec import CorruptValueError, header_bound, make_codec, parse_block
@@ -96,6 +97,9 @@ class TierKV:
             raise ConfigError(f"device={cfg.device!r} is not a torch device: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
+        pin = cfg.pin_host_memory if cfg.pin_host_memory is not None else hostmem.can_pin()
+        if pin and not hostmem.can_pin():
+            raise ConfigError("pin_host_memory=True needs CUDA: the CUDA driver page-locks host memory")
         self.device = device
         self.codec = make_codec(cfg.ssd_codec, cfg.zstd_level)
         self._header_bound = header_bound(spec, self.codec)
@@ -103,10 +107,14 @@ class TierKV:
         self.fingerprint = spec.fingerprint(**ident)
         self._ssd = SSDStore(path, self.fingerprint, dict(spec.describe(), **ident), cfg.ssd_bytes)
         self.path = self._ssd.path
-        pin = cfg.pin_host_memory if cfg.pin_host_memory is not None else torch.cuda.is_available()
+        # page-locked full blocks come from slabs locked ahead by a background thread (a new
+        # page-locked block cost 4.4 ms on an H200 machine: see tierkv/hostmem.py)
+        self._host_pool = hostmem.SlabPool(
+            cfg.block_tokens * spec.bytes_per_token, cfg.host_bytes + min(cfg.host_bytes, SAVE_SLACK_MAX),
+            cfg.host_bytes // 4, pin=True) if pin and cfg.host_bytes > 0 else None
         self._tiers = {
             "device": MemoryTier("device", device, cfg.device_bytes),
-            "host": MemoryTier("host", torch.device("cpu"), cfg.host_bytes, pin),
+            "host": MemoryTier("host", torch.device("cpu"), cfg.host_bytes, pin, self._host_pool),
         }
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -1104,8 +1112,10 @@ class TierKV:
             resident = {name: t.used for name, t in self._tiers.items()}
             counts = {name: len(t) for name, t in self._tiers.items()}
         resident["ssd"] = self._ssd.ssd_used()
-        return self._stats.snapshot(resident, counts, {n: t.budget for n, t in self._tiers.items()}
-                                    | {"ssd": self.config.ssd_bytes})
+        out = self._stats.snapshot(resident, counts, {n: t.budget for n, t in self._tiers.items()}
+                                   | {"ssd": self.config.ssd_bytes})
+        out["host_pool"] = self._host_pool.snapshot() if self._host_pool is not None else None
+        return out
 
     def close(self) -> None:
         """Persist what write-back still holds only in memory, stop the threads, close LMDB.
@@ -1138,6 +1148,8 @@ class TierKV:
             self._wake.notify_all()
         self._writer.join()
         self._pool.shutdown(wait=True)
+        if self._host_pool is not None:
+            self._host_pool.close()
         self._closed = True
         self._ssd.close()
         if error is not None:

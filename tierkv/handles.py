@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from . import hostmem
 from .blocks import Block, BlockLoad, tensor_view
 from .errors import BlockLoadError, TierKVError
 from .movers import LayerTargets, copy_stream, layer_targets
@@ -145,8 +146,7 @@ class LoadHandle:
         self._staged = staged and bool(self._outs)
         self._shadow: list[tuple[torch.Tensor, ...]] | None = None
         if self._staged and n_direct:
-            buf = torch.empty(self.num_tokens * spec.bytes_per_token, dtype=torch.uint8,
-                              pin_memory=device.type == "cuda")
+            buf = hostmem.host_buffer(self.num_tokens * spec.bytes_per_token, device.type == "cuda")
             self._shadow = [tuple(tensor_view(spec, buf, self.num_tokens, li, ti) for ti in range(len(layer.tensors)))
                             for li, layer in enumerate(spec.layers)]
         # the token ranges the direct parts cover, consecutive parts merged: only these go up
@@ -226,9 +226,10 @@ class LoadHandle:
             if self._filled[i] or not self._fills:
                 return
             stream = self._stream
+            sources: list[torch.Tensor] = []  # host buffers the queued copies read
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 if self._staged and self._batched is None:
-                    self._batched = self._copy_memory_runs()
+                    self._batched = self._copy_memory_runs(sources)
                 for p in self._parts:
                     if p.direct or (self._batched and id(p) in self._batched):
                         continue
@@ -240,12 +241,17 @@ class LoadHandle:
                     if stream is not None and src_payload.is_cuda:
                         # a device-tier payload may be evicted and freed before the copy runs
                         src_payload.record_stream(stream)
+                    elif stream is not None:
+                        sources.append(src_payload)
                     for ti, t in enumerate(self._spec.layers[i].tensors):
                         src = tensor_view(self._spec, src_payload, p.block.n_tokens, i, ti)
                         self._outs[i][ti].narrow(t.seq_axis, p.start, p.used).copy_(
                             src.narrow(t.seq_axis, 0, p.used), non_blocking=stream is not None)
                 if stream is not None:
                     self._layer_events[i] = self._copies_end(i)
+                    if sources:
+                        # a host-tier block may be dropped meanwhile, and its pool place reused
+                        hostmem.hold_until(self._layer_events[i], sources)
             self._filled[i] = True
 
     def _copies_end(self, layer: int) -> torch.cuda.Event:
@@ -257,13 +263,13 @@ class LoadHandle:
         event.record(self._stream)
         return event
 
-    def _copy_memory_runs(self) -> set[int]:
+    def _copy_memory_runs(self, sources: list[torch.Tensor]) -> set[int]:
         """Copy every run of consecutive whole blocks held in memory up to the results at once:
         each block's payload in one copy into a staging tensor on the device, then per layer and
         tensor one copy that scatters the run's blocks into place. Per block, layer and tensor,
         the copies cost tens of microseconds each in launches (a 2,048-token SmolLM2 session is
         480 of them): host-tier hits reached 6 % of the link's rate on an H200 that way. Returns
-        the ids of the parts it copied."""
+        the ids of the parts it copied; adds the host buffers the copies read to ``sources``."""
         spec, runs, run = self._spec, [], []
         for p in self._parts:
             whole = not p.direct and p.load is None and p.payload is not None and p.used == p.block.n_tokens
@@ -285,6 +291,8 @@ class LoadHandle:
             for j, p in enumerate(run):
                 if stream is not None and p.payload.is_cuda:
                     p.payload.record_stream(stream)  # a device-tier block may be evicted meanwhile
+                elif stream is not None:
+                    sources.append(p.payload)
                 stage[j].copy_(p.payload, non_blocking=stream is not None)
             for li, layer in enumerate(spec.layers):
                 for ti, t in enumerate(layer.tensors):

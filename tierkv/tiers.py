@@ -4,7 +4,8 @@ Primitives:
     MemoryTier: a byte budget, exact usage and an LRU order over the blocks it holds.
 
 A tier only keeps books; the engine decides moves and the movers copy bytes. Usage counts block
-payload bytes exactly (``Block.nbytes``), not allocator overhead.
+payload bytes exactly (``Block.nbytes``), not allocator overhead. A page-locked host tier takes
+its full-block buffers from a ``hostmem.SlabPool`` (page-locking new memory is slow).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Iterator
 import torch
 
 from .blocks import Block, BlockState
+from . import hostmem
+from .hostmem import SlabPool
 
 __all__ = ["MemoryTier"]
 
@@ -27,13 +30,16 @@ class MemoryTier:
         device: where its payloads live.
         budget: bytes it may hold; 0 disables the tier.
         pin: allocate page-locked host memory (host tier with CUDA present).
+        pool: where buffers of its size come from first (a page-locked host tier's full blocks).
     """
 
-    def __init__(self, name: str, device: torch.device, budget: int, pin: bool = False) -> None:
+    def __init__(self, name: str, device: torch.device, budget: int, pin: bool = False,
+                 pool: SlabPool | None = None) -> None:
         self.name = name
         self.device = device
         self.budget = budget
         self.pin = pin
+        self.pool = pool
         self.used = 0
         self._lru: OrderedDict[bytes, Block] = OrderedDict()
 
@@ -46,7 +52,13 @@ class MemoryTier:
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         """A flat uint8 buffer for a payload of ``nbytes`` in this tier's memory."""
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
+        if self.pool is not None and nbytes == self.pool.slot_bytes:
+            buf = self.pool.take()
+            if buf is not None:
+                return buf
+        if self.device.type == "cpu":
+            return hostmem.host_buffer(nbytes, self.pin)
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def add(self, block: Block, payload: torch.Tensor) -> None:
         """Make ``payload`` the block's resident copy here (most recently used)."""

@@ -1,0 +1,170 @@
+"""The host tier's slab pool (tierkv/hostmem.py): places are reused only once nothing references
+them, never overlap, and the slabs stay within their limit. On a machine without CUDA the slabs
+are plain memory (page-locking needs the CUDA driver); the pool's logic is the same, and
+tests/test_cuda.py runs the engine with page-locked slabs on a GPU."""
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import tierkv
+import tierkv.hostmem as hostmem
+from conftest import BLOCK, assert_kv_equal, make_kv, small_spec
+
+SLOT = 5 * 4096 + 100  # not a page multiple: places start on page boundaries anyway
+
+
+def ready_pool(slot=SLOT, limit=40 * SLOT, ahead=12 * SLOT):
+    p = hostmem.SlabPool(slot, limit, ahead, pin=False)
+    assert p.wait_ready(10)
+    return p
+
+
+def test_a_place_comes_back_only_after_its_last_view_dies():
+    p = ready_pool()
+    try:
+        free = len(p._free)
+        buf = p.take()
+        assert buf.shape == (SLOT,) and buf.dtype == torch.uint8
+        views = [buf[10:20], buf.view(torch.int16)[:7] if SLOT % 2 == 0 else buf[:8], buf.numpy()[5:9],
+                 buf.reshape(-1, 1)]
+        buf.fill_(3)
+        del buf
+        gc.collect()
+        assert len(p._free) == free - 1  # the views still hold it
+        views.pop()
+        views.pop()
+        gc.collect()
+        assert len(p._free) == free - 1
+        del views
+        gc.collect()
+        assert len(p._free) == free
+    finally:
+        p.close()
+
+
+def test_places_never_overlap_and_keep_their_bytes():
+    p = ready_pool()
+    try:
+        bufs = []
+        while (b := p.take()) is not None:
+            bufs.append(b)
+        assert len(bufs) >= 12
+        starts = sorted(b.data_ptr() for b in bufs)
+        assert all(b - a >= SLOT for a, b in zip(starts, starts[1:]))
+        for b in bufs:  # each inside one slab, on a page boundary of it
+            (base,) = [x.data_ptr() for x in p._slabs if 0 <= b.data_ptr() - x.data_ptr() <= p.slab_bytes - SLOT]
+            assert (b.data_ptr() - base) % 4096 == 0
+        for i, b in enumerate(bufs):
+            b.fill_(i % 251)
+        for i, b in enumerate(bufs):
+            assert torch.all(b == i % 251)
+        # a freed place is handed out again, and the others keep their bytes
+        reused_ptr = bufs[3].data_ptr()
+        del bufs[3], b
+        gc.collect()
+        again = p.take()
+        assert again.data_ptr() == reused_ptr
+        again.fill_(255)
+        for i, b in enumerate(bufs):
+            j = i if i < 3 else i + 1
+            assert torch.all(b == j % 251)
+    finally:
+        p.close()
+
+
+def test_slabs_grow_ahead_of_takes_and_stop_at_the_limit():
+    p = ready_pool(limit=40 * SLOT, ahead=12 * SLOT)
+    try:
+        snap = p.snapshot()
+        assert snap["free_slots"] >= 12 and snap["taken"] == 0
+        assert snap["slab_bytes"] & (snap["slab_bytes"] - 1) == 0  # a power of two
+        held = []
+        for _ in range(200):
+            b = p.take()
+            if b is not None:
+                held.append(b)
+            else:
+                p.wait_ready(10)
+        snap = p.snapshot()
+        assert snap["starved"] > 0  # takes never wait for a slab: they come back empty
+        assert snap["locked_bytes"] < 40 * SLOT + p.slab_bytes
+        assert snap["slabs"] == p.max_slabs and len(held) == snap["slabs"] * p.per_slab
+    finally:
+        p.close()
+
+
+def test_a_slab_that_cannot_be_had_stops_growth_without_failing(monkeypatch):
+    def refuse(nbytes, pin):
+        raise RuntimeError("out of page-locked memory")
+
+    monkeypatch.setattr(hostmem, "host_buffer", refuse)
+    p = hostmem.SlabPool(SLOT, 40 * SLOT, 12 * SLOT, pin=False)
+    try:
+        assert p.wait_ready(10)
+        assert p.take() is None
+        assert "out of page-locked memory" in p.snapshot()["error"]
+    finally:
+        p.close()
+        p.close()  # idempotent
+    assert not p._thread.is_alive()
+
+
+@pytest.fixture
+def pooled_cpu(monkeypatch):
+    """The engine as on a GPU machine's host tier (pool on), with plain memory for slabs."""
+    monkeypatch.setattr(hostmem, "can_pin", lambda: True)
+    monkeypatch.setattr(hostmem, "host_buffer", lambda nbytes, pin: torch.empty(nbytes, dtype=torch.uint8))
+
+
+def test_pin_host_memory_without_cuda_is_a_config_error(store_path):
+    with pytest.raises(tierkv.ConfigError, match="needs CUDA"):
+        tierkv.TierKV(store_path, small_spec(), pin_host_memory=True, block_tokens=BLOCK, ssd_bytes="64MiB")
+
+
+def test_engine_recycles_places_and_every_session_stays_exact(open_store, pooled_cpu):
+    """A host tier of 4 blocks behind no device tier: saves of many sessions push blocks to SSD
+    and free their places, which later saves and prefetches take again. Every session, restored
+    from wherever its blocks ended up, is bit-exact; concurrent saves and restores included."""
+    spec = small_spec()
+    n = 5 * BLOCK + 3  # a partial block last: not a full place, so not from the pool
+    s = open_store(spec, device="cpu", device_bytes=0, host_bytes=4 * BLOCK * spec.bytes_per_token,
+                   pin_host_memory=True)
+    assert s._tiers["host"].pool is not None
+    sessions = {f"s{j}": make_kv(spec, n, seed=100 + j) for j in range(12)}
+    errors = []
+
+    def saver(names):
+        try:
+            for name in names:
+                j = int(name[1:])
+                s.save(range(j * 1000, j * 1000 + n), sessions[name], session=name)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=saver, args=(list(sessions)[k::2],)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    s.flush()
+    for rnd in range(2):
+        for name, kv in sessions.items():
+            j = int(name[1:])
+            if rnd:
+                s.prefetch(range(j * 1000, j * 1000 + n), session=name).wait()
+            r = s.restore(range(j * 1000, j * 1000 + n), session=name)
+            assert r.num_tokens == n
+            assert_kv_equal(r.kv, kv)
+    pool = s.stats()["host_pool"]
+    assert pool["slot_bytes"] == BLOCK * spec.bytes_per_token
+    assert pool["taken"] > pool["slabs"] * s._host_pool.per_slab  # places were reused
+    assert s.stats()["host_pool"]["error"] is None
+
+
+def test_no_pool_where_host_memory_is_not_page_locked(open_store):
+    s = open_store(small_spec(), device="cpu")
+    assert s._tiers["host"].pool is None and s.stats()["host_pool"] is None

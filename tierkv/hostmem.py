@@ -1,0 +1,196 @@
+"""Host memory for the host tier: block buffers carved from large page-locked slabs.
+
+Primitives:
+    can_pin: whether this process can page-lock memory (CUDA is available).
+    host_buffer: one flat uint8 CPU buffer, page-locked or not (how tierkv allocates host memory
+        outside the pool; the one place that asks torch for page-locked memory).
+    hold_until: keep host buffers referenced until the copies reading them (marked by an event)
+        have run.
+    SlabPool: buffers of one size (a full block's payload) carved from slabs; a buffer's place goes
+        back to the pool when the last tensor sharing its memory dies, and a background thread
+        allocates slabs ahead of need, up to a limit.
+
+Why a pool: page-locking new memory is slow, and torch's allocator rounds every page-locked buffer
+up to a power of two. On the H200 machine of session 25 (``bench/results/h200_pinned_alloc.json``,
+its first round, the only one that took new memory) a new page-locked 5.9 MB block took 4.4 ms:
+``save`` of a 4,096-token session (16 blocks, 94 MB) copied for 96-114 ms there, against 16.5 ms
+on a CPU machine whose host tier is not page-locked. A block also took an 8 MiB buffer. From the
+pool a block takes a free place in a slab already locked (no allocation on the caller's thread),
+and a 64 MiB slab holds 11 such blocks (3 % unused, against 30 %).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["can_pin", "host_buffer", "hold_until", "SlabPool", "SLAB_MIN_BYTES", "AHEAD_MAX_BYTES"]
+
+#: slab size unless a block or the limit is smaller (a power of two)
+SLAB_MIN_BYTES = 64 << 20
+PAGE = 4096
+#: the most free pool memory kept locked ahead of saves (a quarter of the budget below this)
+AHEAD_MAX_BYTES = 1 << 30
+
+
+def can_pin() -> bool:
+    """Whether page-locked memory can be had: torch asks the CUDA driver for it."""
+    return torch.cuda.is_available()
+
+
+def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A new flat uint8 CPU buffer of ``nbytes``, page-locked if ``pin``."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+_held: deque = deque()  # (event, buffers), oldest first
+_held_lock = threading.Lock()
+
+
+def hold_until(event: Any, buffers: list[torch.Tensor]) -> None:
+    """Keep ``buffers`` referenced until ``event`` (a ``torch.cuda.Event``) has completed.
+
+    A copy queued on a CUDA stream reads its host source later. torch's own page-locked buffers
+    wait for such copies before torch reuses them; a ``SlabPool`` place is reused as soon as
+    nothing references it, so whoever queues a copy from one holds it here."""
+    with _held_lock:
+        _release_done()
+        _held.append((event, buffers))
+
+
+def _release_done() -> None:
+    """Drop the holds whose copies have run (call with ``_held_lock``)."""
+    while _held and _held[0][0].query():
+        _held.popleft()
+
+
+class _Place:
+    """One place in a slab, exposed to numpy (``__array_interface__``) so that a tensor made from
+    it keeps this object alive through its storage: views, slices and reshapes included. When the
+    last of them dies, the place goes back to its pool."""
+
+    def __init__(self, pool: "SlabPool", index: int, slab: torch.Tensor, offset: int) -> None:
+        self.pool, self.index, self.slab = pool, index, slab
+        self.__array_interface__ = {"shape": (pool.slot_bytes,), "typestr": "|u1", "version": 3,
+                                    "data": (slab.data_ptr() + offset, False)}
+
+    def __del__(self) -> None:
+        self.pool._free.append(self.index)  # deque.append is atomic: no lock in a finaliser
+
+
+class SlabPool:
+    """Buffers of ``slot_bytes`` carved from slabs of page-locked (``pin``) host memory.
+
+    Args:
+        slot_bytes: size of every buffer (a full block's payload).
+        limit_bytes: slabs stop growing once they hold this much (the tier's budget plus the
+            slack ``save`` may run over it); they may pass it by less than one slab. Slabs are
+            64 MiB (``SLAB_MIN_BYTES``), or the power of two at or above the limit if smaller,
+            or above one block if larger.
+        ahead_bytes: how much free pool memory the background thread keeps ready; it starts
+            filling at construction.
+        pin: page-lock the slabs (False only where there is no CUDA: the tests).
+
+    A place is reused only when no tensor shares its memory any more. Copies that read a buffer
+    asynchronously (queued on a CUDA stream) must keep it referenced until they complete
+    (``hold_until``): torch's own page-locked buffers are protected by its allocator's
+    events, pool places are not.
+    """
+
+    def __init__(self, slot_bytes: int, limit_bytes: int, ahead_bytes: int, pin: bool = True) -> None:
+        if slot_bytes <= 0:
+            raise ValueError(f"slot_bytes must be > 0, got {slot_bytes}")
+        self.slot_bytes = slot_bytes
+        self.stride = -(-slot_bytes // PAGE) * PAGE  # places start on page boundaries
+        pow2 = lambda n: 1 << (max(n, 1) - 1).bit_length()  # noqa: E731
+        # a power of two, so torch's page-locked allocator does not round it up further; no
+        # larger than the limit needs, for small budgets
+        self.slab_bytes = max(pow2(self.stride), min(SLAB_MIN_BYTES, pow2(limit_bytes)))
+        self.per_slab = self.slab_bytes // self.stride
+        self.max_slabs = max(1, -(-limit_bytes // (self.per_slab * self.stride)))
+        self.ahead = max(1, min(ahead_bytes, AHEAD_MAX_BYTES) // self.stride)
+        self.pin = pin
+        self._slabs: list[torch.Tensor] = []
+        self._free: deque[int] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.taken = 0          # buffers handed out from the pool
+        self.starved = 0        # requests the pool had no free place for
+        self.error: BaseException | None = None  # why the slabs stopped growing early, if they did
+        self._thread = threading.Thread(target=self._grow_loop, name="tierkv-hostmem", daemon=True)
+        self._thread.start()
+
+    def take(self) -> torch.Tensor | None:
+        """A free buffer of ``slot_bytes`` (contents undefined), or None when none is free now.
+
+        Never allocates: when free places run low, the background thread is woken to add a slab."""
+        if not self._free and _held:
+            with _held_lock:
+                _release_done()  # copies that have run since free their sources' places
+        try:
+            index = self._free.popleft()
+        except IndexError:
+            self.starved += 1
+            self._wake()
+            return None
+        if len(self._free) < self.ahead:
+            self._wake()
+        self.taken += 1
+        slab, place = divmod(index, self.per_slab)
+        return torch.from_numpy(np.asarray(_Place(self, index, self._slabs[slab], place * self.stride)))
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _wants_slab(self) -> bool:
+        return (not self._stopping and self.error is None and len(self._slabs) < self.max_slabs
+                and len(self._free) < self.ahead)
+
+    def _grow_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._wants_slab():
+                    if self._stopping:
+                        return
+                    self._cond.wait(timeout=1.0)
+            try:
+                slab = host_buffer(self.slab_bytes, self.pin)  # slow: outside the condition's lock
+            except (RuntimeError, MemoryError) as e:
+                # out of lockable memory: serve what there is; alloc() falls back to host_buffer
+                self.error = e
+                continue
+            first = len(self._slabs) * self.per_slab
+            self._slabs.append(slab)
+            self._free.extend(range(first, first + self.per_slab))
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the background thread has nothing left to do now (``ahead`` places free, the
+        limit reached, or stopped); False on timeout. For benchmarks and tests."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._wants_slab():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self) -> None:
+        """Stop the background thread. Buffers already handed out stay valid; slabs are freed
+        when the pool and the last of them are gone. Idempotent."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for ``TierKV.stats()["host_pool"]``."""
+        return {"slot_bytes": self.slot_bytes, "slab_bytes": self.slab_bytes, "slabs": len(self._slabs),
+                "locked_bytes": len(self._slabs) * self.slab_bytes, "free_slots": len(self._free),
+                "taken": self.taken, "starved": self.starved, "growing": self._wants_slab(),
+                "error": None if self.error is None else repr(self.error)}
