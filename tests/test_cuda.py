@@ -16,6 +16,7 @@ import tierkv
 import tierkv.engine
 import tierkv.handles
 import tierkv.hostmem
+import tierkv.keys
 from conftest import BLOCK, assert_kv_equal, make_kv, small_spec
 
 DEVICES = ["cpu", "cpu-staged", pytest.param("cuda", marks=[
@@ -148,6 +149,33 @@ def test_host_pool_place_reused_while_a_restore_still_reads_it(open_store, devic
 def places_of(s, session):
     blocks = [s._blocks.get(k) for k in s._sessions[session].keys]
     return {b.payload.data_ptr() for b in blocks if b is not None and b.tier == "host"}
+
+
+def test_damaged_ssd_blocks_are_misses_on_every_path(open_store, store_path, device):
+    """Staged, each layer's host buffer is made when its first SSD block is decoded: a block
+    that fails its checksum mid-layer, and blocks that all fail before any decoding (so some
+    layers never get a buffer), are misses that truncate the prefix, never wrong KV."""
+    from test_persistence import flip_byte
+
+    spec = small_spec()
+    n = 4 * BLOCK
+    kv = make_kv(spec, n, seed=60)
+    s = open_store(spec, device=device)
+    s.save(range(n), kv, session="s")
+    s.close()
+    keys = tierkv.keys.block_keys(tierkv.keys.chain_seed(s.fingerprint, None),
+                                  tierkv.keys.as_tokens(range(n)), BLOCK, partial=False)
+    flip_byte(store_path, keys[2], -5)  # the last layer's bytes: found while decoding it
+    s = open_store(spec, device=device)
+    r = s.restore(range(n), session="s")
+    assert r.num_tokens == 2 * BLOCK and r.kv[0][0].device.type == device
+    assert_kv_equal(on_cpu(r.kv), [tuple(x[:, :2 * BLOCK] for x in layer) for layer in kv])
+    s.close()
+    for k in keys:
+        flip_byte(store_path, k, 30)  # the fingerprint: refused before any decoding
+    s = open_store(spec, device=device)
+    r = s.restore(range(n), session="s")
+    assert r.num_tokens == 0 and s.stats()["corrupt_blocks"] == 4
 
 
 def test_prefetch_promotes_and_layerwise(open_store, device):

@@ -114,10 +114,12 @@ class BlockLoad:
         self.done.set()
 
 
-def tensor_view(spec: KVSpec, payload: torch.Tensor, n_tokens: int, layer: int, index: int) -> torch.Tensor:
-    """Tensor ``index`` of ``layer`` inside a block payload, in its spec shape (a view)."""
+def tensor_view(spec: KVSpec, payload: torch.Tensor, n_tokens: int, layer: int, index: int,
+                layer_only: bool = False) -> torch.Tensor:
+    """Tensor ``index`` of ``layer`` inside a block payload, in its spec shape (a view); with
+    ``layer_only``, inside a buffer that holds that layer alone, laid out as in a payload."""
     t = spec.layers[layer].tensors[index]
-    start = spec.tensor_offset(layer, index, n_tokens)
+    start = spec.tensor_offset(layer, index, n_tokens) - (spec.layer_span(layer, n_tokens)[0] if layer_only else 0)
     flat = payload[start:start + t.bytes_per_token * n_tokens]
     return flat.view(t.torch_dtype).view(t.shape(n_tokens))
 
