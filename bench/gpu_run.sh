@@ -15,16 +15,19 @@ OUT=${OUT:-/tmp/tierkv-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-step() {  # step NAME SECONDS CMD...: run CMD with at most SECONDS (and what is left), log to $OUT/NAME.log
+LOGS=/tmp/tierkv-gpu-logs  # per step; all appended to $OUT/steps.log (the device tool returns 8 files at most)
+mkdir -p "$LOGS"
+step() {  # step NAME SECONDS CMD...: run CMD with at most SECONDS (and what is left), log to $OUT/steps.log
     local name=$1 want=$2; shift 2
     local have; have=$(left)
     (( have < 20 )) && { echo "== $name: skipped, ${have}s left" | tee -a "$OUT/steps.txt"; return; }
     (( want > have )) && want=$have
     local t0; t0=$(date +%s)
-    timeout "$want" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$want" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$?
     echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.txt"
-    tail -n 25 "$OUT/$name.log"
+    { echo "===== $name (rc=$rc)"; cat "$LOGS/$name.log"; } >> "$OUT/steps.log"
+    tail -n 25 "$LOGS/$name.log"
 }
 
 {
@@ -55,11 +58,14 @@ REPEATS=${REPEATS:-5}
 step test_cuda 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
 # first the short one: page-locked memory and the host pool (session 26)
 step pinned_alloc 60 python3 bench/pinned_alloc.py --out "$OUT/gpu_pinned_alloc.json"
+# where a restore into GPU memory spends its time, next to one into CPU memory (session 26)
+step gpu_split 90 python3 bench/gpu_restore_split.py --size 512MiB --rounds 5 --cache-dir "$KV" \
+    --out "$OUT/gpu_restore_split.json"
 step reload_bf16_raw 260 python3 bench/reload.py --dtype bf16 --codec raw --size "$SIZE" --repeats "$REPEATS" --seed 1 \
     --cache-dir "$KV" --out "$OUT/gpu_reload_bf16_raw.json"
 # the rest of the suite sees a CPU-only machine (tests/conftest.py); SIGINT at the limit still
 # prints pytest's summary
-rm -f "$OUT"/*.png  # at most 8 files come back from the device tool; the plot is redrawn from the JSON
+rm -f "$OUT"/*.png  # at most 8 files come back from the device tool; plots are redrawn from the JSON
 SUITE_S=$(( $(left) < 200 ? $(left) - 10 : 190 ))
 step suite 200 timeout -s INT "$SUITE_S" python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
     -m "not model and not vllm and not stress" -n 8 --ignore tests/test_cuda.py tests

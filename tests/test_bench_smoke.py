@@ -152,6 +152,24 @@ def test_reload_timeline_bench_runs(tmp_path):
     assert res["spread_vs_not_spread_cold"] > 0 and res["spread_vs_not_spread_warm_paired"] > 0
 
 
+def test_gpu_restore_split_bench_runs(tmp_path):
+    """The GPU restore split, with the GPU path's logic on the CPU: every source and part is
+    there, the parts add up to no more than the run, and the SSD sources made layer buffers."""
+    out = tmp_path / "split.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_restore_split.py"), "--size", "20MiB",
+                        "--rounds", "1", "--synthetic", "--device", "cpu", "--staged", "--out", str(out),
+                        "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["rows"]) == {f"{src}, into cpu memory (staged)" for src in ("warm", "cold", "host")}
+    for name, row in res["rows"].items():
+        med = {k: v["median"] for k, v in row.items()}
+        assert med["decode_s"] + med["result_s"] + med["device_tail_s"] <= med["total_s"]
+        # summed over the two decode threads: at most twice the wall time they ran in
+        assert med["upload_launch_s"] <= 2 * med["decode_s"] and med["layer_buffer_s"] <= 2 * med["decode_s"]
+        assert (med["upload_launch_s"] > 0) == (not name.startswith("host"))
+
+
 def test_timeline_counts_time_with_no_read_in_flight():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import reload_timeline as tl
