@@ -112,6 +112,18 @@ def test_a_slab_that_cannot_be_had_stops_growth_without_failing(monkeypatch):
     assert not p._thread.is_alive()
 
 
+def test_close_lets_the_slabs_go_and_places_handed_out_stay_valid():
+    p = ready_pool()
+    held = p.take()
+    held.fill_(7)
+    p.close()
+    assert p.take() is None and p.snapshot()["slabs"] == 0 and not p._thread.is_alive()
+    assert torch.all(held == 7)  # its slab lives as long as it does
+    del held
+    gc.collect()
+    assert p.take() is None
+
+
 @pytest.fixture
 def pooled_cpu(monkeypatch):
     """The engine as on a GPU machine's host tier (pool on), with plain memory for slabs."""

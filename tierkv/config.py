@@ -86,7 +86,9 @@ class TierKVConfig:
             run on, so a restore's decode threads do not start out sharing one CPU (with more
             threads than CPUs, they take one CPU each in turn; see ``tierkv.affinity``);
             ``"inherit"`` leaves them on the process's whole CPU set.
-        pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available".
+        pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available" (True
+            without CUDA is a ConfigError at open). A page-locked host tier takes its blocks from
+            slabs a background thread locks ahead of saves (``tierkv.hostmem``).
         nan_policy: ``"store"`` keeps NaN/Inf values as they are (bit-exact); ``"refuse"`` makes
             ``save`` raise SpecMismatchError on any (one extra pass over the KV).
         full_policy: when the SSD is full of data that cannot be evicted, ``"raise"`` reports

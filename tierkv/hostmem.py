@@ -128,7 +128,10 @@ class SlabPool:
     def take(self) -> torch.Tensor | None:
         """A free buffer of ``slot_bytes`` (contents undefined), or None when none is free now.
 
-        Never allocates: when free places run low, the background thread is woken to add a slab."""
+        Never allocates: when free places run low, the background thread is woken to add a slab.
+        After ``close`` it always returns None."""
+        if self._stopping:
+            return None
         if not self._free and _held:
             with _held_lock:
                 _release_done()  # copies that have run since free their sources' places
@@ -180,13 +183,16 @@ class SlabPool:
         return True
 
     def close(self) -> None:
-        """Stop the background thread. Buffers already handed out stay valid; slabs are freed
-        when the pool and the last of them are gone. Idempotent."""
+        """Stop the background thread and let go of the slabs: one with no place handed out is
+        freed now, the others when their last place is. Buffers already handed out stay valid.
+        Idempotent."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+        self._free.clear()
+        self._slabs = []
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for ``TierKV.stats()["host_pool"]``."""
