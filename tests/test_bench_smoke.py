@@ -33,7 +33,9 @@ def test_reload_bench_runs(tmp_path, store_last):
             "raw LMDB values into a preallocated buffer (cold)",
             "tierkv cold, values read through LMDB's map",
             "disk O_DIRECT read, 4 requests in flight",
-            "disk O_DIRECT sequential read, huge-page buffer"} <= set(res["logical_gbps"])
+            "disk O_DIRECT sequential read, huge-page buffer",
+            "disk O_DIRECT sequential read into a whole destination (huge pages)"} <= set(res["logical_gbps"])
+    assert res["ratios"]["tierkv_preallocated_cold_vs_odirect_whole_destination"] > 0
     assert res["ratios"]["tierkv_cold_vs_odirect_4_in_flight"] > 0
     assert res["map_reads_vs_pread"] > 0
     # cold and warm, prefetch on and off, in KV delivered (logical) and store bytes read (physical)
@@ -223,6 +225,28 @@ def test_odirect_read_covers_the_file(tmp_path, threads, huge):
         if e.errno != errno.EINVAL:
             raise
         pytest.skip("O_DIRECT refused by this file system")
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is not available here")
+def test_odirect_read_into_a_whole_destination_puts_every_byte_in_its_place(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import numpy as np
+    import reload
+
+    path = tmp_path / "raw.bin"
+    data = os.urandom(10 * 64 * 1024 + 8192)
+    path.write_bytes(data)
+    m, dest = reload.huge_page_buffer(len(data) + 64 * 1024)
+    try:
+        assert reload.odirect_read(str(path), chunk=64 * 1024, into=dest) == len(data)
+        assert np.frombuffer(dest, np.uint8)[:len(data)].tobytes() == data
+    except OSError as e:  # a file system without O_DIRECT (tmpfs): nothing to measure there
+        if e.errno != errno.EINVAL:
+            raise
+        pytest.skip("O_DIRECT refused by this file system")
+    finally:
+        dest.release()
+        m.close()
 
 
 def test_huge_page_buffer_is_aligned_for_huge_pages():
