@@ -172,6 +172,18 @@ def test_gpu_restore_split_bench_runs(tmp_path):
         assert (med["upload_launch_s"] > 0) == (not name.startswith("host"))
 
 
+def test_pack_blocks_bench_runs(tmp_path):
+    out = tmp_path / "pack.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pack_blocks.py"), "--tokens", "2048",
+                        "--rounds", "2", "--synthetic", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["copies"] == res["blocks"] * 60 and res["blocks"] == 8
+    assert set(res["seconds"]) == {"one by one", "batched", "save() copy"}
+    assert all(len(v["runs"]) == 2 and v["min"] > 0 for v in res["seconds"].values())
+
+
 def test_timeline_counts_time_with_no_read_in_flight():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import reload_timeline as tl

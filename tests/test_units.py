@@ -227,3 +227,39 @@ def test_decode_into_result_views_matches_the_payload(dtype, n_tokens, cut, star
             rest.narrow(t.seq_axis, start, used).fill_(False)
             assert torch.equal(out.view(torch.uint8)[rest.repeat_interleave(t.itemsize, -1)],
                                old.view(torch.uint8)[rest.repeat_interleave(t.itemsize, -1)])
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla", "mixed"])
+def test_batched_packing_equals_packing_block_by_block(kind):
+    """pack_blocks (one batched copy, views from one split or reshape of each payload) writes the
+    bytes pack_block writes: uniform layouts, a token axis first, layers that differ in shape and
+    dtype, a partial last block, and only some of a save's blocks."""
+    from conftest import make_kv
+    from tierkv.blocks import block_views, pack_block, pack_blocks, tensor_view
+    from tierkv.spec import KVSpec, LayerSpec, TensorSpec
+
+    if kind == "gqa":
+        spec = small_spec(layers=3, heads=2, dim=8)
+    elif kind == "mla":
+        spec = KVSpec.mla("test/mla", 3, 24, 8)
+    else:
+        spec = KVSpec("test/mixed", (
+            LayerSpec((TensorSpec("key", (2, 8), 1, "bfloat16"), TensorSpec("value", (2, 4), 1, "bfloat16"))),
+            LayerSpec((TensorSpec("latent", (12,), 0, "float32"),)),
+            LayerSpec((TensorSpec("key", (1, 8), 1, "float16"), TensorSpec("value", (1, 8), 1, "float16")))))
+    assert (spec.uniform_tensor is not None) == (kind != "mixed")
+    B, n = 16, 3 * 16 + 5
+    kv = make_kv(spec, n, seed=3)
+    for wanted in ([0, 1, 2, 3], [1, 3], [3]):
+        one = {i: torch.full((min(B, n - i * B) * spec.bytes_per_token,), 0xAB, dtype=torch.uint8) for i in wanted}
+        batched = {i: p.clone() for i, p in one.items()}
+        for i, p in one.items():
+            pack_block(spec, kv, i * B, min(B, n - i * B), p)
+        pack_blocks(spec, kv, B, batched)
+        for i in wanted:
+            assert torch.equal(one[i], batched[i])
+            views = block_views(spec, batched[i], min(B, n - i * B))
+            flat = [(li, ti) for li, layer in enumerate(spec.layers) for ti in range(len(layer.tensors))]
+            for v, (li, ti) in zip(views, flat, strict=True):
+                ref = tensor_view(spec, batched[i], min(B, n - i * B), li, ti)
+                assert v.data_ptr() == ref.data_ptr() and v.shape == ref.shape and v.dtype == ref.dtype

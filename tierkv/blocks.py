@@ -5,6 +5,8 @@ Primitives:
     Epoch: a counter that moves whenever a block becomes available or unavailable.
     Block: bookkeeping of one block: where its payload is, its references and pins.
     pack_block: copy a token range of per-layer KV into one flat block payload.
+    pack_blocks: the same for several blocks of one save, in one batched copy.
+    block_views: every tensor of a block payload, as views in their spec shapes.
     tensor_view: a tensor of a block payload, viewed in its spec shape (no copy).
 
 A payload is one flat uint8 tensor of ``n_tokens * spec.bytes_per_token`` bytes (layout in spec.py),
@@ -22,7 +24,7 @@ import torch
 
 from .spec import KVSpec
 
-__all__ = ["BlockState", "Epoch", "Block", "pack_block", "tensor_view"]
+__all__ = ["BlockState", "Epoch", "Block", "pack_block", "pack_blocks", "block_views", "tensor_view"]
 
 
 class BlockState(enum.Enum):
@@ -122,6 +124,40 @@ def tensor_view(spec: KVSpec, payload: torch.Tensor, n_tokens: int, layer: int, 
     start = spec.tensor_offset(layer, index, n_tokens) - (spec.layer_span(layer, n_tokens)[0] if layer_only else 0)
     flat = payload[start:start + t.bytes_per_token * n_tokens]
     return flat.view(t.torch_dtype).view(t.shape(n_tokens))
+
+
+def block_views(spec: KVSpec, payload: torch.Tensor, n_tokens: int) -> list[torch.Tensor]:
+    """Every tensor of every layer inside a block payload, layer by layer, each a view in its
+    spec shape. Built from one split of the payload (one reshape where every tensor has the same
+    layout), not three tensor ops per tensor: ``tensor_view`` per tensor was a third of packing a
+    4,096-token SmolLM2 save on the CPU (a session 26 probe)."""
+    u = spec.uniform_tensor
+    count = sum(len(layer.tensors) for layer in spec.layers)
+    if u is not None:
+        return list(payload.view(u.torch_dtype).view(count, *u.shape(n_tokens)).unbind(0))
+    tensors = [t for layer in spec.layers for t in layer.tensors]
+    chunks = payload[:spec.bytes_per_token * n_tokens].split([t.bytes_per_token * n_tokens for t in tensors])
+    return [c.view(t.torch_dtype).view(t.shape(n_tokens)) for t, c in zip(tensors, chunks)]
+
+
+def pack_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens: int,
+                payloads: dict[int, torch.Tensor]) -> None:
+    """Copy block ``i``'s tokens ``[i * block_tokens, ...)`` of ``kv`` into ``payloads[i]``, for
+    every ``i`` given, in one batched copy (``torch._foreach_copy_``: no Python per tensor).
+
+    A 4,096-token SmolLM2 save is 960 (block, layer, tensor) copies; packed one by one they cost
+    14.8 ms on the CPU, batched with these views 9.6 (a session 26 probe, medians of 9)."""
+    if not payloads:
+        return
+    pieces = [kv[li][ti].split(block_tokens, dim=t.seq_axis)
+              for li, layer in enumerate(spec.layers) for ti, t in enumerate(layer.tensors)]
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for i, out in payloads.items():
+        n = pieces[0][i].shape[spec.layers[0].tensors[0].seq_axis]
+        dsts.extend(block_views(spec, out, n))
+        srcs.extend(p[i] for p in pieces)
+    torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
 
 def pack_block(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], start: int, n_tokens: int,

@@ -31,7 +31,7 @@ import torch
 
 from . import hostmem
 from .affinity import spread_initializer
-from .blocks import Block, BlockLoad, BlockState, Epoch, pack_block
+from .blocks import Block, BlockLoad, BlockState, Epoch, pack_block, pack_blocks
 from .codec import CorruptValueError, header_bound, make_codec, parse_block
 from .config import TierKVConfig
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
@@ -309,10 +309,8 @@ class TierKV:
         payloads = {}
         t0 = time.perf_counter()
         for i in missing:
-            n = min(B, len(toks) - i * B)
-            buf = target.alloc(n * self.spec.bytes_per_token)
-            pack_block(self.spec, kv, i * B, n, buf)
-            payloads[i] = buf
+            payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
+        pack_blocks(self.spec, kv, B, payloads)
         cuda = target.device if target.device.type == "cuda" else next((x.device for x in kv[0] if x.is_cuda), None)
         if cuda is not None and payloads:
             # the copies were queued on this thread's stream, after the work that produced the KV:

@@ -134,6 +134,7 @@ class KVSpec:
     revision: str = ""
     _offsets: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
     _bytes_per_token: int = field(init=False, repr=False, compare=False)
+    _uniform: TensorSpec | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -150,6 +151,16 @@ class KVSpec:
             offsets.append(tuple(row))
         object.__setattr__(self, "_offsets", tuple(offsets))
         object.__setattr__(self, "_bytes_per_token", acc)
+        first = self.layers[0].tensors[0]
+        same = all((t.dims, t.seq_axis, t.dtype) == (first.dims, first.seq_axis, first.dtype)
+                   for layer in self.layers for t in layer.tensors)
+        object.__setattr__(self, "_uniform", first if same else None)
+
+    @property
+    def uniform_tensor(self) -> TensorSpec | None:
+        """The one tensor layout every layer's every tensor has (dims, token axis, dtype), or
+        None when they differ: then a block payload is a stack of equal tensors."""
+        return self._uniform
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
