@@ -184,6 +184,16 @@ def test_pack_blocks_bench_runs(tmp_path):
     assert all(len(v["runs"]) == 2 and v["min"] > 0 for v in res["seconds"].values())
 
 
+def test_memory_restore_bench_runs(tmp_path):
+    out = tmp_path / "memrestore.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "memory_restore.py"), "--rounds", "2",
+                        "--synthetic", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["seconds"]) == {"restore", "restore into preallocated tensors", "one copy per tensor"}
+    assert res["vs_floor"]["one copy per tensor"] == 1.0 and res["vs_floor"]["restore"] > 0
+
+
 def test_timeline_counts_time_with_no_read_in_flight():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import reload_timeline as tl
