@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import sysconfig
 import time
@@ -100,3 +101,34 @@ def preallocated(spec: Any, tokens: int, device: str = "cpu") -> Callable[..., t
     def allocate(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
         return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]
     return allocate
+
+
+def add_side_by_side_arguments(ap: Any, rounds: int, out: str) -> None:
+    """The options of a bench that times methods side by side on the bench's KV: which KV
+    (``--dtype``, ``--synthetic``, ``--cache-dir``), ``--rounds``, the shuffle's ``--seed``, ``--out``."""
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=out)
+
+
+def side_by_side(methods: dict[str, Callable[[], float | None]], rounds: int,
+                 seed: int) -> tuple[dict[str, list[float]], list[list[str]]]:
+    """Run every method once per round, in an order shuffled per round (this VM's speed drifts
+    within minutes), each after a full collection. A method's time is its wall time, or the
+    seconds it returns (a time it measured itself). Returns the times per method and the orders."""
+    rows: dict[str, list[float]] = {name: [] for name in methods}
+    orders = []
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        order = list(methods)
+        rng.shuffle(order)
+        orders.append(order)
+        for name in order:
+            collected()
+            t = time.perf_counter()
+            reported = methods[name]()
+            rows[name].append(time.perf_counter() - t if reported is None else reported)
+    return rows, orders

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, machine, preallocated, stats_of, write_json  # noqa: E402
+from common import add_side_by_side_arguments, machine, preallocated, side_by_side, stats_of, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -39,12 +37,7 @@ import tierkv  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench/results/memory_restore.json")
+    add_side_by_side_arguments(ap, rounds=15, out="bench/results/memory_restore.json")
     args = ap.parse_args(argv)
     from tierkv.integrations.hf import default_cache_dir
 
@@ -52,9 +45,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = TOKENS
     nbytes = n * spec.bytes_per_token
     work = tempfile.mkdtemp(prefix="tierkv-memrestore-")
-    rows: dict[str, list[float]] = {}
-    orders = []
-    rng = random.Random(args.seed)
     try:
         with tierkv.TierKV(os.path.join(work, "store"), spec, device="cpu", device_bytes=4 * nbytes,
                            host_bytes=0, ssd_bytes=4 * nbytes + (1 << 30)) as s:
@@ -75,19 +65,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for o, i in zip(outs, ins):
                         o.copy_(i)
 
-            methods: dict[str, Callable[[], None]] = {
+            methods: dict[str, Callable[[], float | None]] = {
                 "restore": restore, "restore into preallocated tensors": restore_pre, "one copy per tensor": floor}
             for f in methods.values():
                 f()  # first use: the pool's and the floor's pages written, code warmed
-            for _ in range(args.rounds):
-                order = list(methods)
-                rng.shuffle(order)
-                orders.append(order)
-                for name in order:
-                    collected()
-                    t = time.perf_counter()
-                    methods[name]()
-                    rows.setdefault(name, []).append(time.perf_counter() - t)
+            rows, orders = side_by_side(methods, args.rounds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor_s = rows["one copy per tensor"]

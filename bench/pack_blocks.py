@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, machine, stats_of, write_json  # noqa: E402
+from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -40,14 +38,9 @@ from tierkv.blocks import pack_block, pack_blocks  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_side_by_side_arguments(ap, rounds=15, out="bench/results/pack_blocks.json")
     ap.add_argument("--tokens", type=int, default=2 * TOKENS, help="a multiple of the bench's 2,048-token session")
     ap.add_argument("--block-tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench/results/pack_blocks.json")
     args = ap.parse_args(argv)
     from tierkv.integrations.hf import default_cache_dir
 
@@ -77,25 +70,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(store, ignore_errors=True)
         return copied
 
-    methods: dict[str, Callable[[], Any]] = {"one by one": one_by_one, "batched": batched, "save() copy": save}
-    rows: dict[str, list[float]] = {name: [] for name in methods}
-    orders = []
-    rng = random.Random(args.seed)
+    methods: dict[str, Callable[[], float | None]] = {"one by one": one_by_one, "batched": batched, "save() copy": save}
     try:
         one_by_one()
         check = {i: p.clone() for i, p in payloads.items()}
         batched()
         if any(not torch.equal(check[i], payloads[i]) for i in payloads):
             raise SystemExit("batched packing wrote other bytes than packing block by block")
-        for _ in range(args.rounds):
-            order = list(methods)
-            rng.shuffle(order)
-            orders.append(order)
-            for name in order:
-                collected()
-                t = time.perf_counter()
-                reported = methods[name]()
-                rows[name].append(reported if name == "save() copy" else time.perf_counter() - t)
+        rows, orders = side_by_side(methods, args.rounds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     nbytes = n * spec.bytes_per_token
