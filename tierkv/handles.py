@@ -254,9 +254,10 @@ class LoadHandle:
                 if self._staged and self._batched is None:
                     self._batched = self._copy_memory_runs(sources)
                 # one batched copy for the layer (torch._foreach_copy_), from views of each
-                # part's payload made once per restore (blocks.block_views): per part and tensor
-                # a view and a copy from Python took about 7 ms of a 2,048-token SmolLM2 restore
-                # from memory on the CPU, against 6.1 ms for the bytes (bench/memory_restore.py)
+                # part's payload made once per restore (blocks.block_views). With a view and a
+                # copy from Python per part and tensor, a 2,048-token fp32 SmolLM2 restore from
+                # memory into preallocated tensors took 15.3-16.8 ms on the CPU, against 6.5-7.9
+                # for one copy per tensor; batched, 12.0-12.4 (bench/results/memory_restore_ab)
                 dsts: list[torch.Tensor] = []
                 srcs: list[torch.Tensor] = []
                 first = self._first_tensor[i]
