@@ -130,11 +130,9 @@ def block_views(spec: KVSpec, payload: torch.Tensor, n_tokens: int) -> list[torc
     """Every tensor of every layer inside a block payload, layer by layer, each a view in its
     spec shape. Built from one split of the payload (one reshape where every tensor has the same
     layout), not three tensor ops per tensor as ``tensor_view`` makes (see ``pack_blocks``)."""
-    u = spec.uniform_tensor
-    count = sum(len(layer.tensors) for layer in spec.layers)
+    u, tensors = spec.uniform_tensor, spec.tensors
     if u is not None:
-        return list(payload.view(u.torch_dtype).view(count, *u.shape(n_tokens)).unbind(0))
-    tensors = [t for layer in spec.layers for t in layer.tensors]
+        return list(payload.view(u.torch_dtype).view(len(tensors), *u.shape(n_tokens)).unbind(0))
     chunks = payload[:spec.bytes_per_token * n_tokens].split([t.bytes_per_token * n_tokens for t in tensors])
     return [c.view(t.torch_dtype).view(t.shape(n_tokens)) for t, c in zip(tensors, chunks)]
 
@@ -149,14 +147,18 @@ def pack_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens
     (``bench/pack_blocks.py``, 15 rounds side by side; bf16 16.53 against 11.57)."""
     if not payloads:
         return
-    pieces = [kv[li][ti].split(block_tokens, dim=t.seq_axis)
-              for li, layer in enumerate(spec.layers) for ti, t in enumerate(layer.tensors)]
+    # cut only the token range the given blocks span (a grown session's new blocks: its tail),
+    # not the whole session: a 1M-token session is 3,907 blocks, and a view per block and tensor
+    lo, start = min(payloads), min(payloads) * block_tokens
+    stop = (max(payloads) + 1) * block_tokens
+    pieces = [x.narrow(t.seq_axis, start, min(stop, x.shape[t.seq_axis]) - start).split(block_tokens, dim=t.seq_axis)
+              for x, t in zip((x for layer in kv for x in layer), spec.tensors)]
+    first = spec.tensors[0]
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
     for i, out in payloads.items():
-        n = pieces[0][i].shape[spec.layers[0].tensors[0].seq_axis]
-        dsts.extend(block_views(spec, out, n))
-        srcs.extend(p[i] for p in pieces)
+        dsts.extend(block_views(spec, out, pieces[0][i - lo].shape[first.seq_axis]))
+        srcs.extend(p[i - lo] for p in pieces)
     torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
 

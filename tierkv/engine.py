@@ -31,7 +31,7 @@ import torch
 
 from . import hostmem
 from .affinity import spread_initializer
-from .blocks import Block, BlockLoad, BlockState, Epoch, pack_block, pack_blocks
+from .blocks import Block, BlockLoad, BlockState, Epoch, pack_blocks
 from .codec import CorruptValueError, header_bound, make_codec, parse_block
 from .config import TierKVConfig
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
@@ -335,10 +335,12 @@ class TierKV:
             for i, key in enumerate(keys):
                 b = self._block(key)
                 if i not in payloads and not self._available(b):
-                    # Dropped by another thread since the first look: copy it now (rare).
-                    n = min(B, len(toks) - i * B)
-                    payloads[i] = target.alloc(n * self.spec.bytes_per_token)
-                    pack_block(self.spec, kv, i * B, n, payloads[i])
+                    # Dropped by another thread since the first look: copy it now (rare), and
+                    # wait for it as for the others
+                    payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
+                    pack_blocks(self.spec, kv, B, {i: payloads[i]})
+                    if cuda is not None:
+                        torch.cuda.current_stream(cuda).synchronize()
                 if i in payloads and not self._available(b):
                     n = min(B, len(toks) - i * B)
                     if b is None:

@@ -8,7 +8,6 @@ Primitives:
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from contextlib import nullcontext
@@ -168,8 +167,6 @@ class LoadHandle:
         self._fills = any(not p.direct for p in parts)  # parts _fill copies (memory, loads)
         self._part_views: dict[int, list[torch.Tensor]] = {}  # id(part) -> block_views of its payload
         self._block_tokens = max((p.block.n_tokens for p in parts), default=1)  # a full block's, if any
-        #: per layer, the index of its first tensor among all layers' tensors (block_views' order)
-        self._first_tensor = list(itertools.accumulate((len(layer.tensors) for layer in spec.layers), initial=0))
 
     # -- called by the engine's decode tasks -------------------------------------------------------
     def _targets(self, layer: int) -> LayerTargets:
@@ -260,7 +257,7 @@ class LoadHandle:
                 # for one copy per tensor; batched, 12.0-12.4 (bench/results/memory_restore_ab)
                 dsts: list[torch.Tensor] = []
                 srcs: list[torch.Tensor] = []
-                first = self._first_tensor[i]
+                first = self._spec.first_tensor(i)
                 tensors = self._spec.layers[i].tensors
                 # each result tensor cut at block boundaries once (part k starts at block k)
                 cuts = [out.split(self._block_tokens, dim=t.seq_axis) for t, out in zip(tensors, self._outs[i])]

@@ -15,6 +15,7 @@ tensor C-contiguous in that shape; so every offset is a token count times a per-
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ class KVSpec:
     revision: str = ""
     _offsets: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
     _bytes_per_token: int = field(init=False, repr=False, compare=False)
+    _tensors: tuple[TensorSpec, ...] = field(init=False, repr=False, compare=False)
+    _first_tensor: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _uniform: TensorSpec | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,10 +154,22 @@ class KVSpec:
             offsets.append(tuple(row))
         object.__setattr__(self, "_offsets", tuple(offsets))
         object.__setattr__(self, "_bytes_per_token", acc)
-        first = self.layers[0].tensors[0]
-        same = all((t.dims, t.seq_axis, t.dtype) == (first.dims, first.seq_axis, first.dtype)
-                   for layer in self.layers for t in layer.tensors)
+        tensors = tuple(t for layer in self.layers for t in layer.tensors)
+        object.__setattr__(self, "_tensors", tensors)
+        object.__setattr__(self, "_first_tensor", tuple(itertools.accumulate(
+            (len(layer.tensors) for layer in self.layers[:-1]), initial=0)))
+        first = tensors[0]
+        same = all((t.dims, t.seq_axis, t.dtype) == (first.dims, first.seq_axis, first.dtype) for t in tensors)
         object.__setattr__(self, "_uniform", first if same else None)
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        """Every layer's tensors, layer after layer: the order they lie in a block payload."""
+        return self._tensors
+
+    def first_tensor(self, layer: int) -> int:
+        """Index in ``tensors`` of ``layer``'s first tensor."""
+        return self._first_tensor[layer]
 
     @property
     def uniform_tensor(self) -> TensorSpec | None:

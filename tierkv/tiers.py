@@ -15,9 +15,8 @@ from typing import Iterator
 
 import torch
 
-from .blocks import Block, BlockState
 from . import hostmem
-from .hostmem import SlabPool
+from .blocks import Block, BlockState
 
 __all__ = ["MemoryTier"]
 
@@ -34,7 +33,7 @@ class MemoryTier:
     """
 
     def __init__(self, name: str, device: torch.device, budget: int, pin: bool = False,
-                 pool: SlabPool | None = None) -> None:
+                 pool: hostmem.SlabPool | None = None) -> None:
         self.name = name
         self.device = device
         self.budget = budget
