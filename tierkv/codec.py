@@ -369,8 +369,9 @@ def join_byte_pair(lo: np.ndarray, hi: np.ndarray, out: np.ndarray) -> None:
     machine the bytes ``lo, hi`` of each element (bf16 or fp16 KV).
 
     ``out``: uint16, the planes' shape, any strides (a view of a result tensor). Two passes over
-    whole elements instead of a byte-wise write at a stride of 2: 1.7x faster for a 192 KiB layer
-    on the test machine, and numpy releases the GIL for both.
+    whole elements instead of a byte-wise write at a stride of 2, and numpy releases the GIL for
+    both: with it a bf16 block decodes 1.22x faster on one core (``bench/codec_choice.py``, see
+    docs/benchmarks.md, "Codec choice").
     """
     np.left_shift(hi, 8, out=out, dtype=np.uint16)
     np.bitwise_or(out, lo, out=out)
