@@ -194,6 +194,22 @@ def test_memory_restore_bench_runs(tmp_path):
     assert res["vs_floor"]["one copy per tensor"] == 1.0 and res["vs_floor"]["restore"] > 0
 
 
+def test_direct_ceiling_bench_runs(tmp_path):
+    """bench/direct_ceiling.py reads its file with each pattern and checks, before timing them,
+    that every pattern put the KV's bytes in their places (it exits otherwise)."""
+    out = tmp_path / "direct_ceiling.json"
+    r = subprocess.run([sys.executable, "bench/direct_ceiling.py", "--size", "40MiB", "--rounds", "1", "--synthetic",
+                        "--dtype", "bf16", "--block-tokens", "512", "--group", "7", "--out", str(out), "--dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if r.returncode and "Invalid argument" in r.stderr:  # a file system without O_DIRECT (tmpfs)
+        pytest.skip("O_DIRECT refused by this file system")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["gbps"]) == 6 and all(v > 0 for v in res["gbps"].values())
+    assert res["vs_odirect_reused_buffer"]["O_DIRECT sequential, reused huge-page buffer"] == 1.0
+    assert res["round_orders"] and sorted(res["round_orders"][0]) == sorted(res["gbps"])
+
+
 def test_timeline_counts_time_with_no_read_in_flight():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import reload_timeline as tl

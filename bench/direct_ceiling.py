@@ -1,0 +1,272 @@
+"""How close could a cold restore come to the disk's limit? Read patterns measured without the engine.
+
+tierkv restores cold values with buffered reads (``preadv`` through the page cache), layer-major,
+on two decode threads: each (block, layer) read straight into the result's per-head runs and
+checked with CRC32C. The reload target compares that with an O_DIRECT read of the same bytes into
+one reused huge-page buffer. This script times, side by side on one file, what other read
+patterns reach on the same disk, with nothing of the engine around them (no lookups, headers or
+per-task bookkeeping), so it gives a ceiling, not a figure of the engine:
+
+- ``buffered, layer-major``: tierkv's pattern as above (2 threads; CRC32C of every run read);
+- ``direct, block-major``: one thread reads each value in file order with O_DIRECT, ``--group``
+  layers per ``preadv``, straight into the result's per-head runs (no bounce buffer); a second
+  thread checks each group's CRC32C as it lands;
+- each of those into a result of 4 KiB pages and into one backed by huge pages (memory a server
+  reserves for its KV at start-up could ask for them);
+- ``O_DIRECT sequential, reused huge-page buffer``: the reload target's baseline;
+- ``O_DIRECT sequential, whole huge-page destination``: the same read, each 4 MiB to its own place.
+
+The file holds copies of one session of the bench's KV (``bench/reload.py``'s: SmolLM2 over 2,048
+tokens), one value per block of ``--block-tokens``, laid out as tierkv's raw codec lays out a
+payload (layer after layer; per layer K then V; per head the block's tokens), each value's
+payload starting on a page. tierkv's store does not align payloads so (an LMDB value starts 16
+bytes into its page, after tierkv's header): O_DIRECT straight into the result needs it. Results
+are written once, before the rounds (preallocated), and every method reads all sessions, after
+the file's pages are dropped.
+
+    python bench/direct_ceiling.py [--size 1GiB] [--block-tokens 256] [--group 10] [--rounds 5]
+                                   [--out bench/results/direct_ceiling.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from crc32c import crc32c
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from reload import TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
+
+from tierkv.config import parse_size  # noqa: E402
+from tierkv.pagecache import drop_file_cache  # noqa: E402
+
+PAGE = 4096
+BASELINE = "O_DIRECT sequential, reused huge-page buffer"
+
+
+class Layout:
+    """Where each (session, block, layer) lies in the file and in a result of all sessions.
+
+    A result holds, per session, layer and tensor (K, V), a ``[heads, TOKENS, dim]`` tensor, as
+    a restore's result does; a block's bytes of one head are one run of ``run`` bytes in it."""
+
+    def __init__(self, layers: int, heads: int, row_bytes: int, block_tokens: int, sessions: int) -> None:
+        if TOKENS % block_tokens:
+            raise SystemExit(f"--block-tokens must divide {TOKENS}")
+        self.layers, self.heads, self.sessions = layers, heads, sessions
+        self.blocks = TOKENS // block_tokens
+        self.run = block_tokens * row_bytes                 # one head's tokens of one block
+        self.layer_bytes = 2 * heads * self.run              # one block's layer: K then V
+        self.value = layers * self.layer_bytes                # one block's payload
+        self.stride = -(-self.value // PAGE) * PAGE           # values page-aligned in the file
+        self.tensor = TOKENS * row_bytes                      # one head of one result tensor
+        self.nbytes = sessions * self.blocks * self.value
+
+    def value_offset(self, session: int, block: int) -> int:
+        return (session * self.blocks + block) * self.stride
+
+    def shaped(self, flat: np.ndarray) -> np.ndarray:
+        """``flat`` (``nbytes`` of result memory) as [session, layer, tensor, head, bytes]."""
+        return flat.reshape(self.sessions, self.layers, 2, self.heads, self.tensor)
+
+    def runs(self, result: np.ndarray, session: int, block: int, layer: int) -> list[np.ndarray]:
+        """The result's runs of one (block, layer), in the payload's order."""
+        at = slice(block * self.run, (block + 1) * self.run)
+        return [result[session, layer, t, h, at] for t in range(2) for h in range(self.heads)]
+
+
+def kv_bytes(kv: list[tuple[Any, Any]]) -> list[list[np.ndarray]]:
+    """Per layer, K's and V's bytes as ``[heads, tokens * row bytes]`` (any dtype, bf16 too)."""
+    return [[x.contiguous().view(torch.uint8).numpy().reshape(x.shape[0], -1) for x in layer] for layer in kv]
+
+
+def write_file(path: str, layout: Layout, kv: list[list[np.ndarray]]) -> None:
+    """Every session's values, each block's payload in tierkv's raw layout, page-aligned."""
+    values = []
+    for b in range(layout.blocks):
+        at = slice(b * layout.run, (b + 1) * layout.run)
+        value = np.concatenate([x[h, at] for layer in kv for x in layer for h in range(layout.heads)])
+        values.append(np.concatenate([value, np.zeros(layout.stride - value.size, np.uint8)]))
+    with open(path, "wb") as f:
+        for _ in range(layout.sessions):
+            for value in values:
+                f.write(value.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def holds_the_kv(result: np.ndarray, layout: Layout, kv: list[list[np.ndarray]]) -> bool:
+    """Whether every session's place in ``result`` holds the KV, byte for byte."""
+    return all(np.array_equal(result[s, layer, t], kv[layer][t])
+               for s in range(layout.sessions) for layer in range(layout.layers) for t in range(2))
+
+
+def buffered_layer_major(path: str, layout: Layout, result: np.ndarray, threads: int = 2) -> None:
+    """tierkv's pattern: a descriptor per value, (block, layer) tasks layer-major per session,
+    ``threads`` threads each reading a task's runs with one ``preadv`` and checking them."""
+    fds = [os.open(path, os.O_RDONLY) for _ in range(layout.sessions * layout.blocks)]
+    tasks = iter([(s, b, layer) for s in range(layout.sessions) for layer in range(layout.layers)
+                  for b in range(layout.blocks)])
+    take = threading.Lock()
+    failed: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            while True:
+                with take:
+                    task = next(tasks, None)
+                if task is None:
+                    return
+                s, b, layer = task
+                runs = layout.runs(result, s, b, layer)
+                got = os.preadv(fds[s * layout.blocks + b], runs, layout.value_offset(s, b) + layer * layout.layer_bytes)
+                if got != layout.layer_bytes:
+                    raise OSError(f"short read: {got} of {layout.layer_bytes} bytes")
+                c = 0
+                for r in runs:
+                    c = crc32c(r, c)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            failed.append(e)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if failed:
+        raise failed[0]
+
+
+def direct_block_major(path: str, layout: Layout, result: np.ndarray, group: int) -> None:
+    """One thread reads the values in file order with O_DIRECT, ``group`` layers per ``preadv``,
+    straight into the result's runs; another checks each group's CRC32C once it has landed."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    landed: queue.SimpleQueue = queue.SimpleQueue()
+
+    def check() -> None:
+        while (runs := landed.get()) is not None:
+            c = 0
+            for r in runs:
+                c = crc32c(r, c)
+
+    checker = threading.Thread(target=check)
+    checker.start()
+    try:
+        for s in range(layout.sessions):
+            for b in range(layout.blocks):
+                for first in range(0, layout.layers, group):
+                    layers = range(first, min(layout.layers, first + group))
+                    runs = [r for layer in layers for r in layout.runs(result, s, b, layer)]
+                    got = os.preadv(fd, runs, layout.value_offset(s, b) + first * layout.layer_bytes)
+                    if got != len(layers) * layout.layer_bytes:
+                        raise OSError(f"short read: {got} bytes")
+                    landed.put(runs)
+    finally:
+        landed.put(None)
+        checker.join()
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_side_by_side_arguments(ap, rounds=5, out="bench/results/direct_ceiling.json")
+    ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (whole sessions)")
+    ap.add_argument("--block-tokens", type=int, default=256)
+    ap.add_argument("--group", type=int, default=10, help="layers per O_DIRECT read in the direct pattern")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    args = ap.parse_args(argv)
+    from tierkv.integrations.hf import default_cache_dir
+
+    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    kvb = kv_bytes(kv)
+    heads, row_bytes = kv[0][0].shape[0], kv[0][0].shape[2] * kv[0][0].element_size()
+    sessions = max(1, parse_size(args.size) // (spec.bytes_per_token * TOKENS))
+    layout = Layout(spec.num_layers, heads, row_bytes, args.block_tokens, sessions)
+    work = tempfile.mkdtemp(prefix="tierkv-direct-", dir=args.dir)
+    path = os.path.join(work, "values.bin")
+    maps = []  # (map, view): released after the arrays on them
+    try:
+        write_file(path, layout, kvb)
+        hp_map, hp_view = huge_page_buffer(layout.nbytes)
+        maps.append((hp_map, hp_view))
+        plain = np.empty(layout.nbytes + PAGE, np.uint8)
+        plain = plain[(-plain.ctypes.data) % PAGE:][:layout.nbytes]  # O_DIRECT needs aligned memory
+        results = {"4 KiB pages": layout.shaped(plain), "huge pages": layout.shaped(np.frombuffer(hp_view, np.uint8))}
+        whole_map, whole = huge_page_buffer(os.path.getsize(path))
+        maps.append((whole_map, whole))
+        for flat in (plain, np.frombuffer(hp_view, np.uint8), np.frombuffer(whole, np.uint8)):
+            flat[::PAGE] = 1  # written once, before the rounds, as a server's KV memory is
+
+        methods: dict[str, Callable[[], Any]] = {}
+        for kind, result in results.items():
+            methods[f"buffered, layer-major (tierkv's pattern), result in {kind}"] = (
+                lambda r=result: buffered_layer_major(path, layout, r))
+            methods[f"direct, block-major, result in {kind}"] = (
+                lambda r=result: direct_block_major(path, layout, r, args.group))
+        methods[BASELINE] = lambda: odirect_read(path, huge=True)
+        methods["O_DIRECT sequential, whole huge-page destination"] = lambda: odirect_read(path, into=whole)
+        for name, f in methods.items():  # first use: code warmed; and each pattern's bytes checked
+            result = next((r for kind, r in results.items() if name.endswith(kind)), None)
+            if result is not None:
+                result.fill(0)
+            f()
+            if result is not None and not holds_the_kv(result, layout, kvb):
+                raise SystemExit(f"{name}: the result does not hold the KV")
+
+        def dropped(run: Callable[[], Any]) -> Callable[[], float]:
+            def timed() -> float:
+                drop_file_cache(path)
+                t = time.perf_counter()
+                run()
+                return time.perf_counter() - t
+            return timed
+
+        rows, orders = side_by_side({k: dropped(f) for k, f in methods.items()}, args.rounds, args.seed)
+    finally:
+        # the arrays on the maps go first (the methods hold some); a map still exported is
+        # left to the collector
+        results = plain = flat = result = methods = f = None  # noqa: F841
+        for m, view in maps:
+            with contextlib.suppress(BufferError):
+                view.release()
+                m.close()
+        shutil.rmtree(work, ignore_errors=True)
+    gbps = {k: layout.nbytes / statistics.median(v) / 1e9 for k, v in rows.items()}
+    paired = {k: statistics.median(b / a for a, b in zip(rows[k], rows[BASELINE])) for k in rows}
+    out: dict[str, Any] = {
+        "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "sessions": sessions, "bytes": layout.nbytes, "block_tokens": args.block_tokens, "group": args.group,
+        "rounds": args.rounds, "seed": args.seed, "round_orders": orders,
+        "seconds": {k: stats_of(v) for k, v in rows.items()}, "gbps": gbps,
+        "vs_odirect_reused_buffer": {k: gbps[k] / gbps[BASELINE] for k in rows},
+        "vs_odirect_reused_buffer_paired": paired,
+    }
+    print(f"{sessions} sessions x {TOKENS} tokens = {layout.nbytes / 2**30:.2f} GiB, {args.block_tokens}-token blocks, "
+          f"{args.group} layers per direct read")
+    for k in rows:
+        s = out["seconds"][k]
+        print(f"  {k:62s} {gbps[k]:5.2f} GB/s ({layout.nbytes / s['max'] / 1e9:.2f}-{layout.nbytes / s['min'] / 1e9:.2f})"
+              f"  {out['vs_odirect_reused_buffer'][k]:.2f}x of the baseline (per round {paired[k]:.2f}x)")
+    write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
