@@ -63,6 +63,9 @@ step gpu_split 90 python3 bench/gpu_restore_split.py --size 512MiB --rounds 5 --
     --out "$OUT/gpu_restore_split.json"
 step reload_bf16_raw 260 python3 bench/reload.py --dtype bf16 --codec raw --size "$SIZE" --repeats "$REPEATS" --seed 1 \
     --cache-dir "$KV" --out "$OUT/gpu_reload_bf16_raw.json"
+# how fast read patterns fill a restore's memory on this machine's disk, without the engine (session 27)
+step direct_ceiling 60 python3 bench/direct_ceiling.py --dtype bf16 --size 512MiB --rounds 3 --seed 1 \
+    --cache-dir "$KV" --out "$OUT/gpu_direct_ceiling.json"
 # the rest of the suite sees a CPU-only machine (tests/conftest.py); SIGINT at the limit still
 # prints pytest's summary
 rm -f "$OUT"/*.png  # at most 8 files come back from the device tool; plots are redrawn from the JSON
