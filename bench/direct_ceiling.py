@@ -31,7 +31,6 @@ the file's pages are dropped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import queue
 import shutil
@@ -50,6 +49,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
 from reload import TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
+from tierkv.blocks import pack_block  # noqa: E402
 from tierkv.config import parse_size  # noqa: E402
 from tierkv.pagecache import drop_file_cache  # noqa: E402
 
@@ -93,17 +93,18 @@ def kv_bytes(kv: list[tuple[Any, Any]]) -> list[list[np.ndarray]]:
     return [[x.contiguous().view(torch.uint8).numpy().reshape(x.shape[0], -1) for x in layer] for layer in kv]
 
 
-def write_file(path: str, layout: Layout, kv: list[list[np.ndarray]]) -> None:
-    """Every session's values, each block's payload in tierkv's raw layout, page-aligned."""
+def write_file(path: str, layout: Layout, spec: Any, kv: list[tuple[Any, Any]], block_tokens: int) -> None:
+    """Every session's values, each block's payload packed by tierkv itself (``pack_block``: its
+    raw layout), page-aligned."""
     values = []
     for b in range(layout.blocks):
-        at = slice(b * layout.run, (b + 1) * layout.run)
-        value = np.concatenate([x[h, at] for layer in kv for x in layer for h in range(layout.heads)])
-        values.append(np.concatenate([value, np.zeros(layout.stride - value.size, np.uint8)]))
+        payload = torch.zeros(layout.stride, dtype=torch.uint8)
+        pack_block(spec, kv, b * block_tokens, block_tokens, payload[:layout.value])
+        values.append(payload.numpy().tobytes())
     with open(path, "wb") as f:
         for _ in range(layout.sessions):
             for value in values:
-                f.write(value.tobytes())
+                f.write(value)
         f.flush()
         os.fsync(f.fileno())
 
@@ -201,16 +202,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     layout = Layout(spec.num_layers, heads, row_bytes, args.block_tokens, sessions)
     work = tempfile.mkdtemp(prefix="tierkv-direct-", dir=args.dir)
     path = os.path.join(work, "values.bin")
-    maps = []  # (map, view): released after the arrays on them
-    try:
-        write_file(path, layout, kvb)
+    try:  # the maps live until the process ends (it is a script: nothing to hand back sooner)
+        write_file(path, layout, spec, kv, args.block_tokens)
         hp_map, hp_view = huge_page_buffer(layout.nbytes)
-        maps.append((hp_map, hp_view))
         plain = np.empty(layout.nbytes + PAGE, np.uint8)
         plain = plain[(-plain.ctypes.data) % PAGE:][:layout.nbytes]  # O_DIRECT needs aligned memory
         results = {"4 KiB pages": layout.shaped(plain), "huge pages": layout.shaped(np.frombuffer(hp_view, np.uint8))}
         whole_map, whole = huge_page_buffer(os.path.getsize(path))
-        maps.append((whole_map, whole))
         for flat in (plain, np.frombuffer(hp_view, np.uint8), np.frombuffer(whole, np.uint8)):
             flat[::PAGE] = 1  # written once, before the rounds, as a server's KV memory is
 
@@ -240,13 +238,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         rows, orders = side_by_side({k: dropped(f) for k, f in methods.items()}, args.rounds, args.seed)
     finally:
-        # the arrays on the maps go first (the methods hold some); a map still exported is
-        # left to the collector
-        results = plain = flat = result = methods = f = None  # noqa: F841
-        for m, view in maps:
-            with contextlib.suppress(BufferError):
-                view.release()
-                m.close()
         shutil.rmtree(work, ignore_errors=True)
     gbps = {k: layout.nbytes / statistics.median(v) / 1e9 for k, v in rows.items()}
     paired = {k: statistics.median(b / a for a, b in zip(rows[k], rows[BASELINE])) for k in rows}
