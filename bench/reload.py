@@ -46,7 +46,7 @@ import reload_runs  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.config import TierKVConfig, parse_size  # noqa: E402
-from tierkv.pagecache import drop_file_cache  # noqa: E402
+from tierkv.pagecache import drop_file_cache, resident_fraction  # noqa: E402
 
 TOKENS = 2048  # tokens per session
 
@@ -409,15 +409,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{n_sessions} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB raw KV; "
               f"{ssd_bytes / 2**30:.2f} GiB on SSD ({total / ssd_bytes:.2f}x)", flush=True)
         read_bytes: dict[str, int] = {}
+        direct_bytes: dict[str, int] = {}   # of those, read with O_DIRECT (the last run's)
+        # the fraction of the store file in the page cache after the run (cold rows start at
+        # ~0): what a restore leaves behind in memory the rest of the machine could use
+        resident_after: dict[str, float] = {}
 
         # a server restores into KV memory it allocated at start-up (its pool, or vLLM's paged
         # cache): these rows restore session after session into one CachePool, reserved up front
         from_pool = preallocated(spec, TOKENS)
         gpu_pool = preallocated(spec, TOKENS, gpu) if gpu is not None else None
 
-        def open_store(map_reads: bool) -> tierkv.TierKV:
+        def open_store(map_reads: bool, direct: bool = False) -> tierkv.TierKV:
             if not map_reads:
-                return tierkv.TierKV(store, spec, **big)
+                return tierkv.TierKV(store, spec, **big, ssd_direct_reads=direct)
             from tierkv.store import ValueReader
 
             real = ValueReader.__dict__["open"]
@@ -430,12 +434,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return s
 
         def tierkv_restore(row: str | None, prefetch: bool, into_pool: bool = False,
-                           map_reads: bool = False, device: str = "cpu") -> Callable[[], None]:
+                           map_reads: bool = False, device: str = "cpu", direct: bool = False) -> Callable[[], None]:
             """A run restoring every session into ``device`` memory; it records the store bytes
             read under ``row`` (its method's name; None for a warm-up)."""
             pool = from_pool if device == "cpu" else gpu_pool
             def run() -> None:
-                with open_store(map_reads) as s:
+                with open_store(map_reads, direct) as s:
                     if prefetch:
                         handles = [s.prefetch(toks[i], session=f"s{i}") for i in range(n_sessions)]
                         for h in handles:
@@ -447,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     synchronize(device)
                     if row is not None:
                         read_bytes[row] = s.stats()["ssd_read_bytes"]
+                        direct_bytes[row] = s.stats()["ssd_direct_read_bytes"]
+                        resident_after[row] = resident_fraction(data)
             return run
 
         def tierkv_method(row: str, prepare: Callable[[], Any], **how: Any) -> None:
@@ -456,6 +462,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tierkv_method("tierkv cold", cold, prefetch=False)
         tierkv_method("tierkv cold, into preallocated tensors", cold, prefetch=False, into_pool=True)
         tierkv_method("tierkv cold + prefetch", cold, prefetch=True)
+        # ssd_direct_reads: layers not in the page cache read with O_DIRECT, a few MiB a request
+        tierkv_method("tierkv cold, O_DIRECT reads", cold, prefetch=False, direct=True)
+        tierkv_method("tierkv cold, O_DIRECT reads, into preallocated tensors", cold, prefetch=False,
+                      into_pool=True, direct=True)
+        tierkv_method("tierkv warm (page cache), O_DIRECT reads", warm_up, prefetch=False, direct=True)
         tierkv_method("tierkv warm (page cache)", warm_up, prefetch=False)
         tierkv_method("tierkv warm (page cache) + prefetch", warm_up, prefetch=True)
         # the path taken off Linux, or wherever values cannot be read with pread
@@ -543,8 +554,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # bytes tierkv read from its store file (from the disk when cold, the page cache when
         # warm) over the same median time: below the logical rate by the compression ratio
         results["physical_gbps"] = {row: n / statistics.median(timings[row]) / 1e9 for row, n in read_bytes.items()}
+        results["odirect_read_bytes"] = direct_bytes
+        results["store_resident_after"] = resident_after
         for row, gbps in results["physical_gbps"].items():
-            print(f"  {row:<34} {gbps:6.2f} GB/s read from the store file", flush=True)
+            print(f"  {row:<34} {gbps:6.2f} GB/s read from the store file, "
+                  f"{resident_after[row]:.0%} of it in the page cache after", flush=True)
     finally:
         stack.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -12,7 +12,7 @@ import lmdb
 import pytest
 import torch
 
-from tierkv.codec import header_bound
+from tierkv.codec import header_bound, parse_block
 from tierkv.keys import as_tokens, block_keys, chain_seed
 from tierkv.pagecache import drop_file_cache, resident_fraction
 
@@ -173,7 +173,11 @@ def test_restore_asks_the_disk_for_every_blocks_first_layer_at_once(open_store, 
     with s._ssd.reader() as txn:
         cur = s._ssd.blocks_cursor(txn)
         offsets = [s._ssd.values.locate(cur, key)[0] for key in keys_of(s, n)]
-    first = header_bound(spec, s.codec)  # raw codec: one plane a layer, so the header's exact size
+        # where layer 0 starts in a value: after its header (and the padding that puts it on a page)
+        size = s._ssd.values.locate(cur, keys_of(s, n)[0])[1]
+        head = s._ssd.values.read_head(offsets[0], size, header_bound(spec, s.codec))
+        first = parse_block(size, s.fingerprint, spec, s.codec, BLOCK, head=head, key=keys_of(s, n)[0]).layers[0][2][0][0]
+    drop_file_cache(data)  # the header read just now, and whatever was read around it
     layer = spec.layer_span(0, BLOCK)[1]  # bytes of one layer of a full block
     gate = threading.Event()
     s._pool.submit(gate.wait)  # the only decode thread waits: whatever is read now was asked for

@@ -81,21 +81,33 @@ def test_partial_key_differs_from_full_and_tenants_differ():
     assert as_tokens(torch.arange(5)).tolist() == as_tokens(np.arange(5, dtype=np.int64)).tolist()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.sampled_from(["bfloat16", "float16", "float32", "uint8"]), st.integers(1, 40),
-       st.sampled_from(["zstd", "planes", "raw"]), st.binary(min_size=0, max_size=64))
-def test_codec_round_trip(dtype, n_tokens, codec_name, noise):
+       st.sampled_from(["zstd", "planes", "raw"]), st.binary(min_size=0, max_size=64),
+       st.sampled_from([None, (64, 16), (32, 0), (4096, 16)]), st.booleans())
+def test_codec_round_trip(dtype, n_tokens, codec_name, noise, align, zero_layer):
     """Every layer mode decodes back to the payload: stored (random bytes do not compress), byte
     planes kept whatever their ratio ("planes": joined as byte pairs for 2-byte elements, byte
-    by byte otherwise), and the raw codec."""
+    by byte otherwise), and the raw codec; with ``align`` (page, shift), every stored layer of a
+    value large enough starts on a page once shifted, also after a compressed layer (a layer of
+    zeros compresses)."""
     spec = tierkv.KVSpec("m", (tierkv.LayerSpec((tierkv.TensorSpec("k", (3,), 0, dtype),
                                                  tierkv.TensorSpec("v", (2, 5), 1, dtype))),) * 2)
     rng = np.random.default_rng(len(noise))
     payload = rng.integers(0, 256, n_tokens * spec.bytes_per_token, dtype=np.uint8)
     payload[: len(noise)] = np.frombuffer(noise, np.uint8)[: payload.size]
+    if zero_layer:
+        payload[slice(*spec.layer_span(0, n_tokens))] = 0
     codec = {"zstd": ZstdPlanesCodec(), "planes": ZstdPlanesCodec(min_ratio=0.0), "raw": RawCodec()}[codec_name]
-    value = encode_block(codec, b"F" * 16, spec, payload, n_tokens)
+    value = encode_block(codec, b"F" * 16, spec, payload, n_tokens, align=align)
     parsed = parse_block(value, b"F" * 16, spec, codec, 64)
+    if align is not None and payload.size >= 16 * align[0]:
+        page, shift = align
+        assert value[7] & 1  # the ALIGNED flag
+        stored = [planes[0][0] for _, mode, planes in parsed.layers if mode == 1]
+        assert all((off + shift) % page == 0 for off in stored)
+    elif align is not None:
+        assert value == encode_block(codec, b"F" * 16, spec, payload, n_tokens)  # too small: not padded
     if codec_name == "planes":
         assert all(k == np.dtype(dtype.replace("bfloat16", "float16")).itemsize for k, _, _ in parsed.layers)
     out = np.zeros_like(payload)
@@ -111,18 +123,28 @@ def test_decoder_fuzz_any_bytes_are_a_clean_miss(junk, where):
     """Arbitrary bytes, and valid values with bytes changed, never escape as anything but a miss."""
     spec = small_spec(layers=2)
     codec = ZstdPlanesCodec()
-    good = encode_block(codec, b"F" * 16, spec, np.arange(5 * spec.bytes_per_token, dtype=np.uint8) % 7, 5)
-    candidates = [junk, good[:where % len(good)], good[:where % len(good)] + junk,
-                  bytes(x ^ (0xFF if i == where % len(good) else 0) for i, x in enumerate(good))]
+    payload = np.arange(5 * spec.bytes_per_token, dtype=np.uint8) % 7
+    payload[slice(*spec.layer_span(1, 5))] = np.random.default_rng(0).integers(0, 256, spec.layer_span(1, 5)[1]
+                                                                               - spec.layer_span(1, 5)[0])
+    goods = [encode_block(codec, b"F" * 16, spec, payload, 5),
+             encode_block(codec, b"F" * 16, spec, payload, 5, align=(32, 16))]  # a gap, then a stored layer
+    assert goods[1][7] & 1 and len(goods[1]) > len(goods[0])
+    candidates = [junk]
+    for good in goods:
+        candidates += [good[:where % len(good)], good[:where % len(good)] + junk,
+                       bytes(x ^ (0xFF if i == where % len(good) else 0) for i, x in enumerate(good))]
     for value in candidates:
+        out = np.zeros_like(payload)
         try:
             parsed = parse_block(value, b"F" * 16, spec, codec, 16)
             for layer in range(spec.num_layers):
                 a, b = spec.layer_span(layer, parsed.n_tokens)
-                decode_layer(codec, parsed, layer, np.zeros(b - a, np.uint8))
+                decode_layer(codec, parsed, layer, out[a:b])
         except CorruptValueError:
             continue
-        assert value == good  # only the untouched value may decode
+        # a value that decodes gives the KV it was made from: the untouched values, or one
+        # changed only in its padding (zero bytes no plane and no checksum covers)
+        assert parsed.n_tokens == 5 and np.array_equal(out, payload)
 
 
 def test_zstd_values_decode_whichever_match_finder_wrote_them():

@@ -26,11 +26,18 @@ a stored layer, bench/codec_choice.py: 2.83 GB/s with zlib's CRC32, 7.00 GB/s wi
 
 Value layout (all integers little-endian)::
 
-    magic "TKVB" | u16 format | u8 codec id | u8 reserved | 16 B store fingerprint
-    | u32 n_tokens | u32 n_layers
+    magic "TKVB" | u16 format | u8 codec id | u8 flags | 16 B store fingerprint
+    | u32 n_tokens | u32 n_layers | u32 page, u32 pad (flag ALIGNED only)
     | per layer: u8 planes k | u8 mode | per plane: u32 length, u32 crc32c (stored mode only)
     | u32 crc32c of everything above, seeded with the crc32c of the block's key
-    | plane bytes, layer after layer
+    | pad zero bytes (flag ALIGNED only) | plane bytes, layer after layer
+
+Flag ALIGNED (bit 0): ``pad`` zero bytes lie between the header and the planes, chosen by the
+writer so that the planes start on a page of the store's file (``encode_block``'s ``align``),
+and each stored layer starts ``page``-aligned from there (zero bytes before it, after a
+compressed layer). A stored layer can then be read with O_DIRECT straight into page-aligned
+memory (``ssd_direct_reads``). Values without the flag (every value written before it existed)
+parse as before.
 
 Mode 0: the layer's bytes split into k byte planes, each encoded by the codec (zstd frames carry
 their own XXH64). Mode 1 ("stored"): the layer's bytes as they are, one plane with a CRC32C. The
@@ -59,12 +66,17 @@ from .spec import FORMAT_VERSION, KVSpec
 
 __all__ = ["Codec", "ZstdPlanesCodec", "RawCodec", "CODECS", "make_codec", "CorruptValueError",
            "encode_block", "parse_block", "decode_layer", "iter_layer_planes", "read_stored_layer", "ParsedBlock",
-           "layer_itemsize", "header_bound", "join_byte_pair"]
+           "layer_itemsize", "header_bound", "join_byte_pair", "stored_span", "read_stored_layers"]
 
 MAGIC = b"TKVB"
 _HEAD = struct.Struct("<4sHBB16sII")
 _PLANE = struct.Struct("<II")
 _U32 = struct.Struct("<I")
+#: header flag: stored layers start on a page of the store's file (``encode_block``'s ``align``)
+_ALIGNED = 0x01
+#: with _ALIGNED, after the fixed head: the page size, the zero bytes between header and planes
+_ALIGN_EXT = struct.Struct("<II")
+_MAX_PAGE = 1 << 30
 _MODE_PLANES, _MODE_STORED = 0, 1
 _LITTLE = sys.byteorder == "little"
 
@@ -167,12 +179,21 @@ def layer_itemsize(spec: KVSpec, layer: int, codec: Codec) -> int:
 
 
 def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.ndarray, n_tokens: int,
-                 key: bytes = b"") -> bytes:
+                 key: bytes = b"", align: tuple[int, int] | None = None) -> bytes:
     """Encode a block payload (uint8, ``n_tokens * spec.bytes_per_token`` bytes) into one value.
 
     ``key``: the block key the value is stored under; it seeds the header checksum, so a value
-    read from the wrong place (another block's value) fails its header check."""
-    table, frames = [], []
+    read from the wrong place (another block's value) fails its header check.
+    ``align``: ``(page, shift)``: pad the header so that the planes start at a value offset ``o``
+    with ``(o + shift) % page == 0``, where the store puts a value's first byte ``shift`` bytes
+    into a page of its file (``SSDStore.value_alignment``); None: no padding. Values whose planes
+    fill fewer than 16 pages are not padded: the padding would cost more than a sixteenth of
+    them, and reads that small gain nothing from O_DIRECT."""
+    aligned = align is not None and payload.size >= 16 * align[0]
+    page, shift = align if aligned else (1, 0)
+    if not (0 < page <= _MAX_PAGE and page & (page - 1) == 0):
+        raise ValueError(f"alignment page must be a power of two up to {_MAX_PAGE} bytes, got {page}")
+    table, frames, at = [], [], 0   # at: bytes of frames (and gaps) so far
     min_ratio = getattr(codec, "min_ratio", 1.0)
     for layer in range(spec.num_layers):
         start, end = spec.layer_span(layer, n_tokens)
@@ -186,13 +207,23 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
                 for c in coded:
                     table.append(_PLANE.pack(len(c), 0 if codec.checksum_in_frame else crc32c(c)))
                 frames += coded
+                at += sum(len(c) for c in coded)
                 continue
         stored = data.tobytes()
         table.append(struct.pack("<BB", 1, _MODE_STORED) + _PLANE.pack(len(stored), crc32c(stored)))
+        gap = -at % page  # a stored layer starts on a page (after any compressed layer)
+        if gap:
+            frames.append(bytes(gap))
         frames.append(stored)
-    head = _HEAD.pack(MAGIC, FORMAT_VERSION, codec.codec_id, 0, fingerprint, n_tokens, spec.num_layers)
-    head += b"".join(table)
-    return b"".join([head, _U32.pack(crc32c(head, crc32c(key)))] + frames)
+        at += gap + len(stored)
+    flags, ext, pad = 0, b"", b""
+    if aligned:
+        size = _HEAD.size + _ALIGN_EXT.size + sum(map(len, table)) + _U32.size
+        flags, pad = _ALIGNED, bytes(-(size + shift) % page)
+        ext = _ALIGN_EXT.pack(page, len(pad))
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, codec.codec_id, flags, fingerprint, n_tokens, spec.num_layers)
+    head += ext + b"".join(table)
+    return b"".join([head, _U32.pack(crc32c(head, crc32c(key))), pad] + frames)
 
 
 #: ``read_at(offset, buffers, nbytes)``: fill ``buffers`` (writable, C-contiguous; ``nbytes`` in
@@ -222,7 +253,7 @@ class ParsedBlock:
 def header_bound(spec: KVSpec, codec: Codec) -> int:
     """An upper bound on the header size of any value of ``spec`` under ``codec``."""
     planes = sum(layer_itemsize(spec, i, codec) if codec.split_planes else 1 for i in range(spec.num_layers))
-    return _HEAD.size + 2 * spec.num_layers + planes * _PLANE.size + _U32.size
+    return _HEAD.size + _ALIGN_EXT.size + 2 * spec.num_layers + planes * _PLANE.size + _U32.size
 
 
 def parse_block(buf: memoryview | bytes | int, fingerprint: bytes, spec: KVSpec, codec: Codec,
@@ -241,14 +272,21 @@ def parse_block(buf: memoryview | bytes | int, fingerprint: bytes, spec: KVSpec,
     total = buf if isinstance(buf, int) else len(buf)
     buf = memoryview(head if head is not None else buf)
     try:
-        magic, version, codec_id, _, fp, n_tokens, n_layers = _HEAD.unpack_from(buf, 0)
+        magic, version, codec_id, flags, fp, n_tokens, n_layers = _HEAD.unpack_from(buf, 0)
         if magic != MAGIC or version != FORMAT_VERSION:
             raise CorruptValueError("not a tierkv block of this format version")
         if fp != fingerprint:
             raise CorruptValueError("block belongs to another model, layout or codec")
         if codec_id != codec.codec_id or n_layers != spec.num_layers or not 0 < n_tokens <= max_tokens:
             raise CorruptValueError("block header does not match the store")
-        pos, layers = _HEAD.size, []
+        if flags & ~_ALIGNED:
+            raise CorruptValueError("block header has unknown flags")
+        pos, layers, page, pad = _HEAD.size, [], 1, 0
+        if flags & _ALIGNED:
+            page, pad = _ALIGN_EXT.unpack_from(buf, pos)
+            if not (0 < page <= _MAX_PAGE and page & (page - 1) == 0 and pad < page):
+                raise CorruptValueError("block header has a bad alignment")
+            pos += _ALIGN_EXT.size
         for layer in range(n_layers):
             k, mode = struct.unpack_from("<BB", buf, pos)
             pos += 2
@@ -261,11 +299,13 @@ def parse_block(buf: memoryview | bytes | int, fingerprint: bytes, spec: KVSpec,
         (crc,) = _U32.unpack_from(buf, pos)
         if crc != crc32c(buf[:pos], crc32c(key)):
             raise CorruptValueError("block header checksum mismatch")
-        pos += _U32.size
+        pos += _U32.size + pad
     except struct.error:
         raise CorruptValueError("block header truncated") from None
-    placed = []
+    placed, frames_at = [], pos
     for k, mode, planes in layers:
+        if mode == _MODE_STORED:
+            pos += -(pos - frames_at) % page  # the gap in front of an aligned stored layer
         row = []
         for length, pcrc in planes:
             row.append((pos, length, pcrc))
@@ -313,6 +353,39 @@ def read_stored_layer(block: ParsedBlock, layer: int, dsts: Sequence[np.ndarray]
     if c != crc:
         raise CorruptValueError("stored layer checksum mismatch")
     return True
+
+
+def stored_span(block: ParsedBlock, layers: range) -> tuple[int, int] | None:
+    """(value offset, length) of consecutive layers that are all stored as they are (mode 1),
+    so one read fills them; None if any is split into planes."""
+    if any(block.layers[layer][1] != _MODE_STORED for layer in layers):
+        return None
+    first, last = block.layers[layers[0]][2][0], block.layers[layers[-1]][2][0]
+    return first[0], last[0] + last[1] - first[0]
+
+
+def read_stored_layers(block: ParsedBlock, layers: range, dsts: Sequence[Sequence[np.ndarray]], read: ReadAt) -> None:
+    """Read consecutive stored-mode layers (``stored_span``) with one ``read`` (a ReadAt: the
+    value's ``read_at`` or its O_DIRECT form) into ``dsts`` (per layer, as in
+    ``read_stored_layer``), then verify each layer's CRC32C.
+
+    Raises:
+        CorruptValueError: a layer's size or checksum does not match (its destinations then hold
+            garbage).
+    """
+    span = stored_span(block, layers)
+    if span is None:
+        raise CorruptValueError("layers are not stored as they are")
+    for layer, ds in zip(layers, dsts):
+        if sum(d.nbytes for d in ds) != block.layers[layer][2][0][1]:
+            raise CorruptValueError("stored layer length mismatch")
+    read(span[0], [d for ds in dsts for d in ds], span[1])
+    for layer, ds in zip(layers, dsts):
+        c = 0
+        for d in ds:
+            c = crc32c(d, c)
+        if c != block.layers[layer][2][0][2]:
+            raise CorruptValueError("stored layer checksum mismatch")
 
 
 def iter_layer_planes(codec: Codec, block: ParsedBlock, layer: int, layer_bytes: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -82,6 +82,12 @@ class TierKVConfig:
             matches only (``ZstdPlanesCodec.long_matches_only``), so levels above 1 gain little on KV;
             negative levels store literals uncompressed and so barely compress KV at all.
         io_threads: threads decoding blocks read from SSD.
+        ssd_direct_reads: read stored (uncompressed) layers that are not in the page cache with
+            O_DIRECT, several layers of a block per request, straight into page-aligned result
+            memory (results tierkv allocates are). Off: every read goes through the page cache.
+            Needs a file system that supports O_DIRECT (else reads stay buffered) and values
+            written since tierkv aligned them (older ones are read as before); see
+            docs/integration.md.
         io_affinity: ``"spread"`` gives each I/O thread its own slice of the CPUs the process may
             run on, so a restore's decode threads do not start out sharing one CPU (with more
             threads than CPUs, they take one CPU each in turn; see ``tierkv.affinity``);
@@ -105,6 +111,7 @@ class TierKVConfig:
     ssd_codec: str = "zstd-planes"
     zstd_level: int = 1
     io_threads: int = 2
+    ssd_direct_reads: bool = False
     io_affinity: str = "spread"
     pin_host_memory: bool | None = None
     nan_policy: str = "store"
@@ -127,6 +134,8 @@ class TierKVConfig:
             raise ConfigError(f"nan_policy must be 'store' or 'refuse', got {self.nan_policy!r}")
         if not isinstance(self.io_threads, int) or not (1 <= self.io_threads <= 64):
             raise ConfigError(f"io_threads must be an int in 1..64, got {self.io_threads!r}")
+        if not isinstance(self.ssd_direct_reads, bool):
+            raise ConfigError(f"ssd_direct_reads must be True or False, got {self.ssd_direct_reads!r}")
         if self.io_affinity not in AFFINITIES:
             raise ConfigError(f"io_affinity must be one of {list(AFFINITIES)}, got {self.io_affinity!r}")
         if not isinstance(self.zstd_level, int) or not (-7 <= self.zstd_level <= 22):

@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ import torch
 from . import hostmem
 from .affinity import spread_initializer
 from .blocks import Block, BlockLoad, BlockState, Epoch, pack_blocks
-from .codec import CorruptValueError, header_bound, make_codec, parse_block
+from .codec import CorruptValueError, header_bound, make_codec, parse_block, stored_span
 from .config import TierKVConfig
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
                      SpecMismatchError, StoreClosedError, StoreFullError, StoreIOError, TierKVError,
@@ -40,7 +40,7 @@ from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedPr
 from .handles import LoadHandle, RestoredKV, SaveHandle, _Part, via_host_staging
 from .pagecache import advise_willneed
 from .keys import as_tokens, block_keys, chain_seed, common_prefix, iter_block_keys, tokens_view
-from .movers import MOVERS, Transfer, decode_layer_into, decode_layer_into_views, encode_payload
+from .movers import MOVERS, Transfer, decode_layer_into, decode_layer_into_views, encode_payload, read_layers_direct
 from .spec import KVSpec
 from .stats import Stats
 from .store import SessionRecord, SSDStore, check_session_id
@@ -55,6 +55,25 @@ TOUCH_WRITE_S = 2.0
 #: while the writer catches up; beyond it, ``save`` waits for the writer, at most SAVE_WAIT_S
 SAVE_SLACK_MAX = 1 << 30
 SAVE_WAIT_S = 10.0
+#: bytes per O_DIRECT request of a block's layers (``ssd_direct_reads``): on the test machine's
+#: disk, requests of a few MiB went near its sequential rate and requests of one layer did not
+#: (bench/direct_ceiling.py); runs of stored layers smaller than DIRECT_MIN_BYTES stay buffered
+DIRECT_READ_BYTES = 4 << 20
+DIRECT_MIN_BYTES = 1 << 20
+
+
+def _consecutive(layers: list[int]) -> Iterator[range]:
+    """Runs of consecutive numbers in a sorted list, as ranges."""
+    start = prev = None
+    for x in layers:
+        if start is not None and x != prev + 1:
+            yield range(start, prev + 1)
+            start = None
+        if start is None:
+            start = x
+        prev = x
+    if start is not None:
+        yield range(start, prev + 1)
 
 
 @dataclass(eq=False)
@@ -106,6 +125,11 @@ class TierKV:
         ident = {"block_tokens": cfg.block_tokens, "codec": self.codec.name, "device_codec": "raw"}
         self.fingerprint = spec.fingerprint(**ident)
         self._ssd = SSDStore(path, self.fingerprint, dict(spec.describe(), **ident), cfg.ssd_bytes)
+        # values are written with their planes on a page of data.mdb, whatever ssd_direct_reads
+        # says now: a store written today may be read with O_DIRECT tomorrow
+        self._align = self._ssd.value_alignment
+        if cfg.ssd_direct_reads and self._ssd.values is not None:
+            self._ssd.values.no_readahead()
         self.path = self._ssd.path
         # page-locked full blocks come from slabs locked ahead by a background thread (a new
         # page-locked block cost 4.4 ms on an H200 machine: see tierkv/hostmem.py)
@@ -534,7 +558,8 @@ class TierKV:
             if rec is not None and rec.tenant == tenant:
                 rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
                 self._touched[session] = rec.last_used
-        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged)
+        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged,
+                            one_slab=self.config.ssd_direct_reads and any(p.direct for p in parts))
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._submit_decodes(loads, direct, handle, promote)
@@ -634,11 +659,11 @@ class TierKV:
         job = {"left": len(work) * L, "lock": threading.Lock(),
                "bytes": sum(item.block.nbytes for item, _ in work), "disk": sum(p.nbytes for _, p in work)}
 
-        def count_down() -> bool:
-            """One (block, layer) task is done; True for the job's last. Its moves are counted
-            here, before any waiter is woken: a caller woken by its last layer sees them."""
+        def count_down(n: int) -> bool:
+            """``n`` (block, layer) tasks are done; True for the job's last. Its moves are
+            counted here, before any waiter is woken: a caller woken by its last layer sees them."""
             with job["lock"]:
-                job["left"] -= 1
+                job["left"] -= n
                 last = job["left"] == 0
             if last:
                 self._stats.moved("ssd->" + ("host" if not direct else "caller"), job["bytes"],
@@ -646,23 +671,38 @@ class TierKV:
                 self._stats.count("ssd_read_bytes", job["disk"])
             return last
 
-        def decode(item: Any, parsed: Any, layer: int) -> None:
+        def decode(item: Any, parsed: Any, layers: range, odirect: bool) -> None:
+            """Decode ``layers`` of one block (one layer, or with ``odirect`` a group of stored
+            layers read with one O_DIRECT request) into its host buffer or the handle's result."""
             last = False
             try:
                 try:
-                    if item.error is None and isinstance(item, BlockLoad):
-                        decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
-                    elif item.error is None:
-                        decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._targets(layer),
-                                                item.start, item.used)
+                    if item.error is None and odirect:
+                        if isinstance(item, BlockLoad):
+                            odirect = read_layers_direct(self.spec, parsed, layers, align, buffer=item.buffer)
+                        else:
+                            odirect = read_layers_direct(self.spec, parsed, layers, align, targets=handle._targets,
+                                                         start=item.start, used=item.used)
+                        if odirect:
+                            self._stats.count("ssd_direct_read_bytes", sum(
+                                parsed.layers[layer][2][0][1] for layer in layers))
+                    if item.error is None and not odirect:  # memory not aligned: layer by layer
+                        for layer in layers:
+                            if isinstance(item, BlockLoad):
+                                decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
+                            else:
+                                decode_layer_into_views(self.codec, self.spec, parsed, layer,
+                                                        handle._targets(layer), item.start, item.used)
                 finally:
-                    last = count_down()  # before this task's waiters wake, even on a failure
+                    last = count_down(len(layers))  # before this task's waiters wake, even on a failure
                 if not isinstance(item, BlockLoad):
-                    handle._direct_layer_done(layer)
+                    for layer in layers:
+                        handle._direct_layer_done(layer)
                 elif item.error is None:
-                    item.layer_done[layer].set()
+                    for layer in layers:
+                        item.layer_done[layer].set()
                     with self._lock:
-                        item.remaining -= 1
+                        item.remaining -= len(layers)
                         complete = item.remaining == 0
                     if complete:
                         self._load_complete(item, promote)
@@ -671,12 +711,20 @@ class TierKV:
                     self._load_failed(item, e)
                 else:
                     self._direct_failed(item, e, handle, all_layers=False)
-                    handle._direct_layer_done(layer)
+                    for layer in layers:
+                        handle._direct_layer_done(layer)
                 if not isinstance(e, CorruptValueError):
                     self._bg_error = self._bg_error or e
             finally:
                 if last:
                     release()
+
+        align = values.DIRECT_ALIGN if values is not None else 0
+        groups, direct_runs = self._direct_plan(work, where, handle, values)
+        for w in {w for w, _ in direct_runs}:
+            # its other layers are read through the shared descriptor, without readahead: a
+            # window read ahead would bring in layers an O_DIRECT request reads again
+            work[w][1].read_at.share()
 
         # Layer-major order: layer 0 of every block first, so per-layer waits finish early. Read
         # through the map, the disk is asked for the bytes in that order up front; with pread
@@ -691,14 +739,26 @@ class TierKV:
         # the kernel's readahead has no history yet: ask for all of them up front, so the disk
         # serves them in parallel instead of two at a time (bench/ttft_parts.py records when
         # layer 0 is ready); later layers follow in file order under the kernel's own readahead.
+        # (Not for a group read with O_DIRECT: it would read the same bytes twice.)
         if values is not None:
             values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
                                      sum(length for _, length, _ in parsed.layers[0][2]))
-                                    for item, parsed in work if parsed.read_at is not None])
+                                    for w, (item, parsed) in enumerate(work)
+                                    if parsed.read_at is not None and not any(0 in r for r in direct_runs.get((w, 0), ()))])
         # A few workers pulling from one queue, not a future per (block, layer): submitting
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
         # on every submit (profiled: tens of microseconds each).
-        tasks = iter([(item, parsed, layer) for layer in range(L) for item, parsed in work])
+        order: list[tuple[Any, Any, range, bool]] = []
+        for g, layers in enumerate(groups):
+            for w, (item, parsed) in enumerate(work):
+                runs = direct_runs.get((w, g), ())
+                for layer in layers:
+                    run = next((r for r in runs if r[0] == layer), None)
+                    if run is not None:
+                        order.append((item, parsed, run, True))
+                    elif not any(layer in r for r in runs):
+                        order.append((item, parsed, range(layer, layer + 1), False))
+        tasks = iter(order)
         take = threading.Lock()
 
         def worker() -> None:
@@ -709,8 +769,66 @@ class TierKV:
                     return
                 decode(*task)
 
-        for _ in range(min(self.config.io_threads, len(work) * L)):
+        for _ in range(min(self.config.io_threads, len(order))):
             self._pool.submit(worker)
+
+    def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
+                     values: Any) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
+        """Which layers of which SSD blocks to read with O_DIRECT (``ssd_direct_reads``).
+
+        The layers are taken in groups of about DIRECT_READ_BYTES; within a group, each run
+        of consecutive layers stored as they are (not compressed) that holds at least
+        DIRECT_MIN_BYTES, lies page-aligned in the file, has no page in the page cache, and
+        lands in memory that takes O_DIRECT, is read with one request straight into its
+        destination (bench/direct_ceiling.py: O_DIRECT requests of a few MiB went near the
+        disk's sequential rate on the test machine, requests of a layer each did not). Returns
+        the groups, and per (index in ``work``, group) the runs to read so; every other layer is
+        read as before, one task each."""
+        L = self.spec.num_layers
+        if not self.config.ssd_direct_reads or values is None or values.direct_fd() < 0:
+            return [range(layer, layer + 1) for layer in range(L)], {}
+        layer_bytes = max(b - a for a, b in (self.spec.layer_span(i, self.block_tokens) for i in range(L)))
+        per = max(1, DIRECT_READ_BYTES // max(1, layer_bytes))
+        groups = [range(g, min(L, g + per)) for g in range(0, L, per)]
+        fits = self._direct_memory(handle, values.DIRECT_ALIGN)
+        runs: dict[tuple[int, int], list[range]] = {}
+        for w, (item, parsed) in enumerate(work):
+            if parsed.read_at is None or not fits(item):
+                continue
+            base = where[item.block.key][0]
+            for g, layers in enumerate(groups):
+                stored = [layer for layer in layers if stored_span(parsed, range(layer, layer + 1)) is not None]
+                for run in _consecutive(stored):
+                    off, length = stored_span(parsed, run)
+                    if length >= DIRECT_MIN_BYTES and values.direct_ok(base + off, length):
+                        runs.setdefault((w, g), []).append(run)
+        return groups, runs
+
+    def _direct_memory(self, handle: LoadHandle, align: int) -> Callable[[Any], bool]:
+        """Whether the memory an SSD block (a BlockLoad or a handle's part) is read into takes
+        O_DIRECT requests: a host buffer on an ``align`` boundary, or result tensors (staged:
+        host buffers tierkv allocates) in which every run a whole block fills starts on one.
+        read_layers_direct checks each destination again before it reads."""
+        steps: set[int] | None = set()   # per result tensor: its bytes per token
+        if not handle._staged:
+            for layer, outs in zip(self.spec.layers, handle._outs):
+                for t, out in zip(layer.tensors, outs):
+                    es = out.element_size()
+                    if out.data_ptr() % align or any(st * es % align for st in out.stride()[:t.seq_axis]):
+                        steps = None
+                        break
+                    steps.add(out.stride()[t.seq_axis] * es)
+                if steps is None:
+                    break
+
+        def fits(item: Any) -> bool:
+            if isinstance(item, BlockLoad):
+                return item.buffer.data_ptr() % align == 0
+            if handle._staged:
+                return True
+            return (steps is not None and item.used == item.block.n_tokens
+                    and all(st * item.start % align == 0 for st in steps))
+        return fits
 
     def _direct_failed(self, p: _Part, error: BaseException, handle: LoadHandle, all_layers: bool) -> None:
         """A block decoded straight into a result failed: a counted miss; mark it corrupt."""
@@ -895,7 +1013,7 @@ class TierKV:
         t0 = time.perf_counter()
         items = list(todo.values())
         values = dict(zip(todo, self._pool.map(
-            lambda bp: encode_payload(self.codec, self.fingerprint, self.spec, bp[0], bp[1]), items)))
+            lambda bp: encode_payload(self.codec, self.fingerprint, self.spec, bp[0], bp[1], self._align), items)))
         raw = sum(b.nbytes for b, _ in items)
         enc = sum(len(v) for v in values.values())
         try:

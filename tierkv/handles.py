@@ -8,6 +8,7 @@ Primitives:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from contextlib import nullcontext
@@ -84,7 +85,30 @@ Allocator = Callable[[int, int, tuple, torch.dtype, torch.device], torch.Tensor]
 
 
 def _default_alloc(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":  # page-aligned: O_DIRECT reads can fill it (ssd_direct_reads)
+        return hostmem.aligned_empty(tuple(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def slab_alloc(spec: "KVSpec", n_tokens: int) -> Allocator:
+    """An ``allocate`` that carves every result tensor of an ``n_tokens`` restore on the CPU from
+    one buffer on huge pages (``hostmem.aligned_empty``), each tensor starting on a page: O_DIRECT
+    reads of a few MiB reach the disk as one request each only into huge pages. The buffer lives
+    as long as any of the tensors."""
+    places, total = {}, 0
+    for li, layer in enumerate(spec.layers):
+        for ti, t in enumerate(layer.tensors):
+            places[(li, ti)] = total
+            total += -(-t.bytes_per_token * n_tokens // hostmem.PAGE) * hostmem.PAGE
+    slab = hostmem.aligned_empty((total,), torch.uint8, huge=True)
+
+    def allocate(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return _default_alloc(layer, index, shape, dtype, device)
+        at = places[(layer, index)]
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return slab[at:at + n].view(dtype).view(shape)
+    return allocate
 
 
 #: the most device memory one restore's staging of memory blocks takes at a time
@@ -111,12 +135,14 @@ class LoadHandle:
 
     def __init__(self, spec: "KVSpec", parts: list[_Part], device: torch.device,
                  on_failed: Callable[[int, int], None], allocate: Allocator | None = None,
-                 staged: bool = False) -> None:
+                 staged: bool = False, one_slab: bool = False) -> None:
         self._spec = spec
         self._parts = parts
         self._device = device
         self._on_failed = on_failed
         self.num_tokens = sum(p.used for p in parts)
+        if allocate is None and one_slab and device.type == "cpu" and self.num_tokens:
+            allocate = slab_alloc(spec, self.num_tokens)
         alloc = allocate or _default_alloc
         self._outs: list[tuple[torch.Tensor, ...]] = [
             tuple(alloc(li, ti, t.shape(self.num_tokens), t.torch_dtype, device) for ti, t in enumerate(layer.tensors))

@@ -4,6 +4,8 @@ Primitives:
     can_pin: whether this process can page-lock memory (CUDA is available).
     host_buffer: one flat uint8 CPU buffer, page-locked or not (how tierkv allocates host memory
         outside the pool; the one place that asks torch for page-locked memory).
+    aligned_empty: a CPU tensor whose memory starts on a page (O_DIRECT can read into it), on
+        huge pages if asked.
     hold_until: keep host buffers referenced until the copies reading them (marked by an event)
         have run.
     SlabPool: buffers of one size (a full block's payload) carved from slabs; a buffer's place goes
@@ -21,6 +23,10 @@ and a 64 MiB slab holds 11 such blocks (3 % unused, against 30 %).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import math
+import sys
 import threading
 import time
 from collections import deque
@@ -29,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["can_pin", "host_buffer", "hold_until", "SlabPool", "SLAB_MIN_BYTES", "AHEAD_MAX_BYTES"]
+__all__ = ["can_pin", "host_buffer", "aligned_empty", "HUGE_PAGE", "hold_until", "SlabPool", "SLAB_MIN_BYTES", "AHEAD_MAX_BYTES"]
 
 #: slab size unless a block or the limit is smaller (a power of two)
 SLAB_MIN_BYTES = 64 << 20
@@ -44,8 +50,47 @@ def can_pin() -> bool:
 
 
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A new flat uint8 CPU buffer of ``nbytes``, page-locked if ``pin``."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    """A new flat uint8 CPU buffer of ``nbytes``, page-locked if ``pin``; page-aligned either way
+    (torch's page-locked memory is; the rest comes from ``aligned_empty``), so O_DIRECT reads
+    (``ssd_direct_reads``) can fill it."""
+    if pin:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return aligned_empty((nbytes,), torch.uint8)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False) -> torch.Tensor:
+    """An uninitialised CPU tensor whose first byte is on a page: a view of a buffer one page
+    longer (torch's CPU allocator aligns to 64 bytes only, and O_DIRECT moves whole disk sectors
+    by DMA into memory on a sector boundary).
+
+    ``huge``: align to 2 MiB and ask for transparent huge pages (``MADV_HUGEPAGE``; the kernel
+    may refuse). A disk request can carry only so many separate pieces of memory (254 on the
+    test machine's virtio disk): an O_DIRECT read of 4 MiB into 4 KiB pages went to the disk as
+    requests of about 1 MiB, into huge pages as one. Only for memory allocated ahead of use:
+    a first write into a huge page may wait for the kernel to compact memory."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    align = HUGE_PAGE if huge else PAGE
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    off = -raw.data_ptr() % align
+    if huge and nbytes >= HUGE_PAGE:
+        _advise_huge(raw.data_ptr() + off, nbytes - nbytes % HUGE_PAGE)
+    return raw[off:off + nbytes].view(dtype).view(shape)
+
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_libc: Any = None
+
+
+def _advise_huge(addr: int, length: int) -> None:
+    """``madvise(MADV_HUGEPAGE)`` on a 2 MiB-aligned range (Linux; best effort)."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.madvise(addr, length, _MADV_HUGEPAGE)
 
 
 _held: deque = deque()  # (event, buffers), oldest first

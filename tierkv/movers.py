@@ -9,6 +9,8 @@ Primitives:
     encode_payload: host -> SSD bytes (the codec); the LMDB write itself is the writer's.
     decode_layer_into: SSD bytes -> one layer of a host buffer (prefetch: the block is cached).
     decode_layer_into_views: SSD bytes -> one layer of the caller's result tensors (restore).
+    read_layers_direct: stored layers of one block, read with O_DIRECT in one request straight
+        into a host buffer or the caller's result tensors (``ssd_direct_reads``).
 
 Bookkeeping (which block, which state) stays in engine.py; a mover never takes the engine's lock.
 """
@@ -25,12 +27,13 @@ import numpy as np
 import torch
 
 from .blocks import Block
-from .codec import Codec, ParsedBlock, decode_layer, encode_block, iter_layer_planes, join_byte_pair, read_stored_layer
+from .codec import (Codec, ParsedBlock, decode_layer, encode_block, iter_layer_planes, join_byte_pair, read_stored_layer,
+                    read_stored_layers)
 from .spec import KVSpec
 from .tiers import MemoryTier
 
 __all__ = ["Transfer", "MOVERS", "copy_stream", "copy_payload", "same_memory", "encode_payload", "decode_layer_into", "decode_layer_into_views",
-           "LayerTargets", "layer_targets"]
+           "read_layers_direct", "LayerTargets", "layer_targets"]
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,13 @@ def copy_payload(payload: torch.Tensor, dst: MemoryTier) -> torch.Tensor:
     return out
 
 
-def encode_payload(codec: Codec, fingerprint: bytes, spec: KVSpec, block: Block, payload: torch.Tensor) -> bytes:
-    """Encode a host payload into a self-describing SSD value."""
+def encode_payload(codec: Codec, fingerprint: bytes, spec: KVSpec, block: Block, payload: torch.Tensor,
+                   align: tuple[int, int] | None = None) -> bytes:
+    """Encode a host payload into a self-describing SSD value (planes page-aligned in the store's
+    file when ``align``, ``SSDStore.value_alignment``, is given)."""
     if payload.device.type != "cpu":
         payload = payload.cpu()
-    return encode_block(codec, fingerprint, spec, payload.numpy(), block.n_tokens, key=block.key)
+    return encode_block(codec, fingerprint, spec, payload.numpy(), block.n_tokens, key=block.key, align=align)
 
 
 def decode_layer_into(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: int, buffer: torch.Tensor) -> None:
@@ -181,6 +186,38 @@ def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, lay
                 elems[...] = part
             else:
                 dst[..., j] = part
+
+
+def read_layers_direct(spec: KVSpec, parsed: ParsedBlock, layers: range, align: int,
+                       buffer: torch.Tensor | None = None, targets: Callable[[int], LayerTargets] | None = None,
+                       start: int = 0, used: int = 0) -> bool:
+    """Read ``layers`` of a block, all stored as they are and lying back to back in its value,
+    with one O_DIRECT request (``ValueFile.direct``) straight into their destinations, then check
+    each layer's CRC32C: the layers' byte ranges of a host ``buffer`` (a block payload), or the
+    ``targets`` (``layer -> LayerTargets``, as ``decode_layer_into_views`` takes them) at token
+    ``start`` for a block used whole (``used`` = its tokens).
+
+    Returns False, having read nothing, when a destination is not on an ``align`` boundary in
+    address and size (O_DIRECT moves whole sectors by DMA): the caller then reads the layers
+    through the page cache. The value's side (file offset, length) is the caller's to check.
+    """
+    n = parsed.n_tokens
+    if buffer is not None:
+        u8 = buffer.numpy()
+        dsts = [[u8[slice(*spec.layer_span(layer, n))]] for layer in layers]
+    else:
+        if targets is None or used != n:
+            return False
+        dsts = []
+        for layer in layers:
+            runs = targets(layer).runs
+            if runs is None:
+                return False
+            dsts.append([run[start:start + used] for run in runs])
+    if any(d.ctypes.data % align or d.nbytes % align for ds in dsts for d in ds):
+        return False
+    read_stored_layers(parsed, layers, dsts, parsed.read_at.direct)
+    return True
 
 
 def _plane_plan(spec: KVSpec, layer: int, targets: LayerTargets, n: int, used: int, k: int) -> tuple[int, list]:

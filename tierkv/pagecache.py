@@ -3,6 +3,7 @@
 Primitives:
     drop_file_cache: write back and evict a file's pages, so the next read comes from the disk.
     resident_fraction: how much of a file is in the page cache now (``mincore``).
+    any_resident: whether any page of a mapped range is in the page cache.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ctypes.util
 import mmap
 import os
 
-__all__ = ["drop_file_cache", "resident_fraction"]
+__all__ = ["drop_file_cache", "resident_fraction", "any_resident"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
@@ -54,6 +55,22 @@ def resident_fraction(path: str, offset: int = 0, length: int | None = None) -> 
             _libc.munmap(ctypes.c_void_p(addr), end - start)
     finally:
         os.close(fd)
+
+
+def any_resident(addr: int, length: int) -> bool:
+    """Whether any page of the mapped range ``[addr, addr + length)`` is in the page cache
+    (``mincore``; it reads nothing). True when it cannot tell."""
+    start = addr - addr % mmap.PAGESIZE
+    pages = (addr + length - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    if pages <= 0:
+        return False
+    vec = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(start), pages * mmap.PAGESIZE, vec) != 0:
+        return True
+    return b"\x01" in bytes(vec).translate(_LOW_BIT)
+
+
+_LOW_BIT = bytes(b & 1 for b in range(256))  # mincore's byte per page: bit 0 = resident
 
 
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

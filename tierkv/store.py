@@ -44,6 +44,7 @@ import numpy as np
 from .codec import CorruptValueError
 from .errors import ConfigError, ForeignStoreError, StoreFullError, StoreIOError, TierKVError
 from .keys import KEY_BYTES
+from .pagecache import any_resident
 from .spec import FORMAT_VERSION
 
 __all__ = ["SessionRecord", "BlockMeta", "SSDStore", "Batch", "check_session_id"]
@@ -346,6 +347,13 @@ class SSDStore:
     def data_file(self) -> str:
         return os.path.join(self.path, "data.mdb")
 
+    @property
+    def value_alignment(self) -> tuple[int, int]:
+        """(page, shift): a large value's first byte lies ``shift`` bytes into a page of data.mdb
+        (after its overflow page's header), so a value padded to ``(offset + shift) % page == 0``
+        has that offset on a page of the file (``encode_block``'s ``align``)."""
+        return self.env.stat()["psize"], _PAGE_HEAD.size
+
     # -- writes (the writer thread) ------------------------------------------------------------
     @contextmanager
     def batch(self) -> Iterator["Batch"]:
@@ -416,12 +424,17 @@ class ValueReader:
 
     #: most descriptors of its own a reader keeps open at once (``read_at(..., own_fd=True)``)
     MAX_OWN_FDS = 256
+    #: what O_DIRECT reads here align to: file offset, length and memory address of every buffer
+    #: (a page: enough for disks of 512-byte and of 4 KiB sectors)
+    DIRECT_ALIGN = 4096
 
     def __init__(self, fd: int, start: int, end: int, psize: int, path: str = "") -> None:
         self._fd, self._start, self._end, self._psize = fd, start, end, psize
         self._path = path
         self._own_fds = 0
         self._own_lock = threading.Lock()
+        self._direct_fd: int | None = None   # None: not opened yet; -1: O_DIRECT unavailable
+        self._direct_refused = False
 
     @classmethod
     def open(cls, store: "SSDStore") -> "ValueReader | None":
@@ -501,6 +514,46 @@ class ValueReader:
         with self._own_lock:
             self._own_fds -= 1
 
+    def no_readahead(self) -> None:
+        """Read through the shared descriptor without readahead (``POSIX_FADV_RANDOM``): a
+        value's header read then brings in its first page alone, not a window of the layers
+        behind it, which an O_DIRECT read would find in the page cache (and leave to buffered
+        reads) or read a second time. Best effort."""
+        try:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except (OSError, AttributeError):
+            pass
+
+    def direct_fd(self) -> int:
+        """A descriptor of data.mdb opened with O_DIRECT (opened on first use), or -1 where the
+        file system refuses O_DIRECT (tmpfs does) or the platform has none."""
+        if self._direct_fd is None:
+            with self._own_lock:
+                if self._direct_fd is None:
+                    fd = -1
+                    if self._path and hasattr(os, "O_DIRECT"):
+                        try:
+                            fd = os.open(self._path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                        except OSError:
+                            fd = -1
+                    self._direct_fd = fd
+        return -1 if self._direct_refused else self._direct_fd
+
+    def direct_failed(self) -> None:
+        """O_DIRECT was refused for a read that met ``DIRECT_ALIGN`` (a disk of larger sectors,
+        a file system that takes the open but not the read): read through the page cache from
+        now on. The descriptor stays open until ``close``: another thread may be about to use it,
+        and a closed number can be reused by the next ``open``."""
+        self._direct_refused = True
+
+    def direct_ok(self, offset: int, length: int) -> bool:
+        """Whether the file range suits an O_DIRECT read: aligned, and no page of it in the page
+        cache (cached bytes come faster from memory, and a read that was just written is
+        cached)."""
+        a = self.DIRECT_ALIGN
+        return (offset % a == 0 and length % a == 0 and self._start + offset + length <= self._end
+                and not any_resident(self._start + offset, length))
+
     def advise_willneed(self, ranges: list[tuple[int, int]]) -> None:
         """Ask the kernel to start reading these (file offset, length) ranges now (best effort)."""
         for offset, length in ranges:
@@ -513,6 +566,9 @@ class ValueReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._direct_fd is not None and self._direct_fd >= 0:
+            os.close(self._direct_fd)
+        self._direct_fd = -1
 
 
 class ValueFile:
@@ -533,6 +589,27 @@ class ValueFile:
             raise CorruptValueError(f"cannot read the value: {e}") from None
         if got != want:
             raise CorruptValueError(f"value ends early: read {got} of {want} B")
+
+    def direct(self, off: int, bufs, want: int) -> None:
+        """Like a call, with O_DIRECT (the caller checked ``ValueReader.direct_ok`` and that every
+        buffer is aligned); where the kernel refuses it, through the page cache instead."""
+        fd = self._reader.direct_fd()
+        if fd >= 0:
+            try:
+                got = os.preadv(fd, bufs, self._base + off)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise CorruptValueError(f"cannot read the value: {e}") from None
+                self._reader.direct_failed()
+            else:
+                if got != want:
+                    raise CorruptValueError(f"value ends early: read {got} of {want} B")
+                return
+        self(off, bufs, want)
+
+    def share(self) -> None:
+        """Read through the reader's shared descriptor from now on (closing the one of its own)."""
+        self.close()
 
     def close(self) -> None:
         """Close the descriptor of its own, if any (idempotent)."""

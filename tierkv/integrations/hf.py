@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,7 +39,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .. import hostmem
 from ..engine import TierKV
+from ..handles import slab_alloc
 from ..errors import ConfigError, SpecMismatchError
 from ..spec import KVSpec
 
@@ -184,15 +187,29 @@ class CachePool:
         if (have is not None and have.dtype == dtype and have.device == device and have.shape[1] == shape[1]
                 and have.shape[3] == shape[3] and have.shape[2] >= shape[2]):
             return have
-        buf = self._bufs[(layer, index)] = torch.empty(shape, dtype=dtype, device=device)
+        buf = self._bufs[(layer, index)] = _empty(shape, dtype, device)
         return buf
 
     def reserve(self, spec: KVSpec, tokens: int, device: torch.device | str = "cpu") -> None:
-        """Allocate and touch buffers for ``tokens`` tokens of every layer (at start-up)."""
+        """Allocate and touch buffers for ``tokens`` tokens of every layer (at start-up). On the
+        CPU they are carved from one buffer on huge pages (``handles.slab_alloc``), where
+        ``ssd_direct_reads`` reads a few MiB per disk request."""
+        device = torch.device(device)
+        carve = slab_alloc(spec, tokens) if device.type == "cpu" else None
         for i, layer in enumerate(spec.layers):
             for j, t in enumerate(layer.tensors):
                 heads, dim = t.dims
-                self.buffer(i, j, (1, heads, tokens, dim), t.torch_dtype, torch.device(device)).zero_()
+                shape = (1, heads, tokens, dim)
+                if carve is not None:
+                    self._bufs[(i, j)] = carve(i, j, shape, t.torch_dtype, device)
+                self.buffer(i, j, shape, t.torch_dtype, device).zero_()
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A result buffer; on the CPU page-aligned, so ``ssd_direct_reads`` can fill it with O_DIRECT."""
+    if torch.device(device).type == "cpu":
+        return hostmem.aligned_empty(tuple(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: str | None = None,
@@ -211,10 +228,14 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
 
     def allocate(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         heads, n, dim = shape
+        # room for ``headroom`` new tokens, rounded up so each head's run starts on a page
+        row = dim * torch.empty((), dtype=dtype).element_size()
+        step = hostmem.PAGE // math.gcd(row, hostmem.PAGE)
+        cap = -(-(n + headroom) // step) * step
         if pool is not None:
-            full = pool.buffer(layer, index, (1, heads, n + headroom, dim), dtype, device)
+            full = pool.buffer(layer, index, (1, heads, cap, dim), dtype, device)
         else:
-            full = torch.empty((1, heads, n + headroom, dim), dtype=dtype, device=device)
+            full = _empty((1, heads, cap, dim), dtype, device)
         buffers[(layer, index)] = full
         return full[0, :, :n]
 

@@ -1,0 +1,222 @@
+"""ssd_direct_reads: stored layers not in the page cache are read with O_DIRECT, straight into the
+result; restores stay exact, a damaged layer is a miss, and the page cache does not grow."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tierkv
+import tierkv.engine as engine_mod
+from tierkv.hostmem import HUGE_PAGE, aligned_empty
+from tierkv.pagecache import drop_file_cache, resident_fraction
+
+from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_DIRECT reads are Linux-only")
+
+N = 6 * BLOCK
+
+
+def spec_():
+    # 16 tokens x 6 layers x (4 heads x 64 x fp32) x 2 = 192 KiB a block, 32 KiB a layer
+    return small_spec(dtype=torch.float32, layers=6, heads=4, dim=64)
+
+
+@pytest.fixture
+def small_requests(monkeypatch):
+    """Requests of two layers (64 KiB), and no floor: the test blocks are small."""
+    monkeypatch.setattr(engine_mod, "DIRECT_READ_BYTES", 64 << 10)
+    monkeypatch.setattr(engine_mod, "DIRECT_MIN_BYTES", 4096)
+
+
+def cold_store(open_store, store_path, kv, spec, **settings):
+    """Save ``kv`` as session "s", close, drop data.mdb's pages, reopen with ``settings``; skip
+    where the file system has no O_DIRECT or keeps files in memory."""
+    base = dict(host_bytes=0, device_bytes=0, persist="write_through")
+    s = open_store(spec, **base, **{k: v for k, v in settings.items() if k != "ssd_direct_reads"})
+    s.save(range(kv[0][0].shape[1]), kv, session="s")
+    s.flush()
+    s.close()
+    data = os.path.join(store_path, "data.mdb")
+    drop_file_cache(data)
+    s = open_store(spec, **base, **settings)
+    if s._ssd.values is None or s._ssd.values.direct_fd() < 0:
+        pytest.skip("no O_DIRECT reads on this file system")
+    if resident_fraction(data) > 0.5:
+        pytest.skip("this file system keeps the store in memory")
+    return s, data
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd-planes"])
+def test_cold_restore_reads_with_o_direct_exactly_and_leaves_the_page_cache_alone(
+        open_store, store_path, small_requests, codec):
+    """Every layer comes back bit-exact; (nearly) all bytes were read with O_DIRECT, and the
+    store file is no more in the page cache after the restore than before it (headers only)."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=1)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec=codec, ssd_direct_reads=True)
+    before = resident_fraction(data)
+    r = s.restore(range(N), session="s")
+    assert_kv_equal(r.kv, kv)
+    st = s.stats()
+    assert st["corrupt_blocks"] == 0
+    assert st["ssd_direct_read_bytes"] >= 0.9 * N * spec.bytes_per_token
+    assert resident_fraction(data) - before < 0.1
+
+
+def test_buffered_restore_fills_the_page_cache_for_comparison(open_store, store_path):
+    """The same cold restore without ssd_direct_reads leaves the values in the page cache (what
+    the test above shows O_DIRECT avoids)."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=1)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=False)
+    before = resident_fraction(data)
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+    assert s.stats()["ssd_direct_read_bytes"] == 0
+    assert resident_fraction(data) - before > 0.5
+
+
+def test_layers_after_a_compressed_layer_are_aligned_and_read_directly(open_store, store_path, small_requests):
+    """zstd-planes compresses a layer of zeros and stores the rest as they are; the stored layers
+    after it start on a page (a gap of zeros before them) and are read with O_DIRECT; the
+    compressed one is decoded as usual. Per-layer waits see every layer."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=2)
+    kv[1] = tuple(torch.zeros_like(x) for x in kv[1])
+    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="zstd-planes", ssd_direct_reads=True)
+    h = s.restore_async(range(N), session="s")
+    for layer in range(spec.num_layers):
+        k, v = h.layer(layer)
+        assert torch.equal(k, kv[layer][0]) and torch.equal(v, kv[layer][1])
+    assert_kv_equal(h.result().kv, kv)
+    # every stored layer at most (the compressed one never); a run of the first block may lie in
+    # the pages the store read around its own header when it opened, and is read from there
+    stored = (spec.num_layers - 1) * spec.layer_span(0, BLOCK)[1] * (N // BLOCK)
+    assert 0.8 * stored <= s.stats()["ssd_direct_read_bytes"] <= stored
+
+
+def test_a_damaged_layer_read_directly_is_a_counted_miss(open_store, store_path, small_requests):
+    """A byte flipped inside a stored layer of block 2: the O_DIRECT read checks the layer's
+    CRC32C, so the restore returns the two blocks before it, exact, and counts one corrupt block."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=3)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+    key = s._ssd.get_session("s").keys[2]
+    with s._ssd.reader() as txn:
+        offset, size = s._ssd.values.locate(s._ssd.blocks_cursor(txn), key)
+    s.close()
+    with open(data, "r+b") as f:
+        f.seek(offset + size - 100)  # inside the last layer
+        b = f.read(1)
+        f.seek(offset + size - 100)
+        f.write(bytes([b[0] ^ 0x40]))
+    drop_file_cache(data)
+    s = open_store(spec, host_bytes=0, device_bytes=0, ssd_codec="raw", ssd_direct_reads=True)
+    r = s.restore(range(N), session="s")
+    assert r.num_tokens == 2 * BLOCK
+    assert_kv_equal(r.kv, kv_slice(kv, 2 * BLOCK))
+    assert s.stats()["corrupt_blocks"] == 1 and s.stats()["ssd_direct_read_bytes"] > 0
+
+
+def test_warm_values_are_read_through_the_page_cache(open_store, store_path, small_requests):
+    """A value already in the page cache comes from there: nothing is read with O_DIRECT."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=4)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+    with open(data, "rb") as f:
+        while f.read(1 << 20):  # warm the whole file
+            pass
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+    assert s.stats()["ssd_direct_read_bytes"] == 0
+
+
+def test_unaligned_result_memory_is_filled_through_the_page_cache(open_store, store_path, small_requests):
+    """Result tensors the caller allocates off a page boundary cannot take O_DIRECT: the restore
+    reads them through the page cache, exact."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=5)
+    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+
+    def allocate(layer, index, shape, dtype, device):
+        n = int(np.prod(shape))
+        return aligned_empty((n + 1,), dtype)[1:].view(shape)  # 4 bytes past a page
+
+    assert_kv_equal(s.restore_async(range(N), session="s", allocate=allocate).result().kv, kv)
+    assert s.stats()["ssd_direct_read_bytes"] == 0
+
+
+def test_refused_o_direct_falls_back_to_buffered_reads(open_store, store_path, small_requests, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the read (EINVAL): the read is redone
+    through the page cache, exact, and later reads do not try O_DIRECT again."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=6)
+    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+    direct_fd = s._ssd.values.direct_fd()
+    real = os.preadv
+    tries = []
+
+    def preadv(fd, bufs, offset, *a):
+        if fd == direct_fd:
+            tries.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+    assert 1 <= len(tries) <= s.config.io_threads  # each thread that tried before the first refusal
+    assert s._ssd.values.direct_fd() == -1
+
+
+def test_prefetch_into_the_host_tier_reads_with_o_direct(open_store, store_path, small_requests):
+    """A prefetch decodes SSD blocks into host buffers (page-aligned): O_DIRECT fills them too,
+    and a restore after it is exact."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=7)
+    base = dict(host_bytes="64MiB", device_bytes=0, persist="write_through", ssd_codec="raw")
+    s = open_store(spec, **base)
+    s.save(range(N), kv, session="s")
+    s.flush()
+    s.close()
+    drop_file_cache(os.path.join(store_path, "data.mdb"))
+    s = open_store(spec, **base, ssd_direct_reads=True)
+    if s._ssd.values is None or s._ssd.values.direct_fd() < 0:
+        pytest.skip("no O_DIRECT reads on this file system")
+    s.prefetch(range(N), session="s").wait()
+    assert s.stats()["ssd_direct_read_bytes"] > 0
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+
+
+def test_values_written_before_alignment_are_read_as_before(open_store, store_path, small_requests):
+    """A store written by a tierkv that did not align values: reads stay buffered and exact."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=8)
+    s = open_store(spec, host_bytes=0, device_bytes=0, persist="write_through", ssd_codec="raw")
+    s._align = None  # as values were written before
+    s.save(range(N), kv, session="s")
+    s.flush()
+    s.close()
+    drop_file_cache(os.path.join(store_path, "data.mdb"))
+    s = open_store(spec, host_bytes=0, device_bytes=0, ssd_codec="raw", ssd_direct_reads=True)
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+    assert s.stats()["ssd_direct_read_bytes"] == 0
+
+
+def test_setting_is_checked():
+    with pytest.raises(tierkv.ConfigError, match="ssd_direct_reads"):
+        tierkv.TierKVConfig(ssd_direct_reads="yes")
+
+
+def test_aligned_empty_starts_on_a_page_and_on_huge_pages_when_asked():
+    for shape, dtype in [((3, 5), torch.float32), ((1000,), torch.bfloat16), ((0,), torch.uint8)]:
+        t = aligned_empty(shape, dtype)
+        assert t.shape == shape and t.dtype == dtype and t.data_ptr() % 4096 == 0
+    t = aligned_empty((3 * HUGE_PAGE,), torch.uint8, huge=True)
+    assert t.data_ptr() % HUGE_PAGE == 0
+    t.fill_(7)
+    assert int(t.sum()) == 7 * 3 * HUGE_PAGE
