@@ -31,6 +31,7 @@ the file's pages are dropped.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import queue
 import shutil
@@ -205,8 +206,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:  # the maps live until the process ends (it is a script: nothing to hand back sooner)
         write_file(path, layout, spec, kv, args.block_tokens)
         hp_map, hp_view = huge_page_buffer(layout.nbytes)
-        plain = np.empty(layout.nbytes + PAGE, np.uint8)
-        plain = plain[(-plain.ctypes.data) % PAGE:][:layout.nbytes]  # O_DIRECT needs aligned memory
+        # 4 KiB pages: a private anonymous map, page-aligned, never asked for huge pages (a numpy
+        # array this large is: numpy advises MADV_HUGEPAGE for big allocations, which made this
+        # row's result huge pages too up to session 27)
+        plain_map = mmap.mmap(-1, layout.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        plain = np.frombuffer(plain_map, np.uint8)
         results = {"4 KiB pages": layout.shaped(plain), "huge pages": layout.shaped(np.frombuffer(hp_view, np.uint8))}
         whole_map, whole = huge_page_buffer(os.path.getsize(path))
         for flat in (plain, np.frombuffer(hp_view, np.uint8), np.frombuffer(whole, np.uint8)):

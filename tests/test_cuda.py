@@ -338,3 +338,31 @@ def test_transformers_random_weights_restore_is_exact(tmp_path, device):
             assert_kv_equal(on_cpu(layers), on_cpu(original))
     assert got[0] == reference[0]
     assert torch.allclose(got[1], reference[1], atol=1e-4, rtol=1e-4), float((got[1] - reference[1]).abs().max())
+
+
+def test_cold_restore_with_direct_reads(open_store, store_path, device, monkeypatch):
+    """ssd_direct_reads on every result path: stored layers read with O_DIRECT into the CPU
+    results, into the staging buffers that go up to the device (page-locked on CUDA), exact."""
+    import os
+
+    from tierkv.pagecache import drop_file_cache
+
+    monkeypatch.setattr(tierkv.engine, "DIRECT_READ_BYTES", 64 << 10)
+    monkeypatch.setattr(tierkv.engine, "DIRECT_MIN_BYTES", 4096)
+    spec = small_spec(dtype=torch.float32, layers=6, heads=4, dim=64)  # 32 KiB a layer and block
+    n = 6 * BLOCK
+    kv = make_kv(spec, n, seed=11)
+    settings = dict(device=device, device_bytes=0, host_bytes=0, ssd_codec="raw")
+    s = open_store(spec, persist="write_through", **settings)
+    s.save(range(n), on_cpu(kv) if device == "cuda" else kv, session="s")
+    s.flush()
+    s.close()
+    drop_file_cache(os.path.join(store_path, "data.mdb"))
+    s = open_store(spec, ssd_direct_reads=True, **settings)
+    with user_stream(device):
+        busy(device)
+        r = s.restore(range(n), session="s", device=device)
+        got = on_cpu(r.kv)
+    assert_kv_equal(got, on_cpu(kv))
+    if s._ssd.values is not None and s._ssd.values.direct_fd() >= 0:
+        assert s.stats()["ssd_direct_read_bytes"] > 0
