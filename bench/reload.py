@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def open_store(map_reads: bool, direct: bool = False) -> tierkv.TierKV:
             if not map_reads:
-                return tierkv.TierKV(store, spec, **big, ssd_direct_reads=direct)
+                return tierkv.TierKV(store, spec, **big, ssd_page_cache="bypass" if direct else "use")
             from tierkv.store import ValueReader
 
             real = ValueReader.__dict__["open"]
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tierkv_method("tierkv cold", cold, prefetch=False)
         tierkv_method("tierkv cold, into preallocated tensors", cold, prefetch=False, into_pool=True)
         tierkv_method("tierkv cold + prefetch", cold, prefetch=True)
-        # ssd_direct_reads: layers not in the page cache read with O_DIRECT, a few MiB a request
+        # ssd_page_cache="bypass": layers not in the page cache read with O_DIRECT, a few MiB a request
         tierkv_method("tierkv cold, O_DIRECT reads", cold, prefetch=False, direct=True)
         tierkv_method("tierkv cold, O_DIRECT reads, into preallocated tensors", cold, prefetch=False,
                       into_pool=True, direct=True)

@@ -341,7 +341,7 @@ def test_transformers_random_weights_restore_is_exact(tmp_path, device):
 
 
 def test_cold_restore_with_direct_reads(open_store, store_path, device, monkeypatch):
-    """ssd_direct_reads on every result path: stored layers read with O_DIRECT into the CPU
+    """ssd_page_cache="bypass" on every result path: stored layers read with O_DIRECT into the CPU
     results, into the staging buffers that go up to the device (page-locked on CUDA), exact."""
     import os
 
@@ -358,7 +358,7 @@ def test_cold_restore_with_direct_reads(open_store, store_path, device, monkeypa
     s.flush()
     s.close()
     drop_file_cache(os.path.join(store_path, "data.mdb"))
-    s = open_store(spec, ssd_direct_reads=True, **settings)
+    s = open_store(spec, ssd_page_cache="bypass", **settings)
     with user_stream(device):
         busy(device)
         r = s.restore(range(n), session="s", device=device)

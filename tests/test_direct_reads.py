@@ -1,4 +1,4 @@
-"""ssd_direct_reads: stored layers not in the page cache are read with O_DIRECT, straight into the
+"""ssd_page_cache="bypass": stored layers not in the page cache are read with O_DIRECT, straight into the
 result; restores stay exact, a damaged layer is a miss, and the page cache does not grow."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def cold_store(open_store, store_path, kv, spec, **settings):
     """Save ``kv`` as session "s", close, drop data.mdb's pages, reopen with ``settings``; skip
     where the file system has no O_DIRECT or keeps files in memory."""
     base = dict(host_bytes=0, device_bytes=0, persist="write_through")
-    s = open_store(spec, **base, **{k: v for k, v in settings.items() if k != "ssd_direct_reads"})
+    s = open_store(spec, **base, **{k: v for k, v in settings.items() if k != "ssd_page_cache"})
     s.save(range(kv[0][0].shape[1]), kv, session="s")
     s.flush()
     s.close()
@@ -60,7 +60,7 @@ def test_cold_restore_reads_with_o_direct_exactly_and_leaves_the_page_cache_alon
     store file is no more in the page cache after the restore than before it (headers only)."""
     spec = spec_()
     kv = make_kv(spec, N, seed=1)
-    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec=codec, ssd_direct_reads=True)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec=codec, ssd_page_cache="bypass")
     before = resident_fraction(data)
     r = s.restore(range(N), session="s")
     assert_kv_equal(r.kv, kv)
@@ -71,11 +71,11 @@ def test_cold_restore_reads_with_o_direct_exactly_and_leaves_the_page_cache_alon
 
 
 def test_buffered_restore_fills_the_page_cache_for_comparison(open_store, store_path):
-    """The same cold restore without ssd_direct_reads leaves the values in the page cache (what
+    """The same cold restore with ssd_page_cache="use" leaves the values in the page cache (what
     the test above shows O_DIRECT avoids)."""
     spec = spec_()
     kv = make_kv(spec, N, seed=1)
-    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=False)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="use")
     before = resident_fraction(data)
     assert_kv_equal(s.restore(range(N), session="s").kv, kv)
     assert s.stats()["ssd_direct_read_bytes"] == 0
@@ -89,7 +89,7 @@ def test_layers_after_a_compressed_layer_are_aligned_and_read_directly(open_stor
     spec = spec_()
     kv = make_kv(spec, N, seed=2)
     kv[1] = tuple(torch.zeros_like(x) for x in kv[1])
-    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="zstd-planes", ssd_direct_reads=True)
+    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="zstd-planes", ssd_page_cache="bypass")
     h = s.restore_async(range(N), session="s")
     for layer in range(spec.num_layers):
         k, v = h.layer(layer)
@@ -106,7 +106,7 @@ def test_a_damaged_layer_read_directly_is_a_counted_miss(open_store, store_path,
     CRC32C, so the restore returns the two blocks before it, exact, and counts one corrupt block."""
     spec = spec_()
     kv = make_kv(spec, N, seed=3)
-    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
     key = s._ssd.get_session("s").keys[2]
     with s._ssd.reader() as txn:
         offset, size = s._ssd.values.locate(s._ssd.blocks_cursor(txn), key)
@@ -117,7 +117,7 @@ def test_a_damaged_layer_read_directly_is_a_counted_miss(open_store, store_path,
         f.seek(offset + size - 100)
         f.write(bytes([b[0] ^ 0x40]))
     drop_file_cache(data)
-    s = open_store(spec, host_bytes=0, device_bytes=0, ssd_codec="raw", ssd_direct_reads=True)
+    s = open_store(spec, host_bytes=0, device_bytes=0, ssd_codec="raw", ssd_page_cache="bypass")
     r = s.restore(range(N), session="s")
     assert r.num_tokens == 2 * BLOCK
     assert_kv_equal(r.kv, kv_slice(kv, 2 * BLOCK))
@@ -128,7 +128,7 @@ def test_warm_values_are_read_through_the_page_cache(open_store, store_path, sma
     """A value already in the page cache comes from there: nothing is read with O_DIRECT."""
     spec = spec_()
     kv = make_kv(spec, N, seed=4)
-    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
     with open(data, "rb") as f:
         while f.read(1 << 20):  # warm the whole file
             pass
@@ -141,7 +141,7 @@ def test_unaligned_result_memory_is_filled_through_the_page_cache(open_store, st
     reads them through the page cache, exact."""
     spec = spec_()
     kv = make_kv(spec, N, seed=5)
-    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
 
     def allocate(layer, index, shape, dtype, device):
         n = int(np.prod(shape))
@@ -156,7 +156,7 @@ def test_refused_o_direct_falls_back_to_buffered_reads(open_store, store_path, s
     through the page cache, exact, and later reads do not try O_DIRECT again."""
     spec = spec_()
     kv = make_kv(spec, N, seed=6)
-    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_direct_reads=True)
+    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
     direct_fd = s._ssd.values.direct_fd()
     real = os.preadv
     tries = []
@@ -184,7 +184,7 @@ def test_prefetch_into_the_host_tier_reads_with_o_direct(open_store, store_path,
     s.flush()
     s.close()
     drop_file_cache(os.path.join(store_path, "data.mdb"))
-    s = open_store(spec, **base, ssd_direct_reads=True)
+    s = open_store(spec, **base, ssd_page_cache="bypass")
     if s._ssd.values is None or s._ssd.values.direct_fd() < 0:
         pytest.skip("no O_DIRECT reads on this file system")
     s.prefetch(range(N), session="s").wait()
@@ -202,14 +202,14 @@ def test_values_written_before_alignment_are_read_as_before(open_store, store_pa
     s.flush()
     s.close()
     drop_file_cache(os.path.join(store_path, "data.mdb"))
-    s = open_store(spec, host_bytes=0, device_bytes=0, ssd_codec="raw", ssd_direct_reads=True)
+    s = open_store(spec, host_bytes=0, device_bytes=0, ssd_codec="raw", ssd_page_cache="bypass")
     assert_kv_equal(s.restore(range(N), session="s").kv, kv)
     assert s.stats()["ssd_direct_read_bytes"] == 0
 
 
 def test_setting_is_checked():
-    with pytest.raises(tierkv.ConfigError, match="ssd_direct_reads"):
-        tierkv.TierKVConfig(ssd_direct_reads="yes")
+    with pytest.raises(tierkv.ConfigError, match="ssd_page_cache"):
+        tierkv.TierKVConfig(ssd_page_cache="off")
 
 
 def test_aligned_empty_starts_on_a_page_and_on_huge_pages_when_asked():
@@ -220,3 +220,24 @@ def test_aligned_empty_starts_on_a_page_and_on_huge_pages_when_asked():
     assert t.data_ptr() % HUGE_PAGE == 0
     t.fill_(7)
     assert int(t.sum()) == 7 * 3 * HUGE_PAGE
+
+
+@pytest.mark.parametrize("mode", ["use", "bypass"])
+def test_saved_values_leave_the_page_cache_when_bypassing_it(open_store, store_path, mode):
+    """With "bypass", the writer drops the values it wrote from the page cache once committed;
+    with "use" they stay there. Either way the session restores exactly."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=9)
+    data = os.path.join(store_path, "data.mdb")
+    s = open_store(spec, host_bytes=0, device_bytes=0, persist="write_through", ssd_codec="raw", ssd_page_cache=mode)
+    s.save(range(N), kv, session="s")
+    s.flush()
+    if s._ssd.values is None:
+        pytest.skip("values are not read with pread here")
+    value_bytes = N * spec.bytes_per_token
+    cached = resident_fraction(data) * os.path.getsize(data)
+    if mode == "bypass":
+        assert cached < 0.25 * value_bytes
+    else:
+        assert cached > 0.9 * value_bytes
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)

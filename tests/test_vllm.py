@@ -112,7 +112,7 @@ from tierkv import ConfigError
 for extra, msg in [({}, "store_path"), ({"store_path": "/x", "block_tokens": 48}, "multiple"),
                    ({"store_path": "/x", "colour": 1}, "unknown"), ({"store_path": "/x", "ssd_bytes": "lots"}, "ssd_bytes"),
                    ({"store_path": "/x", "ssd_codec": "lz4"}, "ssd_codec"),
-                   ({"store_path": "/x", "ssd_direct_reads": "yes"}, "ssd_direct_reads")]:
+                   ({"store_path": "/x", "ssd_page_cache": "off"}, "ssd_page_cache")]:
     try:
         ConnectorSettings.parse(extra, 32, "m")
     except ConfigError as e:
@@ -120,8 +120,8 @@ for extra, msg in [({}, "store_path"), ({"store_path": "/x", "block_tokens": 48}
     else:
         raise SystemExit(f"accepted {extra}")
 assert ConnectorSettings.parse({"store_path": "/x", "ssd_codec": "raw"}, 32, "m").ssd_codec == "raw"
-assert ConnectorSettings.parse({"store_path": "/x", "ssd_direct_reads": True}, 32, "m").ssd_direct_reads is True
-assert ConnectorSettings.parse({"store_path": "/x"}, 32, "m").ssd_direct_reads is False
+assert ConnectorSettings.parse({"store_path": "/x", "ssd_page_cache": "bypass"}, 32, "m").ssd_page_cache == "bypass"
+assert ConnectorSettings.parse({"store_path": "/x"}, 32, "m").ssd_page_cache == "use"
 print("ok")
 """
     r = subprocess.run([VLLM_PY, "-c", code], capture_output=True, text=True, timeout=120)

@@ -36,7 +36,7 @@ Flag ALIGNED (bit 0): ``pad`` zero bytes lie between the header and the planes, 
 writer so that the planes start on a page of the store's file (``encode_block``'s ``align``),
 and each stored layer starts ``page``-aligned from there (zero bytes before it, after a
 compressed layer). A stored layer can then be read with O_DIRECT straight into page-aligned
-memory (``ssd_direct_reads``). Values without the flag (every value written before it existed)
+memory (``ssd_page_cache="bypass"``). Values without the flag (every value written before it existed)
 parse as before.
 
 Mode 0: the layer's bytes split into k byte planes, each encoded by the codec (zstd frames carry

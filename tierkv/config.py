@@ -25,6 +25,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 PERSIST_MODES = ("write_back", "write_through")
+PAGE_CACHE_MODES = ("use", "bypass")
 #: names of the SSD codecs (tierkv/codec.py implements them; a test keeps the two in step)
 SSD_CODECS = ("zstd-planes", "raw")
 
@@ -82,11 +83,14 @@ class TierKVConfig:
             matches only (``ZstdPlanesCodec.long_matches_only``), so levels above 1 gain little on KV;
             negative levels store literals uncompressed and so barely compress KV at all.
         io_threads: threads decoding blocks read from SSD.
-        ssd_direct_reads: read stored (uncompressed) layers that are not in the page cache with
-            O_DIRECT, several layers of a block per request, straight into page-aligned result
-            memory (results tierkv allocates are). Off: every read goes through the page cache.
-            Needs a file system that supports O_DIRECT (else reads stay buffered) and values
-            written since tierkv aligned them (older ones are read as before); see
+        ssd_page_cache: ``"use"`` (the default): reads and writes of the SSD tier go through the
+            kernel's page cache, which keeps what they touched until it needs the memory.
+            ``"bypass"``: restores and prefetches read stored (uncompressed) layers that are not
+            cached already with O_DIRECT, a few MiB per request, straight into page-aligned
+            result memory (results tierkv allocates are), and the writer drops the values it
+            wrote from the page cache once they are durable. For a server that keeps far more KV
+            on SSD than it has memory. Needs a file system with O_DIRECT (else reads stay
+            buffered); values written before values were page-aligned are read as before; see
             docs/integration.md.
         io_affinity: ``"spread"`` gives each I/O thread its own slice of the CPUs the process may
             run on, so a restore's decode threads do not start out sharing one CPU (with more
@@ -111,7 +115,7 @@ class TierKVConfig:
     ssd_codec: str = "zstd-planes"
     zstd_level: int = 1
     io_threads: int = 2
-    ssd_direct_reads: bool = False
+    ssd_page_cache: str = "use"
     io_affinity: str = "spread"
     pin_host_memory: bool | None = None
     nan_policy: str = "store"
@@ -134,8 +138,8 @@ class TierKVConfig:
             raise ConfigError(f"nan_policy must be 'store' or 'refuse', got {self.nan_policy!r}")
         if not isinstance(self.io_threads, int) or not (1 <= self.io_threads <= 64):
             raise ConfigError(f"io_threads must be an int in 1..64, got {self.io_threads!r}")
-        if not isinstance(self.ssd_direct_reads, bool):
-            raise ConfigError(f"ssd_direct_reads must be True or False, got {self.ssd_direct_reads!r}")
+        if self.ssd_page_cache not in PAGE_CACHE_MODES:
+            raise ConfigError(f"ssd_page_cache must be one of {list(PAGE_CACHE_MODES)}, got {self.ssd_page_cache!r}")
         if self.io_affinity not in AFFINITIES:
             raise ConfigError(f"io_affinity must be one of {list(AFFINITIES)}, got {self.io_affinity!r}")
         if not isinstance(self.zstd_level, int) or not (-7 <= self.zstd_level <= 22):

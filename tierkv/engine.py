@@ -55,7 +55,7 @@ TOUCH_WRITE_S = 2.0
 #: while the writer catches up; beyond it, ``save`` waits for the writer, at most SAVE_WAIT_S
 SAVE_SLACK_MAX = 1 << 30
 SAVE_WAIT_S = 10.0
-#: bytes per O_DIRECT request of a block's layers (``ssd_direct_reads``): on the test machine's
+#: bytes per O_DIRECT request of a block's layers (``ssd_page_cache="bypass"``): on the test machine's
 #: disk, requests of a few MiB went near its sequential rate and requests of one layer did not
 #: (bench/direct_ceiling.py); runs of stored layers smaller than DIRECT_MIN_BYTES stay buffered
 DIRECT_READ_BYTES = 4 << 20
@@ -125,10 +125,11 @@ class TierKV:
         ident = {"block_tokens": cfg.block_tokens, "codec": self.codec.name, "device_codec": "raw"}
         self.fingerprint = spec.fingerprint(**ident)
         self._ssd = SSDStore(path, self.fingerprint, dict(spec.describe(), **ident), cfg.ssd_bytes)
-        # values are written with their planes on a page of data.mdb, whatever ssd_direct_reads
+        # values are written with their planes on a page of data.mdb, whatever ssd_page_cache
         # says now: a store written today may be read with O_DIRECT tomorrow
         self._align = self._ssd.value_alignment
-        if cfg.ssd_direct_reads and self._ssd.values is not None:
+        self._bypass = cfg.ssd_page_cache == "bypass"
+        if self._bypass and self._ssd.values is not None:
             self._ssd.values.no_readahead()
         self.path = self._ssd.path
         # page-locked full blocks come from slabs locked ahead by a background thread (a new
@@ -559,7 +560,7 @@ class TierKV:
                 rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
                 self._touched[session] = rec.last_used
         handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged,
-                            one_slab=self.config.ssd_direct_reads and any(p.direct for p in parts))
+                            one_slab=self._bypass and any(p.direct for p in parts))
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._submit_decodes(loads, direct, handle, promote)
@@ -774,7 +775,7 @@ class TierKV:
 
     def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
                      values: Any) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
-        """Which layers of which SSD blocks to read with O_DIRECT (``ssd_direct_reads``).
+        """Which layers of which SSD blocks to read with O_DIRECT (``ssd_page_cache="bypass"``).
 
         The layers are taken in groups of about DIRECT_READ_BYTES; within a group, each run
         of consecutive layers stored as they are (not compressed) that holds at least
@@ -785,7 +786,7 @@ class TierKV:
         the groups, and per (index in ``work``, group) the runs to read so; every other layer is
         read as before, one task each."""
         L = self.spec.num_layers
-        if not self.config.ssd_direct_reads or values is None or values.direct_fd() < 0:
+        if not self._bypass or values is None or values.direct_fd() < 0:
             return [range(layer, layer + 1) for layer in range(L)], {}
         layer_bytes = max(b - a for a, b in (self.spec.layer_span(i, self.block_tokens) for i in range(L)))
         per = max(1, DIRECT_READ_BYTES // max(1, layer_bytes))
@@ -1095,6 +1096,8 @@ class TierKV:
                     batch.put_session(op.record, self.block_tokens)
             evicted_sessions = [s for s in batch.dropped if s not in {op.session for op in ops if op.kind == "drop"}]
             evicted_keys = set(batch.deleted)
+        if self._bypass:  # committed and synced: the values' pages are clean, let them go
+            self._ssd.drop_cached([b.key for op in ops if op.kind != "drop" for b in op.write if b.key in values])
         if evicted_sessions or evicted_keys:
             self._reconcile_evictions(evicted_sessions, evicted_keys)
 

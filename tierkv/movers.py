@@ -10,7 +10,7 @@ Primitives:
     decode_layer_into: SSD bytes -> one layer of a host buffer (prefetch: the block is cached).
     decode_layer_into_views: SSD bytes -> one layer of the caller's result tensors (restore).
     read_layers_direct: stored layers of one block, read with O_DIRECT in one request straight
-        into a host buffer or the caller's result tensors (``ssd_direct_reads``).
+        into a host buffer or the caller's result tensors (``ssd_page_cache="bypass"``).
 
 Bookkeeping (which block, which state) stays in engine.py; a mover never takes the engine's lock.
 """

@@ -4,6 +4,7 @@ Primitives:
     drop_file_cache: write back and evict a file's pages, so the next read comes from the disk.
     resident_fraction: how much of a file is in the page cache now (``mincore``).
     any_resident: whether any page of a mapped range is in the page cache.
+    unmap_pages: let go of this process's mappings of a range of a shared file map.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import ctypes.util
 import mmap
 import os
 
-__all__ = ["drop_file_cache", "resident_fraction", "any_resident"]
+__all__ = ["drop_file_cache", "resident_fraction", "any_resident", "unmap_pages"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
@@ -75,6 +76,19 @@ _LOW_BIT = bytes(b & 1 for b in range(256))  # mincore's byte per page: bit 0 = 
 
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MADV_WILLNEED = 3
+_MADV_DONTNEED = 4
+
+
+def unmap_pages(addr: int, length: int) -> None:
+    """``madvise(MADV_DONTNEED)`` on the whole pages inside ``[addr, addr + length)`` of a shared,
+    read-only file map (LMDB's): the process lets go of its mappings of them, and the next read
+    through the map faults them in again from the page cache or the disk; nothing is lost. A
+    page the process maps stays in the page cache whatever ``POSIX_FADV_DONTNEED`` asks, and
+    py-lmdb maps a value's pages when a cursor stops at its key. Best effort."""
+    start = addr + (-addr % mmap.PAGESIZE)
+    end = (addr + length) - (addr + length) % mmap.PAGESIZE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), end - start, _MADV_DONTNEED)
 
 
 def advise_willneed(buf: memoryview) -> None:

@@ -54,7 +54,7 @@ class Stats:
             "resident_blocks": blocks,
             "budgets": budgets,
             "ssd_read_bytes": c.get("ssd_read_bytes", 0),
-            # of those, bytes read with O_DIRECT (ssd_direct_reads), past the page cache
+            # of those, bytes read with O_DIRECT (ssd_page_cache="bypass"), past the page cache
             "ssd_direct_read_bytes": c.get("ssd_direct_read_bytes", 0),
             # values whose place in data.mdb did not check out, read through LMDB's map instead
             "pread_fallbacks": c.get("pread_fallbacks", 0),

@@ -44,7 +44,7 @@ import numpy as np
 from .codec import CorruptValueError
 from .errors import ConfigError, ForeignStoreError, StoreFullError, StoreIOError, TierKVError
 from .keys import KEY_BYTES
-from .pagecache import any_resident
+from .pagecache import any_resident, unmap_pages
 from .spec import FORMAT_VERSION
 
 __all__ = ["SessionRecord", "BlockMeta", "SSDStore", "Batch", "check_session_id"]
@@ -347,6 +347,17 @@ class SSDStore:
     def data_file(self) -> str:
         return os.path.join(self.path, "data.mdb")
 
+    def drop_cached(self, keys: list[bytes]) -> None:
+        """Ask the kernel to drop these values' pages from the page cache (best effort; off
+        Linux, or without a ValueReader, nothing). Called after a commit: LMDB has written and
+        synced them, so the pages are clean and go at once."""
+        if self.values is None or not keys:
+            return
+        with self.reader() as txn:
+            cur = self.blocks_cursor(txn)
+            found = [loc for loc in (self.values.locate(cur, key) for key in keys) if loc is not None]
+        self.values.advise_dontneed([(offset - _PAGE_HEAD.size, size + _PAGE_HEAD.size) for offset, size in found])
+
     @property
     def value_alignment(self) -> tuple[int, int]:
         """(page, shift): a large value's first byte lies ``shift`` bytes into a page of data.mdb
@@ -427,6 +438,8 @@ class ValueReader:
     #: what O_DIRECT reads here align to: file offset, length and memory address of every buffer
     #: (a page: enough for disks of 512-byte and of 4 KiB sectors)
     DIRECT_ALIGN = 4096
+    #: ranges to drop from the page cache closer than this go as one (``advise_dontneed``)
+    DONTNEED_GAP = 4 << 20
 
     def __init__(self, fd: int, start: int, end: int, psize: int, path: str = "") -> None:
         self._fd, self._start, self._end, self._psize = fd, start, end, psize
@@ -556,9 +569,31 @@ class ValueReader:
 
     def advise_willneed(self, ranges: list[tuple[int, int]]) -> None:
         """Ask the kernel to start reading these (file offset, length) ranges now (best effort)."""
+        self._advise(ranges, os.POSIX_FADV_WILLNEED)
+
+    def advise_dontneed(self, ranges: list[tuple[int, int]]) -> None:
+        """Ask the kernel to drop these (file offset, length) ranges' clean pages (best effort),
+        after letting go of this process's mappings of them in LMDB's map (which keep a page
+        in the cache: ``pagecache.unmap_pages``)."""
+        for offset, length in ranges:
+            if self._start + offset + length <= self._end:
+                unmap_pages(self._start + offset, length)
+        # The kernel drops only what lies wholly inside a range, and caches a file in folios of
+        # up to a few MiB: a folio that spans two values stays for either value's range alone.
+        # Values written together mostly lie together, so ranges less than DONTNEED_GAP apart
+        # go as one (pages the process still maps, B-tree pages, stay whatever is asked).
+        merged: list[list[int]] = []
+        for offset, length in sorted(ranges):
+            if merged and offset - (merged[-1][0] + merged[-1][1]) < self.DONTNEED_GAP:
+                merged[-1][1] = max(merged[-1][1], offset + length - merged[-1][0])
+            else:
+                merged.append([offset, length])
+        self._advise([(a, b) for a, b in merged], os.POSIX_FADV_DONTNEED)
+
+    def _advise(self, ranges: list[tuple[int, int]], advice: int) -> None:
         for offset, length in ranges:
             try:
-                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self._fd, offset, length, advice)
             except OSError:
                 return  # a hint only
 

@@ -193,7 +193,7 @@ class CachePool:
     def reserve(self, spec: KVSpec, tokens: int, device: torch.device | str = "cpu") -> None:
         """Allocate and touch buffers for ``tokens`` tokens of every layer (at start-up). On the
         CPU they are carved from one buffer on huge pages (``handles.slab_alloc``), where
-        ``ssd_direct_reads`` reads a few MiB per disk request."""
+        ``ssd_page_cache="bypass"`` reads a few MiB per disk request."""
         device = torch.device(device)
         carve = slab_alloc(spec, tokens) if device.type == "cpu" else None
         for i, layer in enumerate(spec.layers):
@@ -206,7 +206,7 @@ class CachePool:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A result buffer; on the CPU page-aligned, so ``ssd_direct_reads`` can fill it with O_DIRECT."""
+    """A result buffer; on the CPU page-aligned, so ``ssd_page_cache="bypass"`` can fill it with O_DIRECT."""
     if torch.device(device).type == "cpu":
         return hostmem.aligned_empty(tuple(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)

@@ -40,7 +40,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                 KVConnectorRole)
 
-from ..config import SSD_CODECS, parse_size
+from ..config import PAGE_CACHE_MODES, SSD_CODECS, parse_size
 from ..engine import TierKV
 from ..errors import BlockLoadError, ConfigError, TierKVError
 from ..spec import KVSpec, LayerSpec, TensorSpec, dtype_name
@@ -62,9 +62,9 @@ class ConnectorSettings:
     vLLM's own paged cache is the device tier), ``model_id`` (default: the model path),
     ``stats_dir`` (optional: each connector process writes its counters there as JSON),
     ``ssd_codec`` ("zstd-planes", the default, or "raw": on a machine with few cores the planes'
-    decoding is slower than the disk; docs/benchmarks.md), ``ssd_direct_reads`` (False, the
-    default, or True: loads read cold layers with O_DIRECT and leave the page cache alone;
-    docs/integration.md).
+    decoding is slower than the disk; docs/benchmarks.md), ``ssd_page_cache`` ("use", the
+    default, or "bypass": loads read cold layers with O_DIRECT and saves drop what they wrote
+    from the page cache; docs/integration.md).
     """
 
     store_path: str
@@ -75,10 +75,10 @@ class ConnectorSettings:
     model_id: str
     stats_dir: str | None = None
     ssd_codec: str = "zstd-planes"
-    ssd_direct_reads: bool = False
+    ssd_page_cache: str = "use"
 
     KNOWN = ("store_path", "block_tokens", "device_bytes", "host_bytes", "ssd_bytes", "model_id", "stats_dir",
-             "ssd_codec", "ssd_direct_reads")
+             "ssd_codec", "ssd_page_cache")
 
     @classmethod
     def parse(cls, extra: dict[str, Any] | None, vllm_block_size: int, default_model_id: str) -> "ConnectorSettings":
@@ -97,13 +97,13 @@ class ConnectorSettings:
         codec = extra.get("ssd_codec", "zstd-planes")
         if codec not in SSD_CODECS:
             raise ConfigError(f"TierKVConnector: ssd_codec={codec!r} must be one of {list(SSD_CODECS)}")
-        direct = extra.get("ssd_direct_reads", False)
-        if not isinstance(direct, bool):
-            raise ConfigError(f"TierKVConnector: ssd_direct_reads={direct!r} must be true or false")
+        page_cache = extra.get("ssd_page_cache", "use")
+        if page_cache not in PAGE_CACHE_MODES:
+            raise ConfigError(f"TierKVConnector: ssd_page_cache={page_cache!r} must be one of {list(PAGE_CACHE_MODES)}")
         return cls(path, bt, parse_size(extra.get("device_bytes", 0), "device_bytes"),
                    parse_size(extra.get("host_bytes", "1GiB"), "host_bytes"),
                    parse_size(extra.get("ssd_bytes", "16GiB"), "ssd_bytes"),
-                   str(extra.get("model_id", default_model_id)), extra.get("stats_dir"), codec, direct)
+                   str(extra.get("model_id", default_model_id)), extra.get("stats_dir"), codec, page_cache)
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class TierKVConnector(KVConnectorBase_V1):
         self.store = _STORES.acquire(
             self.settings.store_path, self._spec, block_tokens=self.settings.block_tokens,
             persist="write_through", ssd_bytes=self.settings.ssd_bytes, device="cpu",
-            ssd_codec=self.settings.ssd_codec, ssd_direct_reads=self.settings.ssd_direct_reads,
+            ssd_codec=self.settings.ssd_codec, ssd_page_cache=self.settings.ssd_page_cache,
             device_bytes=self.settings.device_bytes if is_worker else 0,
             host_bytes=self.settings.host_bytes if is_worker else 0)
         # scheduler side
