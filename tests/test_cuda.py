@@ -340,12 +340,13 @@ def test_transformers_random_weights_restore_is_exact(tmp_path, device):
     assert torch.allclose(got[1], reference[1], atol=1e-4, rtol=1e-4), float((got[1] - reference[1]).abs().max())
 
 
-def test_cold_restore_with_direct_reads(open_store, store_path, device, monkeypatch):
-    """ssd_page_cache="bypass" on every result path: stored layers read with O_DIRECT into the CPU
-    results, into the staging buffers that go up to the device (page-locked on CUDA), exact."""
+def test_cold_restore_bypassing_the_page_cache(open_store, store_path, device, monkeypatch):
+    """ssd_page_cache="bypass" on every result path, exact: into CPU memory the caller allocated,
+    stored layers are read with O_DIRECT; into staging buffers that go up to the device
+    (page-locked on CUDA), allocated for the restore, through the page cache, then dropped."""
     import os
 
-    from tierkv.pagecache import drop_file_cache
+    from tierkv.pagecache import drop_file_cache, resident_fraction
 
     monkeypatch.setattr(tierkv.engine, "DIRECT_READ_BYTES", 64 << 10)
     monkeypatch.setattr(tierkv.engine, "DIRECT_MIN_BYTES", 4096)
@@ -357,12 +358,25 @@ def test_cold_restore_with_direct_reads(open_store, store_path, device, monkeypa
     s.save(range(n), on_cpu(kv) if device == "cuda" else kv, session="s")
     s.flush()
     s.close()
-    drop_file_cache(os.path.join(store_path, "data.mdb"))
+    data = os.path.join(store_path, "data.mdb")
+    drop_file_cache(data)
     s = open_store(spec, ssd_page_cache="bypass", **settings)
+    before = resident_fraction(data)
+    staged = tierkv.engine.via_host_staging(torch.device(device))
+
+    def allocate(layer, index, shape, dtype, dev):
+        return tierkv.hostmem.aligned_empty(tuple(shape), dtype) if dev.type == "cpu" else torch.empty(
+            shape, dtype=dtype, device=dev)
+
     with user_stream(device):
         busy(device)
-        r = s.restore(range(n), session="s", device=device)
+        r = s.restore_async(range(n), session="s", device=device, allocate=allocate).result()
         got = on_cpu(r.kv)
     assert_kv_equal(got, on_cpu(kv))
-    if s._ssd.values is not None and s._ssd.values.direct_fd() >= 0:
-        assert s.stats()["ssd_direct_read_bytes"] > 0
+    direct = s.stats()["ssd_direct_read_bytes"]
+    if staged:
+        assert direct == 0
+    elif s._ssd.values is not None and s._ssd.values.direct_fd() >= 0:
+        assert direct > 0
+    s.close()
+    assert resident_fraction(data) - before < 0.1

@@ -559,8 +559,7 @@ class TierKV:
             if rec is not None and rec.tenant == tenant:
                 rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
                 self._touched[session] = rec.last_used
-        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged,
-                            one_slab=self._bypass and any(p.direct for p in parts))
+        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged)
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._submit_decodes(loads, direct, handle, promote)
@@ -635,6 +634,8 @@ class TierKV:
             txn.abort()
             for f in files:
                 f.close()
+            if self._bypass and values is not None:  # what was read through the page cache goes
+                values.drop_values([loc for loc in where.values() if isinstance(loc, tuple)])
 
         work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed)
         try:
@@ -678,12 +679,8 @@ class TierKV:
             last = False
             try:
                 try:
-                    if item.error is None and odirect:
-                        if isinstance(item, BlockLoad):
-                            odirect = read_layers_direct(self.spec, parsed, layers, align, buffer=item.buffer)
-                        else:
-                            odirect = read_layers_direct(self.spec, parsed, layers, align, targets=handle._targets,
-                                                         start=item.start, used=item.used)
+                    if item.error is None and odirect:  # a handle's part (_direct_memory)
+                        odirect = read_layers_direct(parsed, layers, align, handle._targets, item.start, item.used)
                         if odirect:
                             self._stats.count("ssd_direct_read_bytes", sum(
                                 parsed.layers[layer][2][0][1] for layer in layers))
@@ -807,11 +804,20 @@ class TierKV:
 
     def _direct_memory(self, handle: LoadHandle, align: int) -> Callable[[Any], bool]:
         """Whether the memory an SSD block (a BlockLoad or a handle's part) is read into takes
-        O_DIRECT requests: a host buffer on an ``align`` boundary, or result tensors (staged:
-        host buffers tierkv allocates) in which every run a whole block fills starts on one.
-        read_layers_direct checks each destination again before it reads."""
+        O_DIRECT requests well: result tensors the caller allocated (memory that exists already,
+        as a server's KV memory does) in which every run a whole block fills starts on an
+        ``align`` boundary. read_layers_direct checks each destination again before it reads.
+
+        Memory allocated for this load (fresh results, a prefetch's host buffers, staging
+        buffers) is read through the page cache instead, and the values are dropped from it
+        when the load is done (``release``): O_DIRECT faults such memory in inside the read,
+        before the disk is asked, where a buffered read faults it while the kernel's
+        readahead keeps the disk busy (reload runs 41-43, docs/benchmarks.md "O_DIRECT
+        reads")."""
         steps: set[int] | None = set()   # per result tensor: its bytes per token
-        if not handle._staged:
+        if handle._staged or handle._fresh:
+            steps = None
+        else:
             for layer, outs in zip(self.spec.layers, handle._outs):
                 for t, out in zip(layer.tensors, outs):
                     es = out.element_size()
@@ -824,9 +830,7 @@ class TierKV:
 
         def fits(item: Any) -> bool:
             if isinstance(item, BlockLoad):
-                return item.buffer.data_ptr() % align == 0
-            if handle._staged:
-                return True
+                return False
             return (steps is not None and item.used == item.block.n_tokens
                     and all(st * item.start % align == 0 for st in steps))
         return fits

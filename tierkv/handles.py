@@ -91,10 +91,11 @@ def _default_alloc(layer: int, index: int, shape: tuple, dtype: torch.dtype, dev
 
 
 def slab_alloc(spec: "KVSpec", n_tokens: int) -> Allocator:
-    """An ``allocate`` that carves every result tensor of an ``n_tokens`` restore on the CPU from
-    one buffer on huge pages (``hostmem.aligned_empty``), each tensor starting on a page: O_DIRECT
-    reads of a few MiB reach the disk as one request each only into huge pages. The buffer lives
-    as long as any of the tensors."""
+    """An ``allocate`` that carves every tensor of an ``n_tokens`` restore on the CPU from one
+    buffer on huge pages (``hostmem.aligned_empty``), each tensor starting on a page, for memory
+    reserved ahead (``CachePool.reserve``): O_DIRECT reads of a few MiB
+    (``ssd_page_cache="bypass"``) reach the disk as one request each only into huge pages. The
+    buffer lives as long as any of the tensors."""
     places, total = {}, 0
     for li, layer in enumerate(spec.layers):
         for ti, t in enumerate(layer.tensors):
@@ -135,14 +136,14 @@ class LoadHandle:
 
     def __init__(self, spec: "KVSpec", parts: list[_Part], device: torch.device,
                  on_failed: Callable[[int, int], None], allocate: Allocator | None = None,
-                 staged: bool = False, one_slab: bool = False) -> None:
+                 staged: bool = False) -> None:
         self._spec = spec
         self._parts = parts
         self._device = device
         self._on_failed = on_failed
         self.num_tokens = sum(p.used for p in parts)
-        if allocate is None and one_slab and device.type == "cpu" and self.num_tokens:
-            allocate = slab_alloc(spec, self.num_tokens)
+        #: the results are memory tierkv allocates now (no ``allocate``): never touched before
+        self._fresh = allocate is None
         alloc = allocate or _default_alloc
         self._outs: list[tuple[torch.Tensor, ...]] = [
             tuple(alloc(li, ti, t.shape(self.num_tokens), t.torch_dtype, device) for ti, t in enumerate(layer.tensors))

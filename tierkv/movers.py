@@ -10,7 +10,7 @@ Primitives:
     decode_layer_into: SSD bytes -> one layer of a host buffer (prefetch: the block is cached).
     decode_layer_into_views: SSD bytes -> one layer of the caller's result tensors (restore).
     read_layers_direct: stored layers of one block, read with O_DIRECT in one request straight
-        into a host buffer or the caller's result tensors (``ssd_page_cache="bypass"``).
+        into the caller's result tensors (``ssd_page_cache="bypass"``).
 
 Bookkeeping (which block, which state) stays in engine.py; a mover never takes the engine's lock.
 """
@@ -188,32 +188,25 @@ def decode_layer_into_views(codec: Codec, spec: KVSpec, parsed: ParsedBlock, lay
                 dst[..., j] = part
 
 
-def read_layers_direct(spec: KVSpec, parsed: ParsedBlock, layers: range, align: int,
-                       buffer: torch.Tensor | None = None, targets: Callable[[int], LayerTargets] | None = None,
-                       start: int = 0, used: int = 0) -> bool:
+def read_layers_direct(parsed: ParsedBlock, layers: range, align: int, targets: Callable[[int], LayerTargets],
+                       start: int, used: int) -> bool:
     """Read ``layers`` of a block, all stored as they are and lying back to back in its value,
-    with one O_DIRECT request (``ValueFile.direct``) straight into their destinations, then check
-    each layer's CRC32C: the layers' byte ranges of a host ``buffer`` (a block payload), or the
-    ``targets`` (``layer -> LayerTargets``, as ``decode_layer_into_views`` takes them) at token
-    ``start`` for a block used whole (``used`` = its tokens).
+    with one O_DIRECT request (``ValueFile.direct``) straight into the ``targets`` (``layer ->
+    LayerTargets``, as ``decode_layer_into_views`` takes them) at token ``start``, for a block
+    used whole (``used`` = its tokens); then check each layer's CRC32C.
 
     Returns False, having read nothing, when a destination is not on an ``align`` boundary in
     address and size (O_DIRECT moves whole sectors by DMA): the caller then reads the layers
     through the page cache. The value's side (file offset, length) is the caller's to check.
     """
-    n = parsed.n_tokens
-    if buffer is not None:
-        u8 = buffer.numpy()
-        dsts = [[u8[slice(*spec.layer_span(layer, n))]] for layer in layers]
-    else:
-        if targets is None or used != n:
+    if used != parsed.n_tokens:
+        return False
+    dsts = []
+    for layer in layers:
+        runs = targets(layer).runs
+        if runs is None:
             return False
-        dsts = []
-        for layer in layers:
-            runs = targets(layer).runs
-            if runs is None:
-                return False
-            dsts.append([run[start:start + used] for run in runs])
+        dsts.append([run[start:start + used] for run in runs])
     if any(d.ctypes.data % align or d.nbytes % align for ds in dsts for d in ds):
         return False
     read_stored_layers(parsed, layers, dsts, parsed.read_at.direct)

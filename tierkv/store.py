@@ -356,7 +356,7 @@ class SSDStore:
         with self.reader() as txn:
             cur = self.blocks_cursor(txn)
             found = [loc for loc in (self.values.locate(cur, key) for key in keys) if loc is not None]
-        self.values.advise_dontneed([(offset - _PAGE_HEAD.size, size + _PAGE_HEAD.size) for offset, size in found])
+        self.values.drop_values(found)
 
     @property
     def value_alignment(self) -> tuple[int, int]:
@@ -570,6 +570,11 @@ class ValueReader:
     def advise_willneed(self, ranges: list[tuple[int, int]]) -> None:
         """Ask the kernel to start reading these (file offset, length) ranges now (best effort)."""
         self._advise(ranges, os.POSIX_FADV_WILLNEED)
+
+    def drop_values(self, locations: list[tuple[int, int]]) -> None:
+        """Drop the values at these ``locate`` results (offset, size) from the page cache, the
+        page header in front of each included (best effort: ``advise_dontneed``)."""
+        self.advise_dontneed([(offset - _PAGE_HEAD.size, size + _PAGE_HEAD.size) for offset, size in locations])
 
     def advise_dontneed(self, ranges: list[tuple[int, int]]) -> None:
         """Ask the kernel to drop these (file offset, length) ranges' clean pages (best effort),
