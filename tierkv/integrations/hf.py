@@ -206,7 +206,8 @@ class CachePool:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A result buffer; on the CPU page-aligned, so ``ssd_page_cache="bypass"`` can fill it with O_DIRECT."""
+    """A pool's buffer; on the CPU page-aligned, so ``ssd_page_cache="bypass"`` can fill it with
+    O_DIRECT once it is reused."""
     if torch.device(device).type == "cpu":
         return hostmem.aligned_empty(tuple(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -235,7 +236,10 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
         if pool is not None:
             full = pool.buffer(layer, index, (1, heads, cap, dim), dtype, device)
         else:
-            full = _empty((1, heads, cap, dim), dtype, device)
+            # new memory: torch's allocator puts it off a page boundary (64-byte alignment), so
+            # ssd_page_cache="bypass" reads it through the page cache: O_DIRECT pays only into
+            # memory that exists already (a pool's)
+            full = torch.empty((1, heads, cap, dim), dtype=dtype, device=device)
         buffers[(layer, index)] = full
         return full[0, :, :n]
 
