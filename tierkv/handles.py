@@ -85,8 +85,6 @@ Allocator = Callable[[int, int, tuple, torch.dtype, torch.device], torch.Tensor]
 
 
 def _default_alloc(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":  # page-aligned: O_DIRECT reads can fill it (ssd_page_cache)
-        return hostmem.aligned_empty(tuple(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

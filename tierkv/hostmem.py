@@ -50,12 +50,8 @@ def can_pin() -> bool:
 
 
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A new flat uint8 CPU buffer of ``nbytes``, page-locked if ``pin``; page-aligned either way
-    (torch's page-locked memory is; the rest comes from ``aligned_empty``), so O_DIRECT reads
-    (``ssd_page_cache="bypass"``) can fill it."""
-    if pin:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    return aligned_empty((nbytes,), torch.uint8)
+    """A new flat uint8 CPU buffer of ``nbytes``, page-locked if ``pin``."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False) -> torch.Tensor:
