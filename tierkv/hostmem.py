@@ -61,8 +61,8 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False
 
     ``huge``: align to 2 MiB and ask for transparent huge pages (``MADV_HUGEPAGE``; the kernel
     may refuse). A disk request can carry only so many separate pieces of memory (254 on the
-    test machine's virtio disk): an O_DIRECT read of 4 MiB into 4 KiB pages went to the disk as
-    requests of about 1 MiB, into huge pages as one. Only for memory allocated ahead of use:
+    test machine's virtio disk): an O_DIRECT read of 4 MiB into scattered 4 KiB pages goes to
+    the disk as requests of at most about 1 MiB, into huge pages as one. Only for memory allocated ahead of use:
     a first write into a huge page may wait for the kernel to compact memory."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     align = HUGE_PAGE if huge else PAGE
