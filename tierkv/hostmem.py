@@ -23,8 +23,6 @@ and a 64 MiB slab holds 11 such blocks (3 % unused, against 30 %).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import sys
 import threading
@@ -34,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .pagecache import madvise
 
 __all__ = ["can_pin", "host_buffer", "aligned_empty", "HUGE_PAGE", "hold_until", "SlabPool", "SLAB_MIN_BYTES", "AHEAD_MAX_BYTES"]
 
@@ -62,31 +62,20 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False
     ``huge``: align to 2 MiB and ask for transparent huge pages (``MADV_HUGEPAGE``; the kernel
     may refuse). A disk request can carry only so many separate pieces of memory (254 on the
     test machine's virtio disk): an O_DIRECT read of 4 MiB into scattered 4 KiB pages goes to
-    the disk as requests of at most about 1 MiB, into huge pages as one. Only for memory allocated ahead of use:
-    a first write into a huge page may wait for the kernel to compact memory."""
+    the disk as requests of at most about 1 MiB, into huge pages as one. Only for memory
+    allocated ahead of use: a first write into a huge page may wait for the kernel to compact
+    memory."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     align = HUGE_PAGE if huge else PAGE
     raw = torch.empty(nbytes + align, dtype=torch.uint8)
     off = -raw.data_ptr() % align
-    if huge and nbytes >= HUGE_PAGE:
-        _advise_huge(raw.data_ptr() + off, nbytes - nbytes % HUGE_PAGE)
+    if huge and nbytes >= HUGE_PAGE and sys.platform.startswith("linux"):
+        madvise(raw.data_ptr() + off, nbytes - nbytes % HUGE_PAGE, _MADV_HUGEPAGE)  # best effort
     return raw[off:off + nbytes].view(dtype).view(shape)
 
 
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
-_libc: Any = None
-
-
-def _advise_huge(addr: int, length: int) -> None:
-    """``madvise(MADV_HUGEPAGE)`` on a 2 MiB-aligned range (Linux; best effort)."""
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    _libc.madvise(addr, length, _MADV_HUGEPAGE)
 
 
 _held: deque = deque()  # (event, buffers), oldest first

@@ -5,6 +5,7 @@ Primitives:
     resident_fraction: how much of a file is in the page cache now (``mincore``).
     any_resident: whether any page of a mapped range is in the page cache.
     unmap_pages: let go of this process's mappings of a range of a shared file map.
+    madvise: the system call itself (also for ``hostmem``'s huge-page advice).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ctypes.util
 import mmap
 import os
 
-__all__ = ["drop_file_cache", "resident_fraction", "any_resident", "unmap_pages"]
+__all__ = ["drop_file_cache", "resident_fraction", "any_resident", "unmap_pages", "madvise"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
@@ -79,6 +80,11 @@ _MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
 
 
+def madvise(addr: int, length: int, advice: int) -> int:
+    """``madvise(2)`` on ``[addr, addr + length)`` (``addr`` page-aligned); its return code."""
+    return _libc.madvise(ctypes.c_void_p(addr), length, advice)
+
+
 def unmap_pages(addr: int, length: int) -> None:
     """``madvise(MADV_DONTNEED)`` on the whole pages inside ``[addr, addr + length)`` of a shared,
     read-only file map (LMDB's): the process lets go of its mappings of them, and the next read
@@ -88,7 +94,7 @@ def unmap_pages(addr: int, length: int) -> None:
     start = addr + (-addr % mmap.PAGESIZE)
     end = (addr + length) - (addr + length) % mmap.PAGESIZE
     if end > start:
-        _libc.madvise(ctypes.c_void_p(start), end - start, _MADV_DONTNEED)
+        madvise(start, end - start, _MADV_DONTNEED)
 
 
 def advise_willneed(buf: memoryview) -> None:
