@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_run.sh [SECONDS]     # stop starting new steps after SECONDS (default 480)
 #
-# Where pip cannot reach an index, put wheels of lmdb, zstandard and crc32c in .whl/ first; the
+# Where pip cannot reach an index, put wheels of lmdb, zstandard and crc32c in .whl/ first (and
+# of blosc2 with its dependencies for bench/compressed_ceiling.py, which is skipped without it); the
 # bf16 bench KV (bench-kv-smollm2-2048-bf16.npy, made by `tierkv bench reload --dtype bf16` on a
 # machine with the model) may be carried as .gpu/bench-kv-smollm2-2048-bf16.npy.zst.
 set -u
@@ -66,6 +67,12 @@ step reload_bf16_raw 260 python3 bench/reload.py --dtype bf16 --codec raw --size
 # how fast read patterns fill a restore's memory on this machine's disk, without the engine (session 27)
 step direct_ceiling 60 python3 bench/direct_ceiling.py --dtype bf16 --size 512MiB --rounds 3 --seed 1 \
     --cache-dir "$KV" --out "$OUT/gpu_direct_ceiling.json"
+# whether compression pays with many cores: the most favourable compressed pipeline, no engine
+# (session 29; needs blosc2 and its dependencies, as wheels in .whl/ where there is no index)
+if python3 -c 'import blosc2' 2>/dev/null; then
+    step compressed_ceiling 60 python3 bench/compressed_ceiling.py --dtype bf16 --size 512MiB --rounds 3 --seed 1 \
+        --decode-threads 8 --cache-dir "$KV" --out "$OUT/gpu_compressed_ceiling.json"
+fi
 # the rest of the suite sees a CPU-only machine (tests/conftest.py); SIGINT at the limit still
 # prints pytest's summary
 rm -f "$OUT"/*.png  # at most 8 files come back from the device tool; plots are redrawn from the JSON

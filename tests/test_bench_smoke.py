@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,6 +209,52 @@ def test_direct_ceiling_bench_runs(tmp_path):
     assert len(res["gbps"]) == 6 and all(v > 0 for v in res["gbps"].values())
     assert res["vs_odirect_reused_buffer"]["O_DIRECT sequential, reused huge-page buffer"] == 1.0
     assert res["round_orders"] and sorted(res["round_orders"][0]) == sorted(res["gbps"])
+
+
+def test_compressed_ceiling_bench_runs(tmp_path):
+    """bench/compressed_ceiling.py (needs blosc2, not a tierkv dependency) checks every decoded
+    block against the KV before timing, and reports each row against the O_DIRECT baseline."""
+    pytest.importorskip("blosc2")
+    out = tmp_path / "compressed_ceiling.json"
+    r = subprocess.run([sys.executable, "bench/compressed_ceiling.py", "--size", "40MiB", "--rounds", "1",
+                        "--synthetic", "--block-tokens", "512", "--out", str(out), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if r.returncode and "Invalid argument" in r.stderr:
+        pytest.skip("O_DIRECT refused by this file system")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["gbps"]) == 3 and all(v > 0 for v in res["gbps"].values())
+    assert res["vs_odirect_reused_buffer"]["O_DIRECT sequential, reused huge-page buffer"] == 1.0
+    assert res["compression_ratio"] > 0.9
+
+
+def test_compressed_ceiling_ring_delivers_every_chunk_and_checks_it(tmp_path):
+    """The read ring of bench/compressed_ceiling.py, with a copy for a decoder: each chunk lands
+    in its block's place, in order, and a chunk whose CRC32C does not match stops the run."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import compressed_ceiling as cc
+
+    rng = np.random.default_rng(3)
+    block = 3 * cc.PAGE + 100                       # chunks that end mid-page, as compressed ones do
+    chunks = [rng.integers(0, 256, block, dtype=np.uint8).tobytes() for _ in range(5)]
+    path = str(tmp_path / "chunks.bin")
+    index = cc.write_compressed(path, chunks, sessions=3)
+    result = bytearray(len(index) * block)
+
+    def copy(chunk, into):
+        into[:] = chunk
+
+    try:
+        cc.ring_decode(path, index, memoryview(result), block, copy, cc.HUGE_PAGE)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            pytest.skip("O_DIRECT refused by this file system")
+        raise
+    assert bytes(result) == b"".join(chunks * 3)
+    bad = list(index)
+    bad[7] = (bad[7][0], bad[7][1], bad[7][2] ^ 1)
+    with pytest.raises(SystemExit, match="chunk 7: checksum mismatch"):
+        cc.ring_decode(path, bad, memoryview(bytearray(len(index) * block)), block, copy, cc.HUGE_PAGE)
 
 
 def test_timeline_counts_time_with_no_read_in_flight():

@@ -1,0 +1,230 @@
+"""Could compressing fp32 KV make a cold restore beat the disk's O_DIRECT read? A ceiling, no engine.
+
+fp32 KV does not compress enough for tierkv's byte-plane codec to pay on two cores (1.19x saved,
+decoded at about 1.7 GB/s per core: ``bench/codec_choice.py``), so tierkv stores it as it is, and
+a cold restore can then at best match the disk. This script asks whether a faster decoder would
+change that, with the most favourable setting there is, and nothing of the engine around it:
+
+- the codec: blosc2's byte shuffle + zstd level 1 (a C library with SIMD shuffles and its own
+  decode threads; ``pip install blosc2``: it is not a tierkv dependency), one chunk per block of
+  all its layers, about 12 MiB of fp32 KV, which its threads decode in parallel;
+- the read: one thread reads each chunk with O_DIRECT, in file order, into a ring of reused
+  huge-page buffers (the fastest read this disk serves: see ``bench/reload.py``'s baseline);
+- the decode: the main thread checks each chunk's CRC32C (blosc2 carries none) and blosc2
+  decodes it with ``--decode-threads`` threads straight into a preallocated huge-page result, one
+  block after another. A restore's result holds each head's tokens in one run, so blocks would
+  have to be scattered per head; that copy is left out here, which favours this row.
+
+Rows, side by side on the same KV, every file's pages dropped before each read:
+
+- ``O_DIRECT sequential, reused huge-page buffer``: the raw KV's bytes, the reload target's
+  baseline;
+- ``O_DIRECT sequential, whole huge-page destination``: the same read, each 4 MiB to its own place
+  (delivering the raw bytes, uncompressed, with no CPU work at all);
+- ``blosc2 shuffle+zstd L1, O_DIRECT read ring, N decode threads``: the pipeline above; its rate
+  is logical (KV bytes delivered), as the target's is.
+
+    python bench/compressed_ceiling.py [--size 1GiB] [--block-tokens 256] [--decode-threads 2]
+                                       [--rounds 5] [--out bench/results/compressed_ceiling.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from crc32c import crc32c
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from reload import HUGE_PAGE, TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
+
+from tierkv.blocks import pack_block  # noqa: E402
+from tierkv.config import parse_size  # noqa: E402
+from tierkv.pagecache import drop_file_cache  # noqa: E402
+
+PAGE = 4096
+BASELINE = "O_DIRECT sequential, reused huge-page buffer"
+RING = 4  # read buffers: the reader runs up to this many chunks ahead of the decoder
+
+
+def block_payloads(spec: Any, kv: list[tuple[Any, Any]], block_tokens: int) -> list[bytes]:
+    """Each block's payload as tierkv's raw codec lays it out (``pack_block``)."""
+    out = []
+    for b in range(TOKENS // block_tokens):
+        payload = torch.empty(spec.bytes_per_token * block_tokens, dtype=torch.uint8)
+        pack_block(spec, kv, b * block_tokens, block_tokens, payload)
+        out.append(payload.numpy().tobytes())
+    return out
+
+
+def write_raw(path: str, payloads: list[bytes], sessions: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(sessions):
+            for p in payloads:
+                f.write(p)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_compressed(path: str, chunks: list[bytes], sessions: int) -> list[tuple[int, int, int]]:
+    """Every session's chunks, each on a page of its own; returns (offset, length, crc) per chunk."""
+    index = []
+    with open(path, "wb") as f:
+        for _ in range(sessions):
+            for c in chunks:
+                at = f.tell()
+                f.write(c)
+                f.write(b"\0" * ((-len(c)) % PAGE))
+                index.append((at, len(c), crc32c(c)))
+        f.flush()
+        os.fsync(f.fileno())
+    return index
+
+
+def ring_decode(path: str, index: list[tuple[int, int, int]], result: memoryview, block: int,
+                decode: Callable[[memoryview, memoryview], Any], slot_bytes: int) -> None:
+    """One thread reads chunk after chunk with O_DIRECT into a ring of reused huge-page buffers;
+    this thread checks each one's CRC32C and decodes it into its block's place in ``result``."""
+    ring_map, ring = huge_page_buffer(RING * slot_bytes)
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    for s in range(RING):
+        free.put(s)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+
+    def reader() -> None:
+        try:
+            for at, length, _ in index:
+                s = free.get()
+                if s is None:
+                    return
+                want = -(-length // PAGE) * PAGE
+                got = os.preadv(fd, [ring[s * slot_bytes:s * slot_bytes + want]], at)
+                if got < length:
+                    raise OSError(f"short read: {got} of {length} bytes")
+                ready.put(s)
+        except BaseException as e:  # noqa: BLE001 - handed to the decoding thread
+            ready.put(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    chunk = None
+    try:
+        for i, (_, length, crc) in enumerate(index):
+            s = ready.get()
+            if isinstance(s, BaseException):
+                raise s
+            chunk = ring[s * slot_bytes:s * slot_bytes + length]
+            if crc32c(chunk) != crc:
+                raise SystemExit(f"chunk {i}: checksum mismatch")
+            decode(chunk, result[i * block:(i + 1) * block])
+            free.put(s)
+    finally:
+        free.put(None)
+        t.join()
+        os.close(fd)
+        chunk = ring = None  # the map closes only once no view of it is left
+        ring_map.close()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_side_by_side_arguments(ap, rounds=5, out="bench/results/compressed_ceiling.json")
+    ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (whole sessions)")
+    ap.add_argument("--block-tokens", type=int, default=256)
+    ap.add_argument("--decode-threads", type=int, default=2, help="blosc2's decode threads")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    args = ap.parse_args(argv)
+    try:
+        import blosc2
+    except ImportError:
+        raise SystemExit("this bench needs blosc2 (pip install blosc2); tierkv itself does not")
+    from tierkv.integrations.hf import default_cache_dir
+
+    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    if TOKENS % args.block_tokens:
+        raise SystemExit(f"--block-tokens must divide {TOKENS}")
+    payloads = block_payloads(spec, kv, args.block_tokens)
+    block = len(payloads[0])
+    sessions = max(1, parse_size(args.size) // (block * len(payloads)))
+    nbytes = sessions * len(payloads) * block
+    itemsize = kv[0][0].element_size()
+    cparams = {"codec": blosc2.Codec.ZSTD, "clevel": 1, "typesize": itemsize,
+               "filters": [blosc2.Filter.SHUFFLE], "nthreads": args.decode_threads}
+    chunks = [blosc2.compress2(p, **cparams) for p in payloads]
+    ratio = block * len(payloads) / sum(map(len, chunks))
+    slot = -(-max(map(len, chunks)) // HUGE_PAGE) * HUGE_PAGE
+
+    def decode(chunk: memoryview, into: memoryview) -> None:
+        blosc2.decompress2(chunk, dst=into, nthreads=args.decode_threads)
+
+    work = tempfile.mkdtemp(prefix="tierkv-compressed-", dir=args.dir)
+    raw_path, packed_path = os.path.join(work, "raw.bin"), os.path.join(work, "blosc2.bin")
+    codec_row = f"blosc2 shuffle+zstd L1, O_DIRECT read ring, {args.decode_threads} decode threads"
+    try:  # the maps live until the process ends (a script: nothing to hand back sooner)
+        write_raw(raw_path, payloads, sessions)
+        index = write_compressed(packed_path, chunks, sessions)
+        result_map, result = huge_page_buffer(nbytes)
+        whole_map, whole = huge_page_buffer(os.path.getsize(raw_path))
+        for buf in (result, whole):
+            np.frombuffer(buf, np.uint8)[::PAGE] = 1  # written once, as a server's KV memory is
+
+        methods: dict[str, Callable[[], Any]] = {
+            BASELINE: lambda: odirect_read(raw_path, huge=True),
+            "O_DIRECT sequential, whole huge-page destination": lambda: odirect_read(raw_path, into=whole),
+            codec_row: lambda: ring_decode(packed_path, index, result, block, decode, slot),
+        }
+        methods[codec_row]()  # first use: code warmed, and the decoded bytes checked
+        flat = np.frombuffer(result, np.uint8)
+        for i in range(sessions * len(payloads)):
+            if flat[i * block:(i + 1) * block].tobytes() != payloads[i % len(payloads)]:
+                raise SystemExit(f"{codec_row}: block {i} does not hold the KV")
+        del flat
+        files = {BASELINE: raw_path, "O_DIRECT sequential, whole huge-page destination": raw_path,
+                 codec_row: packed_path}
+
+        def dropped(name: str) -> Callable[[], float]:
+            def timed() -> float:
+                drop_file_cache(files[name])
+                t = time.perf_counter()
+                methods[name]()
+                return time.perf_counter() - t
+            return timed
+
+        rows, orders = side_by_side({k: dropped(k) for k in methods}, args.rounds, args.seed)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in rows.items()}
+    paired = {k: statistics.median(b / a for a, b in zip(rows[k], rows[BASELINE])) for k in rows}
+    out: dict[str, Any] = {
+        "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "sessions": sessions, "bytes": nbytes, "block_tokens": args.block_tokens,
+        "compression_ratio": ratio, "decode_threads": args.decode_threads,
+        "blosc2_version": blosc2.__version__, "rounds": args.rounds, "seed": args.seed,
+        "round_orders": orders, "seconds": {k: stats_of(v) for k, v in rows.items()}, "gbps": gbps,
+        "vs_odirect_reused_buffer": {k: gbps[k] / gbps[BASELINE] for k in rows},
+        "vs_odirect_reused_buffer_paired": paired,
+    }
+    print(f"{sessions} sessions x {TOKENS} tokens = {nbytes / 2**30:.2f} GiB of {out['kv']}, "
+          f"{args.block_tokens}-token blocks, blosc2 ratio {ratio:.3f}")
+    for k in rows:
+        s = out["seconds"][k]
+        print(f"  {k:62s} {gbps[k]:5.2f} GB/s ({nbytes / s['max'] / 1e9:.2f}-{nbytes / s['min'] / 1e9:.2f})"
+              f"  {out['vs_odirect_reused_buffer'][k]:.2f}x of the baseline (per round {paired[k]:.2f}x)")
+    write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
