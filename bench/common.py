@@ -65,6 +65,39 @@ def real_kv(n_tokens: int, cache_dir: str | None = None,
     return [(k.clone(), v.clone()) for k, v in cache_to_kv(cache)]
 
 
+def cold(path: str, run: Callable[[], Any]) -> Callable[[], float]:
+    """``run`` as a timed method of ``side_by_side``: ``path``'s pages dropped from the page
+    cache first, then the seconds ``run`` takes."""
+    from tierkv.pagecache import drop_file_cache
+
+    def timed_cold() -> float:
+        drop_file_cache(path)
+        t = time.perf_counter()
+        run()
+        return time.perf_counter() - t
+    return timed_cold
+
+
+def against_baseline(rows: dict[str, list[float]], nbytes: int, baseline: str) -> dict[str, Any]:
+    """Each method's seconds per round, its rate over ``nbytes`` (median of its rounds) and that
+    rate against ``baseline``'s: as the ratio of the medians and as the median of the per-round
+    ratios (JSON keys as ``direct_ceiling.py`` first wrote them)."""
+    gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in rows.items()}
+    return {"seconds": {k: stats_of(v) for k, v in rows.items()}, "gbps": gbps,
+            "vs_odirect_reused_buffer": {k: gbps[k] / gbps[baseline] for k in rows},
+            "vs_odirect_reused_buffer_paired": {
+                k: statistics.median(b / a for a, b in zip(rows[k], rows[baseline])) for k in rows}}
+
+
+def print_against_baseline(result: dict[str, Any], nbytes: int) -> None:
+    """One line per method of ``against_baseline``'s result: median GB/s (range), both ratios."""
+    for k, g in result["gbps"].items():
+        s = result["seconds"][k]
+        print(f"  {k:62s} {g:5.2f} GB/s ({nbytes / s['max'] / 1e9:.2f}-{nbytes / s['min'] / 1e9:.2f})"
+              f"  {result['vs_odirect_reused_buffer'][k]:.2f}x of the baseline"
+              f" (per round {result['vs_odirect_reused_buffer_paired'][k]:.2f}x)")
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

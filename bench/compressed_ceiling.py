@@ -34,11 +34,9 @@ import argparse
 import os
 import queue
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -46,12 +44,12 @@ import torch
 from crc32c import crc32c
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from common import (add_side_by_side_arguments, against_baseline, cold, machine,  # noqa: E402
+                    print_against_baseline, side_by_side, write_json)
 from reload import HUGE_PAGE, TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
 from tierkv.blocks import pack_block  # noqa: E402
 from tierkv.config import parse_size  # noqa: E402
-from tierkv.pagecache import drop_file_cache  # noqa: E402
 
 PAGE = 4096
 BASELINE = "O_DIRECT sequential, reused huge-page buffer"
@@ -193,35 +191,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del flat
         files = {BASELINE: raw_path, "O_DIRECT sequential, whole huge-page destination": raw_path,
                  codec_row: packed_path}
-
-        def dropped(name: str) -> Callable[[], float]:
-            def timed() -> float:
-                drop_file_cache(files[name])
-                t = time.perf_counter()
-                methods[name]()
-                return time.perf_counter() - t
-            return timed
-
-        rows, orders = side_by_side({k: dropped(k) for k in methods}, args.rounds, args.seed)
+        rows, orders = side_by_side({k: cold(files[k], f) for k, f in methods.items()}, args.rounds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in rows.items()}
-    paired = {k: statistics.median(b / a for a, b in zip(rows[k], rows[BASELINE])) for k in rows}
     out: dict[str, Any] = {
         "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "sessions": sessions, "bytes": nbytes, "block_tokens": args.block_tokens,
         "compression_ratio": ratio, "decode_threads": args.decode_threads,
         "blosc2_version": blosc2.__version__, "rounds": args.rounds, "seed": args.seed,
-        "round_orders": orders, "seconds": {k: stats_of(v) for k, v in rows.items()}, "gbps": gbps,
-        "vs_odirect_reused_buffer": {k: gbps[k] / gbps[BASELINE] for k in rows},
-        "vs_odirect_reused_buffer_paired": paired,
+        "round_orders": orders, **against_baseline(rows, nbytes, BASELINE),
     }
     print(f"{sessions} sessions x {TOKENS} tokens = {nbytes / 2**30:.2f} GiB of {out['kv']}, "
           f"{args.block_tokens}-token blocks, blosc2 ratio {ratio:.3f}")
-    for k in rows:
-        s = out["seconds"][k]
-        print(f"  {k:62s} {gbps[k]:5.2f} GB/s ({nbytes / s['max'] / 1e9:.2f}-{nbytes / s['min'] / 1e9:.2f})"
-              f"  {out['vs_odirect_reused_buffer'][k]:.2f}x of the baseline (per round {paired[k]:.2f}x)")
+    print_against_baseline(out, nbytes)
     write_json(args.out, out)
     return out
 

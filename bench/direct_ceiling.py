@@ -35,11 +35,9 @@ import mmap
 import os
 import queue
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -47,12 +45,12 @@ import torch
 from crc32c import crc32c
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from common import (add_side_by_side_arguments, against_baseline, cold, machine,  # noqa: E402
+                    print_against_baseline, side_by_side, write_json)
 from reload import TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
 from tierkv.blocks import pack_block  # noqa: E402
 from tierkv.config import parse_size  # noqa: E402
-from tierkv.pagecache import drop_file_cache  # noqa: E402
 
 PAGE = 4096
 BASELINE = "O_DIRECT sequential, reused huge-page buffer"
@@ -232,33 +230,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if result is not None and not holds_the_kv(result, layout, kvb):
                 raise SystemExit(f"{name}: the result does not hold the KV")
 
-        def dropped(run: Callable[[], Any]) -> Callable[[], float]:
-            def timed() -> float:
-                drop_file_cache(path)
-                t = time.perf_counter()
-                run()
-                return time.perf_counter() - t
-            return timed
-
-        rows, orders = side_by_side({k: dropped(f) for k, f in methods.items()}, args.rounds, args.seed)
+        rows, orders = side_by_side({k: cold(path, f) for k, f in methods.items()}, args.rounds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    gbps = {k: layout.nbytes / statistics.median(v) / 1e9 for k, v in rows.items()}
-    paired = {k: statistics.median(b / a for a, b in zip(rows[k], rows[BASELINE])) for k in rows}
     out: dict[str, Any] = {
         "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "sessions": sessions, "bytes": layout.nbytes, "block_tokens": args.block_tokens, "group": args.group,
         "rounds": args.rounds, "seed": args.seed, "round_orders": orders,
-        "seconds": {k: stats_of(v) for k, v in rows.items()}, "gbps": gbps,
-        "vs_odirect_reused_buffer": {k: gbps[k] / gbps[BASELINE] for k in rows},
-        "vs_odirect_reused_buffer_paired": paired,
+        **against_baseline(rows, layout.nbytes, BASELINE),
     }
     print(f"{sessions} sessions x {TOKENS} tokens = {layout.nbytes / 2**30:.2f} GiB, {args.block_tokens}-token blocks, "
           f"{args.group} layers per direct read")
-    for k in rows:
-        s = out["seconds"][k]
-        print(f"  {k:62s} {gbps[k]:5.2f} GB/s ({layout.nbytes / s['max'] / 1e9:.2f}-{layout.nbytes / s['min'] / 1e9:.2f})"
-              f"  {out['vs_odirect_reused_buffer'][k]:.2f}x of the baseline (per round {paired[k]:.2f}x)")
+    print_against_baseline(out, layout.nbytes)
     write_json(args.out, out)
     return out
 
