@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import shutil
 import sys
 import tempfile
-import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -45,7 +43,7 @@ from crc32c import crc32c
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (add_side_by_side_arguments, against_baseline, cold, machine,  # noqa: E402
-                    print_against_baseline, side_by_side, write_json)
+                    print_against_baseline, ring_read, side_by_side, write_json)
 from reload import HUGE_PAGE, TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
 from tierkv.blocks import pack_block  # noqa: E402
@@ -53,7 +51,6 @@ from tierkv.config import parse_size  # noqa: E402
 
 PAGE = 4096
 BASELINE = "O_DIRECT sequential, reused huge-page buffer"
-RING = 4  # read buffers: the reader runs up to this many chunks ahead of the decoder
 
 
 def block_payloads(spec: Any, kv: list[tuple[Any, Any]], block_tokens: int) -> list[bytes]:
@@ -88,52 +85,6 @@ def write_compressed(path: str, chunks: list[bytes], sessions: int) -> list[tupl
         f.flush()
         os.fsync(f.fileno())
     return index
-
-
-def ring_decode(path: str, index: list[tuple[int, int, int]], result: memoryview, block: int,
-                decode: Callable[[memoryview, memoryview], Any], slot_bytes: int) -> None:
-    """One thread reads chunk after chunk with O_DIRECT into a ring of reused huge-page buffers;
-    this thread checks each one's CRC32C and decodes it into its block's place in ``result``."""
-    ring_map, ring = huge_page_buffer(RING * slot_bytes)
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    ready: queue.SimpleQueue = queue.SimpleQueue()
-    for s in range(RING):
-        free.put(s)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-
-    def reader() -> None:
-        try:
-            for at, length, _ in index:
-                s = free.get()
-                if s is None:
-                    return
-                want = -(-length // PAGE) * PAGE
-                got = os.preadv(fd, [ring[s * slot_bytes:s * slot_bytes + want]], at)
-                if got < length:
-                    raise OSError(f"short read: {got} of {length} bytes")
-                ready.put(s)
-        except BaseException as e:  # noqa: BLE001 - handed to the decoding thread
-            ready.put(e)
-
-    t = threading.Thread(target=reader)
-    t.start()
-    chunk = None
-    try:
-        for i, (_, length, crc) in enumerate(index):
-            s = ready.get()
-            if isinstance(s, BaseException):
-                raise s
-            chunk = ring[s * slot_bytes:s * slot_bytes + length]
-            if crc32c(chunk) != crc:
-                raise SystemExit(f"chunk {i}: checksum mismatch")
-            decode(chunk, result[i * block:(i + 1) * block])
-            free.put(s)
-    finally:
-        free.put(None)
-        t.join()
-        os.close(fd)
-        chunk = ring = None  # the map closes only once no view of it is left
-        ring_map.close()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -181,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods: dict[str, Callable[[], Any]] = {
             BASELINE: lambda: odirect_read(raw_path, huge=True),
             "O_DIRECT sequential, whole huge-page destination": lambda: odirect_read(raw_path, into=whole),
-            codec_row: lambda: ring_decode(packed_path, index, result, block, decode, slot),
+            codec_row: lambda: ring_read(packed_path, index, lambda i, chunk: decode(chunk, result[i * block:(i + 1) * block]),
+                                         slot),
         }
         methods[codec_row]()  # first use: code warmed, and the decoded bytes checked
         flat = np.frombuffer(result, np.uint8)

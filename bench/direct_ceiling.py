@@ -11,6 +11,10 @@ per-task bookkeeping), so it gives a ceiling, not a figure of the engine:
 - ``direct, block-major``: one thread reads each value in file order with O_DIRECT, ``--group``
   layers per ``preadv``, straight into the result's per-head runs (no bounce buffer); a second
   thread checks each group's CRC32C as it lands;
+- ``direct, file order, through a ring of reused buffers`` (session 29): one thread reads each
+  value in file order with O_DIRECT, 4 MiB a request, into a ring of four reused huge-page
+  buffers; the calling thread checks the value's CRC32C and copies its per-head runs into the
+  result (a bounce: a copy more, but every read lands in memory used a moment before);
 - each of those into a result of 4 KiB pages and into one backed by huge pages (memory a server
   reserves for its KV at start-up could ask for them);
 - ``O_DIRECT sequential, reused huge-page buffer``: the reload target's baseline;
@@ -46,8 +50,8 @@ from crc32c import crc32c
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (add_side_by_side_arguments, against_baseline, cold, machine,  # noqa: E402
-                    print_against_baseline, side_by_side, write_json)
-from reload import TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
+                    print_against_baseline, ring_read, side_by_side, write_json)
+from reload import HUGE_PAGE, TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
 from tierkv.blocks import pack_block  # noqa: E402
 from tierkv.config import parse_size  # noqa: E402
@@ -92,9 +96,9 @@ def kv_bytes(kv: list[tuple[Any, Any]]) -> list[list[np.ndarray]]:
     return [[x.contiguous().view(torch.uint8).numpy().reshape(x.shape[0], -1) for x in layer] for layer in kv]
 
 
-def write_file(path: str, layout: Layout, spec: Any, kv: list[tuple[Any, Any]], block_tokens: int) -> None:
+def write_file(path: str, layout: Layout, spec: Any, kv: list[tuple[Any, Any]], block_tokens: int) -> list[int]:
     """Every session's values, each block's payload packed by tierkv itself (``pack_block``: its
-    raw layout), page-aligned."""
+    raw layout), page-aligned; returns each block's payload CRC32C."""
     values = []
     for b in range(layout.blocks):
         payload = torch.zeros(layout.stride, dtype=torch.uint8)
@@ -106,6 +110,7 @@ def write_file(path: str, layout: Layout, spec: Any, kv: list[tuple[Any, Any]], 
                 f.write(value)
         f.flush()
         os.fsync(f.fileno())
+    return [crc32c(v[:layout.value]) for v in values]
 
 
 def holds_the_kv(result: np.ndarray, layout: Layout, kv: list[list[np.ndarray]]) -> bool:
@@ -184,6 +189,28 @@ def direct_block_major(path: str, layout: Layout, result: np.ndarray, group: int
         os.close(fd)
 
 
+def direct_through_ring(path: str, layout: Layout, result: np.ndarray, crcs: list[int]) -> None:
+    """One thread reads the values in file order with O_DIRECT, 4 MiB a request, into a ring of
+    reused huge-page buffers (``common.ring_read``); this thread checks each value's CRC32C and
+    copies each of its (layer, tensor, head) runs into its place in the result: a bounce, one copy
+    more than the direct pattern, with every read into memory used a moment before."""
+    per_session = layout.blocks
+    index = [(layout.value_offset(s, b), layout.value, crcs[b])
+             for s in range(layout.sessions) for b in range(per_session)]
+
+    def deliver(i: int, chunk: memoryview) -> None:
+        s, b = divmod(i, per_session)
+        value = np.frombuffer(chunk, np.uint8)
+        at = 0
+        for layer in range(layout.layers):
+            for r in layout.runs(result, s, b, layer):
+                r[:] = value[at:at + layout.run]
+                at += layout.run
+
+    slot = -(-layout.value // HUGE_PAGE) * HUGE_PAGE
+    ring_read(path, index, deliver, slot)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=5, out="bench/results/direct_ceiling.json")
@@ -202,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="tierkv-direct-", dir=args.dir)
     path = os.path.join(work, "values.bin")
     try:  # the maps live until the process ends (it is a script: nothing to hand back sooner)
-        write_file(path, layout, spec, kv, args.block_tokens)
+        crcs = write_file(path, layout, spec, kv, args.block_tokens)
         hp_map, hp_view = huge_page_buffer(layout.nbytes)
         # 4 KiB pages: a private anonymous map, page-aligned, never asked for huge pages (a numpy
         # array this large is: numpy advises MADV_HUGEPAGE for big allocations, which made this
@@ -220,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lambda r=result: buffered_layer_major(path, layout, r))
             methods[f"direct, block-major, result in {kind}"] = (
                 lambda r=result: direct_block_major(path, layout, r, args.group))
+            methods[f"direct, file order, through a ring of reused buffers, result in {kind}"] = (
+                lambda r=result: direct_through_ring(path, layout, r, crcs))
         methods[BASELINE] = lambda: odirect_read(path, huge=True)
         methods["O_DIRECT sequential, whole huge-page destination"] = lambda: odirect_read(path, into=whole)
         for name, f in methods.items():  # first use: code warmed; and each pattern's bytes checked
