@@ -65,7 +65,7 @@ step gpu_split 90 python3 bench/gpu_restore_split.py --size 512MiB --rounds 5 --
 step reload_bf16_raw 260 python3 bench/reload.py --dtype bf16 --codec raw --size "$SIZE" --repeats "$REPEATS" --seed 1 \
     --cache-dir "$KV" --out "$OUT/gpu_reload_bf16_raw.json"
 # how fast read patterns fill a restore's memory on this machine's disk, without the engine (session 27)
-step direct_ceiling 60 python3 bench/direct_ceiling.py --dtype bf16 --size 512MiB --rounds 3 --seed 1 \
+step direct_ceiling 75 python3 bench/direct_ceiling.py --dtype bf16 --size 512MiB --rounds 3 --seed 1 \
     --cache-dir "$KV" --out "$OUT/gpu_direct_ceiling.json"
 # whether compression pays with many cores: the most favourable compressed pipeline, no engine
 # (session 29; needs blosc2 and its dependencies, as wheels in .whl/ where there is no index)
