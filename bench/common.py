@@ -67,6 +67,30 @@ def real_kv(n_tokens: int, cache_dir: str | None = None,
     return [(k.clone(), v.clone()) for k, v in cache_to_kv(cache)]
 
 
+def block_payloads(spec: Any, kv: Any, block_tokens: int, blocks: int, stride: int | None = None) -> list[bytes]:
+    """The first ``blocks`` blocks of ``kv``, each block's payload packed by tierkv itself
+    (``pack_block``: the raw codec's layout), zero-padded to ``stride`` bytes when given."""
+    from tierkv.blocks import pack_block
+
+    size = spec.bytes_per_token * block_tokens
+    out = []
+    for b in range(blocks):
+        payload = torch.zeros(stride or size, dtype=torch.uint8)
+        pack_block(spec, kv, b * block_tokens, block_tokens, payload[:size])
+        out.append(payload.numpy().tobytes())
+    return out
+
+
+def write_sessions(path: str, values: list[bytes], sessions: int) -> None:
+    """``values`` written ``sessions`` times over, one after another, and synced."""
+    with open(path, "wb") as f:
+        for _ in range(sessions):
+            for value in values:
+                f.write(value)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def cold(path: str, run: Callable[[], Any]) -> Callable[[], float]:
     """``run`` as a timed method of ``side_by_side``: ``path``'s pages dropped from the page
     cache first, then the seconds ``run`` takes."""

@@ -38,38 +38,17 @@ import tempfile
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from crc32c import crc32c
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (add_side_by_side_arguments, against_baseline, cold, machine,  # noqa: E402
-                    print_against_baseline, ring_read, side_by_side, write_json)
+from common import (add_side_by_side_arguments, against_baseline, block_payloads, cold,  # noqa: E402
+                    machine, print_against_baseline, ring_read, side_by_side, write_json, write_sessions)
 from reload import HUGE_PAGE, TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
-from tierkv.blocks import pack_block  # noqa: E402
 from tierkv.config import parse_size  # noqa: E402
 
 PAGE = 4096
 BASELINE = "O_DIRECT sequential, reused huge-page buffer"
-
-
-def block_payloads(spec: Any, kv: list[tuple[Any, Any]], block_tokens: int) -> list[bytes]:
-    """Each block's payload as tierkv's raw codec lays it out (``pack_block``)."""
-    out = []
-    for b in range(TOKENS // block_tokens):
-        payload = torch.empty(spec.bytes_per_token * block_tokens, dtype=torch.uint8)
-        pack_block(spec, kv, b * block_tokens, block_tokens, payload)
-        out.append(payload.numpy().tobytes())
-    return out
-
-
-def write_raw(path: str, payloads: list[bytes], sessions: int) -> None:
-    with open(path, "wb") as f:
-        for _ in range(sessions):
-            for p in payloads:
-                f.write(p)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_compressed(path: str, chunks: list[bytes], sessions: int) -> list[tuple[int, int, int]]:
@@ -104,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     if TOKENS % args.block_tokens:
         raise SystemExit(f"--block-tokens must divide {TOKENS}")
-    payloads = block_payloads(spec, kv, args.block_tokens)
+    payloads = block_payloads(spec, kv, args.block_tokens, TOKENS // args.block_tokens)
     block = len(payloads[0])
     sessions = max(1, parse_size(args.size) // (block * len(payloads)))
     nbytes = sessions * len(payloads) * block
@@ -122,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raw_path, packed_path = os.path.join(work, "raw.bin"), os.path.join(work, "blosc2.bin")
     codec_row = f"blosc2 shuffle+zstd L1, O_DIRECT read ring, {args.decode_threads} decode threads"
     try:  # the maps live until the process ends (a script: nothing to hand back sooner)
-        write_raw(raw_path, payloads, sessions)
+        write_sessions(raw_path, payloads, sessions)
         index = write_compressed(packed_path, chunks, sessions)
         result_map, result = huge_page_buffer(nbytes)
         whole_map, whole = huge_page_buffer(os.path.getsize(raw_path))

@@ -49,11 +49,10 @@ import torch
 from crc32c import crc32c
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (add_side_by_side_arguments, against_baseline, cold, machine,  # noqa: E402
-                    print_against_baseline, ring_read, side_by_side, write_json)
+from common import (add_side_by_side_arguments, against_baseline, block_payloads, cold,  # noqa: E402
+                    machine, print_against_baseline, ring_read, side_by_side, write_json, write_sessions)
 from reload import HUGE_PAGE, TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
-from tierkv.blocks import pack_block  # noqa: E402
 from tierkv.config import parse_size  # noqa: E402
 
 PAGE = 4096
@@ -99,17 +98,8 @@ def kv_bytes(kv: list[tuple[Any, Any]]) -> list[list[np.ndarray]]:
 def write_file(path: str, layout: Layout, spec: Any, kv: list[tuple[Any, Any]], block_tokens: int) -> list[int]:
     """Every session's values, each block's payload packed by tierkv itself (``pack_block``: its
     raw layout), page-aligned; returns each block's payload CRC32C."""
-    values = []
-    for b in range(layout.blocks):
-        payload = torch.zeros(layout.stride, dtype=torch.uint8)
-        pack_block(spec, kv, b * block_tokens, block_tokens, payload[:layout.value])
-        values.append(payload.numpy().tobytes())
-    with open(path, "wb") as f:
-        for _ in range(layout.sessions):
-            for value in values:
-                f.write(value)
-        f.flush()
-        os.fsync(f.fileno())
+    values = block_payloads(spec, kv, block_tokens, layout.blocks, layout.stride)
+    write_sessions(path, values, layout.sessions)
     return [crc32c(v[:layout.value]) for v in values]
 
 
