@@ -21,6 +21,8 @@ the caller's work before the reads start (lookups, header checks), which the dis
 commit); B defaults to this repository. The store is written by this repository's tierkv and
 must be readable by both (same format version). With ``--own-stores`` each version writes a
 store of its own (the same KV) and restores that one: for changes to how values are encoded.
+``--codec-b``: B writes and restores with this SSD codec instead of ``--codec`` (implies
+``--own-stores``): two codecs of one version, side by side (``--a . --codec raw --codec-b lz4-planes``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--b", default=ROOT, help="directory holding version B's tierkv package (default: this repository)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--codec", default="zstd-planes")
+    ap.add_argument("--codec-b", default=None, help="B's SSD codec, if not --codec's (implies --own-stores)")
     ap.add_argument("--mode", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "write" if args.write else args.mode[0], args.codec, args.preallocated)
         return {}
 
+    codecs = {"A": args.codec, "B": args.codec_b or args.codec}
+    if args.codec_b:
+        args.own_stores = True
     sys.path.insert(0, HERE)
     import tierkv
     from common import machine, stats_of, write_json
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def run_child(name: str, mode: str) -> dict[str, Any]:
         root = versions[name]
         cmd = [sys.executable, os.path.abspath(__file__), "--a", root, "--child", root, "--store", stores[name],
-               "--dtype", args.dtype, "--codec", args.codec, "--mode", "cold" if mode == "write" else mode,
+               "--dtype", args.dtype, "--codec", codecs[name], "--mode", "cold" if mode == "write" else mode,
                "--sessions", str(sessions), "--cache-dir", cache_dir]
         cmd += ["--synthetic"] if args.synthetic else []
         cmd += ["--write"] if mode == "write" else []
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "machine": machine(), "versions": versions, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
-        "codec": args.codec, "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
+        "codec": args.codec, "codec_b": codecs["B"], "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
         "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
         "round_orders": orders, "store_file_bytes": store_bytes,
         "gbps": {k: stats_of(v) for k, v in rates.items()},
