@@ -22,7 +22,7 @@ commit); B defaults to this repository. The store is written by this repository'
 must be readable by both (same format version). With ``--own-stores`` each version writes a
 store of its own (the same KV) and restores that one: for changes to how values are encoded.
 ``--codec-b``: B writes and restores with this SSD codec instead of ``--codec`` (implies
-``--own-stores``): two codecs of one version, side by side (``--a . --codec raw --codec-b lz4-planes``).
+``--own-stores``): two codecs of one version, side by side (``--a . --codec raw --codec-b zstd-planes``).
 """
 
 from __future__ import annotations

@@ -133,6 +133,21 @@ def test_ab_reload_bench_runs(tmp_path, own_stores):
     assert res["own_stores"] is own_stores and all(n > 0 for n in res["store_file_bytes"].values())
 
 
+def test_ab_reload_compares_two_codecs(tmp_path):
+    """``--codec-b``: B writes a store of its own with another SSD codec and restores it; bf16
+    KV's byte planes compress, so B's zstd-planes store is smaller than A's raw one."""
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab_reload.py"), "--a", ROOT, "--size", "20MiB",
+                        "--rounds", "2", "--synthetic", "--dtype", "bf16", "--mode", "cold", "--codec", "raw",
+                        "--codec-b", "zstd-planes", "--out", str(out), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert (res["codec"], res["codec_b"], res["own_stores"]) == ("raw", "zstd-planes", True)
+    assert set(res["gbps"]) == {"cold A", "cold B"} and all(v["median"] > 0 for v in res["gbps"].values())
+    assert res["store_file_bytes"]["B"] < 0.9 * res["store_file_bytes"]["A"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tierkv's pread reader is Linux-only")
 def test_reload_timeline_bench_runs(tmp_path):
     """The engine and its bare read pattern, read by read: every timed run accounts for its reads,
