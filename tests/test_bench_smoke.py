@@ -138,7 +138,7 @@ def test_ab_reload_compares_two_codecs(tmp_path):
     KV's byte planes compress, so B's zstd-planes store is smaller than A's raw one."""
     out = tmp_path / "ab.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab_reload.py"), "--a", ROOT, "--size", "20MiB",
-                        "--rounds", "2", "--synthetic", "--dtype", "bf16", "--mode", "cold", "--codec", "raw",
+                        "--rounds", "1", "--synthetic", "--dtype", "bf16", "--mode", "cold", "--codec", "raw",
                         "--codec-b", "zstd-planes", "--out", str(out), "--dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
