@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nbytes = sessions * len(payloads) * block
     itemsize = kv[0][0].element_size()
     names = args.codecs.split(",")
-    if not names or any(n not in CODECS for n in names):
+    if any(n not in CODECS for n in names):
         raise SystemExit(f"--codecs: pick from {', '.join(CODECS)}")
     packed = {}  # name -> (row label, chunks)
     for name in names:
