@@ -126,3 +126,17 @@ def test_save_grows_a_session_and_reuses_blocks(open_store):
     assert s.stats()["resident_bytes"]["ssd"] > 0
     r = s.restore(range(n2), session="s")
     assert_kv_equal(r.kv, kv)
+
+
+def test_stats_split_the_writers_time(open_store):
+    spec = small_spec()
+    s = open_store(spec, persist="write_through")
+    assert s.stats()["ssd_writes"] == {"batches": 0, "encode_seconds": 0.0, "transaction_seconds": 0.0,
+                                       "commit_seconds": 0.0}
+    n = 3 * BLOCK
+    s.save(range(n), make_kv(spec, n), session="s").wait()
+    w = s.stats()["ssd_writes"]
+    assert w["batches"] >= 1 and w["encode_seconds"] > 0
+    # LMDB's commit is a part of the transaction, which wrote every value and the session record
+    assert 0 < w["commit_seconds"] <= w["transaction_seconds"]
+    assert s.stats()["moved"]["host->ssd"]["seconds"] >= w["transaction_seconds"]

@@ -1021,6 +1021,7 @@ class TierKV:
             lambda bp: encode_payload(self.codec, self.fingerprint, self.spec, bp[0], bp[1], self._align), items)))
         raw = sum(b.nbytes for b, _ in items)
         enc = sum(len(v) for v in values.values())
+        self._stats.count("ssd_encode_us", int((time.perf_counter() - t0) * 1e6))
         try:
             self._commit(ops, values, touched, protect, keep)
             failed: list[tuple[_Op, BaseException]] = []
@@ -1081,6 +1082,7 @@ class TierKV:
                 protect: set[str], keep: set[bytes]) -> None:
         now = time.time()
         self._last_batch = time.monotonic()
+        started = time.perf_counter()
         with self._ssd.batch() as batch:
             batch.keep = keep
             # uses made since the last batch first: eviction picks by last use and expiry, and a
@@ -1100,6 +1102,9 @@ class TierKV:
                     batch.put_session(op.record, self.block_tokens)
             evicted_sessions = [s for s in batch.dropped if s not in {op.session for op in ops if op.kind == "drop"}]
             evicted_keys = set(batch.deleted)
+        self._stats.count("ssd_batches", 1)
+        self._stats.count("ssd_transaction_us", int((time.perf_counter() - started) * 1e6))
+        self._stats.count("ssd_commit_us", int(batch.commit_s * 1e6))
         if self._bypass:  # committed and synced: the values' pages are clean, let them go
             self._ssd.drop_cached([b.key for op in ops if op.kind != "drop" for b in op.write if b.key in values])
         if evicted_sessions or evicted_keys:

@@ -377,7 +377,9 @@ class SSDStore:
                     b = Batch(self, txn)
                     yield b
                     txn.put(b"ssd_used", struct.pack("<Q", b.ssd_used), db=self.meta)
+                    t = time.perf_counter()
                     txn.commit()
+                    b.commit_s = time.perf_counter() - t
                 except BaseException:
                     txn.abort()
                     raise
@@ -685,6 +687,8 @@ class Batch:
     #: keys that must survive a drop to refcount 0 (a queued change will reference them again):
     #: they become unowned blocks in the LRU index instead of being deleted
     keep: set[bytes] = field(default_factory=set)
+    #: seconds LMDB's commit took (writing the dirty pages, then fdatasync), once committed
+    commit_s: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.ssd_used = struct.unpack("<Q", bytes(self.txn.get(b"ssd_used", db=self.store.meta)))[0]
