@@ -117,6 +117,42 @@ def test_codec_round_trip(dtype, n_tokens, codec_name, noise, align, zero_layer)
     assert np.array_equal(out, payload)
 
 
+def test_planes_that_did_not_pay_are_not_compressed_again_for_a_while():
+    """A layer whose planes fail ``min_ratio`` is stored without compressing them again for the
+    next 1, 3, 7, then 15 blocks; a layer whose planes pay is compressed in every block; and
+    every value decodes to its payload whichever way each layer went."""
+    spec = small_spec(dtype=torch.float32, layers=2)
+    n = 16
+    rng = np.random.default_rng(3)
+    codec = ZstdPlanesCodec()
+    tried = []  # (block, plane size) per plane compressed
+    real = codec.encode_plane
+    block = 0
+
+    def counting(plane):
+        tried.append((block, plane.size))
+        return real(plane)
+
+    codec.encode_plane = counting
+    noisy = slice(*spec.layer_span(1, n))
+    for block in range(40):
+        payload = rng.integers(0, 256, n * spec.bytes_per_token, dtype=np.uint8)
+        payload[slice(*spec.layer_span(0, n))] = block % 3  # layer 0 compresses, layer 1 is noise
+        value = encode_block(codec, b"F" * 16, spec, payload, n)
+        parsed = parse_block(value, b"F" * 16, spec, codec, 64)
+        assert [mode for _, mode, _ in parsed.layers] == [0, 1]
+        out = np.zeros_like(payload)
+        for layer in range(2):
+            decode_layer(codec, parsed, layer, out[slice(*spec.layer_span(layer, n))])
+        assert np.array_equal(out, payload)
+    per_layer = (noisy.stop - noisy.start) // 4  # 4 planes of fp32, each this size in both layers
+    blocks = sorted({b for b, size in tried})
+    assert blocks == list(range(40))  # layer 0: every block
+    assert len(tried) == 4 * 40 + 4 * 5 and all(size == per_layer for _, size in tried)
+    noisy_tries = sorted(b for b, _ in tried if sum(1 for c, _ in tried if c == b) == 8)
+    assert sorted(set(noisy_tries)) == [0, 2, 6, 14, 30]  # skips of 1, 3, 7, 15, 15 blocks
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600), st.integers(0, 2**16))
 def test_decoder_fuzz_any_bytes_are_a_clean_miss(junk, where):

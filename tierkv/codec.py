@@ -44,6 +44,13 @@ their own XXH64). Mode 1 ("stored"): the layer's bytes as they are, one plane wi
 zstd-planes codec stores a layer in mode 1 when its planes would not save ``min_ratio`` (1.3x):
 on fp32 KV (1.19x) decoding planes costs twice the CPU of a copy, and a cold reload of 400 MiB ran
 1.16 GB/s stored against 0.81 GB/s split (``bench/reload.py --only-tierkv --codec raw|zstd-planes``).
+A layer whose planes did not pay is not compressed again for the next blocks: after f
+failures in a row, the next ``2**f - 1`` blocks (at most ``_MAX_SKIP``) store it without trying.
+fp32 KV's planes were otherwise compressed whole on every save, only to be thrown away: most of
+the writer's time (``bench/save_bound.py``). Compressing a sample of each plane first did not
+decide it as well: in a probe, SmolLM2's first layer saved more than 1.3x whole in most blocks,
+and less in its sampled parts. Which mode a layer gets changes only its size and
+decode cost; a value decodes the same either way.
 
 A value whose header, fingerprint, lengths or any plane checksum does not match is rejected with
 ``CorruptValueError``; the engine counts it as a miss and never returns its bytes.
@@ -78,6 +85,8 @@ _ALIGNED = 0x01
 _ALIGN_EXT = struct.Struct("<II")
 _MAX_PAGE = 1 << 30
 _MODE_PLANES, _MODE_STORED = 0, 1
+#: blocks a layer whose planes keep failing to pay is stored without trying, at most
+_MAX_SKIP = 15
 _LITTLE = sys.byteorder == "little"
 
 
@@ -201,15 +210,20 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
         if codec.split_planes:
             k = layer_itemsize(spec, layer, codec)
             planes = data.reshape(-1, k).T if k > 1 else data.reshape(1, -1)
-            coded = [codec.encode_plane(np.ascontiguousarray(p)) for p in planes]
-            if sum(len(c) for c in coded) * min_ratio <= data.size:
+            if _planes_worth_trying(codec, layer):
+                coded = [codec.encode_plane(np.ascontiguousarray(p)) for p in planes]
+                paid = sum(len(c) for c in coded) * min_ratio <= data.size
+                _remember(codec, layer, paid)
+            else:
+                paid = False
+            if paid:
                 table.append(struct.pack("<BB", k, _MODE_PLANES))
                 for c in coded:
                     table.append(_PLANE.pack(len(c), 0 if codec.checksum_in_frame else crc32c(c)))
                 frames += coded
                 at += sum(len(c) for c in coded)
                 continue
-        stored = data.tobytes()
+        stored = memoryview(data)  # copied once, by the join below
         table.append(struct.pack("<BB", 1, _MODE_STORED) + _PLANE.pack(len(stored), crc32c(stored)))
         gap = -at % page  # a stored layer starts on a page (after any compressed layer)
         if gap:
@@ -224,6 +238,24 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, codec.codec_id, flags, fingerprint, n_tokens, spec.num_layers)
     head += ext + b"".join(table)
     return b"".join([head, _U32.pack(crc32c(head, crc32c(key))), pad] + frames)
+
+
+def _planes_worth_trying(codec: Codec, layer: int) -> bool:
+    """Whether to compress ``layer``'s planes in this block: no, while the layer is in its skip
+    after failing to pay (``_remember``). A hint kept per codec: threads encoding at once may
+    race on it, which costs at most a compression tried or skipped."""
+    failures, skip = codec.__dict__.setdefault("_tries", {}).get(layer, (0, 0))
+    if skip:
+        codec.__dict__["_tries"][layer] = (failures, skip - 1)
+        return False
+    return True
+
+
+def _remember(codec: Codec, layer: int, paid: bool) -> None:
+    """After f failures in a row, skip the next ``2**f - 1`` blocks (at most ``_MAX_SKIP``)."""
+    tries = codec.__dict__.setdefault("_tries", {})
+    failures = 0 if paid else min(tries.get(layer, (0, 0))[0] + 1, 8)
+    tries[layer] = (failures, min(2 ** failures - 1, _MAX_SKIP))
 
 
 #: ``read_at(offset, buffers, nbytes)``: fill ``buffers`` (writable, C-contiguous; ``nbytes`` in
