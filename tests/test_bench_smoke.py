@@ -246,6 +246,25 @@ def test_compressed_ceiling_bench_runs(tmp_path):
     assert all(r > 0.9 for r in res["compression_ratios"].values())
 
 
+def test_save_bound_bench_runs(tmp_path):
+    """bench/save_bound.py times tierkv's write-through saves (in a process of their own, and
+    with ``--a`` another version's: here this checkout again) next to raw LMDB and plain file
+    writes, and keeps the writer's split of its time."""
+    out = tmp_path / "save_bound.json"
+    r = subprocess.run([sys.executable, "bench/save_bound.py", "--sessions", "1", "--rounds", "1", "--synthetic",
+                        "--a", ROOT, "--out", str(out), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["gbps"]) >= 5 and all(v > 0 for v in res["gbps"].values())
+    assert res["vs_buffered_write"]["file, buffered 4 MiB writes, then fdatasync"] == 1.0
+    writer = res["tierkv_writer"]
+    assert writer["batches"]["median"] >= 1
+    assert 0 < writer["commit_seconds"]["median"] <= writer["transaction_seconds"]["median"]
+    # both versions stored the same session: random fp32 KV, every layer as it is
+    assert len(res["compression_ratios"]) == 2 and all(0.99 < x < 1.01 for x in res["compression_ratios"].values())
+
+
 def test_ring_read_delivers_every_chunk_in_order_and_checks_it(tmp_path):
     """The O_DIRECT read ring of bench/common.py (compressed_ceiling.py's and direct_ceiling.py's
     bounce rows): each chunk is handed over in order with its index, also when it ends mid-page

@@ -1,0 +1,236 @@
+"""What bounds a save's throughput to SSD: tierkv's write path next to the disk's own write rates.
+
+`tierkv bench reload` reports how fast tierkv writes its sessions through to SSD (`save`, then
+`flush`), well below what the disk reads. This script asks why, with the same sessions (11 of
+fp32 KV, or 22 of bf16, 2,048 tokens each, about 1 GiB) written side by side, in an order
+shuffled per round, each into a file or store of its own made anew:
+
+- ``tierkv save, write-through, then flush``: the engine, from the caller's tensors to a durable
+  store: the copy into the host tier, the writer's encoding (header, CRC32C per layer), LMDB's
+  copy into its pages, its commit (the dirty pages written, then fdatasync). The engine's
+  ``stats()["ssd_writes"]`` splits the writer's time; the JSON keeps its medians;
+- ``raw LMDB values, no codec, a transaction per session``: one value per 256-token block, put
+  and committed (with its fdatasync) session after session: the same store without tierkv;
+- ``raw LMDB values, no codec, a transaction per 2 blocks``: the same in transactions of two
+  values (about 24 MiB of fp32 KV): does the size of a transaction matter? LMDB holds a
+  transaction's new pages in memory it allocates until the commit writes them;
+- ``file, buffered 4 MiB writes, then fdatasync``: the raw bytes in one file, through the page
+  cache: the most a writer through the page cache can expect of this disk;
+- ``file, O_DIRECT 4 MiB writes from a huge-page buffer``: the disk's own sequential write rate.
+
+The files and stores are deleted after each method, so each write starts on an empty file, as
+a new store does. tierkv saves in a process of its own each time (the KV loaded before the clock
+starts), so ``--a DIR`` can add a row for another version of tierkv (a checkout, or ``git
+archive`` of a commit), side by side with this one: is a change to the write path faster?
+
+    python bench/save_bound.py [--dtype fp32|bf16] [--codec zstd-planes|raw] [--a DIR]
+                               [--rounds 5] [--dir /var/tmp] [--out bench/results/save_bound.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+if "--child" in sys.argv:  # a child saves with the tierkv under --child: first on the path, before any import of it
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--child") + 1]))
+from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from reload import TOKENS, huge_page_buffer, session_kv  # noqa: E402
+
+
+CHUNK = 4 << 20
+TIERKV = "tierkv save, write-through, then flush"
+LMDB = "raw LMDB values, no codec, a transaction per session"
+LMDB_SMALL = "raw LMDB values, no codec, a transaction per 2 blocks"
+BUFFERED = "file, buffered 4 MiB writes, then fdatasync"
+DIRECT = "file, O_DIRECT 4 MiB writes from a huge-page buffer"
+
+
+def direct_writes(where: str) -> bool:
+    """Whether the file system under ``where`` takes O_DIRECT writes (tmpfs does not)."""
+    probe = os.path.join(where, "odirect-probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600))
+        return hasattr(os, "O_DIRECT")
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+def child(root: str, target: str, args: argparse.Namespace) -> None:
+    """Save every session into a new store at ``target`` with the tierkv found in ``root``,
+    write-through, then flush; print the seconds that took and the writer's split as JSON."""
+    import tierkv
+
+    if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
+        raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
+    from tierkv.integrations.hf import default_cache_dir
+
+    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    n = args.sessions
+    total = n * spec.bytes_per_token * TOKENS
+    t = time.perf_counter()
+    with tierkv.TierKV(target, spec, device_bytes=0, host_bytes=2 * total + (1 << 30),
+                       ssd_bytes=2 * total + (1 << 30), persist="write_through", ssd_codec=args.codec) as s:
+        for i in range(n):
+            s.save(list(range(i * 100_000, i * 100_000 + TOKENS)), kv, session=f"s{i}")
+        s.flush()
+        writes = s.stats().get("ssd_writes")  # None for a version from before session 31
+        ratio = s.stats()["compression_ratio"]
+    print(json.dumps({"seconds": time.perf_counter() - t, "writes": writes, "compression_ratio": ratio}))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_side_by_side_arguments(ap, rounds=5, out="bench/results/save_bound.json")
+    ap.add_argument("--sessions", type=int, default=None, help="default: about 1 GiB of KV")
+    ap.add_argument("--codec", default="zstd-planes", help="tierkv's ssd_codec (its default: zstd-planes)")
+    ap.add_argument("--a", default=None, help="another version's directory holding a tierkv package: a row of its own")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--target", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.target, args)
+        return {}
+    import lmdb
+    import torch
+
+    from tierkv.blocks import pack_block
+    from tierkv.integrations.hf import default_cache_dir
+
+    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    per = spec.bytes_per_token * TOKENS
+    n = args.sessions = args.sessions or max(1, (1 << 30) // per)
+    total = n * per
+    # the raw bytes of one session, in tierkv's block layout: 256-token blocks, each block's
+    # layers one after another (pack_block, the raw codec's payload)
+    bt = 256
+    session = torch.zeros(per, dtype=torch.uint8)
+    for b in range(TOKENS // bt):
+        pack_block(spec, kv, b * bt, bt, session[b * bt * spec.bytes_per_token:(b + 1) * bt * spec.bytes_per_token])
+    raw = session.numpy()
+    blocks = [raw[b * bt * spec.bytes_per_token:(b + 1) * bt * spec.bytes_per_token] for b in range(TOKENS // bt)]
+    work = tempfile.mkdtemp(prefix="tierkv-save-", dir=args.dir)
+    target = os.path.join(work, "target")
+    children: dict[str, list[dict[str, Any]]] = {}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def tierkv_save(root: str, row: str) -> Any:
+        def run() -> float:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", root, "--target", target,
+                   "--dtype", args.dtype, "--sessions", str(n), "--codec", args.codec]
+            cmd += ["--synthetic"] if args.synthetic else []
+            cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"{row}: the child failed:\n{r.stderr[-3000:]}")
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            children.setdefault(row, []).append(got)
+            return got["seconds"]  # the save itself, not the child's start
+        return run
+
+    def lmdb_save(per_txn: int) -> None:
+        env = lmdb.open(target, map_size=2 * total + (1 << 30))
+        try:
+            values = [(f"{i}:{j}".encode(), b) for i in range(n) for j, b in enumerate(blocks)]
+            for at in range(0, len(values), per_txn):
+                with env.begin(write=True) as txn:
+                    for key, b in values[at:at + per_txn]:
+                        txn.put(key, b)
+        finally:
+            env.close()
+
+    def buffered_write() -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(raw)
+            for _ in range(n):
+                for off in range(0, per, CHUNK):
+                    os.write(fd, view[off:off + CHUNK])
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    buf_map, buf = huge_page_buffer(per)
+    np.frombuffer(buf, np.uint8)[:] = raw  # the session's bytes, in memory O_DIRECT can write from
+
+    def direct_write() -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        try:
+            at = 0
+            for _ in range(n):
+                for off in range(0, per, CHUNK):
+                    at += os.pwritev(fd, [buf[off:off + CHUNK]], at)
+            os.fdatasync(fd)  # the file's new size, and anything the disk still holds
+        finally:
+            os.close(fd)
+
+    def fresh(write: Any) -> Any:
+        def run() -> float | None:
+            try:
+                return write()  # a child's own time, or None: timed here
+            finally:
+                shutil.rmtree(target, ignore_errors=True)
+                if os.path.exists(target):
+                    os.unlink(target)
+        return run
+
+    try:
+        methods = {TIERKV: fresh(tierkv_save(here, TIERKV))}
+        if args.a:
+            methods[f"{TIERKV}, version A ({args.a})"] = fresh(tierkv_save(args.a, f"{TIERKV}, version A ({args.a})"))
+        methods |= {LMDB: fresh(lambda: lmdb_save(len(blocks))), LMDB_SMALL: fresh(lambda: lmdb_save(2)),
+                    BUFFERED: fresh(buffered_write)}
+        if direct_writes(work):
+            methods[DIRECT] = fresh(direct_write)
+        else:
+            print(f"  ({DIRECT}: left out, O_DIRECT refused in {work})")
+        rows, orders = side_by_side(methods, args.rounds, args.seed)
+    finally:
+        buf = None
+        buf_map.close()
+        shutil.rmtree(work, ignore_errors=True)
+    gbps = {k: total / statistics.median(v) / 1e9 for k, v in rows.items()}
+    writes = [c["writes"] for c in children[TIERKV]]
+    split = {k: stats_of([w[k] for w in writes]) for k in ("encode_seconds", "transaction_seconds", "commit_seconds")}
+    split["batches"] = stats_of([w["batches"] for w in writes])
+    out: dict[str, Any] = {
+        "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "sessions": n, "bytes": total, "rounds": args.rounds, "seed": args.seed, "round_orders": orders,
+        "seconds": {k: stats_of(v) for k, v in rows.items()}, "gbps": gbps,
+        "vs_buffered_write": {k: gbps[k] / gbps[BUFFERED] for k in rows},
+        "vs_buffered_write_paired": {k: statistics.median(b / a for a, b in zip(rows[k], rows[BUFFERED]))
+                                     for k in rows},
+        "codec": args.codec, "a": args.a, "tierkv_writer": split,
+        "tierkv_children": children,
+        "compression_ratios": {row: statistics.median(c["compression_ratio"] for c in got)
+                               for row, got in children.items()},
+    }
+    print(f"{n} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB of {out['kv']} written, {args.rounds} rounds")
+    for k in rows:
+        print(f"  {k:55s} {gbps[k]:5.2f} GB/s  {out['vs_buffered_write'][k]:.2f}x of the buffered write "
+              f"(per round {out['vs_buffered_write_paired'][k]:.2f}x)")
+    print("  tierkv's writer, medians: " + ", ".join(
+        f"{k.replace('_seconds', '')} {split[k]['median']:.2f} s" for k in ("encode_seconds", "transaction_seconds",
+                                                                             "commit_seconds"))
+          + f" in {split['batches']['median']:.0f} batches")
+    write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
