@@ -17,6 +17,7 @@ yet are "doomed" and never re-read from disk meanwhile.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -60,6 +61,11 @@ SAVE_WAIT_S = 10.0
 #: (bench/direct_ceiling.py); runs of stored layers smaller than DIRECT_MIN_BYTES stay buffered
 DIRECT_READ_BYTES = 4 << 20
 DIRECT_MIN_BYTES = 1 << 20
+#: the writer takes queued ops (whole ones, at least one) until their new values reach this many
+#: bytes, for one transaction: LMDB holds a transaction's new pages in memory until its commit,
+#: and spills them to disk past about 512 MiB; batches of everything queued (660 MB in a probe)
+#: wrote far slower per byte than transactions of a session (bench/save_bound.py)
+WRITE_BATCH_BYTES = 128 << 20
 
 
 def _consecutive(layers: list[int]) -> Iterator[range]:
@@ -974,8 +980,7 @@ class TierKV:
                     self._wake.wait(timeout=1.0)
                 if self._stopping and not self._ops:
                     return
-                ops = list(self._ops)
-                self._ops.clear()
+                ops = self._take_batch()
             try:
                 work = [op for op in ops if op.kind != "barrier"]
                 # uses marked by restores ride with the next batch, or go alone once due, or when
@@ -992,6 +997,21 @@ class TierKV:
             for op in ops:
                 if op.kind == "barrier":
                     op.done.set()
+
+    def _take_batch(self) -> list[_Op]:
+        """The ops for the next transaction, in queue order (locked): whole ops, at least one,
+        until their new values reach WRITE_BATCH_BYTES. The rest stay queued, in order, so a
+        barrier still completes only after everything queued before it."""
+        taken, size = 0, 0
+        for op in self._ops:
+            if taken and size >= WRITE_BATCH_BYTES:
+                break
+            size += sum(b.nbytes for b in op.write)
+            taken += 1
+        ops = list(itertools.islice(self._ops, taken))
+        for _ in range(taken):
+            self._ops.popleft()
+        return ops
 
     def _touches_due(self) -> bool:
         """Restores have marked sessions used, and no batch has written that for a while: write
