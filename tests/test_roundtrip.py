@@ -132,8 +132,9 @@ def test_save_grows_a_session_and_reuses_blocks(open_store):
 def test_writer_bounds_each_transaction(open_store, monkeypatch, cap):
     """Saves queued while the writer is busy go to SSD in transactions of whole ops that stop
     once WRITE_BATCH_BYTES of new values is reached (at least one op each), in queue order:
-    LMDB holds a transaction's new pages in memory until it commits. A flush still waits for
-    all of them, and every session restores exactly."""
+    LMDB holds a transaction's new pages in memory until it commits. Each value is encoded once
+    (the next batch's start while one commits). A flush still waits for all of them, and every
+    session restores exactly."""
     import threading
 
     import tierkv.engine
@@ -152,6 +153,14 @@ def test_writer_bounds_each_transaction(open_store, monkeypatch, cap):
         real(ops)
 
     s._apply = held
+    encoded = []
+    real_encode = s._encode
+
+    def counting(b, payload):
+        encoded.append(b.key)
+        return real_encode(b, payload)
+
+    s._encode = counting
     kvs = [make_kv(spec, n, seed=i) for i in range(5)]
     handles = [s.save(range(i * 1000, i * 1000 + n), kvs[i], session=f"s{i}") for i in range(5)]
     gate.set()
@@ -165,6 +174,9 @@ def test_writer_bounds_each_transaction(open_store, monkeypatch, cap):
     # whatever was queued when the writer woke: the first save, or a few)
     assert sizes == [1, 1, 1, 1, 1] if cap == 1 else (len(sizes) == 2 and sum(sizes) == 5)
     assert s.stats()["ssd_writes"]["batches"] == len([b for b in calls if b])
+    # each value encoded once: a batch's values were started while the one before committed,
+    # and used (never encoded twice)
+    assert len(encoded) == len(set(encoded)) == 5 * n // BLOCK
     for i in range(5):
         assert_kv_equal(s.restore(range(i * 1000, i * 1000 + n), session=f"s{i}").kv, kvs[i])
 

@@ -158,6 +158,8 @@ class TierKV:
         self._touched: dict[str, float] = {}         # last_used updates to persist
         self._last_batch = time.monotonic()          # when the writer last began a batch
         self._ops: deque[_Op] = deque()
+        #: key -> (payload, future of its encoded value): the next batch's, encoded during a commit
+        self._encoded_ahead: dict[bytes, tuple[Any, Any]] = {}
         self._unreported: list[BaseException] = []   # op errors no handle has raised yet
         self._bg_error: BaseException | None = None
         self._stats = Stats()
@@ -998,6 +1000,26 @@ class TierKV:
                 if op.kind == "barrier":
                     op.done.set()
 
+    def _encode(self, b: Block, payload: torch.Tensor) -> bytes:
+        return encode_payload(self.codec, self.fingerprint, self.spec, b, payload, self._align)
+
+    def _encode_ahead(self, taken: dict[bytes, Any]) -> None:
+        """Start encoding the next batch's values (the ops ``_take_batch`` will take next) on
+        the I/O pool, so that they encode while this batch commits: the commit mostly waits on
+        the kernel's copies into the page cache and on the disk. The next ``_apply`` uses a
+        result only for the same payload object; anything else is encoded again."""
+        with self._lock:
+            size, todo = 0, {}
+            for op in self._ops:
+                if todo and size >= WRITE_BATCH_BYTES:
+                    break
+                for b in op.write:
+                    if b.payload is not None and b.key not in taken and b.key not in todo:
+                        todo[b.key] = (b, b.payload)
+                size += sum(b.nbytes for b in op.write)
+        self._encoded_ahead = {key: (payload, self._pool.submit(self._encode, b, payload))
+                               for key, (b, payload) in todo.items()}
+
     def _take_batch(self) -> list[_Op]:
         """The ops for the next transaction, in queue order (locked): whole ops, at least one,
         until their new values reach WRITE_BATCH_BYTES. The rest stay queued, in order, so a
@@ -1037,11 +1059,16 @@ class TierKV:
             keep = {k for s in protect if s in self._sessions for k in self._sessions[s].keys}
         t0 = time.perf_counter()
         items = list(todo.values())
-        values = dict(zip(todo, self._pool.map(
-            lambda bp: encode_payload(self.codec, self.fingerprint, self.spec, bp[0], bp[1], self._align), items)))
+        ahead, self._encoded_ahead = self._encoded_ahead, {}
+        futures = {}
+        for key, (b, payload) in todo.items():
+            got = ahead.get(key)  # encoded while the last batch committed: the same payload only
+            futures[key] = got[1] if got is not None and got[0] is payload else self._pool.submit(self._encode, b, payload)
+        values = {key: f.result() for key, f in futures.items()}
         raw = sum(b.nbytes for b, _ in items)
         enc = sum(len(v) for v in values.values())
         self._stats.count("ssd_encode_us", int((time.perf_counter() - t0) * 1e6))
+        self._encode_ahead(todo)
         try:
             self._commit(ops, values, touched, protect, keep)
             failed: list[tuple[_Op, BaseException]] = []

@@ -60,10 +60,11 @@ class Stats:
             "pread_fallbacks": c.get("pread_fallbacks", 0),
             # I/O threads the kernel would not move onto their CPU slice (io_affinity="spread")
             "io_affinity_refused": c.get("io_affinity_refused", 0),
-            # where the writer's time went: encoding values (wall time, on the I/O threads), and
-            # the write transactions that stored them, of which LMDB's commit (writing its dirty
-            # pages to data.mdb, then fdatasync); the rest of a transaction is copying values
-            # into LMDB's pages and the bookkeeping
+            # where the writer's time went: waiting for its values' encoding (on the I/O threads;
+            # a batch's encodes start while the one before commits), and the write transactions
+            # that stored them, of which LMDB's commit (writing its dirty pages to data.mdb, then
+            # fdatasync); the rest of a transaction is copying values into LMDB's pages and the
+            # bookkeeping
             "ssd_writes": {"batches": c.get("ssd_batches", 0),
                            "encode_seconds": c.get("ssd_encode_us", 0) / 1e6,
                            "transaction_seconds": c.get("ssd_transaction_us", 0) / 1e6,

@@ -14,10 +14,7 @@ import json
 import os
 from typing import Any
 
-import numpy as np
-
 from .codec import CorruptValueError, iter_layer_planes, make_codec, parse_block
-from .errors import ConfigError
 from .spec import KVSpec
 from .store import BlockMeta, SessionRecord, SSDStore, describe_store
 
