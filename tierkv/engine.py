@@ -1009,31 +1009,29 @@ class TierKV:
         the kernel's copies into the page cache and on the disk. The next ``_apply`` uses a
         result only for the same payload object; anything else is encoded again."""
         with self._lock:
-            size, todo = 0, {}
-            for op in self._ops:
-                if todo and size >= WRITE_BATCH_BYTES:
-                    break
+            todo = {}
+            for op in itertools.islice(self._ops, self._next_batch_len()):
                 for b in op.write:
                     if b.payload is not None and b.key not in taken and b.key not in todo:
                         todo[b.key] = (b, b.payload)
-                size += sum(b.nbytes for b in op.write)
         self._encoded_ahead = {key: (payload, self._pool.submit(self._encode, b, payload))
                                for key, (b, payload) in todo.items()}
 
-    def _take_batch(self) -> list[_Op]:
-        """The ops for the next transaction, in queue order (locked): whole ops, at least one,
-        until their new values reach WRITE_BATCH_BYTES. The rest stay queued, in order, so a
-        barrier still completes only after everything queued before it."""
+    def _next_batch_len(self) -> int:
+        """How many queued ops the next transaction takes (locked): whole ops, at least one,
+        until their new values reach WRITE_BATCH_BYTES."""
         taken, size = 0, 0
         for op in self._ops:
             if taken and size >= WRITE_BATCH_BYTES:
                 break
             size += sum(b.nbytes for b in op.write)
             taken += 1
-        ops = list(itertools.islice(self._ops, taken))
-        for _ in range(taken):
-            self._ops.popleft()
-        return ops
+        return taken
+
+    def _take_batch(self) -> list[_Op]:
+        """The ops for the next transaction, in queue order (locked). The rest stay queued, in
+        order, so a barrier still completes only after everything queued before it."""
+        return [self._ops.popleft() for _ in range(self._next_batch_len())]
 
     def _touches_due(self) -> bool:
         """Restores have marked sessions used, and no batch has written that for a while: write
