@@ -4,6 +4,7 @@ are plain memory (page-locking needs the CUDA driver); the pool's logic is the s
 tests/test_cuda.py runs the engine with page-locked slabs on a GPU."""
 
 import gc
+import resource
 import threading
 
 import pytest
@@ -177,6 +178,71 @@ def test_engine_recycles_places_and_every_session_stays_exact(open_store, pooled
     assert s.stats()["host_pool"]["error"] is None
 
 
-def test_no_pool_where_host_memory_is_not_page_locked(open_store):
-    s = open_store(small_spec(), device="cpu")
-    assert s._tiers["host"].pool is None and s.stats()["host_pool"] is None
+def test_no_pool_without_a_memory_tier_in_cpu_memory(open_store):
+    s = open_store(small_spec(), device="cpu", device_bytes=0, host_bytes=0)
+    assert s._host_pool is None and s.stats()["host_pool"] is None
+
+
+def faults_writing(buf):
+    """Page faults this thread takes writing every byte of ``buf`` (numpy: on this thread only)."""
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    buf.numpy().fill(1)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="per-thread fault counts are Linux's")
+def test_plain_slabs_are_prefaulted_so_a_copy_into_a_place_takes_no_page_faults():
+    slot = 4 << 20
+    p = hostmem.SlabPool(slot, 8 * slot, 2 * slot, pin=False)
+    try:
+        assert p.wait_ready(10) and p.snapshot()["pinned"] is False
+        assert faults_writing(p.take()) < (slot // 4096) // 8
+        # the control: new memory, too large for the C allocator to hand out pages used before
+        assert faults_writing(torch.empty(64 << 20, dtype=torch.uint8)) > (64 << 20) // 4096 // 2
+    finally:
+        p.close()
+
+
+def test_a_plain_pool_fills_as_saves_ask_and_holds_off_while_one_copies():
+    p = hostmem.SlabPool(SLOT, 400 * SLOT, 0, pin=False)
+    try:
+        assert p.wait_ready(10) and p.snapshot()["slabs"] == 0  # nothing ahead until asked
+        with p.copying():
+            p.expect(10 * SLOT)                  # twice that is wanted now...
+            assert p.ahead == 20 and not p.wait_ready(0.3)
+            assert p.snapshot()["slabs"] == 0    # ...but no slab is made while a save copies
+        assert p.wait_ready(10)
+        snap = p.snapshot()
+        assert snap["free_slots"] >= 20 and snap["ahead_slots"] == 20
+        p.expect(SLOT)                           # what is kept ahead never shrinks
+        p.expect(10**12)                         # nor grows past the limit
+        assert p.ahead == p.ahead_max == 400 * SLOT // p.stride
+    finally:
+        p.close()
+
+
+def test_cpu_tiers_take_their_blocks_from_one_plain_pool_and_reuse_them(open_store):
+    """Without CUDA, the device tier (CPU memory) and the host tier share one pool of prefaulted
+    plain memory: a save's full blocks come from it (its trailing partial block does not), the
+    pool then keeps twice the save ahead, and places freed by eviction are taken again. Every
+    session stays exact."""
+    spec = small_spec()
+    per_block = BLOCK * spec.bytes_per_token
+    s = open_store(spec, device="cpu", device_bytes=2 * per_block, host_bytes=4 * per_block,
+                   persist="write_through")
+    assert s._tiers["device"].pool is s._tiers["host"].pool is s._host_pool
+    assert s.stats()["host_pool"]["pinned"] is False and s.stats()["host_pool"]["slabs"] == 0
+    n = 3 * BLOCK + 5
+    sessions = {f"s{j}": make_kv(spec, n, seed=200 + j) for j in range(10)}
+    for j, (name, kv) in enumerate(sessions.items()):
+        s.save(range(j * 1000, j * 1000 + n), kv, session=name).wait()
+        if j == 0:
+            assert s._host_pool.ahead >= 6 and s._host_pool.wait_ready(10)
+    s.flush()
+    for j, (name, kv) in enumerate(sessions.items()):
+        r = s.restore(range(j * 1000, j * 1000 + n), session=name)
+        assert r.num_tokens == n
+        assert_kv_equal(r.kv, kv)
+    pool = s.stats()["host_pool"]
+    assert pool["taken"] >= 27 and pool["error"] is None   # the full blocks of the later saves at least
+    assert pool["taken"] > pool["slabs"] * s._host_pool.per_slab  # places were reused

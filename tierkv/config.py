@@ -98,8 +98,9 @@ class TierKVConfig:
             threads than CPUs, they take one CPU each in turn; see ``tierkv.affinity``);
             ``"inherit"`` leaves them on the process's whole CPU set.
         pin_host_memory: page-lock host buffers; ``None`` means "when CUDA is available" (True
-            without CUDA is a ConfigError at open). A page-locked host tier takes its blocks from
-            slabs a background thread locks ahead of saves (``tierkv.hostmem``).
+            without CUDA is a ConfigError at open). Either way, full blocks in CPU memory come
+            from slabs a background thread makes ready ahead of saves: page-locked, or else plain
+            memory prefaulted (``tierkv.hostmem``).
         nan_policy: ``"store"`` keeps NaN/Inf values as they are (bit-exact); ``"refuse"`` makes
             ``save`` raise SpecMismatchError on any (one extra pass over the KV).
         full_policy: when the SSD is full of data that cannot be evicted, ``"raise"`` reports

@@ -17,6 +17,7 @@ yet are "doomed" and never re-read from disk meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -138,13 +139,19 @@ class TierKV:
         if self._bypass and self._ssd.values is not None:
             self._ssd.values.no_readahead()
         self.path = self._ssd.path
-        # page-locked full blocks come from slabs locked ahead by a background thread (a new
-        # page-locked block cost 4.4 ms on an H200 machine: see tierkv/hostmem.py)
+        # Full blocks in CPU memory come from slabs a background thread makes ready ahead of
+        # saves (tierkv/hostmem.py): page-locked (a new page-locked block cost 4.4 ms on an H200
+        # machine), locked from the start, a quarter of the host tier; or else plain memory,
+        # prefaulted (a copy into new memory pays for its page faults), as much as saves ask
+        # (SlabPool.expect). A device tier in CPU memory shares the pool: blocks move between
+        # the two tiers without a copy.
+        cpu_budgets = [cfg.host_bytes] + ([cfg.device_bytes] if device.type == "cpu" else [])
         self._host_pool = hostmem.SlabPool(
-            cfg.block_tokens * spec.bytes_per_token, cfg.host_bytes + min(cfg.host_bytes, SAVE_SLACK_MAX),
-            cfg.host_bytes // 4, pin=True) if pin and cfg.host_bytes > 0 else None
+            cfg.block_tokens * spec.bytes_per_token, sum(b + min(b, SAVE_SLACK_MAX) for b in cpu_budgets),
+            cfg.host_bytes // 4 if pin else 0, pin=pin) if sum(cpu_budgets) > 0 else None
         self._tiers = {
-            "device": MemoryTier("device", device, cfg.device_bytes),
+            "device": MemoryTier("device", device, cfg.device_bytes,
+                                 pool=self._host_pool if device.type == "cpu" else None),
             "host": MemoryTier("host", torch.device("cpu"), cfg.host_bytes, pin, self._host_pool),
         }
         self._lock = threading.RLock()
@@ -338,82 +345,89 @@ class TierKV:
         with self._lock:
             self._check_open()
             missing = [i for i, k in enumerate(keys) if not self._available(self._block(k))]
-        # First copy, outside the lock: into the first memory tier.
-        payloads = {}
-        t0 = time.perf_counter()
-        for i in missing:
-            payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
-        pack_blocks(self.spec, kv, B, payloads)
-        cuda = target.device if target.device.type == "cuda" else next((x.device for x in kv[0] if x.is_cuda), None)
-        if cuda is not None and payloads:
-            # the copies were queued on this thread's stream, after the work that produced the KV:
-            # wait for that stream only, not for every stream of the device
-            torch.cuda.current_stream(cuda).synchronize()
-        self._stats.moved("caller->" + target.name, sum(p.numel() for p in payloads.values()),
-                          time.perf_counter() - t0)
+        # The slab pool's thread holds off until this save returns: prefaulting alongside the
+        # copy slowed it as much as the faults it spared, and alongside the bookkeeping after it
+        # added milliseconds to the return (likely the process's memory-map lock, which the
+        # prefault holds and a new allocation's mmap waits for; bench/save_block.py)
+        with target.pool.copying() if target.pool is not None else contextlib.nullcontext():
+            # First copy, outside the lock: into the first memory tier.
+            payloads = {}
+            t0 = time.perf_counter()
+            cuda = target.device if target.device.type == "cuda" else next((x.device for x in kv[0] if x.is_cuda), None)
+            for i in missing:
+                payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
+            pack_blocks(self.spec, kv, B, payloads)
+            if cuda is not None and payloads:
+                # the copies were queued on this thread's stream, after the work that produced the KV:
+                # wait for that stream only, not for every stream of the device
+                torch.cuda.current_stream(cuda).synchronize()
+            self._stats.moved("caller->" + target.name, sum(p.numel() for p in payloads.values()),
+                              time.perf_counter() - t0)
+            if target.pool is not None:  # the pool makes that much ready, once this save has returned
+                target.pool.expect(sum(p.numel() for p in payloads.values() if p.numel() == target.pool.slot_bytes))
 
-        now = time.time()
-        with self._lock:
-            self._check_open()
-            old = self._session(session, now) if session is not None else None
-            if old is not None and old.tenant != tenant:
-                raise ConfigError(f"session {session!r} belongs to another tenant; use another session id")
-            is_pinned = bool(pinned if pinned is not None else (old.pinned if old else False))
-            new_bytes = sum(p.numel() for p in payloads.values())
-            if is_pinned and target.enabled and target.pinned_bytes() + new_bytes > target.budget:
-                raise BudgetExceededError(
-                    f"pinned sessions would hold {target.pinned_bytes() + new_bytes} B of the {target.name} "
-                    f"tier's {target.budget} B budget; unpin sessions or raise {target.name}_bytes")
-            blocks = []
-            for i, key in enumerate(keys):
-                b = self._block(key)
-                if i not in payloads and not self._available(b):
-                    # Dropped by another thread since the first look: copy it now (rare), and
-                    # wait for it as for the others
-                    payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
-                    pack_blocks(self.spec, kv, B, {i: payloads[i]})
-                    if cuda is not None:
-                        torch.cuda.current_stream(cuda).synchronize()
-                if i in payloads and not self._available(b):
-                    n = min(B, len(toks) - i * B)
-                    if b is None:
-                        b = Block(key, n, n * self.spec.bytes_per_token, epoch=self._epoch)
-                        self._blocks[key] = b
-                    if b.corrupt and b.on_ssd:
-                        # its value on SSD failed a checksum: this copy is written over it, and
-                        # until then the block counts as not on SSD (so it is written, never
-                        # dropped from memory as if a good copy were on disk)
-                        b.on_ssd = False
-                        b.repair = True
-                    b.corrupt = False
-                    target.add(b, payloads[i])
-                elif b.tier is not None:
-                    self._tiers[b.tier].touch(b)
-                blocks.append(b)
-            write_through = self.config.persist == "write_through"
-            if session is None:
-                op = _Op("write", write=self._claim_writes(blocks) if write_through else [])
-            else:
-                old_keys = set(old.keys) if old else set()
-                new_keys = set(keys)
-                was_pinned = bool(old and old.pinned)
-                for b in blocks:
-                    if b.key not in old_keys:
-                        b.refs += 1
-                        b.pins += is_pinned
-                    elif was_pinned != is_pinned:
-                        b.pins += 1 if is_pinned else -1
-                doomed = self._unref([k for k in old_keys if k not in new_keys], was_pinned)
-                rec = SessionRecord(session, toks, keys, old.created if old else now, now,
-                                    ttl if ttl is not None else (old.ttl if old else None), is_pinned, tenant)
-                self._sessions[session] = rec
-                self._touched.pop(session, None)
-                op = _Op("session", session=session, record=rec, doomed=doomed,
-                         added=[b.key for b in blocks if b.key not in old_keys],
-                         write=self._claim_writes(blocks) if write_through else [])
-            self._enqueue(op)
-            self._stats.count("saved_tokens", len(toks))
-        return SaveHandle(op.done, lambda: self._op_error(op))
+            now = time.time()
+            with self._lock:
+                self._check_open()
+                old = self._session(session, now) if session is not None else None
+                if old is not None and old.tenant != tenant:
+                    raise ConfigError(f"session {session!r} belongs to another tenant; use another session id")
+                is_pinned = bool(pinned if pinned is not None else (old.pinned if old else False))
+                new_bytes = sum(p.numel() for p in payloads.values())
+                if is_pinned and target.enabled and target.pinned_bytes() + new_bytes > target.budget:
+                    raise BudgetExceededError(
+                        f"pinned sessions would hold {target.pinned_bytes() + new_bytes} B of the {target.name} "
+                        f"tier's {target.budget} B budget; unpin sessions or raise {target.name}_bytes")
+                blocks = []
+                for i, key in enumerate(keys):
+                    b = self._block(key)
+                    if i not in payloads and not self._available(b):
+                        # Dropped by another thread since the first look: copy it now (rare), and
+                        # wait for it as for the others
+                        payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
+                        pack_blocks(self.spec, kv, B, {i: payloads[i]})
+                        if cuda is not None:
+                            torch.cuda.current_stream(cuda).synchronize()
+                    if i in payloads and not self._available(b):
+                        n = min(B, len(toks) - i * B)
+                        if b is None:
+                            b = Block(key, n, n * self.spec.bytes_per_token, epoch=self._epoch)
+                            self._blocks[key] = b
+                        if b.corrupt and b.on_ssd:
+                            # its value on SSD failed a checksum: this copy is written over it, and
+                            # until then the block counts as not on SSD (so it is written, never
+                            # dropped from memory as if a good copy were on disk)
+                            b.on_ssd = False
+                            b.repair = True
+                        b.corrupt = False
+                        target.add(b, payloads[i])
+                    elif b.tier is not None:
+                        self._tiers[b.tier].touch(b)
+                    blocks.append(b)
+                write_through = self.config.persist == "write_through"
+                if session is None:
+                    op = _Op("write", write=self._claim_writes(blocks) if write_through else [])
+                else:
+                    old_keys = set(old.keys) if old else set()
+                    new_keys = set(keys)
+                    was_pinned = bool(old and old.pinned)
+                    for b in blocks:
+                        if b.key not in old_keys:
+                            b.refs += 1
+                            b.pins += is_pinned
+                        elif was_pinned != is_pinned:
+                            b.pins += 1 if is_pinned else -1
+                    doomed = self._unref([k for k in old_keys if k not in new_keys], was_pinned)
+                    rec = SessionRecord(session, toks, keys, old.created if old else now, now,
+                                        ttl if ttl is not None else (old.ttl if old else None), is_pinned, tenant)
+                    self._sessions[session] = rec
+                    self._touched.pop(session, None)
+                    op = _Op("session", session=session, record=rec, doomed=doomed,
+                             added=[b.key for b in blocks if b.key not in old_keys],
+                             write=self._claim_writes(blocks) if write_through else [])
+                self._enqueue(op)
+                self._stats.count("saved_tokens", len(toks))
+            return SaveHandle(op.done, lambda: self._op_error(op))
 
     def _wait_for_memory(self, target: MemoryTier) -> None:
         """Backpressure. Saves arriving faster than the writer can move blocks to SSD left every

@@ -1,4 +1,4 @@
-"""Host memory for the host tier: block buffers carved from large page-locked slabs.
+"""Host memory for the memory tiers: block buffers carved from large slabs made ready ahead of use.
 
 Primitives:
     can_pin: whether this process can page-lock memory (CUDA is available).
@@ -8,9 +8,11 @@ Primitives:
         huge pages if asked.
     hold_until: keep host buffers referenced until the copies reading them (marked by an event)
         have run.
+    prefault: make a new CPU buffer's pages resident before its first write.
     SlabPool: buffers of one size (a full block's payload) carved from slabs; a buffer's place goes
         back to the pool when the last tensor sharing its memory dies, and a background thread
-        allocates slabs ahead of need, up to a limit.
+        allocates slabs ahead of need (page-locked, or else prefaulted), up to a limit, pausing
+        while a save copies.
 
 Why a pool: page-locking new memory is slow, and torch's allocator rounds every page-locked buffer
 up to a power of two. On the H200 machine of session 25 (``bench/results/h200_pinned_alloc.json``,
@@ -19,6 +21,14 @@ its first round, the only one that took new memory) a new page-locked 5.9 MB blo
 on a CPU machine whose host tier is not page-locked. A block also took an 8 MiB buffer. From the
 pool a block takes a free place in a slab already locked (no allocation on the caller's thread),
 and a 64 MiB slab holds 11 such blocks (3 % unused, against 30 %).
+
+Why a pool for plain memory too (session 32): the first write into new memory pays for a page
+fault per page, and on the test machine that made a save's copy into new memory several times
+slower than into memory written before (docs/benchmarks.md, "How long save blocks"). Plain
+memory freed by the host tier went back to the C allocator, so a server at its budget paid for
+the faults again on every save. From the pool, places are reused, and new slabs are prefaulted by
+the background thread, which holds off while a save copies (in a timing probe, prefaulting
+alongside a copy slowed the copy as much as the faults it spared it).
 """
 
 from __future__ import annotations
@@ -28,19 +38,24 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from .pagecache import madvise
 
-__all__ = ["can_pin", "host_buffer", "aligned_empty", "HUGE_PAGE", "hold_until", "SlabPool", "SLAB_MIN_BYTES", "AHEAD_MAX_BYTES"]
+__all__ = ["can_pin", "host_buffer", "aligned_empty", "prefault", "HUGE_PAGE", "hold_until", "SlabPool", "SLAB_MIN_BYTES", "AHEAD_MAX_BYTES"]
 
 #: slab size unless a block or the limit is smaller (a power of two)
 SLAB_MIN_BYTES = 64 << 20
+#: plain (not page-locked) slabs: four blocks, but no smaller than this
+PLAIN_SLAB_MIN_BYTES = 2 << 20
+#: a plain slab is prefaulted this much at a time, so that a save's copy waits for no more
+PREFAULT_CHUNK = 2 << 20
 PAGE = 4096
-#: the most free pool memory kept locked ahead of saves (a quarter of the budget below this)
+#: the most free pool memory kept ready ahead of saves
 AHEAD_MAX_BYTES = 1 << 30
 
 
@@ -76,6 +91,18 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False
 
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def prefault(buf: torch.Tensor) -> None:
+    """Make a new CPU buffer's pages resident now (its contents stay undefined), so that the
+    first copy into it does not pay for page faults. The kernel faults the pages in for writing
+    (``MADV_POPULATE_WRITE``, on one thread, without the GIL); where it cannot (a kernel before
+    5.14, not Linux), the buffer is zeroed."""
+    addr, n = buf.data_ptr(), buf.numel() * buf.element_size()
+    start = addr - addr % PAGE  # whole pages of the same allocation: populating writes nothing
+    if not (sys.platform.startswith("linux") and madvise(start, addr + n - start, _MADV_POPULATE_WRITE) == 0):
+        buf.zero_()
 
 
 _held: deque = deque()  # (event, buffers), oldest first
@@ -118,13 +145,15 @@ class SlabPool:
 
     Args:
         slot_bytes: size of every buffer (a full block's payload).
-        limit_bytes: slabs stop growing once they hold this much (the tier's budget plus the
-            slack ``save`` may run over it); they may pass it by less than one slab. Slabs are
+        limit_bytes: slabs stop growing once they hold this much (the tiers' budgets plus the
+            slack ``save`` may run over them); they may pass it by less than one slab. Slabs are
             64 MiB (``SLAB_MIN_BYTES``), or the power of two at or above the limit if smaller,
-            or above one block if larger.
+            or above one block if larger; plain slabs also no larger than the power of two at
+            or above four blocks, at least 2 MiB (no page-locking to amortise: small blocks get
+            small slabs).
         ahead_bytes: how much free pool memory the background thread keeps ready; it starts
-            filling at construction.
-        pin: page-lock the slabs (False only where there is no CUDA: the tests).
+            filling at construction (0: nothing until ``expect`` asks).
+        pin: page-lock the slabs (CUDA); else they are plain memory, prefaulted.
 
     A place is reused only when no tensor shares its memory any more. Copies that read a buffer
     asynchronously (queued on a CUDA stream) must keep it referenced until they complete
@@ -140,11 +169,14 @@ class SlabPool:
         pow2 = lambda n: 1 << (max(n, 1) - 1).bit_length()  # noqa: E731
         # a power of two, so torch's page-locked allocator does not round it up further; no
         # larger than the limit needs, for small budgets
-        self.slab_bytes = max(pow2(self.stride), min(SLAB_MIN_BYTES, pow2(limit_bytes)))
+        cap = SLAB_MIN_BYTES if pin else min(SLAB_MIN_BYTES, max(PLAIN_SLAB_MIN_BYTES, pow2(4 * self.stride)))
+        self.slab_bytes = max(pow2(self.stride), min(cap, pow2(limit_bytes)))
         self.per_slab = self.slab_bytes // self.stride
         self.max_slabs = max(1, -(-limit_bytes // (self.per_slab * self.stride)))
-        self.ahead = max(1, min(ahead_bytes, AHEAD_MAX_BYTES) // self.stride)
+        self.ahead_max = max(1, min(limit_bytes, AHEAD_MAX_BYTES) // self.stride)
+        self.ahead = min(self.ahead_max, min(ahead_bytes, AHEAD_MAX_BYTES) // self.stride)
         self.pin = pin
+        self._copying = 0       # saves copying into places now: the background thread holds off
         self._slabs: list[torch.Tensor] = []
         self._free: deque[int] = deque()
         self._cond = threading.Condition()
@@ -181,6 +213,36 @@ class SlabPool:
         with self._cond:
             self._cond.notify()
 
+    def expect(self, nbytes: int) -> None:
+        """Saves of about ``nbytes`` of full blocks are coming: keep twice that free ahead of
+        them, within the limit and ``AHEAD_MAX_BYTES``. What is kept ahead never shrinks."""
+        want = min(self.ahead_max, 2 * -(-nbytes // self.slot_bytes))
+        if want > self.ahead:
+            self.ahead = want
+            self._wake()
+
+    @contextmanager
+    def copying(self) -> Iterator[None]:
+        """Hold the background thread off while a save copies into places: alongside a copy,
+        the kernel's work of locking or prefaulting a new slab slowed the copy down (see the
+        module's docstring). A slab already being prefaulted pauses between chunks."""
+        with self._cond:
+            self._copying += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._copying -= 1
+                if not self._copying:
+                    self._cond.notify_all()
+
+    def _wait_quiet(self) -> bool:
+        """Wait until no save copies; False once the pool is closing."""
+        with self._cond:
+            while self._copying and not self._stopping:
+                self._cond.wait(timeout=1.0)
+            return not self._stopping
+
     def _wants_slab(self) -> bool:
         return (not self._stopping and self.error is None and len(self._slabs) < self.max_slabs
                 and len(self._free) < self.ahead)
@@ -188,19 +250,34 @@ class SlabPool:
     def _grow_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._wants_slab():
+                while not self._wants_slab() or self._copying:
                     if self._stopping:
                         return
                     self._cond.wait(timeout=1.0)
             try:
-                slab = host_buffer(self.slab_bytes, self.pin)  # slow: outside the condition's lock
+                slab = self._new_slab()  # slow: outside the condition's lock
             except (RuntimeError, MemoryError) as e:
                 # out of lockable memory: serve what there is; alloc() falls back to host_buffer
                 self.error = e
                 continue
+            if slab is None:  # closing
+                return
             first = len(self._slabs) * self.per_slab
             self._slabs.append(slab)
             self._free.extend(range(first, first + self.per_slab))
+
+    def _new_slab(self) -> torch.Tensor | None:
+        """A slab whose pages are resident before any place in it is handed out: page-locked by
+        the CUDA driver (``pin``), or else prefaulted here, a chunk at a time, holding off while
+        a save copies (None if the pool closes meanwhile). Not on huge pages: in a timing probe,
+        copies into prefaulted huge-page slabs were no faster, and some rounds much slower."""
+        slab = host_buffer(self.slab_bytes, self.pin)
+        if not self.pin:
+            for at in range(0, self.slab_bytes, PREFAULT_CHUNK):
+                if not self._wait_quiet():
+                    return None
+                prefault(slab[at:at + PREFAULT_CHUNK])
+        return slab
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the background thread has nothing left to do now (``ahead`` places free, the
@@ -227,6 +304,7 @@ class SlabPool:
     def snapshot(self) -> dict[str, Any]:
         """Counters for ``TierKV.stats()["host_pool"]``."""
         return {"slot_bytes": self.slot_bytes, "slab_bytes": self.slab_bytes, "slabs": len(self._slabs),
+                "pinned": self.pin, "ahead_slots": self.ahead,
                 "locked_bytes": len(self._slabs) * self.slab_bytes, "free_slots": len(self._free),
                 "taken": self.taken, "starved": self.starved, "growing": self._wants_slab(),
                 "error": None if self.error is None else repr(self.error)}

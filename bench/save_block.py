@@ -1,0 +1,166 @@
+"""How long `save` blocks its caller: this version of tierkv against another, side by side.
+
+`save` returns once a session's new blocks are copied into the first memory tier; the copy is
+most of what the caller waits for. Into new memory it also pays for the page faults of every
+page it writes first, and this VM makes those slow. This script asks what that costs and
+whether the host tier's pool of pre-faulted slabs (session 32) takes it away.
+
+Each round runs every version in a process of its own (the order shuffled per round): it
+opens a store whose host tier holds ``--host-sessions`` sessions, waits for the host pool to
+be ready if the version has one (a server opens its store before its first save), then saves
+``--sessions`` sessions of ``--tokens`` tokens one after another (the bench's KV, repeated to
+length), each written through to SSD and flushed before the next save (untimed: so the writer
+does not compete with the next save, and the blocks the host tier then evicts are already on
+SSD). Per save it records the time ``save`` blocked, the copy the engine reports
+(``stats()["moved"]["caller->host"]``) and the rest (issue 5's target: at most 5 ms beyond the
+copy), split into two phases:
+
+- ``growing``: the first ``--host-sessions`` saves, into a host tier not yet full: every block
+  needs memory the tier has not used before;
+- ``full``: the rest, each evicting as much as it adds: a long-running server's steady state,
+  where freed memory can be used again.
+
+    python bench/save_block.py [--a DIR] [--dtype fp32|bf16] [--tokens 4096] [--sessions 12]
+                               [--host-sessions 4] [--rounds 5] [--dir /var/tmp] [--out ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(__file__))
+if "--child" in sys.argv:  # a child saves with the tierkv under --child: first on the path, before any import of it
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--child") + 1]))
+from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from reload import TOKENS, session_kv  # noqa: E402
+
+PHASES = ("growing", "full")
+
+
+def child(root: str, target: str, args: argparse.Namespace) -> None:
+    """Save the sessions with the tierkv found in ``root``; print each save's times as JSON."""
+    import torch
+
+    import tierkv
+
+    if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
+        raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
+    from tierkv.integrations.hf import default_cache_dir
+
+    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    reps = -(-args.tokens // TOKENS)
+    kv = [(torch.cat([k] * reps, 1)[:, :args.tokens].contiguous(), torch.cat([v] * reps, 1)[:, :args.tokens].contiguous())
+          for k, v in kv]
+    per = spec.bytes_per_token * args.tokens
+    saves: dict[str, list[dict[str, float]]] = {p: [] for p in PHASES}
+    with tierkv.TierKV(target, spec, device="cpu", device_bytes=0, host_bytes=args.host_sessions * per,
+                       ssd_bytes=(args.sessions + 1) * per + (1 << 30), persist="write_through") as s:
+        t = time.perf_counter()
+        while (s.stats().get("host_pool") or {}).get("growing") and time.perf_counter() - t < 120:
+            time.sleep(0.01)
+        ready = time.perf_counter() - t
+        for i in range(args.sessions):
+            before = s.stats()["moved"].get("caller->host", {"seconds": 0.0})["seconds"]
+            start = 10**8 + i * 10**6
+            t = time.perf_counter()
+            s.save(range(start, start + args.tokens), kv, session=f"s{i}")
+            blocked = time.perf_counter() - t
+            copy = s.stats()["moved"]["caller->host"]["seconds"] - before
+            saves[PHASES[i >= args.host_sessions]].append({"blocked": blocked, "copy": copy})
+            s.flush()
+        pool = s.stats().get("host_pool")
+    print(json.dumps({"saves": saves, "pool_ready_s": ready, "host_pool": pool, "bytes": per}))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_side_by_side_arguments(ap, rounds=5, out="bench/results/save_block.json")
+    ap.add_argument("--a", default=None, help="another version's directory holding a tierkv package: a row of its own")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--sessions", type=int, default=12)
+    ap.add_argument("--host-sessions", type=int, default=4, help="sessions the host tier holds (its budget)")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--target", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.target, args)
+        return {}
+    if not 0 < args.host_sessions < args.sessions:
+        ap.error("--host-sessions must be at least 1 and fewer than --sessions")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    versions = {"this version": here} | ({f"version A ({args.a})": args.a} if args.a else {})
+    work = tempfile.mkdtemp(prefix="tierkv-saveblock-", dir=args.dir)
+    target = os.path.join(work, "store")
+    got: dict[str, list[dict[str, Any]]] = {v: [] for v in versions}
+
+    def run(name: str) -> Any:
+        def go() -> float:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", versions[name], "--target", target,
+                   "--dtype", args.dtype, "--tokens", str(args.tokens), "--sessions", str(args.sessions),
+                   "--host-sessions", str(args.host_sessions)]
+            cmd += ["--synthetic"] if args.synthetic else []
+            cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True)
+            finally:
+                shutil.rmtree(target, ignore_errors=True)
+            if r.returncode:
+                raise SystemExit(f"{name}: the child failed:\n{r.stderr[-3000:]}")
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            got[name].append(res)
+            return sum(x["blocked"] for p in PHASES for x in res["saves"][p])
+        return go
+
+    try:
+        _, orders = side_by_side({name: run(name) for name in versions}, args.rounds, args.seed)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def per_round(name: str, phase: str, what: str) -> list[float]:
+        """Each round's median over that phase's saves."""
+        return [statistics.median(x[what] for x in res["saves"][phase]) for res in got[name]]
+
+    out: dict[str, Any] = {
+        "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "tokens": args.tokens, "sessions": args.sessions, "host_sessions": args.host_sessions, "a": args.a,
+        "rounds": args.rounds, "seed": args.seed, "round_orders": orders,
+        "bytes_per_save": got["this version"][0]["bytes"], "children": got,
+        "blocked_s": {n: {p: stats_of([x["blocked"] for res in got[n] for x in res["saves"][p]]) for p in PHASES}
+                      for n in versions},
+        "copy_s": {n: {p: stats_of([x["copy"] for res in got[n] for x in res["saves"][p]]) for p in PHASES}
+                   for n in versions},
+        "beyond_copy_s": {n: {p: stats_of([x["blocked"] - x["copy"] for res in got[n] for x in res["saves"][p]])
+                              for p in PHASES} for n in versions},
+        "pool_ready_s": {n: stats_of([res["pool_ready_s"] for res in got[n]]) for n in versions},
+    }
+    print(f"save() of a {args.tokens}-token session ({out['bytes_per_save'] / 1e6:.0f} MB of {out['kv']}), "
+          f"host tier of {args.host_sessions} sessions, {args.sessions} saves, {args.rounds} rounds; median (min-max) ms:")
+    for n in versions:
+        for p in PHASES:
+            b, c, o = out["blocked_s"][n][p], out["copy_s"][n][p], out["beyond_copy_s"][n][p]
+            print(f"  {n:40s} {p:8s} blocked {b['median'] * 1e3:7.1f} ({b['min'] * 1e3:.1f}-{b['max'] * 1e3:.1f})"
+                  f"  copy {c['median'] * 1e3:7.1f}  beyond it {o['median'] * 1e3:.2f} (max {o['max'] * 1e3:.2f})")
+    if args.a:
+        a, b = f"version A ({args.a})", "this version"
+        out["this_vs_a_per_round"] = {}
+        for p in PHASES:
+            ratios = [x / y for x, y in zip(per_round(a, p, "blocked"), per_round(b, p, "blocked"))]
+            out["this_vs_a_per_round"][p] = stats_of(ratios)
+            print(f"  {p}: version A's blocked time / this version's, per round: {statistics.median(ratios):.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f})")
+    write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
