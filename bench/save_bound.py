@@ -14,9 +14,20 @@ shuffled per round, each into a file or store of its own made anew:
 - ``raw LMDB values, no codec, a transaction per 2 blocks``: the same in transactions of two
   values (about 24 MiB of fp32 KV): does the size of a transaction matter? LMDB holds a
   transaction's new pages in memory it allocates until the commit writes them;
+- ``raw LMDB values, no codec, a transaction per session, MDB_WRITEMAP``: LMDB writing the
+  values straight into its map of the file, not into memory of its own that the commit then
+  writes out; tierkv does not use this mode (a full disk becomes a crash, ``SIGBUS``), so the
+  row asks what that costs it;
 - ``file, buffered 4 MiB writes, then fdatasync``: the raw bytes in one file, through the page
   cache: the most a writer through the page cache can expect of this disk;
+- ``file, buffered 4 MiB writes, then fdatasync``, over a file already written and cached: the
+  same bytes again into the same file without truncating it, so every write lands on a page
+  the page cache already holds (the first write, which fills it, is not timed). Set against
+  the row above: what do new page-cache pages cost, beyond the copy into them?
 - ``file, O_DIRECT 4 MiB writes from a huge-page buffer``: the disk's own sequential write rate.
+
+Each row also gets its CPU time, user and system, from ``getrusage`` (the child's own for the
+tierkv rows, every thread of it): a write through the page cache spends its time in the kernel.
 
 The files and stores are deleted after each method, so each write starts on an empty file, as
 a new store does. tierkv saves in a process of its own each time (the KV loaded before the clock
@@ -32,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,7 +65,9 @@ CHUNK = 4 << 20
 TIERKV = "tierkv save, write-through, then flush"
 LMDB = "raw LMDB values, no codec, a transaction per session"
 LMDB_SMALL = "raw LMDB values, no codec, a transaction per 2 blocks"
+LMDB_WRITEMAP = "raw LMDB values, no codec, a transaction per session, MDB_WRITEMAP"
 BUFFERED = "file, buffered 4 MiB writes, then fdatasync"
+REWRITE = "file, buffered 4 MiB writes over its cached pages, then fdatasync"
 DIRECT = "file, O_DIRECT 4 MiB writes from a huge-page buffer"
 
 
@@ -70,6 +84,16 @@ def direct_writes(where: str) -> bool:
             os.unlink(probe)
 
 
+def cpu_now() -> resource.struct_rusage:
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def cpu_since(then: resource.struct_rusage) -> dict[str, float]:
+    """User and system CPU seconds this process (all its threads) spent since ``then``."""
+    now = cpu_now()
+    return {"user": now.ru_utime - then.ru_utime, "sys": now.ru_stime - then.ru_stime}
+
+
 def child(root: str, target: str, args: argparse.Namespace) -> None:
     """Save every session into a new store at ``target`` with the tierkv found in ``root``,
     write-through, then flush; print the seconds that took and the writer's split as JSON."""
@@ -82,7 +106,7 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     n = args.sessions
     total = n * spec.bytes_per_token * TOKENS
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_now()
     with tierkv.TierKV(target, spec, device_bytes=0, host_bytes=2 * total + (1 << 30),
                        ssd_bytes=2 * total + (1 << 30), persist="write_through", ssd_codec=args.codec) as s:
         for i in range(n):
@@ -90,7 +114,8 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
         s.flush()
         writes = s.stats().get("ssd_writes")  # None for a version from before session 31
         ratio = s.stats()["compression_ratio"]
-    print(json.dumps({"seconds": time.perf_counter() - t, "writes": writes, "compression_ratio": ratio}))
+    print(json.dumps({"seconds": time.perf_counter() - t, "writes": writes, "compression_ratio": ratio,
+                      "cpu": cpu_since(cpu)}))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -127,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="tierkv-save-", dir=args.dir)
     target = os.path.join(work, "target")
     children: dict[str, list[dict[str, Any]]] = {}
+    cpu: dict[str, list[dict[str, float]]] = {}
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def tierkv_save(root: str, row: str) -> Any:
@@ -140,11 +166,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(f"{row}: the child failed:\n{r.stderr[-3000:]}")
             got = json.loads(r.stdout.strip().splitlines()[-1])
             children.setdefault(row, []).append(got)
+            if got.get("cpu"):  # a version from before session 32 does not report it
+                cpu.setdefault(row, []).append(got["cpu"])
             return got["seconds"]  # the save itself, not the child's start
         return run
 
-    def lmdb_save(per_txn: int) -> None:
-        env = lmdb.open(target, map_size=2 * total + (1 << 30))
+    def lmdb_save(per_txn: int, writemap: bool = False) -> None:
+        env = lmdb.open(target, map_size=2 * total + (1 << 30), writemap=writemap)
         try:
             values = [(f"{i}:{j}".encode(), b) for i in range(n) for j, b in enumerate(blocks)]
             for at in range(0, len(values), per_txn):
@@ -154,8 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             env.close()
 
-    def buffered_write() -> None:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def buffered_write(truncate: bool = True) -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o600)
         try:
             view = memoryview(raw)
             for _ in range(n):
@@ -179,10 +207,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             os.close(fd)
 
-    def fresh(write: Any) -> Any:
+    def fresh(write: Any, row: str | None = None, setup: Any = None) -> Any:
+        """``write`` into a new file or store, deleted after it. A child reports its own time
+        (``row`` None); otherwise ``write`` is timed here, with this process's CPU time, after
+        ``setup`` (untimed)."""
         def run() -> float | None:
             try:
-                return write()  # a child's own time, or None: timed here
+                if row is None:
+                    return write()
+                if setup is not None:
+                    setup()
+                then, t = cpu_now(), time.perf_counter()
+                write()
+                took = time.perf_counter() - t
+                cpu.setdefault(row, []).append(cpu_since(then))
+                return took
             finally:
                 shutil.rmtree(target, ignore_errors=True)
                 if os.path.exists(target):
@@ -193,10 +232,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods = {TIERKV: fresh(tierkv_save(here, TIERKV))}
         if args.a:
             methods[f"{TIERKV}, version A ({args.a})"] = fresh(tierkv_save(args.a, f"{TIERKV}, version A ({args.a})"))
-        methods |= {LMDB: fresh(lambda: lmdb_save(len(blocks))), LMDB_SMALL: fresh(lambda: lmdb_save(2)),
-                    BUFFERED: fresh(buffered_write)}
+        methods |= {LMDB: fresh(lambda: lmdb_save(len(blocks)), LMDB),
+                    LMDB_SMALL: fresh(lambda: lmdb_save(2), LMDB_SMALL),
+                    LMDB_WRITEMAP: fresh(lambda: lmdb_save(len(blocks), writemap=True), LMDB_WRITEMAP),
+                    BUFFERED: fresh(buffered_write, BUFFERED),
+                    REWRITE: fresh(lambda: buffered_write(truncate=False), REWRITE, setup=buffered_write)}
         if direct_writes(work):
-            methods[DIRECT] = fresh(direct_write)
+            methods[DIRECT] = fresh(direct_write, DIRECT)
         else:
             print(f"  ({DIRECT}: left out, O_DIRECT refused in {work})")
         rows, orders = side_by_side(methods, args.rounds, args.seed)
@@ -215,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vs_buffered_write": {k: gbps[k] / gbps[BUFFERED] for k in rows},
         "vs_buffered_write_paired": {k: statistics.median(b / a for a, b in zip(rows[k], rows[BUFFERED]))
                                      for k in rows},
+        "cpu_seconds": {k: {part: stats_of([c[part] for c in v]) for part in ("user", "sys")} for k, v in cpu.items()},
         "codec": args.codec, "a": args.a, "tierkv_writer": split,
         "tierkv_children": children,
         "compression_ratios": {row: statistics.median(c["compression_ratio"] for c in got)
@@ -222,8 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"{n} sessions x {TOKENS} tokens = {total / 2**30:.2f} GiB of {out['kv']} written, {args.rounds} rounds")
     for k in rows:
+        used = out["cpu_seconds"].get(k)
         print(f"  {k:55s} {gbps[k]:5.2f} GB/s  {out['vs_buffered_write'][k]:.2f}x of the buffered write "
-              f"(per round {out['vs_buffered_write_paired'][k]:.2f}x)")
+              f"(per round {out['vs_buffered_write_paired'][k]:.2f}x)"
+              + (f"  CPU s: user {used['user']['median']:.2f}, sys {used['sys']['median']:.2f}" if used else ""))
     print("  tierkv's writer, medians: " + ", ".join(
         f"{k.replace('_seconds', '')} {split[k]['median']:.2f} s" for k in ("encode_seconds", "transaction_seconds",
                                                                              "commit_seconds"))
