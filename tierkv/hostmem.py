@@ -23,17 +23,18 @@ pool a block takes a free place in a slab already locked (no allocation on the c
 and a 64 MiB slab holds 11 such blocks (3 % unused, against 30 %).
 
 Why a pool for plain memory too (session 32): the first write into new memory pays for a page
-fault per page, and on the test machine that made a save's copy into new memory several times
-slower than into memory written before (docs/benchmarks.md, "How long save blocks"). Plain
-memory freed by the host tier went back to the C allocator, so a server at its budget paid for
-the faults again on every save. From the pool, places are reused, and new slabs are prefaulted by
-the background thread, which holds off while a save copies (in a timing probe, prefaulting
-alongside a copy slowed the copy as much as the faults it spared it).
+fault per page, and on the test machine a save into new memory blocked 1.8-3.6x longer than into
+memory written before (docs/benchmarks.md, "How long save blocks its caller"). Plain memory
+freed by the host tier went back to the C allocator, so a server at its budget often paid for
+the faults again. From the pool, places are reused, and new slabs are prefaulted by the
+background thread, which holds off while a save runs (``copying``: in a timing probe,
+prefaulting alongside a copy slowed the copy as much as the faults it spared it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -92,6 +93,17 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = False
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def _lowest_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (nice 19; Linux sets it per thread):
+    prefaulting is work done ahead of need, and must not take a CPU from the threads that need
+    one now (the SSD writer, a restore's decode threads, the model). Best effort."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
 
 
 def prefault(buf: torch.Tensor) -> None:
@@ -223,9 +235,10 @@ class SlabPool:
 
     @contextmanager
     def copying(self) -> Iterator[None]:
-        """Hold the background thread off while a save copies into places: alongside a copy,
-        the kernel's work of locking or prefaulting a new slab slowed the copy down (see the
-        module's docstring). A slab already being prefaulted pauses between chunks."""
+        """Hold the background thread off while a save runs (its copy into places and the
+        bookkeeping after it): alongside them, prefaulting a new slab slowed the copy down and
+        added milliseconds to the save's return (see the module's docstring). A slab already
+        being prefaulted pauses between chunks."""
         with self._cond:
             self._copying += 1
         try:
@@ -248,6 +261,8 @@ class SlabPool:
                 and len(self._free) < self.ahead)
 
     def _grow_loop(self) -> None:
+        if not self.pin:
+            _lowest_priority()
         while True:
             with self._cond:
                 while not self._wants_slab() or self._copying:
