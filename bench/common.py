@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -9,6 +10,7 @@ import platform
 import queue
 import random
 import statistics
+import subprocess
 import sysconfig
 import threading
 import time
@@ -229,6 +231,35 @@ def add_side_by_side_arguments(ap: Any, rounds: int, out: str) -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=out)
+
+
+def add_version_arguments(ap: Any) -> None:
+    """The options of a bench that runs tierkv in processes of their own: this checkout's, and
+    with ``--a DIR`` another version's (a checkout, or ``git archive`` of a commit), side by side;
+    ``--dir``, where to work; and the hidden ``--child ROOT`` / ``--target PATH`` a child gets
+    (the script puts ROOT first on its path before anything imports tierkv)."""
+    ap.add_argument("--a", default=None, help="another version's directory holding a tierkv package: a row of its own")
+    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--target", default=None, help=argparse.SUPPRESS)
+
+
+def tierkv_from(root: str) -> Any:
+    """tierkv, checked to be the one under ``root`` (a child process's version)."""
+    import tierkv
+
+    if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
+        raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
+    return tierkv
+
+
+def run_child(cmd: list[str], name: str) -> dict[str, Any]:
+    """Run a child process; the JSON object on the last line of its output (its error, if any,
+    ends the bench)."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{name}: the child failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def side_by_side(methods: dict[str, Callable[[], float | None]], rounds: int,

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(__file__))
 if "--child" in sys.argv:  # a child saves with the tierkv under --child: first on the path, before any import of it
     sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--child") + 1]))
-from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from common import (add_side_by_side_arguments, add_version_arguments, machine, run_child, side_by_side,  # noqa: E402
+                    stats_of, tierkv_from, write_json)
 from reload import TOKENS, session_kv  # noqa: E402
 
 PHASES = ("growing", "full")
@@ -50,10 +50,7 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
     """Save the sessions with the tierkv found in ``root``; print each save's times as JSON."""
     import torch
 
-    import tierkv
-
-    if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
-        raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
+    tierkv = tierkv_from(root)
     from tierkv.integrations.hf import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
@@ -84,13 +81,10 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=5, out="bench/results/save_block.json")
-    ap.add_argument("--a", default=None, help="another version's directory holding a tierkv package: a row of its own")
+    add_version_arguments(ap)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--sessions", type=int, default=12)
     ap.add_argument("--host-sessions", type=int, default=4, help="sessions the host tier holds (its budget)")
-    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--target", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.target, args)
@@ -111,12 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cmd += ["--synthetic"] if args.synthetic else []
             cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
             try:
-                r = subprocess.run(cmd, capture_output=True, text=True)
+                res = run_child(cmd, name)
             finally:
                 shutil.rmtree(target, ignore_errors=True)
-            if r.returncode:
-                raise SystemExit(f"{name}: the child failed:\n{r.stderr[-3000:]}")
-            res = json.loads(r.stdout.strip().splitlines()[-1])
             got[name].append(res)
             return sum(x["blocked"] for p in PHASES for x in res["saves"][p])
         return go

@@ -46,7 +46,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 if "--child" in sys.argv:  # a child saves with the tierkv under --child: first on the path, before any import of it
     sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--child") + 1]))
-from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from common import (add_side_by_side_arguments, add_version_arguments, machine, run_child, side_by_side,  # noqa: E402
+                    stats_of, tierkv_from, write_json)
 from reload import TOKENS, huge_page_buffer, session_kv  # noqa: E402
 
 
@@ -97,10 +97,7 @@ def cpu_since(then: resource.struct_rusage) -> dict[str, float]:
 def child(root: str, target: str, args: argparse.Namespace) -> None:
     """Save every session into a new store at ``target`` with the tierkv found in ``root``,
     write-through, then flush; print the seconds that took and the writer's split as JSON."""
-    import tierkv
-
-    if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
-        raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
+    tierkv = tierkv_from(root)
     from tierkv.integrations.hf import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
@@ -123,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_side_by_side_arguments(ap, rounds=5, out="bench/results/save_bound.json")
     ap.add_argument("--sessions", type=int, default=None, help="default: about 1 GiB of KV")
     ap.add_argument("--codec", default="zstd-planes", help="tierkv's ssd_codec (its default: zstd-planes)")
-    ap.add_argument("--a", default=None, help="another version's directory holding a tierkv package: a row of its own")
-    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--target", default=None, help=argparse.SUPPRESS)
+    add_version_arguments(ap)
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.target, args)
@@ -161,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "--dtype", args.dtype, "--sessions", str(n), "--codec", args.codec]
             cmd += ["--synthetic"] if args.synthetic else []
             cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"{row}: the child failed:\n{r.stderr[-3000:]}")
-            got = json.loads(r.stdout.strip().splitlines()[-1])
+            got = run_child(cmd, row)
             children.setdefault(row, []).append(got)
             if got.get("cpu"):  # a version from before session 32 does not report it
                 cpu.setdefault(row, []).append(got["cpu"])
