@@ -23,7 +23,7 @@ pool a block takes a free place in a slab already locked (no allocation on the c
 and a 64 MiB slab holds 11 such blocks (3 % unused, against 30 %).
 
 Why a pool for plain memory too (session 32): the first write into new memory pays for a page
-fault per page, and on the test machine a save into new memory blocked 1.8-3.6x longer than into
+fault per page, and on the test machine a save into new memory blocked 1.6-3.3x longer than into
 memory written before (docs/benchmarks.md, "How long save blocks its caller"). Plain memory
 freed by the host tier went back to the C allocator, so a server at its budget often paid for
 the faults again. From the pool, places are reused, and new slabs are prefaulted by the
