@@ -186,7 +186,7 @@ class SlabPool:
         self.per_slab = self.slab_bytes // self.stride
         self.max_slabs = max(1, -(-limit_bytes // (self.per_slab * self.stride)))
         self.ahead_max = max(1, min(limit_bytes, AHEAD_MAX_BYTES) // self.stride)
-        self.ahead = min(self.ahead_max, min(ahead_bytes, AHEAD_MAX_BYTES) // self.stride)
+        self.ahead = min(self.ahead_max, max(int(ahead_bytes > 0), min(ahead_bytes, AHEAD_MAX_BYTES) // self.stride))
         self.pin = pin
         self._copying = 0       # saves copying into places now: the background thread holds off
         self._slabs: list[torch.Tensor] = []
