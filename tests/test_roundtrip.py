@@ -183,6 +183,49 @@ def test_writer_bounds_each_transaction(open_store, monkeypatch, cap):
         assert_kv_equal(s.restore(range(i * 1000, i * 1000 + n), session=f"s{i}").kv, kvs[i])
 
 
+def test_saves_copy_on_their_own_thread_while_the_writer_works(open_store, monkeypatch):
+    """A save packs its blocks across torch's intra-op threads while the SSD writer is idle, and
+    on the calling thread alone while the writer holds a batch or has ops queued (their spinning
+    would take cores from it); either way every session restores exactly."""
+    import threading
+
+    import tierkv.engine
+
+    spec = small_spec()
+    n = 2 * BLOCK + 3
+    s = open_store(spec, persist="write_through")
+    calls = []  # each save's serial flag
+    real_pack = tierkv.engine.pack_blocks
+
+    def recording(spec_, kv, block_tokens, payloads, serial=False):
+        calls.append(serial)
+        real_pack(spec_, kv, block_tokens, payloads, serial=serial)
+
+    monkeypatch.setattr(tierkv.engine, "pack_blocks", recording)
+    gate, holding, real = threading.Event(), threading.Event(), s._apply
+
+    def held(ops):
+        holding.set()
+        gate.wait(10)
+        real(ops)
+
+    s._apply = held
+    kvs = [make_kv(spec, n, seed=10 + i) for i in range(3)]
+    s.save(range(n), kvs[0], session="s0")  # packed before its op is queued: the writer idle
+    assert calls == [False]
+    assert holding.wait(10)  # the writer holds s0's batch
+    s.save(range(1000, 1000 + n), kvs[1], session="s1")
+    s.save(range(2000, 2000 + n), kvs[2], session="s2")
+    assert calls == [False, True, True]
+    gate.set()
+    s.flush()
+    s._apply = real
+    s.save(range(3000, 3000 + n), kvs[0], session="s3")  # idle again
+    assert calls[-1] is False
+    for i, kv in enumerate(kvs):
+        assert_kv_equal(s.restore(range(i * 1000, i * 1000 + n), session=f"s{i}").kv, kv)
+
+
 def test_stats_split_the_writers_time(open_store):
     spec = small_spec()
     s = open_store(spec, persist="write_through")

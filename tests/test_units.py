@@ -292,13 +292,40 @@ def test_decode_into_result_views_matches_the_payload(dtype, n_tokens, cut, star
                                old.view(torch.uint8)[rest.repeat_interleave(t.itemsize, -1)])
 
 
+def test_serial_pieces_stay_under_torchs_grain():
+    """Cut for the calling thread, a save of SmolLM2's geometry (3 KV heads x 64, 256-token
+    blocks, each tensor just over torch's intra-op grain) is copied in pieces that torch runs
+    serially, covering every token of every tensor once, in order."""
+    from tierkv.blocks import INTRA_OP_GRAIN, block_views, serial_pieces
+    from tierkv.spec import KVSpec
+
+    spec = KVSpec.gqa("test/smollm2-like", 4, 3, 64, "float32")
+    B = 256
+    payloads = [torch.empty(B * spec.bytes_per_token, dtype=torch.uint8) for _ in range(2)]
+    kv = [torch.randn(3, B, 64) for _ in spec.tensors]
+    dsts = [v for p in payloads for v in block_views(spec, p, B)]
+    srcs = kv * len(payloads)
+    assert all(d.numel() >= INTRA_OP_GRAIN for d in dsts)  # as they are, torch would split them
+    pd, ps = serial_pieces(spec, dsts, srcs)
+    assert all(d.numel() < INTRA_OP_GRAIN and d.shape == s.shape for d, s in zip(pd, ps, strict=True))
+    torch._foreach_copy_(pd, ps)
+    for d, s in zip(dsts, srcs):
+        assert torch.equal(d, s)
+
+
+@pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("kind", ["gqa", "mla", "mixed"])
-def test_batched_packing_equals_packing_block_by_block(kind):
+def test_batched_packing_equals_packing_block_by_block(kind, serial, monkeypatch):
     """pack_blocks (one batched copy, views from one split or reshape of each payload) writes the
     bytes pack_block writes: uniform layouts, a token axis first, layers that differ in shape and
-    dtype, a partial last block, and only some of a save's blocks."""
+    dtype, a partial last block, and only some of a save's blocks; also in pieces cut for the
+    calling thread alone (``serial``; the grain lowered so that these small tensors are cut,
+    unevenly, and a tensor whose single token passes it is copied a token at a time)."""
     from conftest import make_kv
+    import tierkv.blocks
     from tierkv.blocks import block_views, pack_block, pack_blocks, tensor_view
+
+    monkeypatch.setattr(tierkv.blocks, "INTRA_OP_GRAIN", 30)
     from tierkv.spec import KVSpec, LayerSpec, TensorSpec
 
     if kind == "gqa":
@@ -318,7 +345,7 @@ def test_batched_packing_equals_packing_block_by_block(kind):
         batched = {i: p.clone() for i, p in one.items()}
         for i, p in one.items():
             pack_block(spec, kv, i * B, min(B, n - i * B), p)
-        pack_blocks(spec, kv, B, batched)
+        pack_blocks(spec, kv, B, batched, serial=serial)
         for i in wanted:
             assert torch.equal(one[i], batched[i])
             views = block_views(spec, batched[i], min(B, n - i * B))

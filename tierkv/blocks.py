@@ -16,6 +16,7 @@ so a move between tiers is one copy and accounting is exact to the byte.
 from __future__ import annotations
 
 import enum
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -138,13 +139,16 @@ def block_views(spec: KVSpec, payload: torch.Tensor, n_tokens: int) -> list[torc
 
 
 def pack_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens: int,
-                payloads: dict[int, torch.Tensor]) -> None:
+                payloads: dict[int, torch.Tensor], serial: bool = False) -> None:
     """Copy block ``i``'s tokens ``[i * block_tokens, ...)`` of ``kv`` into ``payloads[i]``, for
     every ``i`` given, in one batched copy (``torch._foreach_copy_``: no Python per tensor).
 
     A 4,096-token SmolLM2 save is 960 (block, layer, tensor) copies: packed one by one, each
     through ``tensor_view``, they took 24.13 ms in fp32 on the test machine, batched 17.84 ms
-    (``bench/pack_blocks.py``, 15 rounds side by side; bf16 16.53 against 11.57)."""
+    (``bench/pack_blocks.py``, 15 rounds side by side; bf16 16.53 against 11.57).
+
+    ``serial``: copy on the calling thread alone (CPU copies; see ``serial_pieces``), for when
+    other threads of the process need the cores."""
     if not payloads:
         return
     # cut only the token range the given blocks span (a grown session's new blocks: its tail),
@@ -159,7 +163,41 @@ def pack_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens
     for i, out in payloads.items():
         dsts.extend(block_views(spec, out, pieces[0][i - lo].shape[first.seq_axis]))
         srcs.extend(p[i - lo] for p in pieces)
+    if serial and dsts and dsts[0].device.type == "cpu" and srcs[0].device.type == "cpu":
+        dsts, srcs = serial_pieces(spec, dsts, srcs)
     torch._foreach_copy_(dsts, srcs, non_blocking=True)
+
+
+#: torch copies a CPU tensor of this many elements or more on its intra-op (OpenMP) threads
+#: (``at::internal::GRAIN_SIZE``), and a smaller one on the calling thread
+INTRA_OP_GRAIN = 32768
+
+
+def serial_pieces(spec: KVSpec, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The same copies (tensors in ``spec.tensors`` order, repeating per block), cut along the
+    sequence axis into pieces small enough that torch runs each on the calling thread.
+
+    Why: a block's tensor (SmolLM2: 256 tokens x 3 heads x 64) is just over torch's grain, so
+    each of a save's copies ran as a parallel region on both intra-op threads, a hundred
+    kilobytes each. With the SSD writer busy on a two-core machine, a region's threads waited
+    for one another, spinning: in a write-through burst, in a profile (``perf``), the two
+    intra-op threads spent 18 % of the run spinning in libgomp, while the writer, bound by the
+    kernel's copies into the page cache, waited for a core. A piece's token count is the
+    largest under the grain (one token at least)."""
+    per_token = [math.prod(t.dims) for t in spec.tensors]  # elements per token of each spec tensor
+    out_d: list[torch.Tensor] = []
+    out_s: list[torch.Tensor] = []
+    n = len(spec.tensors)
+    for j, (d, s) in enumerate(zip(dsts, srcs)):
+        t = spec.tensors[j % n]
+        step = max(1, (INTRA_OP_GRAIN - 1) // per_token[j % n])
+        if d.shape[t.seq_axis] <= step:
+            out_d.append(d)
+            out_s.append(s)
+        else:
+            out_d.extend(d.split(step, dim=t.seq_axis))
+            out_s.extend(s.split(step, dim=t.seq_axis))
+    return out_d, out_s
 
 
 def pack_block(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], start: int, n_tokens: int,

@@ -165,6 +165,7 @@ class TierKV:
         self._touched: dict[str, float] = {}         # last_used updates to persist
         self._last_batch = time.monotonic()          # when the writer last began a batch
         self._ops: deque[_Op] = deque()
+        self._writing = False                        # the writer holds a batch
         #: key -> (payload, future of its encoded value): the next batch's, encoded during a commit
         self._encoded_ahead: dict[bytes, tuple[Any, Any]] = {}
         self._unreported: list[BaseException] = []   # op errors no handle has raised yet
@@ -356,7 +357,9 @@ class TierKV:
             cuda = target.device if target.device.type == "cuda" else next((x.device for x in kv[0] if x.is_cuda), None)
             for i in missing:
                 payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
-            pack_blocks(self.spec, kv, B, payloads)
+            # while the writer works, the copy stays on this thread (blocks.serial_pieces): split
+            # across torch's intra-op threads, they spin and take cores from the writer
+            pack_blocks(self.spec, kv, B, payloads, serial=self._writer_busy())
             if cuda is not None and payloads:
                 # the copies were queued on this thread's stream, after the work that produced the KV:
                 # wait for that stream only, not for every stream of the device
@@ -997,6 +1000,7 @@ class TierKV:
                 if self._stopping and not self._ops:
                     return
                 ops = self._take_batch()
+                self._writing = True
             try:
                 work = [op for op in ops if op.kind != "barrier"]
                 # uses marked by restores ride with the next batch, or go alone once due, or when
@@ -1006,10 +1010,12 @@ class TierKV:
                 self._maintain()
             except BaseException as e:  # noqa: BLE001 - surfaced by the next call
                 self._bg_error = self._bg_error or e
+                self._writing = False
                 for op in ops:
                     op.error = op.error or BackgroundError(f"writer failed: {e!r}")
                     op.done.set()
                 return
+            self._writing = False
             for op in ops:
                 if op.kind == "barrier":
                     op.done.set()
@@ -1052,6 +1058,10 @@ class TierKV:
         it, so that other processes sharing the store (which evict by last use) and a restart
         after a crash see it. A process that only restores would otherwise never write it."""
         return bool(self._touched) and time.monotonic() - self._last_batch >= TOUCH_WRITE_S
+
+    def _writer_busy(self) -> bool:
+        """Whether the SSD writer has work: a batch in hand or ops queued (a hint, read unlocked)."""
+        return self._writing or bool(self._ops)
 
     def _over_budget(self) -> bool:
         if time.monotonic() < self._maint_blocked_until:
