@@ -51,6 +51,12 @@ from reload import TOKENS, session_kv  # noqa: E402
 PHASES = ("growing", "full")
 
 
+def p90(xs: list[float]) -> float:
+    """The 90th percentile (nearest rank)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, -(-9 * len(xs) // 10) - 1))]
+
+
 def child(root: str, target: str, args: argparse.Namespace) -> None:
     """Save the sessions with the tierkv found in ``root``; print each save's times as JSON."""
     import torch
@@ -146,6 +152,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "beyond_copy_s": {n: {p: stats_of([x["blocked"] - x["copy"] for res in got[n] for x in res["saves"][p]])
                               for p in PHASES} for n in versions},
         "pool_ready_s": {n: stats_of([res["pool_ready_s"] for res in got[n]]) for n in versions},
+        # the tail: the 90th percentile of each phase's saves, over every round
+        "blocked_p90_s": {n: {p: p90([x["blocked"] for res in got[n] for x in res["saves"][p]]) for p in PHASES}
+                          for n in versions},
+        # all the time a run's saves blocked (every phase)
+        "blocked_per_run_s": {n: stats_of([sum(x["blocked"] for p in PHASES for x in res["saves"][p]) for res in got[n]])
+                              for n in versions},
         # time saves waited for the writer (a memory tier over its budget's slack), per run
         "backpressure_s": {n: stats_of([(res.get("backpressure") or {}).get("seconds", 0.0) for res in got[n]])
                            for n in versions},
@@ -157,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             b, c, o = out["blocked_s"][n][p], out["copy_s"][n][p], out["beyond_copy_s"][n][p]
             print(f"  {n:40s} {p:8s} blocked {b['median'] * 1e3:7.1f} ({b['min'] * 1e3:.1f}-{b['max'] * 1e3:.1f})"
                   f"  copy {c['median'] * 1e3:7.1f}  beyond it {o['median'] * 1e3:.2f} (max {o['max'] * 1e3:.2f})")
+    for n in versions:
+        print(f"  {n:40s} p90 " + ", ".join(f"{p} {out['blocked_p90_s'][n][p] * 1e3:.1f}" for p in PHASES)
+              + f"; all saves of a run {out['blocked_per_run_s'][n]['median'] * 1e3:.0f} ms")
     if args.burst:
         print("  waited for the writer per run, median s: "
               + ", ".join(f"{n} {out['backpressure_s'][n]['median']:.2f}" for n in versions))
@@ -171,6 +186,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {p}: version A's blocked time / this version's, per round: {statistics.median(ratios):.2f}x "
                   f"({min(ratios):.2f}-{max(ratios):.2f}); its copy: {statistics.median(copies):.2f}x "
                   f"({min(copies):.2f}-{max(copies):.2f})")
+        totals = [x / y for x, y in zip(out["blocked_per_run_s"][a]["runs"], out["blocked_per_run_s"][b]["runs"])]
+        out["this_vs_a_per_run_total"] = stats_of(totals)
+        print(f"  all saves of a run: version A's / this version's, per round: {statistics.median(totals):.2f}x "
+              f"({min(totals):.2f}-{max(totals):.2f})")
     write_json(args.out, out)
     return out
 
