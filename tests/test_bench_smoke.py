@@ -270,24 +270,34 @@ def test_save_bound_bench_runs(tmp_path):
     assert len(res["compression_ratios"]) == 2 and all(0.99 < x < 1.01 for x in res["compression_ratios"].values())
 
 
-def test_save_block_bench_runs(tmp_path):
+@pytest.mark.parametrize("burst", [False, True])
+def test_save_block_bench_runs(tmp_path, burst):
     """bench/save_block.py times each save of two versions (here this checkout twice), in
-    processes of their own, split into the host tier's growing and full phases."""
+    processes of their own, split into the host tier's growing and full phases; with the
+    writer flushed before each save, or not (``--burst``)."""
     out = tmp_path / "save_block.json"
     r = subprocess.run([sys.executable, "bench/save_block.py", "--synthetic", "--tokens", "512", "--sessions", "3",
-                        "--host-sessions", "1", "--rounds", "1", "--a", ROOT, "--out", str(out), "--dir", str(tmp_path)],
+                        "--host-sessions", "1", "--rounds", "1", "--a", ROOT, "--out", str(out), "--dir", str(tmp_path)]
+                       + (["--burst"] if burst else []),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["bytes_per_save"] == 512 * 30 * 2 * 3 * 64 * 4
+    assert res["bytes_per_save"] == 512 * 30 * 2 * 3 * 64 * 4 and res["burst"] is burst
     for name in ("this version", f"version A ({ROOT})"):
         assert res["blocked_s"][name]["growing"]["n"] == 1 and res["blocked_s"][name]["full"]["n"] == 2
         for phase in ("growing", "full"):
             assert 0 < res["copy_s"][name][phase]["median"] <= res["blocked_s"][name][phase]["median"]
             assert res["beyond_copy_s"][name][phase]["min"] >= 0
+            assert res["blocked_p90_s"][name][phase] <= res["blocked_s"][name][phase]["max"]
         (child,) = res["children"][name]
-        assert child["host_pool"]["pinned"] is False and child["host_pool"]["taken"] > 0
-    assert set(res["this_vs_a_per_round"]) == {"growing", "full"}
+        assert child["host_pool"]["pinned"] is False
+        if not burst:  # flushed before each save: the pool's thread had time to make places ready
+            assert child["host_pool"]["taken"] > 0
+        total = sum(x["blocked"] for p in ("growing", "full") for x in child["saves"][p])
+        assert res["blocked_per_run_s"][name]["median"] == pytest.approx(total)
+        assert res["backpressure_s"][name]["n"] == 1
+    assert set(res["this_vs_a_per_round"]) == set(res["this_vs_a_copy_per_round"]) == {"growing", "full"}
+    assert res["this_vs_a_per_run_total"]["n"] == 1
 
 
 def test_ring_read_delivers_every_chunk_in_order_and_checks_it(tmp_path):
