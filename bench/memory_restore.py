@@ -13,13 +13,7 @@ shuffled order per round, on real KV, this times:
 
 Medians of ``--rounds``; the restore's ratio to the floor is what the engine adds.
 
-With ``--busy-writer`` a thread keeps saving other sessions, written through to SSD, while the
-rounds run (a server restoring one agent while others' turns are stored). Since session 33 a
-restore's copies from memory then stay on the calling thread (blocks.serial_pieces); two more
-rows time the restores with that choice turned off for their duration (for the background
-saves too), as the engine copied before.
-
-    python bench/memory_restore.py [--dtype fp32] [--rounds 15] [--busy-writer] [--out bench/results/memory_restore.json]
+    python bench/memory_restore.py [--dtype fp32] [--rounds 15] [--out bench/results/memory_restore.json]
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 from typing import Any, Callable
 
 import torch
@@ -41,15 +34,10 @@ from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
 
-#: the rows timed with the engine's copy-on-the-calling-thread choice off (``--busy-writer``)
-BEFORE = "as before session 33: "
-
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=15, out="bench/results/memory_restore.json")
-    ap.add_argument("--busy-writer", action="store_true",
-                    help="a thread saves other sessions (write-through) while the rounds run")
     args = ap.parse_args(argv)
     from tierkv.integrations.hf import default_cache_dir
 
@@ -58,11 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nbytes = n * spec.bytes_per_token
     work = tempfile.mkdtemp(prefix="tierkv-memrestore-")
     try:
-        busy = args.busy_writer
-        with tierkv.TierKV(os.path.join(work, "store"), spec, device="cpu", device_bytes=(8 if busy else 4) * nbytes,
-                           host_bytes=0, ssd_bytes=(8 if busy else 4) * nbytes + (1 << 30),
-                           persist="write_through" if busy else "write_back") as s:
-            s.save(range(n), kv, session="s", pinned=busy)  # pinned: the other saves never evict it
+        with tierkv.TierKV(os.path.join(work, "store"), spec, device="cpu", device_bytes=4 * nbytes,
+                           host_bytes=0, ssd_bytes=4 * nbytes + (1 << 30)) as s:
+            s.save(range(n), kv, session="s")
             pool = preallocated(spec, n)
             floor_out = [tuple(torch.ones_like(x) for x in layer) for layer in kv]
 
@@ -79,49 +65,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for o, i in zip(outs, ins):
                         o.copy_(i)
 
-            def as_before(f: Callable[[], None]) -> Callable[[], None]:
-                """``f`` with the engine's choice to copy on the calling thread turned off while it
-                runs (an instance attribute shadows TierKV._writer_busy)."""
-                def run() -> None:
-                    s._writer_busy = lambda: False
-                    try:
-                        f()
-                    finally:
-                        del s._writer_busy
-                return run
-
             methods: dict[str, Callable[[], float | None]] = {
                 "restore": restore, "restore into preallocated tensors": restore_pre, "one copy per tensor": floor}
-            if busy:
-                methods |= {BEFORE + "restore": as_before(restore),
-                            BEFORE + "restore into preallocated tensors": as_before(restore_pre)}
-            stop, saved = threading.Event(), [0]
-
-            def saver() -> None:  # other sessions' turns: a save every 50 ms, written through
-                while not stop.is_set():
-                    i = saved[0] = saved[0] + 1
-                    s.save(range(i * 10**6, i * 10**6 + n), kv, session=f"b{i % 4}")
-                    stop.wait(0.05)
-
-            background = threading.Thread(target=saver, daemon=True)
-            if busy:
-                background.start()
-            try:
-                for f in methods.values():
-                    f()  # first use: the pool's and the floor's pages written, code warmed
-                rows, orders = side_by_side(methods, args.rounds, args.seed)
-            finally:
-                stop.set()
-                if busy:
-                    background.join()
-                writes = s.stats()["ssd_writes"]
+            for f in methods.values():
+                f()  # first use: the pool's and the floor's pages written, code warmed
+            rows, orders = side_by_side(methods, args.rounds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor_s = rows["one copy per tensor"]
     results: dict[str, Any] = {
         "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "tokens": n, "bytes": nbytes, "rounds": args.rounds, "seed": args.seed, "round_orders": orders,
-        "busy_writer": busy, "background_saves": saved[0], "ssd_writes": writes,
         "seconds": {k: stats_of(v) for k, v in rows.items()},
         "gbps": {k: nbytes / statistics.median(v) / 1e9 for k, v in rows.items()},
         "vs_floor": {k: statistics.median(floor_s) / statistics.median(v) for k, v in rows.items()},
@@ -131,13 +85,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in rows.items():
         print(f"  {k:<36} {statistics.median(v) * 1e3:7.2f} ms  {results['gbps'][k]:6.2f} GB/s  "
               f"{results['vs_floor'][k]:.2f}x the floor (per round {results['vs_floor_paired'][k]:.2f}x)")
-    if busy:
-        for k in ("restore", "restore into preallocated tensors"):
-            per_round = [a / b for a, b in zip(rows[BEFORE + k], rows[k])]
-            results.setdefault("before_vs_this_per_round", {})[k] = stats_of(per_round)
-            print(f"  {k}: as before / this, per round {statistics.median(per_round):.2f}x "
-                  f"({min(per_round):.2f}-{max(per_round):.2f})")
-        print(f"  {saved[0]} sessions saved in the background, {writes['batches']} write transactions")
     write_json(args.out, results)
     return results
 

@@ -186,12 +186,10 @@ def test_writer_bounds_each_transaction(open_store, monkeypatch, cap):
 def test_saves_copy_on_their_own_thread_while_the_writer_works(open_store, monkeypatch):
     """A save packs its blocks across torch's intra-op threads while the SSD writer is idle, and
     on the calling thread alone while the writer holds a batch or has ops queued (their spinning
-    would take cores from it); a restore from memory copies the same way. Either way every
-    session restores exactly."""
+    would take cores from it); either way every session restores exactly."""
     import threading
 
     import tierkv.engine
-    import tierkv.handles
 
     spec = small_spec()
     n = 2 * BLOCK + 3
@@ -204,14 +202,6 @@ def test_saves_copy_on_their_own_thread_while_the_writer_works(open_store, monke
         real_pack(spec_, kv, block_tokens, payloads, serial=serial)
 
     monkeypatch.setattr(tierkv.engine, "pack_blocks", recording)
-    cut = []  # restores' copies cut for the calling thread: how many copies each time
-    real_pieces = tierkv.handles.serial_pieces
-
-    def pieces(dsts, srcs, axes):
-        cut.append(len(dsts))
-        return real_pieces(dsts, srcs, axes)
-
-    monkeypatch.setattr(tierkv.handles, "serial_pieces", pieces)
     gate, holding, real = threading.Event(), threading.Event(), s._apply
 
     def held(ops):
@@ -227,18 +217,11 @@ def test_saves_copy_on_their_own_thread_while_the_writer_works(open_store, monke
     s.save(range(1000, 1000 + n), kvs[1], session="s1")
     s.save(range(2000, 2000 + n), kvs[2], session="s2")
     assert calls == [False, True, True]
-    r = s.restore(range(1000, 1000 + n), session="s1")  # from memory, the writer still held
-    assert set(r.sources) <= {"device", "host"} and cut and sum(cut) == spec.num_layers * 2 * 3
-    assert_kv_equal(r.kv, kvs[1])
     gate.set()
     s.flush()
     s._apply = real
     s.save(range(3000, 3000 + n), kvs[0], session="s3")  # idle again
     assert calls[-1] is False
-    s.flush()
-    cut.clear()
-    r = s.restore(range(n), session="s0")
-    assert set(r.sources) <= {"device", "host"} and not cut
     for i, kv in enumerate(kvs):
         assert_kv_equal(s.restore(range(i * 1000, i * 1000 + n), session=f"s{i}").kv, kv)
 

@@ -306,7 +306,7 @@ def test_serial_pieces_stay_under_torchs_grain():
     dsts = [v for p in payloads for v in block_views(spec, p, B)]
     srcs = kv * len(payloads)
     assert all(d.numel() >= INTRA_OP_GRAIN for d in dsts)  # as they are, torch would split them
-    pd, ps = serial_pieces(dsts, srcs, [t.seq_axis for t in spec.tensors] * len(payloads))
+    pd, ps = serial_pieces(spec, dsts, srcs)
     assert all(d.numel() < INTRA_OP_GRAIN and d.shape == s.shape for d, s in zip(pd, ps, strict=True))
     torch._foreach_copy_(pd, ps)
     for d, s in zip(dsts, srcs):

@@ -16,6 +16,7 @@ so a move between tiers is one copy and accounting is exact to the byte.
 from __future__ import annotations
 
 import enum
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -163,7 +164,7 @@ def pack_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens
         dsts.extend(block_views(spec, out, pieces[0][i - lo].shape[first.seq_axis]))
         srcs.extend(p[i - lo] for p in pieces)
     if serial and dsts and dsts[0].device.type == "cpu" and srcs[0].device.type == "cpu":
-        dsts, srcs = serial_pieces(dsts, srcs, [t.seq_axis for t in spec.tensors] * len(payloads))
+        dsts, srcs = serial_pieces(spec, dsts, srcs)
     torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
 
@@ -172,10 +173,9 @@ def pack_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens
 INTRA_OP_GRAIN = 32768
 
 
-def serial_pieces(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
-                  axes: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The same copies (``dsts[j]`` from ``srcs[j]``, their token axis ``axes[j]``), cut along
-    the token axis into pieces small enough that torch runs each on the calling thread.
+def serial_pieces(spec: KVSpec, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The same copies (tensors in ``spec.tensors`` order, repeating per block), cut along the
+    sequence axis into pieces small enough that torch runs each on the calling thread.
 
     Why: a block's tensor (SmolLM2: 256 tokens x 3 heads x 64) is just over torch's grain, so
     each of a save's copies ran as a parallel region on both intra-op threads, a hundred
@@ -184,17 +184,19 @@ def serial_pieces(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
     intra-op threads spent 18 % of the run spinning in libgomp, while the writer, bound by the
     kernel's copies into the page cache, waited for a core. A piece's token count is the
     largest under the grain (one token at least)."""
+    per_token = [math.prod(t.dims) for t in spec.tensors]  # elements per token of each spec tensor
     out_d: list[torch.Tensor] = []
     out_s: list[torch.Tensor] = []
-    for d, s, axis in zip(dsts, srcs, axes, strict=True):
-        n = d.shape[axis]
-        step = max(1, (INTRA_OP_GRAIN - 1) // max(1, d.numel() // n)) if n else 1
-        if n <= step:
+    n = len(spec.tensors)
+    for j, (d, s) in enumerate(zip(dsts, srcs)):
+        t = spec.tensors[j % n]
+        step = max(1, (INTRA_OP_GRAIN - 1) // per_token[j % n])
+        if d.shape[t.seq_axis] <= step:
             out_d.append(d)
             out_s.append(s)
         else:
-            out_d.extend(d.split(step, dim=axis))
-            out_s.extend(s.split(step, dim=axis))
+            out_d.extend(d.split(step, dim=t.seq_axis))
+            out_s.extend(s.split(step, dim=t.seq_axis))
     return out_d, out_s
 
 

@@ -584,10 +584,7 @@ class TierKV:
             if rec is not None and rec.tenant == tenant:
                 rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
                 self._touched[session] = rec.last_used
-        # copies from memory into CPU results stay on the thread that makes them while the
-        # writer works (as save's: blocks.serial_pieces)
-        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged,
-                            serial=self._writer_busy)
+        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged)
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._submit_decodes(loads, direct, handle, promote)

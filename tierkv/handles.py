@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import hostmem
-from .blocks import Block, BlockLoad, block_views, serial_pieces, tensor_view
+from .blocks import Block, BlockLoad, block_views, tensor_view
 from .errors import BlockLoadError, TierKVError
 from .movers import LayerTargets, copy_stream, layer_targets
 
@@ -134,11 +134,8 @@ class LoadHandle:
 
     def __init__(self, spec: "KVSpec", parts: list[_Part], device: torch.device,
                  on_failed: Callable[[int, int], None], allocate: Allocator | None = None,
-                 staged: bool = False, serial: Callable[[], bool] | None = None) -> None:
+                 staged: bool = False) -> None:
         self._spec = spec
-        #: asked before each layer's copies into CPU results: copy on the calling thread alone
-        #: (blocks.serial_pieces), because other threads of the process need the cores
-        self._serial = serial
         self._parts = parts
         self._device = device
         self._on_failed = on_failed
@@ -285,7 +282,6 @@ class LoadHandle:
                 # for one copy per tensor; batched, 12.0-12.4 (bench/results/memory_restore_ab)
                 dsts: list[torch.Tensor] = []
                 srcs: list[torch.Tensor] = []
-                axes: list[int] = []
                 first = self._spec.first_tensor(i)
                 tensors = self._spec.layers[i].tensors
                 # each result tensor cut at block boundaries once (part k starts at block k)
@@ -315,10 +311,6 @@ class LoadHandle:
                         dsts.append(dst)
                         src = views[first + ti]
                         srcs.append(src if p.used == p.block.n_tokens else src.narrow(t.seq_axis, 0, p.used))
-                        axes.append(t.seq_axis)
-                if dsts and stream is None and self._device.type == "cpu" and self._serial is not None and self._serial():
-                    # the same copies, each small enough that torch keeps it on this thread
-                    dsts, srcs = serial_pieces(dsts, srcs, axes)
                 if dsts:
                     torch._foreach_copy_(dsts, srcs, non_blocking=stream is not None)
                 if stream is not None:
