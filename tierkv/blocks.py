@@ -180,8 +180,8 @@ def serial_pieces(spec: KVSpec, dsts: list[torch.Tensor], srcs: list[torch.Tenso
     Why: a block's tensor (SmolLM2: 256 tokens x 3 heads x 64) is just over torch's grain, so
     each of a save's copies ran as a parallel region on both intra-op threads, a hundred
     kilobytes each. With the SSD writer busy on a two-core machine, a region's threads waited
-    for one another, spinning: in a write-through burst, in a profile (``perf``), the two
-    intra-op threads spent 18 % of the run spinning in libgomp, while the writer, bound by the
+    for one another, spinning: in a profile (``perf``) of a write-through burst, the two
+    intra-op threads spent a large share of the run spinning in libgomp, while the writer, bound by the
     kernel's copies into the page cache, waited for a core. A piece's token count is the
     largest under the grain (one token at least)."""
     per_token = [math.prod(t.dims) for t in spec.tensors]  # elements per token of each spec tensor
