@@ -51,7 +51,7 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
     sys.path.insert(0, os.path.abspath(root))
     sys.path.insert(1, HERE)
     import tierkv
-    from tierkv.pagecache import drop_file_cache
+    from tierkv.pagecache import drop_file_cache, resident_fraction
 
     if not os.path.abspath(tierkv.__file__).startswith(os.path.abspath(root) + os.sep):
         raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
@@ -67,7 +67,12 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
     big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec)
     allocate = common.preallocated(spec, TOKENS) if preallocated else None
     if mode == "cold":
+        # (the version under test may predate make_cold: its two steps, with this tree's check)
         drop_file_cache(os.path.join(store, "data.mdb"))
+        left = resident_fraction(os.path.join(store, "data.mdb"))
+        if left > 0.01:
+            raise SystemExit(f"{left:.0%} of {store}/data.mdb stayed in the page cache after it was dropped: "
+                             f"a cold read there is not cold (a file system in memory?); use --dir on the disk")
     setup = 0.0   # restore_async until it returns: the caller's work before the reads start
     with tierkv.TierKV(store, spec, **big) as s:
         collected()   # not the first full collection of this fresh process, timed as setup

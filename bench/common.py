@@ -95,11 +95,11 @@ def write_sessions(path: str, values: list[bytes], sessions: int) -> None:
 
 def cold(path: str, run: Callable[[], Any]) -> Callable[[], float]:
     """``run`` as a timed method of ``side_by_side``: ``path``'s pages dropped from the page
-    cache first, then the seconds ``run`` takes."""
-    from tierkv.pagecache import drop_file_cache
+    cache first (``ColdReadError`` where they stay), then the seconds ``run`` takes."""
+    from tierkv.pagecache import make_cold
 
     def timed_cold() -> float:
-        drop_file_cache(path)
+        make_cold(path)
         t = time.perf_counter()
         run()
         return time.perf_counter() - t

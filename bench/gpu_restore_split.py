@@ -48,7 +48,7 @@ import tierkv  # noqa: E402
 import tierkv.engine  # noqa: E402
 from tierkv.config import parse_size  # noqa: E402
 from tierkv.handles import LoadHandle  # noqa: E402
-from tierkv.pagecache import drop_file_cache  # noqa: E402
+from tierkv.pagecache import make_cold  # noqa: E402
 
 PARTS = ("decode_s", "upload_launch_s", "layer_buffer_s", "result_s", "device_tail_s", "total_s")
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if source == "cold":
                             # the environment's map holds no value pages (reads are pread); the
                             # store's pages go, B-tree pages included, as after a restart
-                            drop_file_cache(data)
+                            make_cold(data)
                         collected()
                         row = rows.setdefault(f"{source}, {labels[dev]}", {})
                         for k, v in restore_all(s, n, dev).items():

@@ -16,8 +16,14 @@ VM's disk speed drifts by 2x within minutes) and none always runs right after th
 ``--store-last`` writes the baselines' files before tierkv's store instead of after it, to test
 whether the file written last reads fastest.
 
+Cold means cold: before writing anything it checks that the directory's file system lets the
+page cache drop a file (tmpfs does not), and every cold row's preparation checks that the pages
+went; where they stay, it stops with ``ColdReadError`` rather than time memory as the disk. Where
+the file system refuses O_DIRECT (or with ``--no-o-direct``), the disk-limit rows and their
+ratios are left out and the JSON's ``o_direct`` is false.
+
     python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic] [--store-last]
-                           [--seed 0] [--out bench/results/reload.json]
+                           [--seed 0] [--no-o-direct] [--dir DIR] [--out bench/results/reload.json]
 
 ``tierkv bench reload`` runs the same.
 """
@@ -46,7 +52,7 @@ import reload_runs  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.config import TierKVConfig, parse_size  # noqa: E402
-from tierkv.pagecache import drop_file_cache, resident_fraction  # noqa: E402
+from tierkv.pagecache import direct_io_supported, make_cold, resident_fraction  # noqa: E402
 
 TOKENS = 2048  # tokens per session
 
@@ -98,7 +104,7 @@ def raw(x: torch.Tensor) -> np.ndarray:
 def drop_tree(path: str) -> None:
     for root, _, files in os.walk(path):
         for f in files:
-            drop_file_cache(os.path.join(root, f))
+            make_cold(os.path.join(root, f))
 
 
 HUGE_PAGE = 2 << 20
@@ -190,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--store-last", action="store_true",
                     help="write the baselines' files first and tierkv's store last (default: the store first)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-round method order")
+    ap.add_argument("--no-o-direct", action="store_true",
+                    help="leave out the O_DIRECT rows (the disk's limit); they are left out anyway where "
+                         "the file system refuses O_DIRECT")
     ap.add_argument("--gpu", default=None,
                     help="also restore into this device's memory (default: cuda where a GPU is; 'none' skips "
                          "those rows; 'cpu' runs them without a GPU, to test them)")
@@ -223,6 +232,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     stack = contextlib.ExitStack()
     try:
+        # Can this directory be read cold at all? On a file system kept in memory (tmpfs) the
+        # dropped pages stay, and every "cold" row would time memory: refuse before writing a GiB
+        # (ColdReadError). Every cold row's preparation checks the same again (make_cold).
+        probe = os.path.join(work, "cold-probe.bin")
+        with open(probe, "wb") as f:
+            f.write(os.urandom(4 << 20))
+        make_cold(probe)
+        os.unlink(probe)
+        # some file systems refuse O_DIRECT: then the disk's limit is not measured, and its rows
+        # and ratios are left out (the JSON says so)
+        direct = not args.no_o_direct and direct_io_supported(work)
+        results["o_direct"] = direct
+        if not direct and not args.no_o_direct:
+            print(f"  {work}: the file system refuses O_DIRECT reads; the disk-limit rows are left out", flush=True)
         store = os.path.join(work, "store")
         data = os.path.join(store, "data.mdb")
         big = dict(device_bytes=0, host_bytes=2 * total + (1 << 30), ssd_bytes=2 * total + (1 << 30),
@@ -239,25 +262,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for _ in range(n_sessions):
                     f.write(block)
 
-            methods["disk O_DIRECT sequential read"] = (lambda: drop_file_cache(raw_file),
-                                                        lambda: odirect_read(raw_file))
-            # the same into huge pages: one 4 MiB request per read, the disk's limit (from run
-            # 36; the row above, into 4 KiB pages, is kept so that every run compares)
-            methods["disk O_DIRECT sequential read, huge-page buffer"] = (
-                lambda: drop_file_cache(raw_file), lambda: odirect_read(raw_file, huge=True))
-            # the same into a destination of the whole file's size (huge pages, written once
-            # here as a server's KV memory is): each chunk to its own place, as a restore
-            # delivers it; this VM's disk reads faster into one buffer it has just written
-            dest_map, dest = huge_page_buffer(total)
-            np.frombuffer(dest, np.uint8)[:] = 1
-            stack.callback(dest_map.close)
-            stack.callback(dest.release)  # (runs first: the view goes before its map)
-            methods["disk O_DIRECT sequential read into a whole destination (huge pages)"] = (
-                lambda: drop_file_cache(raw_file), lambda: odirect_read(raw_file, into=dest))
-            # the same read with 4 requests in flight: whether the disk's limit is a deeper queue
-            # away (tierkv's buffered reads keep several in flight through the kernel's readahead)
-            methods["disk O_DIRECT read, 4 requests in flight"] = (lambda: drop_file_cache(raw_file),
-                                                                  lambda: odirect_read(raw_file, threads=4))
+            if direct:
+                methods["disk O_DIRECT sequential read"] = (lambda: make_cold(raw_file),
+                                                            lambda: odirect_read(raw_file))
+                # the same into huge pages: one 4 MiB request per read, the disk's limit (from run
+                # 36; the row above, into 4 KiB pages, is kept so that every run compares)
+                methods["disk O_DIRECT sequential read, huge-page buffer"] = (
+                    lambda: make_cold(raw_file), lambda: odirect_read(raw_file, huge=True))
+                # the same into a destination of the whole file's size (huge pages, written once
+                # here as a server's KV memory is): each chunk to its own place, as a restore
+                # delivers it; this VM's disk reads faster into one buffer it has just written
+                dest_map, dest = huge_page_buffer(total)
+                np.frombuffer(dest, np.uint8)[:] = 1
+                stack.callback(dest_map.close)
+                stack.callback(dest.release)  # (runs first: the view goes before its map)
+                methods["disk O_DIRECT sequential read into a whole destination (huge pages)"] = (
+                    lambda: make_cold(raw_file), lambda: odirect_read(raw_file, into=dest))
+                # the same read with 4 requests in flight: whether the disk's limit is a deeper queue
+                # away (tierkv's buffered reads keep several in flight through the kernel's readahead)
+                methods["disk O_DIRECT read, 4 requests in flight"] = (lambda: make_cold(raw_file),
+                                                                      lambda: odirect_read(raw_file, threads=4))
             methods["disk page-cache read"] = (lambda: odirect_read_cached(raw_file),
                                                lambda: odirect_read_cached(raw_file))
 
@@ -323,9 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 e.close()
 
             methods["raw LMDB values, no codec (cold)"] = (
-                lambda: drop_file_cache(os.path.join(rawdb, "data.mdb")), lmdb_read)
+                lambda: make_cold(os.path.join(rawdb, "data.mdb")), lmdb_read)
             methods["raw LMDB values into a preallocated buffer (cold)"] = (
-                lambda: drop_file_cache(os.path.join(rawdb, "data.mdb")), lambda: lmdb_read(True))
+                lambda: make_cold(os.path.join(rawdb, "data.mdb")), lambda: lmdb_read(True))
 
             # --- the same LMDB reads (get + copy, nothing checked) on tierkv's own store file:
             # this VM's disk serves some files faster than others, so this row separates the
@@ -352,10 +376,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return [k for i in range(n_sessions)
                         for k in SessionRecord.decode(f"s{i}", txn.get(f"s{i}".encode(), db=sessions)).keys]
 
-            methods["LMDB get on tierkv's store file (cold)"] = (lambda: drop_file_cache(data), lmdb_read_tierkv_file)
+            methods["LMDB get on tierkv's store file (cold)"] = (lambda: make_cold(data), lmdb_read_tierkv_file)
             # and the disk's limit measured on that file (the whole data.mdb: values and LMDB's pages)
-            methods["disk O_DIRECT read of tierkv's store file"] = (lambda: drop_file_cache(data),
-                                                                    lambda: odirect_read(data))
+            if direct:
+                methods["disk O_DIRECT read of tierkv's store file"] = (lambda: make_cold(data),
+                                                                        lambda: odirect_read(data))
 
         if args.store_last and not args.only_tierkv:
             write_baselines()
@@ -458,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def tierkv_method(row: str, prepare: Callable[[], Any], **how: Any) -> None:
             methods[row] = (prepare, tierkv_restore(row, **how))
 
-        cold, warm_up = (lambda: drop_file_cache(data)), tierkv_restore(None, False)
+        cold, warm_up = (lambda: make_cold(data)), tierkv_restore(None, False)
         tierkv_method("tierkv cold", cold, prefetch=False)
         tierkv_method("tierkv cold, into preallocated tensors", cold, prefetch=False, into_pool=True)
         tierkv_method("tierkv cold + prefetch", cold, prefetch=True)
@@ -507,10 +532,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             layout = read_patterns.value_layout(store, spec, [f"s{i}" for i in range(n_sessions)], **big)
             methods["tierkv's read pattern without the engine (cold)"] = (
-                lambda: drop_file_cache(data),
+                lambda: make_cold(data),
                 lambda: read_patterns.layer_major(data, layout, TierKVConfig().io_threads))
             methods["whole values from tierkv's store file, one stream (cold)"] = (
-                lambda: drop_file_cache(data), lambda: read_patterns.whole_values(data, layout))
+                lambda: make_cold(data), lambda: read_patterns.whole_values(data, layout))
         if not args.only_tierkv:
             results["store_file_bytes"] = os.path.getsize(data)
 
@@ -622,6 +647,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tierkv_host_tier_gpu_vs_pinned_copy": (
                 f"tierkv host tier (pinned DRAM), into {on} memory", f"pinned host memory to {on} memory, one copy", 1.0),
         })
+    # (a row this run did not measure, e.g. O_DIRECT where the file system refuses it: no ratio)
+    pairs = {k: (a, b, scale) for k, (a, b, scale) in pairs.items() if a in timings and b in timings}
     results["ratios"] = {k: ratio(a, b) * scale for k, (a, b, scale) in pairs.items()}
     # the same per round (both methods ran in that round), then the median: drift between rounds
     # cancels; both are reported, neither is picked

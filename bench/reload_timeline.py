@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.config import TierKVConfig, parse_size  # noqa: E402
-from tierkv.pagecache import drop_file_cache  # noqa: E402
+from tierkv.pagecache import make_cold  # noqa: E402
 
 #: (thread id, start, end) of every os.preadv since the list was last cleared (before each timed run)
 _reads: list[tuple[int, float, float]] = []
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 orders.append([mode] + order)
                 for name in order:
                     if mode == "cold":
-                        drop_file_cache(data)
+                        make_cold(data)
                     collected()
                     row = rows.setdefault(f"{name} {mode}", {})
                     for k, v in timed_run(methods[name], total).items():

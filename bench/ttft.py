@@ -33,7 +33,7 @@ from common import collected, machine, stats_of, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
-from tierkv.pagecache import drop_file_cache  # noqa: E402
+from tierkv.pagecache import make_cold  # noqa: E402
 
 
 def main() -> None:
@@ -89,7 +89,7 @@ def main() -> None:
                     if tier in ("warm_ssd", "cold_ssd"):
                         s.close()
                         if tier == "cold_ssd":
-                            drop_file_cache(os.path.join(path, "data.mdb"))
+                            make_cold(os.path.join(path, "data.mdb"))
                         s = tierkv.TierKV(path, spec, ssd_bytes=4 * big, **budgets)
                     collected()
                     t0 = time.perf_counter()  # the request arrives

@@ -44,7 +44,7 @@ from reload import session_kv  # noqa: E402
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, HEADROOM, CachePool, load_smollm2, prefill,  # noqa: E402
                                     restore_cache)
-from tierkv.pagecache import drop_file_cache  # noqa: E402
+from tierkv.pagecache import make_cold  # noqa: E402
 from tierkv.store import ValueReader  # noqa: E402
 
 MESSAGE = 27  # the demo's turn-2 message length
@@ -80,7 +80,7 @@ def main() -> None:
 
     def turn(use_pool: bool, attention: str, overlap: bool, trace: bool = False, io_threads: int = 2,
              own_fds: bool = True, io_affinity: str = "spread") -> float:
-        drop_file_cache(os.path.join(path, "data.mdb"))
+        make_cold(os.path.join(path, "data.mdb"))
         ValueReader.MAX_OWN_FDS = default_fds if own_fds else 0
         model.set_attn_implementation(attention)
         with tierkv.TierKV(path, spec, ssd_bytes=4 * big, device_bytes=0, host_bytes=0, io_threads=io_threads,

@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/vllm_ttft.json")
     args = ap.parse_args()
     from tierkv.integrations.hf import load_smollm2
-    from tierkv.pagecache import drop_file_cache
+    from tierkv.pagecache import make_cold
 
     model, tok, _ = load_smollm2()
     text = ""
@@ -60,7 +60,7 @@ def main() -> None:
             return json.load(open(os.path.join(d, out)))
 
         run("connector", "seed.json", "seed_out.json", "s0")
-        drop_file_cache(os.path.join(d, "store", "data.mdb"))
+        make_cold(os.path.join(d, "store", "data.mdb"))
         with_tierkv = run("connector", "reqs.json", "tierkv_out.json", "s1")
         plain = run("plain", "reqs.json", "plain_out.json", "s2")
         worker = [json.load(open(os.path.join(d, "s1", f))) for f in os.listdir(os.path.join(d, "s1"))

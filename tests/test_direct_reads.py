@@ -274,3 +274,74 @@ def test_saved_values_leave_the_page_cache_when_bypassing_it(open_store, store_p
     else:
         assert cached > 0.9 * value_bytes
     assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+
+
+def _mounts() -> list[tuple[str, str]]:
+    with open("/proc/mounts") as f:
+        return [tuple(line.split()[1:3]) for line in f]
+
+
+def _fs_type(path: str) -> str:
+    """The type of the file system ``path`` lies on (the longest mount point above it)."""
+    path = os.path.realpath(path)
+    return max(((m, t) for m, t in _mounts() if path == m or path.startswith(m.rstrip("/") + "/")),
+               key=lambda mt: len(mt[0]))[1]
+
+
+def _tmpfs_dir() -> str | None:
+    """A writable directory on a file system kept in memory (tmpfs), if this machine has one."""
+    return next((m for m, t in _mounts() if t == "tmpfs" and m in ("/dev/shm", "/tmp") and os.access(m, os.W_OK)),
+                None)
+
+
+def test_make_cold_refuses_pages_a_mapping_keeps(tmp_path):
+    """A benchmark's cold read must come from the disk: while a mapping of the file holds its
+    pages, dropping them cannot work, and make_cold says so instead of returning quietly."""
+    import mmap
+
+    from tierkv.pagecache import make_cold
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        sum(m[i] for i in range(0, len(m), mmap.PAGESIZE))  # every page mapped by this process
+        with pytest.raises(tierkv.ColdReadError, match="stayed in the page cache"):
+            make_cold(str(path))
+    # mapping closed: the pages go, unless the file system keeps files in memory
+    if _fs_type(str(tmp_path)) in ("tmpfs", "ramfs"):
+        pytest.skip("tmp_path is on a file system in memory")
+    assert make_cold(str(path)) <= 0.01
+    assert resident_fraction(str(path)) <= 0.01
+
+
+def test_make_cold_refuses_a_file_system_in_memory():
+    from tierkv.pagecache import make_cold
+
+    where = _tmpfs_dir()
+    if where is None:
+        pytest.skip("no writable tmpfs here")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=where) as f:
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        with pytest.raises(tierkv.ColdReadError, match="tmpfs"):
+            make_cold(f.name)
+        assert isinstance(tierkv.ColdReadError("x"), tierkv.TierKVError)
+
+
+def test_direct_io_probe_reads_and_cleans_up(tmp_path, monkeypatch):
+    from tierkv import pagecache
+
+    assert pagecache.direct_io_supported(str(tmp_path)) in (True, False)
+    assert os.listdir(tmp_path) == []  # its probe file is gone
+    # a file system that refuses O_DIRECT (EINVAL at open, as older tmpfs and some FUSE mounts)
+    real_open = os.open
+
+    def refusing(path, flags, *a, **k):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(pagecache.os, "open", refusing)
+    assert pagecache.direct_io_supported(str(tmp_path)) is False
+    assert os.listdir(tmp_path) == []

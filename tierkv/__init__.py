@@ -5,7 +5,7 @@ The public API is what ``__all__`` lists; every other module is internal.
 
 from .config import TierKVConfig, parse_size
 from .engine import TierKV
-from .errors import (BackgroundError, BlockLoadError, BudgetExceededError, ConfigError,
+from .errors import (BackgroundError, BlockLoadError, BudgetExceededError, ColdReadError, ConfigError,
                      ForeignStoreError, ForkedProcessError, SpecMismatchError, StoreClosedError,
                      StoreFullError, StoreIOError, TierKVError, UnknownSessionError)
 from .handles import LoadHandle, RestoredKV, SaveHandle
@@ -19,5 +19,5 @@ __all__ = [
     "TierKVError", "ConfigError", "SpecMismatchError", "UnknownSessionError", "ForeignStoreError",
     "StoreFullError", "BudgetExceededError", "StoreClosedError", "ForkedProcessError", "StoreIOError",
     "BackgroundError",
-    "BlockLoadError", "__version__",
+    "BlockLoadError", "ColdReadError", "__version__",
 ]

@@ -6,7 +6,7 @@ meets them, so callers catch one tree.
 
 Primitives: TierKVError, ConfigError, SpecMismatchError, UnknownSessionError, ForeignStoreError,
 StoreFullError, BudgetExceededError, StoreClosedError, ForkedProcessError, StoreIOError,
-BackgroundError, BlockLoadError.
+BackgroundError, BlockLoadError, ColdReadError.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "StoreIOError",
     "BackgroundError",
     "BlockLoadError",
+    "ColdReadError",
 ]
 
 
@@ -86,3 +87,10 @@ class BlockLoadError(TierKVError):
     def __init__(self, message: str, first_bad_token: int) -> None:
         super().__init__(message)
         self.first_bad_token = first_bad_token
+
+
+class ColdReadError(TierKVError):
+    """A file's pages stayed in the page cache after they were dropped, so a read of it would
+    come from memory, not from the disk: the file lies on a file system kept in memory (tmpfs,
+    ramfs), or a mapping of it is still open. Benchmarks raise it rather than report a warm read
+    as a cold one; point them at a directory on the disk to be measured."""

@@ -2,6 +2,8 @@
 
 Primitives:
     drop_file_cache: write back and evict a file's pages, so the next read comes from the disk.
+    make_cold: the same, then check that the pages went (``ColdReadError`` where they stay).
+    direct_io_supported: whether a directory's file system takes O_DIRECT reads.
     resident_fraction: how much of a file is in the page cache now (``mincore``).
     any_resident: whether any page of a mapped range is in the page cache.
     unmap_pages: let go of this process's mappings of a range of a shared file map.
@@ -14,8 +16,11 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import tempfile
 
-__all__ = ["drop_file_cache", "resident_fraction", "any_resident", "unmap_pages", "madvise"]
+from .errors import ColdReadError
+
+__all__ = ["drop_file_cache", "make_cold", "direct_io_supported", "resident_fraction", "any_resident", "unmap_pages", "madvise"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
@@ -32,6 +37,50 @@ def drop_file_cache(path: str) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def make_cold(path: str, max_resident: float = 0.01) -> float:
+    """Drop ``path``'s pages from the page cache (``drop_file_cache``), then check with
+    ``mincore`` that at most ``max_resident`` of them stayed; return that fraction.
+
+    Raises ``ColdReadError`` where more stayed: on a file system kept in memory (tmpfs, ramfs)
+    the pages are the file and cannot go, and a page that any process still maps stays whatever
+    ``POSIX_FADV_DONTNEED`` asks. A benchmark that timed such a read as cold would report memory
+    speed as the disk's."""
+    drop_file_cache(path)
+    left = resident_fraction(path)
+    if left > max_resident:
+        raise ColdReadError(
+            f"{left:.0%} of {path} stayed in the page cache after it was dropped, so a read of it "
+            f"would not come from the disk. Its file system keeps files in memory (tmpfs, ramfs), "
+            f"or a mapping of it is still open. Put the files to be measured on the disk itself "
+            f"(e.g. --dir /var/tmp).")
+    return left
+
+
+def direct_io_supported(directory: str) -> bool:
+    """Whether files in ``directory`` can be read with ``O_DIRECT`` (tmpfs refuses it, and
+    some other file systems do). Writes, reads and removes a small probe file there."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    fd, probe = tempfile.mkstemp(prefix=".tierkv-direct-probe-", dir=directory)
+    try:
+        os.write(fd, b"\0" * (1 << 16))
+        os.close(fd)
+        try:
+            fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            return False
+        buf = mmap.mmap(-1, 1 << 16)  # page-aligned, as O_DIRECT needs
+        try:
+            return os.preadv(fd, [buf], 0) == 1 << 16
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+            buf.close()
+    finally:
+        os.unlink(probe)
 
 
 def resident_fraction(path: str, offset: int = 0, length: int | None = None) -> float:
@@ -52,7 +101,7 @@ def resident_fraction(path: str, offset: int = 0, length: int | None = None) -> 
             vec = (ctypes.c_ubyte * pages)()
             if _libc.mincore(ctypes.c_void_p(addr), end - start, vec) != 0:
                 raise OSError(ctypes.get_errno(), "mincore failed")
-            return sum(v & 1 for v in vec) / pages
+            return bytes(vec).translate(_LOW_BIT).count(1) / pages
         finally:
             _libc.munmap(ctypes.c_void_p(addr), end - start)
     finally:
