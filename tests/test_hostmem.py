@@ -233,6 +233,69 @@ def test_a_plain_pool_fills_as_saves_ask_and_holds_off_while_one_copies():
         p.close()
 
 
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="per-thread fault counts are Linux's")
+def test_a_plain_pool_with_no_free_place_grows_on_the_spot_and_keeps_that_memory():
+    """A burst of saves leaves the background thread no quiet moment to make slabs. Then a take
+    adds a slab itself (plain memory, faulted in by the caller's copy as new memory would be),
+    and the memory stays in the pool: freed places are taken again, and the thread prefaults the
+    rest of such a slab once no save copies."""
+    slot = 1 << 20
+    p = hostmem.SlabPool(slot, 64 * slot, 0, pin=False)
+    try:
+        assert p.wait_ready(10) and p.snapshot()["slabs"] == 0
+        with p.copying():                       # a save copies: the thread makes nothing
+            first = p.take()
+            snap = p.snapshot()
+            assert first is not None and snap["slabs"] == 1 and snap["grown_on_demand"] == 1
+            assert snap["starved"] == 0 and snap["free_slots"] == p.per_slab - 1
+            held = [first] + [p.take() for _ in range(p.per_slab - 1)]   # the rest of that slab
+            assert p.snapshot()["slabs"] == 1 and all(b is not None for b in held)
+            held.append(p.take())                                        # the next one adds one
+            assert p.snapshot()["slabs"] == 2 and p.snapshot()["grown_on_demand"] == 2
+        assert p.wait_ready(10) and not p._unfaulted   # quiet: the thread prefaulted both slabs
+        fresh = p.take()                                 # a place no copy has written yet
+        assert faults_writing(fresh) < (slot // 4096) // 8
+        addresses = {b.data_ptr() for b in held + [fresh]}
+        del held, fresh, first
+        gc.collect()
+        again = [p.take() for _ in range(2 * p.per_slab)]     # every place of the two slabs
+        assert all(b is not None for b in again) and p.snapshot()["slabs"] == 2
+        assert addresses <= {b.data_ptr() for b in again}      # the same memory, taken again
+    finally:
+        p.close()
+
+
+def test_takes_on_many_threads_grow_the_pool_without_overlapping_places():
+    p = hostmem.SlabPool(SLOT, 200 * SLOT, 0, pin=False)   # two slabs of 85 places
+    got: list[list[torch.Tensor]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def taker(i):
+        start.wait()
+        for _ in range(60):
+            b = p.take()
+            if b is not None:
+                got[i].append(b)
+    try:
+        with p.copying():
+            threads = [threading.Thread(target=taker, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        places = [b for g in got for b in g]
+        snap = p.snapshot()
+        assert len(places) == snap["slabs"] * p.per_slab == p.max_slabs * p.per_slab  # up to the limit
+        assert snap["starved"] == 240 - len(places) > 0 and snap["slabs"] == 2
+        starts = sorted(b.data_ptr() for b in places)
+        assert all(b - a >= p.stride for a, b in zip(starts, starts[1:]))  # no two places overlap
+        for i, b in enumerate(places):
+            b.fill_(i % 251)
+        assert all(int(b[0]) == int(b[-1]) == i % 251 for i, b in enumerate(places))
+    finally:
+        p.close()
+
+
 def test_cpu_tiers_take_their_blocks_from_one_plain_pool_and_reuse_them(open_store):
     """Without CUDA, the device tier (CPU memory) and the host tier share one pool of prefaulted
     plain memory: a save's full blocks come from it (its trailing partial block does not), the

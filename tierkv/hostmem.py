@@ -12,7 +12,7 @@ Primitives:
     SlabPool: buffers of one size (a full block's payload) carved from slabs; a buffer's place goes
         back to the pool when the last tensor sharing its memory dies, and a background thread
         allocates slabs ahead of need (page-locked, or else prefaulted), up to a limit, pausing
-        while a save copies.
+        while a save copies; a plain pool with no free place adds a slab on the caller's thread.
 
 Why a pool: page-locking new memory is slow, and torch's allocator rounds every page-locked buffer
 up to a power of two. On the H200 machine of session 25 (``bench/results/h200_pinned_alloc.json``,
@@ -195,6 +195,8 @@ class SlabPool:
         self._stopping = False
         self.taken = 0          # buffers handed out from the pool
         self.starved = 0        # requests the pool had no free place for
+        self.grown_on_demand = 0  # slabs a take() added, finding no free place (plain pools)
+        self._unfaulted: deque[int] = deque()  # those slabs, until the thread has prefaulted them
         self.error: BaseException | None = None  # why the slabs stopped growing early, if they did
         self._thread = threading.Thread(target=self._grow_loop, name="tierkv-hostmem", daemon=True)
         self._thread.start()
@@ -202,8 +204,9 @@ class SlabPool:
     def take(self) -> torch.Tensor | None:
         """A free buffer of ``slot_bytes`` (contents undefined), or None when none is free now.
 
-        Never allocates: when free places run low, the background thread is woken to add a slab.
-        After ``close`` it always returns None."""
+        When free places run low, the background thread is woken to add a slab. With none free,
+        a plain pool below its limit adds one here (``_grow_now``: address space only, no
+        faults); a page-locked pool returns None. After ``close`` it always returns None."""
         if self._stopping:
             return None
         if not self._free and _held:
@@ -212,14 +215,52 @@ class SlabPool:
         try:
             index = self._free.popleft()
         except IndexError:
-            self.starved += 1
-            self._wake()
-            return None
+            index = self._grow_now()
+            if index is None:
+                self.starved += 1
+                self._wake()
+                return None
         if len(self._free) < self.ahead:
             self._wake()
         self.taken += 1
         slab, place = divmod(index, self.per_slab)
         return torch.from_numpy(np.asarray(_Place(self, index, self._slabs[slab], place * self.stride)))
+
+    def _grow_now(self) -> int | None:
+        """With no free place, a plain pool below its limit adds a slab on the caller's thread
+        and hands out its first place; None otherwise (a page-locked pool, whose new slab would
+        cost the caller far more than one block's buffer; the limit; closing).
+
+        The slab is not prefaulted: the caller's copy faults its place in, as it would fault in
+        the buffer it would otherwise get from the allocator. What changes is afterwards: that
+        memory stays in the pool when its block leaves, and the next save reuses it without a
+        fault, where a buffer from the allocator went back to it (and, on a VM, to the host).
+        In a burst of saves the background thread, holding off while each copies, seldom got a
+        slab made: most blocks came from the allocator, and each save paid for new memory again
+        (the pool had 14 slabs for 156 blocks it could not serve in one run of
+        ``bench/save_block.py --burst``). Its other places are prefaulted by the background
+        thread when no save copies (``_unfaulted``)."""
+        if self.pin:
+            return None
+        with self._cond:
+            if self._stopping or len(self._slabs) >= self.max_slabs:
+                return None
+            try:
+                slab = host_buffer(self.slab_bytes, False)
+            except (RuntimeError, MemoryError):
+                return None
+            first = self._add_slab(slab)
+            self.grown_on_demand += 1
+            self._unfaulted.append(len(self._slabs) - 1)
+            self._cond.notify()
+        self._free.extend(range(first + 1, first + self.per_slab))
+        return first
+
+    def _add_slab(self, slab: torch.Tensor) -> int:
+        """Append a slab (with ``_cond`` held); the index of its first place."""
+        first = len(self._slabs) * self.per_slab
+        self._slabs.append(slab)
+        return first
 
     def _wake(self) -> None:
         with self._cond:
@@ -260,15 +301,25 @@ class SlabPool:
         return (not self._stopping and self.error is None and len(self._slabs) < self.max_slabs
                 and len(self._free) < self.ahead)
 
+    def _has_work(self) -> bool:
+        return self._wants_slab() or (bool(self._unfaulted) and not self._stopping)
+
     def _grow_loop(self) -> None:
         if not self.pin:
             _lowest_priority()
         while True:
             with self._cond:
-                while not self._wants_slab() or self._copying:
+                while not self._has_work() or self._copying:
                     if self._stopping:
                         return
                     self._cond.wait(timeout=1.0)
+                unfaulted = self._unfaulted.popleft() if self._unfaulted else None
+            if unfaulted is not None:
+                # a slab a save made (_grow_now): fault in its pages now, not in later copies;
+                # populating writes nothing, so places in use keep their bytes
+                if not self._prefault(self._slabs[unfaulted]):
+                    return
+                continue
             try:
                 slab = self._new_slab()  # slow: outside the condition's lock
             except (RuntimeError, MemoryError) as e:
@@ -277,8 +328,8 @@ class SlabPool:
                 continue
             if slab is None:  # closing
                 return
-            first = len(self._slabs) * self.per_slab
-            self._slabs.append(slab)
+            with self._cond:
+                first = self._add_slab(slab)
             self._free.extend(range(first, first + self.per_slab))
 
     def _new_slab(self) -> torch.Tensor | None:
@@ -287,18 +338,24 @@ class SlabPool:
         a save copies (None if the pool closes meanwhile). Not on huge pages: in a timing probe,
         copies into prefaulted huge-page slabs were no faster, and some rounds much slower."""
         slab = host_buffer(self.slab_bytes, self.pin)
-        if not self.pin:
-            for at in range(0, self.slab_bytes, PREFAULT_CHUNK):
-                if not self._wait_quiet():
-                    return None
-                prefault(slab[at:at + PREFAULT_CHUNK])
+        if not self.pin and not self._prefault(slab):
+            return None
         return slab
+
+    def _prefault(self, slab: torch.Tensor) -> bool:
+        """Fault a plain slab's pages in, a chunk at a time, holding off while a save copies;
+        False if the pool closes meanwhile."""
+        for at in range(0, self.slab_bytes, PREFAULT_CHUNK):
+            if not self._wait_quiet():
+                return False
+            prefault(slab[at:at + PREFAULT_CHUNK])
+        return True
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the background thread has nothing left to do now (``ahead`` places free, the
         limit reached, or stopped); False on timeout. For benchmarks and tests."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._wants_slab():
+        while self._has_work():
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
@@ -314,6 +371,7 @@ class SlabPool:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
         self._free.clear()
+        self._unfaulted.clear()
         self._slabs = []
 
     def snapshot(self) -> dict[str, Any]:
@@ -321,5 +379,6 @@ class SlabPool:
         return {"slot_bytes": self.slot_bytes, "slab_bytes": self.slab_bytes, "slabs": len(self._slabs),
                 "pinned": self.pin, "ahead_slots": self.ahead,
                 "locked_bytes": len(self._slabs) * self.slab_bytes, "free_slots": len(self._free),
-                "taken": self.taken, "starved": self.starved, "growing": self._wants_slab(),
+                "taken": self.taken, "starved": self.starved, "grown_on_demand": self.grown_on_demand,
+                "growing": self._has_work(),
                 "error": None if self.error is None else repr(self.error)}
