@@ -11,7 +11,16 @@ copies). This times, side by side in a shuffled order per round, on the same KV 
   split (or reshape) per payload and one ``torch._foreach_copy_`` for the whole save;
 
 and ``save()`` of a whole session into an empty host tier (the copy it reports in
-``stats()["moved"]["caller->host"]``), new payload memory included. Medians of ``--rounds``.
+``stats()["moved"]["caller->host"]``), new payload memory included. Two more rows copy on the
+calling thread alone, in pieces under torch's grain, as ``save`` does while the SSD writer
+works (session 33):
+
+- ``serial, split per copy``: the batched views, each cut with ``Tensor.split``
+  (``blocks.serial_pieces``; session 33's way for every block);
+- ``serial``: ``pack_blocks(serial=True)``, whose full blocks of a uniform layout are cut a few
+  tensor ops per block (session 34).
+
+Medians of ``--rounds``.
 
     python bench/pack_blocks.py [--dtype fp32] [--tokens 4096] [--rounds 15] [--out ...]
 """
@@ -33,7 +42,7 @@ from common import add_side_by_side_arguments, machine, side_by_side, stats_of, 
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
-from tierkv.blocks import pack_block, pack_blocks  # noqa: E402
+from tierkv.blocks import _block_copies, pack_block, pack_blocks, serial_pieces  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -60,6 +69,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def batched() -> None:
         pack_blocks(spec, kv, B, payloads)
 
+    def serial_split_per_copy() -> None:
+        dsts, srcs = serial_pieces(spec, *_block_copies(spec, kv, B, payloads))
+        torch._foreach_copy_(dsts, srcs, non_blocking=True)
+
+    def serial() -> None:
+        pack_blocks(spec, kv, B, payloads, serial=True)
+
     def save() -> float:
         store = os.path.join(work, f"s{saves[0]}")
         saves[0] += 1
@@ -70,13 +86,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(store, ignore_errors=True)
         return copied
 
-    methods: dict[str, Callable[[], float | None]] = {"one by one": one_by_one, "batched": batched, "save() copy": save}
+    methods: dict[str, Callable[[], float | None]] = {
+        "one by one": one_by_one, "batched": batched, "save() copy": save,
+        "serial, split per copy": serial_split_per_copy, "serial": serial}
     try:
         one_by_one()
         check = {i: p.clone() for i, p in payloads.items()}
-        batched()
-        if any(not torch.equal(check[i], payloads[i]) for i in payloads):
-            raise SystemExit("batched packing wrote other bytes than packing block by block")
+        for name, way in (("batched", batched), ("serial, split per copy", serial_split_per_copy), ("serial", serial)):
+            for p in payloads.values():
+                p.fill_(1)
+            way()
+            if any(not torch.equal(check[i], payloads[i]) for i in payloads):
+                raise SystemExit(f"{name} packing wrote other bytes than packing block by block")
         rows, orders = side_by_side(methods, args.rounds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -90,13 +111,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gbps": {k: nbytes / statistics.median(v) / 1e9 for k, v in rows.items()},
         "batched_vs_one_by_one": statistics.median(rows["one by one"]) / statistics.median(rows["batched"]),
         "batched_vs_one_by_one_paired": statistics.median(a / b for a, b in zip(rows["one by one"], rows["batched"])),
+        "serial_vs_split_per_copy_paired": statistics.median(
+            a / b for a, b in zip(rows["serial, split per copy"], rows["serial"])),
     }
     print(f"{n} tokens ({nbytes / 1e6:.0f} MB, {results['copies']} copies), medians of {args.rounds}:")
     for k, v in rows.items():
         print(f"  {k:<14} {statistics.median(v) * 1e3:8.2f} ms  ({min(v) * 1e3:.2f}-{max(v) * 1e3:.2f})"
               f"  {results['gbps'][k]:6.2f} GB/s")
     print(f"  batched is {results['batched_vs_one_by_one']:.2f}x as fast (per round "
-          f"{results['batched_vs_one_by_one_paired']:.2f}x)")
+          f"{results['batched_vs_one_by_one_paired']:.2f}x); serial {results['serial_vs_split_per_copy_paired']:.2f}x "
+          f"as fast as serial, split per copy (per round)")
     write_json(args.out, results)
     return results
 

@@ -225,8 +225,9 @@ def test_pack_blocks_bench_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["copies"] == res["blocks"] * 60 and res["blocks"] == 8
-    assert set(res["seconds"]) == {"one by one", "batched", "save() copy"}
+    assert set(res["seconds"]) == {"one by one", "batched", "save() copy", "serial, split per copy", "serial"}
     assert all(len(v["runs"]) == 2 and v["min"] > 0 for v in res["seconds"].values())
+    assert res["serial_vs_split_per_copy_paired"] > 0
 
 
 def test_memory_restore_bench_runs(tmp_path):

@@ -311,6 +311,20 @@ def test_serial_pieces_stay_under_torchs_grain():
     torch._foreach_copy_(pd, ps)
     for d, s in zip(dsts, srcs):
         assert torch.equal(d, s)
+    # the same cut made a block at a time (pack_blocks' path for full blocks of a uniform
+    # layout): 128-token pieces, every one under the grain, every byte in its place
+    from tierkv.blocks import _serial_full_blocks
+
+    layered = [(kv[0], kv[1]), (kv[2], kv[3]), (kv[4], kv[5]), (kv[6], kv[7])]
+    session = [(torch.cat([k, k + 1], 1), torch.cat([v, v + 1], 1)) for k, v in layered]  # 512 tokens
+    fresh = {i: torch.zeros(B * spec.bytes_per_token, dtype=torch.uint8) for i in range(2)}
+    fd, fs, rest = _serial_full_blocks(spec, session, B, fresh)
+    assert not rest and len(fd) == len(fs) == 2 * 2 * len(spec.tensors)
+    assert all(d.numel() < INTRA_OP_GRAIN and d.shape == (3, 128, 64) == s.shape for d, s in zip(fd, fs))
+    torch._foreach_copy_(fd, fs)
+    for i in range(2):
+        for d, (li, ti) in zip(block_views(spec, fresh[i], B), [(li, ti) for li in range(4) for ti in range(2)]):
+            assert torch.equal(d, session[li][ti][:, i * B:(i + 1) * B])
 
 
 @pytest.mark.parametrize("serial", [False, True])
