@@ -321,3 +321,27 @@ def test_cpu_tiers_take_their_blocks_from_one_plain_pool_and_reuse_them(open_sto
     pool = s.stats()["host_pool"]
     assert pool["taken"] >= 27 and pool["error"] is None   # the full blocks of the later saves at least
     assert pool["taken"] > pool["slabs"] * s._host_pool.per_slab  # places were reused
+
+
+def test_a_slab_made_ahead_while_saves_grew_the_pool_to_its_limit_is_let_go():
+    """The thread's slab and the saves' slabs race for the last room under the limit: the
+    limit holds, whichever lands first."""
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(hostmem.SlabPool):
+        def _new_slab(self):
+            started.set()
+            release.wait(10)   # saves take meanwhile
+            return super()._new_slab()
+
+    p = Slow(SLOT, 200 * SLOT, 200 * SLOT, pin=False)   # two slabs at most; wants both ahead
+    try:
+        assert started.wait(10)
+        held = [p.take() for _ in range(2 * p.per_slab)]   # the saves grow it to the limit
+        assert all(b is not None for b in held) and p.snapshot()["grown_on_demand"] == 2
+        release.set()
+        assert p.wait_ready(10)
+        assert p.snapshot()["slabs"] == p.max_slabs == 2 and p.take() is None
+    finally:
+        release.set()
+        p.close()

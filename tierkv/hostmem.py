@@ -329,6 +329,8 @@ class SlabPool:
             if slab is None:  # closing
                 return
             with self._cond:
+                if len(self._slabs) >= self.max_slabs:  # saves grew the pool to its limit meanwhile
+                    continue
                 first = self._add_slab(slab)
             self._free.extend(range(first, first + self.per_slab))
 
