@@ -196,9 +196,10 @@ def _serial_full_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], bloc
 
     Why: ``serial_pieces`` splits each of a 4,096-token SmolLM2 save's 960 copies in Python
     (``Tensor.split``, twice): about 20 ms of the calling thread's time on the test machine, a
-    third of its serial copy, all of it holding the GIL, which the writer's encoding threads
-    want in the bursts where serial copies are made (a py-spy profile of such a burst found a
-    quarter of ``pack_blocks``' samples in ``Tensor.split``). Here every piece has the same
+    third of its serial copy (``bench/pack_blocks.py``, session 34), all of it holding the GIL,
+    which the writer's encoding threads want in the bursts where serial copies are made (a
+    py-spy profile of such a burst found a large share of ``pack_blocks``' samples in
+    ``Tensor.split``). Here every piece has the same
     token count, the largest divisor of the block size under the grain, so that a block's
     payload, viewed as ``[tensors, ..., pieces, step, ...]``, and each source tensor, viewed
     the same way along its token axis, unbind into the pieces directly."""
