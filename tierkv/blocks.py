@@ -151,20 +151,13 @@ def pack_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens
     other threads of the process need the cores."""
     if not payloads:
         return
-    cpu = next(iter(payloads.values())).device.type == "cpu" and kv[0][0].device.type == "cpu"
-    if serial and cpu:
-        cut = _serial_full_blocks(spec, kv, block_tokens, payloads)
-        if cut is not None:
-            dsts, srcs, rest = cut
-            if rest:  # a partial last block: cut the general way
-                more_d, more_s = _block_copies(spec, kv, block_tokens, rest)
-                more_d, more_s = serial_pieces(spec, more_d, more_s)
-                dsts, srcs = dsts + more_d, srcs + more_s
-            torch._foreach_copy_(dsts, srcs, non_blocking=True)
-            return
-    dsts, srcs = _block_copies(spec, kv, block_tokens, payloads)
-    if serial and cpu:
-        dsts, srcs = serial_pieces(spec, dsts, srcs)
+    if serial and next(iter(payloads.values())).device.type == "cpu" and kv[0][0].device.type == "cpu":
+        dsts, srcs, rest = _serial_full_blocks(spec, kv, block_tokens, payloads)
+        if rest:  # a partial last block, or a layout that is not uniform: cut copy by copy
+            more_d, more_s = serial_pieces(spec, *_block_copies(spec, kv, block_tokens, rest))
+            dsts, srcs = dsts + more_d, srcs + more_s
+    else:
+        dsts, srcs = _block_copies(spec, kv, block_tokens, payloads)
     torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
 
@@ -188,11 +181,10 @@ def _block_copies(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_toke
 
 def _serial_full_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], block_tokens: int,
                         payloads: dict[int, torch.Tensor]
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, torch.Tensor]] | None:
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, torch.Tensor]]:
     """The pieces ``serial_pieces`` cuts, for the full blocks of a uniform layout, made with a
     few tensor ops per block and per source tensor instead of a split per (block, tensor); and
-    the blocks left (a partial last one). None where the layout is not uniform or no block is
-    full.
+    the blocks left (a partial last one; all of them where the layout is not uniform).
 
     Why: ``serial_pieces`` splits each of a 4,096-token SmolLM2 save's 960 copies in Python
     (``Tensor.split``, twice): about 20 ms of the calling thread's time on the test machine, a
@@ -204,12 +196,10 @@ def _serial_full_blocks(spec: KVSpec, kv: Sequence[Sequence[torch.Tensor]], bloc
     payload, viewed as ``[tensors, ..., pieces, step, ...]``, and each source tensor, viewed
     the same way along its token axis, unbind into the pieces directly."""
     u = spec.uniform_tensor
-    if u is None:
-        return None
     full_bytes = block_tokens * spec.bytes_per_token
-    full = [i for i, out in payloads.items() if out.numel() == full_bytes]
+    full = [i for i, out in payloads.items() if out.numel() == full_bytes] if u is not None else []
     if not full:
-        return None
+        return [], [], payloads
     limit = max(1, (INTRA_OP_GRAIN - 1) // math.prod(u.dims))
     step = max(d for d in range(1, min(limit, block_tokens) + 1) if block_tokens % d == 0)
     per_block, axis, n_tensors = block_tokens // step, u.seq_axis, len(spec.tensors)
