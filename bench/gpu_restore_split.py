@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if source == "cold":
                             # as after a restart: the store closed, every page of it dropped,
                             # B-tree pages included (an open store's map keeps the pages it has
-                            # touched: 31 % of a 20 MiB store's file stayed cached that way),
+                            # touched, and make_cold refused to call that cold),
                             # then opened again (untimed)
                             s.close()
                             make_cold(data)
