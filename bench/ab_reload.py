@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from common import machine, stats_of, write_json
     from reload import TOKENS, session_kv
     from tierkv.config import parse_size
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
     spec, kv = session_kv(args.synthetic, cache_dir, args.dtype)

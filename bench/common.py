@@ -212,10 +212,15 @@ def preallocated(spec: Any, tokens: int, device: str = "cpu") -> Callable[..., t
     (and written) now, for sessions of up to ``tokens`` tokens: a server restores into KV memory
     it allocated at start-up, not into fresh tensors that pay a page fault and a zeroed page per
     4 KiB on first write."""
-    from tierkv.integrations.hf import CachePool
+    try:
+        from tierkv import CachePool
+    except ImportError:  # a version from before session 35 (ab_reload's version A): in the hf module
+        from tierkv.integrations.hf import CachePool
 
     pool = CachePool()
     pool.reserve(spec, tokens, device)
+    if hasattr(pool, "allocator"):
+        return pool.allocator(spec)
 
     def allocate(layer: int, index: int, shape: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
         return pool.buffer(layer, index, (1, *shape), dtype, device)[0, :, :shape[1]]

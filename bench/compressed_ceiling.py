@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ImportError:
         raise SystemExit("this bench needs blosc2 (pip install blosc2); tierkv itself does not")
     blosc2.set_releasegil(True)  # else each decode holds the GIL, and the reader thread waits on it
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     if TOKENS % args.block_tokens:

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--group", type=int, default=10, help="layers per O_DIRECT read in the direct pattern")
     ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
     args = ap.parse_args(argv)
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     kvb = kv_bytes(kv)

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.staged:
         tierkv.engine.via_host_staging = lambda device: True  # type: ignore[assignment]
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     per = TOKENS * spec.bytes_per_token

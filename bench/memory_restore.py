@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=15, out="bench/results/memory_restore.json")
     args = ap.parse_args(argv)
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     n = TOKENS

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tokens", type=int, default=2 * TOKENS, help="a multiple of the bench's 2,048-token session")
     ap.add_argument("--block-tokens", type=int, default=256)
     args = ap.parse_args(argv)
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     spec, base = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     reps = max(1, args.tokens // TOKENS)

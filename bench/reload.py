@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gpu = None if gpu == "none" else gpu
     #: the GPU rows' names say "GPU"; run on the CPU (a test), they say so
     on = "GPU" if gpu == "cuda" else f"{gpu} (as the GPU)"
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
     spec, kv = session_kv(args.synthetic, cache_dir, args.dtype)

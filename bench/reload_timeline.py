@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if not sys.platform.startswith("linux"):
         raise SystemExit("reload_timeline needs tierkv's pread reader (Linux)")
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
     spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
     per = TOKENS * spec.bytes_per_token

@@ -62,9 +62,7 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
     import torch
 
     tierkv = tierkv_from(root)
-    from tierkv.integrations.hf import default_cache_dir
-
-    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)  # the parent's --cache-dir
     reps = -(-args.tokens // TOKENS)
     kv = [(torch.cat([k] * reps, 1)[:, :args.tokens].contiguous(), torch.cat([v] * reps, 1)[:, :args.tokens].contiguous())
           for k, v in kv]
@@ -108,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if not 0 < args.host_sessions < args.sessions:
         ap.error("--host-sessions must be at least 1 and fewer than --sessions")
+    from tierkv.cli import default_cache_dir
+
+    args.cache_dir = args.cache_dir or default_cache_dir()  # for the children: an older tierkv may lack it
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     versions = {"this version": here} | ({f"version A ({args.a})": args.a} if args.a else {})
     work = tempfile.mkdtemp(prefix="tierkv-saveblock-", dir=args.dir)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "--host-sessions", str(args.host_sessions)]
             cmd += ["--synthetic"] if args.synthetic else []
             cmd += ["--burst"] if args.burst else []
-            cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+            cmd += ["--cache-dir", args.cache_dir]
             try:
                 res = run_child(cmd, name)
             finally:

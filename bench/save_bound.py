@@ -98,9 +98,7 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
     """Save every session into a new store at ``target`` with the tierkv found in ``root``,
     write-through, then flush; print the seconds that took and the writer's split as JSON."""
     tierkv = tierkv_from(root)
-    from tierkv.integrations.hf import default_cache_dir
-
-    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)  # the parent's --cache-dir
     n = args.sessions
     total = n * spec.bytes_per_token * TOKENS
     t, cpu = time.perf_counter(), cpu_now()
@@ -129,9 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from tierkv.blocks import pack_block
-    from tierkv.integrations.hf import default_cache_dir
+    from tierkv.cli import default_cache_dir
 
-    spec, kv = session_kv(args.synthetic, args.cache_dir or default_cache_dir(), args.dtype)
+    args.cache_dir = args.cache_dir or default_cache_dir()  # for the children: an older tierkv may lack it
+    spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)
     per = spec.bytes_per_token * TOKENS
     n = args.sessions = args.sessions or max(1, (1 << 30) // per)
     total = n * per
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", root, "--target", target,
                    "--dtype", args.dtype, "--sessions", str(n), "--codec", args.codec]
             cmd += ["--synthetic"] if args.synthetic else []
-            cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+            cmd += ["--cache-dir", args.cache_dir]
             got = run_child(cmd, row)
             children.setdefault(row, []).append(got)
             if got.get("cpu"):  # a version from before session 32 does not report it

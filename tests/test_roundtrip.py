@@ -238,3 +238,51 @@ def test_stats_split_the_writers_time(open_store):
     # LMDB's commit is a part of the transaction, which wrote every value and the session record
     assert 0 < w["commit_seconds"] <= w["transaction_seconds"]
     assert s.stats()["moved"]["host->ssd"]["seconds"] >= w["transaction_seconds"]
+
+
+def test_cache_pool_serves_restores_from_the_same_memory(open_store):
+    """``tierkv.CachePool``: a restore through ``allocator`` lands, bit-exact, in the buffers
+    ``reserve`` made, and the next restore in the same ones; a longer restore gets larger
+    buffers, kept for the one after. Latent (token axis first) and GQA layers alike."""
+    import tierkv
+
+    latent = tierkv.LayerSpec((tierkv.TensorSpec("latent", (40,), 0, "bfloat16"),))
+    gqa = tierkv.LayerSpec((tierkv.TensorSpec("key", (2, 8), 1, "float16"),
+                            tierkv.TensorSpec("value", (2, 4), 1, "float16")))
+    spec = tierkv.KVSpec("mixed", (latent, gqa))
+    n = 2 * BLOCK + 3
+    kv = make_kv(spec, 4 * BLOCK, seed=5)
+    s = open_store(spec, device_bytes=0, host_bytes=0)
+    s.save(range(4 * BLOCK), kv, session="a").wait()
+    s.flush()
+    pool = tierkv.CachePool()
+    pool.reserve(spec, n)
+    places = {(i, j): pool.buffer(i, j, (1, *t.shape(n)), t.torch_dtype, "cpu", 1 + t.seq_axis).data_ptr()
+              for i, layer in enumerate(spec.layers) for j, t in enumerate(layer.tensors)}
+    for _ in range(2):
+        h = s.restore_async(range(n), session="a", allocate=pool.allocator(spec))
+        r = h.result()
+        assert r.num_tokens == n
+        assert_kv_equal(r.kv, [tuple(x.narrow(t.seq_axis, 0, n) for x, t in zip(layer, ls.tensors))
+                               for layer, ls in zip(kv, spec.layers)])
+        assert {(i, j): x.data_ptr() for i, layer in enumerate(r.kv) for j, x in enumerate(layer)} == places
+    r = s.restore_async(range(4 * BLOCK), session="a", allocate=pool.allocator(spec)).result()
+    assert r.num_tokens == 4 * BLOCK
+    assert_kv_equal(r.kv, kv)
+    grown = {(i, j): x.data_ptr() for i, layer in enumerate(r.kv) for j, x in enumerate(layer)}
+    assert all(grown[k] != places[k] for k in places)
+    again = s.restore_async(range(n), session="a", allocate=pool.allocator(spec)).result()
+    assert {(i, j): x.data_ptr() for i, layer in enumerate(again.kv) for j, x in enumerate(layer)} == grown
+
+
+def test_import_tierkv_needs_no_transformers():
+    """The engine, its CachePool and the CLI's defaults import without transformers (the ``hf``
+    extra): a server that does not use it, and the benches' child processes, skip its import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tierkv, tierkv.cli; tierkv.CachePool(); tierkv.cli.default_cache_dir(); "
+            "print('transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"

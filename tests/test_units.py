@@ -367,3 +367,51 @@ def test_batched_packing_equals_packing_block_by_block(kind, serial, monkeypatch
             for v, (li, ti) in zip(views, flat, strict=True):
                 ref = tensor_view(spec, batched[i], min(B, n - i * B), li, ti)
                 assert v.data_ptr() == ref.data_ptr() and v.shape == ref.shape and v.dtype == ref.dtype
+
+
+def test_imports_obey_the_layer_map():
+    """docs/architecture.md's layer map lists every module of the package, and no module imports
+    one of a higher layer (imports inside functions included: they are imports all the same)."""
+    import ast
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "architecture.md"), encoding="utf-8") as f:
+        doc = f.read()
+    table = doc.split("## Layer map", 1)[1].split("\n## ", 1)[0]
+    layer_of: dict[str, int] = {}
+    for row in table.splitlines():
+        m = re.match(r"\|\s*(\d+)\s+[^|]*\|\s*([^|]*)\|", row)
+        if m:
+            for path in re.findall(r"`(tierkv/[\w/]+\.py)`", m.group(2)):
+                layer_of[path[:-3].replace("/", ".")] = int(m.group(1))
+    modules = {}
+    for dirpath, _, files in os.walk(os.path.join(root, "tierkv")):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, name), root)[:-3].replace(os.sep, ".")
+                modules[rel] = os.path.join(dirpath, name)
+    listed = {m for m in modules if not m.endswith("__init__") or m == "tierkv.__init__"}
+    assert listed <= set(layer_of), f"modules missing from the layer map: {sorted(listed - set(layer_of))}"
+    upward = []
+    for mod, path in modules.items():
+        if mod not in layer_of:
+            continue
+        package = mod.rsplit(".", 1)[0]
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for t in targets:
+                if t in layer_of and t != mod and layer_of[t] > layer_of[mod]:
+                    upward.append(f"{mod} (layer {layer_of[mod]}) imports {t} (layer {layer_of[t]})")
+    assert not upward, "\n".join(sorted(set(upward)))

@@ -3,6 +3,7 @@
 The public API is what ``__all__`` lists; every other module is internal.
 """
 
+from .cachepool import CachePool
 from .config import TierKVConfig, parse_size
 from .engine import TierKV
 from .errors import (BackgroundError, BlockLoadError, BudgetExceededError, ColdReadError, ConfigError,
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TierKV", "TierKVConfig", "KVSpec", "LayerSpec", "TensorSpec", "RestoredKV", "SaveHandle",
-    "LoadHandle", "parse_size",
+    "LoadHandle", "CachePool", "parse_size",
     "TierKVError", "ConfigError", "SpecMismatchError", "UnknownSessionError", "ForeignStoreError",
     "StoreFullError", "BudgetExceededError", "StoreClosedError", "ForkedProcessError", "StoreIOError",
     "BackgroundError",

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
 from .errors import ConfigError, TierKVError
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "default_cache_dir"]
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/tierkv`` or ``~/.cache/tierkv``: where the CLI, the demo and the benches
+    keep converted model weights and captured KV (the engine itself reads no environment)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tierkv")
+
 
 #: name -> (configure parser, run)
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -197,7 +205,6 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 @command("bench", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
     """Run a benchmark from bench/ (a source checkout): reload, ttft or ops."""
-    import os
     import runpy
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

