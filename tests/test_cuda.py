@@ -14,6 +14,7 @@ import torch
 
 import tierkv
 import tierkv.engine
+import tierkv.reads
 import tierkv.handles
 import tierkv.hostmem
 import tierkv.keys
@@ -348,8 +349,8 @@ def test_cold_restore_bypassing_the_page_cache(open_store, store_path, device, m
 
     from tierkv.pagecache import drop_file_cache, resident_fraction
 
-    monkeypatch.setattr(tierkv.engine, "DIRECT_READ_BYTES", 64 << 10)
-    monkeypatch.setattr(tierkv.engine, "DIRECT_MIN_BYTES", 4096)
+    monkeypatch.setattr(tierkv.reads, "DIRECT_READ_BYTES", 64 << 10)
+    monkeypatch.setattr(tierkv.reads, "DIRECT_MIN_BYTES", 4096)
     spec = small_spec(dtype=torch.float32, layers=6, heads=4, dim=64)  # 32 KiB a layer and block
     n = 6 * BLOCK
     kv = make_kv(spec, n, seed=11)

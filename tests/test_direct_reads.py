@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tierkv
-import tierkv.engine as engine_mod
+import tierkv.reads as reads_mod
 from tierkv.hostmem import HUGE_PAGE, aligned_empty
 from tierkv.pagecache import drop_file_cache, resident_fraction
 
@@ -33,8 +33,8 @@ def spec_():
 @pytest.fixture
 def small_requests(monkeypatch):
     """Requests of two layers (64 KiB), and no floor: the test blocks are small."""
-    monkeypatch.setattr(engine_mod, "DIRECT_READ_BYTES", 64 << 10)
-    monkeypatch.setattr(engine_mod, "DIRECT_MIN_BYTES", 4096)
+    monkeypatch.setattr(reads_mod, "DIRECT_READ_BYTES", 64 << 10)
+    monkeypatch.setattr(reads_mod, "DIRECT_MIN_BYTES", 4096)
 
 
 def cold_store(open_store, store_path, kv, spec, **settings):

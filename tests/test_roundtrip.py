@@ -137,9 +137,9 @@ def test_writer_bounds_each_transaction(open_store, monkeypatch, cap):
     session restores exactly."""
     import threading
 
-    import tierkv.engine
+    import tierkv.writer
 
-    monkeypatch.setattr(tierkv.engine, "WRITE_BATCH_BYTES", cap)
+    monkeypatch.setattr(tierkv.writer, "WRITE_BATCH_BYTES", cap)
     spec = small_spec()
     n = 2 * BLOCK
     s = open_store(spec, persist="write_through")
@@ -190,6 +190,7 @@ def test_saves_copy_on_their_own_thread_while_the_writer_works(open_store, monke
     import threading
 
     import tierkv.engine
+    import tierkv.writer
 
     spec = small_spec()
     n = 2 * BLOCK + 3

@@ -1,0 +1,352 @@
+"""SSD reads: the values of a restore or prefetch, read and decoded on the I/O pool.
+
+Primitives:
+    SSDReads: ``submit(loads, direct, handle, promote)`` parses the values of blocks only on SSD,
+        then reads and decodes them layer-major, into a prefetch's host buffers (``BlockLoad``) or
+        straight into a restore's result tensors (``handles._Part``), with O_DIRECT where
+        ``ssd_page_cache="bypass"`` allows it (``_direct_plan``).
+
+Moves bytes only. Every decision about records (a block's state, its tier, a corrupt mark, a
+counted miss) is the engine's, made in the callbacks it passes in: a block's layers loaded, a load
+failed, a direct part failed, a thread's unexpected error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+from .blocks import Block, BlockLoad
+from .codec import Codec, CorruptValueError, parse_block, stored_span
+from .errors import StoreIOError
+from .handles import LoadHandle, _Part
+from .movers import decode_layer_into, decode_layer_into_views, read_layers_direct
+from .pagecache import advise_willneed
+from .spec import KVSpec
+from .stats import Stats
+from .store import SSDStore
+from .tiers import MemoryTier
+
+__all__ = ["SSDReads", "DIRECT_READ_BYTES", "DIRECT_MIN_BYTES"]
+
+#: bytes per O_DIRECT request of a block's layers (``ssd_page_cache="bypass"``): on the test machine's
+#: disk, requests of a few MiB went near its sequential rate and requests of one layer did not
+#: (bench/direct_ceiling.py); runs of stored layers smaller than DIRECT_MIN_BYTES stay buffered
+DIRECT_READ_BYTES = 4 << 20
+DIRECT_MIN_BYTES = 1 << 20
+
+
+def _consecutive(layers: list[int]) -> Iterator[range]:
+    """Runs of consecutive numbers in a sorted list, as ranges."""
+    start = prev = None
+    for x in layers:
+        if start is not None and x != prev + 1:
+            yield range(start, prev + 1)
+            start = None
+        if start is None:
+            start = x
+        prev = x
+    if start is not None:
+        yield range(start, prev + 1)
+
+
+class SSDReads:
+    """Reads SSD values for the engine's loads (see the module docstring).
+
+    Args:
+        store: the SSD store; spec, codec, fingerprint, block_tokens, header_bound: what its values
+            are checked and decoded against.
+        bypass: ``ssd_page_cache="bypass"``: O_DIRECT where it pays, and values read through the
+            page cache dropped from it when a load is done.
+        pool, io_threads: the engine's I/O pool and how many of its threads a load may take.
+        host: the host tier, whose memory a prefetch's blocks are read into.
+        stats: the engine's counters.
+        on_layers_loaded(load, n, promote): ``n`` more layers of a prefetch's block are in its buffer.
+        on_load_failed(load, error): a prefetch's block could not be read (corrupt: a miss).
+        on_direct_failed(part, error, handle, all_layers): a restore's block could not be read.
+        on_background_error(error): an error no checksum explains (the engine's next call raises it).
+    """
+
+    def __init__(self, store: SSDStore, spec: KVSpec, codec: Codec, fingerprint: bytes, block_tokens: int,
+                 header_bound: int, bypass: bool, pool: ThreadPoolExecutor, io_threads: int,
+                 host: MemoryTier, stats: Stats, *,
+                 on_layers_loaded: Callable[[BlockLoad, int, bool], None],
+                 on_load_failed: Callable[[BlockLoad, BaseException], None],
+                 on_direct_failed: Callable[[_Part, BaseException, LoadHandle, bool], None],
+                 on_background_error: Callable[[BaseException], None]) -> None:
+        self._store = store
+        self.spec = spec
+        self.codec = codec
+        self.fingerprint = fingerprint
+        self.block_tokens = block_tokens
+        self._header_bound = header_bound
+        self._bypass = bypass
+        self._pool = pool
+        self._io_threads = io_threads
+        self._host = host
+        self._stats = stats
+        self._on_layers_loaded = on_layers_loaded
+        self._on_load_failed = on_load_failed
+        self._on_direct_failed = on_direct_failed
+        self._on_background_error = on_background_error
+
+    def submit(self, loads: list[BlockLoad], direct: list[_Part], handle: LoadHandle, promote: bool) -> None:
+        """Parse the values of ``loads`` (into host buffers) and ``direct`` parts (into the
+        handle's result), then decode them layer-major on the I/O pool under one read txn.
+
+        Layer-major even for a plain ``restore``: reading whole values block after block, with
+        the kernel asked to read each one ahead, or in two sequential streams, was not faster
+        (A/B timing probes on an 8K-token session).
+        """
+        host = self._host
+        started = time.perf_counter()
+        try:
+            txn = self._store.env.begin(buffers=True)
+        except Exception as e:  # noqa: BLE001 - translated and delivered to every waiter
+            err = StoreIOError(f"cannot read the store: {e}")
+            for bl in loads:
+                self._on_load_failed(bl, err)
+            for p in direct:
+                self._on_direct_failed(p, err, handle, all_layers=True)
+            return
+
+        values = self._store.values
+        where: dict[bytes, Any] = {}   # key -> (offset, size) in data.mdb, or the mapped value
+        cursor = self._store.blocks_cursor(txn)
+        for b in [bl.block for bl in loads] + [p.block for p in direct]:
+            loc = values.locate(cursor, b.key) if values is not None else None
+            if loc is None:
+                raw = self._store.get_value(txn, b.key)  # inline, or no pread: through the map
+                if raw is None:
+                    continue
+                if values is None:
+                    advise_willneed(raw[:4096])  # headers first: parse them without a stall each
+                loc = raw
+            where[b.key] = loc
+
+        files: list[Any] = []   # the values' readers, closed when the job is done
+
+        def parse(b: Block) -> Any:
+            loc = where.get(b.key)
+            parsed = None
+            if isinstance(loc, tuple):  # pread: the header now, each layer when it is decoded
+                offset, size = loc
+                head = values.read_head(offset, size, self._header_bound)
+                if head is not None:
+                    # a descriptor per value: its layers are one readahead stream (ValueReader.read_at)
+                    files.append(values.read_at(offset, own_fd=True))
+                    parsed = parse_block(size, self.fingerprint, self.spec, self.codec, self.block_tokens,
+                                         head=head, read_at=files[-1], key=b.key)
+                else:  # the location is not trusted: read through the map instead
+                    self._stats.count("pread_fallbacks", 1)
+                    loc = self._store.get_value(txn, b.key)
+            if parsed is None:
+                if loc is None:
+                    raise CorruptValueError("value missing from the store")
+                parsed = parse_block(loc, self.fingerprint, self.spec, self.codec, self.block_tokens, key=b.key)
+            if parsed.n_tokens != b.n_tokens:
+                raise CorruptValueError("value holds another token count than its record")
+            return parsed
+
+        def release() -> None:
+            txn.abort()
+            for f in files:
+                f.close()
+            if self._bypass and values is not None:  # what was read through the page cache goes
+                values.drop_values([loc for loc in where.values() if isinstance(loc, tuple)])
+
+        work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed)
+        try:
+            for bl in loads:
+                try:
+                    parsed = parse(bl.block)
+                    bl.buffer = host.alloc(bl.block.nbytes)
+                    work.append((bl, parsed))
+                except CorruptValueError as e:
+                    self._on_load_failed(bl, e)
+            for p in direct:
+                try:
+                    work.append((p, parse(p.block)))
+                except CorruptValueError as e:
+                    self._on_direct_failed(p, e, handle, all_layers=True)
+        except BaseException:
+            release()
+            raise
+        if not work:
+            release()
+            return
+        L = self.spec.num_layers
+        job = {"left": len(work) * L, "lock": threading.Lock(),
+               "bytes": sum(item.block.nbytes for item, _ in work), "disk": sum(p.nbytes for _, p in work)}
+
+        def count_down(n: int) -> bool:
+            """``n`` (block, layer) tasks are done; True for the job's last. Its moves are
+            counted here, before any waiter is woken: a caller woken by its last layer sees them."""
+            with job["lock"]:
+                job["left"] -= n
+                last = job["left"] == 0
+            if last:
+                self._stats.moved("ssd->" + ("host" if not direct else "caller"), job["bytes"],
+                                  time.perf_counter() - started)
+                self._stats.count("ssd_read_bytes", job["disk"])
+            return last
+
+        def decode(item: Any, parsed: Any, layers: range, odirect: bool) -> None:
+            """Decode ``layers`` of one block (one layer, or with ``odirect`` a group of stored
+            layers read with one O_DIRECT request) into its host buffer or the handle's result."""
+            last = False
+            try:
+                try:
+                    if item.error is None and odirect:  # a handle's part (_direct_memory)
+                        odirect = read_layers_direct(parsed, layers, align, handle._targets, item.start, item.used)
+                        if odirect:
+                            self._stats.count("ssd_direct_read_bytes", sum(
+                                parsed.layers[layer][2][0][1] for layer in layers))
+                    if item.error is None and not odirect:  # memory not aligned: layer by layer
+                        for layer in layers:
+                            if isinstance(item, BlockLoad):
+                                decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
+                            else:
+                                decode_layer_into_views(self.codec, self.spec, parsed, layer,
+                                                        handle._targets(layer), item.start, item.used)
+                finally:
+                    last = count_down(len(layers))  # before this task's waiters wake, even on a failure
+                if not isinstance(item, BlockLoad):
+                    for layer in layers:
+                        handle._direct_layer_done(layer)
+                elif item.error is None:
+                    for layer in layers:
+                        item.layer_done[layer].set()
+                    self._on_layers_loaded(item, len(layers), promote)
+            except BaseException as e:  # noqa: BLE001 - every failure must reach the waiters
+                if isinstance(item, BlockLoad):
+                    self._on_load_failed(item, e)
+                else:
+                    self._on_direct_failed(item, e, handle, all_layers=False)
+                    for layer in layers:
+                        handle._direct_layer_done(layer)
+                if not isinstance(e, CorruptValueError):
+                    self._on_background_error(e)
+            finally:
+                if last:
+                    release()
+
+        align = values.DIRECT_ALIGN if values is not None else 0
+        groups, direct_runs = self._direct_plan(work, where, handle, values)
+        for w in {w for w, _ in direct_runs}:
+            # its other layers are read through the shared descriptor, without readahead: a
+            # window read ahead would bring in layers an O_DIRECT request reads again
+            work[w][1].read_at.share()
+
+        # Layer-major order: layer 0 of every block first, so per-layer waits finish early. Read
+        # through the map, the disk is asked for the bytes in that order up front; with pread
+        # the decode threads read each (block, layer) range themselves, io_threads at a time.
+        mapped = [parsed for _, parsed in work if parsed.read_at is None]
+        for layer in range(L if mapped else 0):
+            for parsed in mapped:
+                planes = parsed.layers[layer][2]
+                start, end = planes[0][0], planes[-1][0] + planes[-1][1]
+                advise_willneed(parsed.buf[start:end])
+        # The first layer of every block is wanted at once, each at a new place in the file where
+        # the kernel's readahead has no history yet: ask for all of them up front, so the disk
+        # serves them in parallel instead of two at a time (bench/ttft_parts.py records when
+        # layer 0 is ready); later layers follow in file order under the kernel's own readahead.
+        # (Not for a group read with O_DIRECT: it would read the same bytes twice.)
+        if values is not None:
+            values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
+                                     sum(length for _, length, _ in parsed.layers[0][2]))
+                                    for w, (item, parsed) in enumerate(work)
+                                    if parsed.read_at is not None and not any(0 in r for r in direct_runs.get((w, 0), ()))])
+        # A few workers pulling from one queue, not a future per (block, layer): submitting
+        # thousands of futures while the workers hold the GIL made the caller wait for the GIL
+        # on every submit (profiled: tens of microseconds each).
+        order: list[tuple[Any, Any, range, bool]] = []
+        for g, layers in enumerate(groups):
+            for w, (item, parsed) in enumerate(work):
+                runs = direct_runs.get((w, g), ())
+                for layer in layers:
+                    run = next((r for r in runs if r[0] == layer), None)
+                    if run is not None:
+                        order.append((item, parsed, run, True))
+                    elif not any(layer in r for r in runs):
+                        order.append((item, parsed, range(layer, layer + 1), False))
+        tasks = iter(order)
+        take = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with take:
+                    task = next(tasks, None)
+                if task is None:
+                    return
+                decode(*task)
+
+        for _ in range(min(self._io_threads, len(order))):
+            self._pool.submit(worker)
+
+    def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
+                     values: Any) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
+        """Which layers of which SSD blocks to read with O_DIRECT (``ssd_page_cache="bypass"``).
+
+        The layers are taken in groups of about DIRECT_READ_BYTES; within a group, each run
+        of consecutive layers stored as they are (not compressed) that holds at least
+        DIRECT_MIN_BYTES, lies page-aligned in the file, has no page in the page cache, and
+        lands in memory that takes O_DIRECT, is read with one request straight into its
+        destination (bench/direct_ceiling.py: O_DIRECT requests of a few MiB went near the
+        disk's sequential rate on the test machine, requests of a layer each did not). Returns
+        the groups, and per (index in ``work``, group) the runs to read so; every other layer is
+        read as before, one task each."""
+        L = self.spec.num_layers
+        if not self._bypass or values is None or values.direct_fd() < 0:
+            return [range(layer, layer + 1) for layer in range(L)], {}
+        layer_bytes = max(b - a for a, b in (self.spec.layer_span(i, self.block_tokens) for i in range(L)))
+        per = max(1, DIRECT_READ_BYTES // max(1, layer_bytes))
+        groups = [range(g, min(L, g + per)) for g in range(0, L, per)]
+        fits = self._direct_memory(handle, values.DIRECT_ALIGN)
+        runs: dict[tuple[int, int], list[range]] = {}
+        for w, (item, parsed) in enumerate(work):
+            if parsed.read_at is None or not fits(item):
+                continue
+            base = where[item.block.key][0]
+            for g, layers in enumerate(groups):
+                stored = [layer for layer in layers if stored_span(parsed, range(layer, layer + 1)) is not None]
+                for run in _consecutive(stored):
+                    off, length = stored_span(parsed, run)
+                    if length >= DIRECT_MIN_BYTES and values.direct_ok(base + off, length):
+                        runs.setdefault((w, g), []).append(run)
+        return groups, runs
+
+    def _direct_memory(self, handle: LoadHandle, align: int) -> Callable[[Any], bool]:
+        """Whether the memory an SSD block (a BlockLoad or a handle's part) is read into takes
+        O_DIRECT requests well: result tensors the caller allocated (memory that exists already,
+        as a server's KV memory does) in which every run a whole block fills starts on an
+        ``align`` boundary. read_layers_direct checks each destination again before it reads.
+
+        Memory allocated for this load (fresh results, a prefetch's host buffers, staging
+        buffers) is read through the page cache instead, and the values are dropped from it
+        when the load is done (``release``): O_DIRECT faults such memory in inside the read,
+        before the disk is asked, where a buffered read faults it while the kernel's
+        readahead keeps the disk busy (reload runs 41-43, docs/benchmarks.md "O_DIRECT
+        reads")."""
+        steps: set[int] | None = set()   # per result tensor: its bytes per token
+        if handle._staged or handle._fresh:
+            steps = None
+        else:
+            for layer, outs in zip(self.spec.layers, handle._outs):
+                for t, out in zip(layer.tensors, outs):
+                    es = out.element_size()
+                    if out.data_ptr() % align or any(st * es % align for st in out.stride()[:t.seq_axis]):
+                        steps = None
+                        break
+                    steps.add(out.stride()[t.seq_axis] * es)
+                if steps is None:
+                    break
+
+        def fits(item: Any) -> bool:
+            if isinstance(item, BlockLoad):
+                return False
+            return (steps is not None and item.used == item.block.n_tokens
+                    and all(st * item.start % align == 0 for st in steps))
+        return fits

@@ -1,0 +1,398 @@
+"""The SSD writer thread: the engine's persistent changes applied to LMDB, in order.
+
+Primitives:
+    Op: one persistent change (a session's new record and blocks, a drop, blocks to write or
+        demote, a barrier for ``flush``), queued by the engine in the order its effect in memory
+        was made.
+    SSDWriter: the writer thread's half of ``TierKV`` (one of its base classes): takes queued ops
+        in transactions of bounded size, encodes new values on the I/O pool (the next batch's while
+        one commits), commits them, then mirrors the outcome in the records (written, rolled back,
+        evicted); between batches demotes blocks from memory tiers over budget (device -> host ->
+        SSD).
+
+Ordering: one thread applies the ops in queue order, so the store on disk always equals the
+in-memory state as of some earlier moment, and a crash leaves a prefix of the ops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .blocks import Block, BlockState, Epoch
+from .codec import Codec
+from .config import TierKVConfig
+from .errors import BackgroundError, StoreFullError, StoreIOError
+from .movers import MOVERS, Transfer, encode_payload
+from .spec import KVSpec
+from .stats import Stats
+from .store import SessionRecord, SSDStore
+from .tiers import MemoryTier
+
+__all__ = ["Op", "SSDWriter", "TOUCH_WRITE_S", "WRITE_BATCH_BYTES"]
+
+#: seconds a restore's mark of use may wait for a write batch before the writer makes one for it
+TOUCH_WRITE_S = 2.0
+#: the writer takes queued ops (whole ones, at least one) until their new values reach this many
+#: bytes, for one transaction: LMDB holds a transaction's new pages in memory until its commit,
+#: and spills them to disk past about 512 MiB; batches of everything queued (660 MB in a probe)
+#: wrote far slower per byte than transactions of a session (bench/save_bound.py)
+WRITE_BATCH_BYTES = 128 << 20
+
+
+@dataclass(eq=False)
+class Op:
+    """A persistent change for the writer thread."""
+
+    kind: str                                   # "session" | "drop" | "write" | "barrier"
+    session: str | None = None
+    record: SessionRecord | None = None
+    write: list[Block] = field(default_factory=list)
+    free_after: bool = False                    # demotion: drop memory copies once written
+    doomed: list[bytes] = field(default_factory=list)
+    added: list[bytes] = field(default_factory=list)  # keys this session op took a reference on
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class SSDWriter:
+    """The writer thread's half of ``TierKV``; see the module docstring.
+
+    Runs on the engine's records under the engine's lock, as the engine does: the attributes
+    below are the engine's (set in ``TierKV.__init__``), listed here as what this half uses; of
+    the engine's methods it calls ``_discard`` (a block record removed).
+    """
+
+    spec: KVSpec
+    codec: Codec
+    fingerprint: bytes
+    block_tokens: int
+    config: TierKVConfig
+    _align: int
+    _bypass: bool
+    _ssd: SSDStore
+    _tiers: dict[str, MemoryTier]
+    _stats: Stats
+    _pool: ThreadPoolExecutor
+    _lock: threading.RLock
+    _wake: threading.Condition
+    _blocks: dict[bytes, Block]
+    _sessions: dict[str, SessionRecord]
+    _epoch: Epoch
+    _doomed: Counter[bytes]
+    _dropping: Counter[str]
+    _pending: Counter[str]
+    _touched: dict[str, float]
+    _ops: deque[Op]
+    _writing: bool
+    _last_batch: float
+    _encoded_ahead: dict[bytes, tuple[Any, Any]]
+    _unreported: list[BaseException]
+    _bg_error: BaseException | None
+    _stopping: bool
+    _maint_blocked_until: float
+
+    def _writer_loop(self) -> None:
+        """The writer thread: a batch of queued ops at a time, then demotions, until close."""
+        while True:
+            with self._wake:
+                while (not self._ops and not self._stopping and not self._over_budget()
+                       and not self._touches_due()):
+                    self._wake.wait(timeout=1.0)
+                if self._stopping and not self._ops:
+                    return
+                ops = self._take_batch()
+                self._writing = True
+            try:
+                work = [op for op in ops if op.kind != "barrier"]
+                # uses marked by restores ride with the next batch, or go alone once due, or when
+                # a flush or close asks for everything queued
+                if work or (self._touched and (len(work) < len(ops) or self._touches_due())):
+                    self._apply(work)
+                self._maintain()
+            except BaseException as e:  # noqa: BLE001 - surfaced by the next call
+                self._bg_error = self._bg_error or e
+                self._writing = False
+                for op in ops:
+                    op.error = op.error or BackgroundError(f"writer failed: {e!r}")
+                    op.done.set()
+                return
+            self._writing = False
+            for op in ops:
+                if op.kind == "barrier":
+                    op.done.set()
+
+    def _encode(self, b: Block, payload: torch.Tensor) -> bytes:
+        return encode_payload(self.codec, self.fingerprint, self.spec, b, payload, self._align)
+
+    def _encode_ahead(self, taken: dict[bytes, Any]) -> None:
+        """Start encoding the next batch's values (the ops ``_take_batch`` will take next) on
+        the I/O pool, so that they encode while this batch commits: the commit mostly waits on
+        the kernel's copies into the page cache and on the disk. The next ``_apply`` uses a
+        result only for the same payload object; anything else is encoded again."""
+        with self._lock:
+            todo = {}
+            for op in itertools.islice(self._ops, self._next_batch_len()):
+                for b in op.write:
+                    if b.payload is not None and b.key not in taken and b.key not in todo:
+                        todo[b.key] = (b, b.payload)
+        self._encoded_ahead = {key: (payload, self._pool.submit(self._encode, b, payload))
+                               for key, (b, payload) in todo.items()}
+
+    def _next_batch_len(self) -> int:
+        """How many queued ops the next transaction takes (locked): whole ops, at least one,
+        until their new values reach WRITE_BATCH_BYTES."""
+        taken, size = 0, 0
+        for op in self._ops:
+            if taken and size >= WRITE_BATCH_BYTES:
+                break
+            size += sum(b.nbytes for b in op.write)
+            taken += 1
+        return taken
+
+    def _take_batch(self) -> list[Op]:
+        """The ops for the next transaction, in queue order (locked). The rest stay queued, in
+        order, so a barrier still completes only after everything queued before it."""
+        return [self._ops.popleft() for _ in range(self._next_batch_len())]
+
+    def _touches_due(self) -> bool:
+        """Restores have marked sessions used, and no batch has written that for a while: write
+        it, so that other processes sharing the store (which evict by last use) and a restart
+        after a crash see it. A process that only restores would otherwise never write it."""
+        return bool(self._touched) and time.monotonic() - self._last_batch >= TOUCH_WRITE_S
+
+    def _writer_busy(self) -> bool:
+        """Whether the SSD writer has work: a batch in hand or ops queued (a hint, read unlocked)."""
+        return self._writing or bool(self._ops)
+
+    def _over_budget(self) -> bool:
+        if time.monotonic() < self._maint_blocked_until:
+            return False
+        return any(t.excess() and any(True for _ in t.victims()) for t in self._tiers.values())
+
+    def _apply(self, ops: list[Op]) -> None:
+        """Encode new values, then apply ``ops`` in one transaction (one by one if that fails)."""
+        with self._lock:
+            todo = {}
+            for op in ops:
+                for b in op.write:
+                    if b.payload is not None and b.key not in todo:
+                        todo[b.key] = (b, b.payload)
+            touched, self._touched = self._touched, {}
+            protect = set(self._pending)
+            keep = {k for s in protect if s in self._sessions for k in self._sessions[s].keys}
+        t0 = time.perf_counter()
+        items = list(todo.values())
+        ahead, self._encoded_ahead = self._encoded_ahead, {}
+        futures = {}
+        for key, (b, payload) in todo.items():
+            got = ahead.get(key)  # encoded while the last batch committed: the same payload only
+            futures[key] = got[1] if got is not None and got[0] is payload else self._pool.submit(self._encode, b, payload)
+        values = {key: f.result() for key, f in futures.items()}
+        raw = sum(b.nbytes for b, _ in items)
+        enc = sum(len(v) for v in values.values())
+        self._stats.count("ssd_encode_us", int((time.perf_counter() - t0) * 1e6))
+        self._encode_ahead(todo)
+        try:
+            self._commit(ops, values, touched, protect, keep)
+            failed: list[tuple[Op, BaseException]] = []
+        except (StoreFullError, StoreIOError) as e:
+            with self._lock:  # not written: keep the uses for the next batch
+                for sid, t in touched.items():
+                    self._touched[sid] = max(t, self._touched.get(sid, t))
+            if len(ops) == 1:
+                failed = [(ops[0], e)]
+            else:
+                failed = []
+                for op in ops:
+                    try:
+                        self._commit([op], values, {}, protect, keep)
+                    except (StoreFullError, StoreIOError) as e1:
+                        failed.append((op, e1))
+        self._stats.moved("host->ssd", raw, time.perf_counter() - t0)
+        self._stats.count("ssd_raw_written", raw)
+        self._stats.count("ssd_enc_written", enc)
+        failed_ops = {id(op) for op, _ in failed}
+        with self._lock:
+            for op, err in failed:
+                self._roll_back(op)
+                if isinstance(err, StoreFullError) and self.config.full_policy == "miss":
+                    self._stats.count("dropped_saves", 1)
+                    continue
+                op.error = err
+                self._unreported.append(err)
+            for op in ops:
+                ok = id(op) not in failed_ops
+                for b in op.write:
+                    b.write_queued = False
+                    if ok and self._blocks.get(b.key) is b:
+                        b.on_ssd = True
+                        b.corrupt = False
+                        b.repair = False
+                    if b.state is BlockState.WRITING:
+                        b.state = BlockState.READY
+                    if ok and op.free_after and b.tier is not None and self._blocks.get(b.key) is b:
+                        self._tiers[b.tier].remove(b)
+                for key in op.doomed:
+                    self._doomed[key] -= 1
+                    if self._doomed[key] <= 0:
+                        del self._doomed[key]
+                        self._epoch.bump()  # _block(key) reads the disk again
+                if op.session is not None:
+                    self._pending[op.session] -= 1
+                    if self._pending[op.session] <= 0:
+                        del self._pending[op.session]
+                    if op.kind == "drop":
+                        self._dropping[op.session] -= 1
+                        if self._dropping[op.session] <= 0:
+                            del self._dropping[op.session]
+                op.done.set()
+            self._wake.notify_all()
+
+    def _commit(self, ops: list[Op], values: dict[bytes, bytes], touched: dict[str, float],
+                protect: set[str], keep: set[bytes]) -> None:
+        now = time.time()
+        self._last_batch = time.monotonic()
+        started = time.perf_counter()
+        with self._ssd.batch() as batch:
+            batch.keep = keep
+            # uses made since the last batch first: eviction picks by last use and expiry, and a
+            # session restored a moment ago must not go as the least recently used
+            for sid, t in touched.items():
+                batch.touch_session(sid, t)
+            need = sum(len(values[b.key]) for op in ops for b in op.write if b.key in values)
+            batch.make_room(need, now, protect)
+            for op in ops:
+                if op.kind == "drop":
+                    batch.drop_session(op.session)
+                    continue
+                for b in op.write:
+                    if b.key in values:
+                        batch.put_value(b.key, values[b.key], b.n_tokens, replace=b.repair)
+                if op.kind == "session":
+                    batch.put_session(op.record, self.block_tokens)
+            evicted_sessions = [s for s in batch.dropped if s not in {op.session for op in ops if op.kind == "drop"}]
+            evicted_keys = set(batch.deleted)
+        self._stats.count("ssd_batches", 1)
+        self._stats.count("ssd_transaction_us", int((time.perf_counter() - started) * 1e6))
+        self._stats.count("ssd_commit_us", int(batch.commit_s * 1e6))
+        if self._bypass:  # committed and synced: the values' pages are clean, let them go
+            self._ssd.drop_cached([b.key for op in ops if op.kind != "drop" for b in op.write if b.key in values])
+        if evicted_sessions or evicted_keys:
+            self._reconcile_evictions(evicted_sessions, evicted_keys)
+
+    def _roll_back(self, op: Op) -> None:
+        """Undo in memory what a failed op did, so memory again matches the disk (locked).
+
+        A failed session save reverts to the session's last committed record (reloaded lazily);
+        blocks that only it referenced and that never reached SSD are released; failed writes of
+        unowned blocks release those cache entries rather than retrying forever.
+        """
+        if op.kind == "session":
+            if self._sessions.get(op.session) is op.record:
+                del self._sessions[op.session]
+            for key in op.added:
+                b = self._blocks.get(key)
+                if b is not None:
+                    b.refs -= 1
+                    b.pins -= op.record.pinned
+        for key in op.added or [b.key for b in op.write]:
+            b = self._blocks.get(key)
+            if b is not None and b.refs <= 0 and not b.on_ssd and b.state is not BlockState.LOADING:
+                if b.tier is not None:
+                    self._tiers[b.tier].remove(b)
+                self._discard(key)
+
+    def _reconcile_evictions(self, sessions: list[str], keys: set[bytes]) -> None:
+        """Mirror in memory what SSD eviction dropped (sessions without queued changes)."""
+        with self._lock:
+            for sid in sessions:
+                rec = self._sessions.pop(sid, None)
+                self._touched.pop(sid, None)
+                if rec is not None:
+                    for key in set(rec.keys):
+                        b = self._blocks.get(key)
+                        if b is not None:
+                            b.refs -= 1
+                            b.pins -= rec.pinned
+            for key in keys:
+                b = self._blocks.get(key)
+                if b is None:
+                    continue
+                b.on_ssd = False
+                if b.refs <= 0 and b.state is BlockState.READY:
+                    if b.tier is not None:
+                        self._tiers[b.tier].remove(b)
+                    self._discard(key)
+            self._stats.count("ssd_evicted_sessions", len(sessions))
+
+    def _maintain(self) -> None:
+        """Demote least-recently-used blocks from tiers over budget (device → host → SSD)."""
+        dev, host = self._tiers["device"], self._tiers["host"]
+        while True:
+            with self._lock:
+                self._wake.notify_all()  # savers waiting for memory (_wait_for_memory): progress
+                if self._stopping and self._ops:
+                    return
+                victims: list[Block] = []
+                src = None
+                if dev.excess():
+                    excess = dev.excess()
+                    for b in dev.victims():
+                        victims.append(b)
+                        excess -= b.nbytes
+                        if excess <= 0 or len(victims) >= 64:
+                            break
+                    src = "device"
+                if not victims and host.excess():
+                    excess = host.excess()
+                    for b in host.victims():
+                        if b.on_ssd:
+                            host.remove(b)
+                            self._stats.count("host_evicted_blocks", 1)
+                            excess -= b.nbytes
+                        elif not b.write_queued:
+                            victims.append(b)
+                            excess -= b.nbytes
+                        if excess <= 0 or len(victims) >= 64:
+                            break
+                    src = "host"
+                if not victims:
+                    self._wake.notify_all()  # host evictions above may have made room
+                    return
+                for b in victims:
+                    b.state = BlockState.MOVING if src == "device" else BlockState.WRITING
+                    if src == "host":
+                        b.write_queued = True
+                payloads = tuple(b.payload for b in victims)
+            if src == "device" and host.enabled:
+                t0 = time.perf_counter()
+                try:
+                    new = MOVERS[("device", "host")](Transfer("device", "host", tuple(victims), payloads),
+                                                     self._tiers)
+                finally:
+                    with self._lock:
+                        for b in victims:
+                            b.state = BlockState.READY
+                # bytes copied (none where both tiers are plain CPU memory: movers.same_memory)
+                self._stats.moved("device->host", sum(b.nbytes for b, old, payload in zip(victims, payloads, new)
+                                                      if payload is not old), time.perf_counter() - t0)
+                with self._lock:
+                    for b, old, payload in zip(victims, payloads, new):
+                        if b.tier == "device" and b.payload is old and self._blocks.get(b.key) is b:
+                            dev.remove(b)
+                            host.add(b, payload)
+            else:
+                op = Op("write", write=victims, free_after=True)
+                self._apply([op])
+                if op.error is not None:
+                    # Full: leave them in memory, retry in a second; the error reaches flush().
+                    self._maint_blocked_until = time.monotonic() + 1.0
+                    return
