@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def open_store(map_reads: bool, bypass: bool = False) -> tierkv.TierKV:
             if not map_reads:
                 return tierkv.TierKV(store, spec, **big, ssd_page_cache="bypass" if bypass else "use")
-            from tierkv.store import ValueReader
+            from tierkv.valuereader import ValueReader
 
             real = ValueReader.__dict__["open"]
             ValueReader.open = classmethod(lambda cls, store: None)  # as where pread is not used

@@ -45,7 +45,7 @@ import tierkv  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, HEADROOM, CachePool, load_smollm2, prefill,  # noqa: E402
                                     restore_cache)
 from tierkv.pagecache import make_cold  # noqa: E402
-from tierkv.store import ValueReader  # noqa: E402
+from tierkv.valuereader import ValueReader  # noqa: E402
 
 MESSAGE = 27  # the demo's turn-2 message length
 

@@ -1,4 +1,4 @@
-"""The pread read path (store.ValueReader): where it reads, that it is the path taken, and that a
+"""The pread read path (valuereader.ValueReader): where it reads, that it is the path taken, and that a
 value read from the wrong place is a miss."""
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def test_each_value_is_read_through_a_descriptor_of_its_own_closed_after(open_st
 def test_a_restores_reads_are_counted_before_its_caller_wakes(open_store, monkeypatch):
     """stats() right after restore() returns already counts the restore's reads, however long
     the decode thread then takes to close the restore's descriptors."""
-    from tierkv.store import ValueFile
+    from tierkv.valuereader import ValueFile
 
     n = 3 * BLOCK
     s, spec, kv = saved(open_store, n, 12, host_bytes=0, device_bytes=0)
