@@ -38,6 +38,39 @@ def test_wrong_kv_is_refused(filled, bad, match):
     unchanged(s, kv)
 
 
+def _allocating(make):
+    """An ``allocate`` whose tensor for layer 1, tensor 0 is ``make(shape, dtype)``; right elsewhere."""
+    def allocate(layer, index, shape, dtype, device):
+        if (layer, index) == (1, 0):
+            return make(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
+    return allocate
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda shape, dtype: torch.empty(shape, dtype=torch.float32), "dtype torch.float32"),
+    (lambda shape, dtype: torch.empty((shape[0], shape[1] + 5, shape[2]), dtype=dtype), "shape"),
+    (lambda shape, dtype: torch.empty((shape[0], shape[1] - 1, shape[2]), dtype=dtype), "shape"),
+    (lambda shape, dtype: [[0.0]], "returned list, not a torch.Tensor"),
+    (lambda shape, dtype: torch.empty(shape[::-1], dtype=dtype).permute(2, 1, 0), "last axis is not contiguous"),
+    (lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta"), "on meta"),
+])
+def test_wrong_allocate_is_refused_and_the_store_keeps_working(filled, make, match):
+    """A caller's ``allocate`` that hands back a wrong tensor gets a ConfigError from
+    ``restore_async`` before any read starts; the store stays usable and counts no hit. (Before,
+    the wrong tensor failed inside an I/O thread, the caller got an IndexError, and the store
+    refused every later call with BackgroundError.)"""
+    s, kv = filled
+    s.flush()
+    s.offload("ok")   # on SSD only: the restore would decode straight into the allocated tensors
+    hits = s.stats()["hit_tokens"]
+    with pytest.raises(tierkv.ConfigError, match=match):
+        s.restore_async(range(2 * BLOCK), session="ok", allocate=_allocating(make))
+    assert s.stats()["hit_tokens"] == hits
+    unchanged(s, kv)
+    s.flush()
+
+
 @pytest.mark.parametrize("tokens,match", [
     ([], "zero tokens"),
     ([[1, 2]], "1-D"),

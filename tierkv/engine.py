@@ -539,15 +539,17 @@ class TierKV(SSDWriter):
                     parts.append(_Part(b, i * B, used, None, b.load, "ssd"))
                 else:
                     parts.append(_Part(b, i * B, used, None, None, "ssd", direct=True))
-            self._stats.count("lookup_tokens", len(toks))
-            self._stats.count("hit_tokens", sum(p.used for p in parts))
-            for p in parts:
-                self._stats.count(f"hit_blocks_{p.source}", 1)
             rec = self._sessions.get(session) if session is not None else None
             if rec is not None and rec.tenant == tenant:
                 rec.last_used = max(rec.last_used, now)   # TTLs count from the last use
                 self._touched[session] = rec.last_used
+        # allocates the results (a caller's ``allocate`` is checked there: ConfigError, before
+        # any read starts or the hit is counted)
         handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged)
+        self._stats.count("lookup_tokens", len(toks))
+        self._stats.count("hit_tokens", sum(p.used for p in parts))
+        for p in parts:
+            self._stats.count(f"hit_blocks_{p.source}", 1)
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._reads.submit(loads, direct, handle, promote)

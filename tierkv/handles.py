@@ -19,7 +19,7 @@ import torch
 
 from . import hostmem
 from .blocks import Block, BlockLoad, block_views, tensor_view
-from .errors import BlockLoadError, TierKVError
+from .errors import BlockLoadError, ConfigError, TierKVError
 from .movers import LayerTargets, copy_stream, layer_targets
 
 if TYPE_CHECKING:
@@ -110,6 +110,23 @@ def slab_alloc(spec: "KVSpec", n_tokens: int) -> Allocator:
     return allocate
 
 
+def _check_allocated(out: object, layer: int, index: int, shape: tuple, dtype: torch.dtype,
+                     device: torch.device) -> None:
+    """A caller's ``allocate`` result, checked before anything is written into it: a tensor of
+    the asked shape, dtype and device whose last axis is contiguous (the reads fill runs of it).
+    Else ConfigError, and the restore does not start: a wrong tensor used to fail inside an I/O
+    thread, which stopped the whole store."""
+    where = f"allocate(layer={layer}, index={index}, shape={tuple(shape)}, dtype={dtype}, device={device})"
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"{where} returned {type(out).__name__}, not a torch.Tensor")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ConfigError(f"{where} returned a tensor of shape {tuple(out.shape)} and dtype {out.dtype}")
+    if out.device.type != device.type or (device.index is not None and out.device.index != device.index):
+        raise ConfigError(f"{where} returned a tensor on {out.device}")
+    if out.dim() and out.shape[-1] > 1 and out.stride(-1) != 1:
+        raise ConfigError(f"{where} returned a tensor whose last axis is not contiguous (strides {out.stride()})")
+
+
 #: the most device memory one restore's staging of memory blocks takes at a time
 _STAGE_BYTES = 256 << 20
 
@@ -146,6 +163,10 @@ class LoadHandle:
         self._outs: list[tuple[torch.Tensor, ...]] = [
             tuple(alloc(li, ti, t.shape(self.num_tokens), t.torch_dtype, device) for ti, t in enumerate(layer.tensors))
             for li, layer in enumerate(spec.layers)] if self.num_tokens else []
+        if allocate is not None:
+            for li, (layer, outs) in enumerate(zip(spec.layers, self._outs)):
+                for ti, (t, out) in enumerate(zip(layer.tensors, outs)):
+                    _check_allocated(out, li, ti, t.shape(self.num_tokens), t.torch_dtype, device)
         self._targets_cache: list[LayerTargets | None] = [None] * spec.num_layers
         n_direct = sum(p.direct for p in parts)
         self._direct_left = [n_direct] * spec.num_layers
