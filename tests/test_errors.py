@@ -47,6 +47,13 @@ def _allocating(make):
     return allocate
 
 
+def test_allocate_that_is_not_callable_is_refused(filled):
+    s, kv = filled
+    with pytest.raises(tierkv.ConfigError, match="allocate must be a callable"):
+        s.restore_async(range(2 * BLOCK), session="ok", allocate=torch.empty(4))
+    unchanged(s, kv)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda shape, dtype: torch.empty(shape, dtype=torch.float32), "dtype torch.float32"),
     (lambda shape, dtype: torch.empty((shape[0], shape[1] + 5, shape[2]), dtype=dtype), "shape"),

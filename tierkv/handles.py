@@ -159,6 +159,9 @@ class LoadHandle:
         self.num_tokens = sum(p.used for p in parts)
         #: the results are memory tierkv allocates now (no ``allocate``): never touched before
         self._fresh = allocate is None
+        if allocate is not None and not callable(allocate):
+            raise ConfigError(f"allocate must be a callable (layer, index, shape, dtype, device) -> tensor, "
+                              f"got {type(allocate).__name__}")
         alloc = allocate or _default_alloc
         self._outs: list[tuple[torch.Tensor, ...]] = [
             tuple(alloc(li, ti, t.shape(self.num_tokens), t.torch_dtype, device) for ti, t in enumerate(layer.tensors))
