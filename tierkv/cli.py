@@ -16,6 +16,7 @@ from .errors import ConfigError, TierKVError
 
 __all__ = ["main", "COMMANDS", "default_cache_dir"]
 
+
 def default_cache_dir() -> str:
     """``$XDG_CACHE_HOME/tierkv`` or ``~/.cache/tierkv``: where the CLI, the demo and the benches
     keep converted model weights and captured KV (the engine itself reads no environment)."""

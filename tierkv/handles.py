@@ -110,21 +110,28 @@ def slab_alloc(spec: "KVSpec", n_tokens: int) -> Allocator:
     return allocate
 
 
-def _check_allocated(out: object, layer: int, index: int, shape: tuple, dtype: torch.dtype,
-                     device: torch.device) -> None:
-    """A caller's ``allocate`` result, checked before anything is written into it: a tensor of
-    the asked shape, dtype and device whose last axis is contiguous (the reads fill runs of it).
-    Else ConfigError, and the restore does not start: a wrong tensor used to fail inside an I/O
-    thread, which stopped the whole store."""
-    where = f"allocate(layer={layer}, index={index}, shape={tuple(shape)}, dtype={dtype}, device={device})"
-    if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"{where} returned {type(out).__name__}, not a torch.Tensor")
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
-        raise ConfigError(f"{where} returned a tensor of shape {tuple(out.shape)} and dtype {out.dtype}")
-    if out.device.type != device.type or (device.index is not None and out.device.index != device.index):
-        raise ConfigError(f"{where} returned a tensor on {out.device}")
-    if out.dim() and out.shape[-1] > 1 and out.stride(-1) != 1:
-        raise ConfigError(f"{where} returned a tensor whose last axis is not contiguous (strides {out.stride()})")
+def _checked(allocate: object) -> Allocator:
+    """A caller's ``allocate``, each result checked before anything is written into it: a tensor
+    of the asked shape, dtype and device whose last axis is contiguous (the reads fill runs of
+    it). Else ConfigError, and the restore does not start: a wrong tensor used to fail inside an
+    I/O thread, which stopped the whole store."""
+    if not callable(allocate):
+        raise ConfigError(f"allocate must be a callable (layer, index, shape, dtype, device) -> tensor, "
+                          f"got {type(allocate).__name__}")
+
+    def checked(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        out = allocate(layer, index, shape, dtype, device)
+        where = f"allocate(layer={layer}, index={index}, shape={tuple(shape)}, dtype={dtype}, device={device})"
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(f"{where} returned {type(out).__name__}, not a torch.Tensor")
+        if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+            raise ConfigError(f"{where} returned a tensor of shape {tuple(out.shape)} and dtype {out.dtype}")
+        if out.device.type != device.type or (device.index is not None and out.device.index != device.index):
+            raise ConfigError(f"{where} returned a tensor on {out.device}")
+        if out.dim() and out.shape[-1] > 1 and out.stride(-1) != 1:
+            raise ConfigError(f"{where} returned a tensor whose last axis is not contiguous (strides {out.stride()})")
+        return out
+    return checked
 
 
 #: the most device memory one restore's staging of memory blocks takes at a time
@@ -159,17 +166,10 @@ class LoadHandle:
         self.num_tokens = sum(p.used for p in parts)
         #: the results are memory tierkv allocates now (no ``allocate``): never touched before
         self._fresh = allocate is None
-        if allocate is not None and not callable(allocate):
-            raise ConfigError(f"allocate must be a callable (layer, index, shape, dtype, device) -> tensor, "
-                              f"got {type(allocate).__name__}")
-        alloc = allocate or _default_alloc
+        alloc = _checked(allocate) if allocate is not None else _default_alloc
         self._outs: list[tuple[torch.Tensor, ...]] = [
             tuple(alloc(li, ti, t.shape(self.num_tokens), t.torch_dtype, device) for ti, t in enumerate(layer.tensors))
             for li, layer in enumerate(spec.layers)] if self.num_tokens else []
-        if allocate is not None:
-            for li, (layer, outs) in enumerate(zip(spec.layers, self._outs)):
-                for ti, (t, out) in enumerate(zip(layer.tensors, outs)):
-                    _check_allocated(out, li, ti, t.shape(self.num_tokens), t.torch_dtype, device)
         self._targets_cache: list[LayerTargets | None] = [None] * spec.num_layers
         n_direct = sum(p.direct for p in parts)
         self._direct_left = [n_direct] * spec.num_layers
