@@ -95,6 +95,40 @@ def test_budget_accounting_and_demotion_order(open_store):
         assert_kv_equal(s.restore(toks[name], session=name).kv, kv[name])
 
 
+def test_pins_taken_without_new_bytes_never_hold_a_tier_over_its_budget(open_store):
+    """``save``'s check counts only a save's new bytes against the tier's budget. Sessions pinned
+    again with the same tokens (their blocks already cached elsewhere) and then prefetched moved
+    pinned blocks up into the device tier with no check; never demoted, they held it over budget
+    plus slack, and from then on every save waited SAVE_WAIT_S (10 s) for the writer, which had
+    nothing it might move (found by a randomized run of every hook from three threads). A tier
+    now demotes its least recently used pinned blocks while pinned bytes alone exceed its
+    budget: a pin keeps a session from SSD eviction, and in memory as far as the budget allows."""
+    s = open_store(SPEC, device_bytes=2 * BLK, host_bytes=6 * BLK)
+    kv = {name: make_kv(SPEC, 2 * BLOCK, seed=i) for i, name in enumerate("abcz")}
+    toks = {name: [i * 1000 + t for t in range(2 * BLOCK)] for i, name in enumerate("abcz")}
+    for name in "abc":
+        s.save(toks[name], kv[name], session=name)
+        s.flush()
+    assert tiers_of(s, "a") == tiers_of(s, "b") == {"memory:host": 2}
+    for name in "abc":  # no new bytes: nothing counted against the device tier's budget
+        s.save(toks[name], kv[name], session=name, pinned=True)
+    s.flush()
+    for name in "ab":
+        s.prefetch(toks[name], session=name).wait()
+        s.flush()
+    assert s.stats()["resident_bytes"]["device"] <= 2 * BLK
+    assert tiers_of(s, "b") == {"memory:device": 2}      # the last prefetched, kept
+    t0 = time.monotonic()
+    s.save(toks["z"], kv["z"], session="z")
+    assert s.stats()["backpressure"]["timeouts"] == 0 and time.monotonic() - t0 < 5
+    s.flush()
+    st = s.stats()
+    assert st["resident_bytes"]["device"] <= 2 * BLK and st["resident_bytes"]["host"] <= 6 * BLK
+    for name in "abcz":
+        assert s.session_info(name)["pinned"] is (name != "z")
+        assert_kv_equal(s.restore(toks[name], session=name).kv, kv[name])
+
+
 def test_ttl_expiry_hides_and_drops_the_session(open_store):
     s = open_store(SPEC)
     kv = make_kv(SPEC, BLOCK + 3)
@@ -212,6 +246,44 @@ def test_store_full_of_pinned_raises_and_keeps_committed_data(open_store):
     s2 = open_store(SPEC, path=path, ssd_codec="raw", ssd_bytes=10 * BLK)
     assert s2.lookup([500 + t for t in range(BLOCK)], session="x") == 0
     assert s2.session_info("p0")["pinned"] is True
+
+
+@pytest.mark.parametrize("full_policy", ["raise", "miss"])
+def test_device_tier_over_a_full_store_recovers_once_room_is_made(open_store, full_policy):
+    """No host tier: the device tier demotes straight to SSD. While the SSD is full of pinned
+    sessions those writes fail. The blocks stayed MOVING (a device-to-host copy's state, which
+    only that copy reset), so no demotion ever took them again, and every later save waited
+    SAVE_WAIT_S; with full_policy="miss" the writer retried the failing write in a loop, holding
+    a core. Found by a randomized run of every hook from three threads."""
+    path = open_store(SPEC).path  # the pinned sessions that fill the SSD, written through
+    s0 = open_store(SPEC, path=path + "x", ssd_codec="raw", persist="write_through", device_bytes=0, host_bytes=0,
+                    ssd_bytes=4 * BLK + 4 * 1024)
+    kv = {name: make_kv(SPEC, 2 * BLOCK, seed=i) for i, name in enumerate(["p0", "p1", "a", "b"])}
+    toks = {name: [i * 1000 + t for t in range(2 * BLOCK)] for i, name in enumerate(["p0", "p1", "a", "b"])}
+    for name in ("p0", "p1"):
+        s0.save(toks[name], kv[name], session=name, pinned=True).wait()
+    s0.close()
+    s = open_store(SPEC, path=path + "x", ssd_codec="raw", persist="write_back", device_bytes=2 * BLK, host_bytes=0,
+                   ssd_bytes=4 * BLK + 4 * 1024, full_policy=full_policy)
+    for name in ("a", "b"):
+        s.save(toks[name], kv[name], session=name)
+    time.sleep(0.3)   # the writer tries to demote "a" to SSD, and cannot
+    assert s.stats()["resident_bytes"]["device"] == 4 * BLK
+    cpu0 = time.process_time()
+    time.sleep(1.0)
+    assert time.process_time() - cpu0 < 0.5, "the writer spins on a write that keeps failing"
+    s.drop_session("p0")
+    deadline = time.monotonic() + 10
+    while s.stats()["resident_bytes"]["device"] > 2 * BLK and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert s.stats()["resident_bytes"]["device"] <= 2 * BLK
+    assert tiers_of(s, "a") == {"ssd": 2} and tiers_of(s, "b") == {"memory:device": 2}
+    if full_policy == "raise":  # the failed demotion is reported once, by the next flush
+        with pytest.raises(tierkv.StoreFullError, match="pinned"):
+            s.flush()
+    s.flush()
+    for name in ("p1", "a", "b"):
+        assert_kv_equal(s.restore(toks[name], session=name).kv, kv[name])
 
 
 def test_write_back_persists_on_close_and_write_through_on_save(open_store, store_path):

@@ -128,6 +128,7 @@ class TierKV(SSDWriter):
         #: key -> (payload, future of its encoded value): the next batch's, encoded during a commit
         self._encoded_ahead: dict[bytes, tuple[Any, Any]] = {}
         self._unreported: list[BaseException] = []   # op errors no handle has raised yet
+        self._unreported_demotion: BaseException | None = None  # the last demotion's, if among them
         self._bg_error: BaseException | None = None
         self._stats = Stats()
         self._closed = False

@@ -77,5 +77,7 @@ class Stats:
                              "seconds": c.get("save_wait_us", 0) / 1e6,
                              "timeouts": c.get("save_wait_timeouts", 0)},
             "evicted": {"host_blocks": c.get("host_evicted_blocks", 0),
+                        # released from a device tier with no host tier under it (their copy on SSD)
+                        "device_blocks": c.get("device_evicted_blocks", 0),
                         "ssd_sessions": c.get("ssd_evicted_sessions", 0)},
         }

@@ -82,13 +82,31 @@ class MemoryTier:
         return max(0, self.used - self.budget)
 
     def victims(self) -> Iterator[Block]:
-        """Evictable blocks, least recently used first: READY and not pinned.
+        """Evictable blocks, least recently used first: READY and not pinned; then, while the
+        pinned blocks alone hold more than the budget, the least recently used pinned ones.
 
-        A disabled tier (budget 0) only passes blocks through, pinned ones included.
+        ``save`` refuses a pinned session whose new bytes would take a tier's pinned bytes past
+        its budget, but blocks also become pinned, or move up a tier, without new bytes: a
+        session pinned again over blocks cached already, a prefetch promoting pinned blocks, a
+        pinned record loaded from disk. A pin keeps a session from SSD eviction, and in memory
+        as far as the budget allows; without the second pass such a tier stayed over budget and
+        every later save waited for a writer with nothing to move. A disabled tier (budget 0)
+        only passes blocks through, pinned ones included.
         """
+        pinned = []
         for block in list(self._lru.values()):
-            if block.state is BlockState.READY and (block.pins == 0 or self.budget == 0):
+            if block.state is BlockState.READY:
+                if block.pins == 0 or self.budget == 0:
+                    yield block
+                else:
+                    pinned.append(block)
+        over = self.pinned_bytes() - self.budget
+        for block in pinned:
+            if over <= 0:
+                return
+            if block.pins > 0 and block.key in self._lru:
                 yield block
+                over -= block.nbytes
 
     def pinned_bytes(self) -> int:
         return sum(b.nbytes for b in self._lru.values() if b.pins > 0)

@@ -95,6 +95,7 @@ class SSDWriter:
     _last_batch: float
     _encoded_ahead: dict[bytes, tuple[Any, Any]]
     _unreported: list[BaseException]
+    _unreported_demotion: BaseException | None
     _bg_error: BaseException | None
     _stopping: bool
     _maint_blocked_until: float
@@ -227,7 +228,14 @@ class SSDWriter:
                     self._stats.count("dropped_saves", 1)
                     continue
                 op.error = err
-                self._unreported.append(err)
+                if op.free_after and self._unreported_demotion in self._unreported:
+                    # a demotion failing again (retried each second while the SSD is full): one
+                    # unreported error stands for them, the latest, not one more per retry
+                    self._unreported[self._unreported.index(self._unreported_demotion)] = err
+                else:
+                    self._unreported.append(err)
+                if op.free_after:
+                    self._unreported_demotion = err
             for op in ops:
                 ok = id(op) not in failed_ops
                 for b in op.write:
@@ -343,7 +351,7 @@ class SSDWriter:
                     return
                 victims: list[Block] = []
                 src = None
-                if dev.excess():
+                if dev.excess() and host.enabled:
                     excess = dev.excess()
                     for b in dev.victims():
                         victims.append(b)
@@ -351,28 +359,34 @@ class SSDWriter:
                         if excess <= 0 or len(victims) >= 64:
                             break
                     src = "device"
-                if not victims and host.excess():
-                    excess = host.excess()
-                    for b in host.victims():
-                        if b.on_ssd:
-                            host.remove(b)
-                            self._stats.count("host_evicted_blocks", 1)
+                # to SSD: from the host tier (a disabled one passes saves through), and from the
+                # device tier where there is no host tier
+                for tier in (host,) if host.enabled else (dev, host):
+                    if victims or not tier.excess():
+                        continue
+                    excess = tier.excess()
+                    for b in tier.victims():
+                        if b.on_ssd:  # a copy on SSD already: released
+                            tier.remove(b)
+                            self._stats.count(f"{tier.name}_evicted_blocks", 1)
                             excess -= b.nbytes
                         elif not b.write_queued:
                             victims.append(b)
                             excess -= b.nbytes
                         if excess <= 0 or len(victims) >= 64:
                             break
-                    src = "host"
+                    src = "ssd"
                 if not victims:
-                    self._wake.notify_all()  # host evictions above may have made room
+                    self._wake.notify_all()  # evictions above may have made room
                     return
                 for b in victims:
+                    # a block written to SSD is WRITING, never MOVING: only the device-to-host
+                    # copy below resets MOVING, and a block left MOVING was never a victim again
                     b.state = BlockState.MOVING if src == "device" else BlockState.WRITING
-                    if src == "host":
+                    if src == "ssd":
                         b.write_queued = True
                 payloads = tuple(b.payload for b in victims)
-            if src == "device" and host.enabled:
+            if src == "device":
                 t0 = time.perf_counter()
                 try:
                     new = MOVERS[("device", "host")](Transfer("device", "host", tuple(victims), payloads),
@@ -392,7 +406,12 @@ class SSDWriter:
             else:
                 op = Op("write", write=victims, free_after=True)
                 self._apply([op])
-                if op.error is not None:
-                    # Full: leave them in memory, retry in a second; the error reaches flush().
+                with self._lock:
+                    # not written (the SSD full of pinned or in-flight data) and still held: leave
+                    # them in memory and try again in a second, whatever full_policy says (with
+                    # "miss" the op carries no error, and this loop retried at once, for ever);
+                    # with "raise" the error reaches flush()
+                    failed = any(b.tier is not None and not b.on_ssd for b in victims)
+                if failed:
                     self._maint_blocked_until = time.monotonic() + 1.0
                     return
