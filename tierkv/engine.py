@@ -554,8 +554,8 @@ class TierKV(SSDWriter):
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._reads.submit(loads, direct, handle, promote)
-        for b in promote_now:
-            self._pool.submit(self._guard, self._promote, b)
+        if promote_now:  # the handle's wait() covers them: a waiter finds the blocks on the device
+            handle._wait_also([self._pool.submit(self._guard, self._promote, b) for b in promote_now])
         return handle
 
     def _count_failed(self, first_token: int, lost_tokens: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -216,6 +218,7 @@ class LoadHandle:
         self._fills = any(not p.direct for p in parts)  # parts _fill copies (memory, loads)
         self._part_views: dict[int, list[torch.Tensor]] = {}  # id(part) -> block_views of its payload
         self._block_tokens = max((p.block.n_tokens for p in parts), default=1)  # a full block's, if any
+        self._moves: list[Future] = []
 
     # -- called by the engine's decode tasks -------------------------------------------------------
     def _targets(self, layer: int) -> LayerTargets:
@@ -264,14 +267,22 @@ class LoadHandle:
         self._shadow[layer] = self._targets_cache[layer] = None
 
     # -- waiting ------------------------------------------------------------------------------------
+    def _wait_also(self, futures: list[Future]) -> None:
+        """Background moves this handle's ``wait`` and ``done`` cover too (a prefetch's
+        promotions of blocks already in the host tier)."""
+        self._moves = futures
+
     def done(self) -> bool:
         return all(ev.is_set() for ev in self._layer_ready) and all(
-            p.load is None or p.load.done.is_set() for p in self._parts)
+            p.load is None or p.load.done.is_set() for p in self._parts) and all(f.done() for f in self._moves)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every block is loaded (or failed); False on timeout."""
+        """Wait until every block is loaded (or failed), and for a prefetch moved up to the
+        device tier; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+        if self._moves and futures_wait(self._moves, left()).not_done:
+            return False
         # Last layer first: the decode tasks run layer after layer, so the last layer is
         # normally the last one done, and the caller then wakes once, not once per layer. Each
         # wake-up takes the GIL away from the decode threads while they are mid-restore.
