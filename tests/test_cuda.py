@@ -196,6 +196,42 @@ def test_prefetch_promotes_and_layerwise(open_store, device):
     assert s.session_info("s")["blocks_by_tier"] == {"memory:device": 6}
 
 
+def test_a_prefetch_takes_no_result_memory_until_asked(open_store, device):
+    """A prefetch moves blocks up a tier; its handle made result tensors the size of the whole
+    prefix at once, on a GPU beside the device-tier copies the prefetch was making, held for as
+    long as the caller kept the handle (a server keeps it from a request's arrival to its
+    prefill). They are made only when ``layer`` or ``result`` asks, and are then exact."""
+    spec = small_spec(layers=4, heads=4, dim=64)
+    n = 32 * BLOCK
+    kv = make_kv(spec, n, seed=3, device=device)
+    s = open_store(spec, device=device, device_bytes=2 * n * spec.bytes_per_token)
+    s.save(range(n), kv, session="s")
+    s.offload("s")
+    s.flush()
+    for tier in ("from SSD", "from the host tier"):
+        if tier == "from the host tier":
+            s.flush()
+            with s._lock:  # the blocks back down to the host tier, still in memory
+                dev, host = s._tiers["device"], s._tiers["host"]
+                for b in list(dev._lru.values()):
+                    host.add(b, dev.remove(b).to("cpu"))
+            assert s.session_info("s")["blocks_by_tier"] == {"memory:host": 32}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+        h = s.prefetch(range(n), session="s")
+        assert h.wait(timeout=30)
+        assert s.session_info("s")["blocks_by_tier"] == {"memory:device": 32}, tier
+        assert h._outs_made is None, tier
+        if device == "cuda" and tier == "from SSD":  # the blocks' copies only, not a result too
+            assert torch.cuda.memory_allocated() - before < 1.5 * n * spec.bytes_per_token
+        assert_kv_equal(on_cpu(h.result().kv), on_cpu(kv))
+        assert_kv_equal(on_cpu([h.layer(1)]), on_cpu([kv[1]]))
+    r = s.restore_async(range(n), session="s")  # a restore's results are made at once, as before
+    assert r._outs_made is not None
+    assert_kv_equal(on_cpu(r.result().kv), on_cpu(kv))
+
+
 def test_layerwise_restore_into_a_pool_on_a_busy_stream(open_store, device):
     """A loop on its own stream, with work queued, restores layer by layer into buffers of its
     own and reads each layer at once: the reads must see the restored bytes (its stream waits

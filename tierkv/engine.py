@@ -546,7 +546,7 @@ class TierKV(SSDWriter):
                 self._touched[session] = rec.last_used
         # allocates the results (a caller's ``allocate`` is checked there: ConfigError, before
         # any read starts or the hit is counted)
-        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged)
+        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged, lazy=promote)
         self._stats.count("lookup_tokens", len(toks))
         self._stats.count("hit_tokens", sum(p.used for p in parts))
         for p in parts:

@@ -152,7 +152,8 @@ class LoadHandle:
     """An in-flight restore or prefetch of a cached prefix.
 
     ``num_tokens`` is the prefix length planned when the load started; the result tensors are
-    allocated then (through ``allocate``, so a caller can place them in its own buffers).
+    allocated then (through ``allocate``, so a caller can place them in its own buffers), a
+    prefetch's only when ``layer`` or ``result`` first asks for them.
     ``layer(i)`` waits only for layer ``i`` of every block, so a loop can run layer 0 while later
     layers are still decoding; ``result()`` waits for everything and truncates the prefix at the
     first block that failed its checksum (a counted miss), never returning damaged KV.
@@ -160,7 +161,7 @@ class LoadHandle:
 
     def __init__(self, spec: "KVSpec", parts: list[_Part], device: torch.device,
                  on_failed: Callable[[int, int], None], allocate: Allocator | None = None,
-                 staged: bool = False) -> None:
+                 staged: bool = False, lazy: bool = False) -> None:
         self._spec = spec
         self._parts = parts
         self._device = device
@@ -168,10 +169,9 @@ class LoadHandle:
         self.num_tokens = sum(p.used for p in parts)
         #: the results are memory tierkv allocates now (no ``allocate``): never touched before
         self._fresh = allocate is None
-        alloc = _checked(allocate) if allocate is not None else _default_alloc
-        self._outs: list[tuple[torch.Tensor, ...]] = [
-            tuple(alloc(li, ti, t.shape(self.num_tokens), t.torch_dtype, device) for ti, t in enumerate(layer.tensors))
-            for li, layer in enumerate(spec.layers)] if self.num_tokens else []
+        self._alloc = _checked(allocate) if allocate is not None else _default_alloc
+        self._outs_made: list[tuple[torch.Tensor, ...]] | None = None
+        self._outs_lock = threading.Lock()
         self._targets_cache: list[LayerTargets | None] = [None] * spec.num_layers
         n_direct = sum(p.direct for p in parts)
         self._direct_left = [n_direct] * spec.num_layers
@@ -186,11 +186,15 @@ class LoadHandle:
         # stream had queued when the result tensors were allocated (their memory may have been
         # that stream's until then); one event per layer marks its copies done, and a caller's
         # stream waits on it (``layer``, ``result``) instead of the caller's thread.
-        self._stream = copy_stream(device) if device.type == "cuda" and self._outs else None
+        self._stream = copy_stream(device) if device.type == "cuda" and self.num_tokens else None
         self._layer_events: list[torch.cuda.Event | None] = [None] * spec.num_layers
         self._upload_events: list[torch.cuda.Event | None] = [None] * spec.num_layers
-        if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        # a prefetch (``lazy``, never direct parts) makes its results only when ``layer`` or
+        # ``result`` first asks: a prefetch that only moves blocks up, as a server issues one at a
+        # request's arrival, took result memory the size of the prefix, on a GPU beside the
+        # device-tier copies it was making, for as long as the caller held the handle
+        if not lazy or n_direct:
+            self._make_outs()
         # staged (results off the CPU): direct parts decode into a host buffer per layer, laid
         # out like that layer of one block of the whole prefix, and each layer goes up in one
         # copy per tensor when its last block is decoded (_upload); memory parts go up whole
@@ -199,7 +203,7 @@ class LoadHandle:
         # so a restore holds a few layers' buffers, not the whole prefix's: one buffer for the
         # prefix took page-locked memory of its size rounded up to a power of two (8 GiB for a
         # 5.5 GiB session), locked anew for every new size (4.4 ms per 5.9 MB on an H200 machine).
-        self._staged = staged and bool(self._outs)
+        self._staged = staged and bool(self.num_tokens)
         self._shadow: list[tuple[torch.Tensor, ...] | None] | None = None
         if self._staged and n_direct:
             self._shadow = [None] * spec.num_layers
@@ -219,6 +223,25 @@ class LoadHandle:
         self._part_views: dict[int, list[torch.Tensor]] = {}  # id(part) -> block_views of its payload
         self._block_tokens = max((p.block.n_tokens for p in parts), default=1)  # a full block's, if any
         self._moves: list[Future] = []
+
+    @property
+    def _outs(self) -> list[tuple[torch.Tensor, ...]]:
+        outs = self._outs_made
+        return outs if outs is not None else self._make_outs()
+
+    def _make_outs(self) -> list[tuple[torch.Tensor, ...]]:
+        """The result tensors (through ``allocate``, each checked), made once."""
+        with self._outs_lock:
+            if self._outs_made is None:
+                n, dev = self.num_tokens, self._device
+                outs = [tuple(self._alloc(li, ti, t.shape(n), t.torch_dtype, dev) for ti, t in enumerate(layer.tensors))
+                        for li, layer in enumerate(self._spec.layers)] if n else []
+                if self._stream is not None:
+                    # the side stream's copies come after whatever the allocating thread's stream
+                    # had queued (that memory may have been its until now)
+                    self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+                self._outs_made = outs
+            return self._outs_made
 
     # -- called by the engine's decode tasks -------------------------------------------------------
     def _targets(self, layer: int) -> LayerTargets:
