@@ -268,3 +268,69 @@ def test_every_hook_from_three_threads_under_random_settings(tmp_path, seed, pha
         assert st["backpressure"]["timeouts"] == 0, (phase, st["backpressure"])
         assert st["corrupt_blocks"] == 0
     assert checked[0] > 50 * phases
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_close_while_other_threads_use_the_store(tmp_path, seed):
+    """A server shutting down closes the store while request threads still call it. Each call
+    must then finish, or fail with StoreClosedError; none may hang or fail otherwise. Before, a
+    prefetch that had matched its blocks when the I/O pool shut down raised RuntimeError
+    ('cannot schedule new futures after shutdown') and left its blocks LOADING for good, so a
+    thread joining that load waited for ever; a save or flush could queue an op after the
+    writer had exited, and wait for ever too."""
+    spec = small_spec(layers=4, heads=2, dim=64)
+    kvs = [make_kv(spec, 120, seed=i) for i in range(6)]
+    toks = [list(range(i * 1000, i * 1000 + 120)) for i in range(6)]
+    path = str(tmp_path / "store")
+    rng0 = random.Random(seed)
+    s = tierkv.TierKV(path, spec, block_tokens=16, device_bytes="256KiB", host_bytes="512KiB", ssd_bytes="16MiB",
+                      persist=rng0.choice(["write_back", "write_through"]))
+    for i in range(6):
+        s.save(toks[i], kvs[i], session=f"s{i}")
+    s.offload()
+    errors, closed = [], []
+
+    def worker(w):
+        rng = random.Random(seed * 10 + w)
+        try:
+            while True:
+                i, q = rng.randrange(6), rng.randrange(1, 121)
+                op = rng.random()
+                if op < 0.3:
+                    s.save(toks[i][:q], [tuple(x[:, :q] for x in layer) for layer in kvs[i]], session=f"s{i}-{w}")
+                elif op < 0.5:
+                    r = s.restore(toks[i][:q], session=f"s{i}")
+                    if r.num_tokens:
+                        assert_kv_equal(r.kv, [tuple(x[:, :r.num_tokens] for x in layer) for layer in kvs[i]])
+                elif op < 0.65:
+                    s.prefetch(toks[i][:q], session=f"s{i}").wait()
+                elif op < 0.75:
+                    s.lookup(toks[i][:q], session=f"s{i}")
+                elif op < 0.85:
+                    s.offload(f"s{i}" if rng.random() < 0.5 else None)
+                elif op < 0.9:
+                    s.flush()
+                elif op < 0.95:
+                    s.stats()
+                else:
+                    s.session_info(f"s{i}")
+        except tierkv.StoreClosedError:
+            closed.append(w)
+        except Exception as e:  # noqa: BLE001 - collected and re-raised in the main thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(4)]
+    for t in workers:
+        t.start()
+    time.sleep(rng0.uniform(0.1, 0.6))
+    s.close()
+    for t in workers:
+        t.join(30)
+    assert not [t for t in workers if t.is_alive()], "a call hung after close"
+    assert not errors, errors
+    assert sorted(closed) == [0, 1, 2, 3]
+    with tierkv.TierKV(path, spec, block_tokens=16) as s2:  # what was saved before restores exactly
+        for i in range(6):
+            r = s2.restore(toks[i], session=f"s{i}")
+            assert r.num_tokens == 120
+            assert_kv_equal(r.kv, kvs[i])

@@ -133,7 +133,9 @@ class TierKV(SSDWriter):
         self._stats = Stats()
         self._closed = False
         self._pid = os.getpid()  # the process that owns the environment and threads
-        self._stopping = False
+        self._stopping = False                       # close() has begun: no new calls start
+        self._close_lock = threading.Lock()          # a second close() waits for the first
+        self._loads_starting = 0                     # _start_load calls that may still use the I/O pool
         self._maint_blocked_until = 0.0
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io",
                                         initializer=spread_initializer(
@@ -160,7 +162,7 @@ class TierKV(SSDWriter):
                 "forked from it: LMDB environments and the engine's threads do not survive fork. Open "
                 "the store in each process after forking, or start workers with multiprocessing's "
                 "'spawn' or 'forkserver' method")
-        if self._closed:
+        if self._closed or self._stopping:
             raise StoreClosedError(f"store {self.path} is closed; open a new TierKV")
         if self._bg_error is not None:
             raise BackgroundError(f"a background thread failed: {self._bg_error!r}; close and reopen "
@@ -468,6 +470,7 @@ class TierKV(SSDWriter):
         if session is not None:
             check_session_id(session)
         with self._lock:
+            self._check_open()  # again under the lock: close() may have begun meanwhile
             rec = self._session(session) if session is not None else None
             if rec is None or rec.tenant != tenant:
                 return sum(used for _, used in self._match(toks, session, tenant))
@@ -519,6 +522,22 @@ class TierKV(SSDWriter):
         except RuntimeError as e:
             raise ConfigError(f"device={device!r}: {e}") from None
         staged = via_host_staging(dev)
+        with self._lock:
+            # Under the lock, once close() has begun no load starts; one that has started holds
+            # close() back from shutting the I/O pool down until its reads are submitted (it
+            # would refuse them, and the matched blocks would stay LOADING for good)
+            self._check_open()
+            self._loads_starting += 1
+        try:
+            return self._start_load_open(toks, session, tenant, promote, dev, staged, allocate)
+        finally:
+            with self._lock:
+                self._loads_starting -= 1
+                if self._loads_starting == 0:
+                    self._wake.notify_all()
+
+    def _start_load_open(self, toks: Any, session: str | None, tenant: str | None, promote: bool,
+                         dev: torch.device, staged: bool, allocate: Any) -> LoadHandle:
         direct_ok = not promote
         B = self.block_tokens
         now = time.time()
@@ -686,6 +705,7 @@ class TierKV(SSDWriter):
         """
         self.flush()  # let queued writes land first: their blocks are then simply released
         with self._lock:
+            self._check_open()
             if session is None:
                 blocks = [b for b in self._blocks.values() if b.tier is not None]
             else:
@@ -710,6 +730,7 @@ class TierKV(SSDWriter):
         self._check_open()
         op = Op("barrier")
         with self._lock:
+            self._check_open()  # an op queued once close() has begun would never be taken
             self._enqueue(op)
         if not op.done.wait(timeout):
             raise TierKVError(f"flush did not finish within {timeout} s")
@@ -724,9 +745,10 @@ class TierKV(SSDWriter):
         resident bytes per tier, compression ratio."""
         self._check_open()
         with self._lock:
+            self._check_open()  # the LMDB environment is closed under the lock
             resident = {name: t.used for name, t in self._tiers.items()}
             counts = {name: len(t) for name, t in self._tiers.items()}
-        resident["ssd"] = self._ssd.ssd_used()
+            resident["ssd"] = self._ssd.ssd_used()
         out = self._stats.snapshot(resident, counts, {n: t.budget for n, t in self._tiers.items()}
                                    | {"ssd": self.config.ssd_bytes})
         out["host_pool"] = self._host_pool.snapshot() if self._host_pool is not None else None
@@ -739,11 +761,15 @@ class TierKV(SSDWriter):
         the one that opened it, only marks it closed: the environment and threads are the
         parent's, and closing LMDB here would release the parent's reader slots.
         """
-        if self._closed:
-            return
-        if os.getpid() != self._pid:
-            self._closed = True
-            return
+        with self._close_lock:  # a second close() returns once the first has finished
+            if self._closed:
+                return
+            if os.getpid() != self._pid:
+                self._closed = True
+                return
+            self._close()
+
+    def _close(self) -> None:
         error: BaseException | None = None
         if self._bg_error is None:
             try:
@@ -759,14 +785,17 @@ class TierKV(SSDWriter):
             except TierKVError as e:
                 error = e
         with self._lock:
-            self._stopping = True
+            self._stopping = True  # from here on, calls raise StoreClosedError and queue nothing
             self._wake.notify_all()
+            while self._loads_starting:  # loads that began before: their reads go to the pool first
+                self._wake.wait()
         self._writer.join()
         self._pool.shutdown(wait=True)
         if self._host_pool is not None:
             self._host_pool.close()
-        self._closed = True
-        self._ssd.close()
+        with self._lock:  # a call that took the lock before close() began has finished with LMDB
+            self._closed = True
+            self._ssd.close()
         if error is not None:
             raise error
         if self._bg_error is not None:
