@@ -45,11 +45,13 @@ class CachePool:
         ``seq_axis`` (the token axis; 2 for transformers' ``[1, heads, tokens, dim]``). The one
         held is returned while it is large enough and of that dtype and device; else a new one
         replaces it."""
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         have = self._bufs.get((layer, index))
         if (have is not None and have.dtype == dtype and have.device == device and have.dim() == len(shape)
-                and all(h == s for a, (h, s) in enumerate(zip(have.shape, shape)) if a != seq_axis)
-                and have.shape[seq_axis] >= shape[seq_axis]):
+                and have.shape[seq_axis] >= shape[seq_axis]
+                and have.shape[:seq_axis] == tuple(shape[:seq_axis])
+                and have.shape[seq_axis + 1:] == tuple(shape[seq_axis + 1:])):
             return have
         buf = self._bufs[(layer, index)] = _empty(tuple(shape), dtype, device)
         return buf

@@ -123,6 +123,10 @@ def _checked(allocate: object) -> Allocator:
 
     def checked(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         out = allocate(layer, index, shape, dtype, device)
+        # the common case in one test (a restore asks for 2 tensors a layer): messages only on failure
+        if (isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == shape
+                and out.device == device and (not out.dim() or out.shape[-1] <= 1 or out.stride(-1) == 1)):
+            return out
         where = f"allocate(layer={layer}, index={index}, shape={tuple(shape)}, dtype={dtype}, device={device})"
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{where} returned {type(out).__name__}, not a torch.Tensor")

@@ -264,6 +264,10 @@ class SSDReads:
         # on every submit (profiled: tens of microseconds each).
         order: list[tuple[Any, Any, range, bool]] = []
         for g, layers in enumerate(groups):
+            if not direct_runs:  # buffered reads (the default): a task per (layer, block)
+                order += [(item, parsed, range(layer, layer + 1), False)
+                          for layer in layers for item, parsed in work]
+                continue
             for w, (item, parsed) in enumerate(work):
                 runs = direct_runs.get((w, g), ())
                 for layer in layers:
