@@ -270,25 +270,27 @@ def test_every_hook_from_three_threads_under_random_settings(tmp_path, seed, pha
     assert checked[0] > 50 * phases
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_close_while_other_threads_use_the_store(tmp_path, seed):
+@pytest.mark.parametrize("seed,persist", [(1, "write_back"), (2, "write_through"), (3, "write_back")])
+def test_close_while_other_threads_use_the_store(tmp_path, seed, persist):
     """A server shutting down closes the store while request threads still call it. Each call
     must then finish, or fail with StoreClosedError; none may hang or fail otherwise. Before, a
     prefetch that had matched its blocks when the I/O pool shut down raised RuntimeError
     ('cannot schedule new futures after shutdown') and left its blocks LOADING for good, so a
     thread joining that load waited for ever; a save or flush could queue an op after the
-    writer had exited, and wait for ever too."""
+    writer had exited, and wait for ever too; and with write-back, a save that landed while
+    close() flushed was never written (its session restored only up to it after a reopen)."""
     spec = small_spec(layers=4, heads=2, dim=64)
     kvs = [make_kv(spec, 120, seed=i) for i in range(6)]
     toks = [list(range(i * 1000, i * 1000 + 120)) for i in range(6)]
     path = str(tmp_path / "store")
     rng0 = random.Random(seed)
-    s = tierkv.TierKV(path, spec, block_tokens=16, device_bytes="256KiB", host_bytes="512KiB", ssd_bytes="16MiB",
-                      persist=rng0.choice(["write_back", "write_through"]))
+    s = tierkv.TierKV(path, spec, block_tokens=16, device_bytes="256KiB", host_bytes="512KiB", ssd_bytes="64MiB",
+                      persist=persist)
     for i in range(6):
         s.save(toks[i], kvs[i], session=f"s{i}")
     s.offload()
     errors, closed = [], []
+    saved = {}  # (worker, i) -> tokens of that worker's last save of session s{i}-{w} that returned
 
     def worker(w):
         rng = random.Random(seed * 10 + w)
@@ -298,6 +300,7 @@ def test_close_while_other_threads_use_the_store(tmp_path, seed):
                 op = rng.random()
                 if op < 0.3:
                     s.save(toks[i][:q], [tuple(x[:, :q] for x in layer) for layer in kvs[i]], session=f"s{i}-{w}")
+                    saved[(w, i)] = q
                 elif op < 0.5:
                     r = s.restore(toks[i][:q], session=f"s{i}")
                     if r.num_tokens:
@@ -334,3 +337,9 @@ def test_close_while_other_threads_use_the_store(tmp_path, seed):
             r = s2.restore(toks[i], session=f"s{i}")
             assert r.num_tokens == 120
             assert_kv_equal(r.kv, kvs[i])
+        # and so does every save a worker's call returned from, write-back's included: close()
+        # writes what memory alone held, saves that landed during its flush too
+        for (w, i), q in saved.items():
+            r = s2.restore(toks[i][:q], session=f"s{i}-{w}")
+            assert r.num_tokens == q, (w, i, q, r.num_tokens)
+            assert_kv_equal(r.kv, [tuple(x[:, :q] for x in layer) for layer in kvs[i]])

@@ -136,6 +136,7 @@ class TierKV(SSDWriter):
         self._stopping = False                       # close() has begun: no new calls start
         self._close_lock = threading.Lock()          # a second close() waits for the first
         self._loads_starting = 0                     # _start_load calls that may still use the I/O pool
+        self._last_write_back_op: Op | None = None   # the writer's last write-back, as it stops
         self._maint_blocked_until = 0.0
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io",
                                         initializer=spread_initializer(
@@ -790,6 +791,9 @@ class TierKV(SSDWriter):
             while self._loads_starting:  # loads that began before: their reads go to the pool first
                 self._wake.wait()
         self._writer.join()
+        last = self._last_write_back_op
+        if error is None and last is not None and last.error is not None:
+            error = last.error
         self._pool.shutdown(wait=True)
         if self._host_pool is not None:
             self._host_pool.close()

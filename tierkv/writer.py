@@ -99,6 +99,7 @@ class SSDWriter:
     _bg_error: BaseException | None
     _stopping: bool
     _maint_blocked_until: float
+    _last_write_back_op: Op | None
 
     def _writer_loop(self) -> None:
         """The writer thread: a batch of queued ops at a time, then demotions, until close."""
@@ -107,7 +108,7 @@ class SSDWriter:
                 while (not self._ops and not self._stopping and not self._over_budget()
                        and not self._touches_due()):
                     self._wake.wait(timeout=1.0)
-                if self._stopping and not self._ops:
+                if self._stopping and not self._ops and not self._last_write_back():
                     return
                 ops = self._take_batch()
                 self._writing = True
@@ -129,6 +130,29 @@ class SSDWriter:
             for op in ops:
                 if op.kind == "barrier":
                     op.done.set()
+
+    def _last_write_back(self) -> bool:
+        """(Closing, the lock held, once.) Queue write-back's blocks that are still only in
+        memory; True if it queued any. close() queued those it found before its flush, but
+        saves from other threads could land until the store stopped, and blocks a demotion
+        was moving were not ready then: they were lost at close, and their sessions restored
+        only up to them (a miss). Here no demotion is in flight (this thread makes them); a
+        prefetch's move up a tier is waited for, briefly."""
+        if self._last_write_back_op is not None or self.config.persist != "write_back" or self._bg_error is not None:
+            return False
+        deadline = time.monotonic() + 1.0
+        while (any(b.state is BlockState.MOVING for b in self._blocks.values())
+               and time.monotonic() < deadline):
+            self._wake.wait(0.01)
+        dirty = [b for b in self._blocks.values()
+                 if b.tier is not None and not b.on_ssd and not b.write_queued and b.state is BlockState.READY]
+        for b in dirty:
+            b.write_queued = True
+        self._last_write_back_op = Op("write", write=dirty)
+        if not dirty:
+            return False
+        self._ops.append(self._last_write_back_op)  # no session: nothing for _pending to count
+        return True
 
     def _encode(self, b: Block, payload: torch.Tensor) -> bytes:
         return encode_payload(self.codec, self.fingerprint, self.spec, b, payload, self._align)
