@@ -343,3 +343,56 @@ def test_close_while_other_threads_use_the_store(tmp_path, seed, persist):
             r = s2.restore(toks[i][:q], session=f"s{i}-{w}")
             assert r.num_tokens == q, (w, i, q, r.num_tokens)
             assert_kv_equal(r.kv, [tuple(x[:, :q] for x in layer) for layer in kvs[i]])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_reopening_under_churn_leaves_no_descriptors_or_threads_behind(tmp_path):
+    """A server keeps one process for days and may close and reopen its store. Each cycle here
+    runs 2 threads of random hooks, restores whose handles are dropped unread among them (their
+    reads hold a descriptor per value until done), then closes: afterwards the process must hold
+    the descriptors and threads it held after the first cycle, no more (bench/soak.py runs the
+    same for minutes and samples memory too)."""
+    spec = small_spec(layers=3, heads=2, dim=32)
+    kvs = [make_kv(spec, 100, seed=i) for i in range(4)]
+    toks = [list(range(i * 1000, i * 1000 + 100)) for i in range(4)]
+    path = str(tmp_path / "store")
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def cycle(seed):
+        with tierkv.TierKV(path, spec, block_tokens=16, device_bytes="64KiB", host_bytes="96KiB",
+                           ssd_bytes="8MiB", persist="write_back") as s:
+            def worker(w):
+                rng = random.Random(seed * 10 + w)
+                for _ in range(120):
+                    i, q = rng.randrange(4), rng.randrange(1, 101)
+                    op = rng.random()
+                    if op < 0.35:
+                        s.save(toks[i][:q], [tuple(x[:, :q] for x in layer) for layer in kvs[i]], session=f"s{i}")
+                    elif op < 0.55:
+                        s.restore_async(toks[i][:q], session=f"s{i}")  # dropped unread
+                    elif op < 0.75:
+                        r = s.restore(toks[i][:q], session=f"s{i}")
+                        if r.num_tokens:
+                            assert_kv_equal(r.kv, [tuple(x[:, :r.num_tokens] for x in layer) for layer in kvs[i]])
+                    elif op < 0.85:
+                        s.prefetch(toks[i][:q], session=f"s{i}")  # dropped unwaited
+                    elif op < 0.95:
+                        s.offload()
+                    else:
+                        try:
+                            s.drop_session(f"s{i}")
+                        except tierkv.UnknownSessionError:
+                            pass
+            threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+    cycle(0)  # the first cycle starts what a process starts once (torch's threads, imports)
+    base = (fds(), threading.active_count())
+    for seed in range(1, 5):
+        cycle(seed)
+        assert (fds(), threading.active_count()) == base, f"cycle {seed}: (fds, threads) {base} before"

@@ -94,6 +94,12 @@ class CorruptValueError(TierKVError):
     """A stored value failed its header, fingerprint or checksum test (treated as a miss)."""
 
 
+class ValueGoneError(CorruptValueError):
+    """A value, and its block's record, left the store between a restore's match and its read:
+    evicted or dropped, by this process or another. A miss like a damaged value, but nothing
+    is damaged: counted in ``stats()["vanished_blocks"]``, not ``corrupt_blocks``."""
+
+
 class Codec:
     """Encodes one byte plane. Subclasses set ``name``, ``codec_id`` and ``checksum_in_frame``."""
 

@@ -34,7 +34,7 @@ import torch
 from . import hostmem
 from .affinity import spread_initializer
 from .blocks import Block, BlockLoad, BlockState, Epoch, pack_blocks
-from .codec import CorruptValueError, header_bound, make_codec
+from .codec import CorruptValueError, ValueGoneError, header_bound, make_codec
 from .config import TierKVConfig
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
                      SpecMismatchError, StoreClosedError, TierKVError, UnknownSessionError)
@@ -583,11 +583,15 @@ class TierKV(SSDWriter):
 
     # ------------------------------------------------------------------ SSD reads' outcomes (reads.SSDReads)
     def _direct_failed(self, p: _Part, error: BaseException, handle: LoadHandle, all_layers: bool) -> None:
-        """A block decoded straight into a result failed: a counted miss; mark it corrupt."""
+        """A block decoded straight into a result failed: a counted miss; mark it corrupt
+        (unless it only left the store meanwhile)."""
         with self._lock:
             first = p.error is None
             p.error = p.error or error
-            if isinstance(error, CorruptValueError):
+            if isinstance(error, ValueGoneError):
+                if first:
+                    self._stats.count("vanished_blocks", 1)
+            elif isinstance(error, CorruptValueError):
                 p.block.corrupt = True
                 if first:
                     self._stats.count("corrupt_blocks", 1)
@@ -631,10 +635,10 @@ class TierKV(SSDWriter):
             if b.load is bl:
                 b.load = None
                 b.state = BlockState.READY
-                if isinstance(error, CorruptValueError):
+                if isinstance(error, CorruptValueError) and not isinstance(error, ValueGoneError):
                     b.corrupt = True
             if isinstance(error, CorruptValueError) and bl.error is None:
-                self._stats.count("corrupt_blocks", 1)
+                self._stats.count("vanished_blocks" if isinstance(error, ValueGoneError) else "corrupt_blocks", 1)
         bl.fail(error)
 
     def _promote(self, b: Block) -> None:
@@ -800,6 +804,15 @@ class TierKV(SSDWriter):
         with self._lock:  # a call that took the lock before close() began has finished with LMDB
             self._closed = True
             self._ssd.close()
+            # Let go of what memory held now, not when the garbage collector next breaks this
+            # object's reference cycles (its threads' callbacks): until then a closed store kept
+            # its tiers' payloads, up to both budgets of host memory and, on a GPU, device memory
+            # (bench/soak.py). Results and buffers a caller still holds stay valid.
+            for tier in self._tiers.values():
+                tier.clear()
+            self._blocks.clear()
+            self._sessions.clear()
+            self._encoded_ahead.clear()
         if error is not None:
             raise error
         if self._bg_error is not None:

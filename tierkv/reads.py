@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 from .blocks import Block, BlockLoad
-from .codec import Codec, CorruptValueError, parse_block, stored_span
+from .codec import Codec, CorruptValueError, ValueGoneError, parse_block, stored_span
 from .errors import StoreIOError
 from .handles import LoadHandle, _Part
 from .movers import decode_layer_into, decode_layer_into_views, read_layers_direct
@@ -144,6 +144,8 @@ class SSDReads:
                     loc = self._store.get_value(txn, b.key)
             if parsed is None:
                 if loc is None:
+                    if txn.get(b.key, db=self._store.bmeta) is None:  # its record went too
+                        raise ValueGoneError("value evicted or dropped before its read")
                     raise CorruptValueError("value missing from the store")
                 parsed = parse_block(loc, self.fingerprint, self.spec, self.codec, self.block_tokens, key=b.key)
             if parsed.n_tokens != b.n_tokens:

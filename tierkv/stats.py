@@ -47,6 +47,9 @@ class Stats:
             "hit_tokens": hits,
             "miss_tokens": max(0, lookups - hits),
             "corrupt_blocks": c.get("corrupt_blocks", 0),
+            # blocks a restore or prefetch had matched that were evicted or dropped before their
+            # read (misses, nothing damaged)
+            "vanished_blocks": c.get("vanished_blocks", 0),
             "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,

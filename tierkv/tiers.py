@@ -73,6 +73,13 @@ class MemoryTier:
         payload, block.tier, block.payload = block.payload, None, None
         return payload
 
+    def clear(self) -> None:
+        """Forget every block's copy here (close): the payloads go once nothing else holds them."""
+        for block in self._lru.values():
+            block.tier, block.payload = None, None
+        self._lru.clear()
+        self.used = 0
+
     def touch(self, block: Block) -> None:
         if block.key in self._lru:
             self._lru.move_to_end(block.key)
