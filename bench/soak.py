@@ -130,18 +130,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 elif op < 0.8:
                     s.lookup(tokens[i][:q], session=sid)
                     bump("lookup")
-                elif op < 0.85:
+                elif op < 0.95:  # of a session another thread may just have dropped
+                    call, name = (s.offload, "offload") if op < 0.85 else (s.drop_session, "drop")
                     try:
-                        s.offload(sid)
-                        bump("offload")
+                        call(sid)
+                        bump(name)
                     except tierkv.UnknownSessionError:
-                        bump("offload_unknown")
-                elif op < 0.95:
-                    try:
-                        s.drop_session(sid)
-                        bump("drop")
-                    except tierkv.UnknownSessionError:
-                        bump("drop_unknown")
+                        bump(name + "_unknown")
                 else:
                     s.stats()
                     bump("stats")

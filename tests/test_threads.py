@@ -14,6 +14,15 @@ import tierkv
 from conftest import BLOCK, assert_kv_equal, make_kv, small_spec
 from tierkv.affinity import cpu_groups
 
+
+def run_threads(worker, n):
+    """Run ``worker(0)`` ... ``worker(n - 1)`` on threads of their own, and wait for them all."""
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
 SPEC = small_spec(layers=3)
 
 
@@ -69,11 +78,7 @@ def test_threads_save_restore_prefetch_drop(open_store, threads, seconds):
         except Exception as e:  # noqa: BLE001 - collected and re-raised in the main thread
             errors.append(e)
 
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    run_threads(worker, threads)
     assert not errors, errors
     assert checks[0] > 20 and samples[0] > 100
     s.flush()
@@ -253,11 +258,7 @@ def test_every_hook_from_three_threads_under_random_settings(tmp_path, seed, pha
                     errors.append(e)
                     return
 
-        workers = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+        run_threads(worker, 3)
         assert not errors, errors
         try:
             s.flush(timeout=60)
@@ -385,11 +386,7 @@ def test_reopening_under_churn_leaves_no_descriptors_or_threads_behind(tmp_path)
                             s.drop_session(f"s{i}")
                         except tierkv.UnknownSessionError:
                             pass
-            threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_threads(worker, 2)
 
     cycle(0)  # the first cycle starts what a process starts once (torch's threads, imports)
     base = (fds(), threading.active_count())
