@@ -748,9 +748,8 @@ class TierKV(SSDWriter):
     def stats(self) -> dict[str, Any]:
         """Counters: hits per tier, misses, corrupt blocks, bytes copied and GB/s per direction,
         resident bytes per tier, compression ratio."""
-        self._check_open()
         with self._lock:
-            self._check_open()  # the LMDB environment is closed under the lock
+            self._check_open()  # under the lock: the LMDB environment is closed under it
             resident = {name: t.used for name, t in self._tiers.items()}
             counts = {name: len(t) for name, t in self._tiers.items()}
             resident["ssd"] = self._ssd.ssd_used()
@@ -778,15 +777,7 @@ class TierKV(SSDWriter):
         error: BaseException | None = None
         if self._bg_error is None:
             try:
-                if self.config.persist == "write_back":
-                    with self._lock:
-                        dirty = [b for b in self._blocks.values()
-                                 if b.tier is not None and not b.on_ssd and not b.write_queued
-                                 and b.state is BlockState.READY]
-                        for b in dirty:
-                            b.write_queued = True
-                        self._enqueue(Op("write", write=dirty))
-                self.flush()
+                self.flush()  # what is queued, and its first unreported error
             except TierKVError as e:
                 error = e
         with self._lock:
@@ -794,7 +785,7 @@ class TierKV(SSDWriter):
             self._wake.notify_all()
             while self._loads_starting:  # loads that began before: their reads go to the pool first
                 self._wake.wait()
-        self._writer.join()
+        self._writer.join()  # having written write-back's memory-only blocks (_last_write_back)
         last = self._last_write_back_op
         if error is None and last is not None and last.error is not None:
             error = last.error

@@ -133,11 +133,11 @@ class SSDWriter:
 
     def _last_write_back(self) -> bool:
         """(Closing, the lock held, once.) Queue write-back's blocks that are still only in
-        memory; True if it queued any. close() queued those it found before its flush, but
-        saves from other threads could land until the store stopped, and blocks a demotion
-        was moving were not ready then: they were lost at close, and their sessions restored
-        only up to them (a miss). Here no demotion is in flight (this thread makes them); a
-        prefetch's move up a tier is waited for, briefly."""
+        memory; True if it queued any. Done here, once the store has stopped, rather than by
+        close() before its flush: saves from other threads could land until the store stopped,
+        and blocks a demotion was moving were not ready then, so they were lost at close and
+        their sessions restored only up to them (a miss). Here no demotion is in flight (this
+        thread makes them); a prefetch's move up a tier is waited for, briefly."""
         if self._last_write_back_op is not None or self.config.persist != "write_back" or self._bg_error is not None:
             return False
         deadline = time.monotonic() + 1.0
