@@ -184,6 +184,20 @@ def ring_read(path: str, index: list[tuple[int, int, int]], deliver: Callable[[i
         ring_map.close()
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on a file-only backend, or None (said once) where the optional
+    extra is not installed: the benches' plots are optional, their JSON is not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no plot; pip install 'tierkv[plot]')")
+        return None
+    return plt
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

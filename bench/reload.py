@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, disk_read_counters, machine, preallocated, stats_of, write_json  # noqa: E402
+from common import collected, disk_read_counters, machine, preallocated, pyplot, stats_of, write_json  # noqa: E402
 import reload_runs  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -689,13 +689,8 @@ def odirect_read_cached(path: str, chunk: int = 4 << 20) -> int:
 
 
 def _plot(results: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  (matplotlib not installed: no plot; pip install 'tierkv[plot]')")
+    plt = pyplot()
+    if plt is None:
         return
     names = list(results["logical_gbps"])
     vals = [results["logical_gbps"][n] for n in names]

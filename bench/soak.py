@@ -35,7 +35,7 @@ import psutil
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import machine, pyplot, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -228,13 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _plot(out: dict[str, Any], png: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  (matplotlib not installed: no plot; pip install 'tierkv[plot]')")
+    plt = pyplot()
+    if plt is None:
         return
     xs = [x["t_s"] / 60 for x in out["samples"]]
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)

@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, machine, stats_of, write_json  # noqa: E402
+from common import collected, machine, pyplot, stats_of, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
@@ -126,13 +126,8 @@ def main() -> None:
 
 def plot(results: dict, path: str) -> None:
     """TTFT per context size and case (log scale), medians, as a PNG (matplotlib optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  (matplotlib not installed: no plot; pip install 'tierkv[plot]')")
+    plt = pyplot()
+    if plt is None:
         return
     rows = results["rows"]
     cases = list(rows[0]["ttft_s"])
