@@ -113,6 +113,53 @@ def test_three_processes_share_one_store(tmp_path):
     check_store(path, acked, started)
 
 
+OTHER_PROCESS = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, make_kv, small_spec
+s = tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK)   # write-back, memory tiers
+s.drop_session("x")             # no other session has its blocks: their values go
+s.flush()
+if sys.argv[3] == "saved-again":
+    s.save(list(range(2 * BLOCK)), make_kv(small_spec(), 2 * BLOCK), session="x").wait()
+    s.flush()                   # its record is on disk, its blocks' values only in this memory
+os._exit(0)                     # gone before close() could write them back
+"""
+
+
+@pytest.mark.parametrize("other", ["dropped", "saved-again"])
+def test_a_value_another_process_removed_is_a_miss_not_corruption(tmp_path, other):
+    """Another process sharing the store drops a session this one has read, and maybe saves it
+    again with write-back (its blocks' records on disk, their values still in its memory). This
+    process's records still say the values are on SSD: a restore finds none, a miss counted in
+    ``vanished_blocks``, not corruption, and its stale records are let go, so lookups stop
+    promising the blocks. Before, the second case counted each block corrupt (its record was
+    there, its value not): with two processes sharing a store, ``bench/soak.py`` counted up to
+    26 corrupt blocks a minute with nothing damaged, and lookups went on promising them."""
+    path = str(tmp_path / "store")
+    toks, kv = list(range(2 * BLOCK)), make_kv(SPEC, 2 * BLOCK)
+    with _ssd_only(path, "64MiB") as s:
+        s.save(toks, kv, session="x").wait()
+        assert s.restore(toks, session="x").num_tokens == 2 * BLOCK  # its records: on SSD
+        r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, other],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert s.lookup(toks, session="x") == 2 * BLOCK  # stale: nothing tells it yet
+        assert s.restore(toks, session="x").num_tokens == 0
+        st = s.stats()
+        assert st["corrupt_blocks"] == 0
+        assert st["vanished_blocks"] == 2  # both were matched and read
+        assert s.lookup(toks, session="x") == 0  # its records of them are let go
+        s.save(toks, kv, session="x").wait()  # and a save here writes it again
+        got = s.restore(toks, session="x")
+        assert got.num_tokens == 2 * BLOCK
+        assert_kv_equal(got.kv, kv)
+    with _ssd_only(path, "64MiB") as s:  # on disk, whole
+        assert_kv_equal(s.restore(toks, session="x").kv, kv)
+        assert s.stats()["corrupt_blocks"] == 0
+
+
 def test_nan_policy(open_store):
     kv = make_kv(SPEC, BLOCK)
     kv[1] = (kv[1][0].clone(), kv[1][1].clone())

@@ -242,6 +242,19 @@ class TierKV(SSDWriter):
         self._discard(b.key)
         self._doomed[b.key] += 1
 
+    def _forget_vanished(self, b: Block) -> None:
+        """A block's value left the store after this process matched it: another thread dropped
+        or evicted it, or another process sharing the store did. This process's record of it is
+        stale; unless the block is in memory, loading or queued for a write, it is let go, so the
+        next look at its key reads the store's bookkeeping again and lookups stop promising it
+        (until a save brings it back, in this process or another). Called under the lock."""
+        if (self._blocks.get(b.key) is not b or b.tier is not None or b.load is not None
+                or b.write_queued):
+            return
+        b.on_ssd = False  # not available: the epoch moves, and sessions' prefixes are walked again
+        if not b.pins:  # a pinned block's record keeps its pin count: it stays, not on SSD
+            self._discard(b.key)
+
     def _unref(self, keys: Sequence[bytes], pinned: bool) -> list[bytes]:
         doomed = []
         for key in set(keys):
@@ -591,6 +604,7 @@ class TierKV(SSDWriter):
             if isinstance(error, ValueGoneError):
                 if first:
                     self._stats.count("vanished_blocks", 1)
+                self._forget_vanished(p.block)
             elif isinstance(error, CorruptValueError):
                 p.block.corrupt = True
                 if first:
@@ -637,6 +651,8 @@ class TierKV(SSDWriter):
                 b.state = BlockState.READY
                 if isinstance(error, CorruptValueError) and not isinstance(error, ValueGoneError):
                     b.corrupt = True
+            if isinstance(error, ValueGoneError):
+                self._forget_vanished(b)
             if isinstance(error, CorruptValueError) and bl.error is None:
                 self._stats.count("vanished_blocks" if isinstance(error, ValueGoneError) else "corrupt_blocks", 1)
         bl.fail(error)

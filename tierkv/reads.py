@@ -144,7 +144,10 @@ class SSDReads:
                     loc = self._store.get_value(txn, b.key)
             if parsed is None:
                 if loc is None:
-                    if txn.get(b.key, db=self._store.bmeta) is None:  # its record went too
+                    if not self._store.records_value(txn, b.key):
+                        # its record went too, or says it has no value: evicted or dropped since
+                        # this process looked (another process may have saved it again since,
+                        # with write-back, its value still in that process's memory)
                         raise ValueGoneError("value evicted or dropped before its read")
                     raise CorruptValueError("value missing from the store")
                 parsed = parse_block(loc, self.fingerprint, self.spec, self.codec, self.block_tokens, key=b.key)

@@ -328,6 +328,14 @@ class SSDStore:
             raw = txn.get(key, db=self.bmeta)
             return None if raw is None else BlockMeta.unpack(raw)
 
+    def records_value(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        """Whether ``key``'s bookkeeping in ``txn`` says its value is stored. A block can have a
+        record and no value: one that a session saved with write-back still holds only in
+        memory (its record is written at once, its value when demoted), in this process or
+        another one sharing the store."""
+        raw = txn.get(key, db=self.bmeta)
+        return raw is not None and BlockMeta.unpack(raw).enc_bytes > 0
+
     def ssd_used(self) -> int:
         with self.reader() as txn:
             return struct.unpack("<Q", bytes(txn.get(b"ssd_used", db=self.meta)))[0]
