@@ -1,27 +1,42 @@
-"""A long run of a store under churn: does anything grow that should not?
+"""A long run of a store under churn: does anything grow that should not, and is every hit exact?
 
 An inference server or an agent keeps one store open for days. This runs ``--threads`` threads
 of random hooks against one store for ``--minutes``, over budgets small enough that every tier
 and the SSD keep evicting, and closes and reopens the store every ``--reopen-every`` seconds (a
-process restart, without the process). Every ``--sample-every`` seconds it records what a
-leak would show in: the process's resident memory, open file descriptors and threads, LMDB's
-reader slots in use, data.mdb's size, and each tier's resident bytes. Every ``--verify``-th hit
-is compared with the KV saved, bit for bit.
+process restart, without the process). With ``--processes N``, N more processes run the same
+churn on the same store directory at once, each with a store object of its own, reopened on a
+schedule of its own (several server workers sharing one SSD store). Every ``--sample-every``
+seconds the main process records what a leak would show in: its resident memory, open file
+descriptors and threads, LMDB's reader slots in use (all processes'), data.mdb's size, and each
+tier's resident bytes. Every ``--verify``-th hit of each kind (restore, restore into a pool) is
+compared with the KV saved, bit for bit: each session id has tokens of its own and every process
+saves the same KV for them, so a hit is checked whatever process saved it.
 
     python bench/soak.py --minutes 10 --dir /var/tmp --out bench/results/soak.json
+    python bench/soak.py --minutes 10 --dir /var/tmp --processes 1 --dtype bf16 --persist write_through \
+        --out bench/results/soak_bf16_2proc.json
 
 The KV is SmolLM2's over 2,048 tokens of standard-library source (``bench/reload.py``'s, cached
-under ``--cache-dir``; ``--synthetic`` for random KV of the same shape). Sessions are prefixes
-of it under 24 session ids, each id with tokens of its own.
+under ``--cache-dir``; ``--synthetic`` for random KV of the same shape); ``--dtype bf16`` is the
+model run in bf16, whose KV the default codec compresses (byte planes + zstd). Sessions are
+prefixes of it under 24 session ids.
+
+The hooks: ``save`` (some with a TTL), ``restore``, ``restore_async`` into a ``CachePool`` with
+its layers waited for in a random order, ``prefetch`` waited for or its handle dropped unread,
+``lookup``, ``offload`` and ``drop_session`` of sessions other threads and processes use, and
+``stats``.
 
 Summary (JSON ``summary``): after the first ``--warmup`` fraction of the run, the lowest and
 highest of each count, and resident memory's least-squares slope in MiB per minute over the
-second half. No timing target: it is a check, in bench/ because it runs for minutes.
+second half; ``problems`` lists every failed check or unexpected error, in any process. No
+timing target: it is a check, in bench/ because it runs for minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -29,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -43,6 +58,11 @@ import tierkv  # noqa: E402
 IDS = 24
 #: the counts summarised (lowest and highest after the warm-up)
 KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_mib")
+#: counts that are not calls
+NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", "corrupt_blocks", "vanished_blocks",
+             "save_wait_timeouts")
+#: budgets small enough that every tier and the SSD keep evicting
+BUDGETS = dict(device_bytes="128MiB", host_bytes="256MiB", ssd_bytes="1GiB", full_policy="miss")
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
@@ -61,97 +81,207 @@ def _readers(store: tierkv.TierKV) -> int:
     return max(0, len([line for line in text.splitlines() if line.strip()]) - 1)
 
 
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(BUDGETS, persist=args.persist, ssd_codec=args.codec, ssd_page_cache=args.page_cache)
+
+
+class Churn:
+    """``threads`` threads of random hooks against one store, which ``reopen`` swaps for a new one
+    between calls (the threads pause while it is closed: a call on a closed store is a problem)."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], spec: tierkv.KVSpec,
+                 verify: int, seed: int) -> None:
+        self.kv, self.spec, self.verify, self.seed = kv, spec, verify, seed
+        self.tokens = [list(range(i * 100_000, i * 100_000 + TOKENS)) for i in range(IDS)]
+        self.gate = threading.Condition()
+        self.store: tierkv.TierKV | None = None
+        self.paused = self.stopping = False
+        self.active = 0
+        self.counts: dict[str, int] = {}
+        self.problems: list[str] = []
+        self._count_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def bump(self, name: str, n: int = 1) -> None:
+        with self._count_lock:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def start(self, store: tierkv.TierKV, threads: int) -> None:
+        self.store = store
+        self._threads = [threading.Thread(target=self._worker, args=(w,), daemon=True) for w in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        """Close the store, adding its counters to the run's: a block counted corrupt is a
+        problem (nothing here damages a value), a vanished one is not (dropped or evicted between
+        a restore's match and its read, by another thread or process); a save that waited out
+        the backpressure limit is one (the writer stalled)."""
+        assert self.store is not None
+        st = self.store.stats()
+        for name in ("corrupt_blocks", "vanished_blocks"):
+            self.bump(name, st[name])
+        self.bump("save_wait_timeouts", st["backpressure"]["timeouts"])
+        if st["corrupt_blocks"]:
+            self.problems.append(f"{st['corrupt_blocks']} blocks counted corrupt, with nothing damaged")
+        if st["backpressure"]["timeouts"]:  # a save waited out the limit: the writer stalled
+            self.problems.append(f"{st['backpressure']['timeouts']} saves waited out the backpressure limit")
+        self.store.close()
+
+    def reopen(self, open_store: Callable[[], tierkv.TierKV]) -> None:
+        with self.gate:
+            self.paused = True
+            while self.active:
+                self.gate.wait()
+        self.close()
+        self.store = open_store()
+        with self.gate:
+            self.paused = False
+            self.gate.notify_all()
+
+    def stop(self) -> None:
+        with self.gate:
+            self.stopping = True
+            self.gate.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def _check(self, what: str, n: int, kv: list[tuple[torch.Tensor, ...]]) -> None:
+        for (k, v), got in zip(self.kv, kv):
+            if not (torch.equal(got[0], k[:, :n]) and torch.equal(got[1], v[:, :n])):
+                self.problems.append(f"{what}[:{n}] differs from the KV saved")
+                return
+        self.bump("verified")
+
+    def _worker(self, w: int) -> None:
+        rng = random.Random(self.seed * 100 + w)
+        pool = tierkv.CachePool()
+        allocate = pool.allocator(self.spec)
+        hits = {"restore": 0, "restore_async": 0}
+        while True:
+            with self.gate:
+                while self.paused and not self.stopping:
+                    self.gate.wait()
+                if self.stopping:
+                    return
+                self.active += 1
+                s = self.store
+            assert s is not None
+            try:
+                i = rng.randrange(IDS)
+                q = rng.randrange(256, TOKENS + 1)
+                sid, toks = f"s{i}", self.tokens[i][:q]
+                op = rng.random()
+                if op < 0.25:
+                    s.save(toks, [(k[:, :q], v[:, :q]) for k, v in self.kv], session=sid,
+                           ttl=rng.choice([None, None, 30.0]))
+                    self.bump("save")
+                elif op < 0.55:
+                    if op < 0.45:
+                        r, name = s.restore(toks, session=sid), "restore"
+                    else:  # into a server's pool, each layer waited for in an order of its own
+                        h, name = s.restore_async(toks, session=sid, allocate=allocate), "restore_async"
+                        try:
+                            for layer in rng.sample(range(len(self.kv)), len(self.kv)):
+                                h.layer(layer)
+                        except tierkv.BlockLoadError:  # a block dropped or evicted since the match:
+                            self.bump("restore_async_cut")  # result() ends the prefix before it
+                        r = h.result()
+                    self.bump(name)
+                    self.bump("restored_tokens", r.num_tokens)
+                    if r.num_tokens:
+                        hits[name] += 1
+                        if hits[name] % self.verify == 0:
+                            self._check(f"{name} of {sid}", r.num_tokens, r.kv)
+                elif op < 0.65:
+                    h = s.prefetch(toks, session=sid)
+                    if op < 0.62:
+                        h.wait()
+                        self.bump("prefetch")
+                    else:
+                        self.bump("prefetch_unread")  # its handle dropped: the blocks still land
+                elif op < 0.73:
+                    s.lookup(toks, session=sid)
+                    self.bump("lookup")
+                elif op < 0.88:  # of a session another thread or process may just have dropped
+                    call, name = (s.offload, "offload") if op < 0.78 else (s.drop_session, "drop")
+                    try:
+                        call(sid)
+                        self.bump(name)
+                    except tierkv.UnknownSessionError:
+                        self.bump(name + "_unknown")
+                else:
+                    s.stats()
+                    self.bump("stats")
+            except tierkv.StoreClosedError:
+                self.problems.append("a call met a closed store")  # cannot happen: workers pause first
+            except Exception as e:  # noqa: BLE001 - recorded; the run goes on
+                self.problems.append(f"{type(e).__name__}: {e}")
+            finally:
+                with self.gate:
+                    self.active -= 1
+                    self.gate.notify_all()
+
+
+def _process(args: argparse.Namespace, path: str, index: int, start: float, result: str) -> None:
+    """One more process's churn on the same store (run with ``--processes``): until the main
+    process's end, reopening on a schedule offset from the others'; its counts and problems go
+    to ``result`` as JSON."""
+    spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)
+    churn = Churn(kv, spec, args.verify, args.seed + 1000 * index)
+    open_store = lambda: tierkv.TierKV(path, spec, **settings_of(args))  # noqa: E731
+    reopens = 0
+    try:
+        churn.start(open_store(), args.threads)
+        end = start + args.minutes * 60
+        next_reopen = start + args.reopen_every * (1 + index / (args.processes + 1))
+        while time.time() < end and len(churn.problems) < 20:
+            if time.time() >= next_reopen:
+                churn.reopen(open_store)
+                reopens += 1
+                next_reopen += args.reopen_every
+            time.sleep(0.05)
+        churn.stop()
+        churn.close()
+    except Exception as e:  # noqa: BLE001 - reported to the main process
+        churn.problems.append(f"process {index}: {type(e).__name__}: {e}")
+    proc = psutil.Process()
+    with open(result, "w") as f:
+        json.dump({"counts": churn.counts, "problems": churn.problems, "reopens": reopens,
+                   "after_close": {"fds": proc.num_fds(), "threads": proc.num_threads()}}, f)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--threads", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=3, help="threads of hooks in each process")
+    ap.add_argument("--processes", type=int, default=0, help="more processes churning the same store")
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--reopen-every", type=float, default=60.0, help="seconds between close and reopen")
-    ap.add_argument("--verify", type=int, default=4, help="check every N-th restore bit for bit")
+    ap.add_argument("--verify", type=int, default=4, help="check every N-th hit bit for bit")
     ap.add_argument("--warmup", type=float, default=0.2, help="fraction of the run left out of the summary")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's KV dtype")
+    ap.add_argument("--persist", choices=("write_back", "write_through"), default="write_back")
+    ap.add_argument("--codec", choices=("zstd-planes", "raw"), default="zstd-planes")
+    ap.add_argument("--page-cache", choices=("use", "bypass"), default="use")
     ap.add_argument("--dir", default=None, help="working directory (default: a temp dir)")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tierkv"))
     ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
     ap.add_argument("--out", default="bench/results/soak.json")
     args = ap.parse_args(argv)
 
-    spec, kv = session_kv(args.synthetic, args.cache_dir)
+    spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)  # cached before any child starts
     work = tempfile.mkdtemp(prefix="tierkv-soak-", dir=args.dir)
     path = os.path.join(work, "store")
-    settings = dict(device_bytes="128MiB", host_bytes="256MiB", ssd_bytes="1GiB", full_policy="miss")
+    settings = settings_of(args)
     proc = psutil.Process()
-    tokens = [list(range(i * 100_000, i * 100_000 + TOKENS)) for i in range(IDS)]
-    gate = threading.Condition()
-    state: dict[str, Any] = {"store": None, "paused": False, "active": 0, "stop": False}
-    counts: dict[str, int] = {}
-    problems: list[str] = []
-    count_lock = threading.Lock()
-
-    def bump(name: str, n: int = 1) -> None:
-        with count_lock:
-            counts[name] = counts.get(name, 0) + n
-
-    def worker(w: int) -> None:
-        rng = random.Random(args.seed * 100 + w)
-        restores = 0
-        while True:
-            with gate:
-                while state["paused"] and not state["stop"]:
-                    gate.wait()
-                if state["stop"]:
-                    return
-                state["active"] += 1
-                s = state["store"]
-            try:
-                i = rng.randrange(IDS)
-                q = rng.randrange(256, TOKENS + 1)
-                sid = f"s{i}"
-                op = rng.random()
-                if op < 0.3:
-                    s.save(tokens[i][:q], [(k[:, :q], v[:, :q]) for k, v in kv], session=sid,
-                           ttl=rng.choice([None, None, 30.0]))
-                    bump("save")
-                elif op < 0.6:
-                    r = s.restore(tokens[i][:q], session=sid)
-                    bump("restore")
-                    bump("restored_tokens", r.num_tokens)
-                    restores += 1
-                    if r.num_tokens and restores % args.verify == 0:
-                        n = r.num_tokens
-                        for (k, v), (rk, rv) in zip(kv, r.kv):
-                            if not (torch.equal(rk, k[:, :n]) and torch.equal(rv, v[:, :n])):
-                                problems.append(f"restore of {sid}[:{n}] differs from the KV saved")
-                                break
-                        bump("verified")
-                elif op < 0.7:
-                    s.prefetch(tokens[i][:q], session=sid).wait()
-                    bump("prefetch")
-                elif op < 0.8:
-                    s.lookup(tokens[i][:q], session=sid)
-                    bump("lookup")
-                elif op < 0.95:  # of a session another thread may just have dropped
-                    call, name = (s.offload, "offload") if op < 0.85 else (s.drop_session, "drop")
-                    try:
-                        call(sid)
-                        bump(name)
-                    except tierkv.UnknownSessionError:
-                        bump(name + "_unknown")
-                else:
-                    s.stats()
-                    bump("stats")
-            except tierkv.StoreClosedError:
-                bump("closed_under_call")  # cannot happen: workers pause before close
-                problems.append("a call met a closed store")
-            except Exception as e:  # noqa: BLE001 - recorded; the run goes on
-                problems.append(f"{type(e).__name__}: {e}")
-            finally:
-                with gate:
-                    state["active"] -= 1
-                    gate.notify_all()
+    churn = Churn(kv, spec, args.verify, args.seed)
+    open_store = lambda: tierkv.TierKV(path, spec, **settings)  # noqa: E731
 
     def sample(t0: float) -> dict[str, Any]:
-        s = state["store"]
+        s = churn.store
+        assert s is not None
         st = s.stats()
         mem = proc.memory_info()
         return {"t_s": time.monotonic() - t0, "rss_mib": mem.rss / 2**20,
@@ -163,50 +293,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "host_pool_slabs": (st["host_pool"] or {}).get("slabs"),
                 # this store's counters since it was opened: either above 0 is a fault
                 "corrupt_blocks": st["corrupt_blocks"], "save_wait_timeouts": st["backpressure"]["timeouts"],
-                "ops": dict(counts)}
+                "ops": dict(churn.counts)}
 
     out: dict[str, Any] = {"machine": machine(), "args": vars(args), "settings": settings,
                            "spec_bytes_per_token": spec.bytes_per_token, "samples": [], "reopens": 0}
+    children: list[tuple[Any, str]] = []
     try:
-        state["store"] = tierkv.TierKV(path, spec, **settings)
-        threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(args.threads)]
+        churn.start(open_store(), args.threads)  # the store exists before the other processes open it
+        start = time.time()
+        ctx = multiprocessing.get_context("spawn")
+        for index in range(args.processes):
+            result = os.path.join(work, f"process{index}.json")
+            p = ctx.Process(target=_process, args=(args, path, index, start, result), daemon=True)
+            p.start()
+            children.append((p, result))
         t0 = time.monotonic()
         end = t0 + args.minutes * 60
         next_sample, next_reopen = t0, t0 + args.reopen_every
-        for t in threads:
-            t.start()
-        while time.monotonic() < end and len(problems) < 20:
+        while time.monotonic() < end and len(churn.problems) < 20:
             now = time.monotonic()
             if now >= next_sample:
                 out["samples"].append(sample(t0))
                 next_sample += args.sample_every
             if now >= next_reopen:
-                with gate:
-                    state["paused"] = True
-                    while state["active"]:
-                        gate.wait()
-                state["store"].close()
-                state["store"] = tierkv.TierKV(path, spec, **settings)
+                churn.reopen(open_store)
                 out["reopens"] += 1
-                with gate:
-                    state["paused"] = False
-                    gate.notify_all()
                 next_reopen += args.reopen_every
             time.sleep(0.05)
-        with gate:
-            state["stop"] = True
-            gate.notify_all()
-        for t in threads:
-            t.join()
+        churn.stop()
         out["samples"].append(sample(t0))
-        state["store"].close()
+        churn.close()
+        out["processes"] = []
+        for index, (p, result) in enumerate(children):
+            p.join(timeout=300)
+            if p.is_alive() or not os.path.exists(result):
+                churn.problems.append(f"process {index} did not finish (exit code {p.exitcode})")
+                continue
+            with open(result) as f:
+                got = json.load(f)
+            out["processes"].append(got)
+            churn.problems += [f"process {index}: {x}" for x in got["problems"]]
         out["after_close"] = {"fds": proc.num_fds(), "threads": proc.num_threads(),
                               "rss_mib": proc.memory_info().rss / 2**20}
     finally:
+        for p, _ in children:
+            if p.is_alive():
+                p.kill()
         shutil.rmtree(work, ignore_errors=True)
 
+    counts = churn.counts
     out["ops"] = counts
-    out["problems"] = problems
+    out["problems"] = churn.problems
     steady = [x for x in out["samples"] if x["t_s"] >= args.warmup * args.minutes * 60]
     half = [x for x in out["samples"] if x["t_s"] >= 0.5 * args.minutes * 60]
     out["summary"] = {
@@ -216,11 +353,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rss_slope_mib_per_min_second_half": _slope([x["t_s"] / 60 for x in half], [x["rss_mib"] for x in half]),
         "rss_anon_slope_mib_per_min_second_half": _slope([x["t_s"] / 60 for x in half],
                                                          [x["rss_anon_mib"] for x in half]),
-        "problems": len(problems),
+        **{name: counts.get(name, 0) + sum(got["counts"].get(name, 0) for got in out.get("processes", []))
+           for name in ("verified", "corrupt_blocks", "vanished_blocks", "save_wait_timeouts")},
+        "problems": len(churn.problems),
     } if steady else {}
     write_json(args.out, out)
-    print(f"{sum(v for k, v in counts.items() if k not in ('restored_tokens',))} calls in {args.minutes:g} min, "
-          f"{out['reopens']} reopens, {len(problems)} problems")
+    calls = sum(v for k, v in counts.items() if k not in NOT_CALLS)
+    others = sum(v for got in out.get("processes", []) for k, v in got["counts"].items() if k not in NOT_CALLS)
+    print(f"{calls} calls in {args.minutes:g} min ({others} more in {args.processes} other processes), "
+          f"{out['reopens']} reopens, {len(churn.problems)} problems")
+    for p in churn.problems[:20]:
+        print("  problem:", p)
     for k, v in out["summary"].items():
         print(f"  {k:36s} {v:.2f}" if isinstance(v, float) else f"  {k:36s} {v}")
     _plot(out, os.path.splitext(args.out)[0] + ".png")
