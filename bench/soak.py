@@ -5,7 +5,9 @@ of random hooks against one store for ``--minutes``, over budgets small enough t
 and the SSD keep evicting, and closes and reopens the store every ``--reopen-every`` seconds (a
 process restart, without the process). With ``--processes N``, N more processes run the same
 churn on the same store directory at once, each with a store object of its own, reopened on a
-schedule of its own (several server workers sharing one SSD store). Every ``--sample-every``
+schedule of its own (several server workers sharing one SSD store); with ``--kill-every S``
+they are killed with SIGKILL every S seconds, wherever they are (mid-save, mid-commit,
+mid-read), and new ones take their place (workers crashing and restarting). Every ``--sample-every``
 seconds the main process records what a leak would show in: its resident memory, open file
 descriptors and threads, LMDB's reader slots in use (all processes'), data.mdb's size, and each
 tier's resident bytes. Every ``--verify``-th hit of each kind (restore, restore into a pool) is
@@ -225,30 +227,52 @@ class Churn:
 
 def _process(args: argparse.Namespace, path: str, index: int, start: float, result: str) -> None:
     """One more process's churn on the same store (run with ``--processes``): until the main
-    process's end, reopening on a schedule offset from the others'; its counts and problems go
-    to ``result`` as JSON."""
+    process's end, reopening on a schedule offset from the others'. Its counts and problems go
+    to ``result`` as JSON every second and at the end, so a process killed (``--kill-every``)
+    still reports what it did and found up to its last second; its open store's corrupt count is
+    in them."""
     spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)
-    churn = Churn(kv, spec, args.verify, args.seed + 1000 * index)
+    churn = Churn(kv, spec, args.verify, args.seed + 1000 * (index + 1))
     open_store = lambda: tierkv.TierKV(path, spec, **settings_of(args))  # noqa: E731
-    reopens = 0
+    reopens, done = 0, False
+    proc = psutil.Process()
+
+    def report() -> None:
+        counts = dict(churn.counts)
+        if not done and churn.store is not None:  # the open store's counters, not yet added
+            st = churn.store.stats()
+            for name in ("corrupt_blocks", "vanished_blocks"):
+                counts[name] = counts.get(name, 0) + st[name]
+        got = {"index": index, "counts": counts, "problems": list(churn.problems), "reopens": reopens}
+        if done:
+            got["after_close"] = {"fds": proc.num_fds(), "threads": proc.num_threads()}
+        with open(result + ".tmp", "w") as f:
+            json.dump(got, f)
+        os.replace(result + ".tmp", result)
+
     try:
         churn.start(open_store(), args.threads)
         end = start + args.minutes * 60
-        next_reopen = start + args.reopen_every * (1 + index / (args.processes + 1))
+        slot = index % max(1, args.processes)
+        next_reopen = start + args.reopen_every * (1 + (slot + 1) / (args.processes + 1))
+        while next_reopen < time.time():  # a process started late (after a kill) keeps the slot's phase
+            next_reopen += args.reopen_every
+        next_report = time.time()
         while time.time() < end and len(churn.problems) < 20:
             if time.time() >= next_reopen:
                 churn.reopen(open_store)
                 reopens += 1
                 next_reopen += args.reopen_every
+            if time.time() >= next_report:
+                report()
+                next_report += 1.0
             time.sleep(0.05)
         churn.stop()
         churn.close()
     except Exception as e:  # noqa: BLE001 - reported to the main process
-        churn.problems.append(f"process {index}: {type(e).__name__}: {e}")
-    proc = psutil.Process()
-    with open(result, "w") as f:
-        json.dump({"counts": churn.counts, "problems": churn.problems, "reopens": reopens,
-                   "after_close": {"fds": proc.num_fds(), "threads": proc.num_threads()}}, f)
+        churn.problems.append(f"{type(e).__name__}: {e}")
+    done = True
+    report()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -256,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=3, help="threads of hooks in each process")
     ap.add_argument("--processes", type=int, default=0, help="more processes churning the same store")
+    ap.add_argument("--kill-every", type=float, default=0.0,
+                    help="seconds between SIGKILLs of the other processes, each replaced by a new one (0: never)")
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--reopen-every", type=float, default=60.0, help="seconds between close and reopen")
     ap.add_argument("--verify", type=int, default=4, help="check every N-th hit bit for bit")
@@ -298,18 +324,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine(), "args": vars(args), "settings": settings,
                            "spec_bytes_per_token": spec.bytes_per_token, "samples": [], "reopens": 0}
     children: list[tuple[Any, str]] = []
+    out["processes"] = []
+    ctx = multiprocessing.get_context("spawn")
+
+    def spawn(start: float) -> None:
+        index = len(out["processes"]) + len(children)
+        result = os.path.join(work, f"process{index}.json")
+        p = ctx.Process(target=_process, args=(args, path, index, start, result), daemon=True)
+        p.start()
+        children.append((p, result))
+
+    def collect(p: Any, result: str, killed: bool) -> None:
+        """A process's last report: its problems are the run's, and a killed one's corrupt count
+        (a process that closed its store reported its own as a problem already)."""
+        if not os.path.exists(result):
+            if not killed:
+                churn.problems.append(f"a process ended without a report (exit code {p.exitcode})")
+            out["processes"].append({"killed": killed, "counts": {}, "problems": []})
+            return
+        with open(result) as f:
+            got = json.load(f)
+        got["killed"] = killed
+        out["processes"].append(got)
+        churn.problems += [f"process {got['index']}: {x}" for x in got["problems"]]
+        if killed and got["counts"].get("corrupt_blocks"):
+            churn.problems.append(f"process {got['index']}: {got['counts']['corrupt_blocks']} blocks "
+                                  "counted corrupt, with nothing damaged")
+
     try:
         churn.start(open_store(), args.threads)  # the store exists before the other processes open it
         start = time.time()
-        ctx = multiprocessing.get_context("spawn")
-        for index in range(args.processes):
-            result = os.path.join(work, f"process{index}.json")
-            p = ctx.Process(target=_process, args=(args, path, index, start, result), daemon=True)
-            p.start()
-            children.append((p, result))
+        for _ in range(args.processes):
+            spawn(start)
         t0 = time.monotonic()
         end = t0 + args.minutes * 60
         next_sample, next_reopen = t0, t0 + args.reopen_every
+        next_kill = t0 + args.kill_every if args.kill_every > 0 else float("inf")
         while time.monotonic() < end and len(churn.problems) < 20:
             now = time.monotonic()
             if now >= next_sample:
@@ -319,20 +369,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 churn.reopen(open_store)
                 out["reopens"] += 1
                 next_reopen += args.reopen_every
+            if now >= next_kill:  # a worker crashes mid-call, whatever it was doing; a new one starts
+                for p, result in children:
+                    p.kill()
+                    p.join()
+                    collect(p, result, killed=True)
+                children.clear()
+                out["kills"] = out.get("kills", 0) + args.processes
+                for _ in range(args.processes):
+                    spawn(start)
+                next_kill += args.kill_every
             time.sleep(0.05)
         churn.stop()
         out["samples"].append(sample(t0))
         churn.close()
-        out["processes"] = []
-        for index, (p, result) in enumerate(children):
+        for p, result in children:
             p.join(timeout=300)
-            if p.is_alive() or not os.path.exists(result):
-                churn.problems.append(f"process {index} did not finish (exit code {p.exitcode})")
+            if p.is_alive():
+                churn.problems.append(f"a process did not finish (still running after {args.minutes:g} min + 300 s)")
                 continue
-            with open(result) as f:
-                got = json.load(f)
-            out["processes"].append(got)
-            churn.problems += [f"process {index}: {x}" for x in got["problems"]]
+            collect(p, result, killed=False)
+        children.clear()
         out["after_close"] = {"fds": proc.num_fds(), "threads": proc.num_threads(),
                               "rss_mib": proc.memory_info().rss / 2**20}
     finally:
@@ -360,8 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(args.out, out)
     calls = sum(v for k, v in counts.items() if k not in NOT_CALLS)
     others = sum(v for got in out.get("processes", []) for k, v in got["counts"].items() if k not in NOT_CALLS)
-    print(f"{calls} calls in {args.minutes:g} min ({others} more in {args.processes} other processes), "
-          f"{out['reopens']} reopens, {len(churn.problems)} problems")
+    print(f"{calls} calls in {args.minutes:g} min ({others} more in {len(out['processes'])} other processes, "
+          f"{out.get('kills', 0)} of them killed), {out['reopens']} reopens, {len(churn.problems)} problems")
     for p in churn.problems[:20]:
         print("  problem:", p)
     for k, v in out["summary"].items():

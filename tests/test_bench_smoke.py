@@ -109,15 +109,18 @@ def test_ops_bench_runs(tmp_path):
 
 
 def test_soak_bench_runs(tmp_path):
-    """A short soak with a second process on the store: every check it makes passes."""
+    """A short soak with a second process on the store, killed once and replaced: every check it
+    makes passes."""
     out = tmp_path / "soak.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "soak.py"), "--minutes", "0.3",
-                        "--processes", "1", "--reopen-every", "6", "--sample-every", "2", "--synthetic",
-                        "--dir", str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--processes", "1", "--kill-every", "10", "--reopen-every", "6", "--sample-every", "2",
+                        "--synthetic", "--dir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["problems"] == [] and res["summary"]["corrupt_blocks"] == 0
-    assert res["reopens"] >= 2 and len(res["processes"]) == 1
+    assert res["reopens"] >= 2 and res["kills"] == 1
+    assert [p["killed"] for p in res["processes"]] == [True, False]
     assert res["ops"]["save"] > 0 and res["ops"]["restore"] > 0
     assert res["after_close"]["fds"] < res["summary"]["fds_max"]
 
