@@ -160,6 +160,43 @@ def test_a_value_another_process_removed_is_a_miss_not_corruption(tmp_path, othe
         assert s.stats()["corrupt_blocks"] == 0
 
 
+EXTENDER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, make_kv, small_spec
+with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write_through") as s:
+    s.save(list(range(4 * BLOCK)), make_kv(small_spec(), 4 * BLOCK), session="x",
+           pinned=sys.argv[3] == "pinned").wait()
+"""
+
+
+@pytest.mark.parametrize("pinned", ["pinned", "unpinned"])
+def test_a_session_another_process_saved_further_is_restored_whole(tmp_path, pinned):
+    """Turn 1 of a session ran in this process, turn 2 in another sharing the store (no sticky
+    routing), and turn 3 lands here again: asked for more tokens than its own copy of the
+    record holds, this process reads the stored record again and restores all that turn 2
+    saved. Before, it restored only the prefix its own copy knew (half, here), though a lookup
+    by content alone found all of it."""
+    path = str(tmp_path / "store")
+    toks, kv = list(range(4 * BLOCK)), make_kv(SPEC, 4 * BLOCK)
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through") as s:
+        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="x", pinned=pinned == "pinned").wait()
+        assert s.lookup(toks, session="x") == 2 * BLOCK
+        r = subprocess.run([sys.executable, "-c", EXTENDER, path, HERE, pinned],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert s.lookup(toks + [9999], session="x") == 4 * BLOCK
+        got = s.restore(toks, session="x")
+        assert got.num_tokens == 4 * BLOCK
+        assert_kv_equal(got.kv, kv)
+        assert s.session_info("x")["tokens"] == 4 * BLOCK
+        # every block of it carries the one pin of its one pinned record, no more and no less
+        assert sorted(b.pins for b in s._blocks.values()) == [int(pinned == "pinned")] * 4
+        # its own copy, once fresh, serves: a shorter ask does not read the record again
+        assert s.lookup(toks[:3 * BLOCK], session="x") == 3 * BLOCK
+
+
 def test_nan_policy(open_store):
     kv = make_kv(SPEC, BLOCK)
     kv[1] = (kv[1][0].clone(), kv[1][1].clone())

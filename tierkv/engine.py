@@ -235,6 +235,31 @@ class TierKV(SSDWriter):
             return None
         return rec
 
+    def _session_for(self, session: str, toks: np.ndarray) -> SessionRecord | None:
+        """``_session``, for a lookup, restore or prefetch of ``toks``: where they run past the
+        end of this process's copy of the record, and this process has no change of the session
+        queued, the stored record is read again if it holds more tokens. Another process sharing
+        the store may have saved the session further (a worker fleet with no sticky routing:
+        turn 5 of an agent lands where turn 3 did); before, this process restored only the
+        prefix its own copy knew. The check reads one header; a new turn's tokens always run
+        past the record, so it is made once per turn, not per layer or block."""
+        rec = self._session(session)
+        if rec is None or len(toks) <= len(rec.tokens) or self._pending[session]:
+            return rec
+        try:
+            stored = self._ssd.session_length(session)
+        except TierKVError:
+            return rec
+        if stored is None or stored <= len(rec.tokens):
+            return rec
+        del self._sessions[session]  # let go of this copy, and of the pins it put on blocks
+        if rec.pinned:
+            for key in set(rec.keys):
+                b = self._blocks.get(key)
+                if b is not None:
+                    b.pins -= 1
+        return self._session(session)
+
     def _forget_block(self, b: Block) -> None:
         """Delete a block from memory; the queued op deleting it on disk lists it as doomed."""
         if b.tier is not None:
@@ -460,7 +485,7 @@ class TierKV(SSDWriter):
         tuples alive for the garbage collector (they made lookup's p99 70 ms; bench/ops.py).
         """
         B = self.block_tokens
-        rec = self._session(session) if session is not None else None
+        rec = self._session_for(session, toks) if session is not None else None
         if rec is not None and rec.tenant == tenant:
             lcp = common_prefix(rec.tokens, toks)
             keys: Any = rec.keys[:(lcp + B - 1) // B]
@@ -485,7 +510,7 @@ class TierKV(SSDWriter):
             check_session_id(session)
         with self._lock:
             self._check_open()  # again under the lock: close() may have begun meanwhile
-            rec = self._session(session) if session is not None else None
+            rec = self._session_for(session, toks) if session is not None else None
             if rec is None or rec.tenant != tenant:
                 return sum(used for _, used in self._match(toks, session, tenant))
             lcp = common_prefix(rec.tokens, toks)

@@ -323,6 +323,16 @@ class SSDStore:
             raw = txn.get(check_session_id(session), db=self.sessions)
             return None if raw is None else SessionRecord.decode(session, raw)
 
+    def session_length(self, session: str) -> int | None:
+        """The token count of a session's record as stored, read from its header alone (a
+        record of a 1M-token session is 4 MB; this reads 16 bytes of it). None: no record, or
+        not one whose header can be read (``get_session`` says what is wrong with it)."""
+        with self.reader() as txn:
+            raw = txn.get(check_session_id(session), db=self.sessions)
+            if raw is None or len(raw) < 16 or bytes(raw[:4]) != _SESSION_MAGIC:
+                return None
+            return struct.unpack_from("<I", raw, 8)[0]
+
     def get_bmeta(self, key: bytes) -> BlockMeta | None:
         with self.reader() as txn:
             raw = txn.get(key, db=self.bmeta)
