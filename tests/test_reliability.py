@@ -136,7 +136,7 @@ def test_a_value_another_process_removed_is_a_miss_not_corruption(tmp_path, othe
     ``vanished_blocks``, not corruption, and its stale records are let go, so lookups stop
     promising the blocks. Before, the second case counted each block corrupt (its record was
     there, its value not): with two processes sharing a store, ``bench/soak.py`` counted up to
-    26 corrupt blocks a minute with nothing damaged, and lookups went on promising them."""
+    26 corrupt blocks in 30 s with nothing damaged, and lookups went on promising them."""
     path = str(tmp_path / "store")
     toks, kv = list(range(2 * BLOCK)), make_kv(SPEC, 2 * BLOCK)
     with _ssd_only(path, "64MiB") as s:
