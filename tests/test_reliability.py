@@ -160,6 +160,33 @@ def test_a_value_another_process_removed_is_a_miss_not_corruption(tmp_path, othe
         assert s.stats()["corrupt_blocks"] == 0
 
 
+@pytest.mark.parametrize("persist", ["write_through", "write_back"])
+def test_a_save_copies_blocks_another_process_removed(tmp_path, persist):
+    """This process holds a session's blocks as "on SSD"; another process drops the session, and
+    their values go. A save of the session here copies those blocks again, so what it saved
+    restores whole, here and after a restart. Before, the save trusted its stale record: it
+    copied nothing, its record named blocks with no value, and the session restored nothing
+    until the next save."""
+    path = str(tmp_path / "store")
+    toks, kv = list(range(3 * BLOCK)), make_kv(SPEC, 3 * BLOCK)
+    with _ssd_only(path, "64MiB") as s:
+        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="x").wait()
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist=persist) as s:
+        assert s.lookup(toks, session="x") == 2 * BLOCK  # its records: on SSD, not in memory
+        r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, "dropped"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        s.save(toks, kv, session="x").wait()  # the next turn, one block longer
+        got = s.restore(toks, session="x")
+        assert got.num_tokens == 3 * BLOCK
+        assert_kv_equal(got.kv, kv)
+    with _ssd_only(path, "64MiB") as s:
+        got = s.restore(toks, session="x")
+        assert got.num_tokens == 3 * BLOCK
+        assert_kv_equal(got.kv, kv)
+        assert s.stats()["vanished_blocks"] == 0
+
+
 EXTENDER = """
 import sys
 sys.path.insert(0, sys.argv[2])

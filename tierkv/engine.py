@@ -350,7 +350,7 @@ class TierKV(SSDWriter):
 
         with self._lock:
             self._check_open()
-            missing = [i for i, k in enumerate(keys) if not self._available(self._block(k))]
+            missing = self._to_copy(keys)
         # The slab pool's thread holds off until this save returns: prefaulting alongside the
         # copy slowed it as much as the faults it spared, and alongside the bookkeeping after it
         # added milliseconds to the return (likely the process's memory-map lock, which the
@@ -436,6 +436,20 @@ class TierKV(SSDWriter):
                 self._enqueue(op)
                 self._stats.count("saved_tokens", len(toks))
             return SaveHandle(op.done, lambda: self._op_error(op))
+
+    def _to_copy(self, keys: list[bytes]) -> list[int]:
+        """Indexes of the blocks a save must copy: those not available here, and those this
+        process holds only as "on SSD" whose value is no longer stored (another process evicted
+        or dropped it: this process's record was stale). Without the check, such a save's record
+        named blocks with no value, and a restore ended before them until the next save. One
+        read for all the SSD-only blocks; called under the lock."""
+        ssd_only = [b for b in map(self._block, keys)
+                    if b is not None and b.available and b.tier is None and b.load is None]
+        stored = self._ssd.values_stored([b.key for b in ssd_only]) if ssd_only else set()
+        for b in ssd_only:
+            if b.key not in stored:
+                self._forget_vanished(b)
+        return [i for i, k in enumerate(keys) if not self._available(self._block(k))]
 
     def _wait_for_memory(self, target: MemoryTier) -> None:
         """Backpressure. Saves arriving faster than the writer can move blocks to SSD left every

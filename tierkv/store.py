@@ -323,6 +323,11 @@ class SSDStore:
             raw = txn.get(check_session_id(session), db=self.sessions)
             return None if raw is None else SessionRecord.decode(session, raw)
 
+    def values_stored(self, keys: list[bytes]) -> set[bytes]:
+        """Those of ``keys`` whose bookkeeping says their value is stored, in one read."""
+        with self.reader() as txn:
+            return {key for key in keys if self.records_value(txn, key)}
+
     def session_length(self, session: str) -> int | None:
         """The token count of a session's record as stored, read from its header alone (a
         record of a 1M-token session is 4 MB; this reads 16 bytes of it). None: no record, or
