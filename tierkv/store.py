@@ -102,6 +102,14 @@ class SessionRecord:
                          head, self.tokens.astype("<u4").tobytes(), b"".join(self.keys)])
         return body + struct.pack("<I", zlib.crc32(body))
 
+    @staticmethod
+    def stored_length(raw: bytes | memoryview) -> int | None:
+        """The token count an encoded record holds, from its header alone (None: not a record's
+        header; ``decode`` says what is wrong with it)."""
+        if len(raw) < 16 or bytes(raw[:4]) != _SESSION_MAGIC:
+            return None
+        return struct.unpack_from("<I", raw, 8)[0]
+
     @classmethod
     def decode(cls, session: str, raw: bytes | memoryview) -> "SessionRecord":
         raw = bytes(raw)
@@ -334,9 +342,7 @@ class SSDStore:
         not one whose header can be read (``get_session`` says what is wrong with it)."""
         with self.reader() as txn:
             raw = txn.get(check_session_id(session), db=self.sessions)
-            if raw is None or len(raw) < 16 or bytes(raw[:4]) != _SESSION_MAGIC:
-                return None
-            return struct.unpack_from("<I", raw, 8)[0]
+            return None if raw is None else SessionRecord.stored_length(raw)
 
     def get_bmeta(self, key: bytes) -> BlockMeta | None:
         with self.reader() as txn:
