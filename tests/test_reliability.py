@@ -224,6 +224,57 @@ def test_a_session_another_process_saved_further_is_restored_whole(tmp_path, pin
         assert s.lookup(toks[:3 * BLOCK], session="x") == 3 * BLOCK
 
 
+BRANCHER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, small_spec
+from test_reliability import branch
+toks, kv = branch(int(sys.argv[3]))
+with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write_through") as s:
+    s.save(toks, kv, session="x", pinned=sys.argv[4] == "pinned").wait()
+"""
+
+
+def branch(n: int):
+    """Another branch of session "x": its first block's tokens and KV, then tokens of its own."""
+    ours, theirs = kv_slice(make_kv(SPEC, 4 * BLOCK), BLOCK), make_kv(SPEC, n, seed=1)
+    kv = [tuple(torch.cat([a, b.narrow(1, BLOCK, n - BLOCK)], 1) for a, b in zip(x, y))
+          for x, y in zip(ours, theirs)]
+    return list(range(BLOCK)) + list(range(5000, 5000 + n - BLOCK)), kv
+
+
+@pytest.mark.parametrize("length,pinned", [("same", "pinned"), ("shorter", "unpinned")])
+def test_a_session_another_process_saved_down_another_branch_is_restored(tmp_path, length, pinned):
+    """This process saved four blocks of session "x"; another process sharing the store then
+    saved "x" down another branch (a regenerated answer after the first block), as long as this
+    process's copy of the record or shorter, and the next turn of that branch lands here. Its
+    tokens diverge from this process's copy after one block: the stored record is asked, holds
+    more of them, and is read again, so the whole branch is restored. Before, only a record
+    longer than this process's copy was read again, and this restored one block."""
+    path = str(tmp_path / "store")
+    toks, kv = list(range(4 * BLOCK)), make_kv(SPEC, 4 * BLOCK)
+    n = 4 * BLOCK if length == "same" else 3 * BLOCK
+    other, other_kv = branch(n)
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through") as s:
+        s.save(toks, kv, session="x", pinned=pinned == "pinned").wait()
+        assert s.lookup(other, session="x") == BLOCK
+        r = subprocess.run([sys.executable, "-c", BRANCHER, path, HERE, str(n), pinned],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert s.lookup(other + [9999], session="x") == n
+        got = s.restore(other, session="x")
+        assert got.num_tokens == n
+        assert_kv_equal(got.kv, other_kv)
+        assert s.session_info("x")["tokens"] == n
+        # the new record's blocks carry its one pin; the old branch's blocks none any more
+        held = set(s._sessions["x"].keys)
+        assert len(held) == n // BLOCK
+        assert all(b.pins == (int(pinned == "pinned") if k in held else 0) for k, b in s._blocks.items())
+        # this process's copy is now the stored record: asking for it again compares, reads nothing
+        assert s.lookup(other + [9999], session="x") == n
+
+
 def test_nan_policy(open_store):
     kv = make_kv(SPEC, BLOCK)
     kv[1] = (kv[1][0].clone(), kv[1][1].clone())

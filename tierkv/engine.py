@@ -214,12 +214,7 @@ class TierKV(SSDWriter):
             rec = self._ssd.get_session(session)
             if rec is None:
                 return None
-            self._sessions[session] = rec
-            if rec.pinned:
-                for key in set(rec.keys):
-                    b = self._block(key)
-                    if b is not None:
-                        b.pins += 1
+            self._adopt(rec)
         now = time.time() if now is None else now
         if rec.expired(now) and not loaded:
             # another process sharing the store may have used it since this one loaded it: its
@@ -235,30 +230,51 @@ class TierKV(SSDWriter):
             return None
         return rec
 
-    def _session_for(self, session: str, toks: np.ndarray) -> SessionRecord | None:
-        """``_session``, for a lookup, restore or prefetch of ``toks``: where they run past the
-        end of this process's copy of the record, and this process has no change of the session
-        queued, the stored record is read again if it holds more tokens. Another process sharing
-        the store may have saved the session further (a worker fleet with no sticky routing:
-        turn 5 of an agent lands where turn 3 did); before, this process restored only the
-        prefix its own copy knew. The check reads one header; a new turn's tokens always run
-        past the record, so it is made once per turn, not per layer or block."""
+    def _adopt(self, rec: SessionRecord) -> None:
+        """Make a record read from the store this process's copy of its session; a pinned one
+        pins its blocks (each once, however often it holds one)."""
+        self._sessions[rec.session] = rec
+        if rec.pinned:
+            for key in set(rec.keys):
+                b = self._block(key)
+                if b is not None:
+                    b.pins += 1
+
+    def _session_for(self, session: str, toks: np.ndarray) -> tuple[SessionRecord | None, int]:
+        """``_session``, for a lookup, restore or prefetch of ``toks``, and the number of leading
+        tokens of ``toks`` the record holds. Where this process's copy of the record does not
+        hold all of ``toks`` and no change of the session is queued here, the stored record is
+        asked whether it holds more of them, and read again if so: another process sharing the
+        store may have saved the session since (a worker fleet with no sticky routing: turn 5
+        of an agent lands where turn 3 did), further, or down another branch (a regenerated
+        answer: the same length or shorter). Before, this process restored only the prefix its
+        own copy shared with ``toks``. Where ``toks`` only run past the copy's end (a new turn)
+        and the stored record is no longer, the check reads its header alone; else the stored
+        tokens are compared in place (``SSDStore.session_match``). A new turn's tokens always
+        run past the copy, so the check is made once per call, not per layer or block."""
         rec = self._session(session)
-        if rec is None or len(toks) <= len(rec.tokens) or self._pending[session]:
-            return rec
+        if rec is None:
+            return None, 0
+        lcp = common_prefix(rec.tokens, toks)
+        if lcp == len(toks) or self._pending[session]:
+            return rec, lcp
         try:
-            stored = self._ssd.session_length(session)
+            if self._ssd.session_match(session, toks, lcp) <= lcp:
+                return rec, lcp
+            disk = self._ssd.get_session(session)
         except TierKVError:
-            return rec
-        if stored is None or stored <= len(rec.tokens):
-            return rec
+            return rec, lcp  # unreadable there: this copy still serves, exact
+        if disk is None:
+            return rec, lcp
         del self._sessions[session]  # let go of this copy, and of the pins it put on blocks
         if rec.pinned:
             for key in set(rec.keys):
                 b = self._blocks.get(key)
                 if b is not None:
                     b.pins -= 1
-        return self._session(session)
+        self._adopt(disk)
+        rec = self._session(session)  # the stored record's own TTL may have run out
+        return (None, 0) if rec is None else (rec, common_prefix(rec.tokens, toks))
 
     def _forget_block(self, b: Block) -> None:
         """Delete a block from memory; the queued op deleting it on disk lists it as doomed."""
@@ -499,9 +515,8 @@ class TierKV(SSDWriter):
         tuples alive for the garbage collector (they made lookup's p99 70 ms; bench/ops.py).
         """
         B = self.block_tokens
-        rec = self._session_for(session, toks) if session is not None else None
+        rec, lcp = self._session_for(session, toks) if session is not None else (None, 0)
         if rec is not None and rec.tenant == tenant:
-            lcp = common_prefix(rec.tokens, toks)
             keys: Any = rec.keys[:(lcp + B - 1) // B]
         else:
             lcp = (len(toks) // B) * B
@@ -524,10 +539,9 @@ class TierKV(SSDWriter):
             check_session_id(session)
         with self._lock:
             self._check_open()  # again under the lock: close() may have begun meanwhile
-            rec = self._session_for(session, toks) if session is not None else None
+            rec, lcp = self._session_for(session, toks) if session is not None else (None, 0)
             if rec is None or rec.tenant != tenant:
                 return sum(used for _, used in self._match(toks, session, tenant))
-            lcp = common_prefix(rec.tokens, toks)
             n_blocks = (lcp + self.block_tokens - 1) // self.block_tokens
             found = min(self._available_blocks(rec), n_blocks)
             if found == n_blocks:

@@ -41,7 +41,7 @@ import lmdb
 import numpy as np
 
 from .errors import ConfigError, ForeignStoreError, StoreFullError, StoreIOError
-from .keys import KEY_BYTES
+from .keys import KEY_BYTES, common_prefix
 from .spec import FORMAT_VERSION
 from .valuereader import OVERFLOW_HEADER_BYTES, ValueReader
 
@@ -103,12 +103,16 @@ class SessionRecord:
         return body + struct.pack("<I", zlib.crc32(body))
 
     @staticmethod
-    def stored_length(raw: bytes | memoryview) -> int | None:
-        """The token count an encoded record holds, from its header alone (None: not a record's
-        header; ``decode`` says what is wrong with it)."""
+    def stored_tokens(raw: bytes | memoryview) -> np.ndarray | None:
+        """The token ids an encoded record holds, as a view of ``raw`` (valid while it is), found
+        from its header alone: no copy, no checksum (None: not a record's header; ``decode``
+        says what is wrong with it)."""
         if len(raw) < 16 or bytes(raw[:4]) != _SESSION_MAGIC:
             return None
-        return struct.unpack_from("<I", raw, 8)[0]
+        n_head, n_tok = struct.unpack_from("<II", raw, 4)
+        if 16 + n_head + 4 * n_tok > len(raw):
+            return None
+        return np.frombuffer(raw, dtype="<u4", count=n_tok, offset=16 + n_head)
 
     @classmethod
     def decode(cls, session: str, raw: bytes | memoryview) -> "SessionRecord":
@@ -336,13 +340,18 @@ class SSDStore:
         with self.reader() as txn:
             return {key for key in keys if self.records_value(txn, key)}
 
-    def session_length(self, session: str) -> int | None:
-        """The token count of a session's record as stored, read from its header alone (a
-        record of a 1M-token session is 4 MB; this reads 16 bytes of it). None: no record, or
-        not one whose header can be read (``get_session`` says what is wrong with it)."""
+    def session_match(self, session: str, toks: np.ndarray, beyond: int) -> int:
+        """How many leading tokens of ``toks`` the session's record as stored shares with them,
+        where that can be more than ``beyond``; else 0 (also: no record, or not one whose header
+        can be read; ``get_session`` says what is wrong with it). The tokens are compared where
+        they lie in the map, without decoding the record (a 1M-token session's is 4 MB), and
+        only where the stored record is long enough to beat ``beyond``: a header read else."""
         with self.reader() as txn:
             raw = txn.get(check_session_id(session), db=self.sessions)
-            return None if raw is None else SessionRecord.stored_length(raw)
+            stored = None if raw is None else SessionRecord.stored_tokens(raw)
+            if stored is None or min(len(stored), len(toks)) <= beyond:
+                return 0
+            return common_prefix(stored, toks)
 
     def get_bmeta(self, key: bytes) -> BlockMeta | None:
         with self.reader() as txn:
