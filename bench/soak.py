@@ -12,7 +12,10 @@ seconds the main process records what a leak would show in: its resident memory,
 descriptors and threads, LMDB's reader slots in use (all processes'), data.mdb's size, and each
 tier's resident bytes. Every ``--verify``-th hit of each kind (restore, restore into a pool) is
 compared with the KV saved, bit for bit: each session id has tokens of its own and every process
-saves the same KV for them, so a hit is checked whatever process saved it.
+saves the same KV for them, so a hit is checked whatever process saved it. Each session id has
+two branches, sharing their first half (an answer regenerated there): three calls in ten are on
+the second, whose KV after the branch point is the first half's again (real KV differs by
+position, so a restore of the wrong branch is caught), and saving one branch replaces the other.
 
     python bench/soak.py --minutes 10 --dir /var/tmp --out bench/results/soak.json
     python bench/soak.py --minutes 10 --dir /var/tmp --processes 1 --dtype bf16 --persist write_through \
@@ -58,11 +61,12 @@ from reload import TOKENS, session_kv  # noqa: E402
 import tierkv  # noqa: E402
 
 IDS = 24
+BRANCH_AT = TOKENS // 2  # where a session id's two branches part
 #: the counts summarised (lowest and highest after the warm-up)
 KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_mib")
 #: counts that are not calls
 NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", "corrupt_blocks", "vanished_blocks",
-             "save_wait_timeouts")
+             "sessions_reread", "save_wait_timeouts")
 #: budgets small enough that every tier and the SSD keep evicting
 BUDGETS = dict(device_bytes="128MiB", host_bytes="256MiB", ssd_bytes="1GiB", full_policy="miss")
 
@@ -94,7 +98,11 @@ class Churn:
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], spec: tierkv.KVSpec,
                  verify: int, seed: int) -> None:
         self.kv, self.spec, self.verify, self.seed = kv, spec, verify, seed
-        self.tokens = [list(range(i * 100_000, i * 100_000 + TOKENS)) for i in range(IDS)]
+        first = [list(range(i * 100_000, i * 100_000 + TOKENS)) for i in range(IDS)]
+        self.tokens = [(t, t[:BRANCH_AT] + list(range(t[0] + 50_000, t[0] + 50_000 + TOKENS - BRANCH_AT)))
+                       for t in first]
+        self.kvs = (kv, [tuple(torch.cat([x[:, :BRANCH_AT], x[:, :TOKENS - BRANCH_AT]], 1) for x in layer)
+                         for layer in kv])
         self.gate = threading.Condition()
         self.store: tierkv.TierKV | None = None
         self.paused = self.stopping = False
@@ -121,7 +129,7 @@ class Churn:
         the backpressure limit is one (the writer stalled)."""
         assert self.store is not None
         st = self.store.stats()
-        for name in ("corrupt_blocks", "vanished_blocks"):
+        for name in ("corrupt_blocks", "vanished_blocks", "sessions_reread"):
             self.bump(name, st[name])
         self.bump("save_wait_timeouts", st["backpressure"]["timeouts"])
         if st["corrupt_blocks"]:
@@ -148,8 +156,9 @@ class Churn:
         for t in self._threads:
             t.join()
 
-    def _check(self, what: str, n: int, kv: list[tuple[torch.Tensor, ...]]) -> None:
-        for (k, v), got in zip(self.kv, kv):
+    def _check(self, what: str, n: int, kv: list[tuple[torch.Tensor, ...]],
+               saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for (k, v), got in zip(saved, kv):
             if not (torch.equal(got[0], k[:, :n]) and torch.equal(got[1], v[:, :n])):
                 self.problems.append(f"{what}[:{n}] differs from the KV saved")
                 return
@@ -172,10 +181,11 @@ class Churn:
             try:
                 i = rng.randrange(IDS)
                 q = rng.randrange(256, TOKENS + 1)
-                sid, toks = f"s{i}", self.tokens[i][:q]
+                br = int(rng.random() < 0.3)
+                sid, toks, kv = f"s{i}", self.tokens[i][br][:q], self.kvs[br]
                 op = rng.random()
                 if op < 0.25:
-                    s.save(toks, [(k[:, :q], v[:, :q]) for k, v in self.kv], session=sid,
+                    s.save(toks, [(k[:, :q], v[:, :q]) for k, v in kv], session=sid,
                            ttl=rng.choice([None, None, 30.0]))
                     self.bump("save")
                 elif op < 0.55:
@@ -194,7 +204,7 @@ class Churn:
                     if r.num_tokens:
                         hits[name] += 1
                         if hits[name] % self.verify == 0:
-                            self._check(f"{name} of {sid}", r.num_tokens, r.kv)
+                            self._check(f"{name} of {sid} (branch {br})", r.num_tokens, r.kv, kv)
                 elif op < 0.65:
                     h = s.prefetch(toks, session=sid)
                     if op < 0.62:
@@ -241,7 +251,7 @@ def _process(args: argparse.Namespace, path: str, index: int, start: float, resu
         counts = dict(churn.counts)
         if not done and churn.store is not None:  # the open store's counters, not yet added
             st = churn.store.stats()
-            for name in ("corrupt_blocks", "vanished_blocks"):
+            for name in ("corrupt_blocks", "vanished_blocks", "sessions_reread"):
                 counts[name] = counts.get(name, 0) + st[name]
         got = {"index": index, "counts": counts, "problems": list(churn.problems), "reopens": reopens}
         if done:
@@ -411,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rss_anon_slope_mib_per_min_second_half": _slope([x["t_s"] / 60 for x in half],
                                                          [x["rss_anon_mib"] for x in half]),
         **{name: counts.get(name, 0) + sum(got["counts"].get(name, 0) for got in out.get("processes", []))
-           for name in ("verified", "corrupt_blocks", "vanished_blocks", "save_wait_timeouts")},
+           for name in ("verified", "corrupt_blocks", "vanished_blocks", "sessions_reread", "save_wait_timeouts")},
         "problems": len(churn.problems),
     } if steady else {}
     write_json(args.out, out)

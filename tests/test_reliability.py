@@ -222,6 +222,7 @@ def test_a_session_another_process_saved_further_is_restored_whole(tmp_path, pin
         assert sorted(b.pins for b in s._blocks.values()) == [int(pinned == "pinned")] * 4
         # its own copy, once fresh, serves: a shorter ask does not read the record again
         assert s.lookup(toks[:3 * BLOCK], session="x") == 3 * BLOCK
+        assert s.stats()["sessions_reread"] == 1
 
 
 BRANCHER = """
@@ -273,6 +274,7 @@ def test_a_session_another_process_saved_down_another_branch_is_restored(tmp_pat
         assert all(b.pins == (int(pinned == "pinned") if k in held else 0) for k, b in s._blocks.items())
         # this process's copy is now the stored record: asking for it again compares, reads nothing
         assert s.lookup(other + [9999], session="x") == n
+        assert s.stats()["sessions_reread"] == 1
 
 
 def test_nan_policy(open_store):

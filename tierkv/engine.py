@@ -273,6 +273,7 @@ class TierKV(SSDWriter):
                 if b is not None:
                     b.pins -= 1
         self._adopt(disk)
+        self._stats.count("sessions_reread")
         rec = self._session(session)  # the stored record's own TTL may have run out
         return (None, 0) if rec is None else (rec, common_prefix(rec.tokens, toks))
 

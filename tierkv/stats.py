@@ -50,6 +50,9 @@ class Stats:
             # blocks a restore or prefetch had matched that were evicted or dropped before their
             # read (misses, nothing damaged)
             "vanished_blocks": c.get("vanished_blocks", 0),
+            # session records read from the store again because another process sharing it saved
+            # the session further, or down another branch, since this one read it
+            "sessions_reread": c.get("sessions_reread", 0),
             "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,
