@@ -277,6 +277,116 @@ def test_a_session_another_process_saved_down_another_branch_is_restored(tmp_pat
         assert s.stats()["sessions_reread"] == 1
 
 
+def stray_index_entries(path: str, env=None) -> list[str]:
+    """Eviction index entries the store's bookkeeping does not account for: an LRU entry whose
+    session record is gone, pinned or used at another moment, or whose block is gone or still
+    referenced; an expiry entry whose record is gone or expires at another moment. ``env``: the
+    open store's own environment (LMDB opens one path once per process)."""
+    from tierkv.store import BlockMeta, SessionRecord, _lru_key, _ns
+    own = env is None
+    env = lmdb.open(path, subdir=True, max_dbs=8, readonly=True, lock=False) if own else env
+    out = []
+    try:
+        lru, sessions, bmeta, expiry = (env.open_db(n, create=False) for n in (b"lru", b"sessions", b"bmeta", b"expiry"))
+        with env.begin() as txn:
+            for k, _ in txn.cursor(db=lru):
+                kind, ident = k[8:9], k[9:]
+                if kind == b"s":
+                    raw = txn.get(ident, db=sessions)
+                    rec = raw and SessionRecord.decode(ident.decode(), raw)
+                    if not rec or rec.pinned or _lru_key(b"s", ident, rec.last_used) != k:
+                        out.append(f"LRU entry of session {ident!r}")
+                else:
+                    raw = txn.get(ident, db=bmeta)
+                    meta = raw and BlockMeta.unpack(raw)
+                    if not meta or meta.refs > 0 or _lru_key(b"b", ident, meta.last_used) != k:
+                        out.append(f"LRU entry of block {ident.hex()[:12]}")
+            for k, _ in txn.cursor(db=expiry):
+                raw = txn.get(k[8:], db=sessions)
+                rec = raw and SessionRecord.decode(k[8:].decode(), raw)
+                if not rec or rec.ttl is None or _ns(rec.expires_at()) + k[8:] != k:
+                    out.append(f"expiry entry of session {k[8:]!r}")
+    finally:
+        if own:
+            env.close()
+    return out
+
+
+def test_a_use_while_the_writer_stores_a_record_leaves_its_index_true(tmp_path, monkeypatch):
+    """The writer stores the engine's own copy of a session record, whose ``last_used`` engine
+    threads move on every use without the writer's lock. A use landing between the writer's
+    encoding of the record and its LRU and expiry entries (made to land there here) left those
+    entries at another moment than the record: dropping the session left them behind, and
+    eviction then picked the LRU one forever, holding LMDB's write lock (a two-process soak,
+    ``bench/soak.py``, hung after six minutes with every process waiting on it). The writer now
+    works on a snapshot of the record."""
+    from tierkv.store import Batch
+    path = str(tmp_path / "store")
+    with _ssd_only(path, "64MiB") as s:
+        real = Batch._index_session
+
+        def used_meanwhile(batch, rec):
+            mine = s._sessions.get(rec.session)
+            if mine is not None:
+                mine.last_used += 5.0  # a restore on another thread, as the writer runs
+            real(batch, rec)
+
+        monkeypatch.setattr(Batch, "_index_session", used_meanwhile)
+        s.save(range(2 * BLOCK), make_kv(SPEC, 2 * BLOCK), session="x", ttl=3600).wait()
+        monkeypatch.undo()
+        assert stray_index_entries(path, s._ssd.env) == []
+        s.drop_session("x")
+        s.flush()
+        assert stray_index_entries(path, s._ssd.env) == []
+
+
+EVICTOR = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, make_kv, small_spec
+with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write_through",
+                   ssd_bytes="128KiB", host_bytes=0, device_bytes=0) as s:
+    for i in range(16):   # 16 KiB each: the budget is passed, and eviction runs again and again
+        s.save(range(1000 * (i + 1), 1000 * (i + 1) + 4 * BLOCK), make_kv(small_spec(), 4 * BLOCK),
+               session=f"new{i}").wait()
+"""
+
+
+def test_eviction_ends_and_keeps_sessions_where_the_index_has_stray_entries(tmp_path):
+    """A store written before the fix above may hold eviction index entries its bookkeeping does
+    not account for. Eviction lets go of each such entry and evicts nothing for it: it ends (an
+    LRU entry naming a session record that is gone made it pick that entry forever), leaves a
+    referenced block alone (one with a stray LRU entry was deleted, its sessions restoring
+    shorter), and keeps a session whose stray expiry entry is due (it was dropped: here a pinned
+    session with no TTL)."""
+    from tierkv.keys import as_tokens, block_keys, chain_seed
+    from tierkv.store import _lru_key, _ns
+    path = str(tmp_path / "store")
+    keep, kv = list(range(4 * BLOCK)), make_kv(SPEC, 4 * BLOCK)
+    with _ssd_only(path, "128KiB") as s:
+        s.save(keep, kv, session="keep", pinned=True).wait()
+        s.save(range(500, 500 + 2 * BLOCK), kv_slice(kv, 2 * BLOCK), session="other").wait()
+        held = block_keys(chain_seed(s.fingerprint, None), as_tokens(keep), BLOCK)
+    env = lmdb.open(path, subdir=True, max_dbs=8)
+    lru, expiry = env.open_db(b"lru"), env.open_db(b"expiry")
+    with env.begin(write=True) as txn:  # the oldest entries, so eviction meets them first
+        txn.put(_lru_key(b"s", b"gone", 1.0), b"", db=lru)
+        txn.put(_lru_key(b"b", b"\x07" * len(held[0]), 2.0), b"", db=lru)
+        txn.put(_lru_key(b"b", held[1], 3.0), b"", db=lru)
+        txn.put(_ns(time.time() - 60) + b"keep", b"", db=expiry)
+    env.close()
+    assert len(stray_index_entries(path)) == 4
+    r = subprocess.run([sys.executable, "-c", EVICTOR, path, HERE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with _ssd_only(path, "128KiB") as s:
+        got = s.restore(keep, session="keep")
+        assert got.num_tokens == 4 * BLOCK
+        assert_kv_equal(got.kv, kv)
+        assert s.restore(range(16000, 16000 + 4 * BLOCK), session="new15").num_tokens == 4 * BLOCK
+    assert stray_index_entries(path) == []
+
+
 def test_nan_policy(open_store):
     kv = make_kv(SPEC, BLOCK)
     kv[1] = (kv[1][0].clone(), kv[1][1].clone())

@@ -34,6 +34,7 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -531,7 +532,14 @@ class Batch:
         self.deleted.append(key)
 
     def put_session(self, rec: SessionRecord, block_tokens: int) -> None:
-        """Write a session record, moving block references from its old record to the new one."""
+        """Write a session record, moving block references from its old record to the new one.
+
+        ``rec`` is the engine's own copy, whose ``last_used`` its threads move on every use
+        (under the engine's lock, which the writer does not hold): it is read once, into a
+        snapshot, so the record stored and its LRU and expiry entries name the same moment.
+        Before, a use between the two left an LRU entry its record did not account for; the
+        record's drop left it behind, and eviction picked it forever (``bench/soak.py`` hung)."""
+        rec = dataclasses.replace(rec)
         old = self._get_session(rec.session)
         old_keys = set(old.keys) if old else set()
         new_keys = set(rec.keys)
@@ -603,17 +611,8 @@ class Batch:
             return
         if needed > budget:
             raise StoreFullError(f"a write of {needed} B exceeds ssd_bytes={budget} B; raise ssd_bytes")
-        cur = self.txn.cursor(db=self.store.expiry)
-        victims: list[bytes] = []
-        for k in cur.iternext(values=False):
-            k = bytes(k)
-            if _U64BE.unpack(k[:8])[0] > now * 1e9:
-                break
-            victims.append(k)
-        for k in victims:
-            sid = k[8:].decode("utf-8", "surrogatepass")
-            if sid not in protect:
-                self.drop_session(sid)
+        for k in self._expired(now):
+            self._expire(k, protect)
             if self.ssd_used + needed <= budget:
                 return
         while self.ssd_used + needed > budget:
@@ -621,33 +620,62 @@ class Batch:
             picked = None
             for k in cur.iternext(values=False):
                 k = bytes(k)
-                kind, ident = k[8:9], k[9:]
-                if kind == b"s" and ident.decode("utf-8", "surrogatepass") in protect:
+                if k[8:9] == b"s" and k[9:].decode("utf-8", "surrogatepass") in protect:
                     continue
-                picked = (kind, ident)
+                picked = k
                 break
             if picked is None:
                 raise StoreFullError(
                     f"SSD budget ssd_bytes={budget} B is full of pinned or in-flight sessions "
                     f"({self.ssd_used} B used, {needed} B more needed); unpin or drop sessions, or raise ssd_bytes")
-            kind, ident = picked
-            if kind == b"s":
-                self.drop_session(ident.decode("utf-8", "surrogatepass"))
-            else:
-                self.delete_block(ident)
+            self._evict(picked)
 
-    def purge_expired(self, now: float, protect: set[str]) -> None:
-        """Drop every session whose TTL has run out."""
-        cur = self.txn.cursor(db=self.store.expiry)
+    def _evict(self, k: bytes) -> None:
+        """Evict what LRU entry ``k`` names, if its bookkeeping accounts for that entry, and let
+        go of the entry whatever it names: each pass of ``make_room`` removes one entry, so it
+        ends. An entry its bookkeeping does not account for (a session record that is gone, or
+        holds another last use; a block with references) names nothing to evict; such entries
+        were left by a race fixed in ``put_session``, and stores written before the fix may
+        hold them (one made ``make_room`` loop forever)."""
+        kind, ident = k[8:9], k[9:]
+        if kind == b"s":
+            sid = ident.decode("utf-8", "surrogatepass")
+            rec = self._get_session(sid)
+            if rec is not None and not rec.pinned and _lru_key(b"s", ident, rec.last_used) == k:
+                self.drop_session(sid)
+        else:
+            meta = self._get_bmeta(ident)
+            if meta is not None and meta.refs <= 0 and _lru_key(b"b", ident, meta.last_used) == k:
+                self.delete_block(ident, meta)
+        self.txn.delete(k, db=self.store.lru)
+
+    def _expired(self, now: float) -> list[bytes]:
+        """Expiry entries due by ``now``, soonest first."""
         victims = []
-        for k in cur.iternext(values=False):
+        for k in self.txn.cursor(db=self.store.expiry).iternext(values=False):
             k = bytes(k)
             if _U64BE.unpack(k[:8])[0] > now * 1e9:
                 break
-            victims.append(k[8:].decode("utf-8", "surrogatepass"))
-        for sid in victims:
-            if sid not in protect:
-                self.drop_session(sid)
+            victims.append(k)
+        return victims
+
+    def _expire(self, k: bytes, protect: set[str]) -> None:
+        """Drop the session expiry entry ``k`` names, if its record accounts for the entry; an
+        entry it does not (left by the race ``put_session`` fixed: the record's TTL now ends
+        later, or it has none) is let go, and the session kept."""
+        sid = k[8:].decode("utf-8", "surrogatepass")
+        if sid in protect:
+            return
+        rec = self._get_session(sid)
+        if rec is not None and rec.ttl is not None and _ns(rec.expires_at()) + k[8:] == k:
+            self.drop_session(sid)
+        else:
+            self.txn.delete(k, db=self.store.expiry)
+
+    def purge_expired(self, now: float, protect: set[str]) -> None:
+        """Drop every session whose TTL has run out."""
+        for k in self._expired(now):
+            self._expire(k, protect)
 
 
 def describe_store(path: str | os.PathLike) -> dict:
