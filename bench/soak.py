@@ -31,6 +31,9 @@ its layers waited for in a random order, ``prefetch`` waited for or its handle d
 ``lookup``, ``offload`` and ``drop_session`` of sessions other threads and processes use, and
 ``stats``.
 
+A run in which no call of a process finishes for ``--stall-s`` seconds (180) is a hang: it ends
+there, with every thread's stack in the JSON (``stall_stacks``) and its store left in place.
+
 Summary (JSON ``summary``): after the first ``--warmup`` fraction of the run, the lowest and
 highest of each count, and resident memory's least-squares slope in MiB per minute over the
 second half; ``problems`` lists every failed check or unexpected error, in any process. No
@@ -40,6 +43,7 @@ timing target: it is a check, in bench/ because it runs for minutes.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -235,6 +239,43 @@ class Churn:
                     self.gate.notify_all()
 
 
+class Watchdog:
+    """Ends a run that hangs. Where no call of ``churn``'s finishes for ``stall_s`` seconds (a
+    deadlock, or a writer that never lets go of LMDB's write lock, as one run of session 39
+    found), ``on_stall`` gets every thread's stack, once. Before, such a run waited forever."""
+
+    def __init__(self, churn: Churn, stall_s: float, on_stall: Callable[[str], None]) -> None:
+        self.churn, self.stall_s, self.on_stall = churn, stall_s, on_stall
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _calls(self) -> int:
+        with self.churn._count_lock:
+            return sum(v for k, v in self.churn.counts.items() if k not in NOT_CALLS)
+
+    def _run(self) -> None:
+        last, since = self._calls(), time.monotonic()
+        while not self._stop.wait(0.5):
+            n = self._calls()
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= self.stall_s:
+                with tempfile.TemporaryFile("w+") as f:
+                    faulthandler.dump_traceback(f, all_threads=True)
+                    f.seek(0)
+                    stacks = f.read()
+                self.on_stall(stacks)
+                return
+
+
 def _process(args: argparse.Namespace, path: str, index: int, start: float, result: str) -> None:
     """One more process's churn on the same store (run with ``--processes``): until the main
     process's end, reopening on a schedule offset from the others'. Its counts and problems go
@@ -260,8 +301,14 @@ def _process(args: argparse.Namespace, path: str, index: int, start: float, resu
             json.dump(got, f)
         os.replace(result + ".tmp", result)
 
+    def stalled(stacks: str) -> None:  # reported (the main process ends its run with it), then gone
+        churn.problems.append(f"no call finished for {args.stall_s:g} s: a hang; every thread's stack:\n{stacks}")
+        report()
+        os._exit(1)
+
     try:
         churn.start(open_store(), args.threads)
+        Watchdog(churn, args.stall_s, stalled).start()
         end = start + args.minutes * 60
         slot = index % max(1, args.processes)
         next_reopen = start + args.reopen_every * (1 + (slot + 1) / (args.processes + 1))
@@ -293,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--kill-every", type=float, default=0.0,
                     help="seconds between SIGKILLs of the other processes, each replaced by a new one (0: never)")
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
+    ap.add_argument("--stall-s", type=float, default=180.0,
+                    help="seconds in which no call of a process finishes that end the run as a hang")
     ap.add_argument("--reopen-every", type=float, default=60.0, help="seconds between close and reopen")
     ap.add_argument("--verify", type=int, default=4, help="check every N-th hit bit for bit")
     ap.add_argument("--warmup", type=float, default=0.2, help="fraction of the run left out of the summary")
@@ -361,8 +410,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             churn.problems.append(f"process {got['index']}: {got['counts']['corrupt_blocks']} blocks "
                                   "counted corrupt, with nothing damaged")
 
+    def stalled(stacks: str) -> None:
+        """A hang: written down with every thread's stack, the other processes killed, the run
+        ended (its store left in place, to be looked at)."""
+        problem = f"no call finished for {args.stall_s:g} s: a hang (every thread's stack: stall_stacks)"
+        churn.problems.append(problem)
+        for p, _ in list(children):
+            p.kill()
+        out.update(stall_stacks=stacks, store=path, ops=dict(churn.counts), problems=list(churn.problems))
+        write_json(args.out, out)
+        print(f"{problem}; the store: {path}\n{stacks}", file=sys.stderr, flush=True)
+        os._exit(1)
+
     try:
         churn.start(open_store(), args.threads)  # the store exists before the other processes open it
+        Watchdog(churn, args.stall_s, stalled).start()
         start = time.time()
         for _ in range(args.processes):
             spawn(start)

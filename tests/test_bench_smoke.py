@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -106,6 +107,25 @@ def test_ops_bench_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["open_s"]["sessions"] == 200 and res["lookup_in_many"]["p99_ms"] > 0
+
+
+def test_soak_watchdog_reports_a_hang():
+    """The soak's watchdog stays quiet while calls finish, and reports every thread's stack once
+    none has for its limit (a run of session 39 hung with no word of it)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import soak
+    churn = soak.Churn([(torch.zeros(1, soak.TOKENS, 2), torch.zeros(1, soak.TOKENS, 2))], None, 4, 0)
+    fired = []
+    dog = soak.Watchdog(churn, 1.5, fired.append).start()
+    for _ in range(15):   # 3 s of calls finishing
+        churn.bump("lookup")
+        time.sleep(0.2)
+    assert not fired
+    deadline = time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dog.stop()
+    assert len(fired) == 1 and "test_soak_watchdog_reports_a_hang" in fired[0]
 
 
 def test_soak_bench_runs(tmp_path):
