@@ -277,39 +277,25 @@ def test_a_session_another_process_saved_down_another_branch_is_restored(tmp_pat
         assert s.stats()["sessions_reread"] == 1
 
 
-def stray_index_entries(path: str, env=None) -> list[str]:
-    """Eviction index entries the store's bookkeeping does not account for: an LRU entry whose
-    session record is gone, pinned or used at another moment, or whose block is gone or still
-    referenced; an expiry entry whose record is gone or expires at another moment. ``env``: the
-    open store's own environment (LMDB opens one path once per process)."""
-    from tierkv.store import BlockMeta, SessionRecord, _lru_key, _ns
-    own = env is None
-    env = lmdb.open(path, subdir=True, max_dbs=8, readonly=True, lock=False) if own else env
-    out = []
-    try:
-        lru, sessions, bmeta, expiry = (env.open_db(n, create=False) for n in (b"lru", b"sessions", b"bmeta", b"expiry"))
-        with env.begin() as txn:
-            for k, _ in txn.cursor(db=lru):
-                kind, ident = k[8:9], k[9:]
-                if kind == b"s":
-                    raw = txn.get(ident, db=sessions)
-                    rec = raw and SessionRecord.decode(ident.decode(), raw)
-                    if not rec or rec.pinned or _lru_key(b"s", ident, rec.last_used) != k:
-                        out.append(f"LRU entry of session {ident!r}")
-                else:
-                    raw = txn.get(ident, db=bmeta)
-                    meta = raw and BlockMeta.unpack(raw)
-                    if not meta or meta.refs > 0 or _lru_key(b"b", ident, meta.last_used) != k:
-                        out.append(f"LRU entry of block {ident.hex()[:12]}")
-            for k, _ in txn.cursor(db=expiry):
-                raw = txn.get(k[8:], db=sessions)
-                rec = raw and SessionRecord.decode(k[8:].decode(), raw)
-                if not rec or rec.ttl is None or _ns(rec.expires_at()) + k[8:] != k:
-                    out.append(f"expiry entry of session {k[8:]!r}")
-    finally:
-        if own:
-            env.close()
-    return out
+def strays(s) -> list:
+    """The eviction index entries an open store's bookkeeping does not account for."""
+    with s._ssd.reader() as txn:
+        return s._ssd.stray_index_entries(txn)
+
+
+def inject_strays(path: str, held: bytes) -> None:
+    """The oldest entries of the eviction indexes, none of them accounted for: an LRU entry of a
+    session with no record, of a block with no bookkeeping and of block ``held`` (referenced),
+    and an expiry entry, due, of session "keep" (pinned, no TTL)."""
+    from tierkv.store import _lru_key, _ns
+    env = lmdb.open(path, subdir=True, max_dbs=8)
+    lru, expiry = env.open_db(b"lru"), env.open_db(b"expiry")
+    with env.begin(write=True) as txn:
+        txn.put(_lru_key(b"s", b"gone", 1.0), b"", db=lru)
+        txn.put(_lru_key(b"b", b"\x07" * len(held), 2.0), b"", db=lru)
+        txn.put(_lru_key(b"b", held, 3.0), b"", db=lru)
+        txn.put(_ns(time.time() - 60) + b"keep", b"", db=expiry)
+    env.close()
 
 
 def test_a_use_while_the_writer_stores_a_record_leaves_its_index_true(tmp_path, monkeypatch):
@@ -334,10 +320,10 @@ def test_a_use_while_the_writer_stores_a_record_leaves_its_index_true(tmp_path, 
         monkeypatch.setattr(Batch, "_index_session", used_meanwhile)
         s.save(range(2 * BLOCK), make_kv(SPEC, 2 * BLOCK), session="x", ttl=3600).wait()
         monkeypatch.undo()
-        assert stray_index_entries(path, s._ssd.env) == []
+        assert strays(s) == []
         s.drop_session("x")
         s.flush()
-        assert stray_index_entries(path, s._ssd.env) == []
+        assert strays(s) == []
 
 
 EVICTOR = """
@@ -360,23 +346,7 @@ def test_eviction_ends_and_keeps_sessions_where_the_index_has_stray_entries(tmp_
     referenced block alone (one with a stray LRU entry was deleted, its sessions restoring
     shorter), and keeps a session whose stray expiry entry is due (it was dropped: here a pinned
     session with no TTL)."""
-    from tierkv.keys import as_tokens, block_keys, chain_seed
-    from tierkv.store import _lru_key, _ns
-    path = str(tmp_path / "store")
-    keep, kv = list(range(4 * BLOCK)), make_kv(SPEC, 4 * BLOCK)
-    with _ssd_only(path, "128KiB") as s:
-        s.save(keep, kv, session="keep", pinned=True).wait()
-        s.save(range(500, 500 + 2 * BLOCK), kv_slice(kv, 2 * BLOCK), session="other").wait()
-        held = block_keys(chain_seed(s.fingerprint, None), as_tokens(keep), BLOCK)
-    env = lmdb.open(path, subdir=True, max_dbs=8)
-    lru, expiry = env.open_db(b"lru"), env.open_db(b"expiry")
-    with env.begin(write=True) as txn:  # the oldest entries, so eviction meets them first
-        txn.put(_lru_key(b"s", b"gone", 1.0), b"", db=lru)
-        txn.put(_lru_key(b"b", b"\x07" * len(held[0]), 2.0), b"", db=lru)
-        txn.put(_lru_key(b"b", held[1], 3.0), b"", db=lru)
-        txn.put(_ns(time.time() - 60) + b"keep", b"", db=expiry)
-    env.close()
-    assert len(stray_index_entries(path)) == 4
+    path, keep, kv = _store_with_strays(tmp_path)
     r = subprocess.run([sys.executable, "-c", EVICTOR, path, HERE], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     with _ssd_only(path, "128KiB") as s:
@@ -384,7 +354,39 @@ def test_eviction_ends_and_keeps_sessions_where_the_index_has_stray_entries(tmp_
         assert got.num_tokens == 4 * BLOCK
         assert_kv_equal(got.kv, kv)
         assert s.restore(range(16000, 16000 + 4 * BLOCK), session="new15").num_tokens == 4 * BLOCK
-    assert stray_index_entries(path) == []
+        assert strays(s) == []
+
+
+def _store_with_strays(tmp_path):
+    """A store holding session "keep" (pinned) and another one, and four stray index entries."""
+    from tierkv.keys import as_tokens, block_keys, chain_seed
+    path = str(tmp_path / "store")
+    keep, kv = list(range(4 * BLOCK)), make_kv(SPEC, 4 * BLOCK)
+    with _ssd_only(path, "128KiB") as s:
+        s.save(keep, kv, session="keep", pinned=True).wait()
+        s.save(range(500, 500 + 2 * BLOCK), kv_slice(kv, 2 * BLOCK), session="other").wait()
+        held = block_keys(chain_seed(s.fingerprint, None), as_tokens(keep), BLOCK)
+    inject_strays(path, held[1])
+    with _ssd_only(path, "128KiB") as s:
+        assert len(strays(s)) == 4
+    return path, keep, kv
+
+
+def test_verify_reports_and_lets_go_of_stray_index_entries(tmp_path, capsys):
+    """``tierkv verify`` counts the index entries that name nothing to evict (a store written
+    before the writer race's fix may hold some), and ``--repair`` lets go of them, keeping every
+    session."""
+    from tierkv.cli import main
+    path, keep, kv = _store_with_strays(tmp_path)
+    capsys.readouterr()
+    assert main(["verify", path]) == 1
+    assert "4 stray eviction index entries" in capsys.readouterr().out
+    assert main(["verify", path, "--repair"]) == 0
+    assert main(["verify", path]) == 0
+    with _ssd_only(path, "128KiB") as s:
+        assert strays(s) == []
+        assert_kv_equal(s.restore(keep, session="keep").kv, kv)
+        assert s.restore(range(500, 500 + 2 * BLOCK), session="other").num_tokens == 2 * BLOCK
 
 
 def test_nan_policy(open_store):

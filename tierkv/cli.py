@@ -71,11 +71,12 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         print(f"{r['path']}: {r['blocks_checked']} blocks checked, {r['bad_blocks']} bad; "
               f"{len(r['sessions_using_bad_blocks'])} sessions use bad blocks, "
-              f"{len(r['sessions_with_missing_blocks'])} miss blocks" + ("; repaired" if r["repaired"] else ""))
+              f"{len(r['sessions_with_missing_blocks'])} miss blocks, "
+              f"{r['stray_index_entries']} stray eviction index entries" + ("; repaired" if r["repaired"] else ""))
         for key, why in list(r["bad"].items())[:20]:
             print(f"  bad block {key}: {why}")
     return 0 if r["repaired"] or not (r["bad_blocks"] or r["sessions_using_bad_blocks"]
-                                      or r["sessions_with_missing_blocks"]) else 1
+                                      or r["sessions_with_missing_blocks"] or r["stray_index_entries"]) else 1
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

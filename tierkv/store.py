@@ -354,6 +354,41 @@ class SSDStore:
                 return 0
             return common_prefix(stored, toks)
 
+    def lru_target(self, txn: lmdb.Transaction, k: bytes) -> SessionRecord | BlockMeta | None:
+        """What LRU entry ``k`` names, where the bookkeeping accounts for the entry: a session
+        record last used at that moment and not pinned, or a block with no references, of that
+        last use. None: a stray entry, naming nothing to evict. A writer race before a23b9d9
+        left such entries (``Batch.put_session``); eviction lets go of them, ``verify --repair``
+        too."""
+        kind, ident = k[8:9], k[9:]
+        if kind == b"s":
+            raw = txn.get(ident, db=self.sessions)
+            try:
+                rec = None if raw is None else SessionRecord.decode(ident.decode("utf-8", "surrogatepass"), raw)
+            except StoreIOError:  # a damaged record: verify reports it
+                return None
+            return rec if rec is not None and not rec.pinned and _lru_key(b"s", ident, rec.last_used) == k else None
+        raw = txn.get(ident, db=self.bmeta)
+        meta = None if raw is None else BlockMeta.unpack(raw)
+        return meta if meta is not None and meta.refs <= 0 and _lru_key(b"b", ident, meta.last_used) == k else None
+
+    def expiry_target(self, txn: lmdb.Transaction, k: bytes) -> SessionRecord | None:
+        """The session record expiry entry ``k`` names, where the record expires at that moment;
+        None: a stray entry (see ``lru_target``)."""
+        raw = txn.get(k[8:], db=self.sessions)
+        try:
+            rec = None if raw is None else SessionRecord.decode(k[8:].decode("utf-8", "surrogatepass"), raw)
+        except StoreIOError:
+            return None
+        return rec if rec is not None and rec.ttl is not None and _ns(rec.expires_at()) + k[8:] == k else None
+
+    def stray_index_entries(self, txn: lmdb.Transaction) -> list[tuple[str, bytes]]:
+        """The eviction index entries the bookkeeping does not account for, as (index, key)."""
+        out = [("lru", bytes(k)) for k in txn.cursor(db=self.lru).iternext(values=False)
+               if self.lru_target(txn, bytes(k)) is None]
+        return out + [("expiry", bytes(k)) for k in txn.cursor(db=self.expiry).iternext(values=False)
+                      if self.expiry_target(txn, bytes(k)) is None]
+
     def get_bmeta(self, key: bytes) -> BlockMeta | None:
         with self.reader() as txn:
             raw = txn.get(key, db=self.bmeta)
@@ -637,16 +672,11 @@ class Batch:
         holds another last use; a block with references) names nothing to evict; such entries
         were left by a race fixed in ``put_session``, and stores written before the fix may
         hold them (one made ``make_room`` loop forever)."""
-        kind, ident = k[8:9], k[9:]
-        if kind == b"s":
-            sid = ident.decode("utf-8", "surrogatepass")
-            rec = self._get_session(sid)
-            if rec is not None and not rec.pinned and _lru_key(b"s", ident, rec.last_used) == k:
-                self.drop_session(sid)
-        else:
-            meta = self._get_bmeta(ident)
-            if meta is not None and meta.refs <= 0 and _lru_key(b"b", ident, meta.last_used) == k:
-                self.delete_block(ident, meta)
+        target = self.store.lru_target(self.txn, k)
+        if isinstance(target, SessionRecord):
+            self.drop_session(target.session)
+        elif target is not None:
+            self.delete_block(k[9:], target)
         self.txn.delete(k, db=self.store.lru)
 
     def _expired(self, now: float) -> list[bytes]:
@@ -663,12 +693,11 @@ class Batch:
         """Drop the session expiry entry ``k`` names, if its record accounts for the entry; an
         entry it does not (left by the race ``put_session`` fixed: the record's TTL now ends
         later, or it has none) is let go, and the session kept."""
-        sid = k[8:].decode("utf-8", "surrogatepass")
-        if sid in protect:
+        if k[8:].decode("utf-8", "surrogatepass") in protect:
             return
-        rec = self._get_session(sid)
-        if rec is not None and rec.ttl is not None and _ns(rec.expires_at()) + k[8:] == k:
-            self.drop_session(sid)
+        rec = self.store.expiry_target(self.txn, k)
+        if rec is not None:
+            self.drop_session(rec.session)
         else:
             self.txn.delete(k, db=self.store.expiry)
 

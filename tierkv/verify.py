@@ -1,8 +1,9 @@
 """``tierkv verify``: scan a store, report damaged blocks, and optionally repair it.
 
 Primitives:
-    verify_store: check every block value (header, fingerprint, every plane's checksum) and every
-        session's references; with ``repair=True`` drop bad blocks and the sessions using them.
+    verify_store: check every block value (header, fingerprint, every plane's checksum), every
+        session's references and the eviction indexes; with ``repair=True`` drop bad blocks and
+        the sessions using them, and the index entries that name nothing to evict.
 
 Opens the store with the spec it records, so no model is needed. A scan reads every value: it is
 a maintenance tool, never run on a hot path.
@@ -71,12 +72,15 @@ def verify_store(path: str, repair: bool = False) -> dict[str, Any]:
                     dependent.append(name)
                 elif any(txn.get(k, db=store.bmeta) is None for k in rec.keys):
                     missing.append(name)
+            stray = store.stray_index_entries(txn)
         report = {"path": info["path"], "model_id": spec.model_id, "blocks_checked": checked,
                   "bad_blocks": len(bad), "bad": {k.hex(): why for k, why in bad.items()},
                   "sessions_using_bad_blocks": dependent, "sessions_with_missing_blocks": missing,
-                  "repaired": False}
-        if repair and (bad or dependent or missing):
+                  "stray_index_entries": len(stray), "repaired": False}
+        if repair and (bad or dependent or missing or stray):
             with store.batch() as batch:
+                for index, k in stray:  # before the drops below, which may account for them
+                    batch.txn.delete(k, db=store.lru if index == "lru" else store.expiry)
                 for sid in dependent + missing:
                     try:
                         batch.drop_session(sid)
