@@ -25,6 +25,7 @@ Nothing here unpickles: records are fixed structs, JSON and raw arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -34,7 +35,6 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
