@@ -459,14 +459,15 @@ class TierKV(SSDWriter):
         process holds only as "on SSD" whose value is no longer stored (another process evicted
         or dropped it: this process's record was stale). Without the check, such a save's record
         named blocks with no value, and a restore ended before them until the next save. One
-        read for all the SSD-only blocks; called under the lock."""
-        ssd_only = [b for b in map(self._block, keys)
-                    if b is not None and b.available and b.tier is None and b.load is None]
+        read for all the SSD-only blocks, and each key looked up once (``_block`` reads the
+        store's bookkeeping of a key this process has no record of); called under the lock."""
+        blocks = [self._block(k) for k in keys]
+        ssd_only = [b for b in blocks if b is not None and b.available and b.tier is None and b.load is None]
         stored = self._ssd.values_stored([b.key for b in ssd_only]) if ssd_only else set()
         for b in ssd_only:
             if b.key not in stored:
-                self._forget_vanished(b)
-        return [i for i, k in enumerate(keys) if not self._available(self._block(k))]
+                self._forget_vanished(b)  # not available any more, unless a write is queued
+        return [i for i, b in enumerate(blocks) if not self._available(b)]
 
     def _wait_for_memory(self, target: MemoryTier) -> None:
         """Backpressure. Saves arriving faster than the writer can move blocks to SSD left every

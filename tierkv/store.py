@@ -362,11 +362,7 @@ class SSDStore:
         too."""
         kind, ident = k[8:9], k[9:]
         if kind == b"s":
-            raw = txn.get(ident, db=self.sessions)
-            try:
-                rec = None if raw is None else SessionRecord.decode(ident.decode("utf-8", "surrogatepass"), raw)
-            except StoreIOError:  # a damaged record: verify reports it
-                return None
+            rec = self._session_in(txn, ident)
             return rec if rec is not None and not rec.pinned and _lru_key(b"s", ident, rec.last_used) == k else None
         raw = txn.get(ident, db=self.bmeta)
         meta = None if raw is None else BlockMeta.unpack(raw)
@@ -375,12 +371,17 @@ class SSDStore:
     def expiry_target(self, txn: lmdb.Transaction, k: bytes) -> SessionRecord | None:
         """The session record expiry entry ``k`` names, where the record expires at that moment;
         None: a stray entry (see ``lru_target``)."""
-        raw = txn.get(k[8:], db=self.sessions)
+        rec = self._session_in(txn, k[8:])
+        return rec if rec is not None and rec.ttl is not None and _ns(rec.expires_at()) + k[8:] == k else None
+
+    def _session_in(self, txn: lmdb.Transaction, sid: bytes) -> SessionRecord | None:
+        """The record of session id ``sid`` in ``txn``; None where there is none or it is damaged
+        (``tierkv verify`` reports those)."""
+        raw = txn.get(sid, db=self.sessions)
         try:
-            rec = None if raw is None else SessionRecord.decode(k[8:].decode("utf-8", "surrogatepass"), raw)
+            return None if raw is None else SessionRecord.decode(sid.decode("utf-8", "surrogatepass"), raw)
         except StoreIOError:
             return None
-        return rec if rec is not None and rec.ttl is not None and _ns(rec.expires_at()) + k[8:] == k else None
 
     def stray_index_entries(self, txn: lmdb.Transaction) -> list[tuple[str, bytes]]:
         """The eviction index entries the bookkeeping does not account for, as (index, key)."""
