@@ -44,7 +44,7 @@ from .movers import MOVERS, Transfer
 from .reads import SSDReads
 from .spec import KVSpec
 from .stats import Stats
-from .store import SessionRecord, SSDStore, check_session_id
+from .store import BlockMeta, SessionRecord, SSDStore, check_session_id
 from .tiers import MemoryTier
 from .writer import Op, SSDWriter
 
@@ -175,8 +175,22 @@ class TierKV(SSDWriter):
         if b is not None or self._doomed[key]:
             return b
         meta = self._ssd.get_bmeta(key)
-        if meta is None:
-            return None
+        return None if meta is None else self._known_block(key, meta)
+
+    def _blocks_of(self, keys: Sequence[bytes]) -> list[Block | None]:
+        """``_block`` of each key, reading the store's bookkeeping of all the keys this process
+        has no record of in one read transaction. Key by key, a fresh save of a long session
+        opened a read per block, twice (its copy check and its bookkeeping), under the lock
+        (bench/ops.py's per-block save; docs/benchmarks.md, "Bookkeeping")."""
+        blocks, doomed = self._blocks, self._doomed
+        unknown = [k for k in keys if k not in blocks and not doomed[k]]
+        if unknown:
+            for key, meta in self._ssd.get_bmetas(unknown).items():
+                self._known_block(key, meta)
+        return [blocks.get(k) for k in keys]
+
+    def _known_block(self, key: bytes, meta: BlockMeta) -> Block:
+        """This process's record of a block the store's bookkeeping describes."""
         b = Block(key, meta.n_tokens, meta.n_tokens * self.spec.bytes_per_token,
                   on_ssd=meta.enc_bytes > 0, refs=meta.refs, epoch=self._epoch)
         self._blocks[key] = b
@@ -196,9 +210,8 @@ class TierKV(SSDWriter):
         not on every lookup (a 1M-token session is 3,907 block records; bench/ops.py times its lookup)."""
         if rec.available_at is not None and rec.available_at[0] == self._epoch.value:
             return rec.available_at[1]
-        blocks, found = self._blocks, 0
-        for key in rec.keys:
-            blk = blocks.get(key) or self._block(key)
+        found = 0
+        for blk in self._blocks_of(rec.keys):
             if blk is None or not blk.available:
                 break
             found += 1
@@ -235,8 +248,7 @@ class TierKV(SSDWriter):
         pins its blocks (each once, however often it holds one)."""
         self._sessions[rec.session] = rec
         if rec.pinned:
-            for key in set(rec.keys):
-                b = self._block(key)
+            for b in self._blocks_of(list(set(rec.keys))):
                 if b is not None:
                     b.pins += 1
 
@@ -404,8 +416,9 @@ class TierKV(SSDWriter):
                         f"pinned sessions would hold {target.pinned_bytes() + new_bytes} B of the {target.name} "
                         f"tier's {target.budget} B budget; unpin sessions or raise {target.name}_bytes")
                 blocks = []
+                self._blocks_of(keys)  # records of them all, in one read of the store
                 for i, key in enumerate(keys):
-                    b = self._block(key)
+                    b = self._blocks.get(key)
                     if i not in payloads and not self._available(b):
                         # Dropped by another thread since the first look: copy it now (rare), and
                         # wait for it as for the others
@@ -461,7 +474,7 @@ class TierKV(SSDWriter):
         named blocks with no value, and a restore ended before them until the next save. One
         read for all the SSD-only blocks, and each key looked up once (``_block`` reads the
         store's bookkeeping of a key this process has no record of); called under the lock."""
-        blocks = [self._block(k) for k in keys]
+        blocks = self._blocks_of(keys)
         ssd_only = [b for b in blocks if b is not None and b.available and b.tier is None and b.load is None]
         stored = self._ssd.values_stored([b.key for b in ssd_only]) if ssd_only else set()
         for b in ssd_only:
@@ -768,7 +781,7 @@ class TierKV(SSDWriter):
         with self._lock:
             rec = self._known_session(session)
             where = Counter(("memory:" + b.tier) if b.tier else ("ssd" if b.on_ssd else "missing")
-                            for b in (self._block(k) for k in rec.keys) if b is not None)
+                            for b in self._blocks_of(rec.keys) if b is not None)
             return {"session": session, "tokens": len(rec.tokens), "blocks": len(rec.keys),
                     "created": rec.created, "last_used": rec.last_used,
                     "ttl": rec.ttl, "pinned": rec.pinned, "tenant": rec.tenant, "blocks_by_tier": dict(where)}

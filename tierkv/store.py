@@ -36,7 +36,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -394,6 +394,12 @@ class SSDStore:
         with self.reader() as txn:
             raw = txn.get(key, db=self.bmeta)
             return None if raw is None else BlockMeta.unpack(raw)
+
+    def get_bmetas(self, keys: Sequence[bytes]) -> dict[bytes, BlockMeta]:
+        """The bookkeeping of those of ``keys`` the store has, in one read."""
+        with self.reader() as txn:
+            raws = ((key, txn.get(key, db=self.bmeta)) for key in keys)
+            return {key: BlockMeta.unpack(raw) for key, raw in raws if raw is not None}
 
     def records_value(self, txn: lmdb.Transaction, key: bytes) -> bool:
         """Whether ``key``'s bookkeeping in ``txn`` says its value is stored. A block can have a
