@@ -389,6 +389,117 @@ def test_verify_reports_and_lets_go_of_stray_index_entries(tmp_path, capsys):
         assert s.restore(range(500, 500 + 2 * BLOCK), session="other").num_tokens == 2 * BLOCK
 
 
+WRITE_BACK = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, kv_slice, make_kv, small_spec
+toks, kv = list(range(6 * BLOCK)), make_kv(small_spec(), 6 * BLOCK)
+s = tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write_back")
+n = int(sys.argv[3])
+s.save(toks[:n * BLOCK], kv_slice(kv, n * BLOCK), session="x")
+s.save(range(1000 * n, 1000 * n + BLOCK), make_kv(small_spec(), BLOCK, seed=n), session="y")
+s.flush()  # the records are on disk; the new blocks' values are in this process's memory only
+print("saved", flush=True)
+if sys.stdin.readline().strip() == "close":
+    s.close()  # write-back writes them now
+else:
+    os._exit(0)  # stops before writing them back, as a killed process does
+"""
+
+
+def test_verify_tells_live_write_back_from_write_back_left_behind(tmp_path, capsys):
+    """A block record with no value is, while another process holds the store open with
+    write-back, a value still in that process's memory: ``verify --repair`` leaves it, and the
+    session restores whole once that process writes it back. Where no process holds the store
+    open, it was left by one that stopped before writing back: verify counts it as a fault, and
+    ``--repair`` cuts each session using one back to the blocks before it (a session whose first
+    block it is is dropped), so a session's record no longer names KV that will never come."""
+    from tierkv.cli import main
+    from tierkv.verify import verify_store
+
+    path = str(tmp_path / "store")
+    toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through") as s:
+        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="x").wait()
+
+    def writer(n):
+        p = subprocess.Popen([sys.executable, "-c", WRITE_BACK, path, HERE, str(n)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "saved", p.stderr.read()[-2000:]
+        return p
+
+    p = writer(4)  # blocks 2 and 3 of x, and y's block, unwritten
+    try:
+        r = verify_store(path, repair=True)
+        assert r["open_elsewhere"] is True and r["blocks_without_values"] == 3
+        assert r["sessions_with_unwritten_blocks"] == {"x": 2 * BLOCK, "y": 0}
+        assert not r["unwritten_left_behind"] and not r["repaired"]
+        capsys.readouterr()
+        assert main(["verify", path]) == 0
+        assert "another process has the store open" in capsys.readouterr().out
+    finally:
+        p.communicate("close\n", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK) as s:
+        assert_kv_equal(s.restore(toks[:4 * BLOCK], session="x").kv, kv_slice(kv, 4 * BLOCK))
+    r = verify_store(path)
+    assert (r["blocks_without_values"], r["open_elsewhere"]) == (0, False)
+
+    p = writer(6)  # blocks 4 and 5 of x, and y's new block, left unwritten
+    p.communicate("die\n", timeout=120)
+    capsys.readouterr()
+    assert main(["verify", path]) == 1
+    assert "stopped before writing them back" in capsys.readouterr().out
+    r = verify_store(path, repair=True)
+    assert r["unwritten_left_behind"] and r["repaired"]
+    assert r["sessions_with_unwritten_blocks"] == {"x": 4 * BLOCK, "y": 0}
+    assert main(["verify", path]) == 0
+    r = verify_store(path)
+    assert (r["blocks_without_values"], r["sessions_with_unwritten_blocks"]) == (0, {})
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK) as s:
+        assert s.session_info("x")["tokens"] == 4 * BLOCK
+        assert s.lookup(toks, session="x") == 4 * BLOCK
+        got = s.restore(toks, session="x")
+        assert got.num_tokens == 4 * BLOCK
+        assert_kv_equal(got.kv, kv_slice(kv, 4 * BLOCK))
+        with pytest.raises(tierkv.UnknownSessionError):
+            s.session_info("y")
+        s.save(toks, kv, session="x").wait()  # and the session grows again from there
+        assert_kv_equal(s.restore(toks, session="x").kv, kv)
+
+
+OPENER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, small_spec
+print("opening", flush=True)
+with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK) as s:
+    print("opened", s.lookup(range(BLOCK), session="x"), flush=True)
+"""
+
+
+def test_a_store_held_alone_is_opened_by_no_other_process_meanwhile(tmp_path):
+    """While ``verify --repair`` holds a store alone (it found no other process holding it open,
+    and repairs), a process opening the store waits, and opens it once the repair is over: it
+    cannot start saving into blocks the repair is cutting away."""
+    import select
+
+    path = str(tmp_path / "store")
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through") as s:
+        s.save(range(BLOCK), make_kv(SPEC, BLOCK), session="x").wait()
+        with s._ssd.alone() as alone:
+            assert alone is True
+            p = subprocess.Popen([sys.executable, "-c", OPENER, path, HERE], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            assert p.stdout.readline().strip() == "opening"
+            assert select.select([p.stdout], [], [], 2.0)[0] == []  # waiting on the lock
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["opened", str(BLOCK)]
+
+
 def test_nan_policy(open_store):
     kv = make_kv(SPEC, BLOCK)
     kv[1] = (kv[1][0].clone(), kv[1][1].clone())

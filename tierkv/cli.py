@@ -56,7 +56,8 @@ def _info(args: argparse.Namespace) -> int:
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="store directory")
-    p.add_argument("--repair", action="store_true", help="drop bad blocks and the sessions that use them")
+    p.add_argument("--repair", action="store_true", help="drop bad blocks and the sessions that use them; "
+                   "where no other process has the store open, cut sessions back before blocks left unwritten")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -75,8 +76,21 @@ def _verify(args: argparse.Namespace) -> int:
               f"{r['stray_index_entries']} stray eviction index entries" + ("; repaired" if r["repaired"] else ""))
         for key, why in list(r["bad"].items())[:20]:
             print(f"  bad block {key}: {why}")
+        if r["blocks_without_values"]:
+            n, cut = r["blocks_without_values"], len(r["sessions_with_unwritten_blocks"])
+            if r["unwritten_left_behind"]:
+                print(f"  {n} blocks have no value, and no other process has the store open: left by one that "
+                      f"stopped before writing them back; {cut} sessions " +
+                      ("were cut back to the blocks before them" if r["repaired"] else "restore only up to them "
+                       "(--repair cuts them back)"))
+            else:
+                why = ("another process has the store open: most likely values its write-back still holds in "
+                       "memory" if r["open_elsewhere"] else "whether another process has the store open is "
+                       "unknown here")
+                print(f"  {n} blocks have no value yet ({cut} sessions use them); {why}; left as they are")
     return 0 if r["repaired"] or not (r["bad_blocks"] or r["sessions_using_bad_blocks"]
-                                      or r["sessions_with_missing_blocks"] or r["stray_index_entries"]) else 1
+                                      or r["sessions_with_missing_blocks"] or r["stray_index_entries"]
+                                      or r["unwritten_left_behind"]) else 1
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

@@ -41,6 +41,11 @@ from typing import Iterator, Sequence
 import lmdb
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so whether another process holds a store open is unknown
+    fcntl = None  # type: ignore[assignment]
+
 from .errors import ConfigError, ForeignStoreError, StoreFullError, StoreIOError
 from .keys import KEY_BYTES, common_prefix
 from .spec import FORMAT_VERSION
@@ -60,6 +65,9 @@ _SESSION_MAGIC = b"TKS1"
 MAX_SESSION_ID_BYTES = 400  # LMDB's default max key size is 511 bytes
 
 _LINUX = sys.platform.startswith("linux")
+#: a file in the store directory on which every process that has the store open holds a shared
+#: lock (``flock``), so ``tierkv verify --repair`` can tell whether another one does
+HOLDERS_FILE = "holders.lock"
 _open_paths: set[str] = set()
 _open_paths_lock = threading.Lock()
 
@@ -205,8 +213,10 @@ class SSDStore:
             if self.path in _open_paths:
                 raise ConfigError(f"store {self.path} is already open in this process; share that TierKV object")
             _open_paths.add(self.path)
+        self._holder: int | None = None
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self._holder = self._hold()
             # No readahead on Linux (MADV_RANDOM): a cold B-tree page faults in alone, not with a
             # read_ahead_kb window of the values around it (8 MiB on the test machine); values
             # are read with pread there (ValueReader).
@@ -285,8 +295,46 @@ class SSDStore:
         self.expiry = self.env.open_db(b"expiry")
 
     def _release_path(self) -> None:
+        if self._holder is not None:
+            os.close(self._holder)  # lets go of the shared lock
+            self._holder = None
         with _open_paths_lock:
             _open_paths.discard(self.path)
+
+    def _hold(self) -> int | None:
+        """Take a shared lock on the store's ``HOLDERS_FILE`` for as long as this process has the
+        store open (it dies with the process, however it ends). It waits while ``verify
+        --repair`` holds the file alone (``alone``). None where ``flock`` is missing."""
+        if fcntl is None:
+            return None
+        fd = os.open(os.path.join(self.path, HOLDERS_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:  # a file system without flock: nothing to tell others by
+            os.close(fd)
+            return None
+        return fd
+
+    @contextmanager
+    def alone(self) -> Iterator[bool | None]:
+        """Whether this is the only process holding the store open (None: cannot tell here).
+        While it says True, no other process can open the store: opening waits.
+
+        Why: a block record with no value is, in a store another process holds open with
+        write-back, a value still in that process's memory; with no other process, one that a
+        process stopped before writing back (killed, or crashed), which nothing will write now."""
+        if self._holder is None:
+            yield None
+            return
+        try:
+            fcntl.flock(self._holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = True
+        except BlockingIOError:
+            got = False  # Linux dropped the shared lock in the failed conversion: taken again below
+        try:
+            yield got
+        finally:
+            fcntl.flock(self._holder, fcntl.LOCK_SH)
 
     def _check_truncation(self) -> None:
         """Refuse a data file shorter than the pages LMDB says are in use: reading a mapped page
@@ -616,6 +664,27 @@ class Batch:
             self._decref(key)
         self.dropped.append(session)
         return True
+
+    def cut_before_unwritten(self, session: str, block_tokens: int) -> None:
+        """Cut a session back to the blocks before its first one with no value stored, dropping
+        it if that is its first (``tierkv verify --repair``, for write-back left behind)."""
+        rec = self._get_session(session)
+        if rec is None:
+            return
+        first = next((i for i, k in enumerate(rec.keys) if not self.has_value(k)), None)
+        if first == 0:
+            self.drop_session(session)
+        elif first is not None:
+            self.put_session(dataclasses.replace(rec, tokens=rec.tokens[:first * block_tokens].copy(),
+                                                 keys=rec.keys[:first]), block_tokens)
+
+    def delete_unreferenced_unwritten(self) -> int:
+        """Delete the block records that have no value and no session referencing them; how many."""
+        gone = [(bytes(k), m) for k, m in ((k, BlockMeta.unpack(raw)) for k, raw in self.txn.cursor(db=self.store.bmeta))
+                if m.enc_bytes == 0 and m.refs <= 0]
+        for key, meta in gone:
+            self.delete_block(key, meta)
+        return len(gone)
 
     def has_value(self, key: bytes) -> bool:
         meta = self._get_bmeta(key)

@@ -3,7 +3,10 @@
 Primitives:
     verify_store: check every block value (header, fingerprint, every plane's checksum), every
         session's references and the eviction indexes; with ``repair=True`` drop bad blocks and
-        the sessions using them, and the index entries that name nothing to evict.
+        the sessions using them, and the index entries that name nothing to evict. Block records
+        with no value are counted; where no other process holds the store open they were left
+        by one that stopped before writing them back, and a repair cuts each session using one
+        back to the blocks before it.
 
 Opens the store with the spec it records, so no model is needed. A scan reads every value: it is
 a maintenance tool, never run on a hot path.
@@ -59,8 +62,10 @@ def verify_store(path: str, repair: bool = False) -> dict[str, Any]:
                             pass
                 except CorruptValueError as e:
                     bad[key] = str(e)
+            unwritten = {bytes(k) for k, raw in txn.cursor(db=store.bmeta) if BlockMeta.unpack(raw).enc_bytes == 0}
             dependent: list[str] = []
             missing: list[str] = []
+            waiting: dict[str, int] = {}  # session -> tokens it holds before its first unwritten block
             for sid, raw in txn.cursor(db=store.sessions):
                 name = bytes(sid).decode("utf-8", "surrogatepass")
                 try:
@@ -72,25 +77,42 @@ def verify_store(path: str, repair: bool = False) -> dict[str, Any]:
                     dependent.append(name)
                 elif any(txn.get(k, db=store.bmeta) is None for k in rec.keys):
                     missing.append(name)
+                elif unwritten:
+                    first = next((i for i, k in enumerate(rec.keys) if k in unwritten), None)
+                    if first is not None:
+                        waiting[name] = first * desc["block_tokens"]
             stray = store.stray_index_entries(txn)
-        report = {"path": info["path"], "model_id": spec.model_id, "blocks_checked": checked,
-                  "bad_blocks": len(bad), "bad": {k.hex(): why for k, why in bad.items()},
-                  "sessions_using_bad_blocks": dependent, "sessions_with_missing_blocks": missing,
-                  "stray_index_entries": len(stray), "repaired": False}
-        if repair and (bad or dependent or missing or stray):
-            with store.batch() as batch:
-                for index, k in stray:  # before the drops below, which may account for them
-                    batch.txn.delete(k, db=store.lru if index == "lru" else store.expiry)
-                for sid in dependent + missing:
-                    try:
-                        batch.drop_session(sid)
-                    except Exception:  # noqa: BLE001 - damaged record: delete it raw
-                        from .store import check_session_id
+        with store.alone() as alone:
+            # Block records with no value: in a store another process holds open, most likely
+            # values its write-back still keeps in memory; with none, left by a process that
+            # stopped before writing them back (nothing will write them now)
+            left_behind = bool(unwritten) and alone is True
+            report = {"path": info["path"], "model_id": spec.model_id, "blocks_checked": checked,
+                      "bad_blocks": len(bad), "bad": {k.hex(): why for k, why in bad.items()},
+                      "sessions_using_bad_blocks": dependent, "sessions_with_missing_blocks": missing,
+                      "stray_index_entries": len(stray), "blocks_without_values": len(unwritten),
+                      "sessions_with_unwritten_blocks": waiting, "open_elsewhere": None if alone is None else not alone,
+                      "unwritten_left_behind": left_behind, "repaired": False}
+            if repair and (bad or dependent or missing or stray or left_behind):
+                with store.batch() as batch:
+                    for index, k in stray:  # before the drops below, which may account for them
+                        batch.txn.delete(k, db=store.lru if index == "lru" else store.expiry)
+                    for sid in dependent + missing:
+                        try:
+                            batch.drop_session(sid)
+                        except Exception:  # noqa: BLE001 - damaged record: delete it raw
+                            from .store import check_session_id
 
-                        batch.txn.delete(check_session_id(sid), db=store.sessions)
-                for key in bad:
-                    batch.delete_block(key)
-            report["repaired"] = True
+                            batch.txn.delete(check_session_id(sid), db=store.sessions)
+                    for key in bad:
+                        batch.delete_block(key)
+                    if left_behind:
+                        # rechecked in the batch's own transaction: the scan ran before this
+                        # process held the store alone, and another may have written since
+                        for sid in waiting:
+                            batch.cut_before_unwritten(sid, desc["block_tokens"])
+                        batch.delete_unreferenced_unwritten()
+                report["repaired"] = True
         return report
     finally:
         store.close()
