@@ -332,6 +332,34 @@ def _process(args: argparse.Namespace, path: str, index: int, start: float, resu
     report()
 
 
+def verify_after(path: str, problems: list[str]) -> dict[str, Any]:
+    """The store once every process has closed it, as ``tierkv verify`` sees it. Any damage, or a
+    process still holding it open, is a problem. Blocks a killed process never wrote back are
+    expected (write-back): ``--repair`` cuts their sessions back, and a second look must find
+    nothing left."""
+    from tierkv.verify import verify_store
+
+    def brief(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: len(v) if isinstance(v, (list, dict)) else v for k, v in r.items() if k not in ("path", "bad")}
+
+    t = time.perf_counter()
+    first = verify_store(path)
+    res = {"found": brief(first), "scan_s": time.perf_counter() - t}
+    damage = {k: res["found"][k] for k in ("bad_blocks", "sessions_using_bad_blocks", "sessions_with_missing_blocks",
+                                           "stray_index_entries") if res["found"][k]}
+    if damage:
+        problems.append(f"verify after the run: {damage}")
+    if first["open_elsewhere"]:
+        problems.append("verify after the run: another process still holds the store open")
+    if first["unwritten_left_behind"]:
+        verify_store(path, repair=True)
+        again = verify_store(path)
+        res["after_repair"] = brief(again)
+        if again["blocks_without_values"] or again["sessions_with_unwritten_blocks"] or not again["blocks_checked"]:
+            problems.append(f"verify after its repair: {res['after_repair']}")
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -464,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         children.clear()
         out["after_close"] = {"fds": proc.num_fds(), "threads": proc.num_threads(),
                               "rss_mib": proc.memory_info().rss / 2**20}
+        out["verify"] = verify_after(path, churn.problems)
     finally:
         for p, _ in children:
             if p.is_alive():

@@ -143,6 +143,13 @@ def test_soak_bench_runs(tmp_path):
     assert [p["killed"] for p in res["processes"]] == [True, False]
     assert res["ops"]["save"] > 0 and res["ops"]["restore"] > 0
     assert res["after_close"]["fds"] < res["summary"]["fds_max"]
+    # the store as verify finds it once every process has closed it: no damage, and no block a
+    # killed process left unwritten once the repair has cut its sessions back
+    found = res["verify"]["found"]
+    assert found["blocks_checked"] > 0 and found["bad_blocks"] == found["stray_index_entries"] == 0
+    assert found["open_elsewhere"] is False
+    if found["unwritten_left_behind"]:
+        assert res["verify"]["after_repair"]["blocks_without_values"] == 0
 
 
 @pytest.mark.model  # loads SmolLM2 (or KV captured from it)
