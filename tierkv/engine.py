@@ -472,10 +472,12 @@ class TierKV(SSDWriter):
         process holds only as "on SSD" whose value is no longer stored (another process evicted
         or dropped it: this process's record was stale). Without the check, such a save's record
         named blocks with no value, and a restore ended before them until the next save. One
-        read for all the SSD-only blocks, and each key looked up once (``_block`` reads the
-        store's bookkeeping of a key this process has no record of); called under the lock."""
+        read for all the SSD-only blocks it had records of before this call, one for the keys it
+        had none of (``_blocks_of``: those records are fresh, not checked again); called under
+        the lock."""
+        ssd_only = [b for b in map(self._blocks.get, keys)
+                    if b is not None and b.available and b.tier is None and b.load is None]
         blocks = self._blocks_of(keys)
-        ssd_only = [b for b in blocks if b is not None and b.available and b.tier is None and b.load is None]
         stored = self._ssd.values_stored([b.key for b in ssd_only]) if ssd_only else set()
         for b in ssd_only:
             if b.key not in stored:

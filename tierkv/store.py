@@ -439,9 +439,7 @@ class SSDStore:
                       if self.expiry_target(txn, bytes(k)) is None]
 
     def get_bmeta(self, key: bytes) -> BlockMeta | None:
-        with self.reader() as txn:
-            raw = txn.get(key, db=self.bmeta)
-            return None if raw is None else BlockMeta.unpack(raw)
+        return self.get_bmetas((key,)).get(key)
 
     def get_bmetas(self, keys: Sequence[bytes]) -> dict[bytes, BlockMeta]:
         """The bookkeeping of those of ``keys`` the store has, in one read."""
