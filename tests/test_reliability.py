@@ -187,6 +187,71 @@ def test_a_save_copies_blocks_another_process_removed(tmp_path, persist):
         assert s.stats()["vanished_blocks"] == 0
 
 
+HOLDER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import tierkv
+from conftest import BLOCK, small_spec
+with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write_through") as s:
+    with s._ssd.batch() as batch:   # the store's write lock: the other process's commits wait
+        print("holding", flush=True)
+        sys.stdin.readline()
+        batch.drop_session("x")     # blocks 2 and 3 were x's alone: their values go
+"""
+
+
+@pytest.mark.parametrize("held", ["on SSD only", "in memory too"])
+def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
+    """A save here trusts the value of a block on SSD (it saw it a moment ago) and does not copy
+    it; before the save commits, another process removes the value. The commit, which runs in
+    the store's write transaction, checks each block the record newly names: where this process
+    holds the block in memory, it writes the value again; where it holds no copy, it cuts the
+    record back before the block, so the session's record never names KV that is not there.
+    Before, the record named both blocks with no value: the session restored shorter than it
+    said, ``verify`` reported blocks without values, and, with the blocks in memory, the hole
+    outlived this process."""
+    from tierkv.verify import verify_store
+
+    path = str(tmp_path / "store")
+    toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
+    memory = {} if held == "in memory too" else {"host_bytes": 0, "device_bytes": 0}
+    s = tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="64MiB", **memory)
+    try:
+        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="base").wait()
+        s.save(toks[:4 * BLOCK], kv_slice(kv, 4 * BLOCK), session="x").wait()
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, path, HERE], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "holding", p.stderr.read()[-2000:]
+            saved = s.save(toks, kv, session="y")  # blocks 0-3 trusted, 4 and 5 copied
+        finally:
+            out, err = p.communicate("go\n", timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        saved.wait()
+        if held == "in memory too":  # written again from memory: whole
+            assert s.session_info("y")["tokens"] == 6 * BLOCK
+            assert s.stats()["sessions_cut"] == 0
+        else:  # cut back before block 2
+            assert s.session_info("y")["tokens"] == 2 * BLOCK
+            assert s.lookup(toks, session="y") == 2 * BLOCK
+            got = s.restore(toks, session="y")
+            assert got.num_tokens == 2 * BLOCK
+            assert_kv_equal(got.kv, kv_slice(kv, 2 * BLOCK))
+            assert s.stats()["sessions_cut"] == 1
+            assert s.stats()["vanished_blocks"] == 0  # no restore was promised them
+    finally:
+        s.close()
+    r = verify_store(path)
+    assert (r["blocks_without_values"], r["sessions_with_unwritten_blocks"]) == (0, {})
+    keep = 6 if held == "in memory too" else 2
+    with _ssd_only(path, "64MiB") as s:
+        got = s.restore(toks, session="y")
+        assert got.num_tokens == keep * BLOCK
+        assert_kv_equal(got.kv, kv_slice(kv, keep * BLOCK))
+        s.save(toks, kv, session="y").wait()  # and the session grows again from there
+        assert_kv_equal(s.restore(toks, session="y").kv, kv)
+
+
 EXTENDER = """
 import sys
 sys.path.insert(0, sys.argv[2])

@@ -36,7 +36,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -584,8 +584,8 @@ class Batch:
         if rec.ttl is not None:
             self.txn.put(_ns(rec.expires_at()) + sid, b"", db=self.store.expiry)
 
-    def _incref(self, key: bytes, n_tokens: int) -> None:
-        meta = self._get_bmeta(key)
+    def _incref(self, key: bytes, n_tokens: int, meta: BlockMeta | None) -> None:
+        """Take a reference on a block whose record (``meta``, None if it has none) was just read."""
         if meta is None:
             meta = BlockMeta(0, n_tokens, 0, time.time())
         elif meta.refs == 0:
@@ -619,28 +619,61 @@ class Batch:
         self.ssd_used -= meta.enc_bytes
         self.deleted.append(key)
 
-    def put_session(self, rec: SessionRecord, block_tokens: int) -> None:
+    def put_session(self, rec: SessionRecord, block_tokens: int,
+                    missing: Callable[[bytes], bytes | bool] | None = None) -> int:
         """Write a session record, moving block references from its old record to the new one.
 
         ``rec`` is the engine's own copy, whose ``last_used`` its threads move on every use
         (under the engine's lock, which the writer does not hold): it is read once, into a
         snapshot, so the record stored and its LRU and expiry entries name the same moment.
         Before, a use between the two left an LRU entry its record did not account for; the
-        record's drop left it behind, and eviction picked it forever (``bench/soak.py`` hung)."""
+        record's drop left it behind, and eviction picked it forever (``bench/soak.py`` hung).
+
+        ``missing`` (the writer's) is asked, in this transaction, about each block the record
+        newly references whose value is not stored: another process may have evicted or dropped
+        it since the save looked. It answers with the value, which is stored now; True, when
+        the saving process will write it later (write-back: the value is in its memory); or
+        False, when it cannot. Then, unless another record accounts for the block (another
+        process's write-back), the value is gone for good, and the record is cut back to the
+        blocks before it, or not written if it is the first (an older record is dropped).
+        Without ``missing``, the record is written as it is.
+
+        Returns how many of the record's blocks the stored record keeps.
+        """
         rec = dataclasses.replace(rec)
         old = self._get_session(rec.session)
         old_keys = set(old.keys) if old else set()
-        new_keys = set(rec.keys)
+        new: dict[bytes, tuple[int, BlockMeta | None]] = {}
+        kept = len(rec.keys)
         for i, key in enumerate(rec.keys):
-            if key not in old_keys:
-                n = min(block_tokens, len(rec.tokens) - i * block_tokens)
-                self._incref(key, n)
+            if key in old_keys or key in new:
+                continue
+            meta = self._get_bmeta(key)
+            if missing is not None and (meta is None or meta.enc_bytes == 0):
+                got = missing(key)
+                if isinstance(got, bytes):
+                    self.put_value(key, got, min(block_tokens, len(rec.tokens) - i * block_tokens))
+                    meta = self._get_bmeta(key)
+                elif got is False and meta is None:
+                    kept = i
+                    break
+            new[key] = (i, meta)
+        if kept == 0:
+            if old is not None:
+                self.drop_session(rec.session)
+            return 0
+        if kept < len(rec.keys):
+            rec.keys, rec.tokens = rec.keys[:kept], rec.tokens[:kept * block_tokens].copy()
+        for key, (i, meta) in new.items():
+            if i < kept:
+                self._incref(key, min(block_tokens, len(rec.tokens) - i * block_tokens), meta)
         if old is not None:
             self._unindex_session(old)
         self.txn.put(check_session_id(rec.session), rec.encode(), db=self.store.sessions)
         self._index_session(rec)
-        for key in old_keys - new_keys:
+        for key in old_keys - set(rec.keys):
             self._decref(key)
+        return kept
 
     def touch_session(self, session: str, last_used: float) -> None:
         rec = self._get_session(session)

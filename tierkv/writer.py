@@ -16,6 +16,7 @@ in-memory state as of some earlier moment, and a crash leaves a prefix of the op
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -58,6 +59,7 @@ class Op:
     free_after: bool = False                    # demotion: drop memory copies once written
     doomed: list[bytes] = field(default_factory=list)
     added: list[bytes] = field(default_factory=list)  # keys this session op took a reference on
+    kept: int | None = None                     # blocks of ``record`` its commit kept, where it cut it
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -67,7 +69,8 @@ class SSDWriter:
 
     Runs on the engine's records under the engine's lock, as the engine does: the attributes
     below are the engine's (set in ``TierKV.__init__``), listed here as what this half uses; of
-    the engine's methods it calls ``_discard`` (a block record removed).
+    the engine's methods it calls ``_discard`` (a block record removed) and ``_forget_vanished``
+    (a block whose value another process removed).
     """
 
     spec: KVSpec
@@ -272,6 +275,8 @@ class SSDWriter:
                         b.state = BlockState.READY
                     if ok and op.free_after and b.tier is not None and self._blocks.get(b.key) is b:
                         self._tiers[b.tier].remove(b)
+                if ok and op.kept is not None:
+                    self._cut_back(op)
                 for key in op.doomed:
                     self._doomed[key] -= 1
                     if self._doomed[key] <= 0:
@@ -309,8 +314,10 @@ class SSDWriter:
                     if b.key in values:
                         batch.put_value(b.key, values[b.key], b.n_tokens, replace=b.repair)
                 if op.kind == "session":
-                    batch.put_session(op.record, self.block_tokens)
-            evicted_sessions = [s for s in batch.dropped if s not in {op.session for op in ops if op.kind == "drop"}]
+                    kept = batch.put_session(op.record, self.block_tokens, self._missing_value)
+                    op.kept = kept if kept < len(op.record.keys) else None
+            cut_away = {op.session for op in ops if op.kind == "drop" or op.kept == 0}
+            evicted_sessions = [s for s in batch.dropped if s not in cut_away]
             evicted_keys = set(batch.deleted)
         self._stats.count("ssd_batches", 1)
         self._stats.count("ssd_transaction_us", int((time.perf_counter() - started) * 1e6))
@@ -319,6 +326,51 @@ class SSDWriter:
             self._ssd.drop_cached([b.key for op in ops if op.kind != "drop" for b in op.write if b.key in values])
         if evicted_sessions or evicted_keys:
             self._reconcile_evictions(evicted_sessions, evicted_keys)
+
+    def _missing_value(self, key: bytes) -> bytes | bool:
+        """``Batch.put_session``'s question about a block a record being committed newly
+        references whose value the store does not have (another process evicted or dropped it
+        after the save looked): its value, encoded now, where this process holds the block in
+        memory believing it on SSD; True where it holds it unwritten (a write will come); False
+        where it holds no copy."""
+        b = self._blocks.get(key)
+        if b is not None and b.payload is not None and not b.on_ssd:
+            # the common case, write-back's own new blocks, read without the lock: True only
+            # leaves the record as it was before this check existed
+            return True
+        with self._lock:
+            b = self._blocks.get(key)
+            if b is None or b.payload is None:
+                return False
+            if not b.on_ssd:
+                return True
+            payload = b.payload
+        return self._encode(b, payload)
+
+    def _cut_back(self, op: Op) -> None:
+        """Mirror in memory a session record its commit cut back (``op.kept`` blocks; none: not
+        written): the store had no value for the next block, and this process no copy. Locked."""
+        rec, kept = op.record, op.kept
+        lost = self._blocks.get(rec.keys[kept])
+        if lost is not None:
+            self._forget_vanished(lost)
+        self._stats.count("sessions_cut", 1)
+        self._epoch.bump()
+        if self._sessions.get(op.session) is not rec:
+            return  # a later save's record replaced it; that one's commit checks its own blocks
+        for key in set(rec.keys[kept:]) - set(rec.keys[:kept]):
+            b = self._blocks.get(key)
+            if b is None:
+                continue
+            b.refs -= 1
+            b.pins -= rec.pinned
+            if b.refs <= 0 and not b.on_ssd and b.tier is None and b.state is BlockState.READY:
+                self._discard(key)
+        if kept == 0:
+            del self._sessions[op.session]
+        else:
+            self._sessions[op.session] = dataclasses.replace(
+                rec, keys=rec.keys[:kept], tokens=rec.tokens[:kept * self.block_tokens].copy(), available_at=None)
 
     def _roll_back(self, op: Op) -> None:
         """Undo in memory what a failed op did, so memory again matches the disk (locked).
