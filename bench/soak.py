@@ -68,9 +68,11 @@ IDS = 24
 BRANCH_AT = TOKENS // 2  # where a session id's two branches part
 #: the counts summarised (lowest and highest after the warm-up)
 KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_mib")
+#: the store's own counters a run adds up (stats()); sessions_cut: records a commit cut back,
+#: a block they newly named having lost its value to the other process meanwhile
+STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut")
 #: counts that are not calls
-NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", "corrupt_blocks", "vanished_blocks",
-             "sessions_reread", "save_wait_timeouts")
+NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", *STORE_COUNTS, "save_wait_timeouts")
 #: budgets small enough that every tier and the SSD keep evicting
 BUDGETS = dict(device_bytes="128MiB", host_bytes="256MiB", ssd_bytes="1GiB", full_policy="miss")
 
@@ -133,7 +135,7 @@ class Churn:
         the backpressure limit is one (the writer stalled)."""
         assert self.store is not None
         st = self.store.stats()
-        for name in ("corrupt_blocks", "vanished_blocks", "sessions_reread"):
+        for name in STORE_COUNTS:
             self.bump(name, st[name])
         self.bump("save_wait_timeouts", st["backpressure"]["timeouts"])
         if st["corrupt_blocks"]:
@@ -292,7 +294,7 @@ def _process(args: argparse.Namespace, path: str, index: int, start: float, resu
         counts = dict(churn.counts)
         if not done and churn.store is not None:  # the open store's counters, not yet added
             st = churn.store.stats()
-            for name in ("corrupt_blocks", "vanished_blocks", "sessions_reread"):
+            for name in STORE_COUNTS:
                 counts[name] = counts.get(name, 0) + st[name]
         got = {"index": index, "counts": counts, "problems": list(churn.problems), "reopens": reopens}
         if done:
@@ -512,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rss_anon_slope_mib_per_min_second_half": _slope([x["t_s"] / 60 for x in half],
                                                          [x["rss_anon_mib"] for x in half]),
         **{name: counts.get(name, 0) + sum(got["counts"].get(name, 0) for got in out.get("processes", []))
-           for name in ("verified", "corrupt_blocks", "vanished_blocks", "sessions_reread", "save_wait_timeouts")},
+           for name in ("verified", *STORE_COUNTS, "save_wait_timeouts")},
         "problems": len(churn.problems),
     } if steady else {}
     write_json(args.out, out)

@@ -181,6 +181,26 @@ def test_ssd_evicts_expired_then_lru_never_pinned(open_store):
     assert s.stats()["resident_bytes"]["ssd"] <= s.config.ssd_bytes
 
 
+def test_eviction_passes_over_unowned_blocks_a_queued_save_names(open_store):
+    """A save names blocks already on SSD as unowned blocks (cached without a session), the least
+    recently used entries, and its transaction must make room for its one new block. Eviction
+    passes over them, since the record about to be written names them, and takes the next
+    entry. Before, it evicted them first, and the record named blocks with no value (with the
+    commit's check on the blocks a record names, the record was then cut back to nothing)."""
+    s = _ssd_store(open_store, 4)
+    toks, kv = list(range(3 * BLOCK)), make_kv(SPEC, 3 * BLOCK)
+    others = [[1000 * i + t for t in range(BLOCK)] for i in (1, 2)]
+    s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK)).wait()  # two unowned blocks, the oldest
+    for i, other in enumerate(others):
+        s.save(other, make_kv(SPEC, BLOCK, seed=i + 1)).wait()  # two more: the store is full
+    s.save(toks, kv, session="x").wait()  # its first two blocks are on SSD; room for the third
+    assert s.session_info("x")["tokens"] == 3 * BLOCK
+    assert_kv_equal(s.restore(toks, session="x").kv, kv)
+    assert s.lookup(others[0]) == 0 and s.lookup(others[1]) == BLOCK  # the next oldest went
+    assert s.stats()["sessions_cut"] == 0
+    assert s.stats()["resident_bytes"]["ssd"] <= s.config.ssd_bytes
+
+
 def test_eviction_counts_restores_not_yet_written(open_store):
     """A restore marks its session used in memory; the mark reaches disk with the writer's next
     batch. That batch must apply it before it evicts: before, a session restored just before a

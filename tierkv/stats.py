@@ -53,8 +53,9 @@ class Stats:
             # session records read from the store again because another process sharing it saved
             # the session further, or down another branch, since this one read it
             "sessions_reread": c.get("sessions_reread", 0),
-            # session records cut back as they were committed: a block they newly named had lost
-            # its value to another process sharing the store, and this one held no copy of it
+            # sessions whose record was cut back as it was committed: a block it newly named had
+            # lost its value (another process sharing the store, or this commit's eviction, removed
+            # it after the save looked), and this process held no copy of it
             "sessions_cut": c.get("sessions_cut", 0),
             "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),

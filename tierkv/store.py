@@ -743,7 +743,9 @@ class Batch:
         """Evict until ``needed`` more bytes fit in the SSD budget.
 
         Order: expired sessions, then the least recently used unpinned session or unowned block.
-        Sessions in ``protect`` (changes still queued) are skipped.
+        Sessions in ``protect`` (changes still queued) are skipped, and so are unowned blocks in
+        ``keep``, which their records will name: evicted, such a record would name a block
+        with no value (``put_session``'s check would then cut it back).
 
         Raises:
             StoreFullError: pinned or protected data alone leaves too little room.
@@ -764,6 +766,8 @@ class Batch:
                 k = bytes(k)
                 if k[8:9] == b"s" and k[9:].decode("utf-8", "surrogatepass") in protect:
                     continue
+                if k[8:9] == b"b" and k[9:] in self.keep:
+                    continue  # unowned now, but named by a record this transaction or a queued one writes
                 picked = k
                 break
             if picked is None:

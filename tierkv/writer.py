@@ -354,10 +354,13 @@ class SSDWriter:
         lost = self._blocks.get(rec.keys[kept])
         if lost is not None:
             self._forget_vanished(lost)
-        self._stats.count("sessions_cut", 1)
         self._epoch.bump()
         if self._sessions.get(op.session) is not rec:
-            return  # a later save's record replaced it; that one's commit checks its own blocks
+            # a later save's record replaced it (its commit checks its own blocks): most often
+            # the one before a save down another branch, whose blocks past the branch point this
+            # process let go of unwritten, as they were about to be unreferenced anyway
+            return
+        self._stats.count("sessions_cut", 1)
         for key in set(rec.keys[kept:]) - set(rec.keys[:kept]):
             b = self._blocks.get(key)
             if b is None:
