@@ -57,6 +57,9 @@ class Stats:
             # lost its value (another process sharing the store, or this commit's eviction, removed
             # it after the save looked), and this process held no copy of it
             "sessions_cut": c.get("sessions_cut", 0),
+            # values a commit wrote again from this process's memory: another process had removed
+            # them after a save here looked, and a record being committed named them
+            "values_written_again": c.get("values_written_again", 0),
             "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,

@@ -345,6 +345,7 @@ class SSDWriter:
             if not b.on_ssd:
                 return True
             payload = b.payload
+        self._stats.count("values_written_again", 1)
         return self._encode(b, payload)
 
     def _cut_back(self, op: Op) -> None:
