@@ -104,6 +104,12 @@ class SessionRecord:
         exp = self.expires_at()
         return exp is not None and exp <= now
 
+    def cut(self, n_blocks: int, block_tokens: int) -> "SessionRecord":
+        """This record cut back to its first ``n_blocks`` blocks (full ones: the cut is before a
+        block of the record), its tokens with them; nothing else changes."""
+        return dataclasses.replace(self, keys=self.keys[:n_blocks],
+                                   tokens=self.tokens[:n_blocks * block_tokens].copy(), available_at=None)
+
     def encode(self) -> bytes:
         head = json.dumps({"created": self.created, "last_used": self.last_used, "ttl": self.ttl,
                            "pinned": self.pinned, "tenant": self.tenant}).encode()
@@ -643,30 +649,29 @@ class Batch:
         rec = dataclasses.replace(rec)
         old = self._get_session(rec.session)
         old_keys = set(old.keys) if old else set()
-        new: dict[bytes, tuple[int, BlockMeta | None]] = {}
+        new: dict[bytes, tuple[int, BlockMeta | None]] = {}  # tokens and bookkeeping of each
         kept = len(rec.keys)
         for i, key in enumerate(rec.keys):
             if key in old_keys or key in new:
                 continue
+            n = min(block_tokens, len(rec.tokens) - i * block_tokens)
             meta = self._get_bmeta(key)
             if missing is not None and (meta is None or meta.enc_bytes == 0):
                 got = missing(key)
                 if isinstance(got, bytes):
-                    self.put_value(key, got, min(block_tokens, len(rec.tokens) - i * block_tokens))
-                    meta = self._get_bmeta(key)
+                    meta = self.put_value(key, got, n)
                 elif got is False and meta is None:
                     kept = i
                     break
-            new[key] = (i, meta)
+            new[key] = (n, meta)
         if kept == 0:
             if old is not None:
                 self.drop_session(rec.session)
             return 0
         if kept < len(rec.keys):
-            rec.keys, rec.tokens = rec.keys[:kept], rec.tokens[:kept * block_tokens].copy()
-        for key, (i, meta) in new.items():
-            if i < kept:
-                self._incref(key, min(block_tokens, len(rec.tokens) - i * block_tokens), meta)
+            rec = rec.cut(kept, block_tokens)
+        for key, (n, meta) in new.items():  # all before the cut: the loop stopped there
+            self._incref(key, n, meta)
         if old is not None:
             self._unindex_session(old)
         self.txn.put(check_session_id(rec.session), rec.encode(), db=self.store.sessions)
@@ -706,8 +711,7 @@ class Batch:
         if first == 0:
             self.drop_session(session)
         elif first is not None:
-            self.put_session(dataclasses.replace(rec, tokens=rec.tokens[:first * block_tokens].copy(),
-                                                 keys=rec.keys[:first]), block_tokens)
+            self.put_session(rec.cut(first, block_tokens), block_tokens)
 
     def delete_unreferenced_unwritten(self) -> int:
         """Delete the block records that have no value and no session referencing them; how many."""
@@ -721,15 +725,16 @@ class Batch:
         meta = self._get_bmeta(key)
         return meta is not None and meta.enc_bytes > 0
 
-    def put_value(self, key: bytes, value: bytes, n_tokens: int, replace: bool = False) -> None:
+    def put_value(self, key: bytes, value: bytes, n_tokens: int, replace: bool = False) -> BlockMeta:
         """Store a block's encoded value; a block no session references enters the LRU index.
+        Returns the block's bookkeeping as it now stands.
 
         ``replace``: write over a value already stored (one that failed its checksum).
         """
         meta = self._get_bmeta(key)
         if meta is not None and meta.enc_bytes:
             if not replace:
-                return  # already there (content-addressed: same key, same bytes)
+                return meta  # already there (content-addressed: same key, same bytes)
             self.ssd_used -= meta.enc_bytes
         if meta is None:
             meta = BlockMeta(0, n_tokens, 0, time.time())
@@ -738,6 +743,7 @@ class Batch:
         meta.enc_bytes = len(value)
         self.txn.put(key, meta.pack(), db=self.store.bmeta)
         self.ssd_used += len(value)
+        return meta
 
     def make_room(self, needed: int, now: float, protect: set[str]) -> None:
         """Evict until ``needed`` more bytes fit in the SSD budget.

@@ -16,7 +16,6 @@ in-memory state as of some earlier moment, and a crash leaves a prefix of the op
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import threading
 import time
@@ -354,8 +353,7 @@ class SSDWriter:
         rec, kept = op.record, op.kept
         lost = self._blocks.get(rec.keys[kept])
         if lost is not None:
-            self._forget_vanished(lost)
-        self._epoch.bump()
+            self._forget_vanished(lost)  # not on SSD any more: the availability epoch moves
         if self._sessions.get(op.session) is not rec:
             # a later save's record replaced it (its commit checks its own blocks): most often
             # the one before a save down another branch, whose blocks past the branch point this
@@ -373,8 +371,7 @@ class SSDWriter:
         if kept == 0:
             del self._sessions[op.session]
         else:
-            self._sessions[op.session] = dataclasses.replace(
-                rec, keys=rec.keys[:kept], tokens=rec.tokens[:kept * self.block_tokens].copy(), available_at=None)
+            self._sessions[op.session] = rec.cut(kept, self.block_tokens)
 
     def _roll_back(self, op: Op) -> None:
         """Undo in memory what a failed op did, so memory again matches the disk (locked).
