@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 e.close()
 
             def store_keys_in_restore_order(e: Any, txn: Any) -> list[bytes]:
-                from tierkv.store import SessionRecord
+                from tierkv.records import SessionRecord
 
                 sessions = e.open_db(b"sessions", txn=txn, create=False)
                 return [k for i in range(n_sessions)

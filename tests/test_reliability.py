@@ -352,14 +352,14 @@ def inject_strays(path: str, held: bytes) -> None:
     """The oldest entries of the eviction indexes, none of them accounted for: an LRU entry of a
     session with no record, of a block with no bookkeeping and of block ``held`` (referenced),
     and an expiry entry, due, of session "keep" (pinned, no TTL)."""
-    from tierkv.store import _lru_key, _ns
+    from tierkv.records import lru_key, ns
     env = lmdb.open(path, subdir=True, max_dbs=8)
     lru, expiry = env.open_db(b"lru"), env.open_db(b"expiry")
     with env.begin(write=True) as txn:
-        txn.put(_lru_key(b"s", b"gone", 1.0), b"", db=lru)
-        txn.put(_lru_key(b"b", b"\x07" * len(held), 2.0), b"", db=lru)
-        txn.put(_lru_key(b"b", held, 3.0), b"", db=lru)
-        txn.put(_ns(time.time() - 60) + b"keep", b"", db=expiry)
+        txn.put(lru_key(b"s", b"gone", 1.0), b"", db=lru)
+        txn.put(lru_key(b"b", b"\x07" * len(held), 2.0), b"", db=lru)
+        txn.put(lru_key(b"b", held, 3.0), b"", db=lru)
+        txn.put(ns(time.time() - 60) + b"keep", b"", db=expiry)
     env.close()
 
 
@@ -371,7 +371,7 @@ def test_a_use_while_the_writer_stores_a_record_leaves_its_index_true(tmp_path, 
     eviction then picked the LRU one forever, holding LMDB's write lock (a two-process soak,
     ``bench/soak.py``, hung after six minutes with every process waiting on it). The writer now
     works on a snapshot of the record."""
-    from tierkv.store import Batch
+    from tierkv.batch import Batch
     path = str(tmp_path / "store")
     with _ssd_only(path, "64MiB") as s:
         real = Batch._index_session

@@ -7,7 +7,6 @@ TIERKV_VLLM_PYTHON); each phase is a separate vLLM process, as a restarted serve
 import json
 import os
 import subprocess
-import sys
 import sysconfig
 
 import lmdb

@@ -20,7 +20,8 @@ from typing import Any
 
 from .codec import CorruptValueError, iter_layer_planes, make_codec, parse_block
 from .spec import KVSpec
-from .store import BlockMeta, SessionRecord, SSDStore, describe_store
+from .records import BlockMeta, SessionRecord
+from .store import SSDStore, describe_store
 
 __all__ = ["verify_store"]
 
@@ -101,7 +102,7 @@ def verify_store(path: str, repair: bool = False) -> dict[str, Any]:
                         try:
                             batch.drop_session(sid)
                         except Exception:  # noqa: BLE001 - damaged record: delete it raw
-                            from .store import check_session_id
+                            from .records import check_session_id
 
                             batch.txn.delete(check_session_id(sid), db=store.sessions)
                     for key in bad:

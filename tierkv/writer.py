@@ -33,7 +33,8 @@ from .errors import BackgroundError, StoreFullError, StoreIOError
 from .movers import MOVERS, Transfer, encode_payload
 from .spec import KVSpec
 from .stats import Stats
-from .store import SessionRecord, SSDStore
+from .records import SessionRecord
+from .store import SSDStore
 from .tiers import MemoryTier
 
 __all__ = ["Op", "SSDWriter", "TOUCH_WRITE_S", "WRITE_BATCH_BYTES"]
