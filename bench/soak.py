@@ -70,8 +70,10 @@ BRANCH_AT = TOKENS // 2  # where a session id's two branches part
 KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_mib")
 #: the store's own counters a run adds up (stats()); sessions_cut: records a commit cut back,
 #: a block they newly named having lost its value to the other process meanwhile;
-#: values_written_again: such blocks the committing process held in memory, written again
-STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again")
+#: values_written_again: such blocks the committing process held in memory, written again;
+#: blocks_kept_for_leases: blocks a transaction kept, unowned, for a save in the other process
+STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again",
+                "blocks_kept_for_leases")
 #: counts that are not calls
 NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", *STORE_COUNTS, "save_wait_timeouts")
 #: budgets small enough that every tier and the SSD keep evicting

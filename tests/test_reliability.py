@@ -194,17 +194,22 @@ import tierkv
 from conftest import BLOCK, small_spec
 with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write_through") as s:
     with s._ssd.batch() as batch:   # the store's write lock: the other process's commits wait
+        if sys.argv[3] == "drop first":
+            batch.drop_session("x")  # blocks 2 and 3 were x's alone: their values go
         print("holding", flush=True)
         sys.stdin.readline()
-        batch.drop_session("x")     # blocks 2 and 3 were x's alone: their values go
+        if sys.argv[3] == "drop later":
+            batch.drop_session("x")
+        print("kept", batch.kept_for_leases, flush=True)
 """
 
 
 @pytest.mark.parametrize("held", ["on SSD only", "in memory too"])
 def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
     """A save here trusts the value of a block on SSD (it saw it a moment ago) and does not copy
-    it; before the save commits, another process removes the value. The commit, which runs in
-    the store's write transaction, checks each block the record newly names: where this process
+    it; another process's transaction, begun before the save looked (so before the save's
+    lease), removes the value and commits after the look. The commit, which runs in the
+    store's write transaction, checks each block the record newly names: where this process
     holds the block in memory, it writes the value again; where it holds no copy, it cuts the
     record back before the block, so the session's record never names KV that is not there.
     Before, the record named both blocks with no value: the session restored shorter than it
@@ -219,7 +224,7 @@ def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
     try:
         s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="base").wait()
         s.save(toks[:4 * BLOCK], kv_slice(kv, 4 * BLOCK), session="x").wait()
-        p = subprocess.Popen([sys.executable, "-c", HOLDER, path, HERE], stdin=subprocess.PIPE,
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, path, HERE, "drop first"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert p.stdout.readline().strip() == "holding", p.stderr.read()[-2000:]
@@ -227,6 +232,7 @@ def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
         finally:
             out, err = p.communicate("go\n", timeout=120)
         assert p.returncode == 0, err[-2000:]
+        assert out.split()[-2:] == ["kept", "0"]  # its drop came before the save's lease
         saved.wait()
         if held == "in memory too":  # written again from memory: whole
             assert s.session_info("y")["tokens"] == 6 * BLOCK
@@ -250,6 +256,51 @@ def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
         assert_kv_equal(got.kv, kv_slice(kv, keep * BLOCK))
         s.save(toks, kv, session="y").wait()  # and the session grows again from there
         assert_kv_equal(s.restore(toks, session="y").kv, kv)
+
+
+@pytest.mark.parametrize("held", ["on SSD only", "in memory too"])
+def test_blocks_a_save_leased_outlive_another_processes_drop(tmp_path, held):
+    """The same race, with the other process's drop made after the save here looked: the save
+    leased the blocks it trusted (``leases.py``) before looking, and the other process's
+    transaction, finding the lease, keeps blocks 2 and 3 as unowned blocks instead of deleting
+    them when their last reference goes. The save then commits whole, with no value written
+    again and no cut; the lease ends with the commit, so a later drop deletes the blocks."""
+    from tierkv.verify import verify_store
+
+    path = str(tmp_path / "store")
+    toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
+    memory = {} if held == "in memory too" else {"host_bytes": 0, "device_bytes": 0}
+    s = tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="64MiB", **memory)
+    try:
+        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="base").wait()
+        s.save(toks[:4 * BLOCK], kv_slice(kv, 4 * BLOCK), session="x").wait()
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, path, HERE, "drop later"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "holding", p.stderr.read()[-2000:]
+            saved = s.save(toks, kv, session="y")  # blocks 0-3 trusted (and leased), 4 and 5 copied
+        finally:
+            out, err = p.communicate("go\n", timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        # leased and not in memory there: 2 and 3 kept (0 and 1 are base's too)
+        assert out.split()[-2:] == ["kept", "2"]
+        saved.wait()
+        assert s.session_info("y")["tokens"] == 6 * BLOCK
+        assert (s.stats()["sessions_cut"], s.stats()["values_written_again"]) == (0, 0)
+        assert_kv_equal(s.restore(toks, session="y").kv, kv)
+        assert not any(s._ssd.leases.held(k) for k in s._sessions["y"].keys)  # ended by the commit
+    finally:
+        s.close()
+    r = verify_store(path)
+    assert (r["blocks_without_values"], r["sessions_with_unwritten_blocks"]) == (0, {})
+    with _ssd_only(path, "64MiB") as s:
+        assert_kv_equal(s.restore(toks, session="y").kv, kv)
+        used = s.stats()["resident_bytes"]["ssd"]
+        s.drop_session("y")
+        s.flush()
+        assert s.stats()["resident_bytes"]["ssd"] < used  # y's own blocks 2-5 went with it
+        assert s.lookup(toks) == 2 * BLOCK  # base's remain
+        assert s.stats()["blocks_kept_for_leases"] == 0
 
 
 EXTENDER = """

@@ -415,3 +415,37 @@ def test_imports_obey_the_layer_map():
                 if t in layer_of and t != mod and layer_of[t] > layer_of[mod]:
                     upward.append(f"{mod} (layer {layer_of[mod]}) imports {t} (layer {layer_of[t]})")
     assert not upward, "\n".join(sorted(set(upward)))
+
+
+def test_lease_table_is_shared_and_a_hint(tmp_path):
+    """Two maps of one store directory's lease table see each other's leases (as two processes
+    do); a lease runs out, ends on release, and a key that lands in an occupied slot takes it
+    over: leases are hints, so losing one is allowed, keeping another key's is not."""
+    import os
+
+    from tierkv.leases import LEASE_SLOTS, Leases
+
+    a, b = Leases(str(tmp_path)), Leases(str(tmp_path))
+    try:
+        k1 = (5).to_bytes(8, "little") + b"\x01" * 8
+        k2 = (5 + LEASE_SLOTS).to_bytes(8, "little") + b"\x02" * 8  # k1's slot
+        k3 = (6).to_bytes(8, "little") + b"\x03" * 8
+        assert not b.held(k1)
+        a.grant([k1, k3])
+        assert b.held(k1) and b.held(k3) and not b.held(k2)
+        b.grant([k2])
+        assert a.held(k2) and not a.held(k1)  # taken over
+        a.release([k1])  # not its slot any more: k2's lease stays
+        assert b.held(k2)
+        a.release([k2, k3])
+        assert not b.held(k2) and not b.held(k3)
+        a.grant([k3], seconds=0.0)
+        assert not b.held(k3)
+        a.grant([])
+        a.release([])
+    finally:
+        a.close()
+        a.close()  # idempotent
+        b.close()
+    assert os.path.getsize(tmp_path / "leases.bin") == LEASE_SLOTS * 16
+

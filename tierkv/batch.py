@@ -43,6 +43,8 @@ class Batch:
     keep: set[bytes] = field(default_factory=set)
     #: seconds LMDB's commit took (writing the dirty pages, then fdatasync), once committed
     commit_s: float = field(init=False, default=0.0)
+    #: blocks kept as unowned on losing their last reference because a save had leased them
+    kept_for_leases: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.ssd_used = struct.unpack("<Q", bytes(self.txn.get(b"ssd_used", db=self.store.meta)))[0]
@@ -83,7 +85,10 @@ class Batch:
         if meta is None:
             return
         meta.refs -= 1
-        if meta.refs <= 0 and key in self.keep:
+        leased = meta.refs <= 0 and key not in self.keep and meta.enc_bytes > 0 and self.store.leases.held(key)
+        if meta.refs <= 0 and (key in self.keep or leased):
+            # a queued record here, or a save in another process (its lease), will name it
+            self.kept_for_leases += leased
             meta.refs = 0
             self.txn.put(lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)
             self.txn.put(key, meta.pack(), db=self.store.bmeta)
@@ -157,6 +162,7 @@ class Batch:
         self._index_session(rec)
         for key in old_keys - set(rec.keys):
             self._decref(key)
+        self.store.leases.release(rec.keys)  # referenced now: a lease has nothing left to keep
         return kept
 
     def touch_session(self, session: str, last_used: float) -> None:
@@ -230,7 +236,10 @@ class Batch:
         Order: expired sessions, then the least recently used unpinned session or unowned block.
         Sessions in ``protect`` (changes still queued) are skipped, and so are unowned blocks in
         ``keep``, which their records will name: evicted, such a record would name a block
-        with no value (``put_session``'s check would then cut it back).
+        with no value (``put_session``'s check would then cut it back). Unowned blocks a save
+        has leased (``leases.py``: a record in another process will name them) are passed over
+        while anything else can go, then taken: a lease is a hint, never a reason to refuse a
+        write.
 
         Raises:
             StoreFullError: pinned or protected data alone leaves too little room.
@@ -244,17 +253,22 @@ class Batch:
             self._expire(k, protect)
             if self.ssd_used + needed <= budget:
                 return
+        leases = self.store.leases
         while self.ssd_used + needed > budget:
             cur = self.txn.cursor(db=self.store.lru)
-            picked = None
+            picked = leased = None
             for k in cur.iternext(values=False):
                 k = bytes(k)
                 if k[8:9] == b"s" and k[9:].decode("utf-8", "surrogatepass") in protect:
                     continue
                 if k[8:9] == b"b" and k[9:] in self.keep:
                     continue  # unowned now, but named by a record this transaction or a queued one writes
+                if k[8:9] == b"b" and leases.held(k[9:]):
+                    leased = leased or k  # another process's save is about to name it: last
+                    continue
                 picked = k
                 break
+            picked = picked or leased
             if picked is None:
                 raise StoreFullError(
                     f"SSD budget ssd_bytes={budget} B is full of pinned or in-flight sessions "

@@ -381,7 +381,7 @@ class TierKV(SSDWriter, Loads):
 
         with self._lock:
             self._check_open()
-            missing = self._to_copy(keys)
+            missing = self._to_copy(keys, lease=session is not None)
         # The slab pool's thread holds off until this save returns: prefaulting alongside the
         # copy slowed it as much as the faults it spared, and alongside the bookkeeping after it
         # added milliseconds to the return (likely the process's memory-map lock, which the
@@ -469,14 +469,22 @@ class TierKV(SSDWriter, Loads):
                 self._stats.count("saved_tokens", len(toks))
             return SaveHandle(op.done, lambda: self._op_error(op))
 
-    def _to_copy(self, keys: list[bytes]) -> list[int]:
+    def _to_copy(self, keys: list[bytes], lease: bool) -> list[int]:
         """Indexes of the blocks a save must copy: those not available here, and those this
         process holds only as "on SSD" whose value is no longer stored (another process evicted
         or dropped it: this process's record was stale). Without the check, such a save's record
         named blocks with no value, and a restore ended before them until the next save. One
         read for all the SSD-only blocks it had records of before this call, one for the keys it
         had none of (``_blocks_of``: those records are fresh, not checked again); called under
-        the lock."""
+        the lock.
+
+        ``lease`` (a session's save): the record's blocks are leased first (``leases.py``),
+        before the store is read, so that another process's write transaction that begins after
+        this look keeps the values this save trusts until its record commits (blocks held in
+        memory too: kept, their values need not be written again).
+        """
+        if lease:
+            self._ssd.leases.grant(keys)
         ssd_only = [b for b in map(self._blocks.get, keys)
                     if b is not None and b.available and b.tier is None and b.load is None]
         blocks = self._blocks_of(keys)

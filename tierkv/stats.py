@@ -60,6 +60,10 @@ class Stats:
             # values a commit wrote again from this process's memory: another process had removed
             # them after a save here looked, and a record being committed named them
             "values_written_again": c.get("values_written_again", 0),
+            # blocks this process's write transactions kept, as unowned blocks, when their last
+            # reference went (an eviction, a drop, an expiry), because a save in another process
+            # had leased them: a record there is about to name them (leases.py)
+            "blocks_kept_for_leases": c.get("blocks_kept_for_leases", 0),
             "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,

@@ -5,7 +5,8 @@ Primitives:
         records, and opens write transactions (``batch``, a ``batch.Batch``).
     (``valuereader.ValueReader`` reads the values with pread on data.mdb, by their place in
     LMDB's map; ``SSDStore.values`` is one, on Linux. ``records`` holds the persisted records,
-    ``batch`` the write side.)
+    ``batch`` the write side, ``leases`` the blocks saves have just trusted, which this
+    store's write transactions keep from eviction; ``SSDStore.leases`` is its table.)
     describe_store: a store's identity and sizes, read without its spec.
 
 Databases inside the environment::
@@ -45,6 +46,7 @@ except ImportError:  # Windows: no flock, so whether another process holds a sto
 from .batch import Batch
 from .errors import ConfigError, ForeignStoreError, StoreFullError, StoreIOError
 from .keys import common_prefix
+from .leases import Leases
 from .records import BlockMeta, SessionRecord, check_session_id, lru_key, ns
 from .spec import FORMAT_VERSION
 from .valuereader import OVERFLOW_HEADER_BYTES, ValueReader
@@ -129,6 +131,7 @@ class SSDStore:
             self._open_dbs()
             self._check_identity(fingerprint, description)
             self.fingerprint = fingerprint
+            self.leases = Leases(self.path)
             self.values = ValueReader.open(self)
             if self.values is None and _LINUX:
                 # No pread here, so values are read through the map, and a map without
@@ -139,6 +142,8 @@ class SSDStore:
                     self._open_env(readahead=True)
                     self._open_dbs()
         except BaseException:
+            if getattr(self, "leases", None) is not None:
+                self.leases.close()
             if self.env is not None:
                 self.env.close()
             self._release_path()
@@ -434,6 +439,8 @@ class SSDStore:
         if getattr(self, "env", None) is not None:
             if getattr(self, "values", None) is not None:
                 self.values.close()
+            if getattr(self, "leases", None) is not None:
+                self.leases.close()
             self.env.close()
             self.env = None
             self._release_path()

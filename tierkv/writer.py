@@ -316,6 +316,7 @@ class SSDWriter:
                 if op.kind == "session":
                     kept = batch.put_session(op.record, self.block_tokens, self._missing_value)
                     op.kept = kept if kept < len(op.record.keys) else None
+            self._stats.count("blocks_kept_for_leases", batch.kept_for_leases)
             cut_away = {op.session for op in ops if op.kind == "drop" or op.kept == 0}
             evicted_sessions = [s for s in batch.dropped if s not in cut_away]
             evicted_keys = set(batch.deleted)
