@@ -1,6 +1,7 @@
 """Bookkeeping costs: lookup latency, store open time, per-block Python overhead.
 
-- lookup p50/p99 for one 1M-token session (with its session id, and by content);
+- lookup p50/p99 for one 1M-token session (with its session id, and by content), and the time
+  a save of it spends leasing its blocks;
 - lookup p50/p99 and store open time in a store of ``--sessions`` sessions (default 100,000);
 - the first lookup of that session after the store is opened again;
 - save and restore time per block for tiny blocks (16 tokens, 1 layer): Python's share, median
@@ -65,6 +66,20 @@ def main() -> None:
                 res[f"lookup_1M_{label}"] = lat(xs)
                 print(f"lookup, 1M-token session, {label}: p50 {res[f'lookup_1M_{label}']['p50_ms']:.2f} ms, "
                       f"p99 {res[f'lookup_1M_{label}']['p99_ms']:.2f} ms", flush=True)
+            # what a save of that session adds for its leases (tierkv/leases.py): one lease per block,
+            # written before the save looks at the store (none in versions before leases, which
+            # bench/ops.py also runs in an A/B)
+            leases = getattr(s._ssd, "leases", None)
+            if leases is not None:
+                keys = s._sessions["long"].keys
+                xs = []
+                for _ in range(200):
+                    t = time.perf_counter()
+                    leases.grant(keys)
+                    xs.append(time.perf_counter() - t)
+                res["lease_grant_1M"] = dict(lat(xs), blocks=len(keys))
+                print(f"leases for the 1M-token session's {len(keys)} blocks: p50 "
+                      f"{res['lease_grant_1M']['p50_ms']:.3f} ms, p99 {res['lease_grant_1M']['p99_ms']:.3f} ms", flush=True)
         # the first lookup after the store is opened again (a restarted server or agent): the
         # session's record and its blocks' bookkeeping come from the store, not from memory
         firsts = []

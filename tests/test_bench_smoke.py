@@ -107,6 +107,7 @@ def test_ops_bench_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["open_s"]["sessions"] == 200 and res["lookup_in_many"]["p99_ms"] > 0
+    assert res["lease_grant_1M"]["blocks"] == -(-20000 // 256) and res["lease_grant_1M"]["p50_ms"] > 0
 
 
 def test_soak_watchdog_reports_a_hang():

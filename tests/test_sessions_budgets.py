@@ -202,36 +202,45 @@ def test_eviction_passes_over_unowned_blocks_a_queued_save_names(open_store):
 
 
 def test_leased_blocks_outlive_their_last_reference_and_are_evicted_last(open_store):
-    """A lease (``leases.py``: another process's save is about to name the block) keeps a
-    block whose last reference goes as an unowned block, and eviction passes over leased
-    unowned blocks while anything else can go, then takes them rather than refuse a write. An
-    expired lease keeps nothing."""
+    """A lease of another owner (``leases.py``: another process's save is about to name the
+    block) keeps a block whose last reference goes as an unowned block, and eviction passes
+    over leased unowned blocks while anything else can go, then takes them rather than refuse
+    a write. An expired lease keeps nothing, and a process's own leases keep nothing from its
+    own transactions."""
     from tierkv.keys import as_tokens, block_keys, chain_seed
+    from tierkv.leases import Leases
 
     s = _ssd_store(open_store, 4)
+    other = Leases(s.path)  # another process's view of the table
     toks = {name: [i * 100 + t for t in range(BLOCK)] for i, name in enumerate("abcdefxy")}
     key = {name: block_keys(chain_seed(s.fingerprint, None), as_tokens(t), BLOCK, partial=False)[0]
            for name, t in toks.items()}
     kv = {name: make_kv(SPEC, BLOCK, seed=i) for i, name in enumerate(toks)}
     for name in "abcd":  # four unowned blocks, a the least recently used: the store is full
         s.save(toks[name], kv[name]).wait()
-    s._ssd.leases.grant([key["a"]])
+    other.grant([key["a"]])
     s.save(toks["e"], kv["e"]).wait()  # room for one: not a (leased), b
     assert [s.lookup(toks[n]) for n in "abcde"] == [BLOCK, 0, BLOCK, BLOCK, BLOCK]
-    s._ssd.leases.grant([key[n] for n in "acde"])
+    other.grant([key[n] for n in "acde"])
     s.save(toks["f"], kv["f"]).wait()  # all leased: the least recently used goes all the same
     assert [s.lookup(toks[n]) for n in "acdef"] == [0, BLOCK, BLOCK, BLOCK, BLOCK]
     assert s.stats()["blocks_kept_for_leases"] == 0
 
     for name in "xy":
-        s.save(toks[name], kv[name], session=name).wait()  # its lease ended with its commit
-        s._ssd.leases.grant([key[name]], seconds=60.0 if name == "x" else 0.0)  # y's: already over
+        s.save(toks[name], kv[name], session=name).wait()
+        other.grant([key[name]], seconds=60.0 if name == "x" else 0.0)  # y's: already over
         s.drop_session(name)
     s.flush()
     assert s.stats()["blocks_kept_for_leases"] == 1
     assert s.lookup(toks["x"]) == BLOCK and s.lookup(toks["y"]) == 0  # x kept unowned, y deleted
     assert_kv_equal(s.restore(toks["x"]).kv, kv["x"])
     assert s.stats()["resident_bytes"]["ssd"] <= s.config.ssd_bytes
+    s.save(toks["y"], kv["y"], session="y").wait()
+    s._ssd.leases.grant([key["y"]])  # its own lease
+    s.drop_session("y")
+    s.flush()
+    assert s.lookup(toks["y"]) == 0 and s.stats()["blocks_kept_for_leases"] == 1
+    other.close()
 
 
 def test_eviction_counts_restores_not_yet_written(open_store):

@@ -418,34 +418,43 @@ def test_imports_obey_the_layer_map():
 
 
 def test_lease_table_is_shared_and_a_hint(tmp_path):
-    """Two maps of one store directory's lease table see each other's leases (as two processes
-    do); a lease runs out, ends on release, and a key that lands in an occupied slot takes it
-    over: leases are hints, so losing one is allowed, keeping another key's is not."""
+    """Three maps of one store directory's lease table, three owners (as three processes are):
+    each sees the others' leases and never its own; a commit takes only its own owner off a key,
+    so another owner's lease on it stays; a slot keeps a key's last two owners; a lease runs
+    out; a key landing in an occupied slot takes it over. Leases are hints: losing one is
+    allowed, holding one for the wrong key is not."""
     import os
 
     from tierkv.leases import LEASE_SLOTS, Leases
 
-    a, b = Leases(str(tmp_path)), Leases(str(tmp_path))
+    a, b, c = (Leases(str(tmp_path)) for _ in range(3))
     try:
         k1 = (5).to_bytes(8, "little") + b"\x01" * 8
         k2 = (5 + LEASE_SLOTS).to_bytes(8, "little") + b"\x02" * 8  # k1's slot
         k3 = (6).to_bytes(8, "little") + b"\x03" * 8
         assert not b.held(k1)
         a.grant([k1, k3])
-        assert b.held(k1) and b.held(k3) and not b.held(k2)
-        b.grant([k2])
-        assert a.held(k2) and not a.held(k1)  # taken over
+        assert (a.held(k1), b.held(k1), c.held(k3), b.held(k2)) == (False, True, True, False)
+        b.grant([k1])  # two owners
+        assert (a.held(k1), b.held(k1), c.held(k1)) == (True, True, True)
+        a.release([k1])  # a's record committed: b's lease stays
+        assert (a.held(k1), b.held(k1), c.held(k1)) == (True, False, True)
+        a.grant([k1])
+        c.grant([k1])  # a third owner: the oldest of the two (b) goes
+        assert (a.held(k1), b.held(k1), c.held(k1)) == (True, True, True)
+        a.release([k1])
+        c.release([k1])
+        assert not any(x.held(k1) for x in (a, b, c))
+        b.grant([k2])  # k1's slot, taken over
+        assert a.held(k2) and not c.held(k1)
         a.release([k1])  # not its slot any more: k2's lease stays
-        assert b.held(k2)
-        a.release([k2, k3])
-        assert not b.held(k2) and not b.held(k3)
-        a.grant([k3], seconds=0.0)
+        assert c.held(k2)
+        a.grant([k3], seconds=0.0)  # run out
         assert not b.held(k3)
         a.grant([])
         a.release([])
     finally:
-        a.close()
+        for x in (a, b, c):
+            x.close()
         a.close()  # idempotent
-        b.close()
-    assert os.path.getsize(tmp_path / "leases.bin") == LEASE_SLOTS * 16
-
+    assert os.path.getsize(tmp_path / "leases.bin") == LEASE_SLOTS * 32

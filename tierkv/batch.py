@@ -162,7 +162,7 @@ class Batch:
         self._index_session(rec)
         for key in old_keys - set(rec.keys):
             self._decref(key)
-        self.store.leases.release(rec.keys)  # referenced now: a lease has nothing left to keep
+        self.store.leases.release(rec.keys)  # named now: this owner's leases have nothing left to keep
         return kept
 
     def touch_session(self, session: str, last_used: float) -> None:
@@ -237,7 +237,7 @@ class Batch:
         Sessions in ``protect`` (changes still queued) are skipped, and so are unowned blocks in
         ``keep``, which their records will name: evicted, such a record would name a block
         with no value (``put_session``'s check would then cut it back). Unowned blocks a save
-        has leased (``leases.py``: a record in another process will name them) are passed over
+        in another process has leased (``leases.py``: its record will name them) are passed over
         while anything else can go, then taken: a lease is a hint, never a reason to refuse a
         write.
 

@@ -481,7 +481,8 @@ class TierKV(SSDWriter, Loads):
         ``lease`` (a session's save): the record's blocks are leased first (``leases.py``),
         before the store is read, so that another process's write transaction that begins after
         this look keeps the values this save trusts until its record commits (blocks held in
-        memory too: kept, their values need not be written again).
+        memory too: kept, their values need not be written again); the commit takes this
+        process's lease off them.
         """
         if lease:
             self._ssd.leases.grant(keys)
