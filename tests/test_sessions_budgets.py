@@ -243,6 +243,50 @@ def test_leased_blocks_outlive_their_last_reference_and_are_evicted_last(open_st
     other.close()
 
 
+def test_write_through_commit_writes_a_block_whose_write_failed(open_store):
+    """Two saves in one write batch: x's brings six new blocks, more than the whole SSD budget,
+    and y's names x's first block and brings nothing (x's op claimed its write). The batch
+    fails on the full store and each op is retried alone: x's fails, y's commits, and its
+    check finds the block with no value, held in memory. With write-through the commit writes
+    it there: before, it trusted a write to come, but the write that claimed it had just
+    failed, so y's acknowledged record named a block with no value until the block happened
+    to be demoted (a process killed first left it behind)."""
+    import threading
+
+    s = open_store(SPEC, ssd_codec="raw", persist="write_through", ssd_bytes=4 * BLK + 4 * 1024)
+    toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # the store's write lock, so the writer waits with the saves queued behind it
+        with s._ssd.batch():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        first = s.save([9000 + t for t in range(BLOCK)], make_kv(SPEC, BLOCK, seed=9), session="z")
+        time.sleep(0.5)  # the writer has taken z's op and waits for the lock
+        x = s.save(toks, kv, session="x")
+        y = s.save(toks[:BLOCK], kv_slice(kv, BLOCK), session="y")
+    finally:
+        release.set()
+        holder.join(60)
+    first.wait()
+    with pytest.raises(tierkv.StoreFullError):
+        x.wait()
+    y.wait()
+    key = s._sessions["y"].keys[0]
+    assert s._ssd.values_stored([key]) == {key}
+    assert s.stats()["values_written_again"] == 1
+    s.close()
+    with _ssd_store(open_store, 4) as s2:  # memory gone: what y's record names is on SSD
+        got = s2.restore(toks[:BLOCK], session="y")
+        assert got.num_tokens == BLOCK
+        assert_kv_equal(got.kv, kv_slice(kv, BLOCK))
+
+
 def test_eviction_counts_restores_not_yet_written(open_store):
     """A restore marks its session used in memory; the mark reaches disk with the writer's next
     batch. That batch must apply it before it evicts: before, a session restored just before a

@@ -57,8 +57,9 @@ class Stats:
             # lost its value (another process sharing the store, or this commit's eviction, removed
             # it after the save looked), and this process held no copy of it
             "sessions_cut": c.get("sessions_cut", 0),
-            # values a commit wrote again from this process's memory: another process had removed
-            # them after a save here looked, and a record being committed named them
+            # values a commit wrote from this process's memory because a record being committed
+            # named them and the store had none: another process had removed them after a save
+            # here looked, or (write-through) the write that claimed them had failed
             "values_written_again": c.get("values_written_again", 0),
             # blocks this process's write transactions kept, as unowned blocks, when their last
             # reference went (an eviction, a drop, an expiry), because a save in another process
