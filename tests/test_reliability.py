@@ -204,6 +204,31 @@ with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write
 """
 
 
+def _save_racing_a_drop(path, toks, kv, held, order):
+    """Sessions "base" (blocks 0-1) and "x" (0-3) saved here, then another process (HOLDER)
+    takes the store's write lock and drops x ``order`` ("drop first": before this process
+    saves "y", 0-5; "drop later": after) and commits once the save has been made. Returns the
+    store, the save's handle and the other process's last words (how many blocks it kept for
+    leases)."""
+    memory = {} if held == "in memory too" else {"host_bytes": 0, "device_bytes": 0}
+    s = tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="64MiB", **memory)
+    try:
+        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="base").wait()
+        s.save(toks[:4 * BLOCK], kv_slice(kv, 4 * BLOCK), session="x").wait()
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, path, HERE, order], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "holding", p.stderr.read()[-2000:]
+            saved = s.save(toks, kv, session="y")  # blocks 0-3 trusted (and leased), 4 and 5 copied
+        finally:
+            out, err = p.communicate("go\n", timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    except BaseException:
+        s.close()
+        raise
+    return s, saved, out.split()[-2:]
+
+
 @pytest.mark.parametrize("held", ["on SSD only", "in memory too"])
 def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
     """A save here trusts the value of a block on SSD (it saw it a moment ago) and does not copy
@@ -219,20 +244,9 @@ def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
 
     path = str(tmp_path / "store")
     toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
-    memory = {} if held == "in memory too" else {"host_bytes": 0, "device_bytes": 0}
-    s = tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="64MiB", **memory)
+    s, saved, kept = _save_racing_a_drop(path, toks, kv, held, "drop first")
     try:
-        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="base").wait()
-        s.save(toks[:4 * BLOCK], kv_slice(kv, 4 * BLOCK), session="x").wait()
-        p = subprocess.Popen([sys.executable, "-c", HOLDER, path, HERE, "drop first"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert p.stdout.readline().strip() == "holding", p.stderr.read()[-2000:]
-            saved = s.save(toks, kv, session="y")  # blocks 0-3 trusted, 4 and 5 copied
-        finally:
-            out, err = p.communicate("go\n", timeout=120)
-        assert p.returncode == 0, err[-2000:]
-        assert out.split()[-2:] == ["kept", "0"]  # its drop came before the save's lease
+        assert kept == ["kept", "0"]  # its drop came before the save's lease
         saved.wait()
         if held == "in memory too":  # written again from memory: whole
             assert s.session_info("y")["tokens"] == 6 * BLOCK
@@ -269,21 +283,9 @@ def test_blocks_a_save_leased_outlive_another_processes_drop(tmp_path, held):
 
     path = str(tmp_path / "store")
     toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
-    memory = {} if held == "in memory too" else {"host_bytes": 0, "device_bytes": 0}
-    s = tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="64MiB", **memory)
+    s, saved, kept = _save_racing_a_drop(path, toks, kv, held, "drop later")
     try:
-        s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="base").wait()
-        s.save(toks[:4 * BLOCK], kv_slice(kv, 4 * BLOCK), session="x").wait()
-        p = subprocess.Popen([sys.executable, "-c", HOLDER, path, HERE, "drop later"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert p.stdout.readline().strip() == "holding", p.stderr.read()[-2000:]
-            saved = s.save(toks, kv, session="y")  # blocks 0-3 trusted (and leased), 4 and 5 copied
-        finally:
-            out, err = p.communicate("go\n", timeout=120)
-        assert p.returncode == 0, err[-2000:]
-        # leased and not in memory there: 2 and 3 kept (0 and 1 are base's too)
-        assert out.split()[-2:] == ["kept", "2"]
+        assert kept == ["kept", "2"]  # leased: 2 and 3 kept (0 and 1 are base's too)
         saved.wait()
         assert s.session_info("y")["tokens"] == 6 * BLOCK
         assert (s.stats()["sessions_cut"], s.stats()["values_written_again"]) == (0, 0)
