@@ -85,17 +85,17 @@ class Batch:
         if meta is None:
             return
         meta.refs -= 1
-        leased = meta.refs <= 0 and key not in self.keep and meta.enc_bytes > 0 and self.store.leases.held(key)
-        if meta.refs <= 0 and (key in self.keep or leased):
-            # a queued record here, or a save in another process (its lease), will name it
-            self.kept_for_leases += leased
-            meta.refs = 0
-            self.txn.put(lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)
+        if meta.refs > 0:
             self.txn.put(key, meta.pack(), db=self.store.bmeta)
-        elif meta.refs <= 0:
-            self.delete_block(key, meta)
-        else:
-            self.txn.put(key, meta.pack(), db=self.store.bmeta)
+            return
+        if key not in self.keep:  # a queued record here will name a kept one
+            if not (meta.enc_bytes > 0 and self.store.leases.held(key)):
+                self.delete_block(key, meta)
+                return
+            self.kept_for_leases += 1  # a save in another process (its lease) will name it
+        meta.refs = 0
+        self.txn.put(lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)
+        self.txn.put(key, meta.pack(), db=self.store.bmeta)
 
     def delete_block(self, key: bytes, meta: BlockMeta | None = None) -> None:
         """Delete a block's value and bookkeeping, whatever its reference count."""

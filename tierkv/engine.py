@@ -380,8 +380,10 @@ class TierKV(SSDWriter, Loads):
         self._wait_for_memory(target)
 
         with self._lock:
-            self._check_open()
-            missing = self._to_copy(keys, lease=session is not None)
+            self._check_open()  # under the lock, close() has not closed the lease table
+            if session is not None:
+                self._ssd.leases.grant(keys)  # before _to_copy reads the store (leases.py)
+            missing = self._to_copy(keys)
         # The slab pool's thread holds off until this save returns: prefaulting alongside the
         # copy slowed it as much as the faults it spared, and alongside the bookkeeping after it
         # added milliseconds to the return (likely the process's memory-map lock, which the
@@ -469,7 +471,7 @@ class TierKV(SSDWriter, Loads):
                 self._stats.count("saved_tokens", len(toks))
             return SaveHandle(op.done, lambda: self._op_error(op))
 
-    def _to_copy(self, keys: list[bytes], lease: bool) -> list[int]:
+    def _to_copy(self, keys: list[bytes]) -> list[int]:
         """Indexes of the blocks a save must copy: those not available here, and those this
         process holds only as "on SSD" whose value is no longer stored (another process evicted
         or dropped it: this process's record was stale). Without the check, such a save's record
@@ -478,14 +480,11 @@ class TierKV(SSDWriter, Loads):
         had none of (``_blocks_of``: those records are fresh, not checked again); called under
         the lock.
 
-        ``lease`` (a session's save): the record's blocks are leased first (``leases.py``),
-        before the store is read, so that another process's write transaction that begins after
-        this look keeps the values this save trusts until its record commits (blocks held in
-        memory too: kept, their values need not be written again); the commit takes this
-        process's lease off them.
+        A session's save has leased the blocks first (``leases.py``), before this reads the
+        store, so that another process's write transaction that begins after this look keeps
+        the values the save trusts until its record commits (blocks held in memory too: kept,
+        their values need not be written again); the commit takes this process's lease off them.
         """
-        if lease:
-            self._ssd.leases.grant(keys)
         ssd_only = [b for b in map(self._blocks.get, keys)
                     if b is not None and b.available and b.tier is None and b.load is None]
         blocks = self._blocks_of(keys)
