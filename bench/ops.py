@@ -67,15 +67,20 @@ def main() -> None:
                 print(f"lookup, 1M-token session, {label}: p50 {res[f'lookup_1M_{label}']['p50_ms']:.2f} ms, "
                       f"p99 {res[f'lookup_1M_{label}']['p99_ms']:.2f} ms", flush=True)
             # what a save of that session adds for its leases (tierkv/leases.py): one lease per block,
-            # written before the save looks at the store (none in versions before leases, which
-            # bench/ops.py also runs in an A/B)
+            # written before the save looks at the store, and a look at the blocks' doom marks
+            # (none in versions before leases, which bench/ops.py also runs in an A/B; versions
+            # before the marks take no owner)
             leases = getattr(s._ssd, "leases", None)
             if leases is not None:
                 keys = s._sessions["long"].keys
+                owned = hasattr(leases, "new_owner")
                 xs = []
                 for _ in range(200):
                     t = time.perf_counter()
-                    leases.grant(keys)
+                    if owned:
+                        leases.grant(keys, leases.new_owner())
+                    else:
+                        leases.grant(keys)
                     xs.append(time.perf_counter() - t)
                 res["lease_grant_1M"] = dict(lat(xs), blocks=len(keys))
                 print(f"leases for the 1M-token session's {len(keys)} blocks: p50 "

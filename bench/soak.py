@@ -71,9 +71,11 @@ KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_m
 #: the store's own counters a run adds up (stats()); sessions_cut: records a commit cut back,
 #: a block they newly named having lost its value to the other process meanwhile;
 #: values_written_again: such blocks the committing process held in memory, written again;
-#: blocks_kept_for_leases: blocks a transaction kept, unowned, for a save in the other process
+#: blocks_kept_for_leases: blocks a transaction kept, unowned, for a save's lease;
+#: leased_blocks_evicted: leased blocks eviction took, nothing else being left;
+#: blocks_copied_being_deleted: blocks a save copied, a transaction having marked them (leases.py)
 STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again",
-                "blocks_kept_for_leases")
+                "blocks_kept_for_leases", "leased_blocks_evicted", "blocks_copied_being_deleted")
 #: counts that are not calls
 NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", *STORE_COUNTS, "save_wait_timeouts")
 #: budgets small enough that every tier and the SSD keep evicting

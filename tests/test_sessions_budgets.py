@@ -202,11 +202,12 @@ def test_eviction_passes_over_unowned_blocks_a_queued_save_names(open_store):
 
 
 def test_leased_blocks_outlive_their_last_reference_and_are_evicted_last(open_store):
-    """A lease of another owner (``leases.py``: another process's save is about to name the
+    """A lease (``leases.py``: a save, in another process or this one, is about to name the
     block) keeps a block whose last reference goes as an unowned block, and eviction passes
     over leased unowned blocks while anything else can go, then takes them rather than refuse
-    a write. An expired lease keeps nothing, and a process's own leases keep nothing from its
-    own transactions."""
+    a write (counted). An expired lease keeps nothing. A lease of this process's own saves keeps
+    blocks from this process's transactions too: a batch taken before the save does not know
+    of it."""
     from tierkv.keys import as_tokens, block_keys, chain_seed
     from tierkv.leases import Leases
 
@@ -218,17 +219,19 @@ def test_leased_blocks_outlive_their_last_reference_and_are_evicted_last(open_st
     kv = {name: make_kv(SPEC, BLOCK, seed=i) for i, name in enumerate(toks)}
     for name in "abcd":  # four unowned blocks, a the least recently used: the store is full
         s.save(toks[name], kv[name]).wait()
-    other.grant([key["a"]])
+    owner = other.new_owner()
+    other.grant([key["a"]], owner)
     s.save(toks["e"], kv["e"]).wait()  # room for one: not a (leased), b
     assert [s.lookup(toks[n]) for n in "abcde"] == [BLOCK, 0, BLOCK, BLOCK, BLOCK]
-    other.grant([key[n] for n in "acde"])
+    assert s.stats()["leased_blocks_evicted"] == 0
+    other.grant([key[n] for n in "acde"], owner)
     s.save(toks["f"], kv["f"]).wait()  # all leased: the least recently used goes all the same
     assert [s.lookup(toks[n]) for n in "acdef"] == [0, BLOCK, BLOCK, BLOCK, BLOCK]
-    assert s.stats()["blocks_kept_for_leases"] == 0
+    assert (s.stats()["blocks_kept_for_leases"], s.stats()["leased_blocks_evicted"]) == (0, 1)
 
     for name in "xy":
         s.save(toks[name], kv[name], session=name).wait()
-        other.grant([key[name]], seconds=60.0 if name == "x" else 0.0)  # y's: already over
+        other.grant([key[name]], owner, seconds=60.0 if name == "x" else 0.0)  # y's: already over
         s.drop_session(name)
     s.flush()
     assert s.stats()["blocks_kept_for_leases"] == 1
@@ -236,10 +239,10 @@ def test_leased_blocks_outlive_their_last_reference_and_are_evicted_last(open_st
     assert_kv_equal(s.restore(toks["x"]).kv, kv["x"])
     assert s.stats()["resident_bytes"]["ssd"] <= s.config.ssd_bytes
     s.save(toks["y"], kv["y"], session="y").wait()
-    s._ssd.leases.grant([key["y"]])  # its own lease
+    s._ssd.leases.grant([key["y"]], s._ssd.leases.new_owner())  # a save of this process's own
     s.drop_session("y")
     s.flush()
-    assert s.lookup(toks["y"]) == 0 and s.stats()["blocks_kept_for_leases"] == 1
+    assert s.lookup(toks["y"]) == BLOCK and s.stats()["blocks_kept_for_leases"] == 2
     other.close()
 
 

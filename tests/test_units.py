@@ -418,43 +418,75 @@ def test_imports_obey_the_layer_map():
 
 
 def test_lease_table_is_shared_and_a_hint(tmp_path):
-    """Three maps of one store directory's lease table, three owners (as three processes are):
-    each sees the others' leases and never its own; a commit takes only its own owner off a key,
-    so another owner's lease on it stays; a slot keeps a key's last two owners; a lease runs
-    out; a key landing in an occupied slot takes it over. Leases are hints: losing one is
+    """Two maps of one store directory's lease table (as two processes have) and three owners
+    (three saves): each map sees every owner's leases; a commit takes only its own owner off a
+    key, so another owner's lease on it stays; a slot keeps a key's last two owners; a lease
+    runs out; a key landing in an occupied slot takes it over. Leases are hints: losing one is
     allowed, holding one for the wrong key is not."""
     import os
 
-    from tierkv.leases import LEASE_SLOTS, Leases
+    from tierkv.leases import LEASE_SLOTS, MARK_SLOTS, Leases
 
-    a, b, c = (Leases(str(tmp_path)) for _ in range(3))
+    a, b = (Leases(str(tmp_path)) for _ in range(2))
     try:
+        o1, o2, o3 = a.new_owner(), a.new_owner(), b.new_owner()
+        assert len({o1, o2, o3}) == 3 and 0 not in (o1, o2, o3)
         k1 = (5).to_bytes(8, "little") + b"\x01" * 8
         k2 = (5 + LEASE_SLOTS).to_bytes(8, "little") + b"\x02" * 8  # k1's slot
         k3 = (6).to_bytes(8, "little") + b"\x03" * 8
         assert not b.held(k1)
-        a.grant([k1, k3])
-        assert (a.held(k1), b.held(k1), c.held(k3), b.held(k2)) == (False, True, True, False)
-        b.grant([k1])  # two owners
-        assert (a.held(k1), b.held(k1), c.held(k1)) == (True, True, True)
-        a.release([k1])  # a's record committed: b's lease stays
-        assert (a.held(k1), b.held(k1), c.held(k1)) == (True, False, True)
-        a.grant([k1])
-        c.grant([k1])  # a third owner: the oldest of the two (b) goes
-        assert (a.held(k1), b.held(k1), c.held(k1)) == (True, True, True)
-        a.release([k1])
-        c.release([k1])
-        assert not any(x.held(k1) for x in (a, b, c))
-        b.grant([k2])  # k1's slot, taken over
-        assert a.held(k2) and not c.held(k1)
-        a.release([k1])  # not its slot any more: k2's lease stays
-        assert c.held(k2)
-        a.grant([k3], seconds=0.0)  # run out
+        assert a.grant([k1, k3], o1) == set()  # nothing marked
+        assert (a.held(k1), b.held(k1), b.held(k3), b.held(k2)) == (True, True, True, False)
+        b.grant([k1], o3)  # two owners
+        a.release([k1], o1)  # o1's record committed: o3's lease stays
+        assert a.held(k1) and b.held(k1)
+        a.grant([k1], o1)
+        a.grant([k1], o2)  # a third owner: the oldest of the two (o3) goes
+        b.release([k1], o3)  # not there: nothing changes
+        assert b.held(k1)
+        a.release([k1], o1)
+        a.release([k1], o2)
+        assert not a.held(k1) and not b.held(k1)
+        b.grant([k2], o3)  # k1's slot, taken over
+        assert a.held(k2) and not a.held(k1)
+        a.release([k1], o3)  # not its slot any more: k2's lease stays
+        assert a.held(k2)
+        a.grant([k3], o1, seconds=0.0)  # run out
         assert not b.held(k3)
-        a.grant([])
-        a.release([])
+        a.grant([], o1)
+        a.release([], o1)
     finally:
-        for x in (a, b, c):
+        for x in (a, b):
             x.close()
         a.close()  # idempotent
-    assert os.path.getsize(tmp_path / "leases.bin") == LEASE_SLOTS * 32
+    assert os.path.getsize(tmp_path / "leases.bin") == LEASE_SLOTS * 32 + MARK_SLOTS * 16
+
+
+def test_doom_marks_answer_a_grant_and_collide_safely(tmp_path):
+    """The other half of the handshake (``leases.py``): a transaction marks the keys it is
+    deleting; a grant answers with the ones it finds marked, so the save copies them; the marks
+    go when the transaction is over. A key whose mark slot another live mark holds is not
+    marked, and the caller must not delete it; a key marked again, or one whose mark has run out
+    (a process killed mid-transaction), takes its slot."""
+    from tierkv.leases import MARK_SLOTS, Leases
+
+    writer, saver = Leases(str(tmp_path)), Leases(str(tmp_path))
+    try:
+        k1 = (9).to_bytes(8, "little") + b"\x01" * 8
+        k2 = (9 + MARK_SLOTS).to_bytes(8, "little") + b"\x02" * 8  # k1's mark slot
+        k3 = (10).to_bytes(8, "little") + b"\x03" * 8
+        assert writer.doom([k1, k2, k3]) == [k1, k3]  # k2 would take k1's slot: not marked
+        assert saver.grant([k1, k2, k3], saver.new_owner()) == {k1, k3}
+        assert writer.doom([k2]) == []
+        assert writer.doom([k1]) == [k1]  # marked already: still marked
+        writer.undoom([k1, k2, k3])
+        assert saver.grant([k1, k2, k3], saver.new_owner()) == set()
+        assert writer.doom([k2], seconds=0.0) == [k2]  # a mark left to run out
+        assert writer.doom([k1]) == [k1]
+        writer.undoom([k2])  # k1's now: left alone
+        assert saver.grant([k1, k2], saver.new_owner()) == {k1}
+        writer.undoom([])
+        assert writer.doom([]) == []
+    finally:
+        writer.close()
+        saver.close()

@@ -45,6 +45,13 @@ class Batch:
     commit_s: float = field(init=False, default=0.0)
     #: blocks kept as unowned on losing their last reference because a save had leased them
     kept_for_leases: int = field(init=False, default=0)
+    #: keys this transaction marked as being deleted (``leases.py``); ``SSDStore.batch`` takes
+    #: the marks off after the commit
+    marked: set[bytes] = field(default_factory=set)
+    #: leases to release once this transaction commits: (keys, owner) of each record it wrote
+    leased: list[tuple[list[bytes], int]] = field(default_factory=list)
+    #: leased unowned blocks taken to make room, nothing else being left to take
+    leased_evicted: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.ssd_used = struct.unpack("<Q", bytes(self.txn.get(b"ssd_used", db=self.store.meta)))[0]
@@ -80,22 +87,46 @@ class Batch:
         meta.refs += 1
         self.txn.put(key, meta.pack(), db=self.store.bmeta)
 
-    def _decref(self, key: bytes) -> None:
+    def _decref(self, key: bytes) -> tuple[bytes, BlockMeta] | None:
+        """Drop a reference to a block. Returns the block and its bookkeeping where that was its
+        last reference and it has a value not in ``keep``: ``_let_go`` decides whether it goes."""
         meta = self._get_bmeta(key)
         if meta is None:
-            return
+            return None
         meta.refs -= 1
         if meta.refs > 0:
             self.txn.put(key, meta.pack(), db=self.store.bmeta)
-            return
+            return None
         if key not in self.keep:  # a queued record here will name a kept one
-            if not (meta.enc_bytes > 0 and self.store.leases.held(key)):
-                self.delete_block(key, meta)
-                return
-            self.kept_for_leases += 1  # a save in another process (its lease) will name it
+            if meta.enc_bytes > 0:
+                return key, meta
+            self.delete_block(key, meta)  # no value: nothing a save could trust
+            return None
+        self._unown(key, meta)
+        return None
+
+    def _unown(self, key: bytes, meta: BlockMeta) -> None:
+        """Keep a block with no references as an unowned one, in the LRU index."""
         meta.refs = 0
         self.txn.put(lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)
         self.txn.put(key, meta.pack(), db=self.store.bmeta)
+
+    def _let_go(self, blocks: list[tuple[bytes, BlockMeta]]) -> None:
+        """Delete blocks that lost their last reference (``_decref``), except those a save has
+        leased: marked first, then their leases looked at (``leases.py``). A leased block, or
+        one whose mark could not be set, stays as an unowned block, evicted later."""
+        if not blocks:
+            return
+        leases = self.store.leases
+        marked = set(leases.doom([k for k, _ in blocks if k not in self.marked])) | self.marked
+        self.marked |= marked
+        for key, meta in blocks:
+            if key in marked and not leases.held(key):
+                self.delete_block(key, meta)
+                continue
+            if key in marked:
+                self.kept_for_leases += 1  # a save (its lease) will name it
+            self._unown(key, meta)
 
     def delete_block(self, key: bytes, meta: BlockMeta | None = None) -> None:
         """Delete a block's value and bookkeeping, whatever its reference count."""
@@ -110,7 +141,7 @@ class Batch:
         self.deleted.append(key)
 
     def put_session(self, rec: SessionRecord, block_tokens: int,
-                    missing: Callable[[bytes], bytes | bool] | None = None) -> int:
+                    missing: Callable[[bytes], bytes | bool] | None = None, lease: int | None = None) -> int:
         """Write a session record, moving block references from its old record to the new one.
 
         ``rec`` is the engine's own copy, whose ``last_used`` its threads move on every use
@@ -126,7 +157,8 @@ class Batch:
         False, when it cannot. Then, unless another record accounts for the block (another
         process's write-back), the value is gone for good, and the record is cut back to the
         blocks before it, or not written if it is the first (an older record is dropped).
-        Without ``missing``, the record is written as it is.
+        Without ``missing``, the record is written as it is. ``lease``: the save's lease
+        owner (``leases.py``), released once this transaction commits.
 
         Returns how many of the record's blocks the stored record keeps.
         """
@@ -148,6 +180,8 @@ class Batch:
                     kept = i
                     break
             new[key] = (n, meta)
+        if lease is not None:
+            self.leased.append((list(rec.keys), lease))
         if kept == 0:
             if old is not None:
                 self.drop_session(rec.session)
@@ -160,9 +194,7 @@ class Batch:
             self._unindex_session(old)
         self.txn.put(check_session_id(rec.session), rec.encode(), db=self.store.sessions)
         self._index_session(rec)
-        for key in old_keys - set(rec.keys):
-            self._decref(key)
-        self.store.leases.release(rec.keys)  # named now: this owner's leases have nothing left to keep
+        self._let_go([g for g in map(self._decref, old_keys - set(rec.keys)) if g is not None])
         return kept
 
     def touch_session(self, session: str, last_used: float) -> None:
@@ -181,8 +213,7 @@ class Batch:
             return False
         self._unindex_session(rec)
         self.txn.delete(check_session_id(session), db=self.store.sessions)
-        for key in set(rec.keys):
-            self._decref(key)
+        self._let_go([g for g in map(self._decref, set(rec.keys)) if g is not None])
         self.dropped.append(session)
         return True
 
@@ -237,9 +268,9 @@ class Batch:
         Sessions in ``protect`` (changes still queued) are skipped, and so are unowned blocks in
         ``keep``, which their records will name: evicted, such a record would name a block
         with no value (``put_session``'s check would then cut it back). Unowned blocks a save
-        in another process has leased (``leases.py``: its record will name them) are passed over
-        while anything else can go, then taken: a lease is a hint, never a reason to refuse a
-        write.
+        has leased (``leases.py``: its record will name them), or that cannot be marked as
+        being deleted, are passed over while anything else can go, then taken: a lease is a
+        hint, never a reason to refuse a write.
 
         Raises:
             StoreFullError: pinned or protected data alone leaves too little room.
@@ -263,17 +294,26 @@ class Batch:
                     continue
                 if k[8:9] == b"b" and k[9:] in self.keep:
                     continue  # unowned now, but named by a record this transaction or a queued one writes
-                if k[8:9] == b"b" and leases.held(k[9:]):
-                    leased = leased or k  # another process's save is about to name it: last
+                if k[8:9] == b"b" and (not self._mark(k[9:]) or leases.held(k[9:])):
+                    leased = leased or k  # a save is about to name it (or it could not be marked): last
                     continue
                 picked = k
                 break
-            picked = picked or leased
+            if picked is None and leased is not None:
+                picked = leased
+                self.leased_evicted += 1
             if picked is None:
                 raise StoreFullError(
                     f"SSD budget ssd_bytes={budget} B is full of pinned or in-flight sessions "
                     f"({self.ssd_used} B used, {needed} B more needed); unpin or drop sessions, or raise ssd_bytes")
             self._evict(picked)
+
+    def _mark(self, key: bytes) -> bool:
+        """Mark a block this transaction means to delete (``leases.py``), before looking at its
+        lease; whether it is marked."""
+        if key not in self.marked:
+            self.marked.update(self.store.leases.doom([key]))
+        return key in self.marked
 
     def _evict(self, k: bytes) -> None:
         """Evict what LRU entry ``k`` names, if its bookkeeping accounts for that entry, and let

@@ -379,11 +379,13 @@ class TierKV(SSDWriter, Loads):
         target = self._tiers["device"] if self._tiers["device"].enabled else self._tiers["host"]
         self._wait_for_memory(target)
 
+        lease, being_deleted = None, set()
         with self._lock:
             self._check_open()  # under the lock, close() has not closed the lease table
-            if session is not None:
-                self._ssd.leases.grant(keys)  # before _to_copy reads the store (leases.py)
-            missing = self._to_copy(keys)
+            if session is not None:  # before _to_copy reads the store (leases.py)
+                lease = self._ssd.leases.new_owner()
+                being_deleted = self._ssd.leases.grant(keys, lease)
+            missing = self._to_copy(keys, being_deleted)
         # The slab pool's thread holds off until this save returns: prefaulting alongside the
         # copy slowed it as much as the faults it spared, and alongside the bookkeeping after it
         # added milliseconds to the return (likely the process's memory-map lock, which the
@@ -464,14 +466,14 @@ class TierKV(SSDWriter, Loads):
                                         ttl if ttl is not None else (old.ttl if old else None), is_pinned, tenant)
                     self._sessions[session] = rec
                     self._touched.pop(session, None)
-                    op = Op("session", session=session, record=rec, doomed=doomed,
+                    op = Op("session", session=session, record=rec, doomed=doomed, lease=lease,
                              added=[b.key for b in blocks if b.key not in old_keys],
                              write=self._claim_writes(blocks) if write_through else [])
                 self._enqueue(op)
                 self._stats.count("saved_tokens", len(toks))
             return SaveHandle(op.done, lambda: self._op_error(op))
 
-    def _to_copy(self, keys: list[bytes]) -> list[int]:
+    def _to_copy(self, keys: list[bytes], being_deleted: set[bytes]) -> list[int]:
         """Indexes of the blocks a save must copy: those not available here, and those this
         process holds only as "on SSD" whose value is no longer stored (another process evicted
         or dropped it: this process's record was stale). Without the check, such a save's record
@@ -481,9 +483,11 @@ class TierKV(SSDWriter, Loads):
         the lock.
 
         A session's save has leased the blocks first (``leases.py``), before this reads the
-        store, so that another process's write transaction that begins after this look keeps
-        the values the save trusts until its record commits (blocks held in memory too: kept,
-        their values need not be written again); the commit takes this process's lease off them.
+        store, so that a write transaction (another process's, or this process's writer's) that
+        looks at their leases after that keeps the values the save trusts until its record
+        commits (blocks held in memory too: kept, their values need not be written again). Those
+        a transaction had marked as being deleted by then (``being_deleted``, from the grant)
+        are not trusted: copied like blocks not on SSD, or, held in memory, written again.
         """
         ssd_only = [b for b in map(self._blocks.get, keys)
                     if b is not None and b.available and b.tier is None and b.load is None]
@@ -492,6 +496,12 @@ class TierKV(SSDWriter, Loads):
         for b in ssd_only:
             if b.key not in stored:
                 self._forget_vanished(b)  # not available any more, unless a write is queued
+        for b in filter(None, map(self._blocks.get, being_deleted)):
+            if b.on_ssd and b.load is None and not b.write_queued:
+                # kept as a record, not on SSD (the save's second look must not read it from the
+                # store again): copied, or, held in memory, written again
+                self._stats.count("blocks_copied_being_deleted")
+                b.on_ssd = False
         return [i for i, b in enumerate(blocks) if not self._available(b)]
 
     def _wait_for_memory(self, target: MemoryTier) -> None:

@@ -1,39 +1,52 @@
-"""Leases: blocks a save has just trusted on SSD, kept from other processes' eviction.
+"""Leases and doom marks: the handshake between a save that trusts blocks on SSD and a write
+transaction that deletes blocks, in any process or thread sharing the store.
 
 Primitives:
-    Leases: a table of ``LEASE_SLOTS`` slots in a file of the store directory (``leases.bin``),
-        mapped shared by every process that has the store open, each open with an owner id of
-        its own. ``grant`` writes this owner's lease on each key (a slot: the key's first 8
-        bytes as a tag, when the lease runs out, and its last two owners), ``release`` takes
-        this owner off the keys a committed record now references, ``held`` says whether
-        another owner holds one.
+    Leases: two tables in a file of the store directory (``leases.bin``), mapped shared by every
+        process that has the store open.
+        - Leases, ``LEASE_SLOTS`` slots of 32 B: a key's first 8 bytes as a tag, when the lease
+          runs out, and its last two owners. An owner is one save (``new_owner``); ``grant``
+          writes its lease on each of its record's keys, ``release`` takes it off once the record
+          is committed, ``held`` says whether any owner holds one.
+        - Doom marks, ``MARK_SLOTS`` slots of 16 B (tag, when the mark runs out): the keys a
+          write transaction is deleting. ``doom`` marks keys before the transaction's last look
+          at their leases, ``undoom`` takes the marks off after its commit, and ``grant``
+          answers with the keys it finds marked.
 
 Why: a save does not copy a block whose value it finds on SSD. Until its record commits, nothing
-in the store says the block is wanted, and another process sharing the store could evict the
-session that referenced it, deleting its value; the commit's check (``Batch.put_session``) then
-cut the record back before it (5.3 % of saves in a two-process fp32 soak at a full SSD budget,
-``bench/soak.py``). A save now leases such blocks before it looks at the store, and a write
-transaction keeps a leased block that loses its last reference as an unowned block instead of
-deleting it; eviction passes over leased unowned blocks while it can take anything else.
+in the store says the block is wanted, so another transaction (another process's, or this
+process's writer running a batch taken before the save) could delete the value, and the
+commit's check (``Batch.put_session``) then cut the record back before it: 5.3 % of saves in a
+two-process fp32 soak at a full SSD budget with no leases, and still 1.2 % with leases alone
+(``bench/soak.py``), because a transaction could look at a key's lease before the save wrote it
+and commit the deletion after the save looked at the store. The handshake closes that window:
 
-Owners: a process's transactions pass over its own leases (its queued records' blocks are
-kept by ``Batch.keep`` already, and a drop there deletes what it always did), and a commit takes
-only its own owner off a key: two processes saving the same session's prefix each hold the
-lease until their own record commits. A first version kept one lease per key, ended by any
-commit naming the key; in a two-process soak where both save the same sessions' shared
-prefixes, that cut 2.2 % of saves back against 5.3 % with no leases (``bench/soak.py``,
-docs/reliability.md).
+- the transaction marks a key (``doom``) before it looks at the key's lease, and takes the mark
+  off only after its commit;
+- the save writes its lease before it looks at the marks (``grant``), then at the store.
 
-A lease is a hint, not a lock: there is no lock around the table. Slot ``tag % LEASE_SLOTS``
-holds the last leases granted for any key of that slot, so a collision replaces older ones, a
-third owner replaces the oldest of two, and a read racing a write may see half of one. Either
-way a lease is lost or kept a moment too long, never more: the commit's check stays the
-guarantee, and an unowned block kept too long is evicted later like any other. Leases are
-wall-clock times, so processes on one machine agree.
+The two are serialized by a file lock (``flock``; exclusive for marking and unmarking, shared
+for granting), whose release and acquisition also order the two processes' memory. So either
+the transaction's look comes after the lease, and it keeps the block (an unowned block, evicted
+later), or the save finds the mark and copies the block as if it were not on SSD, or the mark is
+gone and the save's look at the store, after its commit, finds the value gone. The lock is held
+only while a few slots are written or read: a save waits microseconds, never for a commit.
+
+Owners: a save's lease is its own (``new_owner``), so its commit takes off only its own, and a
+transaction keeps what any save, in this process or another, has leased (a batch taken before
+the save does not know it: ``Batch.keep`` covers only the saves queued before it).
+
+Hints, not locks: a slot holds the last leases of any key that maps to it, so a collision
+replaces older ones, a third owner replaces the oldest of two, and a lease or mark runs out. A
+transaction that finds a key's mark slot taken by another key does not delete it (it stays
+unowned); one that must take a leased block to make room takes it. Either way a record may be
+cut back, never wrong: the commit's check stays the guarantee. Times are wall-clock, so
+processes on one machine agree.
 """
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import time
@@ -43,76 +56,153 @@ import numpy as np
 
 from .errors import StoreIOError
 
-__all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the handshake's order is then a hint too
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS", "MARK_SLOTS"]
 
 LEASES_FILE = "leases.bin"
-#: slots in the table (32 B each: a 4 MiB file, sparse until written)
+#: lease slots (32 B each: 4 MiB, sparse until written)
 LEASE_SLOTS = 1 << 17
+#: doom mark slots (16 B each: 512 KiB), after the leases
+MARK_SLOTS = 1 << 15
 #: how long a lease lasts: longer than a save's record normally waits in the writer's queue
 #: (the commit's check covers a longer wait)
 LEASE_S = 60.0
+#: how long a mark lasts: longer than a transaction takes from its marks to its commit; a
+#: process killed in between leaves marks that make saves copy those blocks until then
+MARK_S = 60.0
+_MASK = (1 << 64) - 1
+
+
+def _tags(keys: Sequence[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(k[:8] for k in keys), dtype="<u8")
 
 
 class Leases:
-    """The lease table of one store directory, as one owner sees it; see the module docstring."""
+    """The lease and mark tables of one store directory; see the module docstring."""
 
     def __init__(self, directory: str) -> None:
         path = os.path.join(directory, LEASES_FILE)
-        size = LEASE_SLOTS * 32
+        size = LEASE_SLOTS * 32 + MARK_SLOTS * 16
+        self._map = None
+        self._fds: list[int] = []
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-                self._map = mmap.mmap(fd, size)  # shared, read-write
-            finally:
-                os.close(fd)
+            # two open files: a lock is held per open file, so this process's saves (shared,
+            # on the first) and its writer's marks (exclusive, on the second) exclude each
+            # other as two processes' would
+            for _ in range(2):
+                self._fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            if os.fstat(self._fds[0]).st_size < size:
+                os.ftruncate(self._fds[0], size)
+            self._map = mmap.mmap(self._fds[0], size)  # shared, read-write
         except OSError as e:
+            self.close()
             raise StoreIOError(f"cannot open the lease table {path}: {e}") from None
         #: slot -> (tag, expiry in ns since the epoch, latest owner, the owner before it); 0: none
-        self._slots = np.frombuffer(self._map, dtype="<u8").reshape(LEASE_SLOTS, 4)
-        self.owner = int.from_bytes(os.urandom(8), "little") | 1
+        self._slots = np.frombuffer(self._map, dtype="<u8", count=LEASE_SLOTS * 4).reshape(LEASE_SLOTS, 4)
+        #: slot -> (tag, expiry in ns since the epoch)
+        self._marks = np.frombuffer(self._map, dtype="<u8", count=MARK_SLOTS * 2,
+                                    offset=LEASE_SLOTS * 32).reshape(MARK_SLOTS, 2)
+        self._base = int.from_bytes(os.urandom(8), "little")
+        self._count = itertools.count(1)
 
-    @staticmethod
-    def _tags(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        tags = np.frombuffer(b"".join(k[:8] for k in keys), dtype="<u8")
-        return tags, tags % LEASE_SLOTS
+    def _lock(self, which: int, exclusive: bool) -> None:
+        if fcntl is not None:
+            fcntl.flock(self._fds[which], fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
 
-    def grant(self, keys: Sequence[bytes], seconds: float = LEASE_S) -> None:
-        """Lease ``keys`` (16-byte block keys) for ``seconds`` from now, as this owner."""
+    def _unlock(self, which: int) -> None:
+        if fcntl is not None:
+            fcntl.flock(self._fds[which], fcntl.LOCK_UN)
+
+    def new_owner(self) -> int:
+        """An owner id for one save's leases: unique among this table's users, never 0."""
+        return ((self._base + 2 * next(self._count)) & _MASK) | 1
+
+    def grant(self, keys: Sequence[bytes], owner: int, seconds: float = LEASE_S) -> set[bytes]:
+        """Lease ``keys`` (16-byte block keys) for ``seconds`` from now, as ``owner``; returns
+        the keys a write transaction is deleting (marked): the save must not trust their values."""
+        if not keys:
+            return set()
+        tags = _tags(keys)
+        slots = tags % LEASE_SLOTS
+        marks = tags % MARK_SLOTS
+        me = np.uint64(owner)
+        self._lock(0, exclusive=False)
+        try:
+            now = time.time_ns()
+            cur = self._slots[slots]  # a copy
+            live = (cur[:, 0] == tags) & (cur[:, 1] > now)
+            mine = live & ((cur[:, 2] == me) | (cur[:, 3] == me))
+            self._slots[slots, 0] = tags
+            self._slots[slots, 2] = np.where(mine, cur[:, 2], me)
+            self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
+            self._slots[slots, 1] = now + int(seconds * 1e9)
+            m = self._marks[marks]
+            marked = np.flatnonzero((m[:, 0] == tags) & (m[:, 1] > now))
+        finally:
+            self._unlock(0)
+        return {keys[i] for i in marked}
+
+    def release(self, keys: Sequence[bytes], owner: int) -> None:
+        """Take ``owner``'s leases off ``keys`` (its record that names them is committed, or
+        failed); other owners' leases on them stay."""
         if not keys:
             return
-        tags, slots = self._tags(keys)
-        now = time.time_ns()
-        me = np.uint64(self.owner)
-        cur = self._slots[slots]  # a copy
-        live = (cur[:, 0] == tags) & (cur[:, 1] > now)
-        mine = live & ((cur[:, 2] == me) | (cur[:, 3] == me))
-        self._slots[slots, 0] = tags
-        self._slots[slots, 2] = np.where(mine, cur[:, 2], me)
-        self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
-        self._slots[slots, 1] = now + int(seconds * 1e9)
-
-    def release(self, keys: Sequence[bytes]) -> None:
-        """Take this owner off the leases on ``keys`` (its record that names them is written);
-        other owners' leases on them stay."""
-        if not keys:
-            return
-        tags, slots = self._tags(keys)
-        me = np.uint64(self.owner)
+        tags = _tags(keys)
+        slots = tags % LEASE_SLOTS
+        me = np.uint64(owner)
         ours = slots[self._slots[slots, 0] == tags]  # a slot another key has taken since is left
         for col in (2, 3):
             self._slots[ours[self._slots[ours, col] == me], col] = 0
 
     def held(self, key: bytes) -> bool:
-        """Whether another owner holds a lease on ``key`` that has not run out."""
+        """Whether any save holds a lease on ``key`` that has not run out."""
         tag = int.from_bytes(key[:8], "little")
         _tag, expiry, *owners = (int(x) for x in self._slots[tag % LEASE_SLOTS])
-        return _tag == tag and expiry > time.time_ns() and any(o not in (0, self.owner) for o in owners)
+        return _tag == tag and expiry > time.time_ns() and any(owners)
+
+    def doom(self, keys: Sequence[bytes], seconds: float = MARK_S) -> list[bytes]:
+        """Mark ``keys`` as being deleted, before the caller's last look at their leases;
+        returns those marked. A key whose slot another live mark holds is not marked: the
+        caller must not delete it."""
+        if not keys:
+            return []
+        tags = _tags(keys)
+        slots = tags % MARK_SLOTS
+        _, first = np.unique(slots, return_index=True)  # two of these keys in one slot: the first
+        self._lock(1, exclusive=True)
+        try:
+            now = time.time_ns()
+            cur = self._marks[slots[first]]
+            free = first[(cur[:, 1] <= now) | (cur[:, 0] == tags[first])]
+            self._marks[slots[free], 0] = tags[free]
+            self._marks[slots[free], 1] = now + int(seconds * 1e9)
+        finally:
+            self._unlock(1)
+        return [keys[i] for i in sorted(free)]
+
+    def undoom(self, keys: Sequence[bytes]) -> None:
+        """Take the marks off ``keys`` (their transaction has committed or aborted)."""
+        if not keys:
+            return
+        tags = _tags(keys)
+        slots = tags % MARK_SLOTS
+        self._lock(1, exclusive=True)
+        try:
+            ours = slots[self._marks[slots, 0] == tags]
+            self._marks[ours] = 0
+        finally:
+            self._unlock(1)
 
     def close(self) -> None:
-        """Unmap the table (idempotent)."""
+        """Unmap the tables and close the files (idempotent)."""
         if self._map is not None:
-            del self._slots
+            del self._slots, self._marks
             self._map.close()
             self._map = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

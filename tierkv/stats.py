@@ -62,9 +62,15 @@ class Stats:
             # here looked, or (write-through) the write that claimed them had failed
             "values_written_again": c.get("values_written_again", 0),
             # blocks this process's write transactions kept, as unowned blocks, when their last
-            # reference went (an eviction, a drop, an expiry), because a save in another process
-            # had leased them: a record there is about to name them (leases.py)
+            # reference went (an eviction, a drop, an expiry), because a save (in this process or
+            # another) had leased them: its record is about to name them (leases.py)
             "blocks_kept_for_leases": c.get("blocks_kept_for_leases", 0),
+            # leased unowned blocks this process's eviction took all the same, nothing else
+            # being left to take: a save that trusted one is cut back at its commit
+            "leased_blocks_evicted": c.get("leased_blocks_evicted", 0),
+            # blocks a save here copied although their values were on SSD, because a write
+            # transaction was deleting them as it looked (leases.py: their marks)
+            "blocks_copied_being_deleted": c.get("blocks_copied_being_deleted", 0),
             "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,

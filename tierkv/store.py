@@ -400,6 +400,7 @@ class SSDStore:
             with _translated("writing"):
                 self.clear_dead_readers()
                 txn = self.env.begin(write=True)
+                b = None
                 try:
                     b = Batch(self, txn)
                     yield b
@@ -410,6 +411,13 @@ class SSDStore:
                 except BaseException:
                     txn.abort()
                     raise
+                else:
+                    for keys, owner in b.leased:  # their records are named now
+                        self.leases.release(keys, owner)
+                finally:
+                    # after the commit: a save that finds a mark gone then finds the value gone
+                    if b is not None:
+                        self.leases.undoom(list(b.marked))
         except StoreIOError as e:
             # LMDB reports a short write at commit as EIO; a full file system is the usual cause.
             st = os.statvfs(self.path)

@@ -60,6 +60,7 @@ class Op:
     doomed: list[bytes] = field(default_factory=list)
     added: list[bytes] = field(default_factory=list)  # keys this session op took a reference on
     kept: int | None = None                     # blocks of ``record`` its commit kept, where it cut it
+    lease: int | None = None                    # the save's lease owner (leases.py), released at its commit
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -314,9 +315,10 @@ class SSDWriter:
                     if b.key in values:
                         batch.put_value(b.key, values[b.key], b.n_tokens, replace=b.repair)
                 if op.kind == "session":
-                    kept = batch.put_session(op.record, self.block_tokens, self._missing_value)
+                    kept = batch.put_session(op.record, self.block_tokens, self._missing_value, op.lease)
                     op.kept = kept if kept < len(op.record.keys) else None
             self._stats.count("blocks_kept_for_leases", batch.kept_for_leases)
+            self._stats.count("leased_blocks_evicted", batch.leased_evicted)
             cut_away = {op.session for op in ops if op.kind == "drop" or op.kept == 0}
             evicted_sessions = [s for s in batch.dropped if s not in cut_away]
             evicted_keys = set(batch.deleted)
@@ -393,6 +395,8 @@ class SSDWriter:
         unowned blocks release those cache entries rather than retrying forever.
         """
         if op.kind == "session":
+            if op.lease is not None:  # never committed: its leases keep nothing now
+                self._ssd.leases.release(op.record.keys, op.lease)
             if self._sessions.get(op.session) is op.record:
                 del self._sessions[op.session]
             for key in op.added:
