@@ -789,6 +789,51 @@ def test_genuinely_full_filesystem(small_fs):
             assert_kv_equal(r.kv, make_kv(spec, 4 * BLOCK, seed=i))
 
 
+def test_the_lease_table_takes_its_disk_blocks_up_front(small_fs):
+    """The lease table (``leases.bin``) is written through a shared map. Created sparse, a page
+    first written there after the file system had filled killed the process (SIGBUS): a drop
+    marking its blocks (``leases.py``) in a full 6 MiB file system did. The file is allocated
+    whole when created; opened where the file system has no room for it, the table lives in this
+    process's memory (its own saves and writer still hand over), and the store works on."""
+    from tierkv.leases import FILE_BYTES, LEASES_FILE
+
+    path = os.path.join(small_fs, "store")
+    spec = small_spec(layers=8, heads=4, dim=32)
+    kv = make_kv(spec, 4 * BLOCK)
+    opts = dict(block_tokens=BLOCK, ssd_bytes="64MiB", persist="write_through", device_bytes=0, host_bytes=0)
+    with tierkv.TierKV(path, spec, **opts) as s:
+        s.save(tokens_for(0, 4 * BLOCK), kv, session="a").wait()
+        assert s._ssd.leases.shared
+    assert os.stat(os.path.join(path, LEASES_FILE)).st_blocks * 512 >= FILE_BYTES  # not sparse
+    os.remove(os.path.join(path, LEASES_FILE))
+    fd = os.open(os.path.join(small_fs, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError:
+        pass  # the file system is full
+    finally:
+        os.close(fd)
+    s = tierkv.TierKV(path, spec, **opts)
+    try:
+        assert not s._ssd.leases.shared
+        assert_kv_equal(s.restore(tokens_for(0, 4 * BLOCK), session="a").kv, kv)
+        try:
+            s.save(tokens_for(1, 4 * BLOCK), make_kv(spec, 4 * BLOCK, seed=1), session="b").wait()
+        except tierkv.StoreFullError:
+            pass
+        s.drop_session("a")  # marks its blocks in the table
+        try:
+            s.flush()
+        except tierkv.StoreFullError:
+            pass
+    finally:
+        try:
+            s.close()
+        except tierkv.StoreFullError:
+            pass
+
+
 def test_full_policy_miss_drops_saves_quietly(open_store):
     spec = small_spec()
     blk = BLOCK * spec.bytes_per_token

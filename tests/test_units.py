@@ -425,7 +425,7 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
     allowed, holding one for the wrong key is not."""
     import os
 
-    from tierkv.leases import LEASE_SLOTS, MARK_SLOTS, Leases
+    from tierkv.leases import FILE_BYTES, LEASE_SLOTS, Leases
 
     a, b = (Leases(str(tmp_path)) for _ in range(2))
     try:
@@ -459,34 +459,45 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
         for x in (a, b):
             x.close()
         a.close()  # idempotent
-    assert os.path.getsize(tmp_path / "leases.bin") == LEASE_SLOTS * 32 + MARK_SLOTS * 16
+    assert os.path.getsize(tmp_path / "leases.bin") == FILE_BYTES
 
 
-def test_doom_marks_answer_a_grant_and_collide_safely(tmp_path):
+def test_doom_marks_answer_a_grant_and_count(tmp_path):
     """The other half of the handshake (``leases.py``): a transaction marks the keys it is
-    deleting; a grant answers with the ones it finds marked, so the save copies them; the marks
-    go when the transaction is over. A key whose mark slot another live mark holds is not
-    marked, and the caller must not delete it; a key marked again, or one whose mark has run out
-    (a process killed mid-transaction), takes its slot."""
-    from tierkv.leases import MARK_SLOTS, Leases
+    deleting; a grant answers with the keys it finds marked, so the save copies them; the marks
+    go when the transaction is over. A slot counts its marks and stands for every key that maps
+    to it: two keys of one slot are both marked until both marks are off (a collision loses no
+    mark; another key of a marked slot is reported too, a copy that was not needed), and a mark
+    left by a process killed before its commit runs out."""
+    import os
+
+    from tierkv.leases import FILE_BYTES, MARK_SLOTS, Leases
 
     writer, saver = Leases(str(tmp_path)), Leases(str(tmp_path))
     try:
         k1 = (9).to_bytes(8, "little") + b"\x01" * 8
         k2 = (9 + MARK_SLOTS).to_bytes(8, "little") + b"\x02" * 8  # k1's mark slot
         k3 = (10).to_bytes(8, "little") + b"\x03" * 8
-        assert writer.doom([k1, k2, k3]) == [k1, k3]  # k2 would take k1's slot: not marked
-        assert saver.grant([k1, k2, k3], saver.new_owner()) == {k1, k3}
-        assert writer.doom([k2]) == []
-        assert writer.doom([k1]) == [k1]  # marked already: still marked
-        writer.undoom([k1, k2, k3])
-        assert saver.grant([k1, k2, k3], saver.new_owner()) == set()
-        assert writer.doom([k2], seconds=0.0) == [k2]  # a mark left to run out
-        assert writer.doom([k1]) == [k1]
-        writer.undoom([k2])  # k1's now: left alone
-        assert saver.grant([k1, k2], saver.new_owner()) == {k1}
+        k4 = (11).to_bytes(8, "little") + b"\x04" * 8
+        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == set()
+        writer.doom([k1, k2, k3])
+        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == {k1, k2, k3}
+        writer.undoom([k1, k3])  # k2's mark holds the slot
+        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == {k1, k2}
+        writer.undoom([k2])
+        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == set()
+        writer.undoom([k2])  # taken off twice: no count below zero
+        writer.doom([k1])
+        assert saver.grant([k1], saver.new_owner()) == {k1}
+        writer.undoom([k1])
+        writer.doom([k4], seconds=0.0)  # left behind by a killed process, run out
+        assert saver.grant([k4], saver.new_owner()) == set()
+        writer.doom([k4])  # the slot starts again from the one live mark
+        writer.undoom([k4])
+        assert saver.grant([k4], saver.new_owner()) == set()
+        writer.doom([])
         writer.undoom([])
-        assert writer.doom([]) == []
+        assert os.path.getsize(tmp_path / "leases.bin") == FILE_BYTES
     finally:
         writer.close()
         saver.close()

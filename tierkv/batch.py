@@ -113,19 +113,19 @@ class Batch:
 
     def _let_go(self, blocks: list[tuple[bytes, BlockMeta]]) -> None:
         """Delete blocks that lost their last reference (``_decref``), except those a save has
-        leased: marked first, then their leases looked at (``leases.py``). A leased block, or
-        one whose mark could not be set, stays as an unowned block, evicted later."""
+        leased: marked first, then their leases looked at (``leases.py``). A leased block stays
+        as an unowned block, evicted later."""
         if not blocks:
             return
         leases = self.store.leases
-        marked = set(leases.doom([k for k, _ in blocks if k not in self.marked])) | self.marked
-        self.marked |= marked
+        new = [k for k, _ in blocks if k not in self.marked]
+        leases.doom(new)
+        self.marked.update(new)
         for key, meta in blocks:
-            if key in marked and not leases.held(key):
+            if not leases.held(key):
                 self.delete_block(key, meta)
                 continue
-            if key in marked:
-                self.kept_for_leases += 1  # a save (its lease) will name it
+            self.kept_for_leases += 1  # a save (its lease) will name it
             self._unown(key, meta)
 
     def delete_block(self, key: bytes, meta: BlockMeta | None = None) -> None:
@@ -268,9 +268,9 @@ class Batch:
         Sessions in ``protect`` (changes still queued) are skipped, and so are unowned blocks in
         ``keep``, which their records will name: evicted, such a record would name a block
         with no value (``put_session``'s check would then cut it back). Unowned blocks a save
-        has leased (``leases.py``: its record will name them), or that cannot be marked as
-        being deleted, are passed over while anything else can go, then taken: a lease is a
-        hint, never a reason to refuse a write.
+        has leased (``leases.py``: its record will name them; each is marked as being deleted
+        before its lease is looked at) are passed over while anything else can go, then taken:
+        a lease is a hint, never a reason to refuse a write.
 
         Raises:
             StoreFullError: pinned or protected data alone leaves too little room.
@@ -294,8 +294,8 @@ class Batch:
                     continue
                 if k[8:9] == b"b" and k[9:] in self.keep:
                     continue  # unowned now, but named by a record this transaction or a queued one writes
-                if k[8:9] == b"b" and (not self._mark(k[9:]) or leases.held(k[9:])):
-                    leased = leased or k  # a save is about to name it (or it could not be marked): last
+                if k[8:9] == b"b" and self._mark(k[9:]) and leases.held(k[9:]):
+                    leased = leased or k  # a save is about to name it: last
                     continue
                 picked = k
                 break
@@ -310,10 +310,11 @@ class Batch:
 
     def _mark(self, key: bytes) -> bool:
         """Mark a block this transaction means to delete (``leases.py``), before looking at its
-        lease; whether it is marked."""
+        lease (True, for use in a condition)."""
         if key not in self.marked:
-            self.marked.update(self.store.leases.doom([key]))
-        return key in self.marked
+            self.store.leases.doom([key])
+            self.marked.add(key)
+        return True
 
     def _evict(self, k: bytes) -> None:
         """Evict what LRU entry ``k`` names, if its bookkeeping accounts for that entry, and let

@@ -8,10 +8,11 @@ Primitives:
           runs out, and its last two owners. An owner is one save (``new_owner``); ``grant``
           writes its lease on each of its record's keys, ``release`` takes it off once the record
           is committed, ``held`` says whether any owner holds one.
-        - Doom marks, ``MARK_SLOTS`` slots of 16 B (tag, when the mark runs out): the keys a
-          write transaction is deleting. ``doom`` marks keys before the transaction's last look
-          at their leases, ``undoom`` takes the marks off after its commit, and ``grant``
-          answers with the keys it finds marked.
+        - Doom marks, ``MARK_SLOTS`` slots of 16 B (how many marks, when the last runs out), each
+          slot standing for every key that maps to it: the keys a write transaction is
+          deleting. ``doom`` marks keys before the transaction's last look at their leases,
+          ``undoom`` takes the marks off after its commit, and ``grant`` answers with the keys
+          it finds in a marked slot.
 
 Why: a save does not copy a block whose value it finds on SSD. Until its record commits, nothing
 in the store says the block is wanted, so another transaction (another process's, or this
@@ -36,16 +37,19 @@ Owners: a save's lease is its own (``new_owner``), so its commit takes off only 
 transaction keeps what any save, in this process or another, has leased (a batch taken before
 the save does not know it: ``Batch.keep`` covers only the saves queued before it).
 
-Hints, not locks: a slot holds the last leases of any key that maps to it, so a collision
-replaces older ones, a third owner replaces the oldest of two, and a lease or mark runs out. A
-transaction that finds a key's mark slot taken by another key does not delete it (it stays
-unowned); one that must take a leased block to make room takes it. Either way a record may be
-cut back, never wrong: the commit's check stays the guarantee. Times are wall-clock, so
-processes on one machine agree.
+Hints, not locks: a lease slot holds the last leases of any key that maps to it, so a collision
+replaces older ones, a third owner replaces the oldest of two, and a lease runs out; eviction
+that must take a leased block to make room takes it. Either way a record may be cut back, never
+wrong: the commit's check stays the guarantee. A mark slot counts its marks, so it never loses
+one to a collision; a save treats every key in a marked slot as being deleted, which at worst
+copies a block that was not (a transaction deleting thousands of blocks marks a share of the
+table while it runs). A process killed between its marks and its commit leaves them until they
+run out. Times are wall-clock, so processes on one machine agree.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
@@ -64,10 +68,16 @@ except ImportError:  # Windows: no flock; the handshake's order is then a hint t
 __all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS", "MARK_SLOTS"]
 
 LEASES_FILE = "leases.bin"
-#: lease slots (32 B each: 4 MiB, sparse until written)
-LEASE_SLOTS = 1 << 17
+#: the file's first page: its layout's name (a file with another is cleared at open)
+HEADER = b"tierkv leases v2"
+HEADER_BYTES = 4096
+#: lease slots (32 B each: 1 MiB)
+LEASE_SLOTS = 1 << 15
 #: doom mark slots (16 B each: 512 KiB), after the leases
 MARK_SLOTS = 1 << 15
+#: the whole file, allocated on disk when it is created: a page of a sparse file first written
+#: through the map when the file system is full kills the process (SIGBUS)
+FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * 32 + MARK_SLOTS * 16
 #: how long a lease lasts: longer than a save's record normally waits in the writer's queue
 #: (the commit's check covers a longer wait)
 LEASE_S = 60.0
@@ -75,6 +85,28 @@ LEASE_S = 60.0
 #: process killed in between leaves marks that make saves copy those blocks until then
 MARK_S = 60.0
 _MASK = (1 << 64) - 1
+
+
+def _allocate(fd: int) -> bool:
+    """Give the file ``FILE_BYTES`` of disk blocks (it never shrinks); False where the file
+    system is full (or over quota)."""
+    full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, FILE_BYTES)
+            return True
+        except OSError as e:
+            if e.errno in full:
+                return False  # otherwise (a file system without it): zeros, below
+    try:  # zeros written are blocks allocated
+        have = os.fstat(fd).st_size
+        if have < FILE_BYTES:
+            os.pwrite(fd, bytes(FILE_BYTES - have), have)
+    except OSError as e:
+        if e.errno in full:
+            return False
+        raise
+    return True
 
 
 def _tags(keys: Sequence[bytes]) -> np.ndarray:
@@ -86,7 +118,6 @@ class Leases:
 
     def __init__(self, directory: str) -> None:
         path = os.path.join(directory, LEASES_FILE)
-        size = LEASE_SLOTS * 32 + MARK_SLOTS * 16
         self._map = None
         self._fds: list[int] = []
         try:
@@ -95,17 +126,27 @@ class Leases:
             # other as two processes' would
             for _ in range(2):
                 self._fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            if os.fstat(self._fds[0]).st_size < size:
-                os.ftruncate(self._fds[0], size)
-            self._map = mmap.mmap(self._fds[0], size)  # shared, read-write
+            self._lock(1, exclusive=True)
+            try:
+                self.shared = _allocate(self._fds[0])
+                # shared, read-write; where the file system had no room for the file, this
+                # process's own memory: its saves and its writer still hand over, other
+                # processes do not see its leases (the commit's check covers them)
+                self._map = mmap.mmap(self._fds[0] if self.shared else -1, FILE_BYTES)
+                if self._map[:len(HEADER)] != HEADER:  # new, or another layout's: start clear
+                    self._map[:] = bytes(FILE_BYTES)
+                    self._map[:len(HEADER)] = HEADER
+            finally:
+                self._unlock(1)
         except OSError as e:
             self.close()
             raise StoreIOError(f"cannot open the lease table {path}: {e}") from None
         #: slot -> (tag, expiry in ns since the epoch, latest owner, the owner before it); 0: none
-        self._slots = np.frombuffer(self._map, dtype="<u8", count=LEASE_SLOTS * 4).reshape(LEASE_SLOTS, 4)
-        #: slot -> (tag, expiry in ns since the epoch)
+        self._slots = np.frombuffer(self._map, dtype="<u8", count=LEASE_SLOTS * 4,
+                                    offset=HEADER_BYTES).reshape(LEASE_SLOTS, 4)
+        #: slot -> (marks, when the last runs out in ns since the epoch)
         self._marks = np.frombuffer(self._map, dtype="<u8", count=MARK_SLOTS * 2,
-                                    offset=LEASE_SLOTS * 32).reshape(MARK_SLOTS, 2)
+                                    offset=HEADER_BYTES + LEASE_SLOTS * 32).reshape(MARK_SLOTS, 2)
         self._base = int.from_bytes(os.urandom(8), "little")
         self._count = itertools.count(1)
 
@@ -141,7 +182,7 @@ class Leases:
             self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
             self._slots[slots, 1] = now + int(seconds * 1e9)
             m = self._marks[marks]
-            marked = np.flatnonzero((m[:, 0] == tags) & (m[:, 1] > now))
+            marked = np.flatnonzero((m[:, 0] > 0) & (m[:, 1] > now))
         finally:
             self._unlock(0)
         return {keys[i] for i in marked}
@@ -164,36 +205,36 @@ class Leases:
         _tag, expiry, *owners = (int(x) for x in self._slots[tag % LEASE_SLOTS])
         return _tag == tag and expiry > time.time_ns() and any(owners)
 
-    def doom(self, keys: Sequence[bytes], seconds: float = MARK_S) -> list[bytes]:
-        """Mark ``keys`` as being deleted, before the caller's last look at their leases;
-        returns those marked. A key whose slot another live mark holds is not marked: the
-        caller must not delete it."""
+    def doom(self, keys: Sequence[bytes], seconds: float = MARK_S) -> None:
+        """Mark ``keys`` as being deleted, before the caller's last look at their leases, for at
+        most ``seconds`` (``undoom`` takes the marks off once the caller has committed)."""
         if not keys:
-            return []
-        tags = _tags(keys)
-        slots = tags % MARK_SLOTS
-        _, first = np.unique(slots, return_index=True)  # two of these keys in one slot: the first
+            return
+        marks = self._marks
         self._lock(1, exclusive=True)
         try:
             now = time.time_ns()
-            cur = self._marks[slots[first]]
-            free = first[(cur[:, 1] <= now) | (cur[:, 0] == tags[first])]
-            self._marks[slots[free], 0] = tags[free]
-            self._marks[slots[free], 1] = now + int(seconds * 1e9)
+            until = now + int(seconds * 1e9)
+            for key in keys:
+                slot = int.from_bytes(key[:8], "little") % MARK_SLOTS
+                count, expiry = (int(x) for x in marks[slot])
+                if expiry <= now:
+                    count = 0  # left by a process killed before its commit: run out
+                marks[slot] = (count + 1, max(expiry, until))
         finally:
             self._unlock(1)
-        return [keys[i] for i in sorted(free)]
 
     def undoom(self, keys: Sequence[bytes]) -> None:
-        """Take the marks off ``keys`` (their transaction has committed or aborted)."""
+        """Take the marks ``doom`` set on ``keys`` off (their transaction committed or aborted)."""
         if not keys:
             return
-        tags = _tags(keys)
-        slots = tags % MARK_SLOTS
+        marks = self._marks
         self._lock(1, exclusive=True)
         try:
-            ours = slots[self._marks[slots, 0] == tags]
-            self._marks[ours] = 0
+            for key in keys:
+                slot = int.from_bytes(key[:8], "little") % MARK_SLOTS
+                if marks[slot, 0] > 0:
+                    marks[slot, 0] -= 1
         finally:
             self._unlock(1)
 
