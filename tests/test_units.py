@@ -465,30 +465,33 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
 def test_doom_marks_answer_a_grant_and_count(tmp_path):
     """The other half of the handshake (``leases.py``): a transaction marks the keys it is
     deleting; a grant answers with the keys it finds marked, so the save copies them; the marks
-    go when the transaction is over. A slot counts its marks and stands for every key that maps
-    to it: two keys of one slot are both marked until both marks are off (a collision loses no
-    mark; another key of a marked slot is reported too, a copy that was not needed), and a mark
-    left by a process killed before its commit runs out."""
+    go when the transaction is over. A slot counts its marks, so a collision loses none: a slot
+    holding marks of two keys stands for every key that maps to it (a copy that was not needed)
+    until its count is back to zero, while a slot marked for one key answers for that key only.
+    A mark left by a process killed before its commit runs out."""
     import os
 
     from tierkv.leases import FILE_BYTES, MARK_SLOTS, Leases
 
+    def key(tag: int, fill: int) -> bytes:
+        return tag.to_bytes(8, "little") + bytes([fill]) * 8
+
     writer, saver = Leases(str(tmp_path)), Leases(str(tmp_path))
     try:
-        k1 = (9).to_bytes(8, "little") + b"\x01" * 8
-        k2 = (9 + MARK_SLOTS).to_bytes(8, "little") + b"\x02" * 8  # k1's mark slot
-        k3 = (10).to_bytes(8, "little") + b"\x03" * 8
-        k4 = (11).to_bytes(8, "little") + b"\x04" * 8
-        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == set()
+        k1, k2, k5 = key(9, 1), key(9 + MARK_SLOTS, 2), key(9 + 2 * MARK_SLOTS, 5)  # one slot
+        k3, k6 = key(10, 3), key(10 + MARK_SLOTS, 6)  # another
+        k4 = key(11, 4)
+        every = [k1, k2, k3, k4, k5, k6]
+        assert saver.grant(every, saver.new_owner()) == set()
         writer.doom([k1, k2, k3])
-        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == {k1, k2, k3}
-        writer.undoom([k1, k3])  # k2's mark holds the slot
-        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == {k1, k2}
+        assert saver.grant(every, saver.new_owner()) == {k1, k2, k3, k5}  # not k6: k3's slot is k3's
+        writer.undoom([k1, k3])  # k2's mark holds the shared slot
+        assert saver.grant(every, saver.new_owner()) == {k1, k2, k5}
         writer.undoom([k2])
-        assert saver.grant([k1, k2, k3, k4], saver.new_owner()) == set()
+        assert saver.grant(every, saver.new_owner()) == set()
         writer.undoom([k2])  # taken off twice: no count below zero
-        writer.doom([k1])
-        assert saver.grant([k1], saver.new_owner()) == {k1}
+        writer.doom([k1])  # the slot is k1's alone again
+        assert saver.grant(every, saver.new_owner()) == {k1}
         writer.undoom([k1])
         writer.doom([k4], seconds=0.0)  # left behind by a killed process, run out
         assert saver.grant([k4], saver.new_owner()) == set()

@@ -8,11 +8,11 @@ Primitives:
           runs out, and its last two owners. An owner is one save (``new_owner``); ``grant``
           writes its lease on each of its record's keys, ``release`` takes it off once the record
           is committed, ``held`` says whether any owner holds one.
-        - Doom marks, ``MARK_SLOTS`` slots of 16 B (how many marks, when the last runs out), each
-          slot standing for every key that maps to it: the keys a write transaction is
-          deleting. ``doom`` marks keys before the transaction's last look at their leases,
-          ``undoom`` takes the marks off after its commit, and ``grant`` answers with the keys
-          it finds in a marked slot.
+        - Doom marks, ``MARK_SLOTS`` slots of 32 B (the marked key's tag, how many marks, when
+          the last runs out, whether keys of other tags are marked there too): the keys a write
+          transaction is deleting. ``doom`` marks keys before the transaction's last look at
+          their leases, ``undoom`` takes the marks off after its commit, and ``grant`` answers
+          with the keys it finds marked.
 
 Why: a save does not copy a block whose value it finds on SSD. Until its record commits, nothing
 in the store says the block is wanted, so another transaction (another process's, or this
@@ -41,10 +41,10 @@ Hints, not locks: a lease slot holds the last leases of any key that maps to it,
 replaces older ones, a third owner replaces the oldest of two, and a lease runs out; eviction
 that must take a leased block to make room takes it. Either way a record may be cut back, never
 wrong: the commit's check stays the guarantee. A mark slot counts its marks, so it never loses
-one to a collision; a save treats every key in a marked slot as being deleted, which at worst
-copies a block that was not (a transaction deleting thousands of blocks marks a share of the
-table while it runs). A process killed between its marks and its commit leaves them until they
-run out. Times are wall-clock, so processes on one machine agree.
+one to a collision: a slot holding marks of two tags stands for every key that maps to it
+until its count is back to zero, which at worst makes a save copy a block that was not being
+deleted. A process killed between its marks and its commit leaves them until they run out.
+Times are wall-clock, so processes on one machine agree.
 """
 
 from __future__ import annotations
@@ -69,15 +69,15 @@ __all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS", "MARK_SLOTS"]
 
 LEASES_FILE = "leases.bin"
 #: the file's first page: its layout's name (a file with another is cleared at open)
-HEADER = b"tierkv leases v2"
+HEADER = b"tierkv leases v3"
 HEADER_BYTES = 4096
 #: lease slots (32 B each: 1 MiB)
 LEASE_SLOTS = 1 << 15
-#: doom mark slots (16 B each: 512 KiB), after the leases
+#: doom mark slots (32 B each: 1 MiB), after the leases
 MARK_SLOTS = 1 << 15
 #: the whole file, allocated on disk when it is created: a page of a sparse file first written
 #: through the map when the file system is full kills the process (SIGBUS)
-FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * 32 + MARK_SLOTS * 16
+FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * 32 + MARK_SLOTS * 32
 #: how long a lease lasts: longer than a save's record normally waits in the writer's queue
 #: (the commit's check covers a longer wait)
 LEASE_S = 60.0
@@ -144,9 +144,10 @@ class Leases:
         #: slot -> (tag, expiry in ns since the epoch, latest owner, the owner before it); 0: none
         self._slots = np.frombuffer(self._map, dtype="<u8", count=LEASE_SLOTS * 4,
                                     offset=HEADER_BYTES).reshape(LEASE_SLOTS, 4)
-        #: slot -> (marks, when the last runs out in ns since the epoch)
-        self._marks = np.frombuffer(self._map, dtype="<u8", count=MARK_SLOTS * 2,
-                                    offset=HEADER_BYTES + LEASE_SLOTS * 32).reshape(MARK_SLOTS, 2)
+        #: slot -> (tag, marks, when the last runs out in ns since the epoch, 1 where marks of
+        #: other tags share the slot)
+        self._marks = np.frombuffer(self._map, dtype="<u8", count=MARK_SLOTS * 4,
+                                    offset=HEADER_BYTES + LEASE_SLOTS * 32).reshape(MARK_SLOTS, 4)
         self._base = int.from_bytes(os.urandom(8), "little")
         self._count = itertools.count(1)
 
@@ -182,7 +183,7 @@ class Leases:
             self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
             self._slots[slots, 1] = now + int(seconds * 1e9)
             m = self._marks[marks]
-            marked = np.flatnonzero((m[:, 0] > 0) & (m[:, 1] > now))
+            marked = np.flatnonzero((m[:, 1] > 0) & (m[:, 2] > now) & ((m[:, 0] == tags) | (m[:, 3] == 1)))
         finally:
             self._unlock(0)
         return {keys[i] for i in marked}
@@ -216,11 +217,14 @@ class Leases:
             now = time.time_ns()
             until = now + int(seconds * 1e9)
             for key in keys:
-                slot = int.from_bytes(key[:8], "little") % MARK_SLOTS
-                count, expiry = (int(x) for x in marks[slot])
+                tag = int.from_bytes(key[:8], "little")
+                slot = tag % MARK_SLOTS
+                was, count, expiry, many = (int(x) for x in marks[slot])
                 if expiry <= now:
                     count = 0  # left by a process killed before its commit: run out
-                marks[slot] = (count + 1, max(expiry, until))
+                if count == 0:
+                    was, many = tag, 0
+                marks[slot] = (was, count + 1, max(expiry, until), 1 if many or was != tag else 0)
         finally:
             self._unlock(1)
 
@@ -233,8 +237,8 @@ class Leases:
         try:
             for key in keys:
                 slot = int.from_bytes(key[:8], "little") % MARK_SLOTS
-                if marks[slot, 0] > 0:
-                    marks[slot, 0] -= 1
+                if marks[slot, 1] > 0:
+                    marks[slot, 1] -= 1
         finally:
             self._unlock(1)
 
