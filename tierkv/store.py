@@ -5,8 +5,8 @@ Primitives:
         records, and opens write transactions (``batch``, a ``batch.Batch``).
     (``valuereader.ValueReader`` reads the values with pread on data.mdb, by their place in
     LMDB's map; ``SSDStore.values`` is one, on Linux. ``records`` holds the persisted records,
-    ``batch`` the write side, ``leases`` the blocks saves have just trusted, which this
-    store's write transactions keep from eviction; ``SSDStore.leases`` is its table.)
+    ``batch`` the write side, ``leases`` the handshake between saves that trust blocks on SSD
+    and write transactions that delete blocks; ``SSDStore.leases`` is its table.)
     describe_store: a store's identity and sizes, read without its spec.
 
 Databases inside the environment::
