@@ -1,5 +1,6 @@
 """Crash safety (SIGKILL), multi-process sharing, NaN policy, and store repair."""
 
+import contextlib
 import os
 import random
 import signal
@@ -232,6 +233,19 @@ def _save_racing_a_drop(path, toks, kv, held, order):
     return s, saved, out.split()[-4:]
 
 
+@contextlib.contextmanager
+def _verified_and_reopened(path, toks, kv):
+    """``verify`` finds no block without a value in the closed store, and the store, opened
+    again (SSD only), restores session y whole: yields it."""
+    from tierkv.verify import verify_store
+
+    r = verify_store(path)
+    assert (r["blocks_without_values"], r["sessions_with_unwritten_blocks"]) == (0, {})
+    with _ssd_only(path, "64MiB") as s:
+        assert_kv_equal(s.restore(toks, session="y").kv, kv)
+        yield s
+
+
 @pytest.mark.parametrize("held", ["on SSD only", "in memory too"])
 def test_a_save_copies_the_blocks_a_transaction_is_deleting(tmp_path, held):
     """A save here finds blocks 2 and 3 on SSD while another process's transaction, begun
@@ -241,8 +255,6 @@ def test_a_save_copies_the_blocks_a_transaction_is_deleting(tmp_path, held):
     again) and commits whole. Before the marks, the record was cut back before block 2 at its
     commit (1.2 % of saves in two-process soaks with leases alone, ``bench/soak.py``); before
     the commit's check, it named two blocks with no value."""
-    from tierkv.verify import verify_store
-
     path = str(tmp_path / "store")
     toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
     s, saved, said = _save_racing_a_drop(path, toks, kv, held, "drop first")
@@ -255,10 +267,8 @@ def test_a_save_copies_the_blocks_a_transaction_is_deleting(tmp_path, held):
         assert_kv_equal(s.restore(toks, session="y").kv, kv)
     finally:
         s.close()
-    r = verify_store(path)
-    assert (r["blocks_without_values"], r["sessions_with_unwritten_blocks"]) == (0, {})
-    with _ssd_only(path, "64MiB") as s:
-        assert_kv_equal(s.restore(toks, session="y").kv, kv)
+    with _verified_and_reopened(path, toks, kv):
+        pass
 
 
 @pytest.mark.parametrize("held", ["on SSD only", "in memory too"])
@@ -312,8 +322,6 @@ def test_blocks_a_save_leased_outlive_another_processes_drop(tmp_path, held):
     transaction, finding the lease, keeps blocks 2 and 3 as unowned blocks instead of deleting
     them when their last reference goes. The save then commits whole, with no value written
     again and no cut; the lease ends with the commit, so a later drop deletes the blocks."""
-    from tierkv.verify import verify_store
-
     path = str(tmp_path / "store")
     toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
     s, saved, said = _save_racing_a_drop(path, toks, kv, held, "drop later")
@@ -331,10 +339,7 @@ def test_blocks_a_save_leased_outlive_another_processes_drop(tmp_path, held):
         other.close()
     finally:
         s.close()
-    r = verify_store(path)
-    assert (r["blocks_without_values"], r["sessions_with_unwritten_blocks"]) == (0, {})
-    with _ssd_only(path, "64MiB") as s:
-        assert_kv_equal(s.restore(toks, session="y").kv, kv)
+    with _verified_and_reopened(path, toks, kv) as s:
         used = s.stats()["resident_bytes"]["ssd"]
         s.drop_session("y")
         s.flush()
