@@ -14,7 +14,7 @@ import dataclasses
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import lmdb
 
@@ -111,18 +111,14 @@ class Batch:
         self.txn.put(lru_key(b"b", key, meta.last_used), b"", db=self.store.lru)
         self.txn.put(key, meta.pack(), db=self.store.bmeta)
 
-    def _let_go(self, blocks: list[tuple[bytes, BlockMeta]]) -> None:
-        """Delete blocks that lost their last reference (``_decref``), except those a save has
-        leased: marked first, then their leases looked at (``leases.py``). A leased block stays
-        as an unowned block, evicted later."""
-        if not blocks:
-            return
-        leases = self.store.leases
-        new = [k for k, _ in blocks if k not in self.marked]
-        leases.doom(new)
-        self.marked.update(new)
+    def _let_go(self, keys: Iterable[bytes]) -> None:
+        """Drop a reference to each block of ``keys``; delete those that lost their last one
+        (``_decref``), except those a save has leased: marked first, then their leases looked at
+        (``leases.py``). A leased block stays as an unowned block, evicted later."""
+        blocks = [g for g in map(self._decref, keys) if g is not None]
+        self._mark([k for k, _ in blocks])
         for key, meta in blocks:
-            if not leases.held(key):
+            if not self.store.leases.held(key):
                 self.delete_block(key, meta)
                 continue
             self.kept_for_leases += 1  # a save (its lease) will name it
@@ -194,7 +190,7 @@ class Batch:
             self._unindex_session(old)
         self.txn.put(check_session_id(rec.session), rec.encode(), db=self.store.sessions)
         self._index_session(rec)
-        self._let_go([g for g in map(self._decref, old_keys - set(rec.keys)) if g is not None])
+        self._let_go(old_keys - set(rec.keys))
         return kept
 
     def touch_session(self, session: str, last_used: float) -> None:
@@ -213,7 +209,7 @@ class Batch:
             return False
         self._unindex_session(rec)
         self.txn.delete(check_session_id(session), db=self.store.sessions)
-        self._let_go([g for g in map(self._decref, set(rec.keys)) if g is not None])
+        self._let_go(set(rec.keys))
         self.dropped.append(session)
         return True
 
@@ -294,9 +290,11 @@ class Batch:
                     continue
                 if k[8:9] == b"b" and k[9:] in self.keep:
                     continue  # unowned now, but named by a record this transaction or a queued one writes
-                if k[8:9] == b"b" and self._mark(k[9:]) and leases.held(k[9:]):
-                    leased = leased or k  # a save is about to name it: last
-                    continue
+                if k[8:9] == b"b":
+                    self._mark([k[9:]])  # before its lease is looked at
+                    if leases.held(k[9:]):
+                        leased = leased or k  # a save is about to name it: last
+                        continue
                 picked = k
                 break
             if picked is None and leased is not None:
@@ -308,13 +306,12 @@ class Batch:
                     f"({self.ssd_used} B used, {needed} B more needed); unpin or drop sessions, or raise ssd_bytes")
             self._evict(picked)
 
-    def _mark(self, key: bytes) -> bool:
-        """Mark a block this transaction means to delete (``leases.py``), before looking at its
-        lease (True, for use in a condition)."""
-        if key not in self.marked:
-            self.store.leases.doom([key])
-            self.marked.add(key)
-        return True
+    def _mark(self, keys: list[bytes]) -> None:
+        """Mark blocks this transaction means to delete (``leases.py``), before looking at their
+        leases; ``SSDStore.batch`` takes the marks off after the commit."""
+        new = [k for k in keys if k not in self.marked]
+        self.store.leases.doom(new)
+        self.marked.update(new)
 
     def _evict(self, k: bytes) -> None:
         """Evict what LRU entry ``k`` names, if its bookkeeping accounts for that entry, and let

@@ -54,7 +54,7 @@ import itertools
 import mmap
 import os
 import time
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -91,16 +91,16 @@ def _allocate(fd: int) -> bool:
     """Give the file ``FILE_BYTES`` of disk blocks (it never shrinks); False where the file
     system is full (or over quota)."""
     full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-    if hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fd, 0, FILE_BYTES)
-            return True
-        except OSError as e:
-            if e.errno in full:
-                return False  # otherwise (a file system without it): zeros, below
-    try:  # zeros written are blocks allocated
+    try:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, FILE_BYTES)
+                return True
+            except OSError as e:
+                if e.errno in full:
+                    raise  # otherwise (a file system without it): zeros, below
         have = os.fstat(fd).st_size
-        if have < FILE_BYTES:
+        if have < FILE_BYTES:  # zeros written are blocks allocated
             os.pwrite(fd, bytes(FILE_BYTES - have), have)
     except OSError as e:
         if e.errno in full:
@@ -228,7 +228,7 @@ class Leases:
         finally:
             self._unlock(1)
 
-    def undoom(self, keys: Sequence[bytes]) -> None:
+    def undoom(self, keys: Collection[bytes]) -> None:
         """Take the marks ``doom`` set on ``keys`` off (their transaction committed or aborted)."""
         if not keys:
             return

@@ -417,7 +417,7 @@ class SSDStore:
                 finally:
                     # after the commit: a save that finds a mark gone then finds the value gone
                     if b is not None:
-                        self.leases.undoom(list(b.marked))
+                        self.leases.undoom(b.marked)
         except StoreIOError as e:
             # LMDB reports a short write at commit as EIO; a full file system is the usual cause.
             st = os.statvfs(self.path)
