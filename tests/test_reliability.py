@@ -356,8 +356,8 @@ def test_a_save_and_a_transaction_of_its_own_process(tmp_path, order):
     as between two processes (two open files, two locks; a save's lease is its own, not the
     process's): dropped first, blocks 2 and 3 are copied; dropped later, they are kept for the
     lease. Before, this process's transactions passed over its own leases, and the save was cut
-    back in both orders (about 40 % of the cuts in the two-process soaks came from a process's
-    own writer)."""
+    back in both orders (a two-process soak, logged, found such cuts from a process's own
+    writer)."""
     import threading
 
     path = str(tmp_path / "store")
