@@ -73,9 +73,12 @@ KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_m
 #: values_written_again: such blocks the committing process held in memory, written again;
 #: blocks_kept_for_leases: blocks a transaction kept, unowned, for a save's lease;
 #: leased_blocks_evicted: leased blocks eviction took, nothing else being left;
-#: blocks_copied_being_deleted: blocks a save copied, a transaction having marked them (leases.py)
+#: blocks_copied_being_deleted: blocks a save copied, a transaction having marked them (leases.py);
+#: leases_displaced: other saves' leases a save wrote over in the lease table; marks_shared: keys a
+#: save found marked only through a mark slot shared with other keys
 STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again",
-                "blocks_kept_for_leases", "leased_blocks_evicted", "blocks_copied_being_deleted")
+                "blocks_kept_for_leases", "leased_blocks_evicted", "blocks_copied_being_deleted",
+                "leases_displaced", "marks_shared")
 #: counts that are not calls
 NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", *STORE_COUNTS, "save_wait_timeouts")
 #: budgets small enough that every tier and the SSD keep evicting

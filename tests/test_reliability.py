@@ -264,6 +264,7 @@ def test_a_save_copies_the_blocks_a_transaction_is_deleting(tmp_path, held):
         assert s.session_info("y")["tokens"] == 6 * BLOCK
         st = s.stats()
         assert (st["sessions_cut"], st["values_written_again"], st["blocks_copied_being_deleted"]) == (0, 0, 2)
+        assert (st["leases_displaced"], st["marks_shared"]) == (0, 0)  # marks of these keys alone
         assert_kv_equal(s.restore(toks, session="y").kv, kv)
     finally:
         s.close()

@@ -422,7 +422,7 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
     (three saves): each map sees every owner's leases; a commit takes only its own owner off a
     key, so another owner's lease on it stays; a slot keeps a key's last two owners; a lease
     runs out; a key landing in an occupied slot takes it over. Leases are hints: losing one is
-    allowed, holding one for the wrong key is not."""
+    allowed (and counted: ``displaced``), holding one for the wrong key is not."""
     import os
 
     from tierkv.leases import FILE_BYTES, LEASE_SLOTS, Leases
@@ -441,7 +441,9 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
         a.release([k1], o1)  # o1's record committed: o3's lease stays
         assert a.held(k1) and b.held(k1)
         a.grant([k1], o1)
+        assert (a.displaced, b.displaced) == (0, 0)
         a.grant([k1], o2)  # a third owner: the oldest of the two (o3) goes
+        assert a.displaced == 1
         b.release([k1], o3)  # not there: nothing changes
         assert b.held(k1)
         a.release([k1], o1)
@@ -450,7 +452,11 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
         b.grant([k2], o3)  # k1's slot, taken over
         assert a.held(k2) and not a.held(k1)
         a.release([k1], o3)  # not its slot any more: k2's lease stays
-        assert a.held(k2)
+        assert a.held(k2) and (a.displaced, b.displaced) == (1, 0)  # it had no owner left
+        a.grant([k1], o1)  # takes the slot back from k2's live lease
+        assert a.displaced == 2 and not b.held(k2)
+        b.grant([k1, k2], o3)  # over o1's lease, and one of its own two
+        assert b.displaced == 2 and b.held(k2) and not b.held(k1)
         a.grant([k3], o1, seconds=0.0)  # run out
         assert not b.held(k3)
         a.grant([], o1)
@@ -485,13 +491,16 @@ def test_doom_marks_answer_a_grant_and_count(tmp_path):
         assert saver.grant(every, saver.new_owner()) == set()
         writer.doom([k1, k2, k3])
         assert saver.grant(every, saver.new_owner()) == {k1, k2, k3, k5}  # not k6: k3's slot is k3's
+        assert saver.shared_marks == 2  # k5's copy was not needed; k2's was (both counted)
         writer.undoom([k1, k3])  # k2's mark holds the shared slot
         assert saver.grant(every, saver.new_owner()) == {k1, k2, k5}
+        assert saver.shared_marks == 4  # the slot keeps k1's tag while it has marks
         writer.undoom([k2])
         assert saver.grant(every, saver.new_owner()) == set()
         writer.undoom([k2])  # taken off twice: no count below zero
         writer.doom([k1])  # the slot is k1's alone again
         assert saver.grant(every, saver.new_owner()) == {k1}
+        assert saver.shared_marks == 4
         writer.undoom([k1])
         writer.doom([k4], seconds=0.0)  # left behind by a killed process, run out
         assert saver.grant([k4], saver.new_owner()) == set()

@@ -727,6 +727,13 @@ class TierKV(SSDWriter, Loads):
         out = self._stats.snapshot(resident, counts, {n: t.budget for n, t in self._tiers.items()}
                                    | {"ssd": self.config.ssd_bytes})
         out["host_pool"] = self._host_pool.snapshot() if self._host_pool is not None else None
+        # leases of saves (here or in another process) that this process's saves wrote over in
+        # the lease table (leases.py: a slot keeps two owners of one key): a record that trusted
+        # such a block may be cut back at its commit
+        out["leases_displaced"] = self._ssd.leases.displaced
+        # keys this process's saves found marked only because their mark slot holds marks of
+        # other keys too: at most that many of blocks_copied_being_deleted were not needed
+        out["marks_shared"] = self._ssd.leases.shared_marks
         return out
 
     def close(self) -> None:

@@ -150,6 +150,11 @@ class Leases:
                                     offset=HEADER_BYTES + LEASE_SLOTS * 32).reshape(MARK_SLOTS, 4)
         self._base = int.from_bytes(os.urandom(8), "little")
         self._count = itertools.count(1)
+        #: this process's grants so far: live leases of other saves they wrote over (a key of
+        #: another tag in the slot, or the older of two owners), and keys they answered as
+        #: marked only because their mark slot holds marks of several tags
+        self.displaced = 0
+        self.shared_marks = 0
 
     def _lock(self, which: int, exclusive: bool) -> None:
         if fcntl is not None:
@@ -183,9 +188,18 @@ class Leases:
             self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
             self._slots[slots, 1] = now + int(seconds * 1e9)
             m = self._marks[marks]
-            marked = np.flatnonzero((m[:, 1] > 0) & (m[:, 2] > now) & ((m[:, 0] == tags) | (m[:, 3] == 1)))
+            on = (m[:, 1] > 0) & (m[:, 2] > now)
+            marked = np.flatnonzero(on & ((m[:, 0] == tags) | (m[:, 3] == 1)))
         finally:
             self._unlock(0)
+        # counted outside the lock: the live leases written over, another key's (one or two
+        # owners), the older owner of this key's, and this grant's own keys that share a slot
+        # (the last one written keeps it)
+        other = (cur[:, 0] != tags) & (cur[:, 1] > now)
+        self.displaced += int(np.count_nonzero(other[:, None] & (cur[:, 2:] != 0))
+                              + np.count_nonzero(live & ~mine & (cur[:, 3] != 0))
+                              + len(slots) - len(np.unique(slots)))
+        self.shared_marks += int(np.count_nonzero(m[marked, 0] != tags[marked]))
         return {keys[i] for i in marked}
 
     def release(self, keys: Sequence[bytes], owner: int) -> None:
