@@ -4,10 +4,10 @@ transaction that deletes blocks, in any process or thread sharing the store.
 Primitives:
     Leases: two tables in a file of the store directory (``leases.bin``), mapped shared by every
         process that has the store open.
-        - Leases, ``LEASE_SLOTS`` slots of 128 B: a key's first 8 bytes as a tag and up to
-          ``OWNERS`` leases on it, each an owner and when its lease runs out. An owner is one save
-          (``new_owner``); ``grant`` writes its lease on each of its record's keys, ``release``
-          takes it off once the record is committed, ``held`` says whether any owner holds one.
+        - Leases, ``LEASE_SLOTS`` slots of 32 B: a key's first 8 bytes as a tag, when the lease
+          runs out, and its last two owners. An owner is one save (``new_owner``); ``grant``
+          writes its lease on each of its record's keys, ``release`` takes it off once the record
+          is committed, ``held`` says whether any owner holds one.
         - Doom marks, ``MARK_SLOTS`` slots of 32 B (the marked key's tag, how many marks, when
           the last runs out, whether keys of other tags are marked there too): the keys a write
           transaction is deleting. ``doom`` marks keys before the transaction's last look at
@@ -26,9 +26,8 @@ and commit the deletion after the save looked at the store. The handshake closes
   off only after its commit;
 - the save writes its lease before it looks at the marks (``grant``), then at the store.
 
-The two are serialized by a file lock (``flock``, exclusive; the marks and the leases each have
-their own open file, so a process's writer and its saves exclude each other too), whose release
-and acquisition also order the two processes' memory. So either
+The two are serialized by a file lock (``flock``; exclusive for marking and unmarking, shared
+for granting), whose release and acquisition also order the two processes' memory. So either
 the transaction's look comes after the lease, and it keeps the block (an unowned block, evicted
 later), or the save finds the mark and copies the block as if it were not on SSD, or the mark is
 gone and the save's look at the store, after its commit, finds the value gone. The lock is held
@@ -38,9 +37,8 @@ Owners: a save's lease is its own (``new_owner``), so its commit takes off only 
 transaction keeps what any save, in this process or another, has leased (a batch taken before
 the save does not know it: ``Batch.keep`` covers only the saves queued before it).
 
-Hints, not locks: a lease slot holds the leases of the last key that maps to it, so a collision
-replaces another key's; an eighth owner pushes out the lease that runs out first (each lease has
-its own expiry, so a killed process's leases run out whatever later saves do); eviction
+Hints, not locks: a lease slot holds the last leases of any key that maps to it, so a collision
+replaces older ones, a third owner replaces the oldest of two, and a lease runs out; eviction
 that must take a leased block to make room takes it. Either way a record may be cut back, never
 wrong: the commit's check stays the guarantee. A mark slot counts its marks, so it never loses
 one to a collision: a slot holding marks of two tags stands for every key that maps to it
@@ -51,14 +49,12 @@ Times are wall-clock, so processes on one machine agree.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import mmap
 import os
-import threading
 import time
-from typing import Collection, Iterator, Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -69,24 +65,19 @@ try:
 except ImportError:  # Windows: no flock; the handshake's order is then a hint too
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS", "MARK_SLOTS", "OWNERS"]
+__all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS", "MARK_SLOTS"]
 
 LEASES_FILE = "leases.bin"
 #: the file's first page: its layout's name (a file with another is cleared at open)
-HEADER = b"tierkv leases v4"
+HEADER = b"tierkv leases v3"
 HEADER_BYTES = 4096
-#: lease slots (128 B each: 4 MiB)
+#: lease slots (32 B each: 1 MiB)
 LEASE_SLOTS = 1 << 15
-#: leases one slot keeps on its key (a slot is its tag, a spare word and this many pairs of an
-#: owner and its expiry). With two, in one slot-wide expiry, a two-process fp32 soak saw 6.4 %
-#: of the keys its saves leased push another save's lease out (``bench/soak.py``)
-OWNERS = 7
-_COLS = 2 + 2 * OWNERS
 #: doom mark slots (32 B each: 1 MiB), after the leases
 MARK_SLOTS = 1 << 15
 #: the whole file, allocated on disk when it is created: a page of a sparse file first written
 #: through the map when the file system is full kills the process (SIGBUS)
-FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * _COLS * 8 + MARK_SLOTS * 32
+FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * 32 + MARK_SLOTS * 32
 #: how long a lease lasts: longer than a save's record normally waits in the writer's queue
 #: (the commit's check covers a longer wait)
 LEASE_S = 60.0
@@ -150,20 +141,18 @@ class Leases:
         except OSError as e:
             self.close()
             raise StoreIOError(f"cannot open the lease table {path}: {e}") from None
-        #: slot -> (tag, spare, then per lease: owner, when it runs out in ns since the epoch);
-        #: owner 0: no lease
-        self._slots = np.frombuffer(self._map, dtype="<u8", count=LEASE_SLOTS * _COLS,
-                                    offset=HEADER_BYTES).reshape(LEASE_SLOTS, _COLS)
+        #: slot -> (tag, expiry in ns since the epoch, latest owner, the owner before it); 0: none
+        self._slots = np.frombuffer(self._map, dtype="<u8", count=LEASE_SLOTS * 4,
+                                    offset=HEADER_BYTES).reshape(LEASE_SLOTS, 4)
         #: slot -> (tag, marks, when the last runs out in ns since the epoch, 1 where marks of
         #: other tags share the slot)
         self._marks = np.frombuffer(self._map, dtype="<u8", count=MARK_SLOTS * 4,
-                                    offset=HEADER_BYTES + LEASE_SLOTS * _COLS * 8).reshape(MARK_SLOTS, 4)
-        self._threads = threading.Lock()
+                                    offset=HEADER_BYTES + LEASE_SLOTS * 32).reshape(MARK_SLOTS, 4)
         self._base = int.from_bytes(os.urandom(8), "little")
         self._count = itertools.count(1)
         #: this process's grants so far: live leases of other saves they wrote over (a key of
-        #: another tag in the slot, or, all its pairs taken, the one that runs out first), and
-        #: keys they answered as marked only because their mark slot holds marks of several tags
+        #: another tag in the slot, or the older of two owners), and keys they answered as
+        #: marked only because their mark slot holds marks of several tags
         self.displaced = 0
         self.shared_marks = 0
 
@@ -188,30 +177,28 @@ class Leases:
         slots = tags % LEASE_SLOTS
         marks = tags % MARK_SLOTS
         me = np.uint64(owner)
-        rows = np.arange(len(keys))
-        with self._threads, self._slot_lock():
+        self._lock(0, exclusive=False)
+        try:
             now = time.time_ns()
             cur = self._slots[slots]  # a copy
-            owners, until = cur[:, 2::2], cur[:, 3::2]
-            live = (owners != 0) & (until > now)
-            kept = live & (cur[:, :1] == tags[:, None])  # this key's live leases
-            lost = int(np.count_nonzero(live & ~kept))  # another key's, written over
-            mine = kept & (owners == me)
-            free = ~kept
-            # where this owner holds one already, renewed; else the first free pair; else the
-            # lease that runs out first is pushed out
-            col = np.where(mine.any(1), mine.argmax(1), np.where(free.any(1), free.argmax(1), until.argmin(1)))
-            lost += int(np.count_nonzero(~mine.any(1) & ~free.any(1)))
-            owners, until = np.where(kept, owners, 0), np.where(kept, until, 0)
-            owners[rows, col] = me
-            until[rows, col] = now + int(seconds * 1e9)
+            live = (cur[:, 0] == tags) & (cur[:, 1] > now)
+            mine = live & ((cur[:, 2] == me) | (cur[:, 3] == me))
             self._slots[slots, 0] = tags
-            self._slots[slots, 2::2] = owners
-            self._slots[slots, 3::2] = until
+            self._slots[slots, 2] = np.where(mine, cur[:, 2], me)
+            self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
+            self._slots[slots, 1] = now + int(seconds * 1e9)
             m = self._marks[marks]
-            marked = np.flatnonzero((m[:, 1] > 0) & (m[:, 2] > now) & ((m[:, 0] == tags) | (m[:, 3] == 1)))
-        # this grant's own keys that share a slot: the last one written keeps it
-        self.displaced += lost + len(slots) - len(np.unique(slots))
+            on = (m[:, 1] > 0) & (m[:, 2] > now)
+            marked = np.flatnonzero(on & ((m[:, 0] == tags) | (m[:, 3] == 1)))
+        finally:
+            self._unlock(0)
+        # counted outside the lock: the live leases written over, another key's (one or two
+        # owners), the older owner of this key's, and this grant's own keys that share a slot
+        # (the last one written keeps it)
+        other = (cur[:, 0] != tags) & (cur[:, 1] > now)
+        self.displaced += int(np.count_nonzero(other[:, None] & (cur[:, 2:] != 0))
+                              + np.count_nonzero(live & ~mine & (cur[:, 3] != 0))
+                              + len(slots) - len(np.unique(slots)))
         self.shared_marks += int(np.count_nonzero(m[marked, 0] != tags[marked]))
         return {keys[i] for i in marked}
 
@@ -222,29 +209,16 @@ class Leases:
             return
         tags = _tags(keys)
         slots = tags % LEASE_SLOTS
-        with self._threads, self._slot_lock():
-            cur = self._slots[slots]
-            # a slot another key has taken since is left
-            r, c = np.nonzero((cur[:, 2::2] == np.uint64(owner)) & (cur[:, :1] == tags[:, None]))
-            self._slots[slots[r], 2 + 2 * c] = 0
-
-    @contextlib.contextmanager
-    def _slot_lock(self) -> Iterator[None]:
-        """Exclusive use of the lease slots: two processes' grants and releases each rewrite
-        whole slots, and one would lose the other's lease. This process's saves and its writer's
-        releases lock the same open file, which does not exclude them from each other, and one
-        thread's unlock would end the other's lock: callers hold ``_threads`` around it."""
-        self._lock(0, exclusive=True)
-        try:
-            yield
-        finally:
-            self._unlock(0)
+        me = np.uint64(owner)
+        ours = slots[self._slots[slots, 0] == tags]  # a slot another key has taken since is left
+        for col in (2, 3):
+            self._slots[ours[self._slots[ours, col] == me], col] = 0
 
     def held(self, key: bytes) -> bool:
         """Whether any save holds a lease on ``key`` that has not run out."""
         tag = int.from_bytes(key[:8], "little")
-        row = self._slots[tag % LEASE_SLOTS]
-        return int(row[0]) == tag and bool(((row[2::2] != 0) & (row[3::2] > time.time_ns())).any())
+        _tag, expiry, *owners = (int(x) for x in self._slots[tag % LEASE_SLOTS])
+        return _tag == tag and expiry > time.time_ns() and any(owners)
 
     def doom(self, keys: Sequence[bytes], seconds: float = MARK_S) -> None:
         """Mark ``keys`` as being deleted, before the caller's last look at their leases, for at
