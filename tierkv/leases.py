@@ -187,6 +187,8 @@ class Leases:
             self._slots[slots, 2] = np.where(mine, cur[:, 2], me)
             self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
             self._slots[slots, 1] = now + int(seconds * 1e9)
+            # this grant's own keys that share a slot: the last one written keeps it
+            crowded = int(np.count_nonzero(self._slots[slots, 0] != tags))
             m = self._marks[marks]
             on = (m[:, 1] > 0) & (m[:, 2] > now)
             marked = np.flatnonzero(on & ((m[:, 0] == tags) | (m[:, 3] == 1)))
@@ -194,11 +196,9 @@ class Leases:
             self._unlock(0)
         # counted outside the lock: the live leases written over, another key's (one or two
         # owners), the older owner of this key's, and this grant's own keys that share a slot
-        # (the last one written keeps it)
         other = (cur[:, 0] != tags) & (cur[:, 1] > now)
-        self.displaced += int(np.count_nonzero(other[:, None] & (cur[:, 2:] != 0))
-                              + np.count_nonzero(live & ~mine & (cur[:, 3] != 0))
-                              + len(slots) - len(np.unique(slots)))
+        self.displaced += crowded + int(np.count_nonzero(other[:, None] & (cur[:, 2:] != 0))
+                                        + np.count_nonzero(live & ~mine & (cur[:, 3] != 0)))
         self.shared_marks += int(np.count_nonzero(m[marked, 0] != tags[marked]))
         return {keys[i] for i in marked}
 
