@@ -190,8 +190,7 @@ class Leases:
             # this grant's own keys that share a slot: the last one written keeps it
             crowded = int(np.count_nonzero(self._slots[slots, 0] != tags))
             m = self._marks[marks]
-            on = (m[:, 1] > 0) & (m[:, 2] > now)
-            marked = np.flatnonzero(on & ((m[:, 0] == tags) | (m[:, 3] == 1)))
+            marked = np.flatnonzero((m[:, 1] > 0) & (m[:, 2] > now) & ((m[:, 0] == tags) | (m[:, 3] == 1)))
         finally:
             self._unlock(0)
         # counted outside the lock: the live leases written over, another key's (one or two
