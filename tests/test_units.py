@@ -471,45 +471,108 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
 def test_doom_marks_answer_a_grant_and_count(tmp_path):
     """The other half of the handshake (``leases.py``): a transaction marks the keys it is
     deleting; a grant answers with the keys it finds marked, so the save copies them; the marks
-    go when the transaction is over. A slot counts its marks, so a collision loses none: a slot
-    holding marks of two keys stands for every key that maps to it (a copy that was not needed)
-    until its count is back to zero, while a slot marked for one key answers for that key only.
-    A mark left by a process killed before its commit runs out."""
+    go when the transaction is over. A bucket keeps the marks of ``MARK_WAYS`` keys apart, so
+    keys that share one are answered for themselves; a collision never loses a mark: a key that
+    finds every entry taken marks the bucket's overflow, which stands for every key of the
+    bucket (a copy that was not needed, counted) until its count is back to zero, even when the
+    key's next mark found an entry. A mark left by a process killed before its commit runs out,
+    and frees its entry."""
     import os
 
-    from tierkv.leases import FILE_BYTES, MARK_SLOTS, Leases
+    from tierkv.leases import FILE_BYTES, MARK_BUCKETS, MARK_WAYS, Leases
 
     def key(tag: int, fill: int) -> bytes:
         return tag.to_bytes(8, "little") + bytes([fill]) * 8
 
+    assert MARK_WAYS == 4
     writer, saver = Leases(str(tmp_path)), Leases(str(tmp_path))
     try:
-        k1, k2, k5 = key(9, 1), key(9 + MARK_SLOTS, 2), key(9 + 2 * MARK_SLOTS, 5)  # one slot
-        k3, k6 = key(10, 3), key(10 + MARK_SLOTS, 6)  # another
-        k4 = key(11, 4)
-        every = [k1, k2, k3, k4, k5, k6]
+        k1, k2, k3, k4, k5, k8 = (key(9 + i * MARK_BUCKETS, i + 1) for i in (0, 1, 2, 3, 4, 7))  # one bucket
+        k6, k7 = key(10, 6), key(10 + MARK_BUCKETS, 7)  # another
+        every = [k1, k2, k3, k4, k5, k6, k7, k8]
         assert saver.grant(every, saver.new_owner()) == set()
-        writer.doom([k1, k2, k3])
-        assert saver.grant(every, saver.new_owner()) == {k1, k2, k3, k5}  # not k6: k3's slot is k3's
-        assert saver.shared_marks == 2  # k5's copy was not needed; k2's was (both counted)
-        writer.undoom([k1, k3])  # k2's mark holds the shared slot
-        assert saver.grant(every, saver.new_owner()) == {k1, k2, k5}
-        assert saver.shared_marks == 4  # the slot keeps k1's tag while it has marks
-        writer.undoom([k2])
+        writer.doom([k1, k2, k6])
+        assert saver.grant(every, saver.new_owner()) == {k1, k2, k6}  # each for itself
+        writer.doom([k3, k4])  # the bucket's four entries
+        assert saver.grant(every, saver.new_owner()) == {k1, k2, k3, k4, k6}
+        assert saver.shared_marks == 0
+        writer.doom([k5])  # no entry left: the overflow
+        assert saver.grant(every, saver.new_owner()) == {k1, k2, k3, k4, k5, k6, k8}
+        assert saver.shared_marks == 2  # k8's copy was not needed; k5's was (both counted)
+        writer.undoom([k1])  # frees an entry; the overflow still stands for every key
+        writer.doom([k5])  # k5's second mark takes the free entry
+        assert saver.grant(every, saver.new_owner()) == {k1, k2, k3, k4, k5, k6, k8}
+        assert saver.shared_marks == 4  # k1 and k8 now
+        writer.undoom([k5])  # its entry's mark
+        assert saver.grant(every, saver.new_owner()) == {k1, k2, k3, k4, k5, k6, k8}
+        assert saver.shared_marks == 7  # k5's own mark is the overflow's again
+        writer.undoom([k5])  # the overflow's
+        assert saver.grant(every, saver.new_owner()) == {k2, k3, k4, k6}
+        writer.undoom([k2, k3, k4, k6])
         assert saver.grant(every, saver.new_owner()) == set()
         writer.undoom([k2])  # taken off twice: no count below zero
-        writer.doom([k1])  # the slot is k1's alone again
-        assert saver.grant(every, saver.new_owner()) == {k1}
-        assert saver.shared_marks == 4
-        writer.undoom([k1])
-        writer.doom([k4], seconds=0.0)  # left behind by a killed process, run out
-        assert saver.grant([k4], saver.new_owner()) == set()
-        writer.doom([k4])  # the slot starts again from the one live mark
-        writer.undoom([k4])
-        assert saver.grant([k4], saver.new_owner()) == set()
+        assert saver.grant(every, saver.new_owner()) == set()
+        assert saver.shared_marks == 7
+        # marks left by a killed process run out, and free their entries
+        writer.doom([k1, k2, k3, k4], seconds=0.0)
+        assert saver.grant(every, saver.new_owner()) == set()
+        writer.doom([k5, k2])  # entries, not the overflow; k2 starts again from one live mark
+        assert saver.grant(every, saver.new_owner()) == {k2, k5}
+        writer.undoom([k5, k2])
+        assert saver.grant(every, saver.new_owner()) == set()
+        assert saver.shared_marks == 7
+        ka, kb = key(12, 1), key(12, 2)  # two keys, one tag: one entry, two marks
+        writer.doom([ka, kb])
+        writer.undoom([ka])
+        assert saver.grant([ka, kb], saver.new_owner()) == {ka, kb}
+        writer.undoom([kb])
+        assert saver.grant([ka, kb], saver.new_owner()) == set()
         writer.doom([])
         writer.undoom([])
         assert os.path.getsize(tmp_path / "leases.bin") == FILE_BYTES
+    finally:
+        writer.close()
+        saver.close()
+
+
+@pytest.mark.parametrize("per_bucket", [4, 7])
+def test_doom_marks_follow_overlapping_transactions(tmp_path, per_bucket):
+    """Marks stay right under transactions that overlap, as two processes' and a writer's do:
+    random transactions mark random keys (several calls each, keys of one bucket together in
+    one call), and take their marks off at their end. A grant then finds every key some open
+    transaction marked (never fewer: a save would trust a block being deleted); with at most
+    ``MARK_WAYS`` keys to a bucket, exactly those, and once every transaction is over, none."""
+    import random
+    from collections import Counter
+
+    from tierkv.leases import MARK_BUCKETS, MARK_WAYS, Leases
+
+    rng = random.Random(per_bucket)
+    keys = [(b + i * MARK_BUCKETS).to_bytes(8, "little") + bytes([i]) * 8
+            for b in (3, 4, 5) for i in range(per_bucket)]
+    writer, saver = Leases(str(tmp_path)), Leases(str(tmp_path))
+    try:
+        open_txns: list[set[bytes]] = []
+        for _ in range(400):
+            if open_txns and rng.random() < 0.4:
+                txn = open_txns.pop(rng.randrange(len(open_txns)))
+                writer.undoom(txn)
+            else:
+                if not open_txns or rng.random() < 0.3:
+                    open_txns.append(set())
+                txn = rng.choice(open_txns)
+                new = [k for k in rng.sample(keys, rng.randint(1, 6)) if k not in txn]
+                writer.doom(new)
+                txn.update(new)
+            marked = {k for k, n in Counter(k for t in open_txns for k in t).items() if n}
+            found = saver.grant(keys, saver.new_owner())
+            assert marked <= found
+            if per_bucket <= MARK_WAYS:
+                assert found == marked
+        for txn in open_txns:
+            writer.undoom(txn)
+        assert saver.grant(keys, saver.new_owner()) == set()
+        assert (saver.shared_marks == 0) == (per_bucket <= MARK_WAYS)
     finally:
         writer.close()
         saver.close()

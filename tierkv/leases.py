@@ -8,9 +8,10 @@ Primitives:
           runs out, and its last two owners. An owner is one save (``new_owner``); ``grant``
           writes its lease on each of its record's keys, ``release`` takes it off once the record
           is committed, ``held`` says whether any owner holds one.
-        - Doom marks, ``MARK_SLOTS`` slots of 32 B (the marked key's tag, how many marks, when
-          the last runs out, whether keys of other tags are marked there too): the keys a write
-          transaction is deleting. ``doom`` marks keys before the transaction's last look at
+        - Doom marks, ``MARK_BUCKETS`` buckets of 128 B: ``MARK_WAYS`` entries (a marked key's
+          tag, how many marks, when the last runs out) and an overflow (how many marks of keys
+          that found every entry taken, when the last runs out): the keys a write transaction
+          is deleting. ``doom`` marks keys before the transaction's last look at
           their leases, ``undoom`` takes the marks off after its commit, and ``grant`` answers
           with the keys it finds marked.
 
@@ -41,9 +42,12 @@ Hints, not locks: a lease slot holds the last leases of any key that maps to it,
 replaces older ones, a third owner replaces the oldest of two, and a lease runs out; eviction
 that must take a leased block to make room takes it. Either way a record may be cut back, never
 wrong: the commit's check stays the guarantee. A mark slot counts its marks, so it never loses
-one to a collision: a slot holding marks of two tags stands for every key that maps to it
-until its count is back to zero, which at worst makes a save copy a block that was not being
-deleted. A process killed between its marks and its commit leaves them until they run out.
+one to a collision: a key's marks go to an entry of its bucket that holds its tag, or a free
+one, and only where all ``MARK_WAYS`` hold live marks of other keys to the bucket's overflow,
+which stands for every key of the bucket until its count is back to zero: at worst a save
+copies a block that was not being deleted. (Until session 45 a mark slot held one tag and a
+flag: two keys in a slot already stood for every key of it, 855 needless copies in a bf16
+soak.) A process killed between its marks and its commit leaves them until they run out.
 Times are wall-clock, so processes on one machine agree.
 """
 
@@ -54,7 +58,7 @@ import itertools
 import mmap
 import os
 import time
-from typing import Collection, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -65,19 +69,24 @@ try:
 except ImportError:  # Windows: no flock; the handshake's order is then a hint too
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS", "MARK_SLOTS"]
+__all__ = ["Leases", "LEASES_FILE", "LEASE_S", "LEASE_SLOTS", "MARK_BUCKETS", "MARK_WAYS"]
 
 LEASES_FILE = "leases.bin"
 #: the file's first page: its layout's name (a file with another is cleared at open)
-HEADER = b"tierkv leases v3"
+HEADER = b"tierkv leases v4"
 HEADER_BYTES = 4096
 #: lease slots (32 B each: 1 MiB)
 LEASE_SLOTS = 1 << 15
-#: doom mark slots (32 B each: 1 MiB), after the leases
-MARK_SLOTS = 1 << 15
+#: doom mark buckets, after the leases; each holds ``MARK_WAYS`` keys' marks and an overflow
+#: (128 B each: 1 MiB)
+MARK_BUCKETS = 1 << 13
+MARK_WAYS = 4
+_MARK_WORDS = 16  # u64 per bucket: MARK_WAYS x (tag, marks, expiry), overflow (marks, expiry), 2 spare
+_OVER = 3 * MARK_WAYS  # the overflow's column
+_COUNTS = tuple(range(1, _OVER, 3))  # the entries' mark counts' columns
 #: the whole file, allocated on disk when it is created: a page of a sparse file first written
 #: through the map when the file system is full kills the process (SIGBUS)
-FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * 32 + MARK_SLOTS * 32
+FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * 32 + MARK_BUCKETS * _MARK_WORDS * 8
 #: how long a lease lasts: longer than a save's record normally waits in the writer's queue
 #: (the commit's check covers a longer wait)
 LEASE_S = 60.0
@@ -113,6 +122,22 @@ def _tags(keys: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(k[:8] for k in keys), dtype="<u8")
 
 
+def _rounds(keys: Sequence[bytes]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``keys``' (tags, mark buckets) in rounds of at most one key per bucket: the first key of
+    each bucket, then the second, and so on, so that a round's work on whole bucket rows,
+    vectorized, does what one key at a time would."""
+    tags = _tags(keys)
+    buckets = (tags % MARK_BUCKETS).astype(np.int64)
+    order = np.argsort(buckets, kind="stable")
+    ordered = buckets[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+    for r in range(int(rank.max()) + 1):
+        pick = np.flatnonzero(rank == r)
+        yield tags[pick], buckets[pick]
+
+
 class Leases:
     """The lease and mark tables of one store directory; see the module docstring."""
 
@@ -144,15 +169,15 @@ class Leases:
         #: slot -> (tag, expiry in ns since the epoch, latest owner, the owner before it); 0: none
         self._slots = np.frombuffer(self._map, dtype="<u8", count=LEASE_SLOTS * 4,
                                     offset=HEADER_BYTES).reshape(LEASE_SLOTS, 4)
-        #: slot -> (tag, marks, when the last runs out in ns since the epoch, 1 where marks of
-        #: other tags share the slot)
-        self._marks = np.frombuffer(self._map, dtype="<u8", count=MARK_SLOTS * 4,
-                                    offset=HEADER_BYTES + LEASE_SLOTS * 32).reshape(MARK_SLOTS, 4)
+        #: bucket -> MARK_WAYS x (tag, marks, when the last runs out in ns since the epoch),
+        #: then the overflow's (marks, when the last runs out); 0 marks: free
+        self._marks = np.frombuffer(self._map, dtype="<u8", count=MARK_BUCKETS * _MARK_WORDS,
+                                    offset=HEADER_BYTES + LEASE_SLOTS * 32).reshape(MARK_BUCKETS, _MARK_WORDS)
         self._base = int.from_bytes(os.urandom(8), "little")
         self._count = itertools.count(1)
         #: this process's grants so far: live leases of other saves they wrote over (a key of
         #: another tag in the slot, or the older of two owners), and keys they answered as
-        #: marked only because their mark slot holds marks of several tags
+        #: marked only because their bucket's overflow holds marks
         self.displaced = 0
         self.shared_marks = 0
 
@@ -175,7 +200,7 @@ class Leases:
             return set()
         tags = _tags(keys)
         slots = tags % LEASE_SLOTS
-        marks = tags % MARK_SLOTS
+        buckets = tags % MARK_BUCKETS
         me = np.uint64(owner)
         self._lock(0, exclusive=False)
         try:
@@ -189,8 +214,7 @@ class Leases:
             self._slots[slots, 1] = now + int(seconds * 1e9)
             # this grant's own keys that share a slot: the last one written keeps it
             crowded = int(np.count_nonzero(self._slots[slots, 0] != tags))
-            m = self._marks[marks]
-            marked = np.flatnonzero((m[:, 1] > 0) & (m[:, 2] > now) & ((m[:, 0] == tags) | (m[:, 3] == 1)))
+            m = self._marks[buckets]  # a copy
         finally:
             self._unlock(0)
         # counted outside the lock: the live leases written over, another key's (one or two
@@ -198,8 +222,11 @@ class Leases:
         other = (cur[:, 0] != tags) & (cur[:, 1] > now)
         self.displaced += crowded + int(np.count_nonzero(other[:, None] & (cur[:, 2:] != 0))
                                         + np.count_nonzero(live & ~mine & (cur[:, 3] != 0)))
-        self.shared_marks += int(np.count_nonzero(m[marked, 0] != tags[marked]))
-        return {keys[i] for i in marked}
+        ways = m[:, :_OVER].reshape(-1, MARK_WAYS, 3)
+        own = ((ways[:, :, 0] == tags[:, None]) & (ways[:, :, 1] > 0) & (ways[:, :, 2] > now)).any(axis=1)
+        over = (m[:, _OVER] > 0) & (m[:, _OVER + 1] > now)
+        self.shared_marks += int(np.count_nonzero(over & ~own))
+        return {keys[i] for i in np.flatnonzero(own | over)}
 
     def release(self, keys: Sequence[bytes], owner: int) -> None:
         """Take ``owner``'s leases off ``keys`` (its record that names them is committed, or
@@ -224,20 +251,27 @@ class Leases:
         most ``seconds`` (``undoom`` takes the marks off once the caller has committed)."""
         if not keys:
             return
-        marks = self._marks
         self._lock(1, exclusive=True)
         try:
             now = time.time_ns()
             until = now + int(seconds * 1e9)
-            for key in keys:
-                tag = int.from_bytes(key[:8], "little")
-                slot = tag % MARK_SLOTS
-                was, count, expiry, many = (int(x) for x in marks[slot])
-                if expiry <= now:
-                    count = 0  # left by a process killed before its commit: run out
-                if count == 0:
-                    was, many = tag, 0
-                marks[slot] = (was, count + 1, max(expiry, until), 1 if many or was != tag else 0)
+            for tags, buckets in _rounds(keys):
+                m = self._marks[buckets]  # a copy
+                rows = np.arange(len(tags))
+                # the entry holding the key's marks, else a free one: no marks, or only marks run
+                # out (left by a process killed before its commit); a key is in one entry at most
+                mine = (m[:, 0:_OVER:3] == tags[:, None]) & (m[:, 1:_OVER:3] > 0)
+                free = (m[:, 1:_OVER:3] == 0) | (m[:, 2:_OVER:3] <= now)
+                has = mine.any(axis=1)
+                fresh = ~has & free.any(axis=1)
+                col = np.where(has, 1 + 3 * mine.argmax(axis=1),
+                               np.where(fresh, 1 + 3 * free.argmax(axis=1), _OVER))  # else every entry another key's
+                m[rows[fresh], col[fresh] - 1] = tags[fresh]
+                count, expiry = m[rows, col], m[rows, col + 1]
+                gone = fresh | (expiry <= now)  # a free entry's, or an overflow's run out
+                m[rows, col] = np.where(gone, 0, count) + 1
+                m[rows, col + 1] = np.where(gone, until, np.maximum(expiry, until))
+                self._marks[buckets] = m
         finally:
             self._unlock(1)
 
@@ -245,13 +279,18 @@ class Leases:
         """Take the marks ``doom`` set on ``keys`` off (their transaction committed or aborted)."""
         if not keys:
             return
-        marks = self._marks
         self._lock(1, exclusive=True)
         try:
-            for key in keys:
-                slot = int.from_bytes(key[:8], "little") % MARK_SLOTS
-                if marks[slot, 1] > 0:
-                    marks[slot, 1] -= 1
+            for tags, buckets in _rounds(list(keys)):
+                m = self._marks[buckets]  # a copy
+                rows = np.arange(len(tags))
+                # the key's entry, or else the overflow, where a mark of it went when every entry
+                # was taken: a key with marks left is then still marked by one or the other
+                mine = (m[:, 0:_OVER:3] == tags[:, None]) & (m[:, 1:_OVER:3] > 0)
+                col = np.where(mine.any(axis=1), 1 + 3 * mine.argmax(axis=1), _OVER)
+                count = m[rows, col]
+                m[rows, col] = count - (count > 0)  # never below zero
+                self._marks[buckets] = m
         finally:
             self._unlock(1)
 
