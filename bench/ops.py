@@ -85,6 +85,22 @@ def main() -> None:
                 res["lease_grant_1M"] = dict(lat(xs), blocks=len(keys))
                 print(f"leases for the 1M-token session's {len(keys)} blocks: p50 "
                       f"{res['lease_grant_1M']['p50_ms']:.3f} ms, p99 {res['lease_grant_1M']['p99_ms']:.3f} ms", flush=True)
+                # the other side: a transaction deleting those blocks marks them before it looks
+                # at their leases, and unmarks them after its commit, holding the marks' lock
+                # exclusively each time (grants wait meanwhile); versions before marks skip it
+                if hasattr(leases, "doom"):
+                    xs, ys = [], []
+                    for _ in range(200):
+                        t = time.perf_counter()
+                        leases.doom(keys)
+                        xs.append(time.perf_counter() - t)
+                        t = time.perf_counter()
+                        leases.undoom(keys)
+                        ys.append(time.perf_counter() - t)
+                    res["lease_doom_1M"], res["lease_undoom_1M"] = (dict(lat(v), blocks=len(keys)) for v in (xs, ys))
+                    print(f"marks on those blocks: doom p50 {res['lease_doom_1M']['p50_ms']:.3f} ms, p99 "
+                          f"{res['lease_doom_1M']['p99_ms']:.3f} ms; undoom p50 {res['lease_undoom_1M']['p50_ms']:.3f} ms, "
+                          f"p99 {res['lease_undoom_1M']['p99_ms']:.3f} ms", flush=True)
         # the first lookup after the store is opened again (a restarted server or agent): the
         # session's record and its blocks' bookkeeping come from the store, not from memory
         firsts = []
