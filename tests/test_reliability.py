@@ -272,6 +272,44 @@ def test_a_save_copies_the_blocks_a_transaction_is_deleting(tmp_path, held):
         pass
 
 
+def test_marks_on_blocks_a_transaction_keeps_come_off_before_its_commit(tmp_path):
+    """A transaction marks every block it may delete before it looks at the block's lease, and
+    keeps those a save has leased. A mark on a kept block guards no deletion, yet until it comes
+    off, saves copy that block instead of trusting its value (most of the copies in two-process
+    soaks at a full SSD: eviction marks each leased block it passes over). Those marks come off
+    before the commit, while the blocks it deletes are still there for readers; the marks on the
+    deleted ones only after it."""
+    from tierkv.leases import Leases
+
+    path = str(tmp_path / "store")
+    toks, kv = list(range(4 * BLOCK)), make_kv(SPEC, 4 * BLOCK)
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="64MiB",
+                       host_bytes=0, device_bytes=0) as s:
+        s.save(toks, kv, session="x").wait()
+        s.flush()
+        keys = list(s._sessions["x"].keys)
+        other = Leases(path)  # another process's save, about to name blocks 2 and 3
+        try:
+            other.grant(keys[2:], other.new_owner())
+            store, calls = s._ssd, []
+            undoom = store.leases.undoom
+
+            def recorded(marked):
+                with store.reader() as txn:  # block 0 still there: the transaction has not committed
+                    calls.append((set(marked), txn.get(keys[0], db=store.blocks) is not None))
+                undoom(marked)
+
+            store.leases.undoom = recorded
+            s.drop_session("x")
+            s.flush()
+            store.leases.undoom = undoom
+            assert calls == [(set(keys[2:]), True), (set(keys[:2]), False)]
+            assert other.grant(keys, other.new_owner()) == set()
+            assert s.stats()["blocks_kept_for_leases"] == 2
+        finally:
+            other.close()
+
+
 @pytest.mark.parametrize("held", ["on SSD only", "in memory too"])
 def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
     """A save here trusts the value of a block on SSD (it saw it a moment ago, unmarked) and
