@@ -75,7 +75,7 @@ KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_m
 #: leased_blocks_evicted: leased blocks eviction took, nothing else being left;
 #: blocks_copied_being_deleted: blocks a save copied, a transaction having marked them (leases.py);
 #: leases_displaced: other saves' leases a save wrote over in the lease table; marks_shared: keys a
-#: save found marked only through a mark slot shared with other keys
+#: save found marked only through its mark bucket's overflow (shared with other keys)
 STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again",
                 "blocks_kept_for_leases", "leased_blocks_evicted", "blocks_copied_being_deleted",
                 "leases_displaced", "marks_shared")

@@ -731,8 +731,9 @@ class TierKV(SSDWriter, Loads):
         # the lease table (leases.py: a slot keeps two owners of one key): a record that trusted
         # such a block may be cut back at its commit
         out["leases_displaced"] = self._ssd.leases.displaced
-        # keys this process's saves found marked only because their mark slot holds marks of
-        # other keys too: at most that many of blocks_copied_being_deleted were not needed
+        # keys this process's saves found marked only through their mark bucket's overflow
+        # (leases.py: all four entries held other keys' marks): at most that many of
+        # blocks_copied_being_deleted were not needed
         out["marks_shared"] = self._ssd.leases.shared_marks
         return out
 

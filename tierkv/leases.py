@@ -12,8 +12,9 @@ Primitives:
           tag, how many marks, when the last runs out) and an overflow (how many marks of keys
           that found every entry taken, when the last runs out): the keys a write transaction
           is deleting. ``doom`` marks keys before the transaction's last look at
-          their leases, ``undoom`` takes the marks off after its commit, and ``grant`` answers
-          with the keys it finds marked.
+          their leases, ``undoom`` takes the marks off after its commit (those of keys it did
+          not delete after all, before it), and ``grant`` answers with the keys it finds
+          marked.
 
 Why: a save does not copy a block whose value it finds on SSD. Until its record commits, nothing
 in the store says the block is wanted, so another transaction (another process's, or this
@@ -24,7 +25,8 @@ two-process fp32 soak at a full SSD budget with no leases, and still 1.2 % with 
 and commit the deletion after the save looked at the store. The handshake closes that window:
 
 - the transaction marks a key (``doom``) before it looks at the key's lease, and takes the mark
-  off only after its commit;
+  off only after its commit if it deletes the key (a mark on a key it keeps guards nothing, and
+  comes off before the commit: until then saves copy that block);
 - the save writes its lease before it looks at the marks (``grant``), then at the store.
 
 The two are serialized by a file lock (``flock``; exclusive for marking and unmarking, shared
@@ -41,9 +43,9 @@ the save does not know it: ``Batch.keep`` covers only the saves queued before it
 Hints, not locks: a lease slot holds the last leases of any key that maps to it, so a collision
 replaces older ones, a third owner replaces the oldest of two, and a lease runs out; eviction
 that must take a leased block to make room takes it. Either way a record may be cut back, never
-wrong: the commit's check stays the guarantee. A mark slot counts its marks, so it never loses
-one to a collision: a key's marks go to an entry of its bucket that holds its tag, or a free
-one, and only where all ``MARK_WAYS`` hold live marks of other keys to the bucket's overflow,
+wrong: the commit's check stays the guarantee. Marks are counted, so none is lost to a
+collision: a key's marks go to the entry of its bucket that holds its tag, or a free one, and
+only where all ``MARK_WAYS`` hold live marks of other keys to the bucket's overflow,
 which stands for every key of the bucket until its count is back to zero: at worst a save
 copies a block that was not being deleted. (Until session 45 a mark slot held one tag and a
 flag: two keys in a slot already stood for every key of it, 855 needless copies in a bf16
@@ -83,7 +85,6 @@ MARK_BUCKETS = 1 << 13
 MARK_WAYS = 4
 _MARK_WORDS = 16  # u64 per bucket: MARK_WAYS x (tag, marks, expiry), overflow (marks, expiry), 2 spare
 _OVER = 3 * MARK_WAYS  # the overflow's column
-_COUNTS = tuple(range(1, _OVER, 3))  # the entries' mark counts' columns
 #: the whole file, allocated on disk when it is created: a page of a sparse file first written
 #: through the map when the file system is full kills the process (SIGBUS)
 FILE_BYTES = HEADER_BYTES + LEASE_SLOTS * 32 + MARK_BUCKETS * _MARK_WORDS * 8
