@@ -272,13 +272,15 @@ def test_a_save_copies_the_blocks_a_transaction_is_deleting(tmp_path, held):
         pass
 
 
-def test_marks_on_blocks_a_transaction_keeps_come_off_before_its_commit(tmp_path):
+def test_marks_on_blocks_a_transaction_keeps_stay_until_its_commit(tmp_path):
     """A transaction marks every block it may delete before it looks at the block's lease, and
-    keeps those a save has leased. A mark on a kept block guards no deletion, yet until it comes
-    off, saves copy that block instead of trusting its value (most of the copies in two-process
-    soaks at a full SSD: eviction marks each leased block it passes over). Those marks come off
-    before the commit, while the blocks it deletes are still there for readers; the marks on the
-    deleted ones only after it."""
+    keeps those a save has leased. The marks on the kept blocks guard no deletion of this
+    transaction's, yet they stay until after its commit, with the rest: saves meanwhile copy
+    those blocks rather than trust them. Taking them off before the commit (session 45) cut the
+    copies in a bf16 two-process soak from 0.16 to 0.04-0.06 blocks a save, but saves were cut
+    back about twice as often (0.12-0.13 % against 0.05-0.09 %), most likely because the kept
+    blocks are those several saves lease at once, where leases get lost, and a copy writes the
+    value again."""
     from tierkv.leases import Leases
 
     path = str(tmp_path / "store")
@@ -295,7 +297,7 @@ def test_marks_on_blocks_a_transaction_keeps_come_off_before_its_commit(tmp_path
             undoom = store.leases.undoom
 
             def recorded(marked):
-                with store.reader() as txn:  # block 0 still there: the transaction has not committed
+                with store.reader() as txn:  # block 0 gone: the transaction has committed
                     calls.append((set(marked), txn.get(keys[0], db=store.blocks) is not None))
                 undoom(marked)
 
@@ -303,7 +305,7 @@ def test_marks_on_blocks_a_transaction_keeps_come_off_before_its_commit(tmp_path
             s.drop_session("x")
             s.flush()
             store.leases.undoom = undoom
-            assert calls == [(set(keys[2:]), True), (set(keys[:2]), False)]
+            assert calls == [(set(keys), False)]
             assert other.grant(keys, other.new_owner()) == set()
             assert s.stats()["blocks_kept_for_leases"] == 2
         finally:

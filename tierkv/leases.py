@@ -12,9 +12,8 @@ Primitives:
           tag, how many marks, when the last runs out) and an overflow (how many marks of keys
           that found every entry taken, when the last runs out): the keys a write transaction
           is deleting. ``doom`` marks keys before the transaction's last look at
-          their leases, ``undoom`` takes the marks off after its commit (those of keys it did
-          not delete after all, before it), and ``grant`` answers with the keys it finds
-          marked.
+          their leases, ``undoom`` takes the marks off after its commit, and ``grant`` answers
+          with the keys it finds marked.
 
 Why: a save does not copy a block whose value it finds on SSD. Until its record commits, nothing
 in the store says the block is wanted, so another transaction (another process's, or this
@@ -25,8 +24,7 @@ two-process fp32 soak at a full SSD budget with no leases, and still 1.2 % with 
 and commit the deletion after the save looked at the store. The handshake closes that window:
 
 - the transaction marks a key (``doom``) before it looks at the key's lease, and takes the mark
-  off only after its commit if it deletes the key (a mark on a key it keeps guards nothing, and
-  comes off before the commit: until then saves copy that block);
+  off only after its commit (a key it keeps after all too: saves copy it meanwhile);
 - the save writes its lease before it looks at the marks (``grant``), then at the store.
 
 The two are serialized by a file lock (``flock``; exclusive for marking and unmarking, shared

@@ -405,11 +405,6 @@ class SSDStore:
                     b = Batch(self, txn)
                     yield b
                     txn.put(b"ssd_used", struct.pack("<Q", b.ssd_used), db=self.meta)
-                    # marks on blocks this transaction passed over or kept (leased) guard no
-                    # deletion: off before the commit, so saves meanwhile trust those blocks
-                    spared = b.marked.difference(b.deleted)
-                    self.leases.undoom(spared)
-                    b.marked -= spared
                     t = time.perf_counter()
                     txn.commit()
                     b.commit_s = time.perf_counter() - t
