@@ -277,10 +277,9 @@ def test_marks_on_blocks_a_transaction_keeps_stay_until_its_commit(tmp_path):
     keeps those a save has leased. The marks on the kept blocks guard no deletion of this
     transaction's, yet they stay until after its commit, with the rest: saves meanwhile copy
     those blocks rather than trust them. Taking them off before the commit (session 45) cut the
-    copies in a bf16 two-process soak from 0.16 to 0.04-0.06 blocks a save, but saves were cut
-    back about twice as often (0.12-0.13 % against 0.05-0.09 %), most likely because the kept
-    blocks are those several saves lease at once, where leases get lost, and a copy writes the
-    value again."""
+    copies in bf16 two-process soaks from 0.13-0.16 to 0.04-0.06 blocks a save, but those two
+    runs cut back the most saves of any bf16 run with marks (0.12 and 0.13 %, against
+    0.05-0.11 %): a cut costs a recompute, a copy a block written again."""
     from tierkv.leases import Leases
 
     path = str(tmp_path / "store")

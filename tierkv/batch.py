@@ -309,8 +309,8 @@ class Batch:
     def _mark(self, keys: list[bytes]) -> None:
         """Mark blocks this transaction means to delete (``leases.py``), before looking at their
         leases; ``SSDStore.batch`` takes the marks off after the commit, those of blocks this
-        transaction kept after all (for a lease, or passed over) too: saves copy them meanwhile,
-        which in soaks cost fewer cuts than trusting them (``test_marks_on_blocks_a_transaction_keeps_stay_until_its_commit``)."""
+        transaction kept after all (for a lease, or passed over) too: saves copy such blocks
+        meanwhile, where trusting them cut more saves back in soaks (docs/reliability.md)."""
         new = [k for k in keys if k not in self.marked]
         self.store.leases.doom(new)
         self.marked.update(new)
