@@ -137,6 +137,12 @@ def _rounds(keys: Sequence[bytes]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield tags[pick], buckets[pick]
 
 
+def _entries(m: np.ndarray, tags: np.ndarray) -> np.ndarray:
+    """For rows ``m`` of the mark table and a key's tag per row: which entries hold marks of
+    that key (at most one: ``doom`` keeps a key in one entry), run out or not."""
+    return (m[:, 0:_OVER:3] == tags[:, None]) & (m[:, 1:_OVER:3] > 0)
+
+
 class Leases:
     """The lease and mark tables of one store directory; see the module docstring."""
 
@@ -221,8 +227,7 @@ class Leases:
         other = (cur[:, 0] != tags) & (cur[:, 1] > now)
         self.displaced += crowded + int(np.count_nonzero(other[:, None] & (cur[:, 2:] != 0))
                                         + np.count_nonzero(live & ~mine & (cur[:, 3] != 0)))
-        ways = m[:, :_OVER].reshape(-1, MARK_WAYS, 3)
-        own = ((ways[:, :, 0] == tags[:, None]) & (ways[:, :, 1] > 0) & (ways[:, :, 2] > now)).any(axis=1)
+        own = (_entries(m, tags) & (m[:, 2:_OVER:3] > now)).any(axis=1)
         over = (m[:, _OVER] > 0) & (m[:, _OVER + 1] > now)
         self.shared_marks += int(np.count_nonzero(over & ~own))
         return {keys[i] for i in np.flatnonzero(own | over)}
@@ -258,8 +263,8 @@ class Leases:
                 m = self._marks[buckets]  # a copy
                 rows = np.arange(len(tags))
                 # the entry holding the key's marks, else a free one: no marks, or only marks run
-                # out (left by a process killed before its commit); a key is in one entry at most
-                mine = (m[:, 0:_OVER:3] == tags[:, None]) & (m[:, 1:_OVER:3] > 0)
+                # out (left by a process killed before its commit)
+                mine = _entries(m, tags)
                 free = (m[:, 1:_OVER:3] == 0) | (m[:, 2:_OVER:3] <= now)
                 has = mine.any(axis=1)
                 fresh = ~has & free.any(axis=1)
@@ -285,7 +290,7 @@ class Leases:
                 rows = np.arange(len(tags))
                 # the key's entry, or else the overflow, where a mark of it went when every entry
                 # was taken: a key with marks left is then still marked by one or the other
-                mine = (m[:, 0:_OVER:3] == tags[:, None]) & (m[:, 1:_OVER:3] > 0)
+                mine = _entries(m, tags)
                 col = np.where(mine.any(axis=1), 1 + 3 * mine.argmax(axis=1), _OVER)
                 count = m[rows, col]
                 m[rows, col] = count - (count > 0)  # never below zero
