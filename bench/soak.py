@@ -75,10 +75,19 @@ KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_m
 #: leased_blocks_evicted: leased blocks eviction took, nothing else being left;
 #: blocks_copied_being_deleted: blocks a save copied, a transaction having marked them (leases.py);
 #: leases_displaced: other saves' leases a save wrote over in the lease table; marks_shared: keys a
-#: save found marked only through its mark bucket's overflow (shared with other keys)
+#: save found marked only through its mark bucket's overflow (shared with other keys);
+#: cuts_lease_*: records cut back at their commit, by how the save's lease on the block found
+#: without a value stood then (stats()["cuts_by_lease"])
+CUT_STANDINGS = ("held", "pushed_out", "taken", "ran_out")
 STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again",
                 "blocks_kept_for_leases", "leased_blocks_evicted", "blocks_copied_being_deleted",
-                "leases_displaced", "marks_shared")
+                "leases_displaced", "marks_shared", *(f"cuts_lease_{how}" for how in CUT_STANDINGS))
+
+
+def store_counts(st: dict) -> dict[str, int]:
+    """The counters of STORE_COUNTS in a store's stats(), flat."""
+    flat = dict(st, **{f"cuts_lease_{how}": st["cuts_by_lease"][how] for how in CUT_STANDINGS})
+    return {name: flat[name] for name in STORE_COUNTS}
 #: counts that are not calls
 NOT_CALLS = ("restored_tokens", "verified", "restore_async_cut", *STORE_COUNTS, "save_wait_timeouts")
 #: budgets small enough that every tier and the SSD keep evicting
@@ -143,8 +152,8 @@ class Churn:
         the backpressure limit is one (the writer stalled)."""
         assert self.store is not None
         st = self.store.stats()
-        for name in STORE_COUNTS:
-            self.bump(name, st[name])
+        for name, n in store_counts(st).items():
+            self.bump(name, n)
         self.bump("save_wait_timeouts", st["backpressure"]["timeouts"])
         if st["corrupt_blocks"]:
             self.problems.append(f"{st['corrupt_blocks']} blocks counted corrupt, with nothing damaged")
@@ -301,9 +310,8 @@ def _process(args: argparse.Namespace, path: str, index: int, start: float, resu
     def report() -> None:
         counts = dict(churn.counts)
         if not done and churn.store is not None:  # the open store's counters, not yet added
-            st = churn.store.stats()
-            for name in STORE_COUNTS:
-                counts[name] = counts.get(name, 0) + st[name]
+            for name, n in store_counts(churn.store.stats()).items():
+                counts[name] = counts.get(name, 0) + n
         got = {"index": index, "counts": counts, "problems": list(churn.problems), "reopens": reopens}
         if done:
             got["after_close"] = {"fds": proc.num_fds(), "threads": proc.num_threads()}

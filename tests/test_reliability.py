@@ -199,6 +199,17 @@ with tierkv.TierKV(sys.argv[1], small_spec(), block_tokens=BLOCK, persist="write
             batch.drop_session("x")  # blocks 2 and 3 were x's alone: their values go
         print("holding", flush=True)
         sys.stdin.readline()
+        if sys.argv[3] in ("push out later", "take slot later"):  # the save's leases on 2 and 3 lost
+            leases, keys = batch.store.leases, list(batch._get_session("x").keys[2:4])
+            if sys.argv[3] == "take slot later":  # other blocks' leases take their slots
+                from tierkv.leases import LEASE_SLOTS
+                keys = [((int.from_bytes(k[:8], "little") + LEASE_SLOTS) % 2**64).to_bytes(8, "little") + k[8:]
+                        for k in keys]
+            owners = [leases.new_owner() for _ in range(2)]  # two later saves (committed)
+            for o in owners:
+                leases.grant(keys, o)
+            for o in owners:
+                leases.release(keys, o)
         if sys.argv[3] != "drop first":
             batch.drop_session("x")
         if sys.argv[3] == "evict later":  # room for one more byte: the least recently used goes
@@ -211,8 +222,10 @@ def _save_racing_a_drop(path, toks, kv, held, order):
     """Sessions "base" (blocks 0-1, pinned) and "x" (0-3) saved here, then another process
     (HOLDER) takes the store's write lock and drops x: ``order`` "drop first", before this
     process saves "y" (0-5); "drop later", after; "evict later", after, and then it makes room
-    for one more byte, which takes a block the save leased (nothing else can go). It commits
-    once the save has been made. Returns the store, the save's handle and the other process's
+    for one more byte, which takes a block the save leased (nothing else can go); "push out
+    later" and "take slot later", after two saves of its own there have leased blocks 2 and 3
+    (or blocks whose leases share their slots) and committed, which loses the save's leases on
+    them. It commits once the save has been made. Returns the store, the save's handle and the other process's
     last words (how many blocks it kept for leases, how many leased ones it evicted)."""
     memory = {} if held == "in memory too" else {"host_bytes": 0, "device_bytes": 0}
     s = tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", ssd_bytes="64MiB", **memory)
@@ -270,6 +283,31 @@ def test_a_save_copies_the_blocks_a_transaction_is_deleting(tmp_path, held):
         s.close()
     with _verified_and_reopened(path, toks, kv):
         pass
+
+
+@pytest.mark.parametrize("order", ["push out later", "take slot later"])
+def test_a_save_whose_leases_were_lost_is_cut_back_and_says_how(tmp_path, order):
+    """Leases are hints: the save here leases blocks 2 and 3 and trusts their values, then two
+    later saves in the other process lease the same blocks (a slot keeps a key's last two
+    owners: the save's is pushed out) or other blocks whose leases share their slots (the slot
+    is taken), and commit. The other process's drop of x then finds no lease on them and
+    deletes them. The save's commit finds block 2 without a value and cuts its record back
+    before it, and counts how its lease stood (``stats()["cuts_by_lease"]``), so a soak can
+    tell lost leases from evictions that took leased blocks."""
+    path = str(tmp_path / "store")
+    toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
+    s, saved, said = _save_racing_a_drop(path, toks, kv, "on SSD only", order)
+    try:
+        assert said == ["kept", "0", "evicted", "0"]  # no lease left to keep them for
+        saved.wait()
+        st = s.stats()
+        assert s.session_info("y")["tokens"] == 2 * BLOCK
+        assert st["sessions_cut"] == 1
+        how = "pushed_out" if order == "push out later" else "taken"
+        assert st["cuts_by_lease"] == {"held": 0, "pushed_out": 0, "taken": 0, "ran_out": 0} | {how: 1}
+        assert_kv_equal(s.restore(toks, session="y").kv, kv_slice(kv, 2 * BLOCK))
+    finally:
+        s.close()
 
 
 def test_marks_on_blocks_a_transaction_keeps_stay_until_its_commit(tmp_path):
@@ -342,6 +380,8 @@ def test_a_value_removed_between_a_save_and_its_commit(tmp_path, held):
             assert_kv_equal(got.kv, kv_slice(kv, 2 * BLOCK))
             assert s.stats()["sessions_cut"] == 1
             assert s.stats()["vanished_blocks"] == 0  # no restore was promised them
+            # the save's lease on block 2 was still there: eviction took it all the same
+            assert s.stats()["cuts_by_lease"] == {"held": 1, "pushed_out": 0, "taken": 0, "ran_out": 0}
     finally:
         s.close()
     r = verify_store(path)

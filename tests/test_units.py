@@ -459,6 +459,9 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
         assert b.displaced == 2 and b.held(k2) and not b.held(k1)
         a.grant([k3], o1, seconds=0.0)  # run out
         assert not b.held(k3)
+        # how a save's lease stands, as its commit asks on finding a trusted block gone
+        assert (b.standing(k3, o1), b.standing(k2, o3), b.standing(k1, o3), b.standing(k2, o1)) == \
+            ("ran_out", "held", "taken", "pushed_out")
         a.grant([], o1)
         a.release([], o1)
     finally:

@@ -250,6 +250,21 @@ class Leases:
         _tag, expiry, *owners = (int(x) for x in self._slots[tag % LEASE_SLOTS])
         return _tag == tag and expiry > time.time_ns() and any(owners)
 
+    def standing(self, key: bytes, owner: int) -> str:
+        """How ``owner``'s lease on ``key`` stands now: "held" (it is in the slot and has not run
+        out), "ran_out", "taken" (another key's lease has taken the slot) or "pushed_out" (the
+        slot's lease on the key no longer names the owner: two later saves of the block, or
+        another process's grant writing the slot at the same moment). Asked by a commit that
+        found the value of a block its save trusted gone (``Batch.put_session``): which way the
+        value got past the lease."""
+        tag = int.from_bytes(key[:8], "little")
+        _tag, expiry, *owners = (int(x) for x in self._slots[tag % LEASE_SLOTS])
+        if _tag != tag:
+            return "taken"
+        if owner not in owners:
+            return "pushed_out"
+        return "held" if expiry > time.time_ns() else "ran_out"
+
     def doom(self, keys: Sequence[bytes], seconds: float = MARK_S) -> None:
         """Mark ``keys`` as being deleted, before the caller's last look at their leases, for at
         most ``seconds`` (``undoom`` takes the marks off once the caller has committed)."""

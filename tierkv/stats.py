@@ -57,6 +57,13 @@ class Stats:
             # lost its value (another process sharing the store, or this commit's eviction, removed
             # it after the save looked), and this process held no copy of it
             "sessions_cut": c.get("sessions_cut", 0),
+            # sessions_cut, by how the save's lease on the block found without a value stood at
+            # the cut (leases.py): "held" (a transaction took the block all the same: eviction
+            # with nothing else left, leased_blocks_evicted in whichever process evicted it),
+            # "pushed_out" (the slot's lease on the block no longer named the save: two later
+            # saves of it, or another process's grant writing the slot at the same moment),
+            # "taken" (another block's lease took the slot), "ran_out"
+            "cuts_by_lease": {how: c.get(f"cut_lease_{how}", 0) for how in ("held", "pushed_out", "taken", "ran_out")},
             # values a commit wrote from this process's memory because a record being committed
             # named them and the store had none: another process had removed them after a save
             # here looked, or (write-through) the write that claimed them had failed

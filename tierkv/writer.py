@@ -60,6 +60,7 @@ class Op:
     doomed: list[bytes] = field(default_factory=list)
     added: list[bytes] = field(default_factory=list)  # keys this session op took a reference on
     kept: int | None = None                     # blocks of ``record`` its commit kept, where it cut it
+    cut_lease: str | None = None                # then how the save's lease on the next block stood
     lease: int | None = None                    # the save's lease owner (leases.py), released at its commit
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -317,6 +318,7 @@ class SSDWriter:
                 if op.kind == "session":
                     kept = batch.put_session(op.record, self.block_tokens, self._missing_value, op.lease)
                     op.kept = kept if kept < len(op.record.keys) else None
+                    op.cut_lease = batch.cut_leases.get(op.session) if op.kept is not None else None
             self._stats.count("blocks_kept_for_leases", batch.kept_for_leases)
             self._stats.count("leased_blocks_evicted", batch.leased_evicted)
             cut_away = {op.session for op in ops if op.kind == "drop" or op.kept == 0}
@@ -374,6 +376,8 @@ class SSDWriter:
             # process let go of unwritten, as they were about to be unreferenced anyway
             return
         self._stats.count("sessions_cut", 1)
+        if op.cut_lease is not None:
+            self._stats.count(f"cut_lease_{op.cut_lease}", 1)
         for key in set(rec.keys[kept:]) - set(rec.keys[:kept]):
             b = self._blocks.get(key)
             if b is None:
