@@ -420,9 +420,10 @@ def test_imports_obey_the_layer_map():
 def test_lease_table_is_shared_and_a_hint(tmp_path):
     """Two maps of one store directory's lease table (as two processes have) and three owners
     (three saves): each map sees every owner's leases; a commit takes only its own owner off a
-    key, so another owner's lease on it stays; a slot keeps a key's last two owners; a lease
-    runs out; a key landing in an occupied slot takes it over. Leases are hints: losing one is
-    allowed (and counted: ``displaced``), holding one for the wrong key is not."""
+    key, so another owner's lease on it stays; a slot keeps a key's last two owners still
+    leasing; a lease runs out; a key landing in an occupied slot takes it over. Leases are
+    hints: losing one is allowed (and counted: ``displaced``), holding one for the wrong key is
+    not."""
     import os
 
     from tierkv.leases import FILE_BYTES, LEASE_SLOTS, Leases
@@ -449,6 +450,17 @@ def test_lease_table_is_shared_and_a_hint(tmp_path):
         a.release([k1], o1)
         a.release([k1], o2)
         assert not a.held(k1) and not b.held(k1)
+        # the newer of two owners committed first: a third takes its free column, and the older
+        # one's lease stays (before, the third pushed it out all the same)
+        a.grant([k1], o1)
+        b.grant([k1], o3)
+        b.release([k1], o3)
+        a.grant([k1], o2)
+        assert a.displaced == 1 and a.standing(k1, o1) == a.standing(k1, o2) == "held"
+        a.release([k1], o2)
+        assert b.held(k1)  # o1's, still
+        a.release([k1], o1)
+        assert not b.held(k1)
         b.grant([k2], o3)  # k1's slot, taken over
         assert a.held(k2) and not a.held(k1)
         a.release([k1], o3)  # not its slot any more: k2's lease stays

@@ -215,7 +215,10 @@ class Leases:
             mine = live & ((cur[:, 2] == me) | (cur[:, 3] == me))
             self._slots[slots, 0] = tags
             self._slots[slots, 2] = np.where(mine, cur[:, 2], me)
-            self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, cur[:, 2], 0))
+            # the owner before: the newer of the two still leasing (a released owner is 0), so
+            # a slot with one free column loses no live lease
+            before = np.where(cur[:, 2] != 0, cur[:, 2], cur[:, 3])
+            self._slots[slots, 3] = np.where(mine, cur[:, 3], np.where(live, before, 0))
             self._slots[slots, 1] = now + int(seconds * 1e9)
             # this grant's own keys that share a slot: the last one written keeps it
             crowded = int(np.count_nonzero(self._slots[slots, 0] != tags))
@@ -226,7 +229,7 @@ class Leases:
         # owners), the older owner of this key's, and this grant's own keys that share a slot
         other = (cur[:, 0] != tags) & (cur[:, 1] > now)
         self.displaced += crowded + int(np.count_nonzero(other[:, None] & (cur[:, 2:] != 0))
-                                        + np.count_nonzero(live & ~mine & (cur[:, 3] != 0)))
+                                        + np.count_nonzero(live & ~mine & (cur[:, 2] != 0) & (cur[:, 3] != 0)))
         own = (_entries(m, tags) & (m[:, 2:_OVER:3] > now)).any(axis=1)
         over = (m[:, _OVER] > 0) & (m[:, _OVER + 1] > now)
         self.shared_marks += int(np.count_nonzero(over & ~own))
