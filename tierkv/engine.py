@@ -477,10 +477,14 @@ class TierKV(SSDWriter, Loads):
         """Indexes of the blocks a save must copy: those not available here, and those this
         process holds only as "on SSD" whose value is no longer stored (another process evicted
         or dropped it: this process's record was stale). Without the check, such a save's record
-        named blocks with no value, and a restore ended before them until the next save. One
-        read for all the SSD-only blocks it had records of before this call, one for the keys it
-        had none of (``_blocks_of``: those records are fresh, not checked again); called under
-        the lock.
+        named blocks with no value, and a restore ended before them until the next save. Blocks
+        held in memory as "on SSD" are checked too: one whose value is gone counts as not on SSD
+        from here on (``stats()["stale_blocks_rewritten"]``), so this save writes it with
+        write-through, or demotion does, rather than letting the memory copy go as if the disk
+        had one (the record was then cut back at its commit: 26 of the 27 cuts of a two-process
+        bf16 soak, with the save's lease intact). One read for all the "on SSD" blocks it had
+        records of before this call, one for the keys it had none of (``_blocks_of``: those
+        records are fresh, not checked again); called under the lock.
 
         A session's save has leased the blocks first (``leases.py``), before this reads the
         store, so that a write transaction (another process's, or this process's writer's) that
@@ -489,13 +493,19 @@ class TierKV(SSDWriter, Loads):
         a transaction had marked as being deleted by then (``being_deleted``, from the grant)
         are not trusted: copied like blocks not on SSD, or, held in memory, written again.
         """
-        ssd_only = [b for b in map(self._blocks.get, keys)
-                    if b is not None and b.available and b.tier is None and b.load is None]
+        # loads in flight are left out: a load finds out for itself (a vanished block)
+        on_ssd = [b for b in map(self._blocks.get, keys)
+                  if b is not None and b.on_ssd and b.available and b.load is None]
         blocks = self._blocks_of(keys)
-        stored = self._ssd.values_stored([b.key for b in ssd_only]) if ssd_only else set()
-        for b in ssd_only:
-            if b.key not in stored:
+        stored = self._ssd.values_stored([b.key for b in on_ssd]) if on_ssd else set()
+        for b in on_ssd:
+            if b.key in stored:
+                continue
+            if b.tier is None:
                 self._forget_vanished(b)  # not available any more, unless a write is queued
+            elif not b.write_queued:
+                b.on_ssd = False  # held in memory: written again, from this copy
+                self._stats.count("stale_blocks_rewritten")
         for b in filter(None, map(self._blocks.get, being_deleted)):
             if b.on_ssd and b.load is None and not b.write_queued:
                 # kept as a record, not on SSD (the save's second look must not read it from the

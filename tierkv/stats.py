@@ -78,6 +78,9 @@ class Stats:
             # blocks a save here copied although their values were on SSD, because a write
             # transaction was deleting them as it looked (leases.py: their marks)
             "blocks_copied_being_deleted": c.get("blocks_copied_being_deleted", 0),
+            # blocks a save found held in this process's memory as "on SSD" whose value the
+            # store no longer had (another process had removed it): written again from memory
+            "stale_blocks_rewritten": c.get("stale_blocks_rewritten", 0),
             "dropped_saves": c.get("dropped_saves", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,
