@@ -77,11 +77,13 @@ KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_m
 #: leases_displaced: other saves' leases a save wrote over in the lease table; marks_shared: keys a
 #: save found marked only through its mark bucket's overflow (shared with other keys);
 #: cuts_lease_*: records cut back at their commit, by how the save's lease on the block found
-#: without a value stood then (stats()["cuts_by_lease"])
+#: without a value stood then (stats()["cuts_by_lease"]); stale_blocks_rewritten: blocks a save
+#: found held in memory as on SSD with their values gone, written again from memory
 CUT_STANDINGS = ("held", "pushed_out", "taken", "ran_out")
 STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again",
                 "blocks_kept_for_leases", "leased_blocks_evicted", "blocks_copied_being_deleted",
-                "leases_displaced", "marks_shared", *(f"cuts_lease_{how}" for how in CUT_STANDINGS))
+                "leases_displaced", "marks_shared", *(f"cuts_lease_{how}" for how in CUT_STANDINGS),
+                "stale_blocks_rewritten")
 
 
 def store_counts(st: dict) -> dict[str, int]:

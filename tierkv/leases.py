@@ -39,8 +39,9 @@ transaction keeps what any save, in this process or another, has leased (a batch
 the save does not know it: ``Batch.keep`` covers only the saves queued before it).
 
 Hints, not locks: a lease slot holds the last leases of any key that maps to it, so a collision
-replaces older ones, a third owner replaces the oldest of two, and a lease runs out; eviction
-that must take a leased block to make room takes it. Either way a record may be cut back, never
+replaces older ones, a third owner replaces the older of two still leasing (a commit's release
+frees its column for the next), and a lease runs out; eviction that must take a leased block to
+make room takes it. Either way a record may be cut back, never
 wrong: the commit's check stays the guarantee. Marks are counted, so none is lost to a
 collision: a key's marks go to the entry of its bucket that holds its tag, or a free one, and
 only where all ``MARK_WAYS`` hold live marks of other keys to the bucket's overflow,
