@@ -41,6 +41,8 @@ class Batch:
     #: keys that must survive a drop to refcount 0 (a queued change will reference them again):
     #: they become unowned blocks in the LRU index instead of being deleted
     keep: set[bytes] = field(default_factory=set)
+    #: the transaction's id (LMDB's: the store's last once committed)
+    txn_id: int = field(init=False, default=0)
     #: seconds LMDB's commit took (writing the dirty pages, then fdatasync), once committed
     commit_s: float = field(init=False, default=0.0)
     #: blocks kept as unowned on losing their last reference because a save had leased them
@@ -58,6 +60,7 @@ class Batch:
 
     def __post_init__(self) -> None:
         self.ssd_used = struct.unpack("<Q", bytes(self.txn.get(b"ssd_used", db=self.store.meta)))[0]
+        self.txn_id = self.txn.id()
 
     def _get_bmeta(self, key: bytes) -> BlockMeta | None:
         raw = self.txn.get(key, db=self.store.bmeta)

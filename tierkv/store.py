@@ -289,7 +289,8 @@ class SSDStore:
     def values_stored(self, keys: list[bytes]) -> set[bytes]:
         """Those of ``keys`` whose bookkeeping says their value is stored, in one read."""
         with self.reader() as txn:
-            return {key for key in keys if self.records_value(txn, key)}
+            get, db, stored = txn.get, self.bmeta, BlockMeta.enc_bytes_of
+            return {key for key in keys if (raw := get(key, db=db)) is not None and stored(raw) > 0}
 
     def session_match(self, session: str, toks: np.ndarray, beyond: int) -> int:
         """How many leading tokens of ``toks`` the session's record as stored shares with them,
@@ -355,7 +356,11 @@ class SSDStore:
         memory (its record is written at once, its value when demoted), in this process or
         another one sharing the store."""
         raw = txn.get(key, db=self.bmeta)
-        return raw is not None and BlockMeta.unpack(raw).enc_bytes > 0
+        return raw is not None and BlockMeta.enc_bytes_of(raw) > 0
+
+    def last_txnid(self) -> int:
+        """The id of the store's last committed write transaction, by any process."""
+        return self.env.info()["last_txnid"]
 
     def ssd_used(self) -> int:
         with self.reader() as txn:
