@@ -198,7 +198,9 @@ def test_a_save_writes_again_blocks_held_in_memory_whose_values_another_process_
     demotion lets go of every host block it believes has a copy on SSD. Before, the save
     trusted its stale belief, demotion let the blocks go, and the commit, finding neither a
     value nor a copy, cut the record back before block 0: the save was lost (26 of the 27 cuts
-    of a two-process bf16 soak in session 46, each with the save's lease intact)."""
+    of a two-process bf16 soak in session 46, each with the save's lease intact). A commit of
+    this process's own after the other's drop must not make the save skip the look (the skip is
+    for a store no other process has written to since this one's memory last mirrored it)."""
     path = str(tmp_path / "store")
     toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
     with _ssd_only(path, "64MiB") as s:
@@ -210,6 +212,9 @@ def test_a_save_writes_again_blocks_held_in_memory_whose_values_another_process_
         r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, "dropped"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
+        # a commit of this process's own after the other's: the store's last transaction is
+        # this process's again, but its memory does not mirror the drop before it
+        s.save(list(range(10**6, 10**6 + BLOCK)), kv_slice(kv, BLOCK), session="z").wait()
         with s._ssd.batch():  # the writer's next transaction waits for this one
             saved = s.save(toks, kv, session="y")
             with s._lock:  # demotion's rule for host blocks with a copy on SSD: let go, unwritten
@@ -223,6 +228,30 @@ def test_a_save_writes_again_blocks_held_in_memory_whose_values_another_process_
         assert_kv_equal(s.restore(toks, session="y").kv, kv)
     with _verified_and_reopened(path, toks, kv):
         pass
+
+
+def test_a_save_looks_at_the_store_only_after_another_process_wrote_to_it(tmp_path):
+    """The look of the test above costs a few ms for a 1M-token session. A process alone on its
+    store skips it: while the store's last write transaction is its own (LMDB's txn id), its
+    memory mirrors every deletion. Once another process has written, its saves look again."""
+    path = str(tmp_path / "store")
+    toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
+    with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist="write_through", device_bytes=0) as s:
+        s.save(toks[:4 * BLOCK], kv_slice(kv, 4 * BLOCK), session="x").wait()
+        looked, values_stored = [], s._ssd.values_stored
+        s._ssd.values_stored = lambda keys: looked.append(len(keys)) or values_stored(keys)
+        s.save(toks[:5 * BLOCK], kv_slice(kv, 5 * BLOCK), session="x").wait()
+        assert looked == []  # its four blocks held in memory and on SSD: nobody else wrote
+        r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, "dropped"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        s.save(toks, kv, session="x").wait()
+        assert looked == [5] and s.stats()["stale_blocks_rewritten"] == 5
+        assert_kv_equal(s.restore(toks, session="x").kv, kv)
+    with _ssd_only(path, "64MiB") as s:  # written again: whole from the disk too
+        got = s.restore(toks, session="x")
+        assert got.num_tokens == 6 * BLOCK
+        assert_kv_equal(got.kv, kv)
 
 
 HOLDER = """

@@ -93,6 +93,11 @@ class TierKV(SSDWriter, Loads):
         ident = {"block_tokens": cfg.block_tokens, "codec": self.codec.name, "device_codec": "raw"}
         self.fingerprint = spec.fingerprint(**ident)
         self._ssd = SSDStore(path, self.fingerprint, dict(spec.describe(), **ident), cfg.ssd_bytes)
+        #: the store's last write transaction as far as this process's memory mirrors it: at open
+        #: (memory holds nothing yet), then each of its own commits that directly follows it. While
+        #: it is still the store's last, no other process has removed a value since; once another
+        #: process has written in between, it stays behind for good (every save then looks)
+        self._store_seen = self._ssd.last_txnid()
         # values are written with their planes on a page of data.mdb, whatever ssd_page_cache
         # says now: a store written today may be read with O_DIRECT tomorrow
         self._align = self._ssd.value_alignment
@@ -130,9 +135,6 @@ class TierKV(SSDWriter, Loads):
         #: key -> (payload, future of its encoded value): the next batch's, encoded during a commit
         self._encoded_ahead: dict[bytes, tuple[Any, Any]] = {}
         self._unreported: list[BaseException] = []   # op errors no handle has raised yet
-        #: the id of this process's last write transaction whose deletions its memory mirrors:
-        #: while the store's last one is still it, no other process has removed a value since
-        self._store_seen: int | None = None
         self._unreported_demotion: BaseException | None = None  # the last demotion's, if among them
         self._bg_error: BaseException | None = None
         self._stats = Stats()
@@ -487,10 +489,10 @@ class TierKV(SSDWriter, Loads):
         had one (the record was then cut back at its commit: 26 of the 27 cuts of a two-process
         bf16 soak, with the save's lease intact). One read for all the "on SSD" blocks it had
         records of before this call, one for the keys it had none of (``_blocks_of``: those
-        records are fresh, not checked again); none where no other process has written to the
-        store since this process's last write transaction, whose deletions its memory mirrors
-        (``_store_seen``: a single process pays nothing; the look cost about 3 ms for a
-        1M-token session's 3,907 blocks). Called under the lock.
+        records are fresh, not checked again); none while the store's last write transaction is
+        still one whose deletions this process's memory mirrors (``_store_seen``: a process
+        alone on its store never looks; the look costs a few ms for a 1M-token session's 3,907
+        blocks, docs/benchmarks.md "Bookkeeping"). Called under the lock.
 
         A session's save has leased the blocks first (``leases.py``), before this reads the
         store, so that a write transaction (another process's, or this process's writer's) that

@@ -105,7 +105,7 @@ class SSDWriter:
     _stopping: bool
     _maint_blocked_until: float
     _last_write_back_op: Op | None
-    _store_seen: int | None
+    _store_seen: int
 
     def _writer_loop(self) -> None:
         """The writer thread: a batch of queued ops at a time, then demotions, until close."""
@@ -332,8 +332,9 @@ class SSDWriter:
             self._ssd.drop_cached([b.key for op in ops if op.kind != "drop" for b in op.write if b.key in values])
         if evicted_sessions or evicted_keys:
             self._reconcile_evictions(evicted_sessions, evicted_keys)
-        with self._lock:  # memory mirrors what this transaction deleted (the drops' ops beforehand)
-            self._store_seen = batch.txn_id
+        if batch.txn_id == self._store_seen + 1:  # no other process's transaction in between
+            with self._lock:  # memory now mirrors what this one deleted (drops' ops beforehand)
+                self._store_seen = batch.txn_id
 
     def _missing_value(self, key: bytes) -> bytes | bool:
         """``Batch.put_session``'s question about a block a record being committed newly
