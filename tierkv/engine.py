@@ -491,8 +491,8 @@ class TierKV(SSDWriter, Loads):
         records of before this call, one for the keys it had none of (``_blocks_of``: those
         records are fresh, not checked again); none while the store's last write transaction is
         still one whose deletions this process's memory mirrors (``_store_seen``: a process
-        alone on its store never looks; the look costs a few ms for a 1M-token session's 3,907
-        blocks, docs/benchmarks.md "Bookkeeping"). Called under the lock.
+        alone on its store never looks: for a 1M-token session it is 3,907 reads, docs/benchmarks.md
+        "Bookkeeping"). Called under the lock.
 
         A session's save has leased the blocks first (``leases.py``), before this reads the
         store, so that a write transaction (another process's, or this process's writer's) that
