@@ -63,6 +63,7 @@ from common import machine, pyplot, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
+from tierkv.stats import CUT_STANDINGS  # noqa: E402
 
 IDS = 24
 BRANCH_AT = TOKENS // 2  # where a session id's two branches part
@@ -79,7 +80,6 @@ KEYS = ("rss_mib", "rss_anon_mib", "fds", "threads", "lmdb_readers", "data_mdb_m
 #: cuts_lease_*: records cut back at their commit, by how the save's lease on the block found
 #: without a value stood then (stats()["cuts_by_lease"]); stale_blocks_rewritten: blocks a save
 #: found held in memory as on SSD with their values gone, written again from memory
-CUT_STANDINGS = ("held", "pushed_out", "taken", "ran_out")
 STORE_COUNTS = ("corrupt_blocks", "vanished_blocks", "sessions_reread", "sessions_cut", "values_written_again",
                 "blocks_kept_for_leases", "leased_blocks_evicted", "blocks_copied_being_deleted",
                 "leases_displaced", "marks_shared", *(f"cuts_lease_{how}" for how in CUT_STANDINGS),

@@ -129,6 +129,13 @@ os._exit(0)                     # gone before close() could write them back
 """
 
 
+def _other_process(path, what):
+    """Run OTHER_PROCESS on the store: "dropped" or "saved-again"."""
+    r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, what],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("other", ["dropped", "saved-again"])
 def test_a_value_another_process_removed_is_a_miss_not_corruption(tmp_path, other):
     """Another process sharing the store drops a session this one has read, and maybe saves it
@@ -143,9 +150,7 @@ def test_a_value_another_process_removed_is_a_miss_not_corruption(tmp_path, othe
     with _ssd_only(path, "64MiB") as s:
         s.save(toks, kv, session="x").wait()
         assert s.restore(toks, session="x").num_tokens == 2 * BLOCK  # its records: on SSD
-        r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, other],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _other_process(path, other)
         assert s.lookup(toks, session="x") == 2 * BLOCK  # stale: nothing tells it yet
         assert s.restore(toks, session="x").num_tokens == 0
         st = s.stats()
@@ -174,9 +179,7 @@ def test_a_save_copies_blocks_another_process_removed(tmp_path, persist):
         s.save(toks[:2 * BLOCK], kv_slice(kv, 2 * BLOCK), session="x").wait()
     with tierkv.TierKV(path, SPEC, block_tokens=BLOCK, persist=persist) as s:
         assert s.lookup(toks, session="x") == 2 * BLOCK  # its records: on SSD, not in memory
-        r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, "dropped"],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _other_process(path, "dropped")
         s.save(toks, kv, session="x").wait()  # the next turn, one block longer
         got = s.restore(toks, session="x")
         assert got.num_tokens == 3 * BLOCK
@@ -209,9 +212,7 @@ def test_a_save_writes_again_blocks_held_in_memory_whose_values_another_process_
         s.prefetch(toks[:4 * BLOCK], session="x").wait()
         held = [s._blocks[k] for k in s._sessions["x"].keys]
         assert all(b.on_ssd and b.tier == "host" for b in held)
-        r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, "dropped"],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _other_process(path, "dropped")
         # a commit of this process's own after the other's: the store's last transaction is
         # this process's again, but its memory does not mirror the drop before it
         s.save(list(range(10**6, 10**6 + BLOCK)), kv_slice(kv, BLOCK), session="z").wait()
@@ -242,9 +243,7 @@ def test_a_save_looks_at_the_store_only_after_another_process_wrote_to_it(tmp_pa
         s._ssd.values_stored = lambda keys: looked.append(len(keys)) or values_stored(keys)
         s.save(toks[:5 * BLOCK], kv_slice(kv, 5 * BLOCK), session="x").wait()
         assert looked == []  # its four blocks held in memory and on SSD: nobody else wrote
-        r = subprocess.run([sys.executable, "-c", OTHER_PROCESS, path, HERE, "dropped"],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _other_process(path, "dropped")
         s.save(toks, kv, session="x").wait()
         assert looked == [5] and s.stats()["stale_blocks_rewritten"] == 5
         assert_kv_equal(s.restore(toks, session="x").kv, kv)

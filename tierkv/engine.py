@@ -501,12 +501,12 @@ class TierKV(SSDWriter, Loads):
         a transaction had marked as being deleted by then (``being_deleted``, from the grant)
         are not trusted: copied like blocks not on SSD, or, held in memory, written again.
         """
+        # only where another process has written since this one's memory mirrored the store;
         # loads in flight are left out: a load finds out for itself (a vanished block)
+        look = self._ssd.last_txnid() != self._store_seen
         on_ssd = [b for b in map(self._blocks.get, keys)
-                  if b is not None and b.on_ssd and b.available and b.load is None]
+                  if b is not None and b.on_ssd and b.available and b.load is None] if look else []
         blocks = self._blocks_of(keys)
-        if on_ssd and self._ssd.last_txnid() == self._store_seen:
-            on_ssd = []  # no other process has written since this one's memory mirrored the store
         stored = self._ssd.values_stored([b.key for b in on_ssd]) if on_ssd else set()
         for b in on_ssd:
             if b.key in stored:

@@ -248,11 +248,16 @@ class Leases:
         for col in (2, 3):
             self._slots[ours[self._slots[ours, col] == me], col] = 0
 
-    def held(self, key: bytes) -> bool:
-        """Whether any save holds a lease on ``key`` that has not run out."""
+    def _slot(self, key: bytes) -> tuple[bool, int, list[int]]:
+        """``key``'s lease slot: whether it holds the key's lease, when that runs out, its owners."""
         tag = int.from_bytes(key[:8], "little")
         _tag, expiry, *owners = (int(x) for x in self._slots[tag % LEASE_SLOTS])
-        return _tag == tag and expiry > time.time_ns() and any(owners)
+        return _tag == tag, expiry, owners
+
+    def held(self, key: bytes) -> bool:
+        """Whether any save holds a lease on ``key`` that has not run out."""
+        ours, expiry, owners = self._slot(key)
+        return ours and expiry > time.time_ns() and any(owners)
 
     def standing(self, key: bytes, owner: int) -> str:
         """How ``owner``'s lease on ``key`` stands now: "held" (it is in the slot and has not run
@@ -261,9 +266,8 @@ class Leases:
         another process's grant writing the slot at the same moment). Asked by a commit that
         found the value of a block its save trusted gone (``Batch.put_session``): which way the
         value got past the lease."""
-        tag = int.from_bytes(key[:8], "little")
-        _tag, expiry, *owners = (int(x) for x in self._slots[tag % LEASE_SLOTS])
-        if _tag != tag:
+        ours, expiry, owners = self._slot(key)
+        if not ours:
             return "taken"
         if owner not in owners:
             return "pushed_out"

@@ -10,7 +10,11 @@ import threading
 from collections import Counter
 from typing import Any
 
-__all__ = ["Stats"]
+__all__ = ["Stats", "CUT_STANDINGS"]
+
+#: how a save's lease can stand when its commit finds a trusted block's value gone
+#: (``Leases.standing``): the keys of ``stats()["cuts_by_lease"]``
+CUT_STANDINGS = ("held", "pushed_out", "taken", "ran_out")
 
 
 class Stats:
@@ -63,7 +67,7 @@ class Stats:
             # "pushed_out" (the slot's lease on the block no longer named the save: two later
             # saves of it, or another process's grant writing the slot at the same moment),
             # "taken" (another block's lease took the slot), "ran_out"
-            "cuts_by_lease": {how: c.get(f"cut_lease_{how}", 0) for how in ("held", "pushed_out", "taken", "ran_out")},
+            "cuts_by_lease": {how: c.get(f"cut_lease_{how}", 0) for how in CUT_STANDINGS},
             # values a commit wrote from this process's memory because a record being committed
             # named them and the store had none: another process had removed them after a save
             # here looked, or (write-through) the write that claimed them had failed

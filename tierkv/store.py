@@ -289,8 +289,7 @@ class SSDStore:
     def values_stored(self, keys: list[bytes]) -> set[bytes]:
         """Those of ``keys`` whose bookkeeping says their value is stored, in one read."""
         with self.reader() as txn:
-            get, db, stored = txn.get, self.bmeta, BlockMeta.enc_bytes_of
-            return {key for key in keys if (raw := get(key, db=db)) is not None and stored(raw) > 0}
+            return {key for key in keys if self.records_value(txn, key)}
 
     def session_match(self, session: str, toks: np.ndarray, beyond: int) -> int:
         """How many leading tokens of ``toks`` the session's record as stored shares with them,
