@@ -282,7 +282,7 @@ class Leases:
         """How ``owner``'s lease on ``key`` stands now: "held" (it is in the slot and has not run
         out), "ran_out", "taken" (another key's lease has taken the slot) or "pushed_out" (the
         slot's lease on the key no longer names the owner: two later saves of the block, or
-        another process's grant writing the slot at the same moment). Asked by a commit that
+        another key took the slot and a later grant of this key took it back). Asked by a commit that
         found the value of a block its save trusted gone (``Batch.put_session``): which way the
         value got past the lease."""
         ours, expiry, owners = self._slot(key)

@@ -65,7 +65,8 @@ class Stats:
             # the cut (leases.py): "held" (a transaction took the block all the same: eviction
             # with nothing else left, leased_blocks_evicted in whichever process evicted it),
             # "pushed_out" (the slot's lease on the block no longer named the save: two later
-            # saves of it, or another process's grant writing the slot at the same moment),
+            # saves of it, or another block's lease took the slot and a later save of this
+            # block took it back),
             # "taken" (another block's lease took the slot), "ran_out"
             "cuts_by_lease": {how: c.get(f"cut_lease_{how}", 0) for how in CUT_STANDINGS},
             # values a commit wrote from this process's memory because a record being committed
