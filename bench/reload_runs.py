@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import statistics
 from typing import Any
 
 COLD, PRE, WARM = "tierkv cold", "tierkv cold, into preallocated tensors", "tierkv warm (page cache)"
@@ -131,6 +132,16 @@ def spans(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     return out
 
 
+PATTERN = "tierkv's read pattern without the engine (cold)"
+
+
+def engine_shares(runs: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """Per run that timed both, tierkv's cold restore into preallocated tensors over its bare
+    read pattern (``bench/read_patterns.layer_major``): the engine's own share of a gap."""
+    return [(run["label"], run["gbps"][PRE] / run["gbps"][PATTERN]) for run in runs
+            if PRE in run["gbps"] and PATTERN in run["gbps"]]
+
+
 def odirect_requests(runs: list[dict[str, Any]]) -> list[str]:
     """The O_DIRECT baselines' rate against the size of the requests the disk saw (runs that
     recorded ``disk_requests``), grouped by request size: the 4 KiB-page buffer's requests
@@ -228,6 +239,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{n['store_last_met']} of {n['store_last_runs']})")
         for row, (lo, hi) in s.items():
             print(f"- {row}: medians {lo:.2f}–{hi:.2f} GB/s")
+        shares = engine_shares(mine)
+        if shares:
+            values = [v for _, v in shares]
+            print(f"- the engine against its read pattern (preallocated / bare pattern): {min(values):.2f}–"
+                  f"{max(values):.2f}x, median {statistics.median(values):.2f}x; by run: "
+                  + ", ".join(f"{label} {v:.2f}" for label, v in shares))
         print()
         report["configs"][config] = {"runs": [run["file"] for run in mine], "tallies": t, "spans": s}
     print("### The O_DIRECT baselines: rate against request size, every run that recorded it\n")
