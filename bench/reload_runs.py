@@ -24,6 +24,8 @@ ODIRECT, ODIRECT4 = "disk O_DIRECT sequential read", "disk O_DIRECT read, 4 requ
 #: from run 36: the O_DIRECT read into huge pages, one 4 MiB request per read, the disk's limit
 #: (the row above reads into 4 KiB pages, which split its requests: see bench/reload.py)
 ODIRECT_HUGE = "disk O_DIRECT sequential read, huge-page buffer"
+#: from run 39: the same read, each 4 MiB to its own place in a destination of the file's size
+WHOLE = "disk O_DIRECT sequential read into a whole destination (huge pages)"
 TORCH, LMDB, LMDB_PRE = ("torch.load per session (cold)", "raw LMDB values, no codec (cold)",
                          "raw LMDB values into a preallocated buffer (cold)")
 
@@ -239,6 +241,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{n['store_last_met']} of {n['store_last_runs']})")
         for row, (lo, hi) in s.items():
             print(f"- {row}: medians {lo:.2f}–{hi:.2f} GB/s")
+        whole = [run["gbps"][PRE] / run["gbps"][WHOLE] for run in mine if PRE in run["gbps"] and WHOLE in run["gbps"]]
+        if whole:
+            print(f"- preallocated against the O_DIRECT read into a whole destination: {min(whole):.2f}–"
+                  f"{max(whole):.2f}x over {len(whole)} runs")
+        split = {True: [], False: []}
+        for run in mine:
+            r = ratio(run, "vs torch.load")
+            if r is not None:
+                split[r >= AT_LEAST["torch.load"]].append(run["gbps"][TORCH])
+        for met, rates in split.items():
+            if rates:
+                print(f"- torch.load's files in the runs that {'met' if met else 'missed'} the torch.load target: "
+                      f"{min(rates):.2f}–{max(rates):.2f} GB/s ({len(rates)} runs)")
         shares = engine_shares(mine)
         if shares:
             values = [v for _, v in shares]
