@@ -37,7 +37,9 @@ most one lease per key, 15-25 % of the leases checked were gone; none since). So
 the transaction's look comes after the lease, and it keeps the block (an unowned block, evicted
 later), or the save finds the mark and copies the block as if it were not on SSD, or the mark is
 gone and the save's look at the store, after its commit, finds the value gone. The lock is held
-only while a few slots are written or read: a save waits microseconds, never for a commit.
+only while a save's slots are written or read, never across a commit: a grant for a 1M-token
+session's 3,907 blocks holds it about half a millisecond (``bench/ops.py``, 0.51 ms p50 in
+bench/results/ops_session47.json), a few blocks' for microseconds.
 
 Owners: a save's lease is its own (``new_owner``), so its commit takes off only its own, and a
 transaction keeps what any save, in this process or another, has leased (a batch taken before
