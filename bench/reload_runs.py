@@ -26,6 +26,8 @@ ODIRECT, ODIRECT4 = "disk O_DIRECT sequential read", "disk O_DIRECT read, 4 requ
 ODIRECT_HUGE = "disk O_DIRECT sequential read, huge-page buffer"
 #: from run 39: the same read, each 4 MiB to its own place in a destination of the file's size
 WHOLE = "disk O_DIRECT sequential read into a whole destination (huge pages)"
+#: tierkv's store file read in the engine's pattern without the engine (bench/read_patterns.py)
+PATTERN = "tierkv's read pattern without the engine (cold)"
 TORCH, LMDB, LMDB_PRE = ("torch.load per session (cold)", "raw LMDB values, no codec (cold)",
                          "raw LMDB values into a preallocated buffer (cold)")
 
@@ -132,9 +134,6 @@ def spans(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
         if values:
             out[row] = (min(values), max(values))
     return out
-
-
-PATTERN = "tierkv's read pattern without the engine (cold)"
 
 
 def engine_shares(runs: list[dict[str, Any]]) -> list[tuple[str, float]]:

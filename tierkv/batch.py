@@ -54,9 +54,6 @@ class Batch:
     leased: list[tuple[list[bytes], int]] = field(default_factory=list)
     #: leased unowned blocks taken to make room, nothing else being left to take
     leased_evicted: int = field(init=False, default=0)
-    #: sessions whose records this batch cut back: how the save's lease on the block found
-    #: without a value stood at the cut (``Leases.standing``)
-    cut_leases: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ssd_used = struct.unpack("<Q", bytes(self.txn.get(b"ssd_used", db=self.store.meta)))[0]
@@ -180,8 +177,6 @@ class Batch:
                     meta = self.put_value(key, got, n)
                 elif got is False and meta is None:
                     kept = i
-                    if lease is not None:
-                        self.cut_leases[rec.session] = self.store.leases.standing(key, lease)
                     break
             new[key] = (n, meta)
         if lease is not None:

@@ -319,7 +319,8 @@ class SSDWriter:
                 if op.kind == "session":
                     kept = batch.put_session(op.record, self.block_tokens, self._missing_value, op.lease)
                     op.kept = kept if kept < len(op.record.keys) else None
-                    op.cut_lease = batch.cut_leases.get(op.session) if op.kept is not None else None
+                    if op.kept is not None and op.lease is not None:  # how it got past the lease
+                        op.cut_lease = self._ssd.leases.standing(op.record.keys[kept], op.lease)
             self._stats.count("blocks_kept_for_leases", batch.kept_for_leases)
             self._stats.count("leased_blocks_evicted", batch.leased_evicted)
             cut_away = {op.session for op in ops if op.kind == "drop" or op.kept == 0}
