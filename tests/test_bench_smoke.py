@@ -110,6 +110,15 @@ def test_ops_bench_runs(tmp_path):
     assert res["lease_grant_1M"]["blocks"] == -(-20000 // 256) and res["lease_grant_1M"]["p50_ms"] > 0
 
 
+def test_lease_race_bench_runs(tmp_path):
+    out = tmp_path / "lease_race.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "lease_race.py"), "--keys", "16",
+                        "--seconds", "0.3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["keys"] == 16 and run["checked"] > 0 and run["lost"] == 0
+
+
 def test_soak_watchdog_reports_a_hang():
     """The soak's watchdog stays quiet while calls finish, and reports every thread's stack once
     none has for its limit (a run of session 39 hung with no word of it)."""
