@@ -259,6 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"- the engine against its read pattern (preallocated / bare pattern): {min(values):.2f}–"
                   f"{max(values):.2f}x, median {statistics.median(values):.2f}x; by run: "
                   + ", ".join(f"{label} {v:.2f}" for label, v in shares))
+        bare = [run["gbps"][PATTERN] / run["gbps"][LMDB_PRE] for run in mine
+                if PATTERN in run["gbps"] and LMDB_PRE in run["gbps"]]
+        if bare:
+            print(f"- the bare read pattern against raw LMDB, preallocated: {min(bare):.2f}–{max(bare):.2f}x, "
+                  f"median {statistics.median(bare):.2f}x over {len(bare)} runs")
         print()
         report["configs"][config] = {"runs": [run["file"] for run in mine], "tallies": t, "spans": s}
     print("### The O_DIRECT baselines: rate against request size, every run that recorded it\n")
