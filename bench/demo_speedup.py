@@ -4,6 +4,12 @@ Runs ``tierkv demo --json`` (turn 2 in a fresh process, cold SSD) ``--repeats`` 
 reports the median speedup, TTFTs and reload rate, with min and max.
 
     python bench/demo_speedup.py --sizes 4096 8000 --repeats 3 [--out bench/results/demo_speedup.json]
+
+``--versions A B``: directories holding a ``tierkv`` package (a checkout, or ``git archive`` of a
+commit), run alternately, in an order shuffled per repeat (``--seed``), each on ``PYTHONPATH``:
+whether a change in the demo's TTFT is the engine's or this machine's hour. Each run's
+``restore_ttft_s - restore_s`` is the part of the turn that is not the reload (the prefill of the
+new message and what overlaps it badly), reported per version as ``beyond_reload_s``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -27,26 +34,48 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8000])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--codec", default="zstd-planes")
+    ap.add_argument("--versions", nargs="+", default=None,
+                    help="tierkv trees to run alternately (default: the tierkv this Python imports)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the per-repeat order of --versions")
     ap.add_argument("--out", default="bench/results/demo_speedup.json")
     args = ap.parse_args()
+    versions = [os.path.abspath(v) for v in args.versions] if args.versions else [None]
+    rng = random.Random(args.seed)
     results = []
     for size in args.sizes:
-        runs = []
+        runs: dict[str | None, list[dict]] = {v: [] for v in versions}
         for i in range(args.repeats):
-            out = subprocess.run([sys.executable, "-m", "tierkv.cli", "demo", "--context-tokens", str(size),
-                                  "--json", "--codec", args.codec], capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            assert r["tokens_identical"] and r["max_abs_logit_diff"] == 0.0
-            runs.append(r)
-            print(f"{size} run {i}: speedup {r['speedup']:.1f}x  restore TTFT {r['restore_ttft_s']:.3f}s  "
-                  f"recompute {r['recompute_ttft_s']:.2f}s  reload {r['reload_gbps']:.2f} GB/s", flush=True)
-        summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
-                       "max": max(r[k] for r in runs)} for k in KEYS}
-        results.append({"context_tokens": size, "session_tokens": runs[0]["session_tokens"],
-                        "turn2_new_tokens": runs[0]["turn2_new_tokens"], "kv_bytes": runs[0]["kv_bytes"],
-                        "ssd_bytes": runs[0]["ssd_bytes"], "tokens_identical": all(r["tokens_identical"] for r in runs),
-                        "summary": summary, "runs": runs})
-    write_json(args.out, {"machine": machine(), "codec": args.codec, "results": results})
+            order = list(versions)
+            rng.shuffle(order)
+            for v in order:
+                env = dict(os.environ)
+                if v is not None:
+                    env["PYTHONPATH"] = v
+                out = subprocess.run([sys.executable, "-m", "tierkv.cli", "demo", "--context-tokens", str(size),
+                                      "--json", "--codec", args.codec], capture_output=True, text=True, check=True,
+                                     env=env, cwd=v or None)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                assert r["tokens_identical"] and r["max_abs_logit_diff"] == 0.0
+                r["beyond_reload_s"] = r["restore_ttft_s"] - r["restore_s"]
+                runs[v].append(r)
+                print(f"{size} run {i}{'' if v is None else ' ' + v}: speedup {r['speedup']:.1f}x  restore TTFT "
+                      f"{r['restore_ttft_s']:.3f}s  reload {r['restore_s']:.3f}s ({r['reload_gbps']:.2f} GB/s)  "
+                      f"recompute {r['recompute_ttft_s']:.2f}s", flush=True)
+        for v, mine in runs.items():
+            summary = {k: {"median": statistics.median(r[k] for r in mine), "min": min(r[k] for r in mine),
+                           "max": max(r[k] for r in mine)} for k in KEYS + ("beyond_reload_s",)}
+            row = {"context_tokens": size, "session_tokens": mine[0]["session_tokens"],
+                   "turn2_new_tokens": mine[0]["turn2_new_tokens"], "kv_bytes": mine[0]["kv_bytes"],
+                   "ssd_bytes": mine[0]["ssd_bytes"], "tokens_identical": all(r["tokens_identical"] for r in mine),
+                   "summary": summary, "runs": mine}
+            if v is not None:
+                row["version"] = v
+                print(f"{size} {v}: speedup median {summary['speedup']['median']:.1f}x "
+                      f"({summary['speedup']['min']:.1f}-{summary['speedup']['max']:.1f}), beyond the reload "
+                      f"{summary['beyond_reload_s']['median'] * 1000:.0f} ms median")
+            results.append(row)
+    write_json(args.out, {"machine": machine(), "codec": args.codec, "versions": args.versions, "seed": args.seed,
+                          "results": results})
 
 
 if __name__ == "__main__":
