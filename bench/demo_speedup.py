@@ -40,6 +40,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/demo_speedup.json")
     args = ap.parse_args()
     versions = [os.path.abspath(v) for v in args.versions] if args.versions else [None]
+    if len(set(versions)) != len(versions):
+        raise SystemExit("--versions: each tree once (their runs are reported per tree)")
+    for v in versions:
+        if v is not None and not os.path.isfile(os.path.join(v, "tierkv", "__init__.py")):
+            raise SystemExit(f"--versions: {v} holds no tierkv package")
     rng = random.Random(args.seed)
     results = []
     for size in args.sizes:
