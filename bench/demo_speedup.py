@@ -58,7 +58,7 @@ def main() -> None:
                     env["PYTHONPATH"] = v
                 out = subprocess.run([sys.executable, "-m", "tierkv.cli", "demo", "--context-tokens", str(size),
                                       "--json", "--codec", args.codec], capture_output=True, text=True, check=True,
-                                     env=env, cwd=v or None)
+                                     env=env, cwd=v or None)  # ``-m`` puts the cwd ahead of PYTHONPATH
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 assert r["tokens_identical"] and r["max_abs_logit_diff"] == 0.0
                 r["beyond_reload_s"] = r["restore_ttft_s"] - r["restore_s"]

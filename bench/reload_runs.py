@@ -136,11 +136,11 @@ def spans(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def engine_shares(runs: list[dict[str, Any]]) -> list[tuple[str, float]]:
-    """Per run that timed both, tierkv's cold restore into preallocated tensors over its bare
-    read pattern (``bench/read_patterns.layer_major``): the engine's own share of a gap."""
-    return [(run["label"], run["gbps"][PRE] / run["gbps"][PATTERN]) for run in runs
-            if PRE in run["gbps"] and PATTERN in run["gbps"]]
+def row_ratios(runs: list[dict[str, Any]], mine: str, theirs: str) -> list[tuple[str, float]]:
+    """Per run that timed both rows, ``mine``'s median rate over ``theirs``'s, with the run's
+    label (e.g. PRE over PATTERN: the engine's own share of a gap)."""
+    return [(run["label"], run["gbps"][mine] / run["gbps"][theirs]) for run in runs
+            if mine in run["gbps"] and theirs in run["gbps"]]
 
 
 def odirect_requests(runs: list[dict[str, Any]]) -> list[str]:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{n['store_last_met']} of {n['store_last_runs']})")
         for row, (lo, hi) in s.items():
             print(f"- {row}: medians {lo:.2f}–{hi:.2f} GB/s")
-        whole = [run["gbps"][PRE] / run["gbps"][WHOLE] for run in mine if PRE in run["gbps"] and WHOLE in run["gbps"]]
+        whole = [v for _, v in row_ratios(mine, PRE, WHOLE)]
         if whole:
             print(f"- preallocated against the O_DIRECT read into a whole destination: {min(whole):.2f}–"
                   f"{max(whole):.2f}x over {len(whole)} runs")
@@ -253,14 +253,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if rates:
                 print(f"- torch.load's files in the runs that {'met' if met else 'missed'} the torch.load target: "
                       f"{min(rates):.2f}–{max(rates):.2f} GB/s ({len(rates)} runs)")
-        shares = engine_shares(mine)
+        shares = row_ratios(mine, PRE, PATTERN)
         if shares:
             values = [v for _, v in shares]
             print(f"- the engine against its read pattern (preallocated / bare pattern): {min(values):.2f}–"
                   f"{max(values):.2f}x, median {statistics.median(values):.2f}x; by run: "
                   + ", ".join(f"{label} {v:.2f}" for label, v in shares))
-        bare = [run["gbps"][PATTERN] / run["gbps"][LMDB_PRE] for run in mine
-                if PATTERN in run["gbps"] and LMDB_PRE in run["gbps"]]
+        bare = [v for _, v in row_ratios(mine, PATTERN, LMDB_PRE)]
         if bare:
             print(f"- the bare read pattern against raw LMDB, preallocated: {min(bare):.2f}–{max(bare):.2f}x, "
                   f"median {statistics.median(bare):.2f}x over {len(bare)} runs")
