@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +31,11 @@ def unchanged(s, kv):
     (lambda kv: [(k.unsqueeze(0), v) for k, v in kv], "no batch axis"),
     (lambda kv: [(k,) for k, v in kv], "tuple of 2"),
     (lambda kv: [(k.float().numpy(), v) for k, v in kv], "torch.Tensor"),
+    (lambda kv: None, "one entry per layer"),
+    (lambda kv: (layer for layer in kv), "one entry per layer"),
+    (lambda kv: kv[0][0], "one entry per layer"),
+    (lambda kv: [None] * len(kv), "tuple of 2"),
+    (lambda kv: [(k.float().to_sparse().to(k.dtype), v) for k, v in kv], "dense tensor"),
 ])
 def test_wrong_kv_is_refused(filled, bad, match):
     s, kv = filled
@@ -84,12 +90,112 @@ def test_wrong_allocate_is_refused_and_the_store_keeps_working(filled, make, mat
     ([1.5] * 32, "integers"),
     ([-1] * 32, "range"),
     ([2**33] * 32, "range"),
+    ("some text", "1-D sequence of ints"),
+    (None, "1-D sequence of ints"),
+    ((i for i in range(32)), "1-D sequence of ints"),
+    (torch.arange(32, device="meta"), "cannot read this tensor"),
+    (torch.arange(32).to_sparse(), "cannot read this tensor"),
 ])
 def test_bad_tokens(filled, tokens, match):
     s, kv = filled
     with pytest.raises(tierkv.SpecMismatchError, match=match):
         s.save(tokens, kv, session="ok")
     unchanged(s, kv)
+
+
+def test_bad_tokens_in_lookups_and_loads(filled):
+    s, kv = filled
+    for call in (s.lookup, s.restore, s.prefetch):
+        for tokens in ("some text", torch.arange(32, device="meta"), torch.arange(32).to_sparse()):
+            with pytest.raises(tierkv.SpecMismatchError):
+                call(tokens, session="ok")
+    unchanged(s, kv)
+
+
+def test_a_tenant_any_str_can_hold(open_store):
+    """A tenant with a lone surrogate (a file name decoded with surrogateescape, say) keys its
+    blocks as session ids with one do: before, its encoding raised UnicodeEncodeError."""
+    s = open_store(SPEC)
+    kv = make_kv(SPEC, 2 * BLOCK)
+    s.save(range(2 * BLOCK), kv, session="t", tenant="t\udcff").wait()
+    assert s.lookup(range(2 * BLOCK), tenant="t\udcff") == 2 * BLOCK
+    assert s.lookup(range(2 * BLOCK), tenant="t\udcfe") == 0  # another tenant shares nothing
+    assert_kv_equal(s.restore(range(2 * BLOCK), session="t", tenant="t\udcff").kv, kv)
+
+
+@pytest.mark.parametrize("timeout", ["1", True, float("nan"), [1]])
+def test_bad_timeouts(filled, timeout):
+    s, kv = filled
+    with pytest.raises(tierkv.ConfigError, match="timeout"):
+        s.flush(timeout=timeout)
+    with pytest.raises(tierkv.ConfigError, match="timeout"):
+        s.save(range(2 * BLOCK), kv, session="ok").wait(timeout=timeout)
+    with pytest.raises(tierkv.ConfigError, match="timeout"):
+        s.restore_async(range(2 * BLOCK), session="ok").wait(timeout=timeout)
+    for fine in (30, float("inf"), 1e300):  # the last two raised OverflowError in the thread wait
+        assert s.restore_async(range(2 * BLOCK), session="ok").wait(timeout=fine)
+        assert s.save(range(2 * BLOCK), kv, session="ok").wait(timeout=fine)
+        s.flush(timeout=fine)
+    unchanged(s, kv)
+
+
+@pytest.mark.parametrize("device,match", [
+    ("meta", "CPU or a CUDA GPU"), (torch.device("meta"), "CPU or a CUDA GPU"), ([], "not a torch device"),
+    (object(), "not a torch device"),
+] + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]))
+def test_bad_devices(filled, store_path, device, match):
+    """A restore or prefetch to a device KV cannot live on is refused; before, ``"meta"`` gave
+    tensors with no data, and ``"cuda"`` without CUDA an AssertionError from torch."""
+    s, kv = filled
+    for call in (s.restore, s.prefetch, s.restore_async):
+        with pytest.raises(tierkv.ConfigError, match=match):
+            call(range(2 * BLOCK), session="ok", device=device)
+    with pytest.raises(tierkv.ConfigError, match=match):
+        tierkv.TierKV(store_path + "-other", SPEC, device=device)
+    with pytest.raises(tierkv.ConfigError, match=match):
+        tierkv.CachePool().reserve(SPEC, BLOCK, device=device)
+    unchanged(s, kv)
+
+
+def test_bad_cache_pool_arguments():
+    pool = tierkv.CachePool()
+    for tokens in (0, -5, "5", 2.0, True):
+        with pytest.raises(tierkv.ConfigError, match="tokens"):
+            pool.reserve(SPEC, tokens)
+    for spec in ("x", None):
+        with pytest.raises(tierkv.ConfigError, match="KVSpec"):
+            pool.reserve(spec, BLOCK)
+        with pytest.raises(tierkv.ConfigError, match="KVSpec"):
+            pool.allocator(spec)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tierkv.KVSpec.gqa("m", 2, 2, 8.5), "tuple of ints"),  # int() would make it 8
+    (lambda: tierkv.KVSpec.gqa("m", 2, True, 8), "tuple of ints"),
+    (lambda: tierkv.KVSpec.gqa("m", 2.0, 2, 8), "num_layers"),
+    (lambda: tierkv.KVSpec.gqa("m", 0, 2, 8), "num_layers"),
+    (lambda: tierkv.KVSpec.mla("m", 2, 512.0, 64), "ints"),
+    (lambda: tierkv.TensorSpec("k", 8, 0, "bfloat16"), "tuple of ints"),
+    (lambda: tierkv.TensorSpec("k", (2, 8), 1.0, "bfloat16"), "seq_axis"),
+    (lambda: tierkv.LayerSpec(("key",)), "TensorSpec"),
+    (lambda: tierkv.KVSpec("m", ("layer",)), "LayerSpec"),
+    (lambda: tierkv.KVSpec("m", SPEC.layers, revision=3), "revision"),
+])
+def test_bad_specs(make, match):
+    with pytest.raises(tierkv.ConfigError, match=match):
+        make()
+
+
+def test_spec_takes_numpy_ints():
+    spec = tierkv.KVSpec.gqa("m", np.int64(2), np.int64(2), np.int32(8))
+    assert spec == tierkv.KVSpec.gqa("m", 2, 2, 8)
+    assert spec.fingerprint() == tierkv.KVSpec.gqa("m", 2, 2, 8).fingerprint()
+
+
+@pytest.mark.parametrize("path", [b"/tmp/store", 5, None])
+def test_bad_store_paths(path):
+    with pytest.raises(tierkv.ConfigError, match="store path"):
+        tierkv.TierKV(path, SPEC)
 
 
 def test_token_kv_length_mismatch(filled):
@@ -136,6 +242,10 @@ def test_unknown_session(filled):
     (dict(io_threads=0), "io_threads"),
     (dict(colour="blue"), "unknown setting"),
     (dict(device="tpu:0"), "device"),
+    (dict(device=""), "device"),
+    (dict(io_threads=True), "io_threads"),
+    (dict(zstd_level=True), "zstd_level"),
+    (dict(pin_host_memory="yes"), "pin_host_memory"),
 ])
 def test_bad_settings(store_path, settings, match):
     with pytest.raises(tierkv.ConfigError, match=match):

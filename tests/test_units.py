@@ -15,7 +15,7 @@ from conftest import small_spec
 
 @pytest.mark.parametrize("text,expected", [
     ("0", 0), (512, 512), ("8GiB", 8 * 2**30), ("1.5 GB", 1_500_000_000), ("64mib", 64 * 2**20),
-    ("2TiB", 2 * 2**40), ("100KB", 100_000),
+    ("2TiB", 2 * 2**40), ("100KB", 100_000), ("1PiB", 2**50), (np.int64(4096), 4096),
 ])
 def test_parse_size(text, expected):
     assert tierkv.parse_size(text) == expected

@@ -10,15 +10,15 @@ Needs torch only: a server that does not use transformers restores into a pool t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import numbers
 
 import torch
 
 from . import hostmem
+from .config import check_device
+from .errors import ConfigError
 from .handles import Allocator, slab_alloc
-
-if TYPE_CHECKING:
-    from .spec import KVSpec
+from .spec import KVSpec
 
 __all__ = ["CachePool"]
 
@@ -45,8 +45,7 @@ class CachePool:
         ``seq_axis`` (the token axis; 2 for transformers' ``[1, heads, tokens, dim]``). The one
         held is returned while it is large enough and of that dtype and device; else a new one
         replaces it."""
-        if not isinstance(device, torch.device):
-            device = torch.device(device)
+        device = check_device(device)
         have = self._bufs.get((layer, index))
         if (have is not None and have.dtype == dtype and have.device == device and have.dim() == len(shape)
                 and have.shape[seq_axis] >= shape[seq_axis]
@@ -56,12 +55,15 @@ class CachePool:
         buf = self._bufs[(layer, index)] = _empty(tuple(shape), dtype, device)
         return buf
 
-    def reserve(self, spec: "KVSpec", tokens: int, device: torch.device | str = "cpu") -> None:
+    def reserve(self, spec: KVSpec, tokens: int, device: torch.device | str = "cpu") -> None:
         """Allocate and touch buffers for ``tokens`` tokens of every layer (at start-up), each
         ``[1, *tensor shape]``. On the CPU they are carved from one buffer on huge pages
         (``handles.slab_alloc``), where ``ssd_page_cache="bypass"`` reads a few MiB per disk
         request."""
-        device = torch.device(device)
+        _check_spec(spec)
+        if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 1:
+            raise ConfigError(f"tokens must be an int >= 1, got {tokens!r}")
+        device = check_device(device)
         carve = slab_alloc(spec, tokens) if device.type == "cpu" else None
         for i, layer in enumerate(spec.layers):
             for j, t in enumerate(layer.tensors):
@@ -70,10 +72,11 @@ class CachePool:
                     self._bufs[(i, j)] = carve(i, j, shape, t.torch_dtype, device)
                 self.buffer(i, j, shape, t.torch_dtype, device, 1 + t.seq_axis).zero_()
 
-    def allocator(self, spec: "KVSpec") -> Allocator:
+    def allocator(self, spec: KVSpec) -> Allocator:
         """An ``allocate`` for ``TierKV.restore_async`` that hands out views of this pool's
         buffers: ``store.restore_async(tokens, allocate=pool.allocator(store.spec))``. A restore
         longer than the buffers held gets larger ones (kept for the next)."""
+        _check_spec(spec)
         axes = [[t.seq_axis for t in layer.tensors] for layer in spec.layers]
 
         def allocate(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -81,6 +84,11 @@ class CachePool:
             full = self.buffer(layer, index, (1, *shape), dtype, device, 1 + axis)
             return full[0].narrow(axis, 0, shape[axis])
         return allocate
+
+
+def _check_spec(spec: object) -> None:
+    if not isinstance(spec, KVSpec):
+        raise ConfigError(f"spec must be a tierkv.KVSpec, got {type(spec).__name__}")
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -6,13 +6,17 @@ construction). The library reads no environment variables; only the CLI does.
 
 from __future__ import annotations
 
+import numbers
 import re
+import threading
 from dataclasses import dataclass, fields
+
+import torch
 
 from .affinity import AFFINITIES
 from .errors import ConfigError
 
-__all__ = ["parse_size", "format_size", "TierKVConfig", "PERSIST_MODES"]
+__all__ = ["parse_size", "format_size", "check_timeout", "check_device", "TierKVConfig", "PERSIST_MODES"]
 
 _UNITS = {
     "": 1,
@@ -21,6 +25,7 @@ _UNITS = {
     "m": 10**6, "mb": 10**6, "mib": 2**20,
     "g": 10**9, "gb": 10**9, "gib": 2**30,
     "t": 10**12, "tb": 10**12, "tib": 2**40,
+    "p": 10**15, "pb": 10**15, "pib": 2**50,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -33,17 +38,18 @@ SSD_CODECS = ("zstd-planes", "raw")
 def parse_size(value: int | str, name: str = "size") -> int:
     """Return a byte count from an int or a string such as ``"8GiB"``, ``"512MB"`` or ``"0"``.
 
-    Binary units (KiB, MiB, GiB, TiB) are powers of 1024; decimal ones (KB, MB, GB, TB) of 1000.
+    Binary units (KiB, MiB, GiB, TiB, PiB) are powers of 1024; decimal ones (KB, MB, GB, TB, PB) of
+    1000.
 
     Raises:
         ConfigError: the value is negative, not a number or has an unknown unit.
     """
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be a byte count or a size string, not a bool")
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):  # numpy's ints too
         if value < 0:
             raise ConfigError(f"{name} must be >= 0 bytes, got {value}")
-        return value
+        return int(value)
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         unit = m.group(2).lower() if m else None
@@ -53,6 +59,47 @@ def parse_size(value: int | str, name: str = "size") -> int:
             )
         return int(float(m.group(1)) * _UNITS[unit])
     raise ConfigError(f"{name} must be an int or a size string, got {type(value).__name__}")
+
+
+def check_timeout(timeout: object) -> float | None:
+    """A wait's ``timeout``: ``None`` (wait as long as it takes) or seconds (<= 0: do not wait).
+    Infinity, or any time longer than a thread wait can take (``threading.TIMEOUT_MAX``), is
+    ``None``: passed on, it raised ``OverflowError``.
+
+    Raises:
+        ConfigError: not a number, a bool, or NaN.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+        raise ConfigError(f"timeout must be None or a number of seconds, got {timeout!r}")
+    return None if timeout >= threading.TIMEOUT_MAX else float(timeout)
+
+
+def check_device(device: object, name: str = "device") -> torch.device:
+    """A device KV can be restored to or kept on: the CPU, or a CUDA GPU this process can use.
+
+    Raises:
+        ConfigError: not a torch device, another kind of device (``"meta"``, ``"mps"``), or CUDA
+            asked for where there is none (or no GPU of that index).
+    """
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{name}={device!r} is not a torch device: {str(e).splitlines()[0]}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{name}={device!r} but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{name}={device!r}: this process sees {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{name}={device!r}: tierkv keeps and restores KV on the CPU or a CUDA GPU")
+    return dev
+
+
+def _int_in(value: object, lo: int, hi: int) -> bool:
+    """An int (not a bool, which Python counts as one) in ``lo..hi``."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 def format_size(n: float) -> str:
@@ -128,9 +175,7 @@ class TierKVConfig:
             object.__setattr__(self, name, parse_size(getattr(self, name), name))
         if self.ssd_bytes <= 0:
             raise ConfigError("ssd_bytes must be > 0: the SSD tier is where sessions persist")
-        if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, int) or not (
-            16 <= self.block_tokens <= 4096
-        ):
+        if not _int_in(self.block_tokens, 16, 4096):
             raise ConfigError(f"block_tokens must be an int in 16..4096, got {self.block_tokens!r}")
         if self.persist not in PERSIST_MODES:
             raise ConfigError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
@@ -138,16 +183,20 @@ class TierKVConfig:
             raise ConfigError(f"full_policy must be 'raise' or 'miss', got {self.full_policy!r}")
         if self.nan_policy not in ("store", "refuse"):
             raise ConfigError(f"nan_policy must be 'store' or 'refuse', got {self.nan_policy!r}")
-        if not isinstance(self.io_threads, int) or not (1 <= self.io_threads <= 64):
+        if not _int_in(self.io_threads, 1, 64):
             raise ConfigError(f"io_threads must be an int in 1..64, got {self.io_threads!r}")
         if self.ssd_page_cache not in PAGE_CACHE_MODES:
             raise ConfigError(f"ssd_page_cache must be one of {list(PAGE_CACHE_MODES)}, got {self.ssd_page_cache!r}")
         if self.io_affinity not in AFFINITIES:
             raise ConfigError(f"io_affinity must be one of {list(AFFINITIES)}, got {self.io_affinity!r}")
-        if not isinstance(self.zstd_level, int) or not (-7 <= self.zstd_level <= 22):
+        if not _int_in(self.zstd_level, -7, 22):
             raise ConfigError(f"zstd_level must be an int in -7..22, got {self.zstd_level!r}")
         if self.ssd_codec not in SSD_CODECS:
             raise ConfigError(f"ssd_codec must be one of {list(SSD_CODECS)}, got {self.ssd_codec!r}")
+        if self.pin_host_memory not in (None, True, False):
+            raise ConfigError(f"pin_host_memory must be None, True or False, got {self.pin_host_memory!r}")
+        if self.device is not None:
+            check_device(self.device)
 
     @classmethod
     def from_settings(cls, **settings: object) -> "TierKVConfig":

@@ -36,7 +36,7 @@ from . import hostmem
 from .affinity import spread_initializer
 from .blocks import Block, BlockState, Epoch, pack_blocks
 from .codec import header_bound, make_codec
-from .config import TierKVConfig
+from .config import TierKVConfig, check_device, check_timeout
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
                      SpecMismatchError, StoreClosedError, TierKVError, UnknownSessionError)
 from .handles import LoadHandle, RestoredKV, SaveHandle, via_host_staging
@@ -78,12 +78,8 @@ class TierKV(SSDWriter, Loads):
         self.config = cfg = config or TierKVConfig.from_settings(**settings)
         self.spec = spec
         self.block_tokens = cfg.block_tokens
-        try:
-            device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as e:
-            raise ConfigError(f"device={cfg.device!r} is not a torch device: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        device = check_device(cfg.device if cfg.device is not None else default)
         pin = cfg.pin_host_memory if cfg.pin_host_memory is not None else hostmem.can_pin()
         if pin and not hostmem.can_pin():
             raise ConfigError("pin_host_memory=True needs CUDA: the CUDA driver page-locks host memory")
@@ -641,10 +637,7 @@ class TierKV(SSDWriter, Loads):
         toks = as_tokens(tokens)
         if session is not None:
             check_session_id(session)
-        try:
-            dev = torch.device(device) if device is not None else self.device
-        except RuntimeError as e:
-            raise ConfigError(f"device={device!r}: {e}") from None
+        dev = check_device(device) if device is not None else self.device
         staged = via_host_staging(dev)
         with self._lock:
             # Under the lock, once close() has begun no load starts; one that has started holds
@@ -724,6 +717,7 @@ class TierKV(SSDWriter, Loads):
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued write and demotion is done; raise the first unreported error."""
         self._check_open()
+        timeout = check_timeout(timeout)
         op = Op("barrier")
         with self._lock:
             self._check_open()  # an op queued once close() has begun would never be taken

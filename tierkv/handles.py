@@ -21,6 +21,7 @@ import torch
 
 from . import hostmem
 from .blocks import Block, BlockLoad, block_views, tensor_view
+from .config import check_timeout
 from .errors import BlockLoadError, ConfigError, TierKVError
 from .movers import LayerTargets, copy_stream, layer_targets
 
@@ -63,7 +64,7 @@ class SaveHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the write; True when it completed, False on timeout; raises its error."""
-        if not self._event.wait(timeout):
+        if not self._event.wait(check_timeout(timeout)):
             return False
         err = self._error()
         if err is not None:
@@ -306,6 +307,7 @@ class LoadHandle:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every block is loaded (or failed), and for a prefetch moved up to the
         device tier; False on timeout."""
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
         if self._moves and futures_wait(self._moves, left()).not_done:

@@ -35,8 +35,14 @@ def as_tokens(tokens: Any) -> np.ndarray:
         SpecMismatchError: not 1-D, not integers, or an id outside 0..2**32-1.
     """
     if hasattr(tokens, "detach"):  # torch.Tensor, without importing torch here
-        tokens = tokens.detach().cpu().numpy()
+        try:
+            tokens = tokens.detach().cpu().numpy()
+        except (RuntimeError, NotImplementedError, TypeError) as e:  # a meta tensor, a sparse one
+            raise SpecMismatchError(f"token ids: cannot read this tensor on the CPU: {e}") from None
     arr = np.asarray(tokens)
+    if arr.ndim == 0:
+        raise SpecMismatchError(
+            f"token ids must be a 1-D sequence of ints (list, numpy or torch), got {type(tokens).__name__}")
     if arr.ndim != 1:
         raise SpecMismatchError(f"token ids must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
@@ -62,7 +68,7 @@ def tokens_view(tokens: Any) -> np.ndarray:
     its next call). A 1M-token lookup then allocates nothing: a fresh 4 MB array costs a page
     fault per 4 KiB on every call (bench/ops.py measures the lookup)."""
     t = tokens.detach() if hasattr(tokens, "detach") else None
-    if t is None or t.device.type != "cpu" or t.dim() != 1 or not t.numel() or str(t.dtype) not in (
+    if t is None or t.device.type != "cpu" or str(t.layout) != "torch.strided" or t.dim() != 1 or not t.numel() or str(t.dtype) not in (
             "torch.int64", "torch.int32"):
         return as_tokens(tokens)
     lo, hi = (int(x) for x in t.aminmax())
@@ -110,7 +116,9 @@ def chain_seed(fingerprint: bytes, tenant: str | None) -> bytes:
     """Seed of a key chain: the store fingerprint salted by the tenant (``None`` = shared)."""
     if tenant is not None and (not isinstance(tenant, str) or not tenant or len(tenant) > 256):
         raise ConfigError("tenant must be a non-empty string of at most 256 characters")
-    salt = b"\x00" if tenant is None else b"\x01" + tenant.encode("utf-8")
+    # surrogatepass, as for session ids (records.py): a str Python holds is a tenant, and any
+    # other str encodes to the same bytes as with plain UTF-8
+    salt = b"\x00" if tenant is None else b"\x01" + tenant.encode("utf-8", "surrogatepass")
     return hashlib.blake2b(fingerprint + salt, digest_size=KEY_BYTES, person=b"tierkv-seed").digest()
 
 

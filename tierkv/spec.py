@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -41,6 +42,16 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _is_int(value: Any) -> bool:
+    """An int, numpy's included, and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_layer_count(num_layers: Any) -> None:
+    if not _is_int(num_layers) or num_layers < 1:
+        raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
 _ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 
@@ -75,7 +86,14 @@ class TensorSpec:
     _bytes_per_token: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        # Sizes must be ints as given: int(8.5) would quietly make a head_dim of 8, and a bool
+        # is an int to Python but never a size meant as one.
+        dims = self.dims if isinstance(self.dims, (tuple, list)) else None
+        if dims is None or not all(_is_int(d) for d in dims) or not _is_int(self.seq_axis):
+            raise ConfigError(f"tensor {self.name!r}: dims must be a tuple of ints and seq_axis an int, "
+                              f"got dims={self.dims!r}, seq_axis={self.seq_axis!r}")
+        object.__setattr__(self, "dims", tuple(int(d) for d in dims))
+        object.__setattr__(self, "seq_axis", int(self.seq_axis))
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if any(d <= 0 for d in self.dims):
             raise ConfigError(f"tensor {self.name!r}: dims must be positive, got {self.dims}")
@@ -113,6 +131,8 @@ class LayerSpec:
         object.__setattr__(self, "tensors", tuple(self.tensors))
         if not self.tensors:
             raise ConfigError("a layer must cache at least one tensor")
+        if not all(isinstance(t, TensorSpec) for t in self.tensors):
+            raise ConfigError("a layer's tensors must be TensorSpec objects")
         object.__setattr__(self, "_bytes_per_token", sum(t.bytes_per_token for t in self.tensors))
 
     @property
@@ -145,6 +165,10 @@ class KVSpec:
             raise ConfigError("KVSpec needs a non-empty model_id")
         if not self.layers:
             raise ConfigError("KVSpec needs at least one layer")
+        if not all(isinstance(layer, LayerSpec) for layer in self.layers):
+            raise ConfigError("KVSpec layers must be LayerSpec objects")
+        if not isinstance(self.revision, str):
+            raise ConfigError(f"KVSpec revision must be a str, got {type(self.revision).__name__}")
         offsets, acc = [], 0
         for layer in self.layers:
             row = []
@@ -183,6 +207,7 @@ class KVSpec:
             dtype: torch.dtype | str = torch.bfloat16, v_head_dim: int | None = None,
             revision: str = "") -> "KVSpec":
         """Grouped-query (or multi-head) attention: a key and a value ``[kv_heads, T, head_dim]``."""
+        _check_layer_count(num_layers)
         layer = LayerSpec((
             TensorSpec("key", (kv_heads, head_dim), 1, dtype_name(dtype)),
             TensorSpec("value", (kv_heads, v_head_dim or head_dim), 1, dtype_name(dtype)),
@@ -193,6 +218,9 @@ class KVSpec:
     def mla(cls, model_id: str, num_layers: int, kv_lora_rank: int, rope_dim: int,
             dtype: torch.dtype | str = torch.bfloat16, revision: str = "") -> "KVSpec":
         """Multi-head latent attention: one latent ``[T, kv_lora_rank + rope_dim]`` per layer."""
+        _check_layer_count(num_layers)
+        if not (_is_int(kv_lora_rank) and _is_int(rope_dim)):
+            raise ConfigError(f"kv_lora_rank and rope_dim must be ints, got {kv_lora_rank!r}, {rope_dim!r}")
         layer = LayerSpec((TensorSpec("latent", (kv_lora_rank + rope_dim,), 0, dtype_name(dtype)),))
         return cls(model_id, (layer,) * num_layers, revision)
 
@@ -273,17 +301,23 @@ class KVSpec:
 
         ``kv`` is a sequence with one entry per layer, each a sequence of that layer's tensors.
         """
+        if isinstance(kv, (torch.Tensor, str, bytes)) or not hasattr(kv, "__len__") or not hasattr(kv, "__getitem__"):
+            raise SpecMismatchError(
+                f"KV must be a list or tuple with one entry per layer, got {type(kv).__name__}")
         if len(kv) != self.num_layers:
             raise SpecMismatchError(f"KV has {len(kv)} layers; the spec of {self.model_id} has {self.num_layers}")
         device = None
         for i, (layer, tensors) in enumerate(zip(self.layers, kv)):
-            if isinstance(tensors, torch.Tensor) or len(tensors) != len(layer.tensors):
+            if (isinstance(tensors, (torch.Tensor, str, bytes)) or not hasattr(tensors, "__len__")
+                    or len(tensors) != len(layer.tensors)):
                 raise SpecMismatchError(
                     f"layer {i}: expected a tuple of {len(layer.tensors)} tensors "
                     f"({', '.join(t.name for t in layer.tensors)})")
             for t, x in zip(layer.tensors, tensors):
                 if not isinstance(x, torch.Tensor):
                     raise SpecMismatchError(f"layer {i} {t.name}: expected a torch.Tensor, got {type(x).__name__}")
+                if x.layout != torch.strided:  # sparse, mkldnn: no byte view to copy from
+                    raise SpecMismatchError(f"layer {i} {t.name}: a dense tensor is needed, got layout {x.layout}")
                 want = t.shape(n_tokens)
                 if tuple(x.shape) != want:
                     raise SpecMismatchError(

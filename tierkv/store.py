@@ -104,6 +104,8 @@ class SSDStore:
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: bytes, description: dict, ssd_bytes: int) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+            raise ConfigError(f"store path must be a str or a path object naming a directory, got {path!r}")
         self.path = os.path.abspath(os.fspath(path))
         self.ssd_bytes = ssd_bytes
         if os.path.exists(self.path) and not os.path.isdir(self.path):
