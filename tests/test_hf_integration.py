@@ -10,11 +10,12 @@ import subprocess
 import sys
 import sysconfig
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from tierkv import TierKV  # noqa: E402
+from tierkv import ConfigError, SpecMismatchError, TierKV  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, cache_to_kv, greedy_decode,  # noqa: E402
                                     kv_to_cache, load_smollm2, prefill, restore_cache, spec_for_model,
                                     use_grouped_attention)
@@ -137,6 +138,28 @@ def test_session_runner_turns(smol, tmp_path):
         assert toks == t2.tokens
 
 
+def test_session_runner_refuses_a_bad_turn_and_keeps_the_session(smol, tmp_path):
+    """Token ids outside the vocabulary (the embedding's IndexError, mid-turn, before) and a
+    turn that asks for no new tokens are refused up front; the session is untouched."""
+    model, tok, spec = smol
+    with TierKV(str(tmp_path / "store"), spec) as kv:
+        runner = SessionRunner(kv, model)
+        turn1 = stdlib_tokens(tok, 100)
+        t1 = runner.turn("s", turn1, max_new_tokens=4)
+        before = kv.session_info("s")["tokens"]
+        for bad in ([model.config.vocab_size], [-1], [1.5], ["a"], [True]):
+            with pytest.raises(SpecMismatchError, match="vocabulary"):
+                runner.turn("s", turn1 + bad, max_new_tokens=4)
+        for n in (0, -3, True, 2.0):
+            with pytest.raises(ConfigError, match="max_new_tokens"):
+                runner.turn("s", turn1, max_new_tokens=n)
+        assert kv.session_info("s")["tokens"] == before
+        more = turn1 + t1.tokens + tok.encode(" Why?", add_special_tokens=False)
+        # numpy and torch ids are ids too
+        assert runner.turn("s", np.array(more), max_new_tokens=4).restored_tokens == before
+        assert runner.turn("s", torch.tensor(more), max_new_tokens=4).restored_tokens == len(more) - 1
+
+
 def test_session_runner_reuses_its_pool_and_stays_exact(smol, tmp_path):
     """reserve() sizes the restore buffers once; later turns restore into the same (dirty)
     memory and still equal a from-scratch run."""
@@ -209,7 +232,7 @@ def test_sliding_window_cache_is_refused():
     cache = DynamicCache(config=cfg)
     cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 0)
     cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 1)
-    with pytest.raises(tierkv.SpecMismatchError, match="DynamicSlidingWindowLayer"):
+    with pytest.raises(SpecMismatchError, match="DynamicSlidingWindowLayer"):
         cache_to_kv(cache)
 
 
