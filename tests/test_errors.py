@@ -157,6 +157,15 @@ def test_bad_devices(filled, store_path, device, match):
     unchanged(s, kv)
 
 
+def test_bad_layer_index(filled):
+    s, kv = filled
+    h = s.restore_async(range(2 * BLOCK), session="ok")
+    for i in (-1, SPEC.num_layers, "1", 1.0, True):
+        with pytest.raises(tierkv.ConfigError, match="layer"):
+            h.layer(i)
+    assert_kv_equal([h.layer(i) for i in range(SPEC.num_layers)], kv)
+
+
 def test_bad_cache_pool_arguments():
     pool = tierkv.CachePool()
     for tokens in (0, -5, "5", 2.0, True):

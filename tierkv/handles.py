@@ -22,7 +22,7 @@ import torch
 from . import hostmem
 from .blocks import Block, BlockLoad, block_views, tensor_view
 from .config import check_timeout
-from .errors import BlockLoadError, ConfigError, TierKVError
+from .errors import BlockLoadError, ConfigError
 from .movers import LayerTargets, copy_stream, layer_targets
 
 if TYPE_CHECKING:
@@ -453,8 +453,8 @@ class LoadHandle:
             BlockLoadError: a block of the prefix failed to load; recompute from
                 ``first_bad_token``.
         """
-        if not 0 <= i < self._spec.num_layers:
-            raise TierKVError(f"layer {i} outside 0..{self._spec.num_layers - 1}")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self._spec.num_layers:
+            raise ConfigError(f"layer {i!r} is not an int in 0..{self._spec.num_layers - 1}")
         if not self.num_tokens:
             return tuple(torch.empty(t.shape(0), dtype=t.torch_dtype, device=self._device)
                          for t in self._spec.layers[i].tensors)
