@@ -68,8 +68,8 @@ def tokens_view(tokens: Any) -> np.ndarray:
     its next call). A 1M-token lookup then allocates nothing: a fresh 4 MB array costs a page
     fault per 4 KiB on every call (bench/ops.py measures the lookup)."""
     t = tokens.detach() if hasattr(tokens, "detach") else None
-    if t is None or t.device.type != "cpu" or str(t.layout) != "torch.strided" or t.dim() != 1 or not t.numel() or str(t.dtype) not in (
-            "torch.int64", "torch.int32"):
+    if (t is None or t.device.type != "cpu" or str(t.layout) != "torch.strided" or t.dim() != 1
+            or not t.numel() or str(t.dtype) not in ("torch.int64", "torch.int32")):
         return as_tokens(tokens)
     lo, hi = (int(x) for x in t.aminmax())
     if lo < 0 or hi >= 2**32:

@@ -42,6 +42,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 
 def _is_int(value: Any) -> bool:
@@ -52,7 +53,6 @@ def _is_int(value: Any) -> bool:
 def _check_layer_count(num_layers: Any) -> None:
     if not _is_int(num_layers) or num_layers < 1:
         raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
-_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -301,7 +301,7 @@ class KVSpec:
 
         ``kv`` is a sequence with one entry per layer, each a sequence of that layer's tensors.
         """
-        if isinstance(kv, (torch.Tensor, str, bytes)) or not hasattr(kv, "__len__") or not hasattr(kv, "__getitem__"):
+        if isinstance(kv, (torch.Tensor, str, bytes)) or not (hasattr(kv, "__len__") and hasattr(kv, "__getitem__")):
             raise SpecMismatchError(
                 f"KV must be a list or tuple with one entry per layer, got {type(kv).__name__}")
         if len(kv) != self.num_layers:

@@ -303,7 +303,8 @@ class SessionRunner:
         decode greedily, save the grown session."""
         from ..errors import BlockLoadError
 
-        tokens = [int(t) if _is_token(t) else t for t in (tokens.tolist() if hasattr(tokens, "tolist") else tokens)]
+        ids = tokens.tolist() if hasattr(tokens, "tolist") else tokens  # numpy or torch: Python ints
+        tokens = [int(t) if _is_token(t) else t for t in ids]
         if not tokens:
             raise ConfigError("a turn needs at least one input token")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
