@@ -222,6 +222,18 @@ def test_bad_session_ids(filled, sid):
     unchanged(s, kv)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(ttl=0), "ttl"), (dict(ttl=float("inf")), "ttl"), (dict(ttl="60"), "ttl"), (dict(ttl=True), "ttl"),
+    (dict(pinned="no"), "pinned"), (dict(pinned=1), "pinned"),
+])
+def test_bad_save_options(filled, kw, match):
+    s, kv = filled
+    with pytest.raises(tierkv.ConfigError, match=match):
+        s.save(range(2 * BLOCK), make_kv(SPEC, 2 * BLOCK, seed=3), session="ok", **kw)
+    assert not s.session_info("ok")["pinned"]
+    unchanged(s, kv)
+
+
 def test_odd_but_valid_session_ids(open_store):
     s = open_store(SPEC)
     kv = make_kv(SPEC, BLOCK)

@@ -375,6 +375,8 @@ class TierKV(SSDWriter, Loads):
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0
                                 or not math.isfinite(ttl)):
             raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if pinned is not None and not isinstance(pinned, bool):  # "no" would pin
+            raise ConfigError(f"pinned must be True, False or None, got {pinned!r}")
         B = self.block_tokens
         keys = block_keys(chain_seed(self.fingerprint, tenant), toks, B, partial=session is not None)
         target = self._tiers["device"] if self._tiers["device"].enabled else self._tiers["host"]
