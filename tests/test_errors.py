@@ -334,7 +334,7 @@ def test_closed_store(open_store):
     s.close()
     s.close()  # idempotent
     for call in (lambda: s.lookup([1]), lambda: s.restore([1]), lambda: s.stats(),
-                 lambda: s.save(range(BLOCK), make_kv(SPEC, BLOCK))):
+                 lambda: s.save(range(BLOCK), make_kv(SPEC, BLOCK)), s.__enter__):
         with pytest.raises(tierkv.StoreClosedError):
             call()
 

@@ -154,6 +154,7 @@ class TierKV(SSDWriter, Loads):
 
     # ------------------------------------------------------------------ context management
     def __enter__(self) -> "TierKV":
+        self._check_open()  # a with-block over a closed store fails at its start, not its first call
         return self
 
     def __exit__(self, *exc: object) -> None:
