@@ -20,7 +20,7 @@ import torch
 import zstandard
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, real_kv, timed, write_json  # noqa: E402
+from common import int_at_least, machine, real_kv, timed, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.blocks import pack_block  # noqa: E402
@@ -30,7 +30,7 @@ from tierkv.codec import RawCodec, ZstdPlanesCodec, decode_layer, encode_block, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/codec_choice.json")
-    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--tokens", type=int_at_least(1), default=1024)
     args = ap.parse_args()
     torch.set_num_threads(1)
     kv32 = real_kv(args.tokens)

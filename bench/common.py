@@ -241,11 +241,33 @@ def preallocated(spec: Any, tokens: int, device: str = "cpu") -> Callable[..., t
     return allocate
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int of at least ``low`` (a count of rounds, sessions, tokens), so
+    a bad count stops at the command line instead of as a traceback minutes into a run."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is less than {low}")
+        return n
+    parse.__name__ = f"int >= {low}"  # argparse names the type in its message
+    return parse
+
+
+def existing_dir(text: str) -> str:
+    """An argparse ``type``: a directory that exists (a bench works in a temporary one inside it)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return text
+
+
 def add_side_by_side_arguments(ap: Any, rounds: int, out: str) -> None:
     """The options of a bench that times methods side by side on the bench's KV: which KV
     (``--dtype``, ``--synthetic``, ``--cache-dir``), ``--rounds``, the shuffle's ``--seed``, ``--out``."""
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--rounds", type=int_at_least(1), default=rounds)
     ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -258,7 +280,8 @@ def add_version_arguments(ap: Any) -> None:
     ``--dir``, where to work; and the hidden ``--child ROOT`` / ``--target PATH`` a child gets
     (the script puts ROOT first on its path before anything imports tierkv)."""
     ap.add_argument("--a", default=None, help="another version's directory holding a tierkv package: a row of its own")
-    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--dir", type=existing_dir, default=None,
+                    help="working directory on the disk to test (default: a temp dir)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--target", default=None, help=argparse.SUPPRESS)
 

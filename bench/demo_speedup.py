@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import int_at_least, machine, write_json  # noqa: E402
 
 KEYS = ("recompute_ttft_s", "restore_ttft_s", "speedup", "restore_s", "reload_gbps", "reload_disk_gbps",
         "compression_ratio")
@@ -31,8 +31,8 @@ KEYS = ("recompute_ttft_s", "restore_ttft_s", "speedup", "restore_s", "reload_gb
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8000])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", type=int_at_least(2), nargs="+", default=[4096, 8000])
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
     ap.add_argument("--codec", default="zstd-planes")
     ap.add_argument("--versions", nargs="+", default=None,
                     help="tierkv trees to run alternately (default: the tierkv this Python imports)")

@@ -49,7 +49,7 @@ import torch
 from crc32c import crc32c
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (add_side_by_side_arguments, against_baseline, block_payloads, cold,  # noqa: E402
+from common import (add_side_by_side_arguments, against_baseline, block_payloads, cold, int_at_least,  # noqa: E402
                     machine, print_against_baseline, ring_read, side_by_side, write_json, write_sessions)
 from reload import HUGE_PAGE, TOKENS, huge_page_buffer, odirect_read, session_kv  # noqa: E402
 
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=5, out="bench/results/direct_ceiling.json")
     ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (whole sessions)")
-    ap.add_argument("--block-tokens", type=int, default=256)
-    ap.add_argument("--group", type=int, default=10, help="layers per O_DIRECT read in the direct pattern")
+    ap.add_argument("--block-tokens", type=int_at_least(1), default=256)
+    ap.add_argument("--group", type=int_at_least(1), default=10, help="layers per O_DIRECT read in the direct pattern")
     ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
     args = ap.parse_args(argv)
     from tierkv.cli import default_cache_dir

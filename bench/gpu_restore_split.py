@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ab_reload import _tokens, write_store  # noqa: E402
-from common import collected, machine, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, stats_of, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -107,7 +107,7 @@ def restore_all(s: Any, n: int, device: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="512MiB", help="raw KV bytes in total")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int_at_least(1), default=5)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     ap.add_argument("--codec", default="raw")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import int_at_least, machine, write_json  # noqa: E402
 
 
 def _churn(directory: str, keys: list[bytes], seconds: float) -> tuple[int, int, int]:
@@ -67,7 +67,7 @@ def distinct_slot_keys(n: int) -> list[bytes]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keys", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--keys", type=int_at_least(1), nargs="+", default=[64, 512])
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lease_race.json"))
     args = ap.parse_args(argv)

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import int_at_least, machine, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 
@@ -41,9 +41,9 @@ def lat(xs: list[float]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sessions", type=int, default=100_000)
-    ap.add_argument("--long-tokens", type=int, default=1_000_000)
-    ap.add_argument("--block-rounds", type=int, default=7, help="rounds of the per-block save and restore")
+    ap.add_argument("--sessions", type=int_at_least(1), default=100_000)
+    ap.add_argument("--long-tokens", type=int_at_least(1), default=1_000_000)
+    ap.add_argument("--block-rounds", type=int_at_least(1), default=7, help="rounds of the per-block save and restore")
     ap.add_argument("--out", default="bench/results/ops.json")
     args = ap.parse_args()
     spec = tierkv.KVSpec.gqa("bench/tiny", 1, 1, 8, torch.bfloat16)

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_side_by_side_arguments, machine, side_by_side, stats_of, write_json  # noqa: E402
+from common import add_side_by_side_arguments, int_at_least, machine, side_by_side, stats_of, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -48,8 +48,9 @@ from tierkv.blocks import _block_copies, pack_block, pack_blocks, serial_pieces 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=15, out="bench/results/pack_blocks.json")
-    ap.add_argument("--tokens", type=int, default=2 * TOKENS, help="a multiple of the bench's 2,048-token session")
-    ap.add_argument("--block-tokens", type=int, default=256)
+    ap.add_argument("--tokens", type=int_at_least(1), default=2 * TOKENS,
+                    help="a multiple of the bench's 2,048-token session")
+    ap.add_argument("--block-tokens", type=int_at_least(1), default=256)
     args = ap.parse_args(argv)
     from tierkv.cli import default_cache_dir
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, stats_of, write_json  # noqa: E402
+from common import int_at_least, machine, stats_of, write_json  # noqa: E402
 
 from tierkv.hostmem import SlabPool  # noqa: E402
 
@@ -42,9 +42,9 @@ def per_block(fn: Any, blocks: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--block-bytes", type=int, default=256 * 30 * 2 * 3 * 64 * 2)
-    ap.add_argument("--blocks", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--block-bytes", type=int_at_least(1), default=256 * 30 * 2 * 3 * 64 * 2)
+    ap.add_argument("--blocks", type=int_at_least(1), default=64)
+    ap.add_argument("--repeats", type=int_at_least(1), default=5)
     ap.add_argument("--out", default="bench/results/pinned_alloc.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

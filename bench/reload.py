@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, disk_read_counters, machine, preallocated, pyplot, stats_of, write_json  # noqa: E402
+from common import (collected, disk_read_counters, existing_dir, int_at_least, machine, preallocated,  # noqa: E402
+                    pyplot, stats_of, write_json)
 import reload_runs  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -183,11 +184,12 @@ def odirect_read(path: str, chunk: int = 4 << 20, threads: int = 1, huge: bool =
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int_at_least(1), default=5)
     ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="KV dtype: fp32 (SmolLM2 run in fp32, the CPU default) or bf16 (run in bf16, as on a GPU)")
-    ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
+    ap.add_argument("--dir", type=existing_dir, default=None,
+                    help="working directory on the disk to test (default: a temp dir)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="bench/results/reload.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result")

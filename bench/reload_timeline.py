@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ab_reload import _tokens, write_store  # noqa: E402
-from common import collected, machine, preallocated, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, preallocated, stats_of, write_json  # noqa: E402
 from read_patterns import layer_major, value_layout  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
@@ -130,7 +130,7 @@ def timed_run(run: Callable[[], list[float]], total: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int_at_least(1), default=8)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--codec", default="zstd-planes")
     ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")

@@ -44,8 +44,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(__file__))
 if "--child" in sys.argv:  # a child saves with the tierkv under --child: first on the path, before any import of it
     sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--child") + 1]))
-from common import (add_side_by_side_arguments, add_version_arguments, machine, run_child, side_by_side,  # noqa: E402
-                    stats_of, tierkv_from, write_json)
+from common import (add_side_by_side_arguments, add_version_arguments, int_at_least, machine, run_child,  # noqa: E402
+                    side_by_side, stats_of, tierkv_from, write_json)
 from reload import TOKENS, session_kv  # noqa: E402
 
 PHASES = ("growing", "full")
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=5, out="bench/results/save_block.json")
     add_version_arguments(ap)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--sessions", type=int, default=12)
-    ap.add_argument("--host-sessions", type=int, default=4, help="sessions the host tier holds (its budget)")
+    ap.add_argument("--tokens", type=int_at_least(1), default=4096)
+    ap.add_argument("--sessions", type=int_at_least(1), default=12)
+    ap.add_argument("--host-sessions", type=int_at_least(1), default=4,
+                    help="sessions the host tier holds (its budget)")
     ap.add_argument("--burst", action="store_true",
                     help="do not wait for the writer between saves: every save but the first runs while "
                          "the writer works (a burst of write-through saves)")

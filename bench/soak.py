@@ -59,7 +59,7 @@ import psutil
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, pyplot, write_json  # noqa: E402
+from common import int_at_least, machine, pyplot, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -383,7 +383,7 @@ def verify_after(path: str, problems: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--threads", type=int, default=3, help="threads of hooks in each process")
+    ap.add_argument("--threads", type=int_at_least(1), default=3, help="threads of hooks in each process")
     ap.add_argument("--processes", type=int, default=0, help="more processes churning the same store")
     ap.add_argument("--kill-every", type=float, default=0.0,
                     help="seconds between SIGKILLs of the other processes, each replaced by a new one (0: never)")
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--stall-s", type=float, default=180.0,
                     help="seconds in which no call of a process finishes that end the run as a hang")
     ap.add_argument("--reopen-every", type=float, default=60.0, help="seconds between close and reopen")
-    ap.add_argument("--verify", type=int, default=4, help="check every N-th hit bit for bit")
+    ap.add_argument("--verify", type=int_at_least(1), default=4, help="check every N-th hit bit for bit")
     ap.add_argument("--warmup", type=float, default=0.2, help="fraction of the run left out of the summary")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's KV dtype")

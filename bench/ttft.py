@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, machine, pyplot, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, pyplot, stats_of, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
@@ -38,8 +38,8 @@ from tierkv.pagecache import make_cold  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8000])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", type=int_at_least(2), nargs="+", default=[512, 2048, 8000])
+    ap.add_argument("--repeats", type=int_at_least(1), default=3)
     ap.add_argument("--server-work-ms", type=float, default=50.0)
     ap.add_argument("--out", default="bench/results/ttft.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result")

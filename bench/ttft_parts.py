@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, machine, write_json  # noqa: E402
+from common import collected, int_at_least, machine, write_json  # noqa: E402
 from reload import session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -52,8 +52,8 @@ MESSAGE = 27  # the demo's turn-2 message length
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=8064)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--tokens", type=int_at_least(2), default=8064)
+    ap.add_argument("--rounds", type=int_at_least(1), default=6)
     ap.add_argument("--out", default="bench/results/ttft_parts.json")
     args = ap.parse_args()
     model, _, spec = load_smollm2()

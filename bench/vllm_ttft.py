@@ -23,7 +23,7 @@ import sysconfig
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import int_at_least, machine, write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 E2E = os.path.join(HERE, "..", "tests", "vllm", "e2e.py")
@@ -31,8 +31,8 @@ E2E = os.path.join(HERE, "..", "tests", "vllm", "e2e.py")
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prefix-tokens", type=int, default=7000)
-    ap.add_argument("--requests", type=int, default=3)
+    ap.add_argument("--prefix-tokens", type=int_at_least(1), default=7000)
+    ap.add_argument("--requests", type=int_at_least(1), default=3)
     ap.add_argument("--vllm-python", default=os.path.join(HERE, "..", ".venv-vllm", "bin", "python"))
     ap.add_argument("--codec", default="zstd-planes", help="the connector's ssd_codec (zstd-planes or raw)")
     ap.add_argument("--out", default="bench/results/vllm_ttft.json")

@@ -34,6 +34,25 @@ def test_reload_bench_refuses_a_directory_it_cannot_read_cold(tmp_path):
     assert not {n for n in set(os.listdir(shm)) - before if n.startswith("tierkv-reload-")}
 
 
+@pytest.mark.parametrize("args,message", [
+    (["reload", "--repeats", "0"], "--repeats: 0 is less than 1"),
+    (["reload", "--repeats", "many"], "--repeats: 'many' is not an int"),
+    (["reload", "--dir", "/nonexistent/tierkv"], "--dir: '/nonexistent/tierkv' is not a directory"),
+    (["ttft", "--sizes", "512", "1"], "--sizes: 1 is less than 2"),
+    (["ttft", "--repeats", "0"], "--repeats: 0 is less than 1"),
+    (["ops", "--sessions", "0"], "--sessions: 0 is less than 1"),
+])
+def test_bench_commands_refuse_bad_counts_at_the_command_line(tmp_path, args, message):
+    """A count below what a bench can run stops at the command line (exit 2, argparse's message),
+    not as a traceback minutes in: --repeats 0 died in statistics.median, --sizes -5 ran on,
+    --dir of a missing directory died in mkdtemp."""
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, "-m", "tierkv.cli", "bench", *args, "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not out.exists()
+
+
 @pytest.mark.real_devices
 @pytest.mark.parametrize("store_last", [False, True])
 def test_reload_bench_runs(tmp_path, store_last):
