@@ -111,7 +111,8 @@ from tierkv import ConfigError
 for extra, msg in [({}, "store_path"), ({"store_path": "/x", "block_tokens": 48}, "multiple"),
                    ({"store_path": "/x", "colour": 1}, "unknown"), ({"store_path": "/x", "ssd_bytes": "lots"}, "ssd_bytes"),
                    ({"store_path": "/x", "ssd_codec": "lz4"}, "ssd_codec"),
-                   ({"store_path": "/x", "ssd_page_cache": "off"}, "ssd_page_cache")]:
+                   ({"store_path": "/x", "ssd_page_cache": "off"}, "ssd_page_cache"),
+                   ({"store_path": "/x", "stats_dir": 5}, "stats_dir"), ({"store_path": "/x", "model_id": 7}, "model_id")]:
     try:
         ConnectorSettings.parse(extra, 32, "m")
     except ConfigError as e:

@@ -97,13 +97,18 @@ class ConnectorSettings:
         codec = extra.get("ssd_codec", "zstd-planes")
         if codec not in SSD_CODECS:
             raise ConfigError(f"TierKVConnector: ssd_codec={codec!r} must be one of {list(SSD_CODECS)}")
+        stats_dir, model_id = extra.get("stats_dir"), extra.get("model_id", default_model_id)
+        if stats_dir is not None and (not isinstance(stats_dir, str) or not stats_dir):
+            raise ConfigError(f"TierKVConnector: stats_dir={stats_dir!r} must be a directory path")
+        if not isinstance(model_id, str) or not model_id:
+            raise ConfigError(f"TierKVConnector: model_id={model_id!r} must be a non-empty str")
         page_cache = extra.get("ssd_page_cache", "use")
         if page_cache not in PAGE_CACHE_MODES:
             raise ConfigError(f"TierKVConnector: ssd_page_cache={page_cache!r} must be one of {list(PAGE_CACHE_MODES)}")
         return cls(path, bt, parse_size(extra.get("device_bytes", 0), "device_bytes"),
                    parse_size(extra.get("host_bytes", "1GiB"), "host_bytes"),
                    parse_size(extra.get("ssd_bytes", "16GiB"), "ssd_bytes"),
-                   str(extra.get("model_id", default_model_id)), extra.get("stats_dir"), codec, page_cache)
+                   model_id, stats_dir, codec, page_cache)
 
 
 @dataclass(frozen=True)
