@@ -267,6 +267,7 @@ def test_unknown_session(filled):
     (dict(io_threads=True), "io_threads"),
     (dict(zstd_level=True), "zstd_level"),
     (dict(pin_host_memory="yes"), "pin_host_memory"),
+    (dict(pin_host_memory=1), "pin_host_memory"),
 ])
 def test_bad_settings(store_path, settings, match):
     with pytest.raises(tierkv.ConfigError, match=match):

@@ -193,7 +193,7 @@ class TierKVConfig:
             raise ConfigError(f"zstd_level must be an int in -7..22, got {self.zstd_level!r}")
         if self.ssd_codec not in SSD_CODECS:
             raise ConfigError(f"ssd_codec must be one of {list(SSD_CODECS)}, got {self.ssd_codec!r}")
-        if self.pin_host_memory not in (None, True, False):
+        if not (self.pin_host_memory is None or isinstance(self.pin_host_memory, bool)):
             raise ConfigError(f"pin_host_memory must be None, True or False, got {self.pin_host_memory!r}")
         if self.device is not None:
             check_device(self.device)
