@@ -225,8 +225,6 @@ def test_second_architecture_qwen3_random_weights(tmp_path):
 def test_sliding_window_cache_is_refused():
     from transformers import DynamicCache, MistralConfig
 
-    import tierkv
-
     cfg = MistralConfig(num_hidden_layers=2, sliding_window=16, hidden_size=32, num_attention_heads=2,
                         num_key_value_heads=1, intermediate_size=64, vocab_size=100)
     cache = DynamicCache(config=cfg)
@@ -234,6 +232,24 @@ def test_sliding_window_cache_is_refused():
     cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 1)
     with pytest.raises(SpecMismatchError, match="DynamicSlidingWindowLayer"):
         cache_to_kv(cache)
+
+
+def test_cache_helpers_refuse_what_is_not_a_cache():
+    """A legacy tuple cache, None or a list went to ``cache.layers`` or tuple unpacking and raised
+    AttributeError or TypeError; they are SpecMismatchErrors that say what is expected."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, vocab_size=100)
+    pair = (torch.zeros(1, 4, 16), torch.zeros(1, 4, 16))
+    for cache in (None, [], ((pair[0][None], pair[1][None]),) * 2):
+        with pytest.raises(SpecMismatchError, match="transformers Cache"):
+            cache_to_kv(cache)
+    for kv in (None, [pair[0]], [(pair[0],)], [(pair[0], "v")]):
+        with pytest.raises(SpecMismatchError, match="key, value"):
+            kv_to_cache(kv, cfg)
+    back = cache_to_kv(kv_to_cache([pair, pair], cfg))
+    assert len(back) == 2 and all(torch.equal(k, pair[0]) and torch.equal(v, pair[1]) for k, v in back)
 
 
 def test_demo_end_to_end(tmp_path):

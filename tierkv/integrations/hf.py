@@ -65,6 +65,8 @@ def spec_for_model(model: Any, model_id: str | None = None, revision: str | None
 
 def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer ``(key, value)`` tensors ``[kv_heads, seq, head_dim]`` of a batch-1 cache (views)."""
+    if not isinstance(cache, Cache):  # a legacy tuple of (key, value) pairs, None, ...
+        raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
     out = []
     for i, layer in enumerate(cache.layers):
         if not isinstance(layer, DynamicLayer) or layer.is_sliding:
@@ -80,6 +82,9 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
     """A ``DynamicCache`` holding restored per-layer tensors (a batch axis of 1 is added)."""
+    if not isinstance(kv, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
+        raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
     return DynamicCache(ddp_cache_data=[(k.unsqueeze(0), v.unsqueeze(0)) for k, v in kv], config=config)
 
 
