@@ -10,12 +10,10 @@ Needs torch only: a server that does not use transformers restores into a pool t
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import hostmem
-from .config import check_device
+from .config import check_device, is_int
 from .errors import ConfigError
 from .handles import Allocator, slab_alloc
 from .spec import KVSpec
@@ -45,7 +43,12 @@ class CachePool:
         ``seq_axis`` (the token axis; 2 for transformers' ``[1, heads, tokens, dim]``). The one
         held is returned while it is large enough and of that dtype and device; else a new one
         replaces it."""
-        device = check_device(device)
+        return self._buffer(layer, index, shape, dtype, check_device(device), seq_axis)
+
+    def _buffer(self, layer: int, index: int, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device, seq_axis: int) -> torch.Tensor:
+        """``buffer`` for a device already checked: a restore's ``allocate`` gets the one the
+        engine checked when the restore began, and is called per layer and tensor."""
         have = self._bufs.get((layer, index))
         if (have is not None and have.dtype == dtype and have.device == device and have.dim() == len(shape)
                 and have.shape[seq_axis] >= shape[seq_axis]
@@ -61,7 +64,7 @@ class CachePool:
         (``handles.slab_alloc``), where ``ssd_page_cache="bypass"`` reads a few MiB per disk
         request."""
         _check_spec(spec)
-        if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 1:
+        if not is_int(tokens) or tokens < 1:
             raise ConfigError(f"tokens must be an int >= 1, got {tokens!r}")
         device = check_device(device)
         carve = slab_alloc(spec, tokens) if device.type == "cpu" else None
@@ -70,7 +73,7 @@ class CachePool:
                 shape = (1, *t.shape(tokens))
                 if carve is not None:
                     self._bufs[(i, j)] = carve(i, j, shape, t.torch_dtype, device)
-                self.buffer(i, j, shape, t.torch_dtype, device, 1 + t.seq_axis).zero_()
+                self._buffer(i, j, shape, t.torch_dtype, device, 1 + t.seq_axis).zero_()
 
     def allocator(self, spec: KVSpec) -> Allocator:
         """An ``allocate`` for ``TierKV.restore_async`` that hands out views of this pool's
@@ -81,7 +84,7 @@ class CachePool:
 
         def allocate(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
             axis = axes[layer][index]
-            full = self.buffer(layer, index, (1, *shape), dtype, device, 1 + axis)
+            full = self._buffer(layer, index, (1, *shape), dtype, device, 1 + axis)
             return full[0].narrow(axis, 0, shape[axis])
         return allocate
 

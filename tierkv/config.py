@@ -16,7 +16,7 @@ import torch
 from .affinity import AFFINITIES
 from .errors import ConfigError
 
-__all__ = ["parse_size", "format_size", "check_timeout", "check_device", "TierKVConfig", "PERSIST_MODES"]
+__all__ = ["parse_size", "format_size", "is_int", "check_timeout", "check_device", "TierKVConfig", "PERSIST_MODES"]
 
 _UNITS = {
     "": 1,
@@ -61,6 +61,11 @@ def parse_size(value: int | str, name: str = "size") -> int:
     raise ConfigError(f"{name} must be an int or a size string, got {type(value).__name__}")
 
 
+def is_int(value: object) -> bool:
+    """An int as a count or size from a caller: numpy's ints too, a bool (an int to Python) not."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_timeout(timeout: object) -> float | None:
     """A wait's ``timeout``: ``None`` (wait as long as it takes) or seconds (<= 0: do not wait).
     Infinity, or any time longer than a thread wait can take (``threading.TIMEOUT_MAX``), is
@@ -98,7 +103,7 @@ def check_device(device: object, name: str = "device") -> torch.device:
 
 
 def _int_in(value: object, lo: int, hi: int) -> bool:
-    """An int (not a bool, which Python counts as one) in ``lo..hi``."""
+    """A plain int in ``lo..hi``, not a bool: a setting, which goes into the store's JSON as it is."""
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 

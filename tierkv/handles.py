@@ -21,7 +21,7 @@ import torch
 
 from . import hostmem
 from .blocks import Block, BlockLoad, block_views, tensor_view
-from .config import check_timeout
+from .config import check_timeout, is_int
 from .errors import BlockLoadError, ConfigError
 from .movers import LayerTargets, copy_stream, layer_targets
 
@@ -453,7 +453,7 @@ class LoadHandle:
             BlockLoadError: a block of the prefix failed to load; recompute from
                 ``first_bad_token``.
         """
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self._spec.num_layers:
+        if not is_int(i) or not 0 <= i < self._spec.num_layers:
             raise ConfigError(f"layer {i!r} is not an int in 0..{self._spec.num_layers - 1}")
         if not self.num_tokens:
             return tuple(torch.empty(t.shape(0), dtype=t.torch_dtype, device=self._device)

@@ -18,12 +18,12 @@ import hashlib
 import itertools
 import json
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from .config import is_int
 from .errors import ConfigError, SpecMismatchError
 
 __all__ = ["TensorSpec", "LayerSpec", "KVSpec", "DTYPES", "FORMAT_VERSION"]
@@ -45,13 +45,8 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 
-def _is_int(value: Any) -> bool:
-    """An int, numpy's included, and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_layer_count(num_layers: Any) -> None:
-    if not _is_int(num_layers) or num_layers < 1:
+    if not is_int(num_layers) or num_layers < 1:
         raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
 
 
@@ -89,7 +84,7 @@ class TensorSpec:
         # Sizes must be ints as given: int(8.5) would quietly make a head_dim of 8, and a bool
         # is an int to Python but never a size meant as one.
         dims = self.dims if isinstance(self.dims, (tuple, list)) else None
-        if dims is None or not all(_is_int(d) for d in dims) or not _is_int(self.seq_axis):
+        if dims is None or not all(is_int(d) for d in dims) or not is_int(self.seq_axis):
             raise ConfigError(f"tensor {self.name!r}: dims must be a tuple of ints and seq_axis an int, "
                               f"got dims={self.dims!r}, seq_axis={self.seq_axis!r}")
         object.__setattr__(self, "dims", tuple(int(d) for d in dims))
@@ -219,7 +214,7 @@ class KVSpec:
             dtype: torch.dtype | str = torch.bfloat16, revision: str = "") -> "KVSpec":
         """Multi-head latent attention: one latent ``[T, kv_lora_rank + rope_dim]`` per layer."""
         _check_layer_count(num_layers)
-        if not (_is_int(kv_lora_rank) and _is_int(rope_dim)):
+        if not (is_int(kv_lora_rank) and is_int(rope_dim)):
             raise ConfigError(f"kv_lora_rank and rope_dim must be ints, got {kv_lora_rank!r}, {rope_dim!r}")
         layer = LayerSpec((TensorSpec("latent", (kv_lora_rank + rope_dim,), 0, dtype_name(dtype)),))
         return cls(model_id, (layer,) * num_layers, revision)

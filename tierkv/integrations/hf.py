@@ -25,7 +25,6 @@ import importlib.util
 import inspect
 import json
 import math
-import numbers
 import os
 import shutil
 import tempfile
@@ -45,6 +44,7 @@ from .. import hostmem
 from ..engine import TierKV
 from ..cachepool import CachePool
 from ..cli import default_cache_dir
+from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError
 from ..spec import KVSpec
 
@@ -308,16 +308,16 @@ class SessionRunner:
         decode greedily, save the grown session."""
         from ..errors import BlockLoadError
 
-        ids = tokens.tolist() if hasattr(tokens, "tolist") else tokens  # numpy or torch: Python ints
-        tokens = [int(t) if _is_token(t) else t for t in ids]
-        if not tokens:
+        ids = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)  # numpy or torch: Python ints
+        if not ids:
             raise ConfigError("a turn needs at least one input token")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        vocab = getattr(self.model.config, "vocab_size", None)
-        if not all(_is_token(t) and 0 <= t < (vocab or 2**32) for t in tokens):
+        vocab = getattr(self.model.config, "vocab_size", None) or 2**32
+        if not all(is_int(t) and 0 <= t < vocab for t in ids):
             # before the lookup and the restore: the embedding would raise IndexError mid-turn
-            raise SpecMismatchError(f"token ids must be ints in 0..{(vocab or 2**32) - 1} (the model's vocabulary)")
+            raise SpecMismatchError(f"token ids must be ints in 0..{vocab - 1} (the model's vocabulary)")
+        tokens = [int(t) for t in ids]
         t0 = time.perf_counter()
         # Keep at least one token to prefill: its logits start the decode.
         cache, handle = restore_cache(self.store, tokens[:-1], self.model.config, session=session, pool=self.pool)
@@ -338,10 +338,6 @@ class SessionRunner:
         self.store.save(seen, cache_to_kv(cache), session=session)
         sources = handle.result().sources if n else {}
         return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, sources)
-
-
-def _is_token(t: Any) -> bool:
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 # ---------------------------------------------------------------------------- the real model
