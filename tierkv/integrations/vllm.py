@@ -69,7 +69,8 @@ class ConnectorSettings:
 
     Keys: ``store_path`` (required), ``block_tokens`` (a multiple of vLLM's block size, default
     256), ``device_bytes`` / ``host_bytes`` / ``ssd_bytes`` (sizes, default 0 / "1GiB" / "16GiB":
-    vLLM's own paged cache is the device tier), ``model_id`` (default: the model path),
+    vLLM's own paged cache is the device tier; each worker's, so each shard's store, with tensor
+    or pipeline parallelism), ``model_id`` (default: the model path),
     ``stats_dir`` (optional: each connector process writes its counters there as JSON),
     ``ssd_codec`` ("zstd-planes", the default, or "raw": on a machine with few cores the planes'
     decoding is slower than the disk; docs/benchmarks.md), ``ssd_page_cache`` ("use", the
