@@ -37,9 +37,9 @@ def setup(tmp_path_factory):
     return model_dir, d
 
 
-def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1):
+def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, prefix_caching=False):
     model_dir, d = setup
-    env = dict(os.environ, TIERKV_E2E_TP=str(tp))
+    env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)))
     r = subprocess.run([VLLM_PY, os.path.join(HERE, "vllm", "e2e.py"), kind, model_dir, str(d / store),
                         str(d / stats), str(d / prompts), str(d / out)], capture_output=True, text=True,
                        timeout=600, env=env)
@@ -105,6 +105,19 @@ def test_corrupt_store_is_recomputed_not_served(setup):
     s4 = stats(setup, "stats4")
     assert s4["worker"]["connector_loaded_tokens"] == 2 * 256 and s4["worker"]["corrupt_blocks"] == 0
     assert repaired[0]["tokens"] == plain[1]["tokens"]
+
+
+def test_with_vllms_own_prefix_cache(setup):
+    """vLLM's default, its own prefix cache on, over the store the tests above left (it holds the
+    shared prefix, repaired): the first batch loads the prefix from tierkv, the second finds it in
+    vLLM's own cache and loads nothing; outputs those of the server without the connector."""
+    plain = json.loads((setup[1] / "plain.json").read_text())
+    out = phase(setup, "connector", "all.json", "prefix_cache_out.json", stats="stats5", prefix_caching=True)
+    w = stats(setup, "stats5")["worker"]
+    assert [b["tokens"] for b in out] == [b["tokens"] for b in plain]
+    assert out[0]["cached"][0] == 256 and min(out[0]["cached"] + out[1]["cached"]) >= 256
+    # the second request of the first batch may load the prefix too, or find the first's pages
+    assert w["connector_loaded_tokens"] in (256, 512) and w["corrupt_blocks"] == 0
 
 
 def test_bad_connector_settings_are_clear_errors():

@@ -3,7 +3,8 @@
     python tests/vllm/e2e.py PHASE MODEL_DIR STORE_DIR STATS_DIR PROMPTS_JSON OUT_JSON
 
 PHASE is "connector" (serve with TierKVConnector) or "plain" (no connector). Each run is its own
-process, as a restarted server would be.
+process, as a restarted server would be. TIERKV_E2E_TP sets tensor parallelism (one worker process
+per rank), TIERKV_E2E_PREFIX_CACHING=1 turns vLLM's own prefix cache on.
 """
 
 import json
@@ -34,7 +35,7 @@ if __name__ == "__main__":
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(tp)))
         kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
     llm = LLM(model=model, dtype="bfloat16", max_model_len=max_len, enforce_eager=True, block_size=32,
-              enable_prefix_caching=False, seed=0, **kw)
+              enable_prefix_caching=os.environ.get("TIERKV_E2E_PREFIX_CACHING") == "1", seed=0, **kw)
     prompts = json.load(open(prompts_file))
     results = []
     for batch in prompts:  # batches in order: a later batch may hit what an earlier one saved
