@@ -204,7 +204,7 @@ import os, tempfile
 from types import SimpleNamespace as NS
 import torch
 from tierkv import ConfigError, KVSpec
-from tierkv.integrations.vllm import _STORES, shards, weights_identity
+from tierkv.integrations.vllm import _STORES, check_one_kv_cache_group, shards, weights_identity
 
 def cfg(tp, pp, rank=0, **kw):
     return NS(tensor_parallel_size=tp, pipeline_parallel_size=pp, rank=rank, **kw)
@@ -240,6 +240,15 @@ for tp in (1, 2):
     assert all(not (p & plain) for p in other) and len(set().union(*other)) == 4 * tp
     revisions = [{sh.revision for sh in shards(cfg(tp, 1), 30, w)[0]} for w in [""] + names]
     assert len(set().union(*revisions)) == 5 * tp
+# several KV cache groups (each paged by its own block ids) are refused, one is served
+check_one_kv_cache_group(None)
+check_one_kv_cache_group(NS(kv_cache_groups=[NS()]))
+try:
+    check_one_kv_cache_group(NS(kv_cache_groups=[NS(), NS()]))
+except ConfigError as e:
+    assert "KV cache groups" in str(e)
+else:
+    raise SystemExit("accepted two KV cache groups")
 # one process never hands out a store opened for another layout
 d = tempfile.mkdtemp()
 _STORES.acquire(d, KVSpec.gqa("m", 2, 1, 8, torch.float32, revision="a"), block_tokens=16)

@@ -253,6 +253,17 @@ def shards(parallel_config: Any, total_layers: int, weights: str = "") -> tuple[
     return every, every[rank % (tp * pp)]
 
 
+def check_one_kv_cache_group(kv_cache_config: Any) -> None:
+    """The connector pages every layer by the block ids of vLLM's first KV cache group. vLLM
+    keeps one group when a connector does not declare ``SupportsHMA`` (this one does not); should
+    it ever hand over several (sliding-window and full layers paged apart), refuse rather than
+    move the wrong pages."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None)
+    if groups is not None and len(groups) > 1:
+        raise ConfigError(f"TierKVConnector: {len(groups)} KV cache groups (the hybrid KV cache manager); "
+                          "only one is supported: run vLLM with --disable-hybrid-kv-cache-manager")
+
+
 def _spec(settings: ConnectorSettings, shard: Shard, layout: PagedLayout, dtype: torch.dtype) -> KVSpec:
     layer = LayerSpec((TensorSpec("kv", (layout.heads, layout.content), 1, dtype_name(dtype)),))
     return KVSpec(settings.model_id, (layer,) * shard.num_layers, revision=shard.revision)
@@ -305,6 +316,7 @@ class TierKVConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_one_kv_cache_group(kv_cache_config)
         self._block_size = vllm_config.cache_config.block_size
         model = vllm_config.model_config
         self.settings = ConnectorSettings.parse(self._kv_transfer_config.kv_connector_extra_config,
