@@ -162,12 +162,15 @@ def test_soak_bench_runs(tmp_path):
     makes passes."""
     out = tmp_path / "soak.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "soak.py"), "--minutes", "0.3",
-                        "--processes", "1", "--kill-every", "10", "--reopen-every", "6", "--sample-every", "2",
+                        "--processes", "1", "--kill-every", "10", "--reopen-every", "4", "--sample-every", "2",
                         "--synthetic", "--dir", str(tmp_path), "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["problems"] == [] and res["summary"]["corrupt_blocks"] == 0
+    # four reopens are due in its 18 s; on a loaded machine a reopen (a close that writes back,
+    # then an open) and the kill's replacement process can take seconds, so two are asked for
+    # (with reopens due every 6 s, a CI run beside other work made only one)
     assert res["reopens"] >= 2 and res["kills"] == 1
     assert [p["killed"] for p in res["processes"]] == [True, False]
     assert res["ops"]["save"] > 0 and res["ops"]["restore"] > 0
