@@ -37,9 +37,11 @@ def setup(tmp_path_factory):
     return model_dir, d
 
 
-def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, prefix_caching=False):
+def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, prefix_caching=False, **env):
+    """One vLLM process (tests/vllm/e2e.py); ``env`` sets more of its TIERKV_E2E_* knobs."""
     model_dir, d = setup
-    env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)))
+    env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)),
+               **{f"TIERKV_E2E_{k.upper()}": str(v) for k, v in env.items()})
     r = subprocess.run([VLLM_PY, os.path.join(HERE, "vllm", "e2e.py"), kind, model_dir, str(d / store),
                         str(d / stats), str(d / prompts), str(d / out)], capture_output=True, text=True,
                        timeout=600, env=env)
@@ -118,6 +120,35 @@ def test_with_vllms_own_prefix_cache(setup):
     assert out[0]["cached"][0] == 256 and min(out[0]["cached"] + out[1]["cached"]) >= 256
     # the second request of the first batch may load the prefix too, or find the first's pages
     assert w["connector_loaded_tokens"] in (256, 512) and w["corrupt_blocks"] == 0
+
+
+def test_requests_preempted_and_resumed_load_their_prefix(setup):
+    """A paged cache too small for the batch: vLLM preempts running requests, frees their pages,
+    and later resumes them, looking their prefix up again. Each resumed request's load must run,
+    into its new pages. Before session 50 the connector took loads only from new requests: vLLM
+    counted a resumed request's prefix as loaded while its pages held none of it, and outputs
+    were wrong. fp32, so that the outputs do not depend on how preemption batched the requests."""
+    _, d = setup
+    from tierkv.integrations.hf import load_smollm2
+
+    _, tok, _ = load_smollm2()
+    src = open(os.path.join(sysconfig.get_paths()["stdlib"], "functools.py"), encoding="utf-8").read()
+    prefix = tok.encode(src, add_special_tokens=False)[:300]
+    questions = ["what is lru_cache?", "explain partial.", "what does wraps do?", "what is reduce?",
+                 "what is cache?", "explain singledispatch."]
+    batch = [prefix + tok.encode(f"\n# Question {i}: {q}\n", add_special_tokens=False) for i, q in enumerate(questions)]
+    (d / "preempt.json").write_text(json.dumps([batch]))
+    # 24 pages of 32 tokens: two of these requests at a time, then preemption as they grow
+    small = {"dtype": "float32", "blocks": 24, "max_len": 640, "max_tokens": 100}
+    plain = phase(setup, "plain", "preempt.json", "preempt_plain.json", stats="stats_p0", **small)
+    out = phase(setup, "connector", "preempt.json", "preempt_out.json", store="preempt_store",
+                stats="stats_p1", **small)
+    s = stats(setup, "stats_p1")
+    matched, loaded = s["scheduler"]["connector_matched_tokens"], s["worker"]["connector_loaded_tokens"]
+    assert out[0]["tokens"] == plain[0]["tokens"]
+    assert loaded == matched and s["worker"]["corrupt_blocks"] == 0
+    # more was loaded than the requests found at their first scheduling: resumed requests loaded too
+    assert matched > sum(out[0]["cached"])
 
 
 def test_bad_connector_settings_are_clear_errors():

@@ -3,8 +3,10 @@
     python tests/vllm/e2e.py PHASE MODEL_DIR STORE_DIR STATS_DIR PROMPTS_JSON OUT_JSON
 
 PHASE is "connector" (serve with TierKVConnector) or "plain" (no connector). Each run is its own
-process, as a restarted server would be. TIERKV_E2E_TP sets tensor parallelism (one worker process
-per rank), TIERKV_E2E_PREFIX_CACHING=1 turns vLLM's own prefix cache on.
+process, as a restarted server would be. Knobs, from the environment: TIERKV_E2E_TP (tensor
+parallelism, one worker process per rank), TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache),
+TIERKV_E2E_BLOCKS (pages in vLLM's paged cache: few make it preempt requests), TIERKV_E2E_DTYPE,
+TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec).
 """
 
 import json
@@ -34,7 +36,10 @@ if __name__ == "__main__":
         cpus = sorted(os.sched_getaffinity(0))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(tp)))
         kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=max_len, enforce_eager=True, block_size=32,
+    if os.environ.get("TIERKV_E2E_BLOCKS"):  # a small paged cache: requests get preempted
+        kw["num_gpu_blocks_override"] = int(os.environ["TIERKV_E2E_BLOCKS"])
+    dtype = os.environ.get("TIERKV_E2E_DTYPE", "bfloat16")
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, block_size=32,
               enable_prefix_caching=os.environ.get("TIERKV_E2E_PREFIX_CACHING") == "1", seed=0, **kw)
     prompts = json.load(open(prompts_file))
     results = []

@@ -414,10 +414,26 @@ class TierKVConnector(KVConnectorBase_V1):
             if full:
                 self._pending_save[new.req_id] = (tokens[:full], block_ids, loading)
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or set()
         for i, req_id in enumerate(cached.req_ids):
-            if req_id in self._pending_save and cached.new_block_ids[i] is not None:
+            new_ids = cached.new_block_ids[i]
+            if req_id in resumed:
+                # Preempted, then scheduled again: vLLM freed its pages, and new_block_ids lists
+                # all of its new ones. Its prefix was looked up again, so a load may be due.
+                if new_ids is None:
+                    raise TierKVError(f"TierKVConnector: request {req_id} resumed without its block ids")
+                block_ids = list(new_ids[0])
+                loading = req_id in self._need_load
+                if loading:
+                    request, start, end = self._need_load.pop(req_id)
+                    tokens = list(request.prompt_token_ids or [])
+                    meta.loads.append(_Load(req_id, tokens[:end], block_ids, start, end))
+                if req_id in self._pending_save:
+                    tokens, _, again = self._pending_save[req_id]
+                    self._pending_save[req_id] = (tokens, block_ids, again or loading)
+            elif req_id in self._pending_save and new_ids is not None:
                 tokens, block_ids, again = self._pending_save[req_id]
-                self._pending_save[req_id] = (tokens, block_ids + list(cached.new_block_ids[i][0]), again)
+                self._pending_save[req_id] = (tokens, block_ids + list(new_ids[0]), again)
         # Save once the prompt's full blocks are all computed (chunked prefill may take steps).
         for req_id, (tokens, block_ids, again) in list(self._pending_save.items()):
             progress = self._progress(scheduler_output, req_id)
