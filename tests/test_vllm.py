@@ -151,6 +151,23 @@ def test_requests_preempted_and_resumed_load_their_prefix(setup):
     assert matched > sum(out[0]["cached"])
 
 
+def test_prompts_prefilled_in_chunks_are_saved_and_loaded(setup):
+    """Steps of 96 tokens, so each 310-token prompt is prefilled over four steps: its save waits
+    for the last of them, and a restarted server loads the prefix and prefills the rest in
+    chunks, with the outputs of the server without the connector (fp32: chunking changes how the
+    tokens are batched)."""
+    chunked = {"dtype": "float32", "step_tokens": 96, "max_tokens": 32}
+    ref = phase(setup, "plain", "all.json", "chunked_plain.json", stats="stats_c0", **chunked)
+    first = phase(setup, "connector", "first.json", "chunked_first.json", store="chunked_store",
+                  stats="stats_c1", **chunked)
+    assert first[0]["tokens"] == ref[0]["tokens"]
+    assert stats(setup, "stats_c1")["worker"]["connector_saved_tokens"] >= 256
+    second = phase(setup, "connector", "second.json", "chunked_second.json", store="chunked_store",
+                   stats="stats_c2", **chunked)
+    assert second[0]["cached"] == [256, 256] and second[0]["tokens"] == ref[1]["tokens"]
+    assert stats(setup, "stats_c2")["worker"]["connector_loaded_tokens"] == 2 * 256
+
+
 def test_bad_connector_settings_are_clear_errors():
     code = """
 from tierkv.integrations.vllm import ConnectorSettings

@@ -5,7 +5,8 @@
 PHASE is "connector" (serve with TierKVConnector) or "plain" (no connector). Each run is its own
 process, as a restarted server would be. Knobs, from the environment: TIERKV_E2E_TP (tensor
 parallelism, one worker process per rank), TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache),
-TIERKV_E2E_BLOCKS (pages in vLLM's paged cache: few make it preempt requests), TIERKV_E2E_DTYPE,
+TIERKV_E2E_BLOCKS (pages in vLLM's paged cache: few make it preempt requests),
+TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks), TIERKV_E2E_DTYPE,
 TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec).
 """
 
@@ -38,6 +39,8 @@ if __name__ == "__main__":
         kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
     if os.environ.get("TIERKV_E2E_BLOCKS"):  # a small paged cache: requests get preempted
         kw["num_gpu_blocks_override"] = int(os.environ["TIERKV_E2E_BLOCKS"])
+    if os.environ.get("TIERKV_E2E_STEP_TOKENS"):  # a small step: prompts prefill in chunks
+        kw.update(max_num_batched_tokens=int(os.environ["TIERKV_E2E_STEP_TOKENS"]), enable_chunked_prefill=True)
     dtype = os.environ.get("TIERKV_E2E_DTYPE", "bfloat16")
     llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, block_size=32,
               enable_prefix_caching=os.environ.get("TIERKV_E2E_PREFIX_CACHING") == "1", seed=0, **kw)
