@@ -201,10 +201,15 @@ class Shard:
 
     tp_rank: int
     tp_size: int
+    pp_size: int
     layer_start: int
     layer_end: int
-    whole: bool  # one worker holds all of the KV (no tensor or pipeline parallelism)
     weights: str = ""  # weights_identity(): "" for a local, unquantized model
+
+    @property
+    def whole(self) -> bool:
+        """One worker holds all of the KV (no tensor or pipeline parallelism)."""
+        return self.tp_size * self.pp_size == 1
 
     def path(self, store_path: str) -> str:
         """This shard's store: ``store_path`` itself for a single worker of a local unquantized
@@ -246,9 +251,7 @@ def shards(parallel_config: Any, total_layers: int, weights: str = "") -> tuple[
             raise ConfigError(f"TierKVConnector: {name}={getattr(parallel_config, name)} is not supported "
                               "(context parallelism splits a block's tokens across ranks)")
     tp, pp = int(parallel_config.tensor_parallel_size), int(parallel_config.pipeline_parallel_size)
-    whole = tp * pp == 1
-    every = [Shard(r, tp, *get_pp_indices(total_layers, p, pp), whole, weights)
-             for p in range(pp) for r in range(tp)]
+    every = [Shard(r, tp, pp, *get_pp_indices(total_layers, p, pp), weights) for p in range(pp) for r in range(tp)]
     rank = int(getattr(parallel_config, "rank", 0) or 0)
     return every, every[rank % (tp * pp)]
 
@@ -331,9 +334,6 @@ class TierKVConnector(KVConnectorBase_V1):
         if self._dtype is None:
             raise ConfigError("TierKVConnector: set kv_cache_dtype='auto' (quantized KV caches are not supported yet)")
         is_worker = role == KVConnectorRole.WORKER
-        if is_worker and self._layers != int(model.get_num_layers(parallel)):
-            raise ConfigError(f"TierKVConnector: shard {self.shard} disagrees with vLLM's "
-                              f"{model.get_num_layers(parallel)} layers for rank {parallel.rank}")
         # A worker reads and writes its own shard's store; the scheduler looks prompts up in all.
         mine = [self.shard] if is_worker else every
         self._paths: list[str] = []
@@ -406,10 +406,7 @@ class TierKVConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             tokens = list(new.prompt_token_ids or [])
             block_ids = list(new.block_ids[0])
-            loading = new.req_id in self._need_load
-            if loading:
-                _, start, end = self._need_load.pop(new.req_id)
-                meta.loads.append(_Load(new.req_id, tokens[:end], block_ids, start, end))
+            loading = self._take_load(meta, new.req_id, block_ids)
             full = len(tokens) // bt * bt
             if full:
                 self._pending_save[new.req_id] = (tokens[:full], block_ids, loading)
@@ -423,11 +420,7 @@ class TierKVConnector(KVConnectorBase_V1):
                 if new_ids is None:
                     raise TierKVError(f"TierKVConnector: request {req_id} resumed without its block ids")
                 block_ids = list(new_ids[0])
-                loading = req_id in self._need_load
-                if loading:
-                    request, start, end = self._need_load.pop(req_id)
-                    tokens = list(request.prompt_token_ids or [])
-                    meta.loads.append(_Load(req_id, tokens[:end], block_ids, start, end))
+                loading = self._take_load(meta, req_id, block_ids)
                 if req_id in self._pending_save:
                     tokens, _, again = self._pending_save[req_id]
                     self._pending_save[req_id] = (tokens, block_ids, again or loading)
@@ -448,6 +441,16 @@ class TierKVConnector(KVConnectorBase_V1):
                 else:
                     del self._pending_save[req_id]
         return meta
+
+    def _take_load(self, meta: TierKVConnectorMetadata, req_id: str, block_ids: list[int]) -> bool:
+        """Send the worker the load ``update_state_after_alloc`` noted for ``req_id`` (into the
+        pages ``block_ids``), if there is one."""
+        need = self._need_load.pop(req_id, None)
+        if need is None:
+            return False
+        request, start, end = need
+        meta.loads.append(_Load(req_id, list(request.prompt_token_ids or [])[:end], block_ids, start, end))
+        return True
 
     @staticmethod
     def _progress(so: Any, req_id: str) -> tuple[int, int] | None:
