@@ -168,6 +168,56 @@ def test_prompts_prefilled_in_chunks_are_saved_and_loaded(setup):
     assert stats(setup, "stats_c2")["worker"]["connector_loaded_tokens"] == 2 * 256
 
 
+def _lora_adapter(path, seed, layers=30, hidden=576, kv_width=192, rank=8):
+    """A LoRA adapter for SmolLM2 in PEFT's layout, on k_proj and v_proj: it changes the KV of the
+    same tokens (random weights; what they do to the outputs does not matter here)."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for i in range(layers):
+        for proj in ("k_proj", "v_proj"):
+            name = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            weights[f"{name}.lora_A.weight"] = torch.randn(rank, hidden, generator=g) / hidden ** 0.5
+            weights[f"{name}.lora_B.weight"] = torch.randn(kv_width, rank, generator=g) / 2
+    save_file(weights, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+                   "lora_dropout": 0.0, "bias": "none", "target_modules": ["k_proj", "v_proj"]}, f)
+    return str(path)
+
+
+def test_lora_adapters_and_cache_salts_keep_their_own_kv(setup):
+    """The same tokens under a LoRA adapter (here on k_proj and v_proj) have other KV, and vLLM's
+    cache_salt keeps tenants apart. One server saves a prompt's prefix under adapter a and under
+    salt s1; a restarted one serves the same prompt plain, under adapter b, under salt s2 (all
+    misses) and again under a and s1 (hits), each with the outputs of vLLM without the connector.
+    Before session 51 the connector looked prompts up and saved them by token ids only, so a
+    request of the same tokens loaded whichever KV was saved first: this test fails there on the
+    restarted server's outputs."""
+    _, d = setup
+    adapters = {name: _lora_adapter(d / f"lora_{name}", seed) for name, seed in (("a", 1), ("b", 2))}
+    prompt = json.loads((d / "first.json").read_text())[0][0]
+    variants = [{}, {"lora": "a"}, {"lora": "b"}, {"salt": "s2"}, {"salt": "s1"}]
+    (d / "ns_all.json").write_text(json.dumps([[{"tokens": prompt, **v}] for v in variants]))
+    (d / "ns_save.json").write_text(json.dumps([[{"tokens": prompt, "lora": "a"}, {"tokens": prompt, "salt": "s1"}]]))
+    knobs = {"dtype": "float32", "lora": json.dumps(adapters)}
+    plain = phase(setup, "plain", "ns_all.json", "ns_plain.json", stats="ns_stats0", **knobs)
+    saved = phase(setup, "connector", "ns_save.json", "ns_save_out.json", store="ns_store", stats="ns_stats1", **knobs)
+    after = phase(setup, "connector", "ns_all.json", "ns_after.json", store="ns_store", stats="ns_stats2", **knobs)
+    assert plain[1]["tokens"] != plain[0]["tokens"]  # the adapter changes the outputs
+    assert saved[0]["tokens"] == [plain[1]["tokens"][0], plain[4]["tokens"][0]]
+    assert [b["tokens"] for b in after] == [b["tokens"] for b in plain]
+    assert [b["cached"] for b in after] == [[0], [256], [0], [0], [256]]
+    assert stats(setup, "ns_stats1")["worker"]["connector_saved_tokens"] == 2 * 256
+    s = stats(setup, "ns_stats2")
+    assert s["scheduler"]["connector_matched_tokens"] == s["worker"]["connector_loaded_tokens"] == 2 * 256
+    # each miss saved its prefix under its own tenant
+    assert s["worker"]["connector_saved_tokens"] == 3 * 256
+
+
 def test_bad_connector_settings_are_clear_errors():
     code = """
 from tierkv.integrations.vllm import ConnectorSettings
@@ -252,7 +302,7 @@ import os, tempfile
 from types import SimpleNamespace as NS
 import torch
 from tierkv import ConfigError, KVSpec
-from tierkv.integrations.vllm import _STORES, check_one_kv_cache_group, shards, weights_identity
+from tierkv.integrations.vllm import _STORES, check_one_kv_cache_group, request_tenant, shards, weights_identity
 
 def cfg(tp, pp, rank=0, **kw):
     return NS(tensor_parallel_size=tp, pipeline_parallel_size=pp, rank=rank, **kw)
@@ -307,6 +357,26 @@ except ConfigError as e:
 else:
     raise SystemExit("shared a store across layouts")
 _STORES.release(d)
+# what besides token ids fixes a request's KV: its tenant (vLLM's own types for the items)
+from vllm.lora.request import LoRARequest
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+def req(**kw):
+    return NS(**{"prompt_token_ids": [1, 2, 3], "prompt_embeds": None, "lora_request": None, "mm_features": [],
+                 "cache_salt": None, **kw})
+def image(ident, offset, length=4):
+    return MultiModalFeatureSpec(data=None, modality="image", identifier=ident,
+                                 mm_position=PlaceholderRange(offset=offset, length=length))
+assert request_tenant(req()) == (True, None)
+kinds = [req(lora_request=LoRARequest("a", 1, "/p")), req(lora_request=LoRARequest("a", 2, "/q")),
+         req(lora_request=LoRARequest("b", 1, "/p")), req(cache_salt="s"), req(cache_salt="t"),
+         req(mm_features=[image("x", 0)]), req(mm_features=[image("y", 0)]), req(mm_features=[image("x", 1)]),
+         req(mm_features=[image("x", 0), image("y", 8)]), req(lora_request=LoRARequest("a", 1, "/p"), cache_salt="s")]
+tenants = [request_tenant(r) for r in kinds]
+assert all(ok and t and len(t) <= 256 for ok, t in tenants) and len({t for _, t in tenants}) == len(kinds)
+assert request_tenant(req(lora_request=LoRARequest("a", 7, "/p")))[1] == tenants[0][1]  # ids are per server
+assert request_tenant(req(mm_features=[image("x", 0)]))[1] == tenants[5][1]
+for no in (req(prompt_embeds=torch.zeros(3, 4)), req(prompt_token_ids=None), req(mm_features=[image(None, 0)])):
+    assert request_tenant(no) == (False, None)
 print("ok")
 """
     r = subprocess.run([VLLM_PY, "-c", code], capture_output=True, text=True, timeout=120)
