@@ -160,6 +160,32 @@ def test_session_runner_refuses_a_bad_turn_and_keeps_the_session(smol, tmp_path)
         assert runner.turn("s", torch.tensor(more), max_new_tokens=4).restored_tokens == len(more) - 1
 
 
+def test_models_with_peft_adapters_are_refused(smol, tmp_path):
+    """PEFT adapters change a model's KV but not its config or name, which its store's spec is
+    made from: a runner would serve the base model's KV to the adapted model, or save the adapted
+    model's KV for the base model. A runner refuses such a model, also once adapters are injected
+    into a model it already serves, and the session stays as it was."""
+    peft = pytest.importorskip("peft")
+    _, tok, spec = smol
+    model, _, _ = load_smollm2()  # a copy of its own: PEFT injects its layers into the model in place
+    tokens = stdlib_tokens(tok, 100)
+    with TierKV(str(tmp_path / "store"), spec) as kv:
+        runner = SessionRunner(kv, model)
+        t1 = runner.turn("s", tokens, max_new_tokens=2)
+        adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["k_proj", "v_proj"],
+                                                              init_lora_weights=False))
+        more = tokens + t1.tokens + tok.encode(" Why?", add_special_tokens=False)
+        with pytest.raises(ConfigError, match="PEFT adapters"):
+            runner.turn("s", more, max_new_tokens=2)  # the model it was made with now runs the adapter
+        with pytest.raises(ConfigError, match="PEFT adapters"):
+            SessionRunner(kv, adapted)
+        with pytest.raises(ConfigError, match="PEFT adapters"):
+            spec_for_model(adapted)
+        assert kv.session_info("s")["tokens"] == len(tokens) + 1
+    # named by a revision, the adapted model gets a spec (so a store) of its own
+    assert spec_for_model(adapted, revision="adapter x").fingerprint != spec.fingerprint
+
+
 def test_session_runner_reuses_its_pool_and_stays_exact(smol, tmp_path):
     """reserve() sizes the restore buffers once; later turns restore into the same (dirty)
     memory and still equal a from-scratch run."""

@@ -49,14 +49,36 @@ from ..errors import ConfigError, SpecMismatchError
 from ..spec import KVSpec
 
 __all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "restore_cache", "prefill", "greedy_decode",
-           "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir"]
+           "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
+           "refuse_adapters"]
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def refuse_adapters(model: Any) -> None:
+    """Raise ConfigError if ``model`` carries PEFT adapters (LoRA, prefix tuning, ...).
+
+    Adapters change a model's KV for the same tokens, but not its config or its name, which are
+    what a store's spec is made from: the model would be served its base model's KV, and the base
+    model the adapters' KV. (The vLLM connector keys each adapter apart; this helper cannot tell
+    which adapters are active at each forward pass.)"""
+    adapters = getattr(model, "peft_config", None)
+    if adapters:
+        raise ConfigError(
+            f"this model carries PEFT adapters ({', '.join(map(str, adapters))}), which change its KV but not its "
+            "config or name, so tierkv would mix its KV with the base model's. Merge them (merge_and_unload()) "
+            "and give the merged weights a store of their own: spec_for_model(merged, revision='<adapter name>')")
+
+
 def spec_for_model(model: Any, model_id: str | None = None, revision: str | None = None) -> KVSpec:
-    """The KVSpec of a loaded transformers causal LM, in the dtype its cache will hold."""
+    """The KVSpec of a loaded transformers causal LM, in the dtype its cache will hold.
+
+    Raises:
+        ConfigError: the model carries PEFT adapters and no ``revision`` names them (``refuse_adapters``).
+    """
+    if revision is None:
+        refuse_adapters(model)
     cfg = model.config
     name = model_id or getattr(cfg, "_name_or_path", "") or cfg.model_type
     rev = revision if revision is not None else str(getattr(cfg, "_commit_hash", "") or "")
@@ -292,6 +314,7 @@ class SessionRunner:
     """
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None) -> None:
+        refuse_adapters(model)
         self.store = store
         self.model = model
         self.eos_token_id = eos_token_id
@@ -308,6 +331,7 @@ class SessionRunner:
         decode greedily, save the grown session."""
         from ..errors import BlockLoadError
 
+        refuse_adapters(self.model)  # also those loaded since the runner was made
         ids = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)  # numpy or torch: Python ints
         if not ids:
             raise ConfigError("a turn needs at least one input token")
