@@ -160,30 +160,68 @@ def test_session_runner_refuses_a_bad_turn_and_keeps_the_session(smol, tmp_path)
         assert runner.turn("s", torch.tensor(more), max_new_tokens=4).restored_tokens == len(more) - 1
 
 
-def test_models_with_peft_adapters_are_refused(smol, tmp_path):
-    """PEFT adapters change a model's KV but not its config or name, which its store's spec is
-    made from: a runner would serve the base model's KV to the adapted model, or save the adapted
-    model's KV for the base model. A runner refuses such a model, also once adapters are injected
-    into a model it already serves, and the session stays as it was."""
+def test_peft_adapters_keep_their_own_kv(smol, tmp_path):
+    """PEFT adapters change a model's KV but not its config or its name, which its store's spec is
+    made from. Each adapter state the model runs at a turn (which adapters, enabled or not, merged
+    or not, their weights now) keys its KV apart: an adapted turn never restores the base model's
+    KV nor another adapter's, nor its own adapter's from before its weights changed; a disabled
+    adapter runs, and is served, as the base model. Every turn equals the same turn without tierkv."""
     peft = pytest.importorskip("peft")
     _, tok, spec = smol
     model, _, _ = load_smollm2()  # a copy of its own: PEFT injects its layers into the model in place
-    tokens = stdlib_tokens(tok, 100)
+    tokens = stdlib_tokens(tok, 300)  # more than a block: prefixes are shared across sessions by whole blocks
+    why = tok.encode(" Why?", add_special_tokens=False)
+
+    def alone(m, toks):  # the same turn without tierkv
+        logits, cache = prefill(m, toks)
+        return greedy_decode(m, logits, cache, 2)[0]
+
+    def lora():
+        return peft.LoraConfig(r=4, target_modules=["k_proj", "v_proj"], init_lora_weights=False)
+
     with TierKV(str(tmp_path / "store"), spec) as kv:
         runner = SessionRunner(kv, model)
-        t1 = runner.turn("s", tokens, max_new_tokens=2)
-        adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["k_proj", "v_proj"],
-                                                              init_lora_weights=False))
-        more = tokens + t1.tokens + tok.encode(" Why?", add_special_tokens=False)
-        with pytest.raises(ConfigError, match="PEFT adapters"):
-            runner.turn("s", more, max_new_tokens=2)  # the model it was made with now runs the adapter
-        with pytest.raises(ConfigError, match="PEFT adapters"):
-            SessionRunner(kv, adapted)
-        with pytest.raises(ConfigError, match="PEFT adapters"):
-            spec_for_model(adapted)
-        assert kv.session_info("s")["tokens"] == len(tokens) + 1
-    # named by a revision, the adapted model gets a spec (so a store) of its own
-    assert spec_for_model(adapted, revision="adapter x").fingerprint != spec.fingerprint
+        base = runner.turn("base", tokens, max_new_tokens=2)
+        base_spec = spec_for_model(model)
+        torch.manual_seed(1)
+        adapted = peft.get_peft_model(model, lora())  # now also runs in the model the runner holds
+        assert spec_for_model(adapted) == base_spec  # the store of its base model
+        # adapter "default": the base model's KV for these tokens is not its own
+        a = runner.turn("a", tokens, max_new_tokens=2)
+        assert a.restored_tokens == 0 and a.tokens == alone(adapted, tokens)
+        more = tokens + a.tokens + why
+        a = SessionRunner(kv, adapted).turn("a", more, max_new_tokens=2)  # a PeftModel runs the same tenant
+        assert a.restored_tokens == len(tokens) + 1 and a.tokens == alone(adapted, more)
+        with pytest.raises(ConfigError, match="other PEFT adapters"):
+            runner.turn("base", tokens + base.tokens + why, max_new_tokens=2)  # a session keeps its adapters
+        with adapted.disable_adapter():  # the base model, served the base model's KV
+            b = runner.turn("base", tokens + base.tokens + why, max_new_tokens=2)
+            assert b.restored_tokens == len(tokens) + 1 and b.tokens == alone(model, tokens + base.tokens + why)
+        torch.manual_seed(2)
+        adapted.add_adapter("b", lora())
+        adapted.set_adapter("b")
+        b = runner.turn("b", more, max_new_tokens=2)
+        assert b.restored_tokens == 0 and b.tokens == alone(adapted, more)
+        adapted.set_adapter("default")
+        even_more = more + a.tokens + why
+        a = runner.turn("a", even_more, max_new_tokens=2)
+        assert a.restored_tokens == len(more) + 1 and a.tokens == alone(adapted, even_more)
+        assert runner.turn("a2", more, max_new_tokens=2).restored_tokens > 0  # its prefixes are shared
+        adapted.merge_adapter()  # merged weights round differently: kept apart
+        m = runner.turn("m", more, max_new_tokens=2)
+        assert m.restored_tokens == 0 and m.tokens == alone(adapted, more)
+        adapted.unmerge_adapter()
+        # weights changed in place under the same name (trained, reloaded), through .data, which
+        # no autograd version counter sees: the old KV is no longer this adapter's
+        adapted.base_model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight.data.mul_(2)
+        a = runner.turn("a3", more, max_new_tokens=2)
+        assert a.restored_tokens == 0 and a.tokens == alone(adapted, more)
+        before = kv.session_info("a")
+        prefix = peft.get_peft_model(load_smollm2()[0], peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                 num_virtual_tokens=4))
+        with pytest.raises(ConfigError, match="prompt-learning"):
+            SessionRunner(kv, prefix)  # its virtual tokens are KV outside the session's cache
+        assert kv.session_info("a") == before
 
 
 def test_session_runner_reuses_its_pool_and_stays_exact(smol, tmp_path):

