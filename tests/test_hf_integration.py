@@ -224,6 +224,52 @@ def test_peft_adapters_keep_their_own_kv(smol, tmp_path):
         assert kv.session_info("a") == before
 
 
+RESTARTED_ADAPTER = """
+import json, sys
+import peft
+from tierkv import TierKV
+from tierkv.integrations.hf import SessionRunner, load_smollm2
+where, tokens = sys.argv[1], json.loads(sys.argv[2])
+model, _, spec = load_smollm2()
+adapted = peft.PeftModel.from_pretrained(model, where + "/adapter")
+with TierKV(where + "/store", spec) as kv:
+    t = SessionRunner(kv, adapted).turn("a", tokens, max_new_tokens=2)
+print(json.dumps({"order": list(adapted.peft_config["default"].to_dict()["target_modules"]),
+                  "restored": t.restored_tokens, "tokens": t.tokens}))
+"""
+
+
+def test_peft_adapter_sessions_survive_a_restart(smol, tmp_path):
+    """A server restarts and loads its adapter from disk (PeftModel.from_pretrained, so in
+    inference mode, and under another string hash seed, which orders the config's target_modules
+    set differently): the adapter keys the same tenant as the process that trained it, so its
+    session is restored, and the turn equals the same turn without tierkv."""
+    peft = pytest.importorskip("peft")
+    _, tok, spec = smol
+    model, _, _ = load_smollm2()
+    torch.manual_seed(3)
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["k_proj", "v_proj"],
+                                                          init_lora_weights=False))
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    conf = tmp_path / "adapter" / "adapter_config.json"  # the set saved in one order, whatever this seed gave
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "target_modules": ["k_proj", "v_proj"]}))
+    tokens = stdlib_tokens(tok, 120, "dataclasses.py")
+    with TierKV(str(tmp_path / "store"), spec) as kv:
+        first = SessionRunner(kv, adapted).turn("a", tokens, max_new_tokens=2)
+    more = tokens + first.tokens + tok.encode(" Why?", add_special_tokens=False)
+    logits, cache = prefill(adapted, more)
+    alone = greedy_decode(adapted, logits, cache, 2)[0]
+    runs = []
+    for seed in ("0", "2"):
+        out = subprocess.run([sys.executable, "-c", RESTARTED_ADAPTER, str(tmp_path), json.dumps(more)],
+                             env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["order"] != runs[1]["order"]  # these two seeds do order the set apart (CPython 3.11+)
+    assert runs[0]["restored"] == len(tokens) + 1 and runs[1]["restored"] == len(more) - 1
+    assert runs[0]["tokens"] == runs[1]["tokens"] == alone
+
+
 def test_session_runner_reuses_its_pool_and_stays_exact(smol, tmp_path):
     """reserve() sizes the restore buffers once; later turns restore into the same (dirty)
     memory and still equal a from-scratch run."""

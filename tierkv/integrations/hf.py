@@ -124,12 +124,26 @@ def adapter_tenant(model: Any) -> str | None:
             _hash_tensor(h, qual, t)
     doc = {"layers": state, "extra": extra,
            "configs": {a: _config_dict(configs[a]) for a in in_effect if a in configs}}
-    h.update(json.dumps(doc, sort_keys=True, default=repr).encode())
+    h.update(json.dumps(doc, sort_keys=True, default=_json_default).encode())
     return "peft " + h.hexdigest()
 
 
+# PeftConfig fields that change no forward pass, only tell where an adapter was trained, saved or
+# loaded (inference_mode only sets requires_grad; save_pretrained fills in auto_mapping), so the
+# same adapter gets the same tenant in the process that trained it and in one that loads it
+_CONFIG_METADATA = ("inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping")
+
+
 def _config_dict(cfg: Any) -> Any:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else repr(cfg)
+    if not hasattr(cfg, "to_dict"):
+        return repr(cfg)
+    return {k: v for k, v in cfg.to_dict().items() if k not in _CONFIG_METADATA}
+
+
+def _json_default(o: Any) -> Any:
+    # sets (target_modules, ...) in a fixed order: their own order follows the per-process string
+    # hash seed, and a tenant must be the same after a restart
+    return sorted(map(repr, o)) if isinstance(o, (set, frozenset)) else repr(o)
 
 
 def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
