@@ -4,6 +4,7 @@ Bit-exact means: continuing from the restored cache gives the same tokens and bi
 logits as continuing from the original in-memory cache.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from tierkv import ConfigError, SpecMismatchError, TierKV  # noqa: E402
+from tierkv import ConfigError, ForeignStoreError, SpecMismatchError, TierKV  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, cache_to_kv, greedy_decode,  # noqa: E402
                                     kv_to_cache, load_smollm2, prefill, restore_cache, spec_for_model,
                                     use_grouped_attention)
@@ -268,6 +269,32 @@ def test_peft_adapter_sessions_survive_a_restart(smol, tmp_path):
     assert runs[0]["order"] != runs[1]["order"]  # these two seeds do order the set apart (CPython 3.11+)
     assert runs[0]["restored"] == len(tokens) + 1 and runs[1]["restored"] == len(more) - 1
     assert runs[0]["tokens"] == runs[1]["tokens"] == alone
+
+
+def test_config_overrides_get_a_store_of_their_own(smol, tmp_path):
+    """A model loaded with a config override that changes its KV (here RoPE's base frequency, as
+    a long-context override changes RoPE) gets a spec of its own: its base model's store refuses to
+    open for it (ForeignStoreError), instead of serving keys rotated the other way, and keeps what
+    it holds. Two loads of one model get one spec."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok, _ = smol
+    spec = spec_for_model(model)
+    assert spec_for_model(load_smollm2()[0]) == spec
+    cfg = copy.deepcopy(model.config)
+    cfg.rope_parameters = {**cfg.rope_parameters, "rope_theta": cfg.rope_parameters["rope_theta"] / 10}
+    longer = AutoModelForCausalLM.from_pretrained(model.name_or_path, config=cfg, dtype=torch.float32)
+    tokens = stdlib_tokens(tok, 64)
+    keys = [cache_to_kv(prefill(m, tokens)[1])[0][0] for m in (model, longer)]
+    assert not torch.equal(*keys)  # the same weights and tokens, other keys from the first layer on
+    other = spec_for_model(longer)
+    assert other.fingerprint() != spec.fingerprint() and other.model_id == spec.model_id
+    with TierKV(str(tmp_path / "store"), spec) as kv:
+        SessionRunner(kv, model).turn("s", tokens, max_new_tokens=2)
+    with pytest.raises(ForeignStoreError, match="another model"):
+        TierKV(str(tmp_path / "store"), other)
+    with TierKV(str(tmp_path / "store"), spec) as kv:
+        assert kv.session_info("s")["tokens"] == len(tokens) + 1
 
 
 def test_session_runner_reuses_its_pool_and_stays_exact(smol, tmp_path):

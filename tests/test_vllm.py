@@ -296,9 +296,9 @@ def test_tensor_parallel_ranks_each_restore_their_own_heads(setup):
         assert w["connector_loaded_tokens"] == 2 * 256 and w["hits"]["ssd"] >= 4 and w["corrupt_blocks"] == 0
 
 
-def test_shards_of_a_parallel_server():
+def test_shards_of_a_parallel_server(setup):
     code = """
-import os, tempfile
+import os, sys, tempfile
 from types import SimpleNamespace as NS
 import torch
 from tierkv import ConfigError, KVSpec
@@ -338,6 +338,12 @@ for tp in (1, 2):
     assert all(not (p & plain) for p in other) and len(set().union(*other)) == 4 * tp
     revisions = [{sh.revision for sh in shards(cfg(tp, 1), 30, w)[0]} for w in [""] + names]
     assert len(set().union(*revisions)) == 5 * tp
+# a config override is another model too (a RoPE override changes every key), with vLLM's own ModelConfig
+from vllm.config import ModelConfig
+rope = {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
+plain, over, again = (weights_identity(ModelConfig(model=sys.argv[1], hf_overrides=o)) for o in ({}, rope, dict(rope)))
+assert plain == "" and over.startswith("config ") and again == over  # found again after a restart
+assert shards(cfg(1, 1), 30, over)[1].path("/s") != "/s"
 # several KV cache groups (each paged by its own block ids) are refused, one is served
 check_one_kv_cache_group(None)
 check_one_kv_cache_group(NS(kv_cache_groups=[NS()]))
@@ -379,5 +385,6 @@ for no in (req(prompt_embeds=torch.zeros(3, 4)), req(prompt_token_ids=None), req
     assert request_tenant(no) == (False, None)
 print("ok")
 """
-    r = subprocess.run([VLLM_PY, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([VLLM_PY, "-c", code, setup[0]], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-2000:]

@@ -4,6 +4,8 @@ Primitives:
     TensorSpec: one cached tensor of a layer (its per-token dims, token axis and dtype).
     LayerSpec: the tensors one layer caches (key + value for GQA/MHA, one latent for MLA).
     KVSpec: all layers of a model plus its identity; ``fingerprint`` seeds every block key.
+    config_digest: a digest of what a transformers config says a model's layers compute, for
+        the integrations to put into a spec's identity (a RoPE override changes every key).
 
 A tensor holding ``T`` tokens has shape ``dims`` with ``T`` inserted at ``seq_axis``: a GQA key
 with ``dims=(kv_heads, head_dim), seq_axis=1`` is ``[kv_heads, T, head_dim]``, the layout of a
@@ -26,7 +28,7 @@ import torch
 from .config import is_int
 from .errors import ConfigError, SpecMismatchError
 
-__all__ = ["TensorSpec", "LayerSpec", "KVSpec", "DTYPES", "FORMAT_VERSION"]
+__all__ = ["TensorSpec", "LayerSpec", "KVSpec", "DTYPES", "FORMAT_VERSION", "config_digest"]
 
 #: On-disk format version; part of every fingerprint, so a new format never reads an old one.
 FORMAT_VERSION = 3
@@ -48,6 +50,35 @@ _ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items
 def _check_layer_count(num_layers: Any) -> None:
     if not is_int(num_layers) or num_layers < 1:
         raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
+
+
+# Config fields that say where a model was loaded from, how it is run or what its heads output,
+# not what its layers compute (keys starting with "_" are runtime state: _name_or_path, ...).
+# The KV dtype is part of the spec itself.
+_CONFIG_NOT_KV = frozenset({
+    "transformers_version", "name_or_path", "dtype", "torch_dtype", "use_cache", "return_dict",
+    "output_attentions", "output_hidden_states", "architectures", "id2label", "label2id", "problem_type",
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id",
+    "tie_word_embeddings", "chunk_size_feed_forward"})
+
+
+def config_digest(config: Any) -> str:
+    """A digest (32 hex characters) of a transformers config, less the fields that change no
+    layer's output (``_CONFIG_NOT_KV``): two loads of one model give the same digest, and a config
+    override that changes the KV (``rope_parameters`` or ``rope_scaling``, an epsilon, an
+    activation, a quantization config) gives another."""
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): strip(x) for k, x in v.items() if not (isinstance(k, str) and (k.startswith("_") or k in _CONFIG_NOT_KV))}
+        if isinstance(v, (list, tuple)):
+            return [strip(x) for x in v]
+        if isinstance(v, (set, frozenset)):  # in a fixed order, not the per-process hash order
+            return sorted((strip(x) for x in v), key=repr)
+        return v if v is None or isinstance(v, (str, int, float, bool)) else repr(v)
+
+    doc = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    raw = json.dumps(strip(doc), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(raw.encode(), digest_size=16, person=b"tierkv-config").hexdigest()
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:

@@ -47,7 +47,7 @@ from ..cachepool import CachePool
 from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
-from ..spec import KVSpec
+from ..spec import KVSpec, config_digest
 
 __all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "restore_cache", "prefill", "greedy_decode",
            "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
@@ -157,6 +157,11 @@ def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
 def spec_for_model(model: Any, model_id: str | None = None, revision: str | None = None) -> KVSpec:
     """The KVSpec of a loaded transformers causal LM, in the dtype its cache will hold.
 
+    Its revision is ``revision`` (default: the Hub commit the weights were loaded from, if any)
+    followed by a digest of the model's config (``config_digest``): a model loaded with a config
+    override that changes its KV (a RoPE scaling for longer contexts, say) gets a spec, so a
+    store, of its own, and opening its base model's store raises ``ForeignStoreError``.
+
     A PEFT model gets its base model's spec (``SessionRunner`` keys each adapter state apart
     within it, ``adapter_tenant``). A model with adapters merged into its weights
     (``merge_and_unload()``) carries nothing that tells it from its base: name the merged weights
@@ -165,6 +170,7 @@ def spec_for_model(model: Any, model_id: str | None = None, revision: str | None
     cfg = model.config
     name = model_id or getattr(cfg, "_name_or_path", "") or cfg.model_type
     rev = revision if revision is not None else str(getattr(cfg, "_commit_hash", "") or "")
+    rev = f"{rev} config {config_digest(cfg)}".lstrip()
     return KVSpec.from_hf_config(cfg, dtype=model.dtype, model_id=name, revision=rev)
 
 

@@ -28,8 +28,10 @@ layers, so every such shard keeps a store of its own under ``store_path`` (``tp1
 with the shard in its fingerprint; one worker never reads another's KV. The scheduler looks a
 prompt up in every shard's store and reports the shortest hit. Context parallelism (tokens of a
 block split across ranks) is refused. Data-parallel replicas share the shards' stores. Weights
-named by more than the model's name (a Hub revision, resolved to its commit; a quantization) get
-stores of their own too, so a server restarted on other weights never loads the old weights' KV.
+named by more than the model's name (a Hub revision, resolved to its commit; a quantization), and
+a config overridden with ``--hf-overrides`` or ``--hf-config-path`` (by a digest of the config vLLM
+runs), get stores of their own too, so a server restarted on other weights or another RoPE never
+loads the old KV.
 
 What else fixes a request's KV: token ids alone do not, in vLLM. A LoRA adapter changes the KV of
 the same tokens, and so do the images or audio (multimodal items) behind a prompt's placeholder
@@ -60,7 +62,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from ..config import PAGE_CACHE_MODES, SSD_CODECS, parse_size
 from ..engine import TierKV
 from ..errors import BlockLoadError, ConfigError, TierKVError
-from ..spec import KVSpec, LayerSpec, TensorSpec, dtype_name
+from ..spec import KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -190,9 +192,11 @@ class TierKVConnectorMetadata(KVConnectorMetadata):
 
 
 def weights_identity(model_config: Any) -> str:
-    """What tells the weights vLLM loads apart beyond the model's name: the Hub commit its
-    revision resolved to (or the revision as given), and the quantization. "" for neither (a local
-    directory, unquantized), which keeps the stores written before this was part of them."""
+    """What tells the model vLLM runs apart beyond its name: the Hub commit its revision resolved
+    to (or the revision as given), the quantization, and, when the config was overridden
+    (``--hf-overrides``, ``--hf-config-path``), a digest of the config vLLM runs (``config_digest``:
+    a RoPE override changes every key). "" for none of these (a local directory, unquantized, its
+    own config), which keeps the stores written before this was part of them."""
     parts = []
     revision = getattr(model_config, "revision", None)
     commit = getattr(revision, "resolved", None) or revision  # huggingface_hub's ResolvedRevision
@@ -201,6 +205,9 @@ def weights_identity(model_config: Any) -> str:
     quantization = getattr(model_config, "quantization", None)
     if quantization:
         parts.append(f"quantization {quantization}")
+    config_path = getattr(model_config, "hf_config_path", None)
+    if getattr(model_config, "hf_overrides", None) or (config_path and config_path != getattr(model_config, "model", None)):
+        parts.append(f"config {config_digest(model_config.hf_config)}")
     return ", ".join(parts)
 
 
