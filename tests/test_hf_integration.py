@@ -16,7 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from tierkv import ConfigError, ForeignStoreError, SpecMismatchError, TierKV  # noqa: E402
+from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, TierKV  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, cache_to_kv, greedy_decode,  # noqa: E402
                                     kv_to_cache, load_smollm2, prefill, restore_cache, spec_for_model,
                                     use_grouped_attention)
@@ -159,6 +159,12 @@ def test_session_runner_refuses_a_bad_turn_and_keeps_the_session(smol, tmp_path)
         # numpy and torch ids are ids too
         assert runner.turn("s", np.array(more), max_new_tokens=4).restored_tokens == before
         assert runner.turn("s", torch.tensor(more), max_new_tokens=4).restored_tokens == len(more) - 1
+    # a store of another layout or dtype is refused when the runner is made, not mid-turn
+    for i, other in enumerate((KVSpec.from_hf_config(model.config, torch.bfloat16, "m"),
+                               KVSpec.gqa("m", 30, 3, 32, torch.float32), KVSpec.gqa("m", 29, 3, 64, torch.float32))):
+        with TierKV(str(tmp_path / f"other{i}"), other) as kv:
+            with pytest.raises(SpecMismatchError, match="open a store for it"):
+                SessionRunner(kv, model)
 
 
 def test_peft_adapters_keep_their_own_kv(smol, tmp_path):

@@ -405,6 +405,15 @@ class SessionRunner:
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None) -> None:
         adapter_tenant(model)  # refuse what it cannot key now, not at the first turn
+        theirs = KVSpec.from_hf_config(model.config, dtype=model.dtype, model_id="model")
+        if theirs.layers != store.spec.layers:
+            # else a turn fails only at its save, after all its work, or mid-forward where a
+            # restore fed the model KV of another shape
+            def shape(sp: KVSpec) -> str:
+                t = sp.layers[0].tensors
+                return f"{sp.num_layers} layers of {', '.join(f'{x.name} {list(x.dims)} {x.dtype}' for x in t)}"
+            raise SpecMismatchError(f"the store holds KV of {shape(store.spec)}, this model makes {shape(theirs)}: "
+                                    "open a store for it with spec_for_model(model)")
         self.store = store
         self.model = model
         self.eos_token_id = eos_token_id
