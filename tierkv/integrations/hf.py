@@ -405,8 +405,14 @@ class SessionRunner:
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None) -> None:
         adapter_tenant(model)  # refuse what it cannot key now, not at the first turn
-        theirs = KVSpec.from_hf_config(model.config, dtype=model.dtype, model_id="model")
-        if theirs.layers != store.spec.layers:
+        theirs: KVSpec | None = None
+        text = getattr(model.config, "get_text_config", lambda: model.config)()
+        if not getattr(text, "kv_lora_rank", None):  # MLA: transformers caches its latent as a key and a value
+            try:
+                theirs = KVSpec.from_hf_config(model.config, dtype=model.dtype, model_id="model")
+            except ConfigError:  # a config without the usual attention fields: the save still checks
+                pass
+        if theirs is not None and theirs.layers != store.spec.layers:
             # else a turn fails only at its save, after all its work, or mid-forward where a
             # restore fed the model KV of another shape
             def shape(sp: KVSpec) -> str:
