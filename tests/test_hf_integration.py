@@ -395,18 +395,58 @@ def test_mla_model_random_weights(tmp_path):
         assert t.restored_tokens == 203
 
 
-def test_caches_holding_more_than_keys_and_values_are_refused():
-    """A DSA indexer's keys (DeepSeek V3.2, GLM-5) live in its cache layer beside the keys and
-    values: a save would drop them and a restore would lack them. Such layers are refused (before
-    session 52 any non-sliding DynamicLayer subclass was taken), as is a plain layer list of
-    another kind."""
-    from transformers.cache_utils import Cache, DynamicIndexedLayer
+def test_dsa_model_random_weights(tmp_path):
+    """A DSA model (DeepSeek V3.2's attention, random weights): each layer caches its MLA latent,
+    its rotary key and its indexer's keys, which pick the tokens a query attends to. The spec
+    has all three, and a runner restores all three: each turn equals the same turn without
+    tierkv, to the bit. Before session 52 the indexer's keys were dropped on save."""
+    from transformers import AutoModelForCausalLM, DeepseekV32Config
 
-    cache = Cache(layers=[DynamicIndexedLayer(), DynamicIndexedLayer()])
-    for i in range(2):
-        cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 8), i)
-    with pytest.raises(SpecMismatchError, match="DynamicIndexedLayer"):
-        cache_to_kv(cache)
+    torch.manual_seed(0)
+    cfg = DeepseekV32Config(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                            q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                            n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                            topk_group=1, max_position_embeddings=1024, index_topk=16, index_head_dim=16,
+                            index_n_heads=2)  # index_topk below the context: the indexer does choose
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    spec = spec_for_model(model, model_id="test/dsa-random")
+    assert [(t.name, t.dims) for t in spec.layers[0].tensors] == [
+        ("latent", (1, 32)), ("rope_key", (1, 8)), ("indexer_key", (1, 16))]
+    ctx, cache = list(range(5, 205)), None
+    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
+        runner = SessionRunner(kv, model)
+        for _ in range(3):
+            t = runner.turn("d", ctx, max_new_tokens=4)
+            logits, cache = prefill(model, ctx[cache_len(cache) if cache else 0:], cache)
+            toks, all_logits, cache = greedy_decode(model, logits, cache, 4)
+            assert t.tokens == toks and all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+            ctx = ctx + t.tokens + [7, 8]
+        assert t.restored_tokens == 209
+        # the restore without the runner, through kv_to_cache, holds the same three tensors
+        back = cache_to_kv(kv_to_cache(kv.restore(ctx[:209], session="d").kv, model.config))
+        assert all(len(p) == 3 for p in back)
+        assert all(torch.equal(x, y[:, :209]) for p, q in zip(back, cache_to_kv(cache)) for x, y in zip(p, q))
+
+
+def test_caches_holding_more_than_keys_and_values_are_refused():
+    """Cache layers that keep state besides their keys and values (and a DSA indexer's keys),
+    which a save would drop and a restore would lack, are refused: a linear-attention state
+    beside full attention, a DSA indexer with positions of its own. Before session 52 every
+    non-sliding DynamicLayer subclass was saved as its keys and values."""
+    from transformers.cache_utils import Cache, DynamicIndexedLayer, LinearAttentionAndFullAttentionLayer
+
+    indexed = Cache(layers=[DynamicIndexedLayer()])
+    indexed.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 8), 0)
+    indexed.update_indexer(torch.zeros(1, 4, 8), 0)
+    assert [len(p) for p in cache_to_kv(indexed)] == [3]
+    indexed.layers[0].indexer_position_ids = torch.zeros(1, 1, 4, dtype=torch.long)
+    with pytest.raises(SpecMismatchError, match="indexer positions"):
+        cache_to_kv(indexed)
+    hybrid = Cache(layers=[LinearAttentionAndFullAttentionLayer()])
+    hybrid.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 0)
+    with pytest.raises(SpecMismatchError, match="LinearAttentionAndFullAttentionLayer"):
+        cache_to_kv(hybrid)
 
 
 def test_sliding_window_cache_is_refused():

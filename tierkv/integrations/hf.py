@@ -15,10 +15,11 @@ Primitives:
 
 Supported: transformers 5.x (tested with 5.24, and 5.17 on the GPU machine), any causal LM whose cache layers are
 plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]``
-(Llama, Qwen2, Qwen3, Mistral, ...), and MLA models (DeepSeek V2/V3, ...), whose layers cache a
-compressed latent and a rotary key the same way. Other cache layers keep part of the context
-(sliding window) or state besides their keys and values (a DSA indexer's keys, quantized KV), so
-they cannot be restored exactly: ``cache_to_kv`` refuses them.
+(Llama, Qwen2, Qwen3, Mistral, ...), MLA models (DeepSeek V2/V3, ...), whose layers cache a
+compressed latent and a rotary key the same way, and DSA models (DeepSeek V3.2, GLM-5), whose
+layers add their indexer's keys. Other cache layers keep part of the context (sliding window) or
+state besides their keys and values (quantized KV, a linear-attention state), so they cannot be
+restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, DynamicCache
+from transformers import cache_utils
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -180,22 +182,35 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
     """The layout of a transformers cache for ``config``. MLA models (``kv_lora_rank``: DeepSeek
     V2/V3, Kimi K2, MiniCPM3, ...) cache their compressed latent and their rotary key, each as a
     one-head ``[batch, 1, seq, dim]`` key and value of the layer (``KVSpec.from_hf_config``'s one
-    latent per layer is the same bytes, in the layout of tierkv's own MLA spec)."""
+    latent per layer is the same bytes, in the layout of tierkv's own MLA spec). DSA layers
+    (``indexed_attention``) add their indexer's keys, ``[batch, seq, index_head_dim]``, stored as
+    one head: ``indexer_key``."""
     text = getattr(config, "get_text_config", lambda: config)()
     rank = getattr(text, "kv_lora_rank", None)
-    if not rank:
-        return KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
-    try:
-        layers, rope = int(text.num_hidden_layers), int(text.qk_rope_head_dim)
-    except AttributeError as e:
-        raise ConfigError(f"MLA config lacks a field tierkv needs: {e}") from None
     dt = dtype_name(dtype)
-    layer = LayerSpec((TensorSpec("latent", (1, int(rank)), 1, dt), TensorSpec("rope_key", (1, rope), 1, dt)))
-    return KVSpec(model_id, (layer,) * layers, revision)
+    if not rank:
+        spec = KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
+    else:
+        try:
+            layers, rope = int(text.num_hidden_layers), int(text.qk_rope_head_dim)
+        except AttributeError as e:
+            raise ConfigError(f"MLA config lacks a field tierkv needs: {e}") from None
+        layer = LayerSpec((TensorSpec("latent", (1, int(rank)), 1, dt), TensorSpec("rope_key", (1, rope), 1, dt)))
+        spec = KVSpec(model_id, (layer,) * layers, revision)
+    # DSA layers (DeepSeek V3.2, GLM-5) also cache their indexer's keys, [batch, seq, index_head_dim]
+    types = list(getattr(text, "layer_types", None) or [])
+    if "indexed_attention" not in types:
+        return spec
+    if len(types) != spec.num_layers or not getattr(text, "index_head_dim", None):
+        raise ConfigError(f"config has {len(types)} layer_types for {spec.num_layers} layers, or no index_head_dim")
+    index = TensorSpec("indexer_key", (1, int(text.index_head_dim)), 1, dt)
+    return KVSpec(model_id, tuple(LayerSpec(layer.tensors + (index,)) if kind == "indexed_attention" else layer
+                                  for layer, kind in zip(spec.layers, types)), revision)
 
 
-def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer ``(key, value)`` tensors ``[kv_heads, seq, head_dim]`` of a batch-1 cache (views)."""
+def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
+    """Per-layer ``(key, value)`` tensors ``[kv_heads, seq, head_dim]`` of a batch-1 cache (views);
+    a DSA layer adds its indexer's keys, ``[1, seq, index_head_dim]``."""
     if not isinstance(cache, Cache):  # a legacy tuple of (key, value) pairs, None, ...
         raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
     out = []
@@ -203,24 +218,38 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # exactly these: a subclass may keep only part of the context (sliding window) or state
         # besides its keys and values (a DSA indexer's keys, quantized KV, a linear-attention
         # state), which a save would drop and a restore would lack
-        if type(layer) not in (DynamicLayer, RestoringLayer) or layer.is_sliding:
+        if type(layer) not in _SAVABLE_LAYERS or layer.is_sliding:
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only full-attention "
-                                    "DynamicLayer caches, which hold nothing but their keys and values, "
-                                    "can be saved exactly")
+                                    "DynamicLayer caches, which hold nothing but their keys and values (and a "
+                                    "DSA indexer's keys), can be saved exactly")
         k, v = layer.keys, layer.values
         if k is None or k.dim() != 4 or k.shape[0] != 1:
             raise SpecMismatchError(f"cache layer {i}: expected keys [1, heads, seq, dim], got "
                                     f"{None if k is None else tuple(k.shape)}")
-        out.append((k[0], v[0]))
+        if not hasattr(layer, "update_indexer"):
+            out.append((k[0], v[0]))
+            continue
+        ik = layer.indexer_keys
+        if ik is None or ik.dim() != 3 or tuple(ik.shape[:2]) != (1, k.shape[2]) or layer.indexer_position_ids is not None:
+            raise SpecMismatchError(f"cache layer {i}: expected indexer keys [1, {k.shape[2]}, dim] and no indexer "
+                                    f"positions, got {None if ik is None else tuple(ik.shape)}")
+        out.append((k[0], v[0], ik))
     return out
 
 
 def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
-    """A ``DynamicCache`` holding restored per-layer tensors (a batch axis of 1 is added)."""
+    """A ``DynamicCache`` holding restored per-layer tensors (a batch axis of 1 is added; a DSA
+    layer's third tensor is its indexer's keys)."""
     if not isinstance(kv, (list, tuple)) or not all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
+            isinstance(p, (list, tuple)) and len(p) in (2, 3) and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
         raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
-    return DynamicCache(ddp_cache_data=[(k.unsqueeze(0), v.unsqueeze(0)) for k, v in kv], config=config)
+    cache = DynamicCache(ddp_cache_data=[(p[0].unsqueeze(0), p[1].unsqueeze(0)) for p in kv], config=config)
+    for i, (layer, p) in enumerate(zip(cache.layers, kv)):
+        if len(p) == 3:
+            if not hasattr(layer, "update_indexer"):
+                raise SpecMismatchError(f"layer {i} has indexer keys, but the config's layer {i} is a {type(layer).__name__}")
+            layer.update_indexer(p[2])
+    return cache
 
 
 @torch.inference_mode()
@@ -342,7 +371,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     handle = store.restore_async(tokens, session=session, tenant=tenant, allocate=allocate)
     if not handle.num_tokens:
         return None, handle
-    layers = [RestoringLayer(handle, i, buffers[(i, 0)], buffers[(i, 1)], handle.num_tokens)
+    layers = [RestoringLayer(handle, i, buffers[(i, 0)], buffers[(i, 1)], handle.num_tokens) if (i, 2) not in buffers
+              else RestoringIndexedLayer(handle, i, buffers[(i, 0)], buffers[(i, 1)], handle.num_tokens, buffers[(i, 2)])
               for i in range(store.spec.num_layers)]
     cache = Cache(layers=layers)  # a DynamicCache is the same Cache over DynamicLayers
     return cache, handle
@@ -389,6 +419,48 @@ class RestoringLayer(DynamicLayer):
         if tokens_to_remove < 0:
             self._n = max(0, self._n + tokens_to_remove)
             self.keys, self.values = self._kbuf[:, :, :self._n], self._vbuf[:, :, :self._n]
+
+
+# transformers before 5.2x has no DSA layers: there is nothing to restore into one
+_IndexedLayer: Any = getattr(cache_utils, "DynamicIndexedLayer", None)
+
+
+class RestoringIndexedLayer(RestoringLayer, *((_IndexedLayer,) if _IndexedLayer else ())):  # type: ignore[misc]
+    """A RestoringLayer of a DSA model: its indexer's keys are restored too, into their own buffer
+    (``[1, 1, capacity, index_head_dim]``), and grow there."""
+
+    def __init__(self, handle: Any, index: int, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int,
+                 ibuf: torch.Tensor) -> None:
+        super().__init__(handle, index, kbuf, vbuf, n)
+        self._ibuf, self._ni = ibuf, n
+
+    def _materialize(self) -> None:
+        super()._materialize()
+        self.indexer_keys = self._ibuf[:, 0, :self._ni]
+        self.indexer_dtype, self.indexer_device = self._ibuf.dtype, self._ibuf.device
+        self.is_indexer_initialized = True
+
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        if not self.is_initialized:
+            self._materialize()
+        m = indexer_key_states.shape[1]
+        if self._ni + m > self._ibuf.shape[2]:  # out of headroom: grow by doubling
+            cap = max(2 * self._ibuf.shape[2], self._ni + m)
+            self._ibuf = torch.cat([self._ibuf[:, :, :self._ni],
+                                    self._ibuf.new_empty(1, 1, cap - self._ni, self._ibuf.shape[3])], dim=2)
+        self._ibuf[:, 0, self._ni:self._ni + m].copy_(indexer_key_states)
+        self._ni += m
+        self.indexer_keys = self._ibuf[:, 0, :self._ni]
+        return self.indexer_keys
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0:
+            self._ni = max(0, self._ni + tokens_to_remove)
+            self.indexer_keys = self._ibuf[:, 0, :self._ni]
+
+
+_SAVABLE_LAYERS = (DynamicLayer, RestoringLayer) + ((_IndexedLayer, RestoringIndexedLayer) if _IndexedLayer else ())
 
 
 def cache_len(cache: Any) -> int:
