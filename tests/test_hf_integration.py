@@ -365,68 +365,69 @@ def test_second_architecture_qwen3_random_weights(tmp_path):
         assert_same_continuation(continue_from(model, r.kv, [7, 8, 9]), reference)
 
 
+def tiny_deepseek(config_class, **extra):
+    """A DeepSeek-style model with random weights: MLA attention, a few experts, 3 layers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = config_class(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                       q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4,
+                       num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+                       max_position_embeddings=1024, **extra)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def runner_turns_match_memory(model, spec, path, turns):
+    """``turns`` runner turns of one session against the same turns continuing an in-memory
+    cache without tierkv: tokens and logits equal to the bit. Returns the last turn, the
+    context and the in-memory cache."""
+    ctx, cache = list(range(5, 205)), None
+    with TierKV(path, spec, block_tokens=64) as kv:
+        runner = SessionRunner(kv, model)
+        for _ in range(turns):
+            t = runner.turn("s", ctx, max_new_tokens=4)
+            logits, cache = prefill(model, ctx[cache_len(cache) if cache else 0:], cache)
+            toks, all_logits, cache = greedy_decode(model, logits, cache, 4)
+            assert t.tokens == toks and all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+            ctx = ctx + t.tokens + [7, 8]
+    return t, ctx, cache
+
+
 def test_mla_model_random_weights(tmp_path):
     """An MLA model (DeepSeek V3's attention, random weights): transformers caches its compressed
     latent and its rotary key per layer, and spec_for_model describes exactly that, so a runner
     saves and restores it and each turn equals the same turn without tierkv, to the bit. Before
     session 52 spec_for_model gave tierkv's one-latent layout, and every save was refused."""
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    from transformers import DeepseekV3Config
 
-    torch.manual_seed(0)
-    cfg = DeepseekV3Config(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-                           q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-                           n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
-                           topk_group=1, max_position_embeddings=1024)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = tiny_deepseek(DeepseekV3Config)
     spec = spec_for_model(model, model_id="test/mla-random")
     assert [(t.name, t.dims) for t in spec.layers[0].tensors] == [("latent", (1, 32)), ("rope_key", (1, 8))]
-    assert spec.bytes_per_token == KVSpec.from_hf_config(cfg, torch.float32, "m").bytes_per_token
-    ctx, cache = list(range(5, 205)), None
-    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
-        runner = SessionRunner(kv, model)
-        for _ in range(2):
-            t = runner.turn("m", ctx, max_new_tokens=4)
-            # the same turn without tierkv, continuing the previous turn's cache in memory
-            logits, cache = prefill(model, ctx[cache_len(cache) if cache else 0:], cache)
-            toks, all_logits, cache = greedy_decode(model, logits, cache, 4)
-            assert t.tokens == toks and all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
-            ctx = ctx + t.tokens + [7, 8]
-        assert t.restored_tokens == 203
+    assert spec.bytes_per_token == KVSpec.from_hf_config(model.config, torch.float32, "m").bytes_per_token
+    last, _, _ = runner_turns_match_memory(model, spec, str(tmp_path / "store"), 2)
+    assert last.restored_tokens == 203
 
 
 def test_dsa_model_random_weights(tmp_path):
     """A DSA model (DeepSeek V3.2's attention, random weights): each layer caches its MLA latent,
     its rotary key and its indexer's keys, which pick the tokens a query attends to. The spec
     has all three, and a runner restores all three: each turn equals the same turn without
-    tierkv, to the bit. Before session 52 the indexer's keys were dropped on save."""
-    from transformers import AutoModelForCausalLM, DeepseekV32Config
+    tierkv, to the bit. Before session 52 cache_to_kv dropped the indexer's keys."""
+    from transformers import DeepseekV32Config
 
-    torch.manual_seed(0)
-    cfg = DeepseekV32Config(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-                            q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-                            n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
-                            topk_group=1, max_position_embeddings=1024, index_topk=16, index_head_dim=16,
-                            index_n_heads=2)  # index_topk below the context: the indexer does choose
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    # index_topk below the context: the indexer does choose
+    model = tiny_deepseek(DeepseekV32Config, index_topk=16, index_head_dim=16, index_n_heads=2)
     spec = spec_for_model(model, model_id="test/dsa-random")
     assert [(t.name, t.dims) for t in spec.layers[0].tensors] == [
         ("latent", (1, 32)), ("rope_key", (1, 8)), ("indexer_key", (1, 16))]
-    ctx, cache = list(range(5, 205)), None
+    last, ctx, cache = runner_turns_match_memory(model, spec, str(tmp_path / "store"), 3)
+    assert last.restored_tokens == 209
+    # a restore without the runner, through kv_to_cache, holds the same three tensors
     with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
-        runner = SessionRunner(kv, model)
-        for _ in range(3):
-            t = runner.turn("d", ctx, max_new_tokens=4)
-            logits, cache = prefill(model, ctx[cache_len(cache) if cache else 0:], cache)
-            toks, all_logits, cache = greedy_decode(model, logits, cache, 4)
-            assert t.tokens == toks and all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
-            ctx = ctx + t.tokens + [7, 8]
-        assert t.restored_tokens == 209
-        # the restore without the runner, through kv_to_cache, holds the same three tensors
-        back = cache_to_kv(kv_to_cache(kv.restore(ctx[:209], session="d").kv, model.config))
-        assert all(len(p) == 3 for p in back)
-        assert all(torch.equal(x, y[:, :209]) for p, q in zip(back, cache_to_kv(cache)) for x, y in zip(p, q))
+        back = cache_to_kv(kv_to_cache(kv.restore(ctx[:209], session="s").kv, model.config))
+    assert all(len(p) == 3 for p in back)
+    assert all(torch.equal(x, y[:, :209]) for p, q in zip(back, cache_to_kv(cache)) for x, y in zip(p, q))
 
 
 def test_caches_holding_more_than_keys_and_values_are_refused():
