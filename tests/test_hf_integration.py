@@ -433,7 +433,8 @@ def test_dsa_model_random_weights(tmp_path):
 def test_caches_holding_more_than_keys_and_values_are_refused():
     """Cache layers that keep state besides their keys and values (and a DSA indexer's keys),
     which a save would drop and a restore would lack, are refused: a linear-attention state
-    beside full attention, a DSA indexer with positions of its own. Before session 52 every
+    beside full attention, a DSA indexer with positions of its own, DeepSeek V4's compressed
+    attention (refused before too, as a sliding-window layer). Before session 52 every
     non-sliding DynamicLayer subclass was saved as its keys and values."""
     from transformers.cache_utils import Cache, DynamicIndexedLayer, LinearAttentionAndFullAttentionLayer
 
@@ -448,6 +449,19 @@ def test_caches_holding_more_than_keys_and_values_are_refused():
     hybrid.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 0)
     with pytest.raises(SpecMismatchError, match="LinearAttentionAndFullAttentionLayer"):
         cache_to_kv(hybrid)
+    # DeepSeek V4's compressed attention: a sliding window of recent tokens plus compressor state
+    from transformers import AutoModelForCausalLM, DeepseekV4Config
+
+    torch.manual_seed(0)
+    cfg = DeepseekV4Config(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+                           n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, o_groups=2, o_lora_rank=16,
+                           index_n_heads=2, index_head_dim=16, index_topk=4, num_nextn_predict_layers=0,
+                           max_position_embeddings=512,
+                           layer_types=["compressed_sparse_attention", "heavily_compressed_attention"])
+    v4 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
+        cache_to_kv(prefill(v4, list(range(1, 40)))[1])
 
 
 def test_sliding_window_cache_is_refused():
