@@ -205,6 +205,19 @@ def test_thread_exactness_bench_runs(tmp_path):
     assert len(res["results"]) == 2 and isinstance(res["identical"], bool)
 
 
+@pytest.mark.model  # loads SmolLM2
+def test_adapter_overhead_bench_runs(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "adapter_overhead.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "adapter_overhead.py"), "--adapters", "none",
+                        "r8 k,v", "--context", "300", "--new", "4", "--decode", "1", "--rounds", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["adapter"] for x in rows] == ["none", "r8 k,v"] and rows[0]["adapter_bytes"] == 0 < rows[1]["adapter_bytes"]
+    assert all(x["restored_tokens"] == 256 and x["tenant_ms"]["median"] > 0 for x in rows)
+
+
 @pytest.mark.model  # loads SmolLM2 (or KV captured from it)
 def test_ttft_bench_runs(tmp_path):
     out = tmp_path / "ttft.json"

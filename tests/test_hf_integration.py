@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("transformers")
 from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, TierKV  # noqa: E402
-from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, cache_len, cache_to_kv, greedy_decode,  # noqa: E402
-                                    kv_to_cache, load_smollm2, prefill, restore_cache, spec_for_model,
-                                    use_grouped_attention)
+from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, adapter_tenant, cache_len, cache_to_kv,  # noqa: E402
+                                    greedy_decode, kv_to_cache, load_smollm2, prefill, restore_cache,
+                                    spec_for_model, use_grouped_attention)
 
 pytestmark = pytest.mark.model
 STEPS = 32
@@ -229,6 +229,33 @@ def test_peft_adapters_keep_their_own_kv(smol, tmp_path):
         with pytest.raises(ConfigError, match="prompt-learning"):
             SessionRunner(kv, prefix)  # its virtual tokens are KV outside the session's cache
         assert kv.session_info("a") == before
+
+
+def test_remembered_adapter_digests_follow_torch_version_counters(smol, tmp_path):
+    """SessionRunner(rehash_adapters=False) hashes an adapter tensor again only when torch's
+    version counter (or the tensor) changed: an in-place op still gives a new tenant, a write
+    through .data does not (as documented). Turns run as with hashing every turn."""
+    peft = pytest.importorskip("peft")
+    _, tok, spec = smol
+    torch.manual_seed(4)
+    adapted = peft.get_peft_model(load_smollm2()[0], peft.LoraConfig(r=4, target_modules=["k_proj", "v_proj"],
+                                                                      init_lora_weights=False))
+    memo: dict = {}
+    first = adapter_tenant(adapted, memo)
+    assert memo and adapter_tenant(adapted, memo) == first == adapter_tenant(adapted)
+    weight = adapted.base_model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight
+    with torch.no_grad():
+        weight.mul_(2)  # an optimizer step, a load_state_dict: the version counter moves
+    second = adapter_tenant(adapted, memo)
+    assert second != first and second == adapter_tenant(adapted)
+    weight.data.mul_(2)  # no version counter sees this: only hashing every turn does
+    assert adapter_tenant(adapted, memo) == second != adapter_tenant(adapted)
+    tokens = stdlib_tokens(tok, 100)
+    with TierKV(str(tmp_path / "store"), spec) as kv:
+        runner = SessionRunner(kv, adapted, rehash_adapters=False)
+        t = runner.turn("s", tokens, max_new_tokens=2)
+        more = tokens + t.tokens + tok.encode(" Why?", add_special_tokens=False)
+        assert runner.turn("s", more, max_new_tokens=2).restored_tokens == len(tokens) + 1
 
 
 RESTARTED_ADAPTER = """

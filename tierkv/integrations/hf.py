@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -61,7 +62,7 @@ SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def adapter_tenant(model: Any) -> str | None:
+def adapter_tenant(model: Any, remembered: dict | None = None) -> str | None:
     """The tierkv tenant of the PEFT adapters ``model`` runs now, or None when it runs none.
 
     Adapters (LoRA, DoRA, IA3, modules_to_save, trainable tokens, ...) change a model's KV for the
@@ -72,8 +73,12 @@ def adapter_tenant(model: Any) -> str | None:
     disabled or inactive runs as its base model, and shares the base model's KV (None).
 
     The weights are hashed at each call, not remembered: an adapter trained or reloaded in place
-    under the same name gets a new tenant. That is one pass over the active adapters' weights
-    (a LoRA adapter is a small fraction of its model).
+    under the same name gets a new tenant. That is one pass over the active adapters' weights,
+    about 1 ms per MiB on the test machine (``bench/adapter_overhead.py``). With ``remembered``
+    (a dict the caller keeps between calls), a tensor's digest is reused while the tensor, its
+    storage and torch's version counter for it are the same: every in-place op, optimizer step
+    and ``load_state_dict`` bumps that counter, but a write through ``.data`` or into the
+    storage by other means does not, and would go unseen.
 
     Raises:
         ConfigError: a prompt-learning adapter (prefix or prompt tuning: its virtual tokens are KV
@@ -119,13 +124,13 @@ def adapter_tenant(model: Any) -> str | None:
                     if a in obj.keys():
                         v = obj[a]
                         if isinstance(v, torch.Tensor):
-                            _hash_tensor(h, f"{qual}.{attr}.{a}", v)
+                            _hash_tensor(h, f"{qual}.{attr}.{a}", v, remembered)
                         else:
                             extra.append([qual, attr, a, repr(v)])
     wanted = set(in_effect)  # PEFT keeps each adapter's tensors under its name: lora_A.<name>.weight, ...
     for qual, t in sorted([*root.named_parameters(), *root.named_buffers()], key=lambda x: x[0]):
         if wanted.intersection(qual.split(".")):
-            _hash_tensor(h, qual, t)
+            _hash_tensor(h, qual, t, remembered)
     doc = {"layers": state, "extra": extra,
            "configs": {a: _config_dict(configs[a]) for a in in_effect if a in configs}}
     h.update(json.dumps(doc, sort_keys=True, default=_json_default).encode())
@@ -150,12 +155,26 @@ def _json_default(o: Any) -> Any:
     return sorted(map(repr, o)) if isinstance(o, (set, frozenset)) else repr(o)
 
 
-def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+def _hash_tensor(h: Any, name: str, t: torch.Tensor, remembered: dict | None = None) -> None:
     if t.device.type == "meta":
         raise ConfigError(f"adapter tensor {name} is on the meta device (offloaded): tierkv cannot key its KV")
+    stamp = None
+    if remembered is not None:
+        try:  # a weak reference, not id(): a new tensor may take a freed one's id and address
+            stamp = (t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+        except RuntimeError:  # an inference tensor has no version counter: hash it every time
+            stamp = None
+        seen = remembered.get(name)
+        if stamp is not None and seen is not None and seen[0]() is t and seen[1] == stamp:
+            h.update(seen[2])
+            return
     x = t.detach().to("cpu").contiguous().reshape(-1)
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(memoryview(x.view(torch.uint8).numpy()))
+    one = hashlib.blake2b(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode(), digest_size=16)
+    one.update(memoryview(x.view(torch.uint8).numpy()))
+    digest = one.digest()
+    if stamp is not None:
+        remembered[name] = (weakref.ref(t), stamp, digest)  # type: ignore[index]
+    h.update(digest)
 
 
 def spec_for_model(model: Any, model_id: str | None = None, revision: str | None = None) -> KVSpec:
@@ -497,10 +516,16 @@ class SessionRunner:
     prefill only the uncached suffix, decode greedily, and save the grown session (without
     blocking on disk I/O). A model running PEFT adapters keeps each adapter state's KV apart
     (``adapter_tenant``, read at every turn); a session keeps the adapter state it was saved under.
+    ``rehash_adapters=False`` hashes an adapter tensor again only when torch's version counter
+    says it changed (cheaper per turn; a write through ``.data`` would go unseen).
     """
 
-    def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None) -> None:
-        adapter_tenant(model)  # refuse what it cannot key now, not at the first turn
+    def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None,
+                 rehash_adapters: bool = True) -> None:
+        #: None: hash the adapters' weights at every turn; a dict: reuse each tensor's digest while
+        #: torch's version counter says it is unchanged (``adapter_tenant``'s ``remembered``)
+        self._adapter_digests: dict | None = None if rehash_adapters else {}
+        adapter_tenant(model, self._adapter_digests)  # refuse what it cannot key now, not at the first turn
         try:
             theirs: KVSpec | None = _cache_spec(model.config, model.dtype, "model", "")
         except ConfigError:  # a config without the usual attention fields: the save still checks
@@ -541,7 +566,7 @@ class SessionRunner:
         tokens = [int(t) for t in ids]
         t0 = time.perf_counter()
         # the adapters the model runs now (loaded, switched or disabled since the last turn)
-        tenant = adapter_tenant(self.model)
+        tenant = adapter_tenant(self.model, self._adapter_digests)
         try:
             held = self.store.session_info(session)["tenant"]
         except UnknownSessionError:
