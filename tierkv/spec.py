@@ -62,14 +62,16 @@ _CONFIG_NOT_KV = frozenset({
     "tie_word_embeddings", "chunk_size_feed_forward"})
 
 
-def config_digest(config: Any) -> str:
+def config_digest(config: Any, ignore: frozenset[str] = _CONFIG_NOT_KV) -> str:
     """A digest (32 hex characters) of a transformers config, less the fields that change no
-    layer's output (``_CONFIG_NOT_KV``): two loads of one model give the same digest, and a config
-    override that changes the KV (``rope_parameters`` or ``rope_scaling``, an epsilon, an
-    activation, a quantization config) gives another."""
+    layer's output (``ignore``, and keys starting with "_"): two loads of one model give the same
+    digest, and a config override that changes the KV (``rope_parameters`` or ``rope_scaling``, an
+    epsilon, an activation, a quantization config) gives another. Sets are hashed in a fixed
+    order, not the per-process string hash order. Any config with ``to_dict`` will do (a PEFT
+    adapter's, with its own ``ignore``)."""
     def strip(v: Any) -> Any:
         if isinstance(v, dict):
-            return {str(k): strip(x) for k, x in v.items() if not (isinstance(k, str) and (k.startswith("_") or k in _CONFIG_NOT_KV))}
+            return {str(k): strip(x) for k, x in v.items() if not (isinstance(k, str) and (k.startswith("_") or k in ignore))}
         if isinstance(v, (list, tuple)):
             return [strip(x) for x in v]
         if isinstance(v, (set, frozenset)):  # in a fixed order, not the per-process hash order

@@ -132,27 +132,15 @@ def adapter_tenant(model: Any, remembered: dict | None = None) -> str | None:
         if wanted.intersection(qual.split(".")):
             _hash_tensor(h, qual, t, remembered)
     doc = {"layers": state, "extra": extra,
-           "configs": {a: _config_dict(configs[a]) for a in in_effect if a in configs}}
-    h.update(json.dumps(doc, sort_keys=True, default=_json_default).encode())
+           "configs": {a: config_digest(configs[a], _PEFT_METADATA) for a in in_effect if a in configs}}
+    h.update(json.dumps(doc, sort_keys=True).encode())
     return "peft " + h.hexdigest()
 
 
 # PeftConfig fields that change no forward pass, only tell where an adapter was trained, saved or
 # loaded (inference_mode only sets requires_grad; save_pretrained fills in auto_mapping), so the
 # same adapter gets the same tenant in the process that trained it and in one that loads it
-_CONFIG_METADATA = ("inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping")
-
-
-def _config_dict(cfg: Any) -> Any:
-    if not hasattr(cfg, "to_dict"):
-        return repr(cfg)
-    return {k: v for k, v in cfg.to_dict().items() if k not in _CONFIG_METADATA}
-
-
-def _json_default(o: Any) -> Any:
-    # sets (target_modules, ...) in a fixed order: their own order follows the per-process string
-    # hash seed, and a tenant must be the same after a restart
-    return sorted(map(repr, o)) if isinstance(o, (set, frozenset)) else repr(o)
+_PEFT_METADATA = frozenset({"inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping"})
 
 
 def _hash_tensor(h: Any, name: str, t: torch.Tensor, remembered: dict | None = None) -> None:
@@ -397,6 +385,15 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     return cache, handle
 
 
+def _room(buf: torch.Tensor, used: int, more: int) -> torch.Tensor:
+    """``buf`` (``[1, heads, capacity, dim]``, its first ``used`` tokens filled) with room for
+    ``more`` tokens: itself, or a copy at least twice its capacity once the headroom is used up."""
+    if used + more <= buf.shape[2]:
+        return buf
+    cap = max(2 * buf.shape[2], used + more)
+    return torch.cat([buf[:, :, :used], buf.new_empty(buf.shape[0], buf.shape[1], cap - used, buf.shape[3])], dim=2)
+
+
 class RestoringLayer(DynamicLayer):
     """A DynamicLayer over a preallocated buffer whose first tokens are being restored."""
 
@@ -419,10 +416,7 @@ class RestoringLayer(DynamicLayer):
         if not self.is_initialized:
             self._materialize()
         m = key_states.shape[-2]
-        if self._n + m > self._kbuf.shape[-2]:  # out of headroom: grow by doubling
-            cap = max(2 * self._kbuf.shape[-2], self._n + m)
-            grow = lambda b: torch.cat([b[:, :, :self._n], b.new_empty(b.shape[0], b.shape[1], cap - self._n, b.shape[3])], dim=2)  # noqa: E731
-            self._kbuf, self._vbuf = grow(self._kbuf), grow(self._vbuf)
+        self._kbuf, self._vbuf = _room(self._kbuf, self._n, m), _room(self._vbuf, self._n, m)
         self._kbuf[:, :, self._n:self._n + m].copy_(key_states)
         self._vbuf[:, :, self._n:self._n + m].copy_(value_states)
         self._n += m
@@ -463,10 +457,7 @@ class RestoringIndexedLayer(RestoringLayer, *((_IndexedLayer,) if _IndexedLayer 
         if not self.is_initialized:
             self._materialize()
         m = indexer_key_states.shape[1]
-        if self._ni + m > self._ibuf.shape[2]:  # out of headroom: grow by doubling
-            cap = max(2 * self._ibuf.shape[2], self._ni + m)
-            self._ibuf = torch.cat([self._ibuf[:, :, :self._ni],
-                                    self._ibuf.new_empty(1, 1, cap - self._ni, self._ibuf.shape[3])], dim=2)
+        self._ibuf = _room(self._ibuf, self._ni, m)
         self._ibuf[:, 0, self._ni:self._ni + m].copy_(indexer_key_states)
         self._ni += m
         self.indexer_keys = self._ibuf[:, 0, :self._ni]
