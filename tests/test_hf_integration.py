@@ -19,7 +19,8 @@ pytest.importorskip("transformers")
 from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, TierKV  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, adapter_tenant, cache_len, cache_to_kv,  # noqa: E402
                                     greedy_decode, kv_to_cache, load_smollm2, prefill, restore_cache,
-                                    spec_for_model, use_grouped_attention)
+                                    session_cache, spec_for_model, use_grouped_attention)
+from tierkv.integrations.hf import SlidingHistoryLayer  # noqa: E402
 
 pytestmark = pytest.mark.model
 STEPS = 32
@@ -457,7 +458,7 @@ def test_dsa_model_random_weights(tmp_path):
     assert all(torch.equal(x, y[:, :209]) for p, q in zip(back, cache_to_kv(cache)) for x, y in zip(p, q))
 
 
-def test_caches_holding_more_than_keys_and_values_are_refused():
+def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     """Cache layers that keep state besides their keys and values (and a DSA indexer's keys),
     which a save would drop and a restore would lack, are refused: a linear-attention state
     beside full attention, a DSA indexer with positions of its own, DeepSeek V4's compressed
@@ -489,18 +490,96 @@ def test_caches_holding_more_than_keys_and_values_are_refused():
     v4 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
         cache_to_kv(prefill(v4, list(range(1, 40)))[1])
+    # a runner refuses such a model when it is made, not after a turn's work
+    with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 32, torch.float32)) as kv:
+        with pytest.raises(SpecMismatchError, match="0: DeepseekV4CSACache, 1: DeepseekV4HCACache"):
+            SessionRunner(kv, v4)
 
 
-def test_sliding_window_cache_is_refused():
+def test_sliding_window_layers_are_saved_only_whole():
+    """transformers' own sliding-window layer keeps only its window: refused, with the way out.
+    session_cache's layers keep every token, so cache_to_kv saves them all, and kv_to_cache gives
+    them back the same way (attending to the window: ``keys`` is the last 15 tokens)."""
     from transformers import DynamicCache, MistralConfig
 
     cfg = MistralConfig(num_hidden_layers=2, sliding_window=16, hidden_size=32, num_attention_heads=2,
                         num_key_value_heads=1, intermediate_size=64, vocab_size=100)
-    cache = DynamicCache(config=cfg)
-    cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 0)
-    cache.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 1)
-    with pytest.raises(SpecMismatchError, match="DynamicSlidingWindowLayer"):
-        cache_to_kv(cache)
+    plain, whole = DynamicCache(config=cfg), session_cache(cfg)
+    data = [torch.randn(1, 1, 40, 16) for _ in range(4)]
+    for cache in (plain, whole):
+        cache.update(data[0], data[1], 0)
+        cache.update(data[2], data[3], 1)
+    with pytest.raises(SpecMismatchError, match="DynamicSlidingWindowLayer.*session_cache"):
+        cache_to_kv(plain)
+    kv = cache_to_kv(whole)
+    assert all(torch.equal(x, y[0]) for x, y in zip(kv[0] + kv[1], data))
+    back = kv_to_cache(kv, cfg)
+    assert all(type(layer) is SlidingHistoryLayer for layer in back.layers)
+    assert torch.equal(back.layers[1].keys, plain.layers[1].keys) and back.get_seq_length() == 40
+    assert all(torch.equal(x, y) for x, y in zip(cache_to_kv(back)[1], kv[1]))
+
+
+def smollm2_with_sliding_layers(model, window):
+    """SmolLM2's real weights in Ministral's architecture (Llama's, with sliding-window attention
+    per layer): two layers in three attend only to the last ``window`` tokens."""
+    from transformers import MinistralConfig, MinistralForCausalLM
+
+    c = model.config
+    cfg = MinistralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                          num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                          num_key_value_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
+                          max_position_embeddings=c.max_position_embeddings,
+                          rms_norm_eps=c.rms_norm_eps, rope_parameters=c.rope_parameters,
+                          tie_word_embeddings=c.tie_word_embeddings, sliding_window=window,
+                          layer_types=["full_attention" if i % 3 == 2 else "sliding_attention"
+                                       for i in range(c.num_hidden_layers)])
+    m = MinistralForCausalLM(cfg).eval()
+    m.load_state_dict(model.state_dict(), strict=True)
+    return m
+
+
+def test_sliding_window_model_real_weights(smol, tmp_path):
+    """A model whose layers mostly attend to a sliding window (SmolLM2's weights, two layers in
+    three seeing the last 80 tokens). transformers' own cache keeps only each window, so before
+    session 53 every runner save of such a model was refused. The runner's caches keep every
+    token while attention sees the same windows: three turns of a session, then, in a fresh
+    handle (from SSD), a second session sharing only the first 192 tokens (its windows start
+    inside an earlier block) each equal the same turns on transformers' own cache without
+    tierkv, tokens and logits to the bit."""
+    from transformers import DynamicCache
+
+    model, tok, _ = smol
+    m = smollm2_with_sliding_layers(model, 80)
+    spec = spec_for_model(m, model_id="test/smollm2-sliding")
+    assert spec.bytes_per_token == 46_080  # every layer stores every token
+    store, ctx, ref = str(tmp_path / "store"), stdlib_tokens(tok, 300, "json/decoder.py"), None
+    more = tok.encode("\n# and then\n", add_special_tokens=False)
+
+    def same_turn(t, tokens, cache):
+        logits, cache = prefill(m, tokens[cache_len(cache):], cache)
+        toks, all_logits, cache = greedy_decode(m, logits, cache, 6)
+        assert t.tokens == toks and all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+        return cache
+
+    with TierKV(store, spec, block_tokens=64) as kv:
+        runner = SessionRunner(kv, m)
+        for restored in (0, 305, 316):
+            t = runner.turn("s", ctx, max_new_tokens=6)
+            assert t.restored_tokens == restored
+            ref = same_turn(t, ctx, ref if ref is not None else DynamicCache(config=m.config))
+            ctx = ctx + t.tokens + more
+    assert [type(layer).__name__ for layer in ref.layers[:3]] == ["DynamicSlidingWindowLayer"] * 2 + ["DynamicLayer"]
+    # the first turn's prefill again (session_cache by default: every token), its first 192
+    # tokens put into transformers' own cache, which keeps the windows
+    first = cache_to_kv(prefill(m, ctx[:300])[1])
+    shared = DynamicCache(config=m.config)
+    for i, (k, v) in enumerate(first):
+        shared.update(k[None, :, :192], v[None, :, :192], i)
+    other = ctx[:200] + tok.encode("\n# something else\n", add_special_tokens=False)
+    with TierKV(store, spec, block_tokens=64) as kv:
+        t = SessionRunner(kv, m).turn("other", other, max_new_tokens=6)
+        assert t.restored_tokens == 192 and t.sources == {"ssd": 3}
+        same_turn(t, other, shared)
 
 
 def test_cache_helpers_refuse_what_is_not_a_cache():

