@@ -410,12 +410,14 @@ def runner_turns_match_memory(model, spec, path, turns):
     """``turns`` runner turns of one session against the same turns continuing an in-memory
     cache without tierkv: tokens and logits equal to the bit. Returns the last turn, the
     context and the in-memory cache."""
-    ctx, cache = list(range(5, 205)), None
+    from transformers import DynamicCache
+
+    ctx, cache = list(range(5, 205)), DynamicCache(config=model.config)  # transformers' own layers
     with TierKV(path, spec, block_tokens=64) as kv:
         runner = SessionRunner(kv, model)
         for _ in range(turns):
             t = runner.turn("s", ctx, max_new_tokens=4)
-            logits, cache = prefill(model, ctx[cache_len(cache) if cache else 0:], cache)
+            logits, cache = prefill(model, ctx[cache_len(cache):], cache)
             toks, all_logits, cache = greedy_decode(model, logits, cache, 4)
             assert t.tokens == toks and all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
             ctx = ctx + t.tokens + [7, 8]
@@ -456,6 +458,23 @@ def test_dsa_model_random_weights(tmp_path):
         back = cache_to_kv(kv_to_cache(kv.restore(ctx[:209], session="s").kv, model.config))
     assert all(len(p) == 3 for p in back)
     assert all(torch.equal(x, y[:, :209]) for p, q in zip(back, cache_to_kv(cache)) for x, y in zip(p, q))
+
+
+def test_gemma3_sliding_window_random_weights(tmp_path):
+    """Gemma 3's attention (random weights): five sliding-window layers (16 tokens, a RoPE of
+    their own) to one full-attention layer. Three runner turns equal the same turns on
+    transformers' own cache, to the bit."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                           max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    assert cfg.layer_types.count("sliding_attention") == 5
+    last, _, cache = runner_turns_match_memory(model, spec_for_model(model, model_id="test/gemma3-random"),
+                                               str(tmp_path / "store"), 3)
+    assert last.restored_tokens == 209 and type(cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
 
 
 def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
