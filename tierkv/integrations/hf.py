@@ -383,7 +383,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     tokens are written in place instead of re-concatenating the whole cache. ``cache`` is None
     when nothing is cached. A block that fails to load raises BlockLoadError inside the forward
     pass; ``SessionRunner`` then restarts the turn from the valid prefix. With ``pool``, the
-    buffers come from it (see CachePool).
+    buffers come from it (see CachePool). ``config`` says which layers attend to a sliding
+    window: those are ``SlidingHistoryLayer``s (``session_cache``); with None, none do.
     """
     buffers: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -403,7 +404,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
         buffers[(layer, index)] = full
         return full[0, :, :n]
 
-    kinds = session_cache(config).layers  # which layers slide, and over what window
+    # which layers slide, and over what window (no config: none, as before session 53)
+    kinds = session_cache(config).layers if config is not None else [None] * store.spec.num_layers
     if len(kinds) != store.spec.num_layers:
         raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
     handle = store.restore_async(tokens, session=session, tenant=tenant, allocate=allocate)
