@@ -242,18 +242,24 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
-def _plant(store_dir, tokens):
-    """Save made-up KV for ``tokens`` into one shard's store, as its worker's layout."""
-    import torch
-
-    import tierkv
+def _stored_spec(store_dir):
+    """The spec and settings a store was made with, read from its meta table."""
     from tierkv.spec import KVSpec
 
     env = lmdb.open(str(store_dir), subdir=True, max_dbs=8, readonly=True, lock=False)
     with env.begin() as txn:
         doc = json.loads(txn.get(b"spec", db=env.open_db(b"meta", txn=txn, create=False)))
     env.close()
-    spec = KVSpec.from_description(doc)
+    return KVSpec.from_description(doc), doc
+
+
+def _plant(store_dir, tokens):
+    """Save made-up KV for ``tokens`` into one shard's store, as its worker's layout."""
+    import torch
+
+    import tierkv
+
+    spec, doc = _stored_spec(store_dir)
     with tierkv.TierKV(str(store_dir), spec, block_tokens=doc["block_tokens"], ssd_codec=doc["codec"],
                        persist="write_through") as store:
         g = torch.Generator().manual_seed(5)
@@ -294,17 +300,6 @@ def test_tensor_parallel_ranks_each_restore_their_own_heads(setup):
     assert sorted(w["connector_shard"][0] for w in s2["worker"]) == [0, 1, 2]
     for w in s2["worker"]:
         assert w["connector_loaded_tokens"] == 2 * 256 and w["hits"]["ssd"] >= 4 and w["corrupt_blocks"] == 0
-
-
-def _stored_spec(store_dir):
-    """The spec and settings a store was made with, read from its meta table."""
-    from tierkv.spec import KVSpec
-
-    env = lmdb.open(str(store_dir), subdir=True, max_dbs=8, readonly=True, lock=False)
-    with env.begin() as txn:
-        doc = json.loads(txn.get(b"spec", db=env.open_db(b"meta", txn=txn, create=False)))
-    env.close()
-    return KVSpec.from_description(doc), doc
 
 
 def test_mla_model_pages_its_latent(setup):
