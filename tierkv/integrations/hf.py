@@ -225,19 +225,16 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
         raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
     out = []
     for i, layer in enumerate(cache.layers):
-        # exactly these: a subclass may keep only part of the context (a plain sliding-window
-        # layer) or state besides its keys and values (a DSA indexer's keys, quantized KV, a
-        # linear-attention state), which a save would drop and a restore would lack
-        if type(layer) is SlidingHistoryLayer:
-            k, v = layer.history()
-        elif type(layer) not in _SAVABLE_LAYERS or layer.is_sliding:
+        # a plain sliding-window layer keeps only part of the context, other subclasses state
+        # besides their keys and values (quantized KV, a linear-attention state): a save would
+        # drop it and a restore would lack it
+        if not _savable(layer):
             hint = (" (make the cache with session_cache(config): its sliding-window layers keep every token)"
                     if type(layer) is DynamicSlidingWindowLayer else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
                                     f"can be saved exactly{hint}")
-        else:
-            k, v = layer.keys, layer.values
+        k, v = layer.history() if type(layer) is SlidingHistoryLayer else (layer.keys, layer.values)
         if k is None or k.dim() != 4 or k.shape[0] != 1:
             raise SpecMismatchError(f"cache layer {i}: expected keys [1, heads, seq, dim], got "
                                     f"{None if k is None else tuple(k.shape)}")
@@ -424,13 +421,16 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     return cache, handle
 
 
-def _room(buf: torch.Tensor, used: int, more: int) -> torch.Tensor:
-    """``buf`` (``[1, heads, capacity, dim]``, its first ``used`` tokens filled) with room for
-    ``more`` tokens: itself, or a copy at least twice its capacity once the headroom is used up."""
-    if used + more <= buf.shape[2]:
-        return buf
-    cap = max(2 * buf.shape[2], used + more)
-    return torch.cat([buf[:, :, :used], buf.new_empty(buf.shape[0], buf.shape[1], cap - used, buf.shape[3])], dim=2)
+def _append(buf: torch.Tensor, used: int, x: torch.Tensor) -> torch.Tensor:
+    """``buf`` (``[1, heads, capacity, dim]``, its first ``used`` tokens filled) with ``x``'s
+    tokens (``[1, heads, m, dim]``) written after them: in place, or into a copy at least twice
+    its capacity once the headroom is used up."""
+    m = x.shape[2]
+    if used + m > buf.shape[2]:
+        cap = max(2 * buf.shape[2], used + m)
+        buf = torch.cat([buf[:, :, :used], buf.new_empty(buf.shape[0], buf.shape[1], cap - used, buf.shape[3])], dim=2)
+    buf[:, :, used:used + m].copy_(x)
+    return buf
 
 
 class RestoringLayer(DynamicLayer):
@@ -454,11 +454,8 @@ class RestoringLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self._materialize()
-        m = key_states.shape[-2]
-        self._kbuf, self._vbuf = _room(self._kbuf, self._n, m), _room(self._vbuf, self._n, m)
-        self._kbuf[:, :, self._n:self._n + m].copy_(key_states)
-        self._vbuf[:, :, self._n:self._n + m].copy_(value_states)
-        self._n += m
+        self._kbuf, self._vbuf = _append(self._kbuf, self._n, key_states), _append(self._vbuf, self._n, value_states)
+        self._n += key_states.shape[-2]
         self.keys, self.values = self._kbuf[:, :, :self._n], self._vbuf[:, :, :self._n]
         return self.keys, self.values
 
@@ -495,10 +492,8 @@ class RestoringIndexedLayer(RestoringLayer, *((_IndexedLayer,) if _IndexedLayer 
     def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
         if not self.is_initialized:
             self._materialize()
-        m = indexer_key_states.shape[1]
-        self._ibuf = _room(self._ibuf, self._ni, m)
-        self._ibuf[:, 0, self._ni:self._ni + m].copy_(indexer_key_states)
-        self._ni += m
+        self._ibuf = _append(self._ibuf, self._ni, indexer_key_states.unsqueeze(1))  # [1, m, dim]: one "head"
+        self._ni += indexer_key_states.shape[1]
         self.indexer_keys = self._ibuf[:, 0, :self._ni]
         return self.indexer_keys
 
@@ -552,12 +547,9 @@ class SlidingHistoryLayer(DynamicSlidingWindowLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        m = key_states.shape[-2]
         lo = max(0, self._n - self.sliding_window + 1)  # the window before these tokens
-        self._kbuf, self._vbuf = _room(self._kbuf, self._n, m), _room(self._vbuf, self._n, m)
-        self._kbuf[:, :, self._n:self._n + m].copy_(key_states)
-        self._vbuf[:, :, self._n:self._n + m].copy_(value_states)
-        self._n += m
+        self._kbuf, self._vbuf = _append(self._kbuf, self._n, key_states), _append(self._vbuf, self._n, value_states)
+        self._n += key_states.shape[-2]
         self.cumulative_length = self._n
         self._window()
         return self._kbuf[:, :, lo:self._n], self._vbuf[:, :, lo:self._n]
@@ -583,6 +575,13 @@ class SlidingHistoryLayer(DynamicSlidingWindowLayer):
 
 
 _SAVABLE_LAYERS = (DynamicLayer, RestoringLayer, SlidingHistoryLayer) + ((_IndexedLayer, RestoringIndexedLayer) if _IndexedLayer else ())
+
+
+def _savable(layer: Any) -> bool:
+    """Whether ``cache_to_kv`` can save a cache layer exactly: it holds every token's keys and
+    values (and a DSA indexer's keys), and nothing else. Exactly these classes: a subclass may
+    keep only part of the context or other state."""
+    return type(layer) in _SAVABLE_LAYERS and (type(layer) is SlidingHistoryLayer or not layer.is_sliding)
 
 
 def cache_len(cache: Any) -> int:
@@ -634,7 +633,7 @@ class SessionRunner:
         except ConfigError:  # a config without the usual attention fields: the save still checks
             theirs = None
         unsavable = [f"{i}: {type(layer).__name__}" for i, layer in enumerate(session_cache(model.config).layers)
-                     if type(layer) not in _SAVABLE_LAYERS or (layer.is_sliding and type(layer) is not SlidingHistoryLayer)]
+                     if not _savable(layer)]
         if unsavable:
             # else every turn runs, then has its save refused
             raise SpecMismatchError(f"this model's cache layers ({', '.join(unsavable[:3])}"
