@@ -198,9 +198,16 @@ class KVSpec:
         if not isinstance(self.revision, str):
             raise ConfigError(f"KVSpec revision must be a str, got {type(self.revision).__name__}")
         offsets, acc = [], 0
-        for layer in self.layers:
-            row = []
+        for i, layer in enumerate(self.layers):
+            row, start = [], acc
             for t in layer.tensors:
+                size = t.itemsize
+                if acc % size or (acc - start) % size:
+                    # a block holds n tokens of each tensor in turn: a tensor starting off its
+                    # element size could not be viewed in place (torch refuses), at every save
+                    raise ConfigError(f"layer {i}, tensor {t.name!r} ({t.dtype}) would start at byte {acc} per token "
+                                      f"({acc - start} into its layer), not a multiple of its {size}-byte elements: "
+                                      "put wider dtypes first, or pad the narrower tensors")
                 row.append(acc)
                 acc += t.bytes_per_token
             offsets.append(tuple(row))
