@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ pytest.importorskip("transformers")
 from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, TierKV  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, adapter_tenant, cache_len, cache_to_kv,  # noqa: E402
                                     greedy_decode, kv_to_cache, load_smollm2, prefill, restore_cache,
-                                    session_cache, spec_for_model, use_grouped_attention)
+                                    restore_step, session_cache, spec_for_model, use_grouped_attention)
 from tierkv.integrations.hf import SlidingHistoryLayer  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 pytestmark = pytest.mark.model
 STEPS = 32
@@ -496,23 +498,109 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     hybrid.update(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), 0)
     with pytest.raises(SpecMismatchError, match="LinearAttentionAndFullAttentionLayer"):
         cache_to_kv(hybrid)
-    # DeepSeek V4's compressed attention: a sliding window of recent tokens plus compressor state
+    # DeepSeek V4's own layers (a sliding window of recent tokens plus compressor state); a
+    # session_cache saves what its restore points need instead (test_deepseek_v4_*)
+    v4 = tiny_deepseek_v4(["compressed_sparse_attention", "heavily_compressed_attention"])
+    with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
+        cache_to_kv(prefill(v4, list(range(1, 40)), DynamicCache(config=v4.config))[1])
+    # a runner refuses a model it cannot save when it is made, not after a turn's work: a
+    # convolution state beside attention (LFM2)
+    from transformers import AutoModelForCausalLM, Lfm2Config
+
+    cfg = Lfm2Config(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=1, layer_types=["conv", "full_attention"])
+    lfm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
+        with pytest.raises(SpecMismatchError, match="0: LinearAttentionLayer"):
+            SessionRunner(kv, lfm)
+
+
+def tiny_deepseek_v4(layer_types: list[str], dtype: torch.dtype = torch.float32) -> Any:
+    """DeepSeek V4's architecture at toy size, random weights: a window of 8 tokens, CSA every 4
+    tokens (with its indexer), HCA every 16."""
     from transformers import AutoModelForCausalLM, DeepseekV4Config
 
     torch.manual_seed(0)
-    cfg = DeepseekV4Config(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+    cfg = DeepseekV4Config(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=len(layer_types),
                            num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
                            n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, o_groups=2, o_lora_rank=16,
                            index_n_heads=2, index_head_dim=16, index_topk=4, num_nextn_predict_layers=0,
-                           max_position_embeddings=512,
-                           layer_types=["compressed_sparse_attention", "heavily_compressed_attention"])
-    v4 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
-        cache_to_kv(prefill(v4, list(range(1, 40)))[1])
-    # a runner refuses such a model when it is made, not after a turn's work
-    with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 32, torch.float32)) as kv:
-        with pytest.raises(SpecMismatchError, match="0: DeepseekV4CSACache, 1: DeepseekV4HCACache"):
-            SessionRunner(kv, v4)
+                           max_position_embeddings=1024, layer_types=layer_types,
+                           compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16})
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
+    """DeepSeek V4's compressed attention (a window of recent keys, CSA with its indexer, HCA):
+    refused before session 54. Its caches restore every ``restore_step`` tokens (64 here), from
+    what is stored per token there: three runner turns (each restoring the last restore point
+    of the previous turn's 5 answer tokens), then, in a fresh handle, a second session sharing
+    150 tokens (restored from SSD up to 128), each equal the same turn on transformers' own
+    cache from the same point, tokens and logits to the bit."""
+    import copy
+
+    v4 = tiny_deepseek_v4(["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                           "compressed_sparse_attention"], dtype)
+    cfg, step = v4.config, restore_step(v4.config)
+    assert step == 64  # rates 4 and 16, eight windows of 7 keys
+    spec = spec_for_model(v4, model_id="test/v4")
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
+    store, ctx, points = str(tmp_path / "store"), rand(128), {}
+
+    def same_turn(t, tokens, start):
+        # transformers' own cache from the state it had at ``start`` (a copy: V4 layers cannot crop)
+        logits, cache = prefill(v4, tokens[start:], copy.deepcopy(points[start]) if start else DynamicCache(config=cfg))
+        points[len(tokens)] = copy.deepcopy(cache)
+        toks, all_logits, cache = greedy_decode(v4, logits, cache, 6)
+        assert t.restored_tokens == start and t.tokens == toks
+        assert all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        with pytest.raises(ConfigError, match="multiple of 64"):
+            SessionRunner(TierKV(str(tmp_path / "small"), spec, block_tokens=32), v4)
+        runner = SessionRunner(kv, v4)
+        for start in (0, 128, 192):  # the turn before saved 133 and 197 tokens
+            t = runner.turn("s", ctx, max_new_tokens=6)
+            same_turn(t, ctx, start)
+            ctx = ctx + t.tokens + rand(58)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        other = ctx[:150] + rand(20)
+        t = SessionRunner(kv, v4).turn("other", other, max_new_tokens=6)
+        assert t.sources == {"ssd": 1}
+        same_turn(t, other, 128)
+
+
+def test_deepseek_v4_layers_round_trip():
+    """What a V4 session_cache saves, kv_to_cache restores at a restore point and nowhere else,
+    and saves back unchanged. Saved at 133 tokens, a cache holds the state of its 128-token
+    restore point (window keys, entries, overlaps): restored there, it continues as transformers'
+    own cache at 128 does, to the bit."""
+    v4 = tiny_deepseek_v4(["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"])
+    ids = torch.randint(1, 256, (160,), generator=torch.Generator().manual_seed(2)).tolist()
+    _, cache = prefill(v4, ids[:128])
+    _, ref = prefill(v4, ids[:128], DynamicCache(config=v4.config))
+    _, cache = prefill(v4, ids[128:133], cache)
+    kv = cache_to_kv(cache)
+    assert [[x.shape[:2] for x in p] for p in kv] == [[(1, 133)] * 4, [(1, 133)] * 2, [(1, 133)]]
+    with pytest.raises(SpecMismatchError, match="multiple of 64"):
+        kv_to_cache(kv, v4.config)
+    point = [[x[:, :128] for x in p] for p in kv]
+    back = kv_to_cache(point, v4.config)
+    assert cache_len(back) == 128
+    # saved again, a restored cache gives back what it was given
+    assert all(torch.equal(a, b) for p, q in zip(cache_to_kv(back), point) for a, b in zip(p, q))
+    assert torch.equal(prefill(v4, ids[128:], back)[0], prefill(v4, ids[128:], ref)[0])
+    # a restore point inside one forward pass holds what that pass computed: the entries of
+    # transformers' own cache after the same 150-token pass
+    _, whole = prefill(v4, ids[:150])
+    _, own = prefill(v4, ids[:150], DynamicCache(config=v4.config))
+    inside = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(whole)], v4.config)
+    for mine, theirs in zip(inside.layers[:2], own.layers[:2]):
+        for name, entries in mine.compressed_kv.items():
+            assert entries.shape[1] == 128 // mine.compress_rate
+            assert torch.equal(entries, theirs.compressed_kv[name][:, :entries.shape[1]])
 
 
 def test_sliding_window_layers_are_saved_only_whole():

@@ -4,7 +4,9 @@ Primitives:
     spec_for_model: a KVSpec from a loaded causal LM (its config and dtype).
     cache_to_kv / kv_to_cache: a ``DynamicCache`` (batch 1) to tierkv's per-layer tensors and back.
     session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
-        token: ``SlidingHistoryLayer``).
+        token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point).
+    restore_step: how often a model's cache can be restored (every token; for DeepSeek V4, every
+        ``restore_step`` tokens).
     prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic).
     use_grouped_attention: on CPU, masked attention over grouped KV heads without copying them.
     restore_cache: a transformers cache filled layer by layer from an asynchronous restore.
@@ -19,10 +21,11 @@ Supported: transformers 5.x (tested with 5.24 and 5.25, and 5.17 on the GPU mach
 plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]``
 (Llama, Qwen2, Qwen3, Mistral, ...), sliding-window layers in a ``session_cache`` (which keeps every
 token: ``SlidingHistoryLayer``), MLA models (DeepSeek V2/V3, ...), whose layers cache a
-compressed latent and a rotary key the same way, and DSA models (DeepSeek V3.2, GLM-5), whose
-layers add their indexer's keys. Other cache layers keep part of the context (transformers' own
-sliding-window layer) or state besides their keys and values (quantized KV, a linear-attention
-state, DeepSeek V4's compressors), so they cannot be restored exactly: ``cache_to_kv`` refuses them.
+compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
+layers add their indexer's keys, and DeepSeek V4 (compressed attention), restored at restore points
+(``restore_step``). Other cache layers keep part of the context (transformers' own sliding-window
+and V4 layers) or state besides their keys and values (quantized KV, a linear-attention state), so
+they cannot be restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ from ..cachepool import CachePool
 from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
+from ..keys import as_tokens
 from ..spec import KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
 __all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache", "prefill", "greedy_decode",
            "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
-           "adapter_tenant"]
+           "adapter_tenant", "restore_step"]
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -198,6 +202,14 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
     text = getattr(config, "get_text_config", lambda: config)()
     rank = getattr(text, "kv_lora_rank", None)
     dt = dtype_name(dtype)
+    v4 = _v4_config(config)
+    if v4 is not None:  # DeepSeek V4: what its restore points need, per token (_V4History)
+        kinds, step = list(v4.layer_types or ()), restore_step(config)
+        if len(kinds) != int(v4.num_hidden_layers):
+            raise ConfigError(f"config has {len(kinds)} layer_types for {v4.num_hidden_layers} layers")
+        return KVSpec(model_id, tuple(
+            LayerSpec(tuple(TensorSpec(name, (1, w), 1, "float32" if name == "chunk_gates" else dt)
+                            for name, w in _v4_widths(v4, kind, step).items())) for kind in kinds), revision)
     if not rank:
         spec = KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
     else:
@@ -220,11 +232,15 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
 
 def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
     """Per-layer ``(key, value)`` tensors ``[kv_heads, seq, head_dim]`` of a batch-1 cache (views);
-    a DSA layer adds its indexer's keys, ``[1, seq, index_head_dim]``."""
+    a DSA layer adds its indexer's keys, ``[1, seq, index_head_dim]``; a ``session_cache``'s
+    DeepSeek V4 layer gives its restore points' state (``_V4History.saved``)."""
     if not isinstance(cache, Cache):  # a legacy tuple of (key, value) pairs, None, ...
         raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
-    out = []
+    out: list[tuple[torch.Tensor, ...]] = []
     for i, layer in enumerate(cache.layers):
+        if isinstance(layer, _V4History):
+            out.append(layer.saved())
+            continue
         # a plain sliding-window layer keeps only part of the context, other subclasses state
         # besides their keys and values (quantized KV, a linear-attention state): a save would
         # drop it and a restore would lack it
@@ -252,14 +268,21 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
 def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
     """A cache (``session_cache``'s layers) holding restored per-layer tensors (a batch axis of
     1 is added; a DSA layer's third tensor is its indexer's keys; a sliding-window layer keeps
-    them all and attends to its window)."""
+    them all and attends to its window; DeepSeek V4 layers take what ``cache_to_kv`` gave, cut
+    at a restore point)."""
     if not isinstance(kv, (list, tuple)) or not all(
-            isinstance(p, (list, tuple)) and len(p) in (2, 3) and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
+            isinstance(p, (list, tuple)) and len(p) >= (1 if _v4_config(config) is not None else 2)
+            and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
         raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
     cache = session_cache(config)
     if len(cache.layers) != len(kv):
         raise SpecMismatchError(f"kv has {len(kv)} layers, the config's cache {len(cache.layers)}")
     for i, (layer, p) in enumerate(zip(cache.layers, kv)):
+        if isinstance(layer, _V4History):
+            layer.load(p)
+            continue
+        if len(p) not in (2, 3):
+            raise SpecMismatchError(f"layer {i}: expected (key, value) or (key, value, indexer keys), got {len(p)} tensors")
         layer.update(p[0].unsqueeze(0), p[1].unsqueeze(0))
         if len(p) == 3:
             if not hasattr(layer, "update_indexer"):
@@ -272,14 +295,20 @@ def session_cache(config: Any) -> Any:
     """An empty cache for a model of ``config`` that ``cache_to_kv`` can save: the layers
     ``DynamicCache(config=config)`` makes, each sliding-window layer replaced by a
     ``SlidingHistoryLayer``, which keeps every token's keys and values while attention sees the
-    same window. ``prefill`` and ``SessionRunner`` start every cache with it."""
+    same window; a DeepSeek V4 model's layers are ``_V4History`` layers, which also keep the
+    state of each restore point. ``prefill`` and ``SessionRunner`` start every cache with it."""
     cache = DynamicCache(config=config)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]
+    step = restore_step(config) if _v4_config(config) is not None else 0
     for i, layer in enumerate(cache.layers):
+        kind = getattr(type(layer), "_layer_type", None)
+        if step and kind in _V4_TYPES:
+            cache.layers[i] = _v4_layer(type(layer))(config, step, kind)
         # chunked attention (Llama 4) makes the same layer class for another mask: not tested, not taken
-        if type(layer) is DynamicSlidingWindowLayer and kinds is not None and kinds[i] == "sliding_attention":
-            cache.layers[i] = SlidingHistoryLayer(layer.sliding_window)
+        elif type(layer) is DynamicSlidingWindowLayer and kinds is not None and kinds[i] == "sliding_attention":
+            cache.layers[i] = (_v4_layer(DynamicSlidingWindowLayer)(config, step, kinds[i]) if step
+                               else SlidingHistoryLayer(layer.sliding_window))
     return cache
 
 
@@ -381,7 +410,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     when nothing is cached. A block that fails to load raises BlockLoadError inside the forward
     pass; ``SessionRunner`` then restarts the turn from the valid prefix. With ``pool``, the
     buffers come from it (see CachePool). ``config`` says which layers attend to a sliding
-    window: those are ``SlidingHistoryLayer``s (``session_cache``); with None, none do.
+    window: those are ``SlidingHistoryLayer``s (``session_cache``); with None, none do. For a
+    DeepSeek V4 config, what is cached is restored up to its last restore point (``restore_step``).
     """
     buffers: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -405,11 +435,26 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     kinds = session_cache(config).layers if config is not None else [None] * store.spec.num_layers
     if len(kinds) != store.spec.num_layers:
         raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
+    for i, kind in enumerate(kinds):
+        want = len(kind.widths) if isinstance(kind, _V4History) else None
+        have = len(store.spec.layers[i].tensors)
+        if (want is None and have < 2) or (want is not None and have != want):
+            raise SpecMismatchError(f"the store's layer {i} holds {have} tensors, the config's cache layer "
+                                    f"{want or 'a key and a value'}: restore with the config of the store's model")
+    step = restore_step(config) if config is not None else 1
+    if step > 1:  # DeepSeek V4: restore up to the last restore point of what is cached
+        _check_block_tokens(store, step)
+        toks = as_tokens(tokens)
+        cached = store.lookup(toks, session=session, tenant=tenant)
+        tokens = toks[:cached - cached % step]  # type: ignore[assignment]
     handle = store.restore_async(tokens, session=session, tenant=tenant, allocate=allocate)
     if not handle.num_tokens:
         return None, handle
-    n, layers = handle.num_tokens, []
+    n, layers = handle.num_tokens, list[Any]()
     for i, kind in enumerate(kinds):
+        if isinstance(kind, _V4History):
+            layers.append(type(kind)(config, step, kind.kind, handle, i, [buffers[(i, j)] for j in range(len(kind.widths))], n))
+            continue
         k, v = buffers[(i, 0)], buffers[(i, 1)]
         if isinstance(kind, SlidingHistoryLayer):
             layers.append(SlidingHistoryLayer(kind.sliding_window, handle, i, k, v, n))
@@ -574,6 +619,234 @@ class SlidingHistoryLayer(DynamicSlidingWindowLayer):
         self._window()
 
 
+# ---------------------------------------------------------------------------- DeepSeek V4
+# V4's compressed attention keeps, per layer, a sliding window of recent keys (K = V) and
+# compressor state: compressed entries (one per ``rate`` tokens), the tokens of an unfinished
+# window, and (CSA) the previous window's half of an overlapping pair. Restoring at any token
+# would need that state at any token; tierkv restores V4 at "restore points", every ``step``
+# tokens, where no window is unfinished, so the state there is: the window's keys, the entries
+# so far and (CSA) the last window's overlap. Each is stored per token, spread over the tokens
+# it belongs to, so V4 blocks hold only those (about twice V4's own compressed entries, where
+# every token's key would be several times more).
+_V4_TYPES = ("compressed_sparse_attention", "heavily_compressed_attention")
+
+
+def _v4_config(config: Any) -> Any:
+    """The text config of a DeepSeek V4-style model (compressed attention layers), else None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return text if isinstance(getattr(text, "compress_rates", None), dict) and getattr(text, "sliding_window", None) else None
+
+
+def restore_step(config: Any) -> int:
+    """Tokens between the points a cache of ``config`` can be restored at: 1, or for DeepSeek V4
+    the smallest multiple of every compression rate that is at least eight times its window of
+    keys (1,024 for V4-Flash and V4-Pro: rates 4 and 128, a window of 127 keys), so the window
+    keys stored for each restore point come to an eighth of a key per token. A V4 store's
+    ``block_tokens`` must be a multiple of it."""
+    text = _v4_config(config)
+    if text is None:
+        return 1
+    rates = [int(r) for t, r in text.compress_rates.items() if t in (text.layer_types or ())]
+    lcm = math.lcm(*rates) if rates else 1
+    return lcm * -(-max(8 * (int(text.sliding_window) - 1), lcm) // lcm)
+
+
+def _v4_widths(text: Any, kind: str, step: int) -> dict[str, int]:
+    """Per-token widths of a V4 layer's stored tensors (elements), by name, in storage order."""
+    def per_token(elements: int, over: int) -> int:
+        # rounded up to 4 elements: every tensor then starts 4-byte aligned (KVSpec's rule) after
+        # narrower ones, whatever the cache dtype
+        return -(-elements // (4 * over)) * 4
+
+    hd, window = int(text.head_dim), int(text.sliding_window) - 1
+    if kind == "sliding_attention":
+        return {"chunk_state": per_token(window * hd, step)}
+    rate = int(text.compress_rates[kind])
+    if kind == "heavily_compressed_attention":
+        return {"chunk_state": per_token(window * hd, step), "compressed": per_token(hd, rate)}
+    ihd = int(text.index_head_dim)
+    overlap = rate * (hd + ihd)  # the last window's halves: compressor's and indexer's
+    return {"chunk_state": per_token(window * hd + overlap, step), "compressed": per_token(hd, rate),
+            "index_compressed": per_token(ihd, rate), "chunk_gates": per_token(overlap, step)}
+
+
+def _check_block_tokens(store: TierKV, step: int) -> None:
+    if store.block_tokens % step:
+        # a full block saved before its last restore point was reached would lack that point's
+        # state, and blocks are never rewritten
+        raise ConfigError(f"this model restores every {step} tokens (restore_step): open its store with a "
+                          f"block_tokens that is a multiple of {step}, not {store.block_tokens}")
+
+
+def _spread(entries: torch.Tensor, rate: int, width: int, n: int) -> torch.Tensor:
+    """Entries ``[1, E, d]`` laid over ``n`` tokens, ``[1, n, width]``: entry ``e`` in the rows of
+    tokens ``e*rate .. e*rate+rate-1``, zeros after the last entry's tokens."""
+    out = entries.new_zeros(1, n, width)
+    e, d = entries.shape[1], entries.shape[2]
+    out[0, :e * rate].view(e, rate * width)[:, :d] = entries[0]
+    return out
+
+
+def _gather(buf: torch.Tensor, rate: int, count: int, d: int) -> torch.Tensor:
+    """``_spread``'s inverse: the first ``count`` entries ``[1, count, d]`` of a ``[1, 1, cap, width]``
+    buffer (a copy)."""
+    return buf[0, 0, :count * rate].reshape(count, -1)[:, :d].unsqueeze(0).clone()
+
+
+class _V4History:
+    """A DeepSeek V4 cache layer that also keeps what a restore at its restore points needs.
+
+    Mixed over V4's own layer classes (and, for its sliding-window layers, over
+    ``DynamicSlidingWindowLayer``), so attention sees exactly what it would. On top, per
+    ``step`` tokens ("chunk"), it writes into a per-token buffer the keys of the window that ends
+    the chunk and, in a CSA layer, the overlap halves of the chunk's last window (their gates in
+    a float32 buffer). Compressed entries are kept by the base class and spread at save.
+    ``saved()`` gives the stored tensors ``[1, n, width]``; with ``handle``, the layer's first
+    ``n`` tokens (a restore point) are being restored into ``bufs``, as in ``RestoringLayer``.
+    """
+
+    _plain_window = False  # set for the subclass over DynamicSlidingWindowLayer
+    # the base class's (V4's or DynamicSlidingWindowLayer's) state, which this mixin reads and sets
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    is_initialized: bool
+    dtype: torch.dtype
+    device: torch.device
+    cumulative_length: int
+    _sliding_window_tensor: torch.Tensor
+    compress_rate: int
+    compressed_kv: dict[str, Any]  # None until the first entries
+    entry_count: dict[str, int]
+    overlap_kv: dict[str, torch.Tensor | None]
+    overlap_gate: dict[str, torch.Tensor | None]
+
+    def __init__(self, config: Any, step: int, kind: str, handle: Any = None, index: int = 0,
+                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0) -> None:
+        text = _v4_config(config)
+        if self._plain_window:
+            super().__init__(sliding_window=int(text.sliding_window))  # type: ignore[call-arg]
+        else:
+            super().__init__(text)  # type: ignore[call-arg]
+        self.step, self.kind, self.window = step, kind, int(text.sliding_window) - 1
+        self.head_dim = int(text.head_dim)
+        self.index_head_dim = int(getattr(text, "index_head_dim", 0) or 0)
+        self.widths = list(_v4_widths(text, kind, step).values())
+        self._handle, self._index, self._n = handle, index, n
+        self._bufs: Any = list(bufs) if bufs is not None else None
+        self._state: Any = None  # [1, 1, capacity, width] once the layer has tokens
+        self._gates: Any = None
+        self.cumulative_length = n
+
+    # -- restore ----------------------------------------------------------------------------
+    def _materialize(self) -> None:
+        if self._handle is not None:
+            self._handle.layer(self._index)  # waits for this layer; fills the buffer views
+            self._handle = None
+        n, bufs, hd, step = self._n, self._bufs, self.head_dim, self.step
+        state = bufs[0]
+        rows = state[0, 0, n - step:n].reshape(-1)  # the chunk ending here
+        self.keys = rows[:self.window * hd].view(1, 1, self.window, hd).clone()
+        self.values = self.keys
+        self.dtype, self.device = state.dtype, state.device
+        self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
+        if self.kind != "sliding_attention":
+            count = n // self.compress_rate
+            self.compressed_kv["compressor"] = _gather(bufs[1], self.compress_rate, count, hd)
+            self.entry_count["compressor"] = count
+        if self.kind == "compressed_sparse_attention":
+            r, ihd = self.compress_rate, self.index_head_dim
+            self.compressed_kv["indexer"] = _gather(bufs[2], r, count, ihd)
+            self.entry_count["indexer"] = count
+            gates = bufs[3][0, 0, n - step:n].reshape(-1)
+            at = self.window * hd
+            for name, d, g in (("compressor", hd, 0), ("indexer", ihd, r * hd)):
+                self.overlap_kv[name] = rows[at:at + r * d].view(1, r, d).clone()
+                self.overlap_gate[name] = gates[g:g + r * d].view(1, r, d).clone()
+                at += r * d
+        self._state = state
+        self._gates = bufs[3] if self.kind == "compressed_sparse_attention" else None
+        self.is_initialized = True
+
+    # -- the forward pass -------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized and self._bufs is not None:
+            self._materialize()
+        n0, m = self._n, key_states.shape[-2]
+        full, _ = super().update(key_states, value_states, *args, **kwargs)  # type: ignore[misc]  # K = V
+        if self._state is None:  # a new session
+            self._state = key_states.new_zeros(1, 1, m + HEADROOM, self.widths[0])
+            self._gates = (key_states.new_zeros(1, 1, m + HEADROOM, self.widths[3], dtype=torch.float32)
+                           if self.kind == "compressed_sparse_attention" else None)
+        self._state = _append(self._state, n0, self._state.new_zeros(1, 1, m, self._state.shape[3]))
+        if self._gates is not None:
+            self._gates = _append(self._gates, n0, self._gates.new_zeros(1, 1, m, self._gates.shape[3]))
+        n1 = self._n = n0 + m
+        first = n1 - full.shape[2]  # the token full[..., 0, :] is
+        hd, w = self.head_dim, self.window
+        for end in range(-(-(n0 + 1) // self.step) * self.step, n1 + 1, self.step):
+            keys = full[0, 0, end - w - first:end - first]
+            self._state[0, 0, end - self.step:end].view(-1)[:w * hd] = keys.reshape(-1)
+        return full, full
+
+    def update_overlap_state(self, name: str, chunk_kv: torch.Tensor, chunk_gate: torch.Tensor, head_dim: int):
+        # before the base class: entry_count[name] is still the number of entries before these windows
+        r, first = self.compress_rate, self.entry_count[name]
+        hd, w = self.head_dim, self.window
+        kv_at = w * hd + (0 if name == "compressor" else r * hd)
+        gate_at = 0 if name == "compressor" else r * hd
+        for end in range(-(-(first * r + r) // self.step) * self.step, (first + chunk_kv.shape[1]) * r + 1, self.step):
+            j = end // r - first - 1  # the window ending there
+            self._state[0, 0, end - self.step:end].view(-1)[kv_at:kv_at + r * head_dim] = \
+                chunk_kv[0, j, :, :head_dim].reshape(-1)
+            self._gates[0, 0, end - self.step:end].view(-1)[gate_at:gate_at + r * head_dim] = \
+                chunk_gate[0, j, :, :head_dim].reshape(-1)
+        return super().update_overlap_state(name, chunk_kv, chunk_gate, head_dim)  # type: ignore[misc]
+
+    # -- save -------------------------------------------------------------------------------
+    def saved(self) -> tuple[torch.Tensor, ...]:
+        """The layer's stored tensors, ``[1, n, width]`` each: chunk state (views), then
+        compressed entries spread over their tokens, then (CSA) the indexer's, then chunk gates."""
+        if not self.is_initialized:
+            if self._bufs is None:
+                raise SpecMismatchError("an empty DeepSeek V4 layer has nothing to save")
+            self._materialize()
+        n = self._n
+        out = [self._state[0, :, :n]]
+        if self.kind != "sliding_attention":
+            out.append(_spread(self.compressed_kv["compressor"], self.compress_rate, self.widths[1], n))
+        if self.kind == "compressed_sparse_attention":
+            out.append(_spread(self.compressed_kv["indexer"], self.compress_rate, self.widths[2], n))
+            out.append(self._gates[0, :, :n])
+        return tuple(out)
+
+    def load(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Start this empty layer at a restore point: ``tensors`` as ``saved()`` gives them."""
+        n = tensors[0].shape[1]
+        if n % self.step or not n or self.is_initialized:
+            raise SpecMismatchError(f"a DeepSeek V4 layer restores only into an empty layer, at a multiple of "
+                                    f"{self.step} tokens (restore_step), not {n}")
+        if len(tensors) != len(self.widths) or any(t.dim() != 3 or t.shape[0] != 1 or t.shape[1] != n or t.shape[2] != w
+                                                    for t, w in zip(tensors, self.widths)):
+            raise SpecMismatchError(f"a {self.kind} layer takes {len(self.widths)} tensors [1, {n}, width] of widths "
+                                    f"{self.widths}, got {[tuple(t.shape) for t in tensors]}")
+        self._bufs, self._n = [t.unsqueeze(0) for t in tensors], n
+        self.cumulative_length = n
+        self._materialize()
+
+
+_V4_CLASSES: dict[type, type] = {}
+
+
+def _v4_layer(base: type) -> type:
+    """The ``_V4History`` class over V4's cache layer class ``base`` (made once)."""
+    if base not in _V4_CLASSES:
+        name = "V4Window" if base is DynamicSlidingWindowLayer else base.__name__.replace("DeepseekV4", "V4History")
+        # _layer_type None: a subclass keeping it would replace V4's class in transformers' own mapping
+        _V4_CLASSES[base] = type(name, (_V4History, base), {"_plain_window": base is DynamicSlidingWindowLayer,
+                                                            "_layer_type": None, "__module__": __name__})
+    return _V4_CLASSES[base]
+
+
 _SAVABLE_LAYERS = (DynamicLayer, RestoringLayer, SlidingHistoryLayer) + ((_IndexedLayer, RestoringIndexedLayer) if _IndexedLayer else ())
 
 
@@ -581,7 +854,8 @@ def _savable(layer: Any) -> bool:
     """Whether ``cache_to_kv`` can save a cache layer exactly: it holds every token's keys and
     values (and a DSA indexer's keys), and nothing else. Exactly these classes: a subclass may
     keep only part of the context or other state."""
-    return type(layer) in _SAVABLE_LAYERS and (type(layer) is SlidingHistoryLayer or not layer.is_sliding)
+    return isinstance(layer, _V4History) or (type(layer) in _SAVABLE_LAYERS
+                                             and (type(layer) is SlidingHistoryLayer or not layer.is_sliding))
 
 
 def cache_len(cache: Any) -> int:
@@ -639,6 +913,7 @@ class SessionRunner:
             raise SpecMismatchError(f"this model's cache layers ({', '.join(unsavable[:3])}"
                                     f"{', ...' if len(unsavable) > 3 else ''}) keep state besides every token's keys "
                                     "and values, or only some tokens: tierkv cannot save them exactly")
+        _check_block_tokens(store, restore_step(model.config))
         if theirs is not None and theirs.layers != store.spec.layers:
             # else a turn fails only at its save, after all its work, or mid-forward where a
             # restore fed the model KV of another shape
