@@ -59,8 +59,13 @@ def stats(setup, stats_dir):
     return {role: docs[0] if len(docs) == 1 else docs for role, docs in out.items()}
 
 
-def test_restart_serves_prefix_from_ssd_with_identical_output(setup):
-    plain = phase(setup, "plain", "all.json", "plain.json")
+@pytest.fixture(scope="module")
+def plain(setup):
+    """The tokens vLLM gives each batch of all.json without the connector (one process, shared)."""
+    return phase(setup, "plain", "all.json", "plain.json")
+
+
+def test_restart_serves_prefix_from_ssd_with_identical_output(setup, plain):
     first = phase(setup, "connector", "first.json", "first_out.json", stats="stats1")
     assert first[0]["tokens"] == plain[0]["tokens"]
     s1 = stats(setup, "stats1")
@@ -73,6 +78,37 @@ def test_restart_serves_prefix_from_ssd_with_identical_output(setup):
     assert s2["worker"]["hits"]["ssd"] >= 4
     assert second[0]["cached"] == [256, 256]
     assert second[0]["tokens"] == plain[1]["tokens"]
+
+
+def test_sliding_window_model_pages_every_token(setup, plain):
+    """A sliding-window model: SmolLM2's weights with two layers in three attending to the last
+    80 tokens (``layer_types``, as Mistral, Gemma 2/3 and GPT-OSS configs give them). The
+    connector does not declare SupportsHMA, so vLLM turns its hybrid KV cache manager off and
+    pages every token of every layer (a sliding layer keeps the pages behind its window); the
+    connector saves and loads them as for full attention. A restarted server serves the prefix
+    from SSD, with the tokens of a plain run of the same model, which differ from the
+    full-attention model's (vLLM applies the window)."""
+    model_dir, d = setup
+    sw_dir = d / "sliding_model"
+    sw_dir.mkdir()
+    for name in os.listdir(model_dir):  # the weights and tokenizer as they are, a config of its own
+        if name != "config.json":
+            os.symlink(os.path.join(model_dir, name), sw_dir / name)
+    cfg = json.loads(open(os.path.join(model_dir, "config.json")).read())
+    cfg.update(sliding_window=80, layer_types=["full_attention" if i % 3 == 2 else "sliding_attention"
+                                               for i in range(cfg["num_hidden_layers"])])
+    (sw_dir / "config.json").write_text(json.dumps(cfg))
+    sw = (str(sw_dir), d)
+    ref = phase(sw, "plain", "all.json", "sw_plain.json", stats="sw_stats0")
+    assert [b["tokens"] for b in ref] != [b["tokens"] for b in plain]
+    first = phase(sw, "connector", "first.json", "sw_first.json", store="sw_store", stats="sw_stats1")
+    assert first[0]["tokens"] == ref[0]["tokens"]
+    assert stats(setup, "sw_stats1")["worker"]["connector_saved_tokens"] >= 256
+    second = phase(sw, "connector", "second.json", "sw_second.json", store="sw_store", stats="sw_stats2")
+    s2 = stats(setup, "sw_stats2")
+    assert second[0]["cached"] == [256, 256] and s2["worker"]["connector_loaded_tokens"] == 2 * 256
+    assert s2["worker"]["hits"]["ssd"] >= 4
+    assert second[0]["tokens"] == ref[1]["tokens"]
 
 
 def test_corrupt_store_is_recomputed_not_served(setup):
