@@ -479,11 +479,32 @@ def test_gemma3_sliding_window_random_weights(tmp_path):
     assert last.restored_tokens == 209 and type(cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
 
 
+def test_llama4_chunked_attention_random_weights(tmp_path):
+    """Llama 4's chunked attention (random weights): three layers attend only within their
+    16-token chunk (transformers caches them in its sliding-window layer, under another mask),
+    one to everything. session_cache keeps every token of them as of sliding-window layers;
+    three runner turns, each restoring a prefix that ends inside a chunk, equal the same turns on
+    transformers' own cache, to the bit. Before session 54 a runner refused the model."""
+    from transformers import AutoModelForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(vocab_size=512, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=16,
+                           max_position_embeddings=1024, no_rope_layers=[1, 1, 1, 0], interleave_moe_layer_step=2)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    assert cfg.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
+    assert [type(layer).__name__ for layer in session_cache(cfg).layers] == ["SlidingHistoryLayer"] * 3 + ["DynamicLayer"]
+    last, _, cache = runner_turns_match_memory(model, spec_for_model(model, model_id="test/llama4-random"),
+                                               str(tmp_path / "store"), 3)
+    assert last.restored_tokens == 209 and type(cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
+
+
 def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     """Cache layers that keep state besides their keys and values (and a DSA indexer's keys),
     which a save would drop and a restore would lack, are refused: a linear-attention state
-    beside full attention, a DSA indexer with positions of its own, DeepSeek V4's compressed
-    attention (refused before too, as a sliding-window layer). Before session 52 every
+    beside full attention, a DSA indexer with positions of its own, transformers' own DeepSeek V4
+    layers (a session_cache's are saved), a convolution state. Before session 52 every
     non-sliding DynamicLayer subclass was saved as its keys and values."""
     from transformers.cache_utils import Cache, DynamicIndexedLayer, LinearAttentionAndFullAttentionLayer
 

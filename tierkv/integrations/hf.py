@@ -19,8 +19,8 @@ Primitives:
 
 Supported: transformers 5.x (tested with 5.24 and 5.25, and 5.17 on the GPU machine), any causal LM whose cache layers are
 plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_heads, seq, head_dim]``
-(Llama, Qwen2, Qwen3, Mistral, ...), sliding-window layers in a ``session_cache`` (which keeps every
-token: ``SlidingHistoryLayer``), MLA models (DeepSeek V2/V3, ...), whose layers cache a
+(Llama, Qwen2, Qwen3, Mistral, ...), sliding-window and chunked-attention (Llama 4) layers in a
+``session_cache`` (which keeps every token: ``SlidingHistoryLayer``), MLA models (DeepSeek V2/V3, ...), whose layers cache a
 compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
 layers add their indexer's keys, and DeepSeek V4 (compressed attention), restored at restore points
 (``restore_step``). Other cache layers keep part of the context (transformers' own sliding-window
@@ -293,10 +293,10 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
 
 def session_cache(config: Any) -> Any:
     """An empty cache for a model of ``config`` that ``cache_to_kv`` can save: the layers
-    ``DynamicCache(config=config)`` makes, each sliding-window layer replaced by a
-    ``SlidingHistoryLayer``, which keeps every token's keys and values while attention sees the
-    same window; a DeepSeek V4 model's layers are ``_V4History`` layers, which also keep the
-    state of each restore point. ``prefill`` and ``SessionRunner`` start every cache with it."""
+    ``DynamicCache(config=config)`` makes, each sliding-window (or chunked-attention) layer
+    replaced by a ``SlidingHistoryLayer``, which keeps every token's keys and values while
+    attention sees the same window; a DeepSeek V4 model's layers are ``_V4History`` layers, which
+    also keep the state of each restore point. ``prefill`` and ``SessionRunner`` start every cache with it."""
     cache = DynamicCache(config=config)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]
@@ -305,8 +305,10 @@ def session_cache(config: Any) -> Any:
         kind = getattr(type(layer), "_layer_type", None)
         if step and kind in _V4_TYPES:
             cache.layers[i] = _v4_layer(type(layer))(config, step, kind)
-        # chunked attention (Llama 4) makes the same layer class for another mask: not tested, not taken
-        elif type(layer) is DynamicSlidingWindowLayer and kinds is not None and kinds[i] == "sliding_attention":
+        # chunked attention (Llama 4) is the same layer class under another mask: the same tensors
+        # and mask sizes serve it (test_llama4_chunked_attention_random_weights)
+        elif (type(layer) is DynamicSlidingWindowLayer and kinds is not None
+              and kinds[i] in ("sliding_attention", "chunked_attention")):
             cache.layers[i] = (_v4_layer(DynamicSlidingWindowLayer)(config, step, kinds[i]) if step
                                else SlidingHistoryLayer(layer.sliding_window))
     return cache
