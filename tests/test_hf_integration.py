@@ -559,8 +559,6 @@ def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
     of the previous turn's 5 answer tokens), then, in a fresh handle, a second session sharing
     150 tokens (restored from SSD up to 128), each equal the same turn on transformers' own
     cache from the same point, tokens and logits to the bit."""
-    import copy
-
     v4 = tiny_deepseek_v4(["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                            "compressed_sparse_attention"], dtype)
     cfg, step = v4.config, restore_step(v4.config)
@@ -578,9 +576,10 @@ def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
         assert t.restored_tokens == start and t.tokens == toks
         assert all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
 
-    with TierKV(store, spec, block_tokens=2 * step) as kv:
+    with TierKV(str(tmp_path / "small"), spec, block_tokens=32) as small:
         with pytest.raises(ConfigError, match="multiple of 64"):
-            SessionRunner(TierKV(str(tmp_path / "small"), spec, block_tokens=32), v4)
+            SessionRunner(small, v4)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
         runner = SessionRunner(kv, v4)
         for start in (0, 128, 192):  # the turn before saved 133 and 197 tokens
             t = runner.turn("s", ctx, max_new_tokens=6)
