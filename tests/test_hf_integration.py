@@ -12,11 +12,13 @@ import sys
 import sysconfig
 from typing import Any
 
+import lmdb
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
+import tierkv.keys  # noqa: E402
 from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, TierKV  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, adapter_tenant, cache_len, cache_to_kv,  # noqa: E402
                                     greedy_decode, kv_to_cache, load_smollm2, prefill, restore_cache,
@@ -557,7 +559,8 @@ def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
     refused before session 54. Its caches restore every ``restore_step`` tokens (64 here), from
     what is stored per token there: three runner turns (each restoring the last restore point
     of the previous turn's 5 answer tokens), then, in a fresh handle, a second session sharing
-    150 tokens (restored from SSD up to 128), each equal the same turn on transformers' own
+    150 tokens (restored from SSD up to 128), then a turn whose second block fails its checksum
+    (restarted from the restore point before it), each equal the same turn on transformers' own
     cache from the same point, tokens and logits to the bit."""
     v4 = tiny_deepseek_v4(["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                            "compressed_sparse_attention"], dtype)
@@ -590,6 +593,21 @@ def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
         t = SessionRunner(kv, v4).turn("other", other, max_new_tokens=6)
         assert t.sources == {"ssd": 1}
         same_turn(t, other, 128)
+        seed = tierkv.keys.chain_seed(kv.fingerprint, None)
+    # the session's second block (tokens 128..255) fails its checksum: the next turn asks for the
+    # restore point at 256, meets the damaged block mid-forward, and restarts from the restore
+    # point before it (the first block), never from wrong state
+    damaged = tierkv.keys.block_keys(seed, tierkv.keys.as_tokens(ctx[:256]), 2 * step, partial=False)[1]
+    env = lmdb.open(store, subdir=True, max_dbs=8)
+    with env.begin(write=True) as txn:
+        blocks = env.open_db(b"blocks", txn=txn)
+        value = bytearray(txn.get(damaged, db=blocks))
+        value[-5] ^= 0x40
+        txn.put(damaged, bytes(value), db=blocks)
+    env.close()
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        t = SessionRunner(kv, v4).turn("s", ctx, max_new_tokens=6)
+        same_turn(t, ctx, 128)
 
 
 def test_deepseek_v4_layers_round_trip():
