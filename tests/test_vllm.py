@@ -80,14 +80,21 @@ def test_restart_serves_prefix_from_ssd_with_identical_output(setup, plain):
     assert second[0]["tokens"] == plain[1]["tokens"]
 
 
-def test_sliding_window_model_pages_every_token(setup, plain):
+def test_sliding_window_model_under_the_hybrid_kv_cache_manager(setup, plain):
     """A sliding-window model: SmolLM2's weights with two layers in three attending to the last
     80 tokens (``layer_types``, as Mistral, Gemma 2/3 and GPT-OSS configs give them). The
-    connector does not declare SupportsHMA, so vLLM turns its hybrid KV cache manager off and
-    pages every token of every layer (a sliding layer keeps the pages behind its window); the
-    connector saves and loads them as for full attention. A restarted server serves the prefix
-    from SSD, with the tokens of a plain run of the same model, which differ from the
-    full-attention model's (vLLM applies the window)."""
+    connector declares SupportsHMA, so vLLM keeps its hybrid KV cache manager on: the sliding
+    layers are paged apart, and their pages behind the window are freed as it moves on. Prompts
+    prefill in steps of 96 tokens, so by a prompt's last step the pages of its first tokens are
+    gone: each step's tokens are gathered in that step.
+
+    A restarted server, with vLLM's own prefix cache on, loads a 256-token prefix (only the pages
+    the window reaches are written; the next prompt finds it in vLLM's cache); then a longer
+    prompt finds more of
+    its prefix in vLLM's cache than in tierkv's, without the sliding layers' pages behind the
+    window, and saves 384 tokens, the ones without pages read back from the store. A third
+    server loads all 384. Every run gives the tokens of a plain run of the same model, which
+    differ from the full-attention model's (vLLM applies the window)."""
     model_dir, d = setup
     sw_dir = d / "sliding_model"
     sw_dir.mkdir()
@@ -98,17 +105,34 @@ def test_sliding_window_model_pages_every_token(setup, plain):
     cfg.update(sliding_window=80, layer_types=["full_attention" if i % 3 == 2 else "sliding_attention"
                                                for i in range(cfg["num_hidden_layers"])])
     (sw_dir / "config.json").write_text(json.dumps(cfg))
+    batches = json.loads((d / "all.json").read_text())
+    long = batches[1][0] + batches[1][1][200:300]  # shares its first 300 tokens with every prompt
+    assert len(long) // 64 * 64 == 384
+    (d / "sw_long.json").write_text(json.dumps([[long]]))
+    (d / "sw_second_long.json").write_text(json.dumps(batches[1:] + [[long]]))
+    (d / "sw_all.json").write_text(json.dumps(batches + [[long]]))
     sw = (str(sw_dir), d)
-    ref = phase(sw, "plain", "all.json", "sw_plain.json", stats="sw_stats0")
-    assert [b["tokens"] for b in ref] != [b["tokens"] for b in plain]
-    first = phase(sw, "connector", "first.json", "sw_first.json", store="sw_store", stats="sw_stats1")
+    knobs = {"dtype": "float32", "step_tokens": 96}  # fp32: chunking changes how tokens are batched
+    ref = phase(sw, "plain", "sw_all.json", "sw_plain.json", stats="sw_stats0", **knobs)
+    full_attention = phase(setup, "plain", "all.json", "sw_full.json", stats="sw_stats_f", **knobs)
+    assert [b["tokens"] for b in ref[:2]] != [b["tokens"] for b in full_attention]
+    first = phase(sw, "connector", "first.json", "sw_first.json", store="sw_store", stats="sw_stats1", **knobs)
     assert first[0]["tokens"] == ref[0]["tokens"]
-    assert stats(setup, "sw_stats1")["worker"]["connector_saved_tokens"] >= 256
-    second = phase(sw, "connector", "second.json", "sw_second.json", store="sw_store", stats="sw_stats2")
-    s2 = stats(setup, "sw_stats2")
-    assert second[0]["cached"] == [256, 256] and s2["worker"]["connector_loaded_tokens"] == 2 * 256
-    assert s2["worker"]["hits"]["ssd"] >= 4
-    assert second[0]["tokens"] == ref[1]["tokens"]
+    assert stats(setup, "sw_stats1")["worker"]["connector_saved_tokens"] == 256
+    second = phase(sw, "connector", "sw_second_long.json", "sw_second.json", store="sw_store", stats="sw_stats2",
+                   prefix_caching=True, **knobs)
+    s2 = stats(setup, "sw_stats2")["worker"]
+    assert second[0]["cached"][0] == 256 and second[0]["tokens"] == ref[1]["tokens"]
+    assert s2["hits"]["ssd"] >= 4 and s2["connector_loaded_tokens"] >= 256
+    # the sliding layers' pages behind the window were never written: vLLM had none for them
+    assert s2["connector_unpaged_tokens"] > 0
+    # vLLM's prefix cache holds more of the long prompt than tierkv (its blocks are 32 tokens,
+    # tierkv's 64 here), all but its window's pages of the sliding layers
+    assert second[1]["cached"][0] > 256 and second[1]["tokens"] == ref[2]["tokens"]
+    assert s2["connector_saved_tokens"] == 384 and s2["connector_incomplete_saves"] == 0
+    third = phase(sw, "connector", "sw_long.json", "sw_third.json", store="sw_store", stats="sw_stats3", **knobs)
+    assert third[0]["cached"] == [384] and third[0]["tokens"] == ref[2]["tokens"]
+    assert stats(setup, "sw_stats3")["worker"]["connector_loaded_tokens"] == 384
 
 
 def test_corrupt_store_is_recomputed_not_served(setup):
@@ -391,7 +415,7 @@ import os, sys, tempfile
 from types import SimpleNamespace as NS
 import torch
 from tierkv import ConfigError, KVSpec
-from tierkv.integrations.vllm import _STORES, check_one_kv_cache_group, request_tenant, shards, weights_identity
+from tierkv.integrations.vllm import _STORES, kv_cache_groups, request_tenant, shards, weights_identity
 
 def cfg(tp, pp, rank=0, **kw):
     return NS(tensor_parallel_size=tp, pipeline_parallel_size=pp, rank=rank, **kw)
@@ -433,15 +457,34 @@ rope = {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
 plain, over, again = (weights_identity(ModelConfig(model=sys.argv[1], hf_overrides=o)) for o in ({}, rope, dict(rope)))
 assert plain == "" and over.startswith("config ") and again == over  # found again after a restart
 assert shards(cfg(1, 1), 30, over)[1].path("/s") != "/s"
-# several KV cache groups (each paged by its own block ids) are refused, one is served
-check_one_kv_cache_group(None)
-check_one_kv_cache_group(NS(kv_cache_groups=[NS()]))
-try:
-    check_one_kv_cache_group(NS(kv_cache_groups=[NS(), NS()]))
-except ConfigError as e:
-    assert "KV cache groups" in str(e)
-else:
-    raise SystemExit("accepted two KV cache groups")
+# KV cache groups (vLLM's own types): each group's layers, paged by its own block ids; groups that
+# keep other than a page slot per token, or another block size, are refused
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MambaSpec, SlidingWindowSpec
+full = FullAttentionSpec(block_size=32, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+window = SlidingWindowSpec(block_size=32, num_kv_heads=3, head_size=64, dtype=torch.bfloat16, sliding_window=80)
+assert kv_cache_groups(None, 32) == [[]]
+assert kv_cache_groups(NS(kv_cache_groups=[KVCacheGroupSpec(["a", "b"], full)]), 32) == [["a", "b"]]
+assert kv_cache_groups(NS(kv_cache_groups=[KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["b"], window)]),
+                       32) == [["a"], ["b"]]
+mamba = MambaSpec(block_size=32, shapes=((4,),), dtypes=(torch.float32,))
+for groups, size, why in (([KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["m"], mamba)], 32, "MambaSpec"),
+                          ([KVCacheGroupSpec(["a"], full)], 16, "block_size 16")):
+    try:
+        kv_cache_groups(NS(kv_cache_groups=groups), size)
+    except ConfigError as e:
+        assert why in str(e), str(e)
+    else:
+        raise SystemExit(f"accepted {why}")
+# a load writes only the tokens whose pages a group holds (vLLM's placeholder page 0 stands for
+# the others), and a gather never reads a placeholder
+from tierkv.integrations.vllm import NULL_PAGE, PagedLayout
+lay = PagedLayout(1, 2, 3)
+buf = torch.zeros(4, 1, 2, 3)
+kv = torch.arange(1, 19, dtype=torch.float32).reshape(1, 6, 3)
+lay.scatter(buf, [NULL_PAGE, 3, 1], 0, 6, kv)
+assert not buf[NULL_PAGE].any() and torch.equal(lay.gather(buf, [NULL_PAGE, 3, 1], 2, 6), kv[:, 2:6])
+assert lay.first_paged([NULL_PAGE, 3, 1], 6) == 2 and lay.first_paged([3, 1], 3) == 0
+assert lay.first_paged([3, NULL_PAGE], 3) == 4 and lay.first_paged([3], 3) is None
 # one process never hands out a store opened for another layout
 d = tempfile.mkdtemp()
 _STORES.acquire(d, KVSpec.gqa("m", 2, 1, 8, torch.float32, revision="a"), block_tokens=16)

