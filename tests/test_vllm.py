@@ -169,6 +169,35 @@ def test_corrupt_store_is_recomputed_not_served(setup):
     assert repaired[0]["tokens"] == plain[1]["tokens"]
 
 
+def test_a_damaged_block_mid_prefix_loads_the_blocks_before_it(setup, plain):
+    """The third of a stored prefix's four blocks fails its checksum. vLLM recomputes from that
+    block on and takes the pages before it as loaded, so the connector fills them (from the
+    restore's result up to the failed block: the failed layer-wise read gives none of the
+    prefix). Before session 55 it wrote none of them, and the request ran on pages that held no
+    KV of its prompt."""
+    import tierkv
+
+    _, d = setup
+    phase(setup, "connector", "first.json", "mid_first.json", store="mid_store", stats="mid_stats1")
+    tokens = json.loads((d / "second.json").read_text())[0][0][:256]
+    spec, doc = _stored_spec(d / "mid_store")
+    with tierkv.TierKV(str(d / "mid_store"), spec, block_tokens=doc["block_tokens"], ssd_codec=doc["codec"]) as s:
+        keys = tierkv.keys.block_keys(tierkv.keys.chain_seed(s.fingerprint, None), tierkv.keys.as_tokens(tokens),
+                                      doc["block_tokens"], partial=False)
+        assert s.lookup(tokens) == 256
+    env = lmdb.open(str(d / "mid_store"), subdir=True, max_dbs=8)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True) as txn:
+        v = bytearray(txn.get(keys[2], db=db))
+        v[-5] ^= 0x40
+        txn.put(keys[2], bytes(v), db=db)
+    env.close()
+    out = phase(setup, "connector", "second.json", "mid_out.json", store="mid_store", stats="mid_stats2")
+    w = stats(setup, "mid_stats2")["worker"]
+    assert w["corrupt_blocks"] >= 1 and w["connector_loaded_tokens"] >= 128
+    assert out[0]["tokens"] == plain[1]["tokens"]
+
+
 def test_with_vllms_own_prefix_cache(setup):
     """vLLM's default, its own prefix cache on, over the store the tests above left (it holds the
     shared prefix, repaired): the first batch loads the prefix from tierkv, the second finds it in

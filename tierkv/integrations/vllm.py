@@ -497,6 +497,8 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._layer_index: dict[str, int] = {}
         self._layer_group: list[int] = []  # layer index -> its KV cache group
         self._handles: list[tuple[_Load, Any]] = []
+        #: req_id -> what a load that met a failed block restored before it (``result()``)
+        self._salvaged: dict[str, Any] = {}
         #: req_id -> the KV gathered so far of the prompt's full blocks, over the steps that computed it
         self._gathered: dict[str, _Gathered] = {}
         #: req_id -> (first, end) of the tokens this step gathers, and (start, end) of what is then
@@ -651,7 +653,7 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, TierKVConnectorMetadata)
-        self._handles = []
+        self._handles, self._salvaged = [], {}
         for load in meta.loads:
             handle = self.store.restore_async(load.tokens, tenant=load.tenant)
             if handle.num_tokens < load.end:  # evicted since the lookup: recompute the rest
@@ -667,11 +669,21 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
             end = min(load.end, handle.num_tokens)
             if end <= load.start:
                 continue
-            try:
-                (kv,) = handle.layer(i)
-            except BlockLoadError as e:
-                self._fail(load, max(load.start, e.first_bad_token))
-                continue
+            good = self._salvaged.get(load.req_id)
+            if good is None:
+                try:
+                    (kv,) = handle.layer(i)
+                except BlockLoadError:
+                    # A block failed: layer(i) gives none of the prefix, but vLLM will recompute
+                    # only from the failed block on, and takes the pages before it as loaded.
+                    # result() gives every layer up to that block, so those pages are filled.
+                    good = self._salvaged[load.req_id] = handle.result()
+                    self._fail(load, max(load.start, good.num_tokens))
+            if good is not None:
+                end = min(end, good.num_tokens)
+                if end <= load.start:
+                    continue
+                (kv,) = good.kv[i]
             # a sliding window's group has pages for the tokens its window reaches: only those
             self.unpaged_tokens += self.layout.scatter(buf, load.block_ids[self._layer_group[i]], load.start, end, kv)
             if i == self._layers - 1:
@@ -754,7 +766,7 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         return bad is not None and save.start > bad
 
     def wait_for_save(self) -> None:
-        self._handles = []  # loads belong to one step
+        self._handles, self._salvaged = [], {}  # loads belong to one step
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
