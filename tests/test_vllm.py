@@ -511,7 +511,7 @@ lay = PagedLayout(1, 2, 3)
 buf = torch.zeros(4, 1, 2, 3)
 kv = torch.arange(1, 19, dtype=torch.float32).reshape(1, 6, 3)
 lay.scatter(buf, [NULL_PAGE, 3, 1], 0, 6, kv)
-assert not buf[NULL_PAGE].any() and torch.equal(lay.gather(buf, [NULL_PAGE, 3, 1], 2, 6), kv[:, 2:6])
+assert not buf[NULL_PAGE].any() and torch.equal(lay.gather(buf, [NULL_PAGE, 3, 1], 2, 6), kv[:, 2:6].permute(1, 0, 2))
 assert lay.first_paged([NULL_PAGE, 3, 1], 6) == 2 and lay.first_paged([3, 1], 3) == 0
 assert lay.first_paged([3, NULL_PAGE], 3) == 4 and lay.first_paged([3], 3) is None
 # one process never hands out a store opened for another layout

@@ -171,10 +171,11 @@ class PagedLayout:
         return 0
 
     def gather(self, buf: torch.Tensor, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        """Tokens ``[start, end)`` of one layer as a new ``[H, end - start, C]`` tensor; every one of
-        them must have a page (``first_paged``)."""
+        """Tokens ``[start, end)`` of one layer as a new ``[end - start, H, C]`` tensor (token
+        major: a step's tokens are one contiguous run of a prompt's); every one of them must have
+        a page (``first_paged``)."""
         pages, offs = self.slots(block_ids, start, end)
-        return buf[pages, :, offs].permute(1, 0, 2).contiguous()  # [T, H, C] -> [H, T, C]
+        return buf[pages, :, offs]
 
     def scatter(self, buf: torch.Tensor, block_ids: list[int], start: int, end: int, kv: torch.Tensor) -> int:
         """Write tokens ``[start, end)`` of ``kv`` (``[H, >=end, C]``) into their pages; tokens on
@@ -213,26 +214,42 @@ class _Save:
     the tokens before it that have pages), and saves once it holds them all."""
 
     req_id: str
-    tokens: list[int]
-    block_ids: list[list[int]]  # one list per KV cache group, as vLLM holds them this step
+    full: int  # tokens in the prompt's full blocks
+    #: those tokens, sent only where the worker needs them: on a request's first (or resumed)
+    #: step and on the step that completes them (a long prompt prefilled in many chunks would
+    #: otherwise carry all of its tokens to the worker at every step)
+    tokens: list[int] | None
+    #: pages of the tokens from ``page0 * block_size`` to ``stop``, one list per KV cache group
+    block_ids: list[list[int]]
+    page0: int
     start: int  # the first token this step computes: earlier ones were computed or loaded before
-    stop: int   # the end of what it computes within ``tokens``
+    stop: int   # the end of what it computes within the full blocks
     tenant: str | None = None  # request_tenant's
-    #: ``block_ids`` are vLLM's whole list as of this step (a new or resumed request). Otherwise
-    #: only the pages of this step's tokens are sure to be current: a sliding window's group has
-    #: freed pages behind it since, which the scheduler's list still names
+    #: ``block_ids`` are vLLM's whole list as of this step (a new or resumed request: ``page0``
+    #: is 0). Otherwise only the pages of this step's tokens are sent, the only ones sure to be
+    #: current: a sliding window's group has freed pages behind it since, which the scheduler's
+    #: list still names
     listed: bool = False
+
+    def pages(self, group: int) -> list[int]:
+        """The group's page list from the prompt's first token; pages not sent stand as vLLM's
+        placeholder, so nothing is ever read from them."""
+        return [NULL_PAGE] * self.page0 + self.block_ids[group]
 
 
 @dataclass
 class _Gathered:
     """What a worker holds of a prompt's full blocks across the steps that compute them: tokens
-    ``[start, end)`` of every layer. Tokens before ``start`` had no page when the request began
-    (a sliding window's, loaded or cached before it): the save takes them from the store."""
+    ``[start, end)`` of every layer, in host memory (``[tokens, H, C]``; page-locked where the
+    pages are on a GPU, and copied on the step's stream). Tokens before ``start`` had no page
+    when the request began (a sliding window's, loaded or cached before it): the save takes them
+    from the store."""
 
     layers: list[torch.Tensor | None]
     start: int = 0
     end: int = 0
+    #: the GPU whose stream the copies were queued on, if any: the save waits for it
+    cuda: torch.device | None = None
 
 
 @dataclass
@@ -501,9 +518,11 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._salvaged: dict[str, Any] = {}
         #: req_id -> the KV gathered so far of the prompt's full blocks, over the steps that computed it
         self._gathered: dict[str, _Gathered] = {}
-        #: req_id -> (first, end) of the tokens this step gathers, and (start, end) of what is then
-        #: held (decided at the step's first layer)
-        self._gathering: dict[str, tuple[int, int, int, int]] = {}
+        #: req_id -> (first, end) of the tokens this step gathers, (start, end) of what is then held,
+        #: and each group's pages (decided at the step's first layer)
+        self._gathering: dict[str, tuple[int, int, int, int, list[list[int]]]] = {}
+        #: requests whose full blocks were found stored at their first step: nothing to gather
+        self._stored: set[str] = set()
         self._failed_blocks: set[int] = set()
         #: req_id -> first token of a load that failed: vLLM's pages from there on held no valid
         #: KV, and must not be saved until a step has recomputed them
@@ -589,9 +608,13 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         for req_id, (tokens, block_ids) in self._pending_save.items():
             progress = self._progress(scheduler_output, req_id)
             if progress is not None and progress[0] < len(tokens):
-                stop = min(len(tokens), sum(progress))
-                meta.saves.append(_Save(req_id, tokens, block_ids, progress[0], stop, self._tenants.get(req_id),
-                                        req_id in listed))
+                start, stop = progress[0], min(len(tokens), sum(progress))
+                whole = req_id in listed
+                page0 = 0 if whole else start // self._block_size
+                last = -(-stop // self._block_size)
+                meta.saves.append(_Save(req_id, len(tokens), tokens if whole or stop == len(tokens) else None,
+                                        [ids[page0:last] for ids in block_ids], page0, start, stop,
+                                        self._tenants.get(req_id), whole))
         return meta
 
     def _take_load(self, meta: TierKVConnectorMetadata, req_id: str, block_ids: list[list[int]]) -> bool:
@@ -710,24 +733,32 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         every group (the prefix vLLM cached or tierkv loads now, less what lies behind a sliding
         window). Tokens this step computes without a page leave the prompt unsaved."""
         self._gathering.pop(save.req_id, None)
-        if self.store.lookup(save.tokens, tenant=save.tenant) >= len(save.tokens):
-            self._gathered.pop(save.req_id, None)  # already stored (loaded or saved before)
+        if save.tokens is not None:  # a request's first step, or its last: is it stored already?
+            if self.store.lookup(save.tokens, tenant=save.tenant) >= save.full:
+                self._gathered.pop(save.req_id, None)  # loaded or saved before
+                self._stored.add(save.req_id)
+                return
+            self._stored.discard(save.req_id)
+        elif save.req_id in self._stored:
             return
         held = self._gathered.get(save.req_id)
         start, end = (held.start, held.end) if held is not None else (0, 0)
         # pages of tokens before this step's are current only where vLLM lists them whole now
         lo = min(end, save.start) if save.listed else save.start
-        firsts = [self.layout.first_paged(ids, save.stop) for ids in save.block_ids]
-        if any(f is None for f in firsts) or max(lo, *firsts) > save.start:
+        pages = [save.pages(g) for g in range(len(save.block_ids))]
+        firsts = [self.layout.first_paged(ids, save.stop) for ids in pages]
+        paged = [f for f in firsts if f is not None]
+        # a sliding window's group has no pages before its window
+        lo = max([lo, *paged])
+        if len(paged) < len(firsts) or lo > save.start:
             # tokens this step computes have no pages: never save a guess
             self._gathered.pop(save.req_id, None)
             return
-        lo = max(lo, *firsts)  # a sliding window's group has no pages before its window
         if held is not None and start <= lo <= end:  # next to, or over, what is held
             plan = (lo, save.stop, start, max(end, save.stop))
         else:  # start again from lo; the tokens before it come from the store at the save
             plan = (lo, save.stop, lo, save.stop)
-        self._gathering[save.req_id] = plan
+        self._gathering[save.req_id] = (*plan, pages)
         if held is None:
             self._gathered[save.req_id] = _Gathered([None] * self._layers)
 
@@ -755,9 +786,14 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
             held = self._gathered[save.req_id]
             out = held.layers[i]
             if out is None:
-                out = held.layers[i] = kv_layer.new_empty((self.layout.heads, len(save.tokens), self.layout.content))
-            lo, hi = span[:2]
-            out[:, lo:hi] = self.layout.gather(kv_layer, save.block_ids[self._layer_group[i]], lo, hi)
+                # in host memory: on a GPU a long prompt prefilled in chunks would otherwise hold
+                # its whole KV in device memory, which vLLM does not count, until its last step
+                out = held.layers[i] = torch.empty((save.full, self.layout.heads, self.layout.content),
+                                                   dtype=kv_layer.dtype, pin_memory=kv_layer.is_cuda)
+            if kv_layer.is_cuda:
+                held.cuda = kv_layer.device
+            lo, hi, _, _, pages = span
+            out[lo:hi].copy_(self.layout.gather(kv_layer, pages[self._layer_group[i]], lo, hi), non_blocking=True)
 
     def _stale(self, save: _Save) -> bool:
         """Whether ``save``'s step computes on pages a failed load left without valid KV: the load
@@ -776,7 +812,7 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
             held = self._gathered.get(save.req_id)
             if plan is None or held is None:
                 continue
-            _, _, start, end = plan
+            _, _, start, end, _ = plan
             if self._stale(save):
                 # a load of this request failed during this step, from token bad on: what the
                 # step computed from there stands on pages without valid KV
@@ -787,7 +823,7 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
             else:
                 self._bad_from.pop(save.req_id, None)  # this step recomputed what a failed load lacked
             held.start, held.end = start, end
-            if end >= len(save.tokens):
+            if end >= save.full and save.tokens is not None:
                 del self._gathered[save.req_id]
                 self._save(save, held)
 
@@ -795,7 +831,10 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         """Save a prompt's full blocks, once ``held`` has every token from ``held.start`` on; the
         tokens before it come from the store (they had no pages: tierkv loaded them, or vLLM's
         prefix cache held only their window), or the save is left out."""
+        assert save.tokens is not None  # sent on the step that completes the full blocks
         layers = held.layers
+        if held.cuda is not None:  # the copies out of the pages were queued on the step's stream
+            torch.cuda.current_stream(held.cuda).synchronize()
         try:
             if held.start:
                 bt = self.settings.block_tokens
@@ -805,10 +844,11 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
                     return
                 for out, (kv,) in zip(layers, got.kv):
                     assert out is not None
-                    out[:, :held.start] = kv[:, :held.start]
+                    out[:held.start] = kv[:, :held.start].permute(1, 0, 2)
             # The KV was copied out of vLLM's pages, so they may be reused at once; the write to
             # SSD happens in tierkv's writer thread (flushed on shutdown and at exit).
-            self.store.save(save.tokens, [(x,) for x in layers], tenant=save.tenant)
+            self.store.save(save.tokens, [(x.permute(1, 0, 2),) for x in layers if x is not None],
+                            tenant=save.tenant)
             self.saved_tokens += len(save.tokens)
             self._write_stats()
         except TierKVError:
@@ -818,6 +858,7 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         for req_id in finished_req_ids:
             self._bad_from.pop(req_id, None)
             self._gathered.pop(req_id, None)  # finished (or aborted) before its full blocks were all computed
+            self._stored.discard(req_id)
         return None, None
 
     def _release_stores(self) -> None:
