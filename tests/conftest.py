@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lmdb
 import pytest
 import torch
 
@@ -29,6 +30,18 @@ def make_kv(spec: tierkv.KVSpec, n_tokens: int, seed: int = 0, device="cpu"):
 
 def kv_slice(kv, n):
     return [tuple(x.narrow(1, 0, n) for x in layer) for layer in kv]
+
+
+def flip_byte(path, key, index, bit=0x40):
+    """Flip one bit of byte ``index`` (negative: from the end) of the stored value of ``key`` in
+    the store at ``path``: a block that must fail its checksum."""
+    env = lmdb.open(str(path), subdir=True, max_dbs=8)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True) as txn:
+        val = bytearray(txn.get(key, db=db))
+        val[index] ^= bit
+        txn.put(key, bytes(val), db=db)
+    env.close()
 
 
 def assert_kv_equal(a, b):

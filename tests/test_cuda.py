@@ -156,7 +156,7 @@ def test_damaged_ssd_blocks_are_misses_on_every_path(open_store, store_path, dev
     """Staged, each layer's host buffer is made when its first SSD block is decoded: a block
     that fails its checksum mid-layer, and blocks that all fail before any decoding (so some
     layers never get a buffer), are misses that truncate the prefix, never wrong KV."""
-    from test_persistence import flip_byte
+    from conftest import flip_byte
 
     spec = small_spec()
     n = 4 * BLOCK

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tierkv
-from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
+from conftest import BLOCK, assert_kv_equal, flip_byte, kv_slice, make_kv, small_spec
 
 HERE = os.path.dirname(__file__)
 
@@ -119,17 +119,6 @@ def test_layerwise_wait_delivers_each_layer(open_store):
     for i in range(spec.num_layers):
         got = h.layer(i)
         assert_kv_equal([got], [kv[i]])
-
-
-def flip_byte(path, key, index):
-    """Flip one bit of byte ``index`` (negative: from the end) of the stored value of ``key``."""
-    env = lmdb.open(path, subdir=True, max_dbs=8)
-    db = env.open_db(b"blocks")
-    with env.begin(write=True) as txn:
-        val = bytearray(txn.get(key, db=db))
-        val[index] ^= 0x40
-        txn.put(key, bytes(val), db=db)
-    env.close()
 
 
 @pytest.mark.parametrize("index", [-5, 4, 30], ids=["payload", "format-version", "fingerprint"])

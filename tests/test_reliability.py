@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tierkv
-from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
+from conftest import BLOCK, assert_kv_equal, flip_byte, kv_slice, make_kv, small_spec
 from helpers.saver import tokens_for
 
 HERE = os.path.dirname(__file__)
@@ -880,13 +880,7 @@ def test_verify_reports_and_repairs(open_store, store_path, capsys):
     assert main(["verify", store_path]) == 0
     keys = tierkv.keys.block_keys(tierkv.keys.chain_seed(s.fingerprint, None),
                                   tierkv.keys.as_tokens(range(3 * BLOCK)), BLOCK)
-    env = lmdb.open(store_path, subdir=True, max_dbs=8)
-    db = env.open_db(b"blocks")
-    with env.begin(write=True) as txn:
-        v = bytearray(txn.get(keys[1], db=db))
-        v[-3] ^= 0x10
-        txn.put(keys[1], bytes(v), db=db)
-    env.close()
+    flip_byte(store_path, keys[1], -3, 0x10)
     capsys.readouterr()
     assert main(["verify", store_path]) == 1
     assert "1 bad" in capsys.readouterr().out

@@ -176,6 +176,7 @@ def test_a_damaged_block_mid_prefix_loads_the_blocks_before_it(setup, plain):
     prefix). Before session 55 it wrote none of them, and the request ran on pages that held no
     KV of its prompt."""
     import tierkv
+    from conftest import flip_byte
 
     _, d = setup
     phase(setup, "connector", "first.json", "mid_first.json", store="mid_store", stats="mid_stats1")
@@ -185,13 +186,7 @@ def test_a_damaged_block_mid_prefix_loads_the_blocks_before_it(setup, plain):
         keys = tierkv.keys.block_keys(tierkv.keys.chain_seed(s.fingerprint, None), tierkv.keys.as_tokens(tokens),
                                       doc["block_tokens"], partial=False)
         assert s.lookup(tokens) == 256
-    env = lmdb.open(str(d / "mid_store"), subdir=True, max_dbs=8)
-    db = env.open_db(b"blocks")
-    with env.begin(write=True) as txn:
-        v = bytearray(txn.get(keys[2], db=db))
-        v[-5] ^= 0x40
-        txn.put(keys[2], bytes(v), db=db)
-    env.close()
+    flip_byte(d / "mid_store", keys[2], -5)
     out = phase(setup, "connector", "second.json", "mid_out.json", store="mid_store", stats="mid_stats2")
     w = stats(setup, "mid_stats2")["worker"]
     assert w["corrupt_blocks"] >= 1 and w["connector_loaded_tokens"] >= 128
