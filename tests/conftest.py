@@ -35,7 +35,7 @@ def kv_slice(kv, n):
 def flip_byte(path, key, index, bit=0x40):
     """Flip one bit of byte ``index`` (negative: from the end) of the stored value of ``key`` in
     the store at ``path``: a block that must fail its checksum."""
-    env = lmdb.open(str(path), subdir=True, max_dbs=8)
+    env = lmdb.open(str(path), subdir=True, max_dbs=8, map_size=1 << 34)  # room to rewrite a value of any store
     db = env.open_db(b"blocks")
     with env.begin(write=True) as txn:
         val = bytearray(txn.get(key, db=db))

@@ -252,6 +252,38 @@ def test_prompts_prefilled_in_chunks_are_saved_and_loaded(setup):
     assert stats(setup, "stats_c2")["worker"]["connector_loaded_tokens"] == 2 * 256
 
 
+def test_a_failed_load_recomputed_in_chunks_is_saved_again(setup):
+    """After the chunked test above: the third of the four blocks its store holds for the shared
+    prefix fails its checksum. The load fills the pages before it, vLLM recomputes the rest in
+    steps of 96 tokens, and the worker gathers those steps and saves the prefix again, the
+    tokens before the recompute read back from the store: a restarted server loads all of it.
+    Before session 55 such a save was dropped (a later miss)."""
+    import tierkv
+    from conftest import flip_byte
+
+    _, d = setup
+    chunked = {"dtype": "float32", "step_tokens": 96, "max_tokens": 32}
+    ref = json.loads((d / "chunked_plain.json").read_text())
+    tokens = json.loads((d / "second.json").read_text())[0][0][:256]
+    spec, doc = _stored_spec(d / "chunked_store")
+    with tierkv.TierKV(str(d / "chunked_store"), spec, block_tokens=doc["block_tokens"], ssd_codec=doc["codec"]) as s:
+        assert s.lookup(tokens) == 256
+        keys = tierkv.keys.block_keys(tierkv.keys.chain_seed(s.fingerprint, None), tierkv.keys.as_tokens(tokens),
+                                      doc["block_tokens"], partial=False)
+    flip_byte(d / "chunked_store", keys[2], -5)
+    out = phase(setup, "connector", "second.json", "chunked_damaged.json", store="chunked_store",
+                stats="stats_c3", **chunked)
+    w = stats(setup, "stats_c3")["worker"]
+    assert out[0]["tokens"] == ref[1]["tokens"]
+    assert w["corrupt_blocks"] >= 1 and w["connector_loaded_tokens"] >= 128
+    assert w["connector_saved_tokens"] >= 256 and w["connector_incomplete_saves"] == 0
+    again = phase(setup, "connector", "second.json", "chunked_repaired.json", store="chunked_store",
+                  stats="stats_c4", **chunked)
+    w = stats(setup, "stats_c4")["worker"]
+    assert w["connector_loaded_tokens"] == 2 * 256 and w["corrupt_blocks"] == 0
+    assert again[0]["tokens"] == ref[1]["tokens"]
+
+
 def _lora_adapter(path, seed, layers=30, hidden=576, kv_width=192, rank=8):
     """A LoRA adapter for SmolLM2 in PEFT's layout, on k_proj and v_proj: it changes the KV of the
     same tokens (random weights; what they do to the outputs does not matter here)."""

@@ -530,7 +530,8 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         self.loaded_tokens = 0
         self.saved_tokens = 0
         self.matched_tokens = 0
-        #: saves left out: their first tokens had no pages and the store no longer held them
+        #: saves left out: their first tokens had no pages and the store no longer held them (or a
+        #: layer's tokens were never handed over)
         self.incomplete_saves = 0
         #: layer-tokens a load left out: their group held no page for them (behind a sliding window)
         self.unpaged_tokens = 0
@@ -832,7 +833,10 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         tokens before it come from the store (they had no pages: tierkv loaded them, or vLLM's
         prefix cache held only their window), or the save is left out."""
         assert save.tokens is not None  # sent on the step that completes the full blocks
-        layers = held.layers
+        layers = [x for x in held.layers if x is not None]
+        if len(layers) < self._layers:  # a layer was never handed over: nothing whole to save
+            self.incomplete_saves += 1
+            return
         if held.cuda is not None:  # the copies out of the pages were queued on the step's stream
             torch.cuda.current_stream(held.cuda).synchronize()
         try:
@@ -843,12 +847,10 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
                     self.incomplete_saves += 1
                     return
                 for out, (kv,) in zip(layers, got.kv):
-                    assert out is not None
                     out[:held.start] = kv[:, :held.start].permute(1, 0, 2)
             # The KV was copied out of vLLM's pages, so they may be reused at once; the write to
             # SSD happens in tierkv's writer thread (flushed on shutdown and at exit).
-            self.store.save(save.tokens, [(x.permute(1, 0, 2),) for x in layers if x is not None],
-                            tenant=save.tenant)
+            self.store.save(save.tokens, [(x.permute(1, 0, 2),) for x in layers], tenant=save.tenant)
             self.saved_tokens += len(save.tokens)
             self._write_stats()
         except TierKVError:
