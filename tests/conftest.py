@@ -65,6 +65,26 @@ def cpu_machine_unless_marked(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+DEVICES = ["cpu", "cpu-staged", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """Where a restore's results go: "cpu"; "cpu-staged", filled the way they are on a GPU (host
+    staging: SSD blocks decoded into one host buffer and uploaded per layer, memory blocks copied
+    up whole and scattered); "cuda" where a GPU is (skipped elsewhere)."""
+    if request.param == "cpu-staged":
+        import tierkv.engine
+        monkeypatch.setattr(tierkv.engine, "via_host_staging", lambda device: True)
+        return "cpu"
+    return request.param
+
+
+def on_cpu(kv):
+    return [tuple(x.cpu() for x in layer) for layer in kv]
+
+
 @pytest.fixture
 def store_path(tmp_path):
     return str(tmp_path / "store")

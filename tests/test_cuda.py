@@ -18,23 +18,7 @@ import tierkv.reads
 import tierkv.handles
 import tierkv.hostmem
 import tierkv.keys
-from conftest import BLOCK, assert_kv_equal, make_kv, small_spec
-
-DEVICES = ["cpu", "cpu-staged", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
-    if request.param == "cpu-staged":
-        monkeypatch.setattr(tierkv.engine, "via_host_staging", lambda device: True)
-        return "cpu"
-    return request.param
-
-
-def on_cpu(kv):
-    return [tuple(x.cpu() for x in layer) for layer in kv]
-
+from conftest import BLOCK, assert_kv_equal, make_kv, on_cpu, small_spec
 
 def user_stream(device):
     """A stream of the caller's own (not the default one) on CUDA; nothing on the CPU."""

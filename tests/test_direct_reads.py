@@ -153,6 +153,28 @@ def test_a_damaged_layer_read_directly_is_a_counted_miss(open_store, store_path,
     assert s.stats()["corrupt_blocks"] == 1 and s.stats()["ssd_direct_read_bytes"] > 0
 
 
+def test_layers_a_restore_does_not_need_are_not_read_directly(open_store, store_path, small_requests):
+    """``needed_from``: layers 0-2 need blocks 3-5, layers 3-5 all six. The O_DIRECT requests
+    cover the needed layers only, the rows before a layer's first block keep the caller's
+    memory, and every needed row is exact."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=6)
+    s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
+
+    def allocate(layer, index, shape, dtype, device):
+        return preallocated(layer, index, shape, dtype, device).fill_(-7.0)
+
+    needed = [3 * BLOCK] * 3 + [0] * 3
+    r = s.restore_async(range(N), session="s", allocate=allocate, needed_from=needed).result()
+    assert r.num_tokens == N
+    for layer, start in enumerate(needed):
+        assert_kv_equal([tuple(x[:, start:] for x in r.kv[layer])], [tuple(x[:, start:] for x in kv[layer])])
+        assert all(torch.all(x[:, :start] == -7.0) for x in r.kv[layer])
+    read = N * spec.bytes_per_token * 3 // 4  # a quarter of the (block, layer) pairs left out
+    assert 0.8 * read <= s.stats()["ssd_direct_read_bytes"] <= read
+    assert s.stats()["ssd_read_bytes"] <= read + 6 * 4096
+
+
 def test_warm_values_are_read_through_the_page_cache(open_store, store_path, small_requests):
     """A value already in the page cache comes from there: nothing is read with O_DIRECT."""
     spec = spec_()

@@ -93,7 +93,7 @@ def test_sliding_window_model_under_the_hybrid_kv_cache_manager(setup, plain):
     prompt finds more of
     its prefix in vLLM's cache than in tierkv's, without the sliding layers' pages behind the
     window, and saves 384 tokens, the ones without pages read back from the store. A third
-    server loads all 384. Every run gives the tokens of a plain run of the same model, which
+    server loads all 384, reading in the sliding layers only the blocks their window reaches. Every run gives the tokens of a plain run of the same model, which
     differ from the full-attention model's (vLLM applies the window)."""
     model_dir, d = setup
     sw_dir = d / "sliding_model"
@@ -132,7 +132,13 @@ def test_sliding_window_model_under_the_hybrid_kv_cache_manager(setup, plain):
     assert s2["connector_saved_tokens"] == 384 and s2["connector_incomplete_saves"] == 0
     third = phase(sw, "connector", "sw_long.json", "sw_third.json", store="sw_store", stats="sw_stats3", **knobs)
     assert third[0]["cached"] == [384] and third[0]["tokens"] == ref[2]["tokens"]
-    assert stats(setup, "sw_stats3")["worker"]["connector_loaded_tokens"] == 384
+    s3 = stats(setup, "sw_stats3")["worker"]
+    assert s3["connector_loaded_tokens"] == 384
+    # the sliding layers read only the blocks their window reaches (``needed_from``): of the six
+    # 64-token blocks, at least the first four are left unread in each of the 20 sliding layers,
+    # and every block in the 10 full-attention layers is read
+    assert 4 * 20 <= s3["skipped_block_layers"] <= 5 * 20
+    assert s3["hits"]["ssd"] == 6 and s3["ssd_read_bytes"] < 0.7 * 384 * 30 * 2 * 3 * 64 * 4  # of fp32 KV
 
 
 def test_corrupt_store_is_recomputed_not_served(setup):

@@ -36,7 +36,7 @@ from . import hostmem
 from .affinity import spread_initializer
 from .blocks import Block, BlockState, Epoch, pack_blocks
 from .codec import header_bound, make_codec
-from .config import TierKVConfig, check_device, check_timeout
+from .config import TierKVConfig, check_device, check_needed_from, check_timeout
 from .errors import (BackgroundError, BudgetExceededError, ConfigError, ForkedProcessError,
                      SpecMismatchError, StoreClosedError, TierKVError, UnknownSessionError)
 from .handles import LoadHandle, RestoredKV, SaveHandle, via_host_staging
@@ -605,25 +605,35 @@ class TierKV(SSDWriter, Loads):
             return found * self.block_tokens
 
     def restore(self, tokens: Any, session: str | None = None, *, tenant: str | None = None,
-                device: torch.device | str | None = None) -> RestoredKV:
+                device: torch.device | str | None = None, needed_from: Any = None) -> RestoredKV:
         """The cached prefix of ``tokens``: its token count and KV as per-layer tensors on ``device``.
 
         Blocks already in memory are copied at once; blocks an earlier ``prefetch`` is loading are
         waited for; the rest are read from SSD now. A block failing its checksum ends the prefix
         there (a counted miss). To have at least one token left to prefill, pass ``tokens[:-1]``.
+        ``needed_from``: see ``restore_async``.
         """
-        return self.restore_async(tokens, session, tenant=tenant, device=device).result()
+        return self.restore_async(tokens, session, tenant=tenant, device=device, needed_from=needed_from).result()
 
     def restore_async(self, tokens: Any, session: str | None = None, *, tenant: str | None = None,
-                      device: torch.device | str | None = None, allocate: Any = None) -> LoadHandle:
+                      device: torch.device | str | None = None, allocate: Any = None,
+                      needed_from: Any = None) -> LoadHandle:
         """Start a restore and return its LoadHandle at once (``layer(i)``, ``result()``).
 
         Blocks only on SSD are decoded straight into the result tensors (on a CPU device; on a
         GPU into one host staging buffer, uploaded layer by layer), without a stop in the host tier. ``allocate(layer, index, shape, dtype, device)`` may supply the
         result tensors (e.g. views into a cache with headroom); it must return tensors of that
         shape whose last axis is contiguous.
+
+        ``needed_from`` (an int, or one int per layer): the first token whose KV the caller
+        needs, where it holds the tokens before it (a server's own prefix cache) or its layer
+        attends to a window that no longer reaches them. A block wholly before it is not read
+        for that layer, and its rows of the result are not written: they keep what the
+        ``allocate``'d memory held, or are zeros. The prefix's length, its lookup and a failed
+        block's truncation are as without it.
         """
-        return self._start_load(tokens, session, tenant, promote=False, device=device, allocate=allocate)
+        return self._start_load(tokens, session, tenant, promote=False, device=device, allocate=allocate,
+                                needed_from=needed_from)
 
     def prefetch(self, tokens: Any, session: str | None = None, *, tenant: str | None = None,
                  device: torch.device | str | None = None) -> LoadHandle:
@@ -635,9 +645,10 @@ class TierKV(SSDWriter, Loads):
         return self._start_load(tokens, session, tenant, promote=True, device=device)
 
     def _start_load(self, tokens: Any, session: str | None, tenant: str | None, promote: bool,
-                    device: torch.device | str | None, allocate: Any = None) -> LoadHandle:
+                    device: torch.device | str | None, allocate: Any = None, needed_from: Any = None) -> LoadHandle:
         self._check_open()
         toks = as_tokens(tokens)
+        needed = check_needed_from(needed_from, self.spec.num_layers)
         if session is not None:
             check_session_id(session)
         dev = check_device(device) if device is not None else self.device
@@ -649,7 +660,7 @@ class TierKV(SSDWriter, Loads):
             self._check_open()
             self._loads_starting += 1
         try:
-            return self._start_load_open(toks, session, tenant, promote, dev, staged, allocate)
+            return self._start_load_open(toks, session, tenant, promote, dev, staged, allocate, needed)
         finally:
             with self._lock:
                 self._loads_starting -= 1

@@ -82,6 +82,7 @@ class _Part:
     source: str
     direct: bool = False            # or decoded from SSD straight into the result by this handle
     error: BaseException | None = None
+    skipped: bool = False           # or needed by no layer (``needed_from``): counted, never read
 
 
 Allocator = Callable[[int, int, tuple, torch.dtype, torch.device], torch.Tensor]
@@ -89,6 +90,12 @@ Allocator = Callable[[int, int, tuple, torch.dtype, torch.device], torch.Tensor]
 
 def _default_alloc(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _zeros_alloc(layer: int, index: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Results of a restore that leaves some rows unread (``needed_from``): zeros there, never
+    whatever the memory held before."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def slab_alloc(spec: "KVSpec", n_tokens: int) -> Allocator:
@@ -166,23 +173,27 @@ class LoadHandle:
 
     def __init__(self, spec: "KVSpec", parts: list[_Part], device: torch.device,
                  on_failed: Callable[[int, int], None], allocate: Allocator | None = None,
-                 staged: bool = False, lazy: bool = False) -> None:
+                 staged: bool = False, lazy: bool = False, needed: list[int] | None = None) -> None:
         self._spec = spec
         self._parts = parts
+        #: per layer, the first token the caller needs (``needed_from``); None: every token
+        self._needed = needed
         self._device = device
         self._on_failed = on_failed
         self.num_tokens = sum(p.used for p in parts)
         #: the results are memory tierkv allocates now (no ``allocate``): never touched before
         self._fresh = allocate is None
-        self._alloc = _checked(allocate) if allocate is not None else _default_alloc
+        self._alloc = _checked(allocate) if allocate is not None else (
+            _default_alloc if needed is None else _zeros_alloc)
         self._outs_made: list[tuple[torch.Tensor, ...]] | None = None
         self._outs_lock = threading.Lock()
         self._targets_cache: list[LayerTargets | None] = [None] * spec.num_layers
         n_direct = sum(p.direct for p in parts)
-        self._direct_left = [n_direct] * spec.num_layers
+        # per layer, the direct parts still to decode into it
+        self._direct_left = [sum(p.direct and self._needs(p, layer) for p in parts) for layer in range(spec.num_layers)]
         self._layer_ready = [threading.Event() for _ in spec.layers]
-        if n_direct == 0:
-            for ev in self._layer_ready:
+        for left, ev in zip(self._direct_left, self._layer_ready):
+            if left == 0:
                 ev.set()
         self._filled = [False] * spec.num_layers
         self._lock = threading.Lock()        # counters, taken by decode tasks
@@ -213,21 +224,29 @@ class LoadHandle:
         if self._staged and n_direct:
             self._shadow = [None] * spec.num_layers
         self._shadow_lock = threading.Lock()  # makes each layer's targets (and buffer) once
-        # the token ranges the direct parts cover, consecutive parts merged: only these go up
-        # from the host buffer (the rest of it holds nothing; memory parts fill their own ranges)
-        self._direct_runs: list[list[int]] = []
-        for p in parts:
-            if not p.direct:
-                continue
-            if self._direct_runs and sum(self._direct_runs[-1]) == p.start:
-                self._direct_runs[-1][1] += p.used
-            else:
-                self._direct_runs.append([p.start, p.used])
         self._batched: set[int] | None = None   # ids of memory parts copied by _copy_memory_runs
-        self._fills = any(not p.direct for p in parts)  # parts _fill copies (memory, loads)
+        self._fills = any(not p.direct and not p.skipped for p in parts)  # parts _fill copies (memory, loads)
         self._part_views: dict[int, list[torch.Tensor]] = {}  # id(part) -> block_views of its payload
         self._block_tokens = max((p.block.n_tokens for p in parts), default=1)  # a full block's, if any
         self._moves: list[Future] = []
+
+    def _needs(self, p: _Part, layer: int) -> bool:
+        """Whether ``layer`` of part ``p`` is read or copied into the results (``needed_from``)."""
+        return not p.skipped and (self._needed is None or p.start + p.used > self._needed[layer])
+
+    def _direct_runs(self, layer: int) -> list[list[int]]:
+        """The token ranges the direct parts decoded into ``layer`` cover, consecutive parts
+        merged: only these go up from the host buffer (the rest of it holds nothing; memory parts
+        fill their own ranges)."""
+        runs: list[list[int]] = []
+        for p in self._parts:
+            if not p.direct or not self._needs(p, layer):
+                continue
+            if runs and sum(runs[-1]) == p.start:
+                runs[-1][1] += p.used
+            else:
+                runs.append([p.start, p.used])
+        return runs
 
     @property
     def _outs(self) -> list[tuple[torch.Tensor, ...]]:
@@ -284,8 +303,9 @@ class LoadHandle:
         if shadow is None:  # every SSD block of this layer failed before decoding: nothing to copy
             return
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            runs = self._direct_runs(layer)
             for t, out, src in zip(self._spec.layers[layer].tensors, self._outs[layer], shadow):
-                for start, used in self._direct_runs:
+                for start, used in runs:
                     out.narrow(t.seq_axis, start, used).copy_(src.narrow(t.seq_axis, start, used),
                                                               non_blocking=stream is not None)
             if stream is not None:
@@ -351,7 +371,7 @@ class LoadHandle:
                 # each result tensor cut at block boundaries once (part k starts at block k)
                 cuts = [out.split(self._block_tokens, dim=t.seq_axis) for t, out in zip(tensors, self._outs[i])]
                 for p in self._parts:
-                    if p.direct or (self._batched and id(p) in self._batched):
+                    if p.direct or not self._needs(p, i) or (self._batched and id(p) in self._batched):
                         continue
                     if p.load is not None:
                         p.load.layer_done[i].wait()
@@ -402,7 +422,8 @@ class LoadHandle:
         the ids of the parts it copied; adds the host buffers the copies read to ``sources``."""
         spec, runs, run = self._spec, [], []
         for p in self._parts:
-            whole = not p.direct and p.load is None and p.payload is not None and p.used == p.block.n_tokens
+            whole = (not p.direct and not p.skipped and p.load is None and p.payload is not None
+                     and p.used == p.block.n_tokens)
             if whole and run and run[-1].block.n_tokens == p.block.n_tokens and run[-1].start + run[-1].used == p.start:
                 run.append(p)
                 continue
@@ -425,10 +446,13 @@ class LoadHandle:
                     sources.append(p.payload)
                 stage[j].copy_(p.payload, non_blocking=stream is not None)
             for li, layer in enumerate(spec.layers):
+                k = sum(not self._needs(p, li) for p in run)  # its first blocks this layer does not need
+                if k == nb:
+                    continue
                 for ti, t in enumerate(layer.tensors):
                     off = spec.tensor_offset(li, ti, n)
-                    src = stage[:, off:off + t.bytes_per_token * n].view(t.torch_dtype).view(nb, *t.shape(n))
-                    dst = self._outs[li][ti].narrow(t.seq_axis, run[0].start, nb * n).unflatten(t.seq_axis, (nb, n))
+                    src = stage[k:, off:off + t.bytes_per_token * n].view(t.torch_dtype).view(nb - k, *t.shape(n))
+                    dst = self._outs[li][ti].narrow(t.seq_axis, run[k].start, (nb - k) * n).unflatten(t.seq_axis, (nb - k, n))
                     dst.copy_(src.movedim(0, t.seq_axis))
         if runs and stream is not None:
             for outs in self._outs:
@@ -488,7 +512,8 @@ class LoadHandle:
         n = sum(p.used for p in good)
         sources: dict[str, int] = {}
         for p in good:
-            sources[p.source] = sources.get(p.source, 0) + 1
+            if not p.skipped:
+                sources[p.source] = sources.get(p.source, 0) + 1
         if not n:
             return RestoredKV(0, [], sources)
         for i in range(self._spec.num_layers):

@@ -59,19 +59,24 @@ class Loads:
     _bg_error: BaseException | None
 
     def _start_load_open(self, toks: Any, session: str | None, tenant: str | None, promote: bool,
-                         dev: torch.device, staged: bool, allocate: Any) -> LoadHandle:
+                         dev: torch.device, staged: bool, allocate: Any, needed: list[int] | None = None) -> LoadHandle:
         """The handle of a load ``TierKV._start_load`` has admitted: each block of the matched
         prefix captured from its memory tier, joined to a prefetch loading it, or read from SSD,
-        straight into the result (a restore) or into the host tier (a prefetch, ``promote``)."""
+        straight into the result (a restore) or into the host tier (a prefetch, ``promote``).
+        A block no layer needs (``needed``: per layer, the first token the caller needs) is
+        only counted into the prefix: nothing of it is read, copied or moved."""
         direct_ok = not promote
         B = self.block_tokens
         now = time.time()
         parts: list[_Part] = []
         loads: list[BlockLoad] = []
         promote_now: list[Block] = []
+        least = min(needed) if needed is not None else 0
         with self._lock:
             for i, (b, used) in enumerate(self._match(toks, session, tenant)):
-                if b.tier is not None:
+                if i * B + used <= least:  # the caller holds it, or no layer's window reaches it
+                    parts.append(_Part(b, i * B, used, None, None, b.tier or "ssd", skipped=True))
+                elif b.tier is not None:
                     self._tiers[b.tier].touch(b)
                     parts.append(_Part(b, i * B, used, b.payload, None, b.tier))
                     if promote and b.tier == "host" and b.state is BlockState.READY:
@@ -90,11 +95,16 @@ class Loads:
                 self._touched[session] = rec.last_used
         # allocates the results (a caller's ``allocate`` is checked there: ConfigError, before
         # any read starts or the hit is counted)
-        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged, lazy=promote)
+        handle = LoadHandle(self.spec, parts, dev, self._count_failed, allocate, staged=staged, lazy=promote,
+                            needed=needed)
         self._stats.count("lookup_tokens", len(toks))
         self._stats.count("hit_tokens", sum(p.used for p in parts))
         for p in parts:
-            self._stats.count(f"hit_blocks_{p.source}", 1)
+            if not p.skipped:
+                self._stats.count(f"hit_blocks_{p.source}", 1)
+        if needed is not None:
+            self._stats.count("skipped_block_layers", sum(not handle._needs(p, layer) for p in parts
+                                                          for layer in range(self.spec.num_layers)))
         direct = [p for p in parts if p.direct]
         if loads or direct:
             self._reads.submit(loads, direct, handle, promote)
@@ -122,7 +132,8 @@ class Loads:
                     self._stats.count("corrupt_blocks", 1)
         if all_layers:
             for layer in range(self.spec.num_layers):
-                handle._direct_layer_done(layer)
+                if handle._needs(p, layer):
+                    handle._direct_layer_done(layer)
 
     def _layers_loaded(self, bl: BlockLoad, n: int, promote: bool) -> None:
         """``n`` more layers of a prefetch's block are in its host buffer; the last completes it."""

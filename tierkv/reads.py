@@ -183,8 +183,20 @@ class SSDReads:
             release()
             return
         L = self.spec.num_layers
-        job = {"left": len(work) * L, "lock": threading.Lock(),
-               "bytes": sum(item.block.nbytes for item, _ in work), "disk": sum(p.nbytes for _, p in work)}
+
+        def needs(item: Any, layer: int) -> bool:
+            """A prefetch's block is read whole; a restore's part only for the layers its
+            caller needs (``needed_from``)."""
+            return isinstance(item, BlockLoad) or handle._needs(item, layer)
+
+        wanted = [[layer for layer in range(L) if needs(item, layer)] for item, _ in work]
+        job = {"left": sum(map(len, wanted)), "lock": threading.Lock(),
+               "bytes": sum(item.block.nbytes if len(ls) == L else
+                            sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
+                            for (item, _), ls in zip(work, wanted)),
+               "disk": sum(parsed.nbytes if len(ls) == L else
+                           sum(length for layer in ls for _, length, _ in parsed.layers[layer][2])
+                           for (_, parsed), ls in zip(work, wanted))}
 
         def count_down(n: int) -> bool:
             """``n`` (block, layer) tasks are done; True for the job's last. Its moves are
@@ -239,7 +251,7 @@ class SSDReads:
                     release()
 
         align = values.DIRECT_ALIGN if values is not None else 0
-        groups, direct_runs = self._direct_plan(work, where, handle, values)
+        groups, direct_runs = self._direct_plan(work, where, handle, values, needs)
         for w in {w for w, _ in direct_runs}:
             # its other layers are read through the shared descriptor, without readahead: a
             # window read ahead would bring in layers an O_DIRECT request reads again
@@ -248,9 +260,11 @@ class SSDReads:
         # Layer-major order: layer 0 of every block first, so per-layer waits finish early. Read
         # through the map, the disk is asked for the bytes in that order up front; with pread
         # the decode threads read each (block, layer) range themselves, io_threads at a time.
-        mapped = [parsed for _, parsed in work if parsed.read_at is None]
+        mapped = [(item, parsed) for item, parsed in work if parsed.read_at is None]
         for layer in range(L if mapped else 0):
-            for parsed in mapped:
+            for item, parsed in mapped:
+                if not needs(item, layer):
+                    continue
                 planes = parsed.layers[layer][2]
                 start, end = planes[0][0], planes[-1][0] + planes[-1][1]
                 advise_willneed(parsed.buf[start:end])
@@ -263,7 +277,8 @@ class SSDReads:
             values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
                                      sum(length for _, length, _ in parsed.layers[0][2]))
                                     for w, (item, parsed) in enumerate(work)
-                                    if parsed.read_at is not None and not any(0 in r for r in direct_runs.get((w, 0), ()))])
+                                    if parsed.read_at is not None and needs(item, 0)
+                                    and not any(0 in r for r in direct_runs.get((w, 0), ()))])
         # A few workers pulling from one queue, not a future per (block, layer): submitting
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
         # on every submit (profiled: tens of microseconds each).
@@ -271,11 +286,13 @@ class SSDReads:
         for g, layers in enumerate(groups):
             if not direct_runs:  # buffered reads (the default): a task per (layer, block)
                 order += [(item, parsed, range(layer, layer + 1), False)
-                          for layer in layers for item, parsed in work]
+                          for layer in layers for item, parsed in work if needs(item, layer)]
                 continue
             for w, (item, parsed) in enumerate(work):
                 runs = direct_runs.get((w, g), ())
                 for layer in layers:
+                    if not needs(item, layer):
+                        continue
                     run = next((r for r in runs if r[0] == layer), None)
                     if run is not None:
                         order.append((item, parsed, run, True))
@@ -296,7 +313,7 @@ class SSDReads:
             self._pool.submit(worker)
 
     def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
-                     values: Any) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
+                     values: Any, needs: Callable[[Any, int], bool]) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
         """Which layers of which SSD blocks to read with O_DIRECT (``ssd_page_cache="bypass"``).
 
         The layers are taken in groups of about DIRECT_READ_BYTES; within a group, each run
@@ -306,7 +323,8 @@ class SSDReads:
         destination (bench/direct_ceiling.py: O_DIRECT requests of a few MiB went near the
         disk's sequential rate on the test machine, requests of a layer each did not). Returns
         the groups, and per (index in ``work``, group) the runs to read so; every other layer is
-        read as before, one task each."""
+        read as before, one task each. Layers a part's caller does not need (``needs``) are in
+        no run."""
         L = self.spec.num_layers
         if not self._bypass or values is None or values.direct_fd() < 0:
             return [range(layer, layer + 1) for layer in range(L)], {}
@@ -320,7 +338,8 @@ class SSDReads:
                 continue
             base = where[item.block.key][0]
             for g, layers in enumerate(groups):
-                stored = [layer for layer in layers if stored_span(parsed, range(layer, layer + 1)) is not None]
+                stored = [layer for layer in layers
+                          if needs(item, layer) and stored_span(parsed, range(layer, layer + 1)) is not None]
                 for run in _consecutive(stored):
                     off, length = stored_span(parsed, run)
                     if length >= DIRECT_MIN_BYTES and values.direct_ok(base + off, length):

@@ -93,7 +93,10 @@ class Stats:
             "resident_blocks": blocks,
             "budgets": budgets,
             "ssd_read_bytes": c.get("ssd_read_bytes", 0),
-            # of those, bytes read with O_DIRECT (ssd_page_cache="bypass"), past the page cache
+            # (block, layer) pairs of restores left unread because the caller had no need of them
+            # (``needed_from``: its own copy, or a layer's window no longer reaching them)
+            "skipped_block_layers": c.get("skipped_block_layers", 0),
+            # of ssd_read_bytes, bytes read with O_DIRECT (ssd_page_cache="bypass"), past the page cache
             "ssd_direct_read_bytes": c.get("ssd_direct_read_bytes", 0),
             # values whose place in data.mdb did not check out, read through LMDB's map instead
             "pread_fallbacks": c.get("pread_fallbacks", 0),

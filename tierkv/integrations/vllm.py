@@ -513,7 +513,7 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_index: dict[str, int] = {}
         self._layer_group: list[int] = []  # layer index -> its KV cache group
-        self._handles: list[tuple[_Load, Any]] = []
+        self._handles: list[tuple[_Load, list[int], Any]] = []
         #: req_id -> what a load that met a failed block restored before it (``result()``)
         self._salvaged: dict[str, Any] = {}
         #: req_id -> the KV gathered so far of the prompt's full blocks, over the steps that computed it
@@ -679,17 +679,22 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
         assert isinstance(meta, TierKVConnectorMetadata)
         self._handles, self._salvaged = [], {}
         for load in meta.loads:
-            handle = self.store.restore_async(load.tokens, tenant=load.tenant)
+            # Per layer, the first token to read: vLLM holds the tokens before ``load.start``
+            # (its own prefix cache), and a sliding window's group has pages only for the
+            # tokens its window reaches. Blocks before it are not read for that layer.
+            firsts = [self.layout.first_paged(ids, load.end) or 0 for ids in load.block_ids]
+            needed = [max(load.start, firsts[g]) for g in self._layer_group]
+            handle = self.store.restore_async(load.tokens, tenant=load.tenant, needed_from=needed)
             if handle.num_tokens < load.end:  # evicted since the lookup: recompute the rest
                 self._fail(load, handle.num_tokens)
-            self._handles.append((load, handle))
+            self._handles.append((load, needed, handle))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layer_index.get(_base_name(layer_name, self._layer_index))
         if i is None:
             return
         buf = self._kv_caches[_base_name(layer_name, self._layer_index)]
-        for load, handle in self._handles:
+        for load, needed, handle in self._handles:
             end = min(load.end, handle.num_tokens)
             if end <= load.start:
                 continue
@@ -709,7 +714,10 @@ class TierKVConnector(KVConnectorBase_V1, SupportsHMA):
                     continue
                 (kv,) = good.kv[i]
             # a sliding window's group has pages for the tokens its window reaches: only those
-            self.unpaged_tokens += self.layout.scatter(buf, load.block_ids[self._layer_group[i]], load.start, end, kv)
+            # were read (``needed``), and only those are written
+            first = min(max(load.start, needed[i]), end)
+            self.unpaged_tokens += first - load.start
+            self.unpaged_tokens += self.layout.scatter(buf, load.block_ids[self._layer_group[i]], first, end, kv)
             if i == self._layers - 1:
                 self.loaded_tokens += end - load.start
                 self._write_stats()
