@@ -12,8 +12,9 @@ four times over; ``--synthetic`` for random KV):
   attending to the last 1,024 tokens) need those layers from token 7,168 only;
 - ``server holds 6144``: every layer from token 6,144 (a server's own prefix cache holds the rest).
 
-It reports each one's median seconds (min, max), the bytes it read from SSD (``ssd_read_bytes``),
-and its speed-up and byte ratio against ``whole``. Every needed row is checked exact once.
+It reports each one's median seconds (min, max), the bytes it asked for (``ssd_read_bytes``)
+and the bytes the disk read (``/proc/diskstats``, readahead included), and its speed-up and byte
+ratio against ``whole``. Every needed row is checked exact once.
 
     python bench/needed_reload.py [--rounds 5] [--dir /var/tmp] [--out bench/results/needed_reload.json]
 """
@@ -31,8 +32,8 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (add_side_by_side_arguments, cold, existing_dir, machine, preallocated,  # noqa: E402
-                    side_by_side, stats_of, write_json)
+from common import (add_side_by_side_arguments, cold, disk_read_counters, existing_dir, machine,  # noqa: E402
+                    preallocated, side_by_side, stats_of, write_json)
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -60,6 +61,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="tierkv-needed-", dir=args.dir)
     read: dict[str, int] = {}
     skipped: dict[str, int] = {}
+    disk: dict[str, list[int]] = {name: [] for name in plans}   # bytes the disk read, per round
+
+    def counted(name: str, run: Callable[[], float]) -> Callable[[], float]:
+        def timed() -> float:
+            before = disk_read_counters(work)
+            seconds = run()
+            after = disk_read_counters(work)
+            if before is not None and after is not None:
+                disk[name].append((after[1] - before[1]) * 512)
+            return seconds
+        return timed
+
     try:
         with tierkv.TierKV(os.path.join(work, "store"), spec, device="cpu", device_bytes=0, host_bytes=0,
                            persist="write_through", ssd_bytes=2 * n * spec.bytes_per_token + (1 << 30)) as s:
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if not torch.equal(x[:, start:].view(torch.int32 if x.dtype == torch.float32 else torch.int16),
                                            y[:, start:].view(torch.int32 if y.dtype == torch.float32 else torch.int16)):
                             raise SystemExit(f"{name}: layer {i} differs from token {start} on")
-                methods[name] = cold(data, restore(needed))
+                methods[name] = counted(name, cold(data, restore(needed)))
             rows, orders = side_by_side(methods, args.rounds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -99,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed, "round_orders": orders, "needed_from": plans,
         "seconds": {k: stats_of(v) for k, v in rows.items()},
         "ssd_read_bytes": read, "skipped_block_layers": skipped,
+        # what the disk itself read per round (/proc/diskstats: device-wide, readahead included)
+        "disk_read_bytes": {k: stats_of(v) if v else None for k, v in disk.items()},
         "speedup_vs_whole": {k: whole / statistics.median(v) for k, v in rows.items()},
         "speedup_vs_whole_paired": {k: statistics.median(w / x for w, x in zip(rows["whole"], v)) for k, v in rows.items()},
         "bytes_vs_whole": {k: read[k] / read["whole"] for k in read},
@@ -107,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in rows.items():
         st = results["seconds"][k]
         print(f"  {k:<32} {st['median'] * 1e3:7.1f} ms ({st['min'] * 1e3:.1f}-{st['max'] * 1e3:.1f})  "
-              f"read {read[k] / 1e6:6.1f} MB ({results['bytes_vs_whole'][k]:.2f} of whole)  "
+              f"read {read[k] / 1e6:6.1f} MB ({results['bytes_vs_whole'][k]:.2f} of whole; the disk "
+              f"{statistics.median(disk[k]) / 1e6 if disk[k] else float('nan'):.1f})  "
               f"{results['speedup_vs_whole'][k]:.2f}x faster than whole (per round {results['speedup_vs_whole_paired'][k]:.2f}x)")
     write_json(args.out, results)
     return results

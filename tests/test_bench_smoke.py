@@ -330,6 +330,20 @@ def test_memory_restore_bench_runs(tmp_path):
     assert res["vs_floor"]["one copy per tensor"] == 1.0 and res["vs_floor"]["restore"] > 0
 
 
+def test_needed_reload_bench_runs(tmp_path):
+    out = tmp_path / "needed.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "needed_reload.py"), "--rounds", "1",
+                        "--synthetic", "--dir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if r.returncode and "ColdReadError" in r.stderr:
+        pytest.skip("this file system keeps files in memory")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["seconds"]) == {"whole", "sliding 1024 in 2 layers of 3", "server holds 6144"}
+    # what each plan reads follows from the plan (the timings are not checked here)
+    assert res["bytes_vs_whole"]["server holds 6144"] < 0.3 and res["skipped_block_layers"]["whole"] == 0
+
+
 def test_direct_ceiling_bench_runs(tmp_path):
     """bench/direct_ceiling.py reads its file with each pattern and checks, before timing them,
     that every pattern put the KV's bytes in their places (it exits otherwise)."""
