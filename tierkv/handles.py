@@ -9,6 +9,7 @@ Primitives:
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 import threading
 import time
 from concurrent.futures import Future
@@ -83,6 +84,11 @@ class _Part:
     direct: bool = False            # or decoded from SSD straight into the result by this handle
     error: BaseException | None = None
     skipped: bool = False           # or needed by no layer (``needed_from``): counted, never read
+
+
+def part_ends(parts: list[_Part]) -> list[int]:
+    """Where each part ends in the prefix (ascending: parts are in prefix order)."""
+    return [p.start + p.used for p in parts]
 
 
 Allocator = Callable[[int, int, tuple, torch.dtype, torch.device], torch.Tensor]
@@ -188,9 +194,11 @@ class LoadHandle:
         self._outs_made: list[tuple[torch.Tensor, ...]] | None = None
         self._outs_lock = threading.Lock()
         self._targets_cache: list[LayerTargets | None] = [None] * spec.num_layers
-        n_direct = sum(p.direct for p in parts)
+        direct = [p for p in parts if p.direct]
+        n_direct = len(direct)
         # per layer, the direct parts still to decode into it
-        self._direct_left = [sum(p.direct and self._needs(p, layer) for p in parts) for layer in range(spec.num_layers)]
+        ends = part_ends(direct)
+        self._direct_left = [n_direct - self.unneeded(ends, layer) for layer in range(spec.num_layers)]
         self._layer_ready = [threading.Event() for _ in spec.layers]
         for left, ev in zip(self._direct_left, self._layer_ready):
             if left == 0:
@@ -233,6 +241,13 @@ class LoadHandle:
     def _needs(self, p: _Part, layer: int) -> bool:
         """Whether ``layer`` of part ``p`` is read or copied into the results (``needed_from``)."""
         return not p.skipped and (self._needed is None or p.start + p.used > self._needed[layer])
+
+    def unneeded(self, ends: list[int], layer: int) -> int:
+        """How many parts (``part_ends`` of them, in prefix order) ``layer`` does not need: the
+        leading ones, which end at or before its ``needed_from`` (a skipped part ends before every
+        layer's). By bisection, not a ``_needs`` per part: a restore of a million tokens has
+        thousands of parts, times every layer."""
+        return 0 if self._needed is None else bisect_right(ends, self._needed[layer])
 
     def _direct_runs(self, layer: int) -> list[list[int]]:
         """The token ranges the direct parts decoded into ``layer`` cover, consecutive parts
@@ -445,8 +460,9 @@ class LoadHandle:
                 elif stream is not None:
                     sources.append(p.payload)
                 stage[j].copy_(p.payload, non_blocking=stream is not None)
+            ends = part_ends(run)
             for li, layer in enumerate(spec.layers):
-                k = sum(not self._needs(p, li) for p in run)  # its first blocks this layer does not need
+                k = self.unneeded(ends, li)  # its first blocks this layer does not need
                 if k == nb:
                     continue
                 for ti, t in enumerate(layer.tensors):

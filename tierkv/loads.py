@@ -25,7 +25,7 @@ import torch
 
 from .blocks import Block, BlockLoad, BlockState
 from .codec import CorruptValueError, ValueGoneError
-from .handles import LoadHandle, _Part
+from .handles import LoadHandle, _Part, part_ends
 from .movers import MOVERS, Transfer
 from .reads import SSDReads
 from .records import SessionRecord
@@ -103,7 +103,8 @@ class Loads:
             if not p.skipped:
                 self._stats.count(f"hit_blocks_{p.source}", 1)
         if needed is not None:
-            self._stats.count("skipped_block_layers", sum(not handle._needs(p, layer) for p in parts
+            ends = part_ends(parts)
+            self._stats.count("skipped_block_layers", sum(handle.unneeded(ends, layer)
                                                           for layer in range(self.spec.num_layers)))
         direct = [p for p in parts if p.direct]
         if loads or direct:

@@ -184,12 +184,15 @@ class SSDReads:
             return
         L = self.spec.num_layers
 
-        def needs(item: Any, layer: int) -> bool:
+        def part_needs(item: Any, layer: int) -> bool:
             """A prefetch's block is read whole; a restore's part only for the layers its
             caller needs (``needed_from``)."""
             return isinstance(item, BlockLoad) or handle._needs(item, layer)
 
-        wanted = [[layer for layer in range(L) if needs(item, layer)] for item, _ in work]
+        # None where every layer of every block is read (no ``needed_from``): no call per pair
+        needs = part_needs if handle._needed is not None else None
+        wanted = [range(L) if needs is None else [layer for layer in range(L) if needs(item, layer)]
+                  for item, _ in work]
         job = {"left": sum(map(len, wanted)), "lock": threading.Lock(),
                "bytes": sum(item.block.nbytes if len(ls) == L else
                             sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
@@ -263,7 +266,7 @@ class SSDReads:
         mapped = [(item, parsed) for item, parsed in work if parsed.read_at is None]
         for layer in range(L if mapped else 0):
             for item, parsed in mapped:
-                if not needs(item, layer):
+                if needs is not None and not needs(item, layer):
                     continue
                 planes = parsed.layers[layer][2]
                 start, end = planes[0][0], planes[-1][0] + planes[-1][1]
@@ -277,7 +280,7 @@ class SSDReads:
             values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
                                      sum(length for _, length, _ in parsed.layers[0][2]))
                                     for w, (item, parsed) in enumerate(work)
-                                    if parsed.read_at is not None and needs(item, 0)
+                                    if parsed.read_at is not None and (needs is None or needs(item, 0))
                                     and not any(0 in r for r in direct_runs.get((w, 0), ()))])
         # A few workers pulling from one queue, not a future per (block, layer): submitting
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
@@ -286,12 +289,12 @@ class SSDReads:
         for g, layers in enumerate(groups):
             if not direct_runs:  # buffered reads (the default): a task per (layer, block)
                 order += [(item, parsed, range(layer, layer + 1), False)
-                          for layer in layers for item, parsed in work if needs(item, layer)]
+                          for layer in layers for item, parsed in work if needs is None or needs(item, layer)]
                 continue
             for w, (item, parsed) in enumerate(work):
                 runs = direct_runs.get((w, g), ())
                 for layer in layers:
-                    if not needs(item, layer):
+                    if needs is not None and not needs(item, layer):
                         continue
                     run = next((r for r in runs if r[0] == layer), None)
                     if run is not None:
@@ -313,7 +316,7 @@ class SSDReads:
             self._pool.submit(worker)
 
     def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
-                     values: Any, needs: Callable[[Any, int], bool]) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
+                     values: Any, needs: Callable[[Any, int], bool] | None) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
         """Which layers of which SSD blocks to read with O_DIRECT (``ssd_page_cache="bypass"``).
 
         The layers are taken in groups of about DIRECT_READ_BYTES; within a group, each run
@@ -323,8 +326,8 @@ class SSDReads:
         destination (bench/direct_ceiling.py: O_DIRECT requests of a few MiB went near the
         disk's sequential rate on the test machine, requests of a layer each did not). Returns
         the groups, and per (index in ``work``, group) the runs to read so; every other layer is
-        read as before, one task each. Layers a part's caller does not need (``needs``) are in
-        no run."""
+        read as before, one task each. Layers a part's caller does not need (``needs``, None: it needs
+        every one) are in no run."""
         L = self.spec.num_layers
         if not self._bypass or values is None or values.direct_fd() < 0:
             return [range(layer, layer + 1) for layer in range(L)], {}
@@ -339,7 +342,7 @@ class SSDReads:
             base = where[item.block.key][0]
             for g, layers in enumerate(groups):
                 stored = [layer for layer in layers
-                          if needs(item, layer) and stored_span(parsed, range(layer, layer + 1)) is not None]
+                          if (needs is None or needs(item, layer)) and stored_span(parsed, range(layer, layer + 1)) is not None]
                 for run in _consecutive(stored):
                     off, length = stored_span(parsed, run)
                     if length >= DIRECT_MIN_BYTES and values.direct_ok(base + off, length):
