@@ -11,6 +11,7 @@ import torch
 
 import tierkv
 import tierkv.keys
+import tierkv.reads
 
 from conftest import BLOCK, assert_kv_equal, flip_byte, kv_slice, make_kv, on_cpu, small_spec
 
@@ -131,3 +132,39 @@ def test_a_bad_needed_from_is_refused_before_anything_is_read(open_store, bad):
         s.restore_async(range(N), session="s", needed_from=bad)
     assert s.stats()["hit_tokens"] == 0
     assert_kv_equal(s.restore(range(N), session="s", needed_from=[0, 0, 0, 0]).kv, kv)
+
+
+def test_a_restore_with_gaps_asks_the_disk_for_every_layer_it_needs_ahead(open_store, monkeypatch):
+    """Readahead sees no stream in a block read with gaps, so the layers a restore needs of such a
+    block are asked for (posix_fadvise WILLNEED) ahead of the decode threads, never the layers it
+    leaves out, and HINT_AHEAD_BYTES at most at a time; a whole block is asked for its first layer
+    only (readahead streams the rest). Layers 1 and 3 need only the last (partial) block: in
+    every other block, layers 0 and 2 are hinted, layer 1 between them is not."""
+    spec = small_spec(heads=4, dim=64)   # values of a few pages: read with pread, not through the map
+    s, kv = stored(open_store, spec, "cpu", "ssd")
+    values = s._ssd.values
+    if values is None:
+        pytest.skip("no pread reader on this platform")
+    calls: list[list[tuple[int, int]]] = []
+    real = values.advise_willneed
+    monkeypatch.setattr(values, "advise_willneed", lambda ranges: (calls.append(list(ranges)), real(ranges)))
+    layer_bytes = BLOCK * spec.layers[0].bytes_per_token
+    whole = -(-N // BLOCK)
+
+    check_rows(kv, s.restore(range(N), session="s").kv, [0] * 4, 0.0)
+    hints = [h for call in calls for h in call]
+    assert len(hints) == whole and all(length == layer_bytes for _, length in hints[:-1])
+
+    for window in (64 << 20, 3 * layer_bytes):   # everything up front; three layers ahead
+        monkeypatch.setattr(tierkv.reads, "HINT_AHEAD_BYTES", window)
+        calls.clear()
+        r = s.restore(range(N), session="s", needed_from=[0, N - 1, 0, N - 1])
+        check_rows(kv, r.kv, [0, N - 1, 0, N - 1], 0.0)
+        hints = [h for call in calls for h in call]
+        assert len(hints) == len(set(hints)) == 2 * (whole - 1) + 1
+        # the whole last block's first layer, then the first layers with gaps up to the window
+        assert len(calls[0]) == 1 and len(calls[1]) == min(2 * (whole - 1), window // layer_bytes)
+        gapped = sorted(h for h in hints if h[1] == layer_bytes)
+        assert len(gapped) == 2 * (whole - 1)
+        for (first, length), (third, _) in zip(gapped[::2], gapped[1::2]):
+            assert third - first == 2 * layer_bytes   # layer 1 lies between them, in no hint

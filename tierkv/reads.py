@@ -29,13 +29,17 @@ from .stats import Stats
 from .store import SSDStore
 from .tiers import MemoryTier
 
-__all__ = ["SSDReads", "DIRECT_READ_BYTES", "DIRECT_MIN_BYTES"]
+__all__ = ["SSDReads", "DIRECT_READ_BYTES", "DIRECT_MIN_BYTES", "HINT_AHEAD_BYTES"]
 
 #: bytes per O_DIRECT request of a block's layers (``ssd_page_cache="bypass"``): on the test machine's
 #: disk, requests of a few MiB went near its sequential rate and requests of one layer did not
 #: (bench/direct_ceiling.py); runs of stored layers smaller than DIRECT_MIN_BYTES stay buffered
 DIRECT_READ_BYTES = 4 << 20
 DIRECT_MIN_BYTES = 1 << 20
+#: bytes of a gapped restore (``needed_from`` leaves out some of a block's layers) asked of the
+#: disk ahead of the decode threads: enough to keep its queue full, bounded so a restore of
+#: gigabytes neither floods the page cache nor blocks its caller while the requests queue
+HINT_AHEAD_BYTES = 64 << 20
 
 
 def _consecutive(layers: list[int]) -> Iterator[range]:
@@ -279,8 +283,8 @@ class SSDReads:
         if values is not None:
             values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
                                      sum(length for _, length, _ in parsed.layers[0][2]))
-                                    for w, (item, parsed) in enumerate(work)
-                                    if parsed.read_at is not None and (needs is None or needs(item, 0))
+                                    for w, ((item, parsed), layers) in enumerate(zip(work, wanted))
+                                    if parsed.read_at is not None and len(layers) == L
                                     and not any(0 in r for r in direct_runs.get((w, 0), ()))])
         # A few workers pulling from one queue, not a future per (block, layer): submitting
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
@@ -301,16 +305,52 @@ class SSDReads:
                         order.append((item, parsed, run, True))
                     elif not any(layer in r for r in runs):
                         order.append((item, parsed, range(layer, layer + 1), False))
-        tasks = iter(order)
+        # A block read with gaps (needed_from leaves out some of its layers) gets no help from
+        # readahead, which sees no stream in it: its layers are asked for ahead of the decode
+        # threads, HINT_AHEAD_BYTES at most, so the disk serves them at full queue depth instead
+        # of io_threads requests at a time (bench/needed_reload.py). Per task: (offset, length),
+        # or None where it is not such a layer.
+        gapped = {id(item) for (item, _), layers in zip(work, wanted) if len(layers) < L}
+        spans: list[tuple[int, int] | None] = [None] * len(order)
+        if values is not None and gapped:
+            for i, (item, parsed, layers, odirect) in enumerate(order):
+                if not odirect and parsed.read_at is not None and id(item) in gapped:
+                    first, last = parsed.layers[layers[0]][2][0], parsed.layers[layers[-1]][2][-1]
+                    spans[i] = (where[item.block.key][0] + first[0], last[0] + last[1] - first[0])
+        ahead = {"next": 0, "taken": 0, "bytes": 0}   # next task to hint, tasks taken, bytes hinted not taken
+
+        def hints_due() -> list[tuple[int, int]]:
+            """(Under ``take``.) The spans to hint now, to keep HINT_AHEAD_BYTES asked for."""
+            due = []
+            ahead["next"] = max(ahead["next"], ahead["taken"])
+            while ahead["next"] < len(order) and ahead["bytes"] < HINT_AHEAD_BYTES:
+                span = spans[ahead["next"]]
+                ahead["next"] += 1
+                if span is not None:
+                    due.append(span)
+                    ahead["bytes"] += span[1]
+            return due
+
+        with_hints = any(span is not None for span in spans)
+        if with_hints:
+            values.advise_willneed(hints_due())
         take = threading.Lock()
 
         def worker() -> None:
             while True:
+                due: list[tuple[int, int]] = []
                 with take:
-                    task = next(tasks, None)
-                if task is None:
-                    return
-                decode(*task)
+                    i = ahead["taken"]
+                    if i == len(order):
+                        return
+                    ahead["taken"] += 1
+                    if with_hints:
+                        if spans[i] is not None and i < ahead["next"]:
+                            ahead["bytes"] -= spans[i][1]
+                        due = hints_due()
+                if due:
+                    values.advise_willneed(due)
+                decode(*order[i])
 
         for _ in range(min(self._io_threads, len(order))):
             self._pool.submit(worker)
