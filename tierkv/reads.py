@@ -331,9 +331,9 @@ class SSDReads:
                     ahead["bytes"] += span[1]
             return due
 
-        with_hints = any(span is not None for span in spans)
-        if with_hints:
-            values.advise_willneed(hints_due())
+        hint = values.advise_willneed if values is not None and any(span is not None for span in spans) else None
+        if hint is not None:
+            hint(hints_due())
         take = threading.Lock()
 
         def worker() -> None:
@@ -344,12 +344,13 @@ class SSDReads:
                     if i == len(order):
                         return
                     ahead["taken"] += 1
-                    if with_hints:
-                        if spans[i] is not None and i < ahead["next"]:
-                            ahead["bytes"] -= spans[i][1]
+                    if hint is not None:
+                        span = spans[i]
+                        if span is not None and i < ahead["next"]:
+                            ahead["bytes"] -= span[1]
                         due = hints_due()
-                if due:
-                    values.advise_willneed(due)
+                if hint is not None and due:
+                    hint(due)
                 decode(*order[i])
 
         for _ in range(min(self._io_threads, len(order))):
