@@ -212,6 +212,27 @@ def test_with_vllms_own_prefix_cache(setup):
     assert w["connector_loaded_tokens"] in (256, 512) and w["corrupt_blocks"] == 0
 
 
+def test_a_load_that_starts_inside_vllms_own_prefix_cache(setup):
+    """vLLM's own prefix cache holds the first 96 tokens of a prompt (three 32-token pages of an
+    earlier, shorter prompt's), tierkv 256 (the store the tests above left): the connector loads
+    tokens 96 to 256 only, reading from tierkv's block 1 on (``needed_from``: block 0 is left
+    unread in all 30 layers, not read and dropped) and writing no page vLLM already holds.
+    Outputs those of a plain server given the same batches."""
+    _, d = setup
+    prefix_sfx = json.loads((d / "all.json").read_text())
+    short = prefix_sfx[0][0][:100] + prefix_sfx[0][0][300:]   # its first 100 prefix tokens, a question
+    (d / "inside.json").write_text(json.dumps([[short], [prefix_sfx[0][1]]]))
+    ref = phase(setup, "plain", "inside.json", "inside_plain.json", stats="inside_stats0")
+    out = phase(setup, "connector", "inside.json", "inside_out.json", stats="inside_stats", prefix_caching=True)
+    w = stats(setup, "inside_stats")["worker"]
+    assert [b["tokens"] for b in out] == [b["tokens"] for b in ref]
+    # the short prompt loads tierkv's first block; the long one finds 96 tokens in vLLM's cache
+    # and loads the 160 after them
+    assert out[0]["cached"] == [64] and out[1]["cached"] == [256]
+    assert w["connector_loaded_tokens"] == 64 + 160 and w["corrupt_blocks"] == 0
+    assert w["skipped_block_layers"] == 30
+
+
 def test_requests_preempted_and_resumed_load_their_prefix(setup):
     """A paged cache too small for the batch: vLLM preempts running requests, frees their pages,
     and later resumes them, looking their prefix up again. Each resumed request's load must run,
