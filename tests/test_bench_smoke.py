@@ -52,9 +52,9 @@ def test_bench_commands_refuse_bad_counts_at_the_command_line(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))   # the bench scripts put bench/ on it
     out = tmp_path / "out.json"
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as stopped:
         main(["bench", *args, "--out", str(out)])
-    assert exit.value.code == 2
+    assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
