@@ -16,7 +16,11 @@ It reports each one's median seconds (min, max), the bytes it asked for (``ssd_r
 and the bytes the disk read (``/proc/diskstats``, readahead included), and its speed-up and byte
 ratio against ``whole``. Every needed row is checked exact once.
 
-    python bench/needed_reload.py [--rounds 5] [--dir /var/tmp] [--out bench/results/needed_reload.json]
+``--hint-ahead 4,8,64`` adds the sliding plan once per window (MiB) of ``reads.HINT_AHEAD_BYTES``,
+the bytes of a block read with gaps asked of the disk ahead of the decode threads, side by side
+with the rest (the plan's own row runs with the engine's default).
+
+    python bench/needed_reload.py [--rounds 5] [--dir /var/tmp] [--hint-ahead MIB,...] [--out bench/results/needed_reload.json]
 """
 
 from __future__ import annotations
@@ -37,15 +41,29 @@ from common import (add_side_by_side_arguments, cold, disk_read_counters, existi
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
+import tierkv.reads  # noqa: E402
 
 REPEATS = 4   # the 2,048-token KV four times over: 8,192 tokens
 WINDOW = 1024
+
+
+def mib_list(text: str) -> list[int]:
+    """``--hint-ahead``: comma-separated whole MiB, each at least 1."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole MiB") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each window is at least 1 MiB")
+    return values
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=5, out="bench/results/needed_reload.json")
     ap.add_argument("--dir", type=existing_dir, default=None, help="working directory on the disk to test")
+    ap.add_argument("--hint-ahead", type=mib_list, default=[],
+                    help="windows (MiB, comma-separated) of reads.HINT_AHEAD_BYTES to time the sliding plan with")
     args = ap.parse_args(argv)
     from tierkv.cli import default_cache_dir
 
@@ -53,11 +71,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kv = [tuple(torch.cat([x] * REPEATS, dim=1) for x in layer) for layer in kv1]
     n = TOKENS * REPEATS
     L = spec.num_layers
+    sliding = f"sliding {WINDOW} in 2 layers of 3"
     plans: dict[str, list[int] | None] = {
         "whole": None,
-        f"sliding {WINDOW} in 2 layers of 3": [0 if i % 3 == 2 else n - WINDOW for i in range(L)],
+        sliding: [0 if i % 3 == 2 else n - WINDOW for i in range(L)],
         "server holds 6144": [6144] * L,
     }
+    windows = {f"{sliding}, hint ahead {mib} MiB": mib << 20 for mib in args.hint_ahead}
+    default_window = tierkv.reads.HINT_AHEAD_BYTES
+    plans.update({name: plans[sliding] for name in windows})
     work = tempfile.mkdtemp(prefix="tierkv-needed-", dir=args.dir)
     read: dict[str, int] = {}
     skipped: dict[str, int] = {}
@@ -80,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = os.path.join(work, "store", "data.mdb")
             pool = preallocated(spec, n)
 
-            def restore(needed: list[int] | None) -> Callable[[], Any]:
+            def restore(needed: list[int] | None, window: int = default_window) -> Callable[[], Any]:
                 def run() -> None:
+                    tierkv.reads.HINT_AHEAD_BYTES = window
                     r = s.restore_async(range(n), session="s", allocate=pool, needed_from=needed).result()
                     if r.num_tokens != n:
                         raise SystemExit(f"restored {r.num_tokens} of {n} tokens")
@@ -89,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             methods: dict[str, Callable[[], float | None]] = {}
             for name, needed in plans.items():
+                if name in windows:   # the same reads as the plan's own row, another hint window
+                    methods[name] = counted(name, cold(data, restore(needed, windows[name])))
+                    read[name], skipped[name] = read[sliding], skipped[sliding]
+                    continue
                 before = s.stats()
                 cold(data, restore(needed))()
                 after = s.stats()
@@ -104,12 +131,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 methods[name] = counted(name, cold(data, restore(needed)))
             rows, orders = side_by_side(methods, args.rounds, args.seed)
     finally:
+        tierkv.reads.HINT_AHEAD_BYTES = default_window
         shutil.rmtree(work, ignore_errors=True)
     whole = statistics.median(rows["whole"])
     results: dict[str, Any] = {
         "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "tokens": n, "bytes": n * spec.bytes_per_token, "block_tokens": 256, "rounds": args.rounds,
         "seed": args.seed, "round_orders": orders, "needed_from": plans,
+        "hint_ahead_bytes": {sliding: default_window, **windows},
         "seconds": {k: stats_of(v) for k, v in rows.items()},
         "ssd_read_bytes": read, "skipped_block_layers": skipped,
         # what the disk itself read per round (/proc/diskstats: device-wide, readahead included)

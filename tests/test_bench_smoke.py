@@ -332,13 +332,15 @@ def test_memory_restore_bench_runs(tmp_path):
 def test_needed_reload_bench_runs(tmp_path):
     out = tmp_path / "needed.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "needed_reload.py"), "--rounds", "1",
-                        "--synthetic", "--dir", str(tmp_path), "--out", str(out)],
+                        "--synthetic", "--hint-ahead", "2", "--dir", str(tmp_path), "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     if r.returncode and "ColdReadError" in r.stderr:
         pytest.skip("this file system keeps files in memory")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert set(res["seconds"]) == {"whole", "sliding 1024 in 2 layers of 3", "server holds 6144"}
+    assert set(res["seconds"]) == {"whole", "sliding 1024 in 2 layers of 3", "server holds 6144",
+                                   "sliding 1024 in 2 layers of 3, hint ahead 2 MiB"}
+    assert res["hint_ahead_bytes"]["sliding 1024 in 2 layers of 3, hint ahead 2 MiB"] == 2 << 20
     # what each plan reads follows from the plan (the timings are not checked here)
     assert res["bytes_vs_whole"]["server holds 6144"] < 0.3 and res["skipped_block_layers"]["whole"] == 0
 

@@ -155,7 +155,7 @@ def test_a_restore_with_gaps_asks_the_disk_for_every_layer_it_needs_ahead(open_s
     hints = [h for call in calls for h in call]
     assert len(hints) == whole and all(length == layer_bytes for _, length in hints[:-1])
 
-    for window in (64 << 20, 3 * layer_bytes):   # everything up front; three layers ahead
+    for window in (1 << 30, 3 * layer_bytes):   # everything up front; three layers ahead
         monkeypatch.setattr(tierkv.reads, "HINT_AHEAD_BYTES", window)
         calls.clear()
         r = s.restore(range(N), session="s", needed_from=[0, N - 1, 0, N - 1])

@@ -38,8 +38,10 @@ DIRECT_READ_BYTES = 4 << 20
 DIRECT_MIN_BYTES = 1 << 20
 #: bytes of a gapped restore (``needed_from`` leaves out some of a block's layers) asked of the
 #: disk ahead of the decode threads: enough to keep its queue full, bounded so a restore of
-#: gigabytes neither floods the page cache nor blocks its caller while the requests queue
-HINT_AHEAD_BYTES = 64 << 20
+#: gigabytes neither floods the page cache nor blocks its caller while the requests queue. On
+#: the test machine 4-16 MiB ahead did best, 1 MiB and 64 MiB worse, everything up front worst
+#: (bench/needed_reload.py --hint-ahead: a request far ahead delays the ones the threads wait for)
+HINT_AHEAD_BYTES = 8 << 20
 
 
 def _consecutive(layers: list[int]) -> Iterator[range]:
