@@ -393,13 +393,19 @@ def read_stored_layer(block: ParsedBlock, layer: int, dsts: Sequence[np.ndarray]
     return True
 
 
+def layers_span(block: ParsedBlock, layers: range) -> tuple[int, int]:
+    """(value offset, length) of the bytes of consecutive layers, every plane of each (and any
+    alignment gap between them)."""
+    first, last = block.layers[layers[0]][2][0], block.layers[layers[-1]][2][-1]
+    return first[0], last[0] + last[1] - first[0]
+
+
 def stored_span(block: ParsedBlock, layers: range) -> tuple[int, int] | None:
     """(value offset, length) of consecutive layers that are all stored as they are (mode 1),
     so one read fills them; None if any is split into planes."""
     if any(block.layers[layer][1] != _MODE_STORED for layer in layers):
         return None
-    first, last = block.layers[layers[0]][2][0], block.layers[layers[-1]][2][0]
-    return first[0], last[0] + last[1] - first[0]
+    return layers_span(block, layers)
 
 
 def read_stored_layers(block: ParsedBlock, layers: range, dsts: Sequence[Sequence[np.ndarray]], read: ReadAt) -> None:
@@ -439,8 +445,8 @@ def iter_layer_planes(codec: Codec, block: ParsedBlock, layer: int, layer_bytes:
     frames = None
     if block.read_at is not None and len(planes) > 1:
         # a layer's planes lie back to back: one read for all of them, not one per plane
-        first = planes[0][0]
-        span = _frame(block, first, planes[-1][0] + planes[-1][1] - first)
+        first, length = layers_span(block, range(layer, layer + 1))
+        span = _frame(block, first, length)
         frames = [span[off - first:off - first + length] for off, length, _ in planes]
     for j, (off, length, crc) in enumerate(planes):
         frame = frames[j] if frames is not None else _frame(block, off, length)

@@ -9,9 +9,9 @@ Primitives:
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 import threading
 import time
+from bisect import bisect_right
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from contextlib import nullcontext

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 from .blocks import Block, BlockLoad
-from .codec import Codec, CorruptValueError, ValueGoneError, parse_block, stored_span
+from .codec import Codec, CorruptValueError, ValueGoneError, layers_span, parse_block, stored_span
 from .errors import StoreIOError
 from .handles import LoadHandle, _Part
 from .movers import decode_layer_into, decode_layer_into_views, read_layers_direct
@@ -274,20 +274,21 @@ class SSDReads:
             for item, parsed in mapped:
                 if needs is not None and not needs(item, layer):
                     continue
-                planes = parsed.layers[layer][2]
-                start, end = planes[0][0], planes[-1][0] + planes[-1][1]
-                advise_willneed(parsed.buf[start:end])
+                start, length = layers_span(parsed, range(layer, layer + 1))
+                advise_willneed(parsed.buf[start:start + length])
         # The first layer of every block is wanted at once, each at a new place in the file where
         # the kernel's readahead has no history yet: ask for all of them up front, so the disk
         # serves them in parallel instead of two at a time (bench/ttft_parts.py records when
         # layer 0 is ready); later layers follow in file order under the kernel's own readahead.
         # (Not for a group read with O_DIRECT: it would read the same bytes twice.)
         if values is not None:
-            values.advise_willneed([(where[item.block.key][0] + parsed.layers[0][2][0][0],
-                                     sum(length for _, length, _ in parsed.layers[0][2]))
-                                    for w, ((item, parsed), layers) in enumerate(zip(work, wanted))
-                                    if parsed.read_at is not None and len(layers) == L
-                                    and not any(0 in r for r in direct_runs.get((w, 0), ()))])
+            first_layers = []
+            for w, ((item, parsed), layers) in enumerate(zip(work, wanted)):
+                if (parsed.read_at is not None and len(layers) == L
+                        and not any(0 in r for r in direct_runs.get((w, 0), ()))):
+                    off, length = layers_span(parsed, range(1))
+                    first_layers.append((where[item.block.key][0] + off, length))
+            values.advise_willneed(first_layers)
         # A few workers pulling from one queue, not a future per (block, layer): submitting
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
         # on every submit (profiled: tens of microseconds each).
@@ -313,12 +314,11 @@ class SSDReads:
         # of io_threads requests at a time (bench/needed_reload.py). Per task: (offset, length),
         # or None where it is not such a layer.
         gapped = {id(item) for (item, _), layers in zip(work, wanted) if len(layers) < L}
-        spans: list[tuple[int, int] | None] = [None] * len(order)
-        if values is not None and gapped:
-            for i, (item, parsed, layers, odirect) in enumerate(order):
-                if not odirect and parsed.read_at is not None and id(item) in gapped:
-                    first, last = parsed.layers[layers[0]][2][0], parsed.layers[layers[-1]][2][-1]
-                    spans[i] = (where[item.block.key][0] + first[0], last[0] + last[1] - first[0])
+        spans: list[tuple[int, int] | None] = [None] * len(order) if gapped else []
+        for i, (item, parsed, layers, odirect) in enumerate(order if gapped and values is not None else ()):
+            if not odirect and parsed.read_at is not None and id(item) in gapped:
+                off, length = layers_span(parsed, layers)
+                spans[i] = (where[item.block.key][0] + off, length)
         ahead = {"next": 0, "taken": 0, "bytes": 0}   # next task to hint, tasks taken, bytes hinted not taken
 
         def hints_due() -> list[tuple[int, int]]:
