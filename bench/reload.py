@@ -16,13 +16,20 @@ VM's disk speed drifts by 2x within minutes) and none always runs right after th
 ``--store-last`` writes the baselines' files before tierkv's store instead of after it, to test
 whether the file written last reads fastest.
 
+``--model NAME`` restores random KV in another model's layout instead (a preset of ``tierkv calc
+--list``, or a config.json path): MLA's one latent per token (Kimi K2.5, DeepSeek V3.2, GLM-5),
+a larger GQA model's heads, or what tierkv stores for DeepSeek V4's compressed attention (in
+1,024-token blocks, its restore step). A layout decides how many bytes each (block, layer) read
+asks the disk for, and that, more than the bytes in all, decides how a disk serves a restore.
+Random values do not compress as real KV does: ``--codec raw`` compares layouts fairly.
+
 Cold means cold: before writing anything it checks that the directory's file system lets the
 page cache drop a file (tmpfs does not), and every cold row's preparation checks that the pages
 went; where they stay, it stops with ``ColdReadError`` rather than time memory as the disk. Where
 the file system refuses O_DIRECT (or with ``--no-o-direct``), the disk-limit rows and their
 ratios are left out and the JSON's ``o_direct`` is false.
 
-    python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic] [--store-last]
+    python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic | --model NAME] [--store-last]
                            [--seed 0] [--no-o-direct] [--dir DIR] [--out bench/results/reload.json]
 
 ``tierkv bench reload`` runs the same.
@@ -58,6 +65,54 @@ from tierkv.pagecache import direct_io_supported, make_cold, resident_fraction  
 TOKENS = 2048  # tokens per session
 
 
+def model_name(text: str) -> str:
+    """``--model``: a preset of ``tierkv calc --list`` or a config.json path, checked at the command
+    line."""
+    from tierkv import ConfigError, kvmath
+
+    try:
+        kvmath.preset(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def model_spec(name: str, dtype: str) -> tuple[tierkv.KVSpec, int]:
+    """``--model``: the KVSpec of a preset of ``tierkv calc --list`` (or a config.json path) in
+    ``dtype`` ("fp32" or "bf16"), and the block size its store takes: 256 tokens, or for DeepSeek
+    V4 its ``restore_step`` (1,024), which its store's blocks must be a multiple of. A V4 spec is
+    what tierkv stores for V4's compressed attention (``spec_for_config``; needs transformers),
+    the others the per-token layout ``Geometry.kvspec`` gives (GQA keys and values, MLA's
+    latent). Raises ConfigError for an unknown name."""
+    from tierkv import kvmath
+
+    geom = kvmath.preset(name)
+    full = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    if geom.family == "v4_hybrid":
+        from transformers import DeepseekV4Config
+
+        from tierkv.integrations.hf import restore_step, spec_for_config
+
+        cfg = DeepseekV4Config(**geom.fields)
+        return spec_for_config(cfg, full, model_id=geom.name or name, revision="bench"), restore_step(cfg)
+    return geom.kvspec(full), 256
+
+
+def random_kv(spec: tierkv.KVSpec, tokens: int) -> list[tuple[torch.Tensor, ...]]:
+    """Random KV of ``tokens`` tokens in ``spec``'s layout (normal values in each tensor's dtype):
+    what ``--synthetic`` and ``--model`` restore."""
+    g = torch.Generator().manual_seed(0)
+    return [tuple(torch.randn(t.shape(tokens), generator=g).to(t.torch_dtype) for t in layer.tensors)
+            for layer in spec.layers]
+
+
+def block_bytes(spec: tierkv.KVSpec, kv: list[tuple[torch.Tensor, ...]], start: int, n: int) -> bytes:
+    """Tokens ``start .. start + n`` of a session's KV as raw bytes, tensor after tensor of each
+    layer (the raw LMDB baseline's value of one block)."""
+    return b"".join(raw(x.narrow(t.seq_axis, start, n)).tobytes()
+                    for layer, xs in zip(spec.layers, kv) for t, x in zip(layer.tensors, xs))
+
+
 def session_kv(synthetic: bool, cache_dir: str, dtype: str = "fp32") -> tuple[tierkv.KVSpec, list[tuple[torch.Tensor, torch.Tensor]]]:
     """One session's KV: SmolLM2's over 2,048 tokens of stdlib source (cached as .npy), or random.
 
@@ -66,8 +121,7 @@ def session_kv(synthetic: bool, cache_dir: str, dtype: str = "fp32") -> tuple[ti
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     spec = tierkv.KVSpec.gqa("HuggingFaceTB/SmolLM2-135M-Instruct", 30, 3, 64, tdtype, revision="bench")
     if synthetic:
-        g = torch.Generator().manual_seed(0)
-        return spec, [tuple(torch.randn(3, TOKENS, 64, generator=g).to(tdtype) for _ in range(2)) for _ in range(30)]
+        return spec, random_kv(spec, TOKENS)  # type: ignore[return-value]
     suffix = "" if dtype == "fp32" else f"-{dtype}"
     path = os.path.join(cache_dir, f"bench-kv-smollm2-{TOKENS}{suffix}.npy")
     if not os.path.exists(path):
@@ -186,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
     ap.add_argument("--repeats", type=int_at_least(1), default=5)
     ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
+    ap.add_argument("--model", type=model_name, default=None,
+                    help="random KV in this model's layout instead of SmolLM2's (a preset of tierkv calc --list, "
+                         "or a config.json path): how its read sizes fare on this disk")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="KV dtype: fp32 (SmolLM2 run in fp32, the CPU default) or bf16 (run in bf16, as on a GPU)")
     ap.add_argument("--dir", type=existing_dir, default=None,
@@ -212,14 +269,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tierkv.cli import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
-    spec, kv = session_kv(args.synthetic, cache_dir, args.dtype)
+    if args.model is None:
+        spec, kv, block_tokens = *session_kv(args.synthetic, cache_dir, args.dtype), 256
+        kv_name = ("synthetic-" if args.synthetic else "smollm2-") + args.dtype
+    else:
+        spec, block_tokens = model_spec(args.model, args.dtype)
+        kv, kv_name = random_kv(spec, TOKENS), f"synthetic-{args.model}-{args.dtype}"
     per = TOKENS * spec.bytes_per_token
     n_sessions = max(1, parse_size(args.size, "--size") // per)
     total = n_sessions * per
     work = tempfile.mkdtemp(prefix="tierkv-reload-", dir=args.dir)
     toks = [list(range(s * 100_000, s * 100_000 + TOKENS)) for s in range(n_sessions)]
     results: dict[str, Any] = {"machine": machine(), "sessions": n_sessions, "tokens_per_session": TOKENS,
-                               "raw_bytes": total, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+                               "raw_bytes": total, "kv": kv_name, "block_tokens": block_tokens,
+                               "bytes_per_token": spec.bytes_per_token, "layers": spec.num_layers,
                                "repeats": args.repeats, "seed": args.seed, "gpu_rows": gpu,
                                "written": "baselines, then tierkv's store" if args.store_last and not args.only_tierkv
                                else "tierkv's store, then baselines"}
@@ -251,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store = os.path.join(work, "store")
         data = os.path.join(store, "data.mdb")
         big = dict(device_bytes=0, host_bytes=2 * total + (1 << 30), ssd_bytes=2 * total + (1 << 30),
-                   ssd_codec=args.codec)
+                   ssd_codec=args.codec, block_tokens=block_tokens)
         results["codec"] = args.codec
 
         def write_baselines() -> None:
@@ -293,10 +356,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from safetensors.torch import load_file, save_file
 
             flat = {f"l{i}.{j}": x.contiguous() for i, pair in enumerate(kv) for j, x in enumerate(pair)}
+            # one array: the layers stacked where they share a shape (SmolLM2's), else their bytes
+            shapes = {(x.shape, x.dtype) for pair in kv for x in pair}
+            whole = (raw(torch.stack([torch.stack(p) for p in kv])) if len(shapes) == 1
+                     else np.frombuffer(block, np.uint8))
             for i in range(n_sessions):
                 torch.save(flat, os.path.join(files, f"s{i}.pt"))
                 save_file(flat, os.path.join(files, f"s{i}.safetensors"))
-                np.save(os.path.join(files, f"s{i}.npy"), raw(torch.stack([torch.stack(p) for p in kv])))
+                np.save(os.path.join(files, f"s{i}.npy"), whole)
             methods["torch.load per session (cold)"] = (
                 lambda: drop_tree(files),
                 lambda: [torch.load(os.path.join(files, f"s{i}.pt"), weights_only=True) for i in range(n_sessions)])
@@ -325,9 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             rawdb = os.path.join(work, "rawlmdb")
             env = lmdb.open(rawdb, map_size=2 * total + (1 << 30))
-            bt = 256
-            blocks = [b"".join(raw(x[:, s:s + bt]).tobytes() for pair in kv for x in pair)
-                      for s in range(0, TOKENS, bt)]
+            blocks = [block_bytes(spec, kv, s, block_tokens) for s in range(0, TOKENS, block_tokens)]
             with env.begin(write=True) as txn:
                 for i in range(n_sessions):
                     for j, b in enumerate(blocks):
@@ -408,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # --- how long save() blocks for one 4096-token session, beyond its copy into memory ----
         # (the target: <= 5 ms plus the copy into the first memory tier; the copy is timed by
         # the engine itself: stats()["moved"]["caller->host"])
-        kv4 = [(torch.cat([k, k], 1), torch.cat([v, v], 1)) for k, v in kv]
+        kv4 = [tuple(torch.cat([x, x], t.seq_axis) for t, x in zip(layer.tensors, xs)) for layer, xs in zip(spec.layers, kv)]
         blocked, copied = [], []
         with tierkv.TierKV(os.path.join(work, "save4k"), spec, **big) as s:
             # a page-locked host tier (CUDA present) locks its first slabs in the background
@@ -519,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def from_host() -> None:
                 for i in range(n_sessions):
                     r = host_store.restore_async(toks[i], session=f"s{i}", device=gpu).result()
-                    assert r.num_tokens == TOKENS and r.sources == {"host": TOKENS // 256}
+                    assert r.num_tokens == TOKENS and r.sources == {"host": TOKENS // block_tokens}
                 synchronize(gpu)
             methods[f"tierkv host tier (pinned DRAM), into {on} memory"] = (lambda: None, from_host)
 

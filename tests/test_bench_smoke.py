@@ -67,12 +67,15 @@ def test_reload_bench_runs(tmp_path, store_last):
                         "2", "--synthetic", "--out", str(out), "--dir", str(tmp_path)]
                        # the GPU rows run on the CPU where no GPU is (store first: one run is enough)
                        # (store last: without the O_DIRECT rows, as where the file system refuses them)
-                       + (["--store-last", "--no-o-direct"] if store_last
-                          else [] if torch.cuda.is_available() else ["--gpu", "cpu"]),
+                       # (store last: in DeepSeek V4-Flash's layout, tensors of many widths per layer)
+                       + (["--store-last", "--no-o-direct", "--model", "deepseek-v4-flash", "--dtype", "bf16"]
+                          if store_last else [] if torch.cuda.is_available() else ["--gpu", "cpu"]),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["written"].startswith("baselines" if store_last else "tierkv")
+    assert (res["kv"], res["block_tokens"], res["bytes_per_token"]) == (
+        ("synthetic-deepseek-v4-flash-bf16", 1024, 12888) if store_last else ("synthetic-fp32", 256, 46080))
     # every round ran every method once, in an order of its own
     assert len(res["round_orders"]) == 2
     assert all(sorted(order) == sorted(res["logical_gbps"]) for order in res["round_orders"])
@@ -502,6 +505,32 @@ def test_read_patterns_check_what_they_read(tmp_path):
     layout[0][0].offset += 4096
     with pytest.raises(OSError, match="checksum"):
         read_patterns.layer_major(data, layout)
+
+
+@pytest.mark.parametrize("model,layers,tensors,block_tokens", [
+    ("kimi-k2.5", 61, [("latent", (576,), 0)], 256),   # MLA: one latent per token, tokens first
+    ("qwen3-8b", 36, [("key", (8, 128), 1), ("value", (8, 128), 1)], 256),
+    ("deepseek-v4-flash", 43, None, 1024)])             # V4: its restore step
+def test_reload_bench_model_layouts(model, layers, tensors, block_tokens, capsys):
+    """``bench/reload.py --model``: a preset's layout, random KV in it, and the raw LMDB
+    baseline's value of a block holding the same bytes as tierkv's own payload of that block."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import reload
+
+    from tierkv.blocks import pack_block
+
+    spec, bt = reload.model_spec(model, "bf16")
+    assert (spec.num_layers, bt) == (layers, block_tokens)
+    if tensors is not None:
+        assert all([(t.name, t.dims, t.seq_axis) for t in layer.tensors] == tensors for layer in spec.layers)
+    kv = reload.random_kv(spec, 2 * bt)
+    spec.check_kv(kv, 2 * bt)
+    payload = torch.empty(bt * spec.bytes_per_token, dtype=torch.uint8)
+    pack_block(spec, kv, bt, bt, payload)
+    assert reload.block_bytes(spec, kv, bt, bt) == payload.numpy().tobytes()
+    with pytest.raises(SystemExit) as stopped:
+        reload.main(["--model", "no-such-model"])
+    assert stopped.value.code == 2 and "unknown model 'no-such-model'; known: deepseek-v3.2" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is not available here")

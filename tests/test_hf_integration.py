@@ -22,7 +22,7 @@ import tierkv.keys  # noqa: E402
 from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, TierKV  # noqa: E402
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, adapter_tenant, cache_len, cache_to_kv,  # noqa: E402
                                     greedy_decode, kv_to_cache, load_smollm2, prefill, restore_cache,
-                                    restore_step, session_cache, spec_for_model, use_grouped_attention)
+                                    restore_step, session_cache, spec_for_config, spec_for_model, use_grouped_attention)
 from tierkv.integrations.hf import SlidingHistoryLayer  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
@@ -327,6 +327,9 @@ def test_config_overrides_get_a_store_of_their_own(smol, tmp_path):
     assert not torch.equal(*keys)  # the same weights and tokens, other keys from the first layer on
     other = spec_for_model(longer)
     assert other.fingerprint() != spec.fingerprint() and other.model_id == spec.model_id
+    # the config alone, before any weights load, names the same stores (not in another dtype)
+    assert spec_for_config(model.config, torch.float32) == spec and spec_for_config(cfg, "float32") == other
+    assert spec_for_config(model.config, torch.bfloat16).fingerprint() != spec.fingerprint()
     with TierKV(str(tmp_path / "store"), spec) as kv:
         SessionRunner(kv, model).turn("s", tokens, max_new_tokens=2)
     with pytest.raises(ForeignStoreError, match="another model"):

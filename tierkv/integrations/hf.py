@@ -59,9 +59,9 @@ from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..keys import as_tokens
-from ..spec import KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
+from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
-__all__ = ["spec_for_model", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache", "prefill", "greedy_decode",
+__all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache", "prefill", "greedy_decode",
            "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
            "adapter_tenant", "restore_step"]
 
@@ -185,11 +185,19 @@ def spec_for_model(model: Any, model_id: str | None = None, revision: str | None
     (``merge_and_unload()``) carries nothing that tells it from its base: name the merged weights
     with ``revision`` to give them a store of their own.
     """
-    cfg = model.config
-    name = model_id or getattr(cfg, "_name_or_path", "") or cfg.model_type
-    rev = revision if revision is not None else str(getattr(cfg, "_commit_hash", "") or "")
-    rev = f"{rev} config {config_digest(cfg)}".lstrip()
-    return _cache_spec(cfg, model.dtype, name, rev)
+    return spec_for_config(model.config, model.dtype, model_id, revision)
+
+
+def spec_for_config(config: Any, dtype: torch.dtype | str, model_id: str | None = None,
+                    revision: str | None = None) -> KVSpec:
+    """The KVSpec a model of this transformers config gets from ``spec_for_model`` when loaded
+    in ``dtype`` (the same spec, so the same store), without its weights: open the store, or
+    size it (``spec.bytes_per_token``), before the model loads, or measure a model's layout
+    (``bench/reload.py --model``)."""
+    name = model_id or getattr(config, "_name_or_path", "") or config.model_type
+    rev = revision if revision is not None else str(getattr(config, "_commit_hash", "") or "")
+    rev = f"{rev} config {config_digest(config)}".lstrip()
+    return _cache_spec(config, DTYPES[dtype_name(dtype)], name, rev)
 
 
 def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -> KVSpec:
