@@ -602,3 +602,36 @@ def test_close_lets_go_of_the_memory_tiers_at_once(tmp_path):
         r = s2.restore(list(range(6 * BLOCK)), session="a")
         assert r.num_tokens == 6 * BLOCK
         assert_kv_equal(r.kv, kv)
+
+
+@pytest.mark.parametrize("how", ["close", "offload"])
+def test_memory_only_blocks_beyond_the_ssd_budget_are_written_in_parts_that_fit(open_store, store_path, how):
+    """With write-back, more KV than the SSD budget, held in memory alone, goes to SSD at close
+    (or at ``offload()``). It went as one write: one LMDB transaction of everything (a server's
+    host tier: gigabytes), and once that outgrew the budget it was refused whole
+    (StoreFullError) and nothing was written, not even the sessions the budget holds. Now it
+    goes in parts, each at most a quarter of the budget (and WRITE_BATCH_BYTES): each part
+    evicts the least recently used sessions as any write does, and the newest sessions are on
+    SSD after a reopen, exact."""
+    n = 10
+    kv = {i: make_kv(SPEC, 4 * BLOCK, seed=i) for i in range(n)}
+    toks = {i: [i * 1000 + t for t in range(4 * BLOCK)] for i in range(n)}
+    budget = 12 * BLK   # three sessions of four blocks, with room for the values' headers
+    s = open_store(SPEC, persist="write_back", ssd_codec="raw", device_bytes=0, host_bytes=64 * n * BLK,
+                   ssd_bytes=budget)
+    for i in range(n):
+        s.save(toks[i], kv[i], session=f"s{i}").wait()
+    assert s.stats()["resident_bytes"]["ssd"] == 0  # every block in memory alone
+    if how == "offload":
+        s.offload()
+        assert s.stats()["resident_bytes"]["host"] == 0
+        assert s.stats()["ssd_writes"]["batches"] >= 14  # 40 blocks in parts of 3 (a quarter of the budget)
+    s.close()
+    s = open_store(SPEC, path=store_path, ssd_codec="raw", ssd_bytes=budget)
+    assert 0 < s.stats()["resident_bytes"]["ssd"] <= budget
+    for i in range(n - 2, n):  # the newest sessions are whole and exact
+        r = s.restore(toks[i], session=f"s{i}")
+        assert r.sources == {"ssd": 4}
+        assert_kv_equal(r.kv, kv[i])
+    for i in range(n - 4):   # the oldest went to make room for them
+        assert s.lookup(toks[i], session=f"s{i}") < 4 * BLOCK

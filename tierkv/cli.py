@@ -177,7 +177,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hbm", default="80GiB", help="GPU memory for KV (default 80GiB)")
     p.add_argument("--dram", default="1TiB", help="host memory for KV (default 1TiB)")
     p.add_argument("--ssd", default="8TiB", help="SSD space for KV (default 8TiB)")
-    p.add_argument("--ssd-gbps", type=float, default=6.0, help="SSD read GB/s (default 6)")
+    p.add_argument("--ssd-gbps", type=float, default=6.0,
+                   help="SSD read GB/s (default 6; tierkv bench reload --model MODEL measures a restore of its layout)")
     p.add_argument("--pcie-gbps", type=float, default=50.0, help="host-to-device GB/s (default 50)")
     p.add_argument("--codec-ratio", type=float, default=1.4, help="SSD compression ratio (default 1.4; measure yours)")
     _geometry_args(p)

@@ -139,7 +139,7 @@ class TierKV(SSDWriter, Loads):
         self._stopping = False                       # close() has begun: no new calls start
         self._close_lock = threading.Lock()          # a second close() waits for the first
         self._loads_starting = 0                     # _start_load calls that may still use the I/O pool
-        self._last_write_back_op: Op | None = None   # the writer's last write-back, as it stops
+        self._last_write_back_ops: list[Op] | None = None   # the writer's last write-back, as it stops
         self._maint_blocked_until = 0.0
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-io",
                                         initializer=spread_initializer(
@@ -721,11 +721,13 @@ class TierKV(SSDWriter, Loads):
             for b in to_write:
                 b.write_queued = True
                 b.state = BlockState.WRITING
-            op = Op("write", write=to_write, free_after=True)
-            self._enqueue(op)
+            ops = [Op("write", write=part, free_after=True) for part in self._write_parts(to_write)]
+            for op in ops:
+                self._enqueue(op)
         self.flush()
-        if op.error is not None:
-            raise op.error
+        error = next((op.error for op in ops if op.error is not None), None)
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ flush / stats / close
     def flush(self, timeout: float | None = None) -> None:
@@ -793,9 +795,8 @@ class TierKV(SSDWriter, Loads):
             while self._loads_starting:  # loads that began before: their reads go to the pool first
                 self._wake.wait()
         self._writer.join()  # having written write-back's memory-only blocks (_last_write_back)
-        last = self._last_write_back_op
-        if error is None and last is not None and last.error is not None:
-            error = last.error
+        if error is None:
+            error = next((op.error for op in self._last_write_back_ops or () if op.error is not None), None)
         self._pool.shutdown(wait=True)
         if self._host_pool is not None:
             self._host_pool.close()

@@ -104,7 +104,7 @@ class SSDWriter:
     _bg_error: BaseException | None
     _stopping: bool
     _maint_blocked_until: float
-    _last_write_back_op: Op | None
+    _last_write_back_ops: list[Op] | None
     _store_seen: int
 
     def _writer_loop(self) -> None:
@@ -144,7 +144,7 @@ class SSDWriter:
         and blocks a demotion was moving were not ready then, so they were lost at close and
         their sessions restored only up to them (a miss). Here no demotion is in flight (this
         thread makes them); a prefetch's move up a tier is waited for, briefly."""
-        if self._last_write_back_op is not None or self.config.persist != "write_back" or self._bg_error is not None:
+        if self._last_write_back_ops is not None or self.config.persist != "write_back" or self._bg_error is not None:
             return False
         deadline = time.monotonic() + 1.0
         while (any(b.state is BlockState.MOVING for b in self._blocks.values())
@@ -154,11 +154,32 @@ class SSDWriter:
                  if b.tier is not None and not b.on_ssd and not b.write_queued and b.state is BlockState.READY]
         for b in dirty:
             b.write_queued = True
-        self._last_write_back_op = Op("write", write=dirty)
-        if not dirty:
-            return False
-        self._ops.append(self._last_write_back_op)  # no session: nothing for _pending to count
-        return True
+        # no session: nothing for _pending to count
+        self._last_write_back_ops = [Op("write", write=part) for part in self._write_parts(dirty)]
+        self._ops.extend(self._last_write_back_ops)
+        return bool(dirty)
+
+    def _part_bytes(self) -> int:
+        """Payload bytes one write transaction takes at most (whole ops; a session's save is
+        never cut): WRITE_BATCH_BYTES, or a quarter of the SSD budget where that is less, so
+        that each transaction can make its own room by evicting what is least recently used."""
+        return max(1, min(WRITE_BATCH_BYTES, self._ssd.ssd_bytes // 4))
+
+    def _write_parts(self, blocks: list[Block]) -> list[list[Block]]:
+        """``blocks`` in order, cut into parts of at most ``_part_bytes`` (a block each at least),
+        one write op each: what memory alone holds (write-back's last write at close, an
+        ``offload``) can be far more than one transaction should take, or than the SSD budget
+        holds. Written whole, it was one transaction of everything, and one past the budget was
+        refused whole (StoreFullError), with nothing written; in parts, each evicts the least
+        recently used sessions as any save does, and the newest stay."""
+        limit, parts, size = self._part_bytes(), [], 0
+        for b in blocks:
+            if not parts or size + b.nbytes > limit:
+                parts.append([])
+                size = 0
+            parts[-1].append(b)
+            size += b.nbytes
+        return parts
 
     def _encode(self, b: Block, payload: torch.Tensor) -> bytes:
         return encode_payload(self.codec, self.fingerprint, self.spec, b, payload, self._align)
@@ -179,10 +200,10 @@ class SSDWriter:
 
     def _next_batch_len(self) -> int:
         """How many queued ops the next transaction takes (locked): whole ops, at least one,
-        until their new values reach WRITE_BATCH_BYTES."""
-        taken, size = 0, 0
+        until their new values reach ``_part_bytes``."""
+        taken, size, limit = 0, 0, self._part_bytes()
         for op in self._ops:
-            if taken and size >= WRITE_BATCH_BYTES:
+            if taken and size >= limit:
                 break
             size += sum(b.nbytes for b in op.write)
             taken += 1
