@@ -172,7 +172,8 @@ class SSDWriter:
         holds. Written whole, it was one transaction of everything, and one past the budget was
         refused whole (StoreFullError), with nothing written; in parts, each evicts the least
         recently used sessions as any save does, and the newest stay."""
-        limit, parts, size = self._part_bytes(), [], 0
+        limit, size = self._part_bytes(), 0
+        parts: list[list[Block]] = []
         for b in blocks:
             if not parts or size + b.nbytes > limit:
                 parts.append([])
