@@ -627,6 +627,11 @@ def test_memory_only_blocks_beyond_the_ssd_budget_are_written_in_parts_that_fit(
         assert s.stats()["resident_bytes"]["host"] == 0
         assert s.stats()["ssd_writes"]["batches"] >= 14  # 40 blocks in parts of 3 (a quarter of the budget)
     s.close()
+    from tierkv.verify import verify_store
+
+    r = verify_store(store_path)  # every record whole: no block without its value, nothing stray
+    assert (r["bad_blocks"], r["sessions_with_missing_blocks"], r["stray_index_entries"],
+            r["blocks_without_values"], r["sessions_with_unwritten_blocks"]) == (0, [], 0, 0, {})
     s = open_store(SPEC, path=store_path, ssd_codec="raw", ssd_bytes=budget)
     assert 0 < s.stats()["resident_bytes"]["ssd"] <= budget
     for i in range(n - 2, n):  # the newest sessions are whole and exact
