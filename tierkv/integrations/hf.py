@@ -61,9 +61,9 @@ from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..keys import as_tokens
 from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
-__all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache", "prefill", "greedy_decode",
-           "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult", "load_smollm2", "smollm2_gguf", "default_cache_dir",
-           "adapter_tenant", "restore_step"]
+__all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache",
+           "prefill", "greedy_decode", "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult",
+           "load_smollm2", "smollm2_gguf", "default_cache_dir", "adapter_tenant", "restore_step"]
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
