@@ -22,11 +22,19 @@ copy), split into two phases:
 
 With ``--burst`` the saves do not wait for the writer: each save after the first runs while
 the writer stores the ones before (a burst of write-through saves, as a server that saves faster
-than its disk). A save whose tier has run over its budget's slack then also waits for the writer
-(backpressure, reported per run); the copy column is the copy alone.
+than its disk; with ``--gap S``, S seconds apart, untimed, as a server between requests). A save
+whose tier has run over its budget's slack then also waits for the writer (backpressure,
+reported per run); the copy column is the copy alone. Each run also reports the time from its
+first save until its last flush returned (``until_flushed_s``, gaps included): the writer's pace,
+which a change that helps the saves may cost.
+
+``--model NAME`` saves random KV in another model's layout (a preset of ``tierkv calc --list``,
+as ``bench/reload.py --model``), in blocks of its store's size; ``--codec`` sets the store's
+SSD codec (random values: ``raw``).
 
     python bench/save_block.py [--a DIR] [--dtype fp32|bf16] [--tokens 4096] [--sessions 12]
-                               [--host-sessions 4] [--burst] [--rounds 5] [--dir /var/tmp] [--out ...]
+                               [--host-sessions 4] [--burst [--gap S]] [--model NAME] [--codec raw]
+                               [--rounds 5] [--dir /var/tmp] [--out ...]
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ if "--child" in sys.argv:  # a child saves with the tierkv under --child: first 
     sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--child") + 1]))
 from common import (add_side_by_side_arguments, add_version_arguments, int_at_least, machine, run_child,  # noqa: E402
                     side_by_side, stats_of, tierkv_from, write_json)
-from reload import TOKENS, session_kv  # noqa: E402
+from reload import TOKENS, model_name, model_spec, random_kv, session_kv  # noqa: E402
 
 PHASES = ("growing", "full")
 
@@ -62,18 +70,24 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
     import torch
 
     tierkv = tierkv_from(root)
-    spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)  # the parent's --cache-dir
-    reps = -(-args.tokens // TOKENS)
-    kv = [(torch.cat([k] * reps, 1)[:, :args.tokens].contiguous(), torch.cat([v] * reps, 1)[:, :args.tokens].contiguous())
-          for k, v in kv]
+    how: dict[str, Any] = {} if args.codec is None else {"ssd_codec": args.codec}
+    if args.model:
+        spec, how["block_tokens"] = model_spec(args.model, args.dtype)
+        kv = random_kv(spec, args.tokens)
+    else:
+        spec, kv = session_kv(args.synthetic, args.cache_dir, args.dtype)  # the parent's --cache-dir
+        reps = -(-args.tokens // TOKENS)
+        kv = [(torch.cat([k] * reps, 1)[:, :args.tokens].contiguous(), torch.cat([v] * reps, 1)[:, :args.tokens].contiguous())
+              for k, v in kv]
     per = spec.bytes_per_token * args.tokens
     saves: dict[str, list[dict[str, float]]] = {p: [] for p in PHASES}
     with tierkv.TierKV(target, spec, device="cpu", device_bytes=0, host_bytes=args.host_sessions * per,
-                       ssd_bytes=(args.sessions + 1) * per + (1 << 30), persist="write_through") as s:
+                       ssd_bytes=(args.sessions + 1) * per + (1 << 30), persist="write_through", **how) as s:
         t = time.perf_counter()
         while (s.stats().get("host_pool") or {}).get("growing") and time.perf_counter() - t < 120:
             time.sleep(0.01)
         ready = time.perf_counter() - t
+        first = time.perf_counter()
         for i in range(args.sessions):
             before = s.stats()["moved"].get("caller->host", {"seconds": 0.0})["seconds"]
             start = 10**8 + i * 10**6
@@ -84,10 +98,15 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
             saves[PHASES[i >= args.host_sessions]].append({"blocked": blocked, "copy": copy})
             if not args.burst:
                 s.flush()
+            elif args.gap:
+                time.sleep(args.gap)  # the server's other work between saves (it uses no CPU here)
         s.flush()
+        until_flushed = time.perf_counter() - first
         waits = s.stats()["backpressure"]
         pool = s.stats().get("host_pool")
-    print(json.dumps({"saves": saves, "pool_ready_s": ready, "host_pool": pool, "bytes": per, "backpressure": waits}))
+        writes = s.stats()["ssd_writes"]
+    print(json.dumps({"saves": saves, "pool_ready_s": ready, "host_pool": pool, "bytes": per, "backpressure": waits,
+                      "until_flushed_s": until_flushed, "ssd_writes": writes}))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -101,10 +120,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--burst", action="store_true",
                     help="do not wait for the writer between saves: every save but the first runs while "
                          "the writer works (a burst of write-through saves)")
+    ap.add_argument("--gap", type=float, default=0.0,
+                    help="with --burst: seconds between saves (a server's other work; the writer's time to catch up)")
+    ap.add_argument("--model", type=model_name, default=None,
+                    help="random KV in this model's layout instead of SmolLM2's (a preset of tierkv calc --list)")
+    ap.add_argument("--codec", default=None, help="the store's SSD codec (default: tierkv's)")
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.target, args)
         return {}
+    if args.gap and not args.burst or args.gap < 0:
+        ap.error("--gap takes seconds >= 0, with --burst (without it every save waits for the writer)")
     if not 0 < args.host_sessions < args.sessions:
         ap.error("--host-sessions must be at least 1 and fewer than --sessions")
     from tierkv.cli import default_cache_dir
@@ -122,7 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "--dtype", args.dtype, "--tokens", str(args.tokens), "--sessions", str(args.sessions),
                    "--host-sessions", str(args.host_sessions)]
             cmd += ["--synthetic"] if args.synthetic else []
-            cmd += ["--burst"] if args.burst else []
+            cmd += ["--model", args.model] if args.model else []
+            cmd += ["--codec", args.codec] if args.codec else []
+            cmd += ["--burst", "--gap", str(args.gap)] if args.burst else []
             cmd += ["--cache-dir", args.cache_dir]
             try:
                 res = run_child(cmd, name)
@@ -142,9 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return [statistics.median(x[what] for x in res["saves"][phase]) for res in got[name]]
 
     out: dict[str, Any] = {
-        "machine": machine(), "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "machine": machine(),
+        "kv": (f"{args.model}-random-" if args.model else "synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "codec": args.codec,
         "tokens": args.tokens, "sessions": args.sessions, "host_sessions": args.host_sessions, "a": args.a,
-        "burst": args.burst,
+        "burst": args.burst, "gap_s": args.gap,
         "rounds": args.rounds, "seed": args.seed, "round_orders": orders,
         "bytes_per_save": got["this version"][0]["bytes"], "children": got,
         "blocked_s": {n: {p: stats_of([x["blocked"] for res in got[n] for x in res["saves"][p]]) for p in PHASES}
@@ -160,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # all the time a run's saves blocked (every phase)
         "blocked_per_run_s": {n: stats_of([sum(x["blocked"] for p in PHASES for x in res["saves"][p]) for res in got[n]])
                               for n in versions},
+        # from a run's first save until its last flush returned
+        "until_flushed_s": {n: stats_of([res["until_flushed_s"] for res in got[n]]) for n in versions},
         # time saves waited for the writer (a memory tier over its budget's slack), per run
         "backpressure_s": {n: stats_of([(res.get("backpressure") or {}).get("seconds", 0.0) for res in got[n]])
                            for n in versions},
@@ -177,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.burst:
         print("  waited for the writer per run, median s: "
               + ", ".join(f"{n} {out['backpressure_s'][n]['median']:.2f}" for n in versions))
+    print("  first save until flushed, median s: "
+          + ", ".join(f"{n} {out['until_flushed_s'][n]['median']:.2f}" for n in versions))
     if args.a:
         a, b = f"version A ({args.a})", "this version"
         out["this_vs_a_per_round"], out["this_vs_a_copy_per_round"] = {}, {}
@@ -192,6 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["this_vs_a_per_run_total"] = stats_of(totals)
         print(f"  all saves of a run: version A's / this version's, per round: {statistics.median(totals):.2f}x "
               f"({min(totals):.2f}-{max(totals):.2f})")
+        flushed = [x / y for x, y in zip(out["until_flushed_s"][a]["runs"], out["until_flushed_s"][b]["runs"])]
+        out["this_vs_a_until_flushed"] = stats_of(flushed)
+        print(f"  first save until flushed: version A's / this version's, per round: {statistics.median(flushed):.2f}x "
+              f"({min(flushed):.2f}-{max(flushed):.2f})")
     write_json(args.out, out)
     return out
 

@@ -436,6 +436,27 @@ def test_save_block_bench_runs(tmp_path, burst):
         assert res["backpressure_s"][name]["n"] == 1
     assert set(res["this_vs_a_per_round"]) == set(res["this_vs_a_copy_per_round"]) == {"growing", "full"}
     assert res["this_vs_a_per_run_total"]["n"] == 1
+    assert res["this_vs_a_until_flushed"]["n"] == 1
+
+
+def test_save_block_bench_in_another_models_layout(tmp_path):
+    """``--model`` saves random KV in a preset's layout (DeepSeek V4's: blocks of its restore
+    step), with ``--codec`` and, in a burst, ``--gap`` seconds between saves; each run reports
+    the time until its last flush returned and the writer's split."""
+    out = tmp_path / "save_block.json"
+    r = subprocess.run([sys.executable, "bench/save_block.py", "--model", "deepseek-v4-flash", "--dtype", "bf16",
+                        "--codec", "raw", "--tokens", "1024", "--sessions", "3", "--host-sessions", "1", "--burst",
+                        "--gap", "0.05", "--rounds", "1", "--out", str(out), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["kv"] == "deepseek-v4-flash-random-bf16" and res["codec"] == "raw" and res["gap_s"] == 0.05
+    assert res["bytes_per_save"] == 1024 * 12_888                     # its bytes per token (tierkv calc)
+    (child,) = res["children"]["this version"]
+    assert child["ssd_writes"]["batches"] >= 1
+    saves = [x["blocked"] for p in ("growing", "full") for x in child["saves"][p]]
+    assert len(saves) == 3 and child["until_flushed_s"] > sum(saves) + 2 * 0.05
+    assert res["until_flushed_s"]["this version"]["median"] == child["until_flushed_s"]
 
 
 def test_ring_read_delivers_every_chunk_in_order_and_checks_it(tmp_path):
