@@ -7,7 +7,6 @@ import gc
 import mmap
 import resource
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -346,56 +345,3 @@ def test_a_slab_made_ahead_while_saves_grew_the_pool_to_its_limit_is_let_go():
     finally:
         release.set()
         p.close()
-
-
-def test_wait_quiet_returns_once_no_save_copies_or_at_its_timeout():
-    p = hostmem.SlabPool(SLOT, 10 * SLOT, 0, pin=False)
-    try:
-        assert p.wait_quiet(5.0) == 0.0                  # nothing copying: no wait at all
-        with p.copying():
-            t = time.monotonic()
-            waited = p.wait_quiet(0.2)                   # still copying: gives up at the timeout
-            assert 0.19 <= waited and time.monotonic() - t < 2.0
-        done = threading.Event()
-
-        def copy_a_while() -> None:
-            with p.copying():
-                done.set()
-                time.sleep(0.3)
-
-        th = threading.Thread(target=copy_a_while)
-        th.start()
-        done.wait(5)
-        waited = p.wait_quiet(30.0)                      # returns when the copy ends, not at 30 s
-        th.join()
-        assert 0.1 < waited < 10.0
-    finally:
-        p.close()
-
-
-def test_the_writer_gives_way_while_a_save_copies_into_cpu_memory(open_store, monkeypatch):
-    """While a save copies into CPU memory (the host pool's ``copying``), the writer neither
-    encodes nor copies values into its transaction: both write into new memory as the save's
-    copy does, and on two cores they slowed it down several times over (docs/benchmarks.md, "A
-    save while the writer works"). The wait is bounded (``GIVE_WAY_MAX_S``): saves that never
-    pause do not stop the writer."""
-    spec = small_spec()
-    s = open_store(spec, persist="write_through")
-    pool = s._host_pool
-    n = 3 * BLOCK
-    kv = make_kv(spec, n)
-    with pool.copying():                                 # a save copies, as far as the writer can tell
-        h = s.save(range(n), kv, session="a")
-        time.sleep(0.3)
-        assert not h.done() and s.stats()["ssd_writes"]["batches"] == 0
-    assert h.wait(10)
-    w = s.stats()["ssd_writes"]
-    assert w["batches"] == 1 and w["gave_way_seconds"] >= 0.25
-    # the bound: with a save copying all along, the writer still writes, each wait cut short
-    monkeypatch.setattr(tierkv.writer, "GIVE_WAY_MAX_S", 0.05)
-    kv_b = make_kv(spec, n, seed=1)
-    with pool.copying():
-        h = s.save(range(n, 2 * n), kv_b, session="b")
-        assert h.wait(10)
-    assert s.stats()["ssd_writes"]["batches"] == 2
-    assert_kv_equal(s.restore(range(n, 2 * n), session="b").kv, kv_b)

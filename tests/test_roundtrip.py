@@ -231,7 +231,7 @@ def test_stats_split_the_writers_time(open_store):
     spec = small_spec()
     s = open_store(spec, persist="write_through")
     assert s.stats()["ssd_writes"] == {"batches": 0, "encode_seconds": 0.0, "transaction_seconds": 0.0,
-                                       "commit_seconds": 0.0, "gave_way_seconds": 0.0}
+                                       "commit_seconds": 0.0}
     n = 3 * BLOCK
     s.save(range(n), make_kv(spec, n), session="s").wait()
     w = s.stats()["ssd_writes"]

@@ -145,9 +145,6 @@ class TierKV(SSDWriter, Loads):
                                         initializer=spread_initializer(
                                             cfg.io_threads, cfg.io_affinity,
                                             refused=lambda: self._stats.count("io_affinity_refused")))
-        # the writer's encodes run on threads of their own: they give way to saves (_give_way),
-        # and a wait there must not hold up a restore's reads on the I/O threads
-        self._encoders = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="tierkv-encode")
         self._reads = SSDReads(self._ssd, spec, self.codec, self.fingerprint, cfg.block_tokens, self._header_bound,
                                self._bypass, self._pool, cfg.io_threads, self._tiers["host"], self._stats,
                                on_layers_loaded=self._layers_loaded, on_load_failed=self._load_failed,
@@ -801,7 +798,6 @@ class TierKV(SSDWriter, Loads):
         if error is None:
             error = next((op.error for op in self._last_write_back_ops or () if op.error is not None), None)
         self._pool.shutdown(wait=True)
-        self._encoders.shutdown(wait=True)
         if self._host_pool is not None:
             self._host_pool.close()
         with self._lock:  # a call that took the lock before close() began has finished with LMDB

@@ -297,22 +297,6 @@ class SlabPool:
                 self._cond.wait(timeout=1.0)
             return not self._stopping
 
-    def wait_quiet(self, timeout: float) -> float:
-        """Wait until no save copies (``copying``), the pool closes, or ``timeout`` seconds
-        have passed; returns the seconds waited (0.0 when no save was copying). For other
-        background work that gives way to saves as this pool's thread does (the SSD writer)."""
-        with self._cond:
-            if not self._copying or self._stopping:
-                return 0.0
-            t0 = time.monotonic()
-            deadline = t0 + timeout
-            while self._copying and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(timeout=left)
-            return time.monotonic() - t0
-
     def _wants_slab(self) -> bool:
         return (not self._stopping and self.error is None and len(self._slabs) < self.max_slabs
                 and len(self._free) < self.ahead)

@@ -106,12 +106,11 @@ class Stats:
             # a batch's encodes start while the one before commits), and the write transactions
             # that stored them, of which LMDB's commit (writing its dirty pages to data.mdb, then
             # fdatasync); the rest of a transaction is copying values into LMDB's pages and the
-            # bookkeeping; and how long it held off while saves copied into CPU memory
+            # bookkeeping
             "ssd_writes": {"batches": c.get("ssd_batches", 0),
                            "encode_seconds": c.get("ssd_encode_us", 0) / 1e6,
                            "transaction_seconds": c.get("ssd_transaction_us", 0) / 1e6,
-                           "commit_seconds": c.get("ssd_commit_us", 0) / 1e6,
-                           "gave_way_seconds": c.get("writer_gave_way_us", 0) / 1e6},
+                           "commit_seconds": c.get("ssd_commit_us", 0) / 1e6},
             "ssd_raw_written": raw,
             "ssd_enc_written": enc,
             "compression_ratio": (raw / enc) if enc else None,

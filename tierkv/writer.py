@@ -37,7 +37,7 @@ from .records import SessionRecord
 from .store import SSDStore
 from .tiers import MemoryTier
 
-__all__ = ["Op", "SSDWriter", "TOUCH_WRITE_S", "WRITE_BATCH_BYTES", "GIVE_WAY_MAX_S"]
+__all__ = ["Op", "SSDWriter", "TOUCH_WRITE_S", "WRITE_BATCH_BYTES"]
 
 #: seconds a restore's mark of use may wait for a write batch before the writer makes one for it
 TOUCH_WRITE_S = 2.0
@@ -46,8 +46,6 @@ TOUCH_WRITE_S = 2.0
 #: and spills them to disk past about 512 MiB; batches of everything queued (660 MB in a probe)
 #: wrote far slower per byte than transactions of a session (bench/save_bound.py)
 WRITE_BATCH_BYTES = 128 << 20
-#: the longest the writer waits, each time, for a save copying into CPU memory (``_give_way``)
-GIVE_WAY_MAX_S = 1.0
 
 
 @dataclass(eq=False)
@@ -108,8 +106,6 @@ class SSDWriter:
     _maint_blocked_until: float
     _last_write_back_ops: list[Op] | None
     _store_seen: int
-    _host_pool: Any
-    _encoders: Any
 
     def _writer_loop(self) -> None:
         """The writer thread: a batch of queued ops at a time, then demotions, until close."""
@@ -186,26 +182,7 @@ class SSDWriter:
             size += b.nbytes
         return parts
 
-    def _give_way(self) -> None:
-        """Wait while a save copies into CPU memory (the host pool's ``copying``), at most
-        ``GIVE_WAY_MAX_S``: each encode (on the writer's own encoder threads, so that a wait
-        holds up no restore's reads on the I/O threads).
-
-        The writer's work is mostly writes into new memory (each block's encoded value, LMDB's
-        pages for it, the page cache's), and so is a save's copy; on the test machine a save
-        that overlapped the writer's work copied several times slower than one alone, most of
-        the time in the kernel zeroing new pages (docs/benchmarks.md, "A save while the writer
-        works"). The caller waits for its copy; the writer's work waits for nobody. The bound
-        keeps the writer moving under saves that never pause: they then wait for it
-        (backpressure) once a tier runs over its slack."""
-        pool = self._host_pool
-        if pool is not None:
-            waited = pool.wait_quiet(GIVE_WAY_MAX_S)
-            if waited:
-                self._stats.count("writer_gave_way_us", int(waited * 1e6))
-
     def _encode(self, b: Block, payload: torch.Tensor) -> bytes:
-        self._give_way()
         return encode_payload(self.codec, self.fingerprint, self.spec, b, payload, self._align)
 
     def _encode_ahead(self, taken: dict[bytes, Any]) -> None:
@@ -219,7 +196,7 @@ class SSDWriter:
                 for b in op.write:
                     if b.payload is not None and b.key not in taken and b.key not in todo:
                         todo[b.key] = (b, b.payload)
-        self._encoded_ahead = {key: (payload, self._encoders.submit(self._encode, b, payload))
+        self._encoded_ahead = {key: (payload, self._pool.submit(self._encode, b, payload))
                                for key, (b, payload) in todo.items()}
 
     def _next_batch_len(self) -> int:
@@ -270,7 +247,7 @@ class SSDWriter:
         futures = {}
         for key, (b, payload) in todo.items():
             got = ahead.get(key)  # encoded while the last batch committed: the same payload only
-            futures[key] = got[1] if got is not None and got[0] is payload else self._encoders.submit(self._encode, b, payload)
+            futures[key] = got[1] if got is not None and got[0] is payload else self._pool.submit(self._encode, b, payload)
         values = {key: f.result() for key, f in futures.items()}
         raw = sum(b.nbytes for b, _ in items)
         enc = sum(len(v) for v in values.values())
