@@ -23,6 +23,10 @@ must be readable by both (same format version). With ``--own-stores`` each versi
 store of its own (the same KV) and restores that one: for changes to how values are encoded.
 ``--codec-b``: B writes and restores with this SSD codec instead of ``--codec`` (implies
 ``--own-stores``): two codecs of one version, side by side (``--a . --codec raw --codec-b zstd-planes``).
+``--model NAME``: random KV in another model's layout (a preset of ``tierkv calc --list``, as
+``bench/reload.py --model``). ``--block-tokens N``: the stores' block size (default: the model's,
+256 tokens for SmolLM2); ``--block-tokens-b M``: B's (implies ``--own-stores``): two block sizes,
+side by side (``--a . --model qwen3-32b --dtype bf16 --codec raw --block-tokens-b 32``).
 """
 
 from __future__ import annotations
@@ -40,14 +44,16 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from common import int_at_least  # noqa: E402  (common imports no tierkv: a child imports its own)
 
 
 def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, sessions: int, mode: str,
-          codec: str, preallocated: bool = False) -> None:
+          codec: str, preallocated: bool = False, model: str | None = None, block_tokens: int | None = None) -> None:
     """Restore every session of ``store`` with the tierkv found in ``root``; print GB/s as JSON.
     ``mode`` "write": write the store instead. ``preallocated``: restore into one CachePool
     reserved up front (as a server does, and as the reload bench's preallocated rows), not into
-    fresh tensors."""
+    fresh tensors. ``model`` and ``block_tokens``: as the options ``--model`` and ``--block-tokens``."""
     sys.path.insert(0, os.path.abspath(root))
     sys.path.insert(1, HERE)
     import tierkv
@@ -57,14 +63,14 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
     import common
     from common import collected
-    from reload import TOKENS, session_kv
+    from reload import TOKENS
 
-    spec, kv = session_kv(synthetic, cache_dir, dtype)
+    spec, kv, block_tokens = kv_of(synthetic, cache_dir, dtype, model, block_tokens)
     if mode == "write":
-        write_store(tierkv, store, spec, kv, sessions, codec)
+        write_store(tierkv, store, spec, kv, sessions, codec, block_tokens)
         print(json.dumps({"written": store}))
         return
-    big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec)
+    big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec, block_tokens=block_tokens)
     allocate = common.preallocated(spec, TOKENS) if preallocated else None
     if mode == "cold":
         # (the version under test may predate make_cold: its two steps, with this tree's check)
@@ -74,6 +80,7 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
             raise SystemExit(f"{left:.0%} of {store}/data.mdb stayed in the page cache after it was dropped: "
                              f"a cold read there is not cold (a file system in memory?); use --dir on the disk")
     setup = 0.0   # restore_async until it returns: the caller's work before the reads start
+    blocks = 0    # blocks restored, all sessions together
     with tierkv.TierKV(store, spec, **big) as s:
         collected()   # not the first full collection of this fresh process, timed as setup
         t = time.perf_counter()
@@ -84,18 +91,34 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
             r = handle.result()
             if r.num_tokens != TOKENS:
                 raise SystemExit(f"{root}: restored {r.num_tokens} of {TOKENS} tokens (another store format?)")
+            blocks += sum(r.sources.values())
         el = time.perf_counter() - t
     print(json.dumps({"gbps": sessions * TOKENS * spec.bytes_per_token / el / 1e9, "seconds": el,
-                      "setup_s": setup}))
+                      "setup_s": setup, "blocks": blocks}))
 
 
-def write_store(tierkv: Any, store: str, spec: Any, kv: Any, sessions: int, codec: str) -> None:
+def kv_of(synthetic: bool, cache_dir: str, dtype: str, model: str | None,
+          block_tokens: int | None) -> tuple[Any, Any, int]:
+    """The spec, KV and block size of the bench's sessions: SmolLM2's KV (or random with
+    ``synthetic``) in 256-token blocks, or random KV in ``model``'s layout in its store's block
+    size; ``block_tokens`` overrides the block size."""
+    from reload import TOKENS, model_spec, random_kv, session_kv
+
+    if model:
+        spec, size = model_spec(model, dtype)
+        kv = random_kv(spec, TOKENS)
+    else:
+        (spec, kv), size = session_kv(synthetic, cache_dir, dtype), 256
+    return spec, kv, block_tokens or size
+
+
+def write_store(tierkv: Any, store: str, spec: Any, kv: Any, sessions: int, codec: str, block_tokens: int = 256) -> None:
     """Save ``sessions`` sessions of ``kv`` into a fresh store at ``store`` (write-through)."""
     from reload import TOKENS
 
     per = TOKENS * spec.bytes_per_token
     with tierkv.TierKV(store, spec, persist="write_through", device_bytes=0, host_bytes=0,
-                       ssd_bytes=2 * sessions * per + (1 << 30), ssd_codec=codec) as s:
+                       ssd_bytes=2 * sessions * per + (1 << 30), ssd_codec=codec, block_tokens=block_tokens) as s:
         for i in range(sessions):
             s.save(_tokens(i, TOKENS), kv, session=f"s{i}")
         s.flush()
@@ -116,6 +139,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--size", default="1GiB", help="raw KV bytes in total (default 1GiB)")
     ap.add_argument("--synthetic", action="store_true", help="random KV instead of SmolLM2's")
+    ap.add_argument("--model", default=None,
+                    help="random KV in this model's layout instead of SmolLM2's (a preset of tierkv calc --list)")
+    ap.add_argument("--block-tokens", type=int_at_least(16), default=None,
+                    help="tokens per block of the stores (default: the model's; 256 for SmolLM2)")
+    ap.add_argument("--block-tokens-b", type=int_at_least(16), default=None,
+                    help="B's tokens per block, if not --block-tokens' (implies --own-stores)")
     ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="bench/results/ab_reload.json")
@@ -130,21 +159,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.store, args.dtype, args.synthetic, args.cache_dir, args.sessions,
-              "write" if args.write else args.mode[0], args.codec, args.preallocated)
+              "write" if args.write else args.mode[0], args.codec, args.preallocated, args.model, args.block_tokens)
         return {}
 
     codecs = {"A": args.codec, "B": args.codec_b or args.codec}
-    if args.codec_b:
+    if args.codec_b or args.block_tokens_b:
         args.own_stores = True
-    sys.path.insert(0, HERE)
     import tierkv
+    from reload import model_name
+
+    if args.model:
+        try:
+            model_name(args.model)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"argument --model: {e}")
     from common import machine, stats_of, write_json
-    from reload import TOKENS, session_kv
+    from reload import TOKENS
     from tierkv.config import parse_size
     from tierkv.cli import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
-    spec, kv = session_kv(args.synthetic, cache_dir, args.dtype)
+    spec, kv, block_tokens = kv_of(args.synthetic, cache_dir, args.dtype, args.model, args.block_tokens)
+    blocks = {"A": block_tokens, "B": args.block_tokens_b or block_tokens}
     per = TOKENS * spec.bytes_per_token
     sessions = max(1, parse_size(args.size, "--size") // per)
     work = tempfile.mkdtemp(prefix="tierkv-ab-", dir=args.dir)
@@ -154,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates: dict[str, list[float]] = {}
     setups: dict[str, list[float]] = {}   # ms, all sessions' restore_async calls together
     store_bytes: dict[str, int] = {}
+    restored_blocks: dict[str, int] = {}  # per version: blocks a child restored, all sessions together
     orders: list[tuple[str, str]] = []   # per round, which version ran first
 
     def run_child(name: str, mode: str) -> dict[str, Any]:
@@ -162,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "--dtype", args.dtype, "--codec", codecs[name], "--mode", "cold" if mode == "write" else mode,
                "--sessions", str(sessions), "--cache-dir", cache_dir]
         cmd += ["--synthetic"] if args.synthetic else []
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--block-tokens", str(blocks[name])]
         cmd += ["--write"] if mode == "write" else []
         cmd += ["--preallocated"] if args.preallocated else []
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -174,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in versions:
                 run_child(name, "write")
         else:
-            write_store(tierkv, store, spec, kv, sessions, args.codec)
+            write_store(tierkv, store, spec, kv, sessions, args.codec, block_tokens)
         store_bytes = {name: os.path.getsize(os.path.join(stores[name], "data.mdb")) for name in versions}
         for rnd in range(args.rounds):
             order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
@@ -184,12 +223,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     out = run_child(name, mode)
                     rates.setdefault(f"{mode} {name}", []).append(out["gbps"])
                     setups.setdefault(f"{mode} {name}", []).append(out["setup_s"] * 1e3)
+                    restored_blocks[name] = out["blocks"]
             print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     results: dict[str, Any] = {
-        "machine": machine(), "versions": versions, "kv": ("synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "machine": machine(), "versions": versions,
+        "kv": (f"{args.model}-random-" if args.model else "synthetic-" if args.synthetic else "smollm2-") + args.dtype,
+        "block_tokens": blocks, "restored_blocks": restored_blocks,
         "codec": args.codec, "codec_b": codecs["B"], "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
         "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
         "round_orders": orders, "store_file_bytes": store_bytes,

@@ -30,10 +30,13 @@ which a change that helps the saves may cost.
 
 ``--model NAME`` saves random KV in another model's layout (a preset of ``tierkv calc --list``,
 as ``bench/reload.py --model``), in blocks of its store's size; ``--codec`` sets the store's
-SSD codec (random values: ``raw``).
+SSD codec (random values: ``raw``). ``--block-tokens N`` sets the store's block size (default:
+the model's, 256 tokens for SmolLM2); ``--a-block-tokens M`` runs version A (``--a``, or this
+version without it) with blocks of M tokens, so that two block sizes run side by side.
 
     python bench/save_block.py [--a DIR] [--dtype fp32|bf16] [--tokens 4096] [--sessions 12]
                                [--host-sessions 4] [--burst [--gap S]] [--model NAME] [--codec raw]
+                               [--block-tokens N] [--a-block-tokens M]
                                [--rounds 5] [--dir /var/tmp] [--out ...]
 """
 
@@ -79,6 +82,8 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
         reps = -(-args.tokens // TOKENS)
         kv = [(torch.cat([k] * reps, 1)[:, :args.tokens].contiguous(), torch.cat([v] * reps, 1)[:, :args.tokens].contiguous())
               for k, v in kv]
+    if args.block_tokens:
+        how["block_tokens"] = args.block_tokens
     per = spec.bytes_per_token * args.tokens
     saves: dict[str, list[dict[str, float]]] = {p: [] for p in PHASES}
     with tierkv.TierKV(target, spec, device="cpu", device_bytes=0, host_bytes=args.host_sessions * per,
@@ -105,7 +110,8 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
         waits = s.stats()["backpressure"]
         pool = s.stats().get("host_pool")
         writes = s.stats()["ssd_writes"]
-    print(json.dumps({"saves": saves, "pool_ready_s": ready, "host_pool": pool, "bytes": per, "backpressure": waits,
+        blocks = s.stats()["resident_blocks"]
+    print(json.dumps({"resident_blocks": blocks, "saves": saves, "pool_ready_s": ready, "host_pool": pool, "bytes": per, "backpressure": waits,
                       "until_flushed_s": until_flushed, "ssd_writes": writes}))
 
 
@@ -125,6 +131,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", type=model_name, default=None,
                     help="random KV in this model's layout instead of SmolLM2's (a preset of tierkv calc --list)")
     ap.add_argument("--codec", default=None, help="the store's SSD codec (default: tierkv's)")
+    ap.add_argument("--block-tokens", type=int_at_least(16), default=None,
+                    help="tokens per block of the store (default: the model's; 256 for SmolLM2)")
+    ap.add_argument("--a-block-tokens", type=int_at_least(16), default=None,
+                    help="version A's tokens per block (default: --block-tokens'); without --a, version A "
+                         "is this version with blocks of this size")
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.target, args)
@@ -137,7 +148,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.cache_dir = args.cache_dir or default_cache_dir()  # for the children: an older tierkv may lack it
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    versions = {"this version": here} | ({f"version A ({args.a})": args.a} if args.a else {})
+    a_root = args.a or (here if args.a_block_tokens else None)
+    a_name = f"version A ({args.a or 'this version'}" + (f", {args.a_block_tokens}-token blocks)" if args.a_block_tokens else ")")
+    versions = {"this version": here} | ({a_name: a_root} if a_root else {})
+    block_tokens = {"this version": args.block_tokens, a_name: args.a_block_tokens or args.block_tokens}
     work = tempfile.mkdtemp(prefix="tierkv-saveblock-", dir=args.dir)
     target = os.path.join(work, "store")
     got: dict[str, list[dict[str, Any]]] = {v: [] for v in versions}
@@ -150,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cmd += ["--synthetic"] if args.synthetic else []
             cmd += ["--model", args.model] if args.model else []
             cmd += ["--codec", args.codec] if args.codec else []
+            cmd += ["--block-tokens", str(block_tokens[name])] if block_tokens[name] else []
             cmd += ["--burst", "--gap", str(args.gap)] if args.burst else []
             cmd += ["--cache-dir", args.cache_dir]
             try:
@@ -174,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kv": (f"{args.model}-random-" if args.model else "synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "codec": args.codec,
         "tokens": args.tokens, "sessions": args.sessions, "host_sessions": args.host_sessions, "a": args.a,
+        "block_tokens": block_tokens,
         "burst": args.burst, "gap_s": args.gap,
         "rounds": args.rounds, "seed": args.seed, "round_orders": orders,
         "bytes_per_save": got["this version"][0]["bytes"], "children": got,
@@ -211,8 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + ", ".join(f"{n} {out['backpressure_s'][n]['median']:.2f}" for n in versions))
     print("  first save until flushed, median s: "
           + ", ".join(f"{n} {out['until_flushed_s'][n]['median']:.2f}" for n in versions))
-    if args.a:
-        a, b = f"version A ({args.a})", "this version"
+    if a_root:
+        a, b = a_name, "this version"
         out["this_vs_a_per_round"], out["this_vs_a_copy_per_round"] = {}, {}
         for p in PHASES:
             ratios = [x / y for x, y in zip(per_round(a, p, "blocked"), per_round(b, p, "blocked"))]

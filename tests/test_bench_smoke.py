@@ -269,6 +269,24 @@ def test_ab_reload_bench_runs(tmp_path, own_stores):
         assert res["store_file_bytes"]["B"] < 0.9 * res["store_file_bytes"]["A"]
 
 
+
+def test_ab_reload_bench_compares_block_sizes(tmp_path):
+    """``--model`` restores random KV in a preset's layout; ``--block-tokens-b`` gives B's store
+    another block size (each version writes its own store): each restores every session whole,
+    in blocks of its own size."""
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ab_reload.py"), "--a", ROOT, "--size", "20MiB",
+                        "--rounds", "2", "--model", "smollm2-135m", "--dtype", "bf16", "--codec", "raw",
+                        "--block-tokens", "128", "--block-tokens-b", "512", "--mode", "cold", "--out", str(out),
+                        "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["kv"] == "smollm2-135m-random-bf16" and res["own_stores"] is True
+    assert res["block_tokens"] == {"A": 128, "B": 512}
+    tokens = res["tokens_per_session"]
+    assert res["restored_blocks"] == {"A": res["sessions"] * tokens // 128, "B": res["sessions"] * tokens // 512}
+    assert all(len(v["runs"]) == 2 and v["median"] > 0 for v in res["gbps"].values())
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tierkv's pread reader is Linux-only")
 def test_reload_timeline_bench_runs(tmp_path):
     """The engine and its bare read pattern, read by read: every timed run accounts for its reads,
@@ -458,6 +476,24 @@ def test_save_block_bench_in_another_models_layout(tmp_path):
     assert len(saves) == 3 and child["until_flushed_s"] > sum(saves) + 2 * 0.05
     assert res["until_flushed_s"]["this version"]["median"] == child["until_flushed_s"]
 
+
+
+def test_save_block_bench_compares_block_sizes(tmp_path):
+    """``--a-block-tokens`` without ``--a``: version A is this version with blocks of another
+    size, side by side with ``--block-tokens``; each child's host tier ends holding its last
+    session in blocks of its own size."""
+    out = tmp_path / "save_block.json"
+    r = subprocess.run([sys.executable, "bench/save_block.py", "--model", "smollm2-135m", "--dtype", "bf16",
+                        "--codec", "raw", "--tokens", "256", "--sessions", "2", "--host-sessions", "1",
+                        "--block-tokens", "32", "--a-block-tokens", "64", "--rounds", "1", "--out", str(out),
+                        "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    a = "version A (this version, 64-token blocks)"
+    assert res["block_tokens"] == {"this version": 32, a: 64}
+    assert res["children"]["this version"][0]["resident_blocks"]["host"] == 256 // 32
+    assert res["children"][a][0]["resident_blocks"]["host"] == 256 // 64
+    assert res["this_vs_a_per_run_total"]["median"] > 0
 
 def test_ring_read_delivers_every_chunk_in_order_and_checks_it(tmp_path):
     """The O_DIRECT read ring of bench/common.py (compressed_ceiling.py's and direct_ceiling.py's
