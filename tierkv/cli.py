@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import ConfigError, TierKVError
 
@@ -133,6 +133,9 @@ def _calc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="preset name (see --list) or a config.json path")
     p.add_argument("--tokens", default="128k", help=_TOKENS_HELP)
     p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--block-tokens", type=int, default=None,
+                   help="also the size of one stored block of this many tokens, and of each of its layers "
+                        "(what a restore reads per request; docs/benchmarks.md, \"Choosing a block size\")")
     _geometry_args(p)
 
 
@@ -157,6 +160,8 @@ def _calc(args: argparse.Namespace) -> int:
     fp = geom.footprint(tokens, args.kv_bits, args.indexer_bits, args.include_mtp)
     out = {"model": geom.name, "family": geom.family, "kv_bits": args.kv_bits, "indexer_bits": args.indexer_bits,
            "include_mtp": args.include_mtp, **fp.as_dict(), "bytes_per_token": fp.total / tokens, "source": geom.source}
+    if args.block_tokens is not None:
+        out |= _block_size(geom, args)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -167,7 +172,26 @@ def _calc(args: argparse.Namespace) -> int:
         if v or label == "KV":
             print(f"  {label:<15} {v:>20,.0f} B  {v / 2**30:>10.2f} GiB")
     print(f"  {'total':<15} {fp.total:>20,.0f} B  {fp.total / 2**30:>10.2f} GiB  ({format_size(fp.total / tokens)} per token)")
+    if args.block_tokens is not None:
+        print(f"  a block of {args.block_tokens:,} tokens: {format_size(out['block_bytes'])}, "
+              f"{format_size(out['block_layer_bytes'])} per layer"
+              + (" (above 32 MiB: docs/benchmarks.md, \"Choosing a block size\")" if out["block_bytes"] >= 32 << 20 else ""))
     return 0
+
+
+def _block_size(geom: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``calc --block-tokens``: the bytes of one stored block and of each of its layers (a
+    restore reads a block layer by layer). Per-token layouts only: what tierkv stores of
+    DeepSeek V4's compressed attention depends on where a block falls in its compression."""
+    if not 16 <= args.block_tokens <= 4096:
+        raise ConfigError(f"--block-tokens must be in 16..4096, got {args.block_tokens}")
+    if geom.family == "v4_hybrid":
+        raise ConfigError("--block-tokens: what tierkv stores of DeepSeek V4's compressed attention is not a "
+                          "per-token layout; tierkv bench reload --model NAME stores and measures it")
+    per_token = geom.footprint(1, args.kv_bits, args.indexer_bits, args.include_mtp).total
+    block = per_token * args.block_tokens
+    return {"block_tokens": args.block_tokens, "block_bytes": block,
+            "block_layer_bytes": block / geom.layer_count(args.include_mtp)}
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:

@@ -161,7 +161,8 @@ class Geometry:
     def layers(self) -> int:
         return int(self.fields["num_hidden_layers"])
 
-    def _layers(self, include_mtp: bool) -> int:
+    def layer_count(self, include_mtp: bool = False) -> int:
+        """Layers that keep KV: the hidden layers, and with ``include_mtp`` the MTP layers too."""
         return self.layers + (int(self.fields.get("mtp_layers", 0)) if include_mtp else 0)
 
     def kvspec(self, dtype: str = "bfloat16", include_mtp: bool = False) -> KVSpec:
@@ -174,7 +175,7 @@ class Geometry:
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
         else:
             raise ConfigError(f"{self.name}: a {self.family} cache is not a per-token layout a KVSpec describes")
-        return KVSpec(self.name, (layer,) * self._layers(include_mtp))
+        return KVSpec(self.name, (layer,) * self.layer_count(include_mtp))
 
     def footprint(self, tokens: int, kv_bits: int = 16, indexer_bits: int = 16, include_mtp: bool = False) -> Footprint:
         """KV bytes of a ``tokens``-long context at ``kv_bits`` per element (indexer at ``indexer_bits``)."""
@@ -187,7 +188,7 @@ class Geometry:
         if self.family in ("gqa", "mla", "mla_dsa"):
             spec = self.kvspec("uint8", include_mtp)  # one byte per element: elements per token
             kv = tokens * spec.bytes_per_token * b_kv
-            idx = tokens * self._layers(include_mtp) * int(f["index_head_dim"]) * b_idx if self.family == "mla_dsa" else 0.0
+            idx = tokens * self.layer_count(include_mtp) * int(f["index_head_dim"]) * b_idx if self.family == "mla_dsa" else 0.0
             return Footprint(tokens, kv, idx, 0.0)
         ratios = list(f["compress_ratios"][:self.layers])
         if include_mtp:
