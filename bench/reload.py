@@ -22,6 +22,9 @@ a larger GQA model's heads, or what tierkv stores for DeepSeek V4's compressed a
 1,024-token blocks, its restore step). A layout decides how many bytes each (block, layer) read
 asks the disk for, and that, more than the bytes in all, decides how a disk serves a restore.
 Random values do not compress as real KV does: ``--codec raw`` compares layouts fairly.
+``--block-tokens N`` stores the sessions in blocks of N tokens (tierkv's store and the raw LMDB
+rows' values alike): a block's layers are a restore's reads, so the block size decides their
+size too (docs/benchmarks.md, "Choosing a block size").
 
 Cold means cold: before writing anything it checks that the directory's file system lets the
 page cache drop a file (tmpfs does not), and every cold row's preparation checks that the pages
@@ -30,7 +33,7 @@ the file system refuses O_DIRECT (or with ``--no-o-direct``), the disk-limit row
 ratios are left out and the JSON's ``o_direct`` is false.
 
     python bench/reload.py [--size 1GiB] [--repeats 5] [--dtype fp32|bf16] [--synthetic | --model NAME] [--store-last]
-                           [--seed 0] [--no-o-direct] [--dir DIR] [--out bench/results/reload.json]
+                           [--block-tokens N] [--seed 0] [--no-o-direct] [--dir DIR] [--out bench/results/reload.json]
 
 ``tierkv bench reload`` runs the same.
 """
@@ -261,7 +264,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gpu", default=None,
                     help="also restore into this device's memory (default: cuda where a GPU is; 'none' skips "
                          "those rows; 'cpu' runs them without a GPU, to test them)")
+    ap.add_argument("--block-tokens", type=int_at_least(16), default=None,
+                    help="tokens per block of tierkv's store and of the raw LMDB rows' values (a divisor of "
+                         f"{TOKENS}; default: 256, or the model's)")
     args = ap.parse_args(argv)
+    if args.block_tokens is not None and TOKENS % args.block_tokens:
+        ap.error(f"--block-tokens must divide the {TOKENS} tokens of a session")
     gpu = args.gpu or ("cuda" if torch.cuda.is_available() else "none")
     gpu = None if gpu == "none" else gpu
     #: the GPU rows' names say "GPU"; run on the CPU (a test), they say so
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         spec, block_tokens = model_spec(args.model, args.dtype)
         kv, kv_name = random_kv(spec, TOKENS), f"synthetic-{args.model}-{args.dtype}"
+    block_tokens = args.block_tokens or block_tokens
     per = TOKENS * spec.bytes_per_token
     n_sessions = max(1, parse_size(args.size, "--size") // per)
     total = n_sessions * per

@@ -38,6 +38,8 @@ def test_reload_bench_refuses_a_directory_it_cannot_read_cold(tmp_path):
     (["reload", "--repeats", "0"], "--repeats: 0 is less than 1"),
     (["reload", "--repeats", "many"], "--repeats: 'many' is not an int"),
     (["reload", "--dir", "/nonexistent/tierkv"], "--dir: '/nonexistent/tierkv' is not a directory"),
+    (["reload", "--block-tokens", "8"], "--block-tokens: 8 is less than 16"),
+    (["reload", "--block-tokens", "300"], "--block-tokens must divide the 2048 tokens of a session"),
     (["ttft", "--sizes", "512", "1"], "--sizes: 1 is less than 2"),
     (["ttft", "--repeats", "0"], "--repeats: 0 is less than 1"),
     (["ops", "--sessions", "0"], "--sessions: 0 is less than 1"),
@@ -68,14 +70,16 @@ def test_reload_bench_runs(tmp_path, store_last):
                        # the GPU rows run on the CPU where no GPU is (store first: one run is enough)
                        # (store last: without the O_DIRECT rows, as where the file system refuses them)
                        # (store last: in DeepSeek V4-Flash's layout, tensors of many widths per layer)
+                       # (store first: in 512-token blocks, tierkv's and the raw LMDB rows' alike)
                        + (["--store-last", "--no-o-direct", "--model", "deepseek-v4-flash", "--dtype", "bf16"]
-                          if store_last else [] if torch.cuda.is_available() else ["--gpu", "cpu"]),
+                          if store_last else ["--block-tokens", "512"]
+                          + ([] if torch.cuda.is_available() else ["--gpu", "cpu"])),
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["written"].startswith("baselines" if store_last else "tierkv")
     assert (res["kv"], res["block_tokens"], res["bytes_per_token"]) == (
-        ("synthetic-deepseek-v4-flash-bf16", 1024, 12888) if store_last else ("synthetic-fp32", 256, 46080))
+        ("synthetic-deepseek-v4-flash-bf16", 1024, 12888) if store_last else ("synthetic-fp32", 512, 46080))
     # every round ran every method once, in an order of its own
     assert len(res["round_orders"]) == 2
     assert all(sorted(order) == sorted(res["logical_gbps"]) for order in res["round_orders"])

@@ -140,16 +140,18 @@ def test_cli_calc_json_list_and_help(capsys):
 
 def test_cli_calc_block_size(capsys):
     """``--block-tokens``: one stored block's bytes and each layer's (what a restore reads per
-    request), pointing at the block-size measurements from 32 MiB up; DeepSeek V4 (not a
-    per-token layout) and sizes outside the store's range are refused."""
+    request), pointing at the block-size measurements where a layer is under 512 KiB; DeepSeek
+    V4 (not a per-token layout) and sizes outside the store's range are refused."""
     assert main(["calc", "qwen3-8b", "--block-tokens", "128", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["block_bytes"], out["block_layer_bytes"]) == (128 * 144 * 1024, 512 * 1024)  # 36 layers, 144 KiB a token
     assert main(["calc", "qwen3-8b", "--block-tokens", "256"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "  a block of 256 tokens: 36.00 MiB, 1.00 MiB per layer"
+    assert main(["calc", "qwen3-8b", "--block-tokens", "64"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
-    assert "36.00 MiB, 1.00 MiB per layer" in line and "Choosing a block size" in line
-    assert main(["calc", "qwen3-8b", "--block-tokens", "128"]) == 0
-    assert "Choosing" not in capsys.readouterr().out
+    assert "9.00 MiB, 256.00 KiB per layer" in line and "Choosing a block size" in line
+    assert main(["calc", "smollm2-135m", "--block-tokens", "1024"]) == 0
+    assert "Choosing" not in capsys.readouterr().out                    # 768 KiB a layer
     assert main(["calc", "deepseek-v3.2", "--block-tokens", "256", "--kv-bits", "8", "--json"]) == 0
     dsa = json.loads(capsys.readouterr().out)
     assert dsa["block_bytes"] == pytest.approx(256 * dsa["bytes_per_token"])  # its indexer's keys too, as tierkv stores them

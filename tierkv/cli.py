@@ -175,7 +175,8 @@ def _calc(args: argparse.Namespace) -> int:
     if args.block_tokens is not None:
         print(f"  a block of {args.block_tokens:,} tokens: {format_size(out['block_bytes'])}, "
               f"{format_size(out['block_layer_bytes'])} per layer"
-              + (" (above 32 MiB: docs/benchmarks.md, \"Choosing a block size\")" if out["block_bytes"] >= 32 << 20 else ""))
+              + (" (reads under 512 KiB restored slower: docs/benchmarks.md, \"Choosing a block size\")"
+                 if out["block_layer_bytes"] < 512 << 10 else ""))
     return 0
 
 

@@ -146,7 +146,11 @@ class TierKVConfig:
         ssd_bytes: budget of encoded block bytes in the LMDB store on SSD (must be > 0). A store
             reopened with a lower budget than it holds evicts down to it at its next write
             (data.mdb keeps its size: LMDB reuses the freed pages but never shrinks the file).
-        block_tokens: tokens per block, 16..4096.
+        block_tokens: tokens per block, 16..4096. A block is the unit a session is stored, shared
+            and evicted in, and a restore reads each block layer by layer: reads under 512 KiB
+            restored slower on the test machine (``tierkv calc MODEL --block-tokens N`` prints a
+            layout's; docs/benchmarks.md, "Choosing a block size"). Part of a store's identity:
+            a store is opened with the block size it was made with.
         persist: ``"write_back"`` (blocks reach SSD when demoted, and on ``close()``) or
             ``"write_through"`` (every save is also written to SSD in the background).
         device: torch device of the device tier, e.g. ``"cuda:0"`` or ``"cpu"``; ``None`` picks
