@@ -213,31 +213,6 @@ def read_layers_direct(parsed: ParsedBlock, layers: range, align: int, targets: 
     return True
 
 
-def read_layers_buffered(parsed: ParsedBlock, layers: range, targets: Callable[[int], LayerTargets],
-                         start: int, used: int) -> bool:
-    """Read ``layers`` of a block, all stored as they are and lying back to back in its value,
-    with one read through the page cache (``preadv``, at most ``_IOV_MAX`` pieces of memory)
-    straight into the ``targets`` at token ``start``, for a block used whole; then check each
-    layer's CRC32C. Returns False, having read nothing, where the targets are not runs a read
-    can fill (the caller then decodes layer by layer)."""
-    if used != parsed.n_tokens or parsed.read_at is None:
-        return False
-    dsts = []
-    for layer in layers:
-        runs = targets(layer).runs
-        if runs is None:
-            return False
-        dsts.append([run[start:start + used] for run in runs])
-    if sum(map(len, dsts)) > _IOV_MAX:
-        return False
-    read_stored_layers(parsed, layers, dsts, parsed.read_at)
-    return True
-
-
-#: pieces of memory one ``preadv`` takes on Linux (IOV_MAX)
-_IOV_MAX = 1024
-
-
 def _plane_plan(spec: KVSpec, layer: int, targets: LayerTargets, n: int, used: int, k: int) -> tuple[int, list]:
     """How a block of ``n`` tokens (``used`` of them kept) in ``k`` planes lands in ``targets``,
     computed once per restore, layer and block shape rather than per task: the layer's bytes,

@@ -121,19 +121,6 @@ def any_resident(addr: int, length: int) -> bool:
     return b"\x01" in bytes(vec).translate(_LOW_BIT)
 
 
-def all_resident(addr: int, length: int) -> bool:
-    """Whether every page of the mapped range ``[addr, addr + length)`` is in the page cache
-    (``mincore``; it reads nothing). False when it cannot tell."""
-    start = addr - addr % mmap.PAGESIZE
-    pages = (addr + length - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    if pages <= 0:
-        return True
-    vec = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(ctypes.c_void_p(start), pages * mmap.PAGESIZE, vec) != 0:
-        return False
-    return b"\x00" not in bytes(vec).translate(_LOW_BIT)
-
-
 _LOW_BIT = bytes(b & 1 for b in range(256))  # mincore's byte per page: bit 0 = resident
 
 

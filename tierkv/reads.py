@@ -22,7 +22,7 @@ from .blocks import Block, BlockLoad
 from .codec import Codec, CorruptValueError, ValueGoneError, layers_span, parse_block, stored_span
 from .errors import StoreIOError
 from .handles import LoadHandle, _Part
-from .movers import decode_layer_into, decode_layer_into_views, read_layers_buffered, read_layers_direct
+from .movers import decode_layer_into, decode_layer_into_views, read_layers_direct
 from .pagecache import advise_willneed
 from .spec import KVSpec
 from .stats import Stats
@@ -42,11 +42,6 @@ DIRECT_MIN_BYTES = 1 << 20
 #: the test machine 4-16 MiB ahead did best, 1 MiB and 64 MiB worse, everything up front worst
 #: (bench/needed_reload.py --hint-ahead: a request far ahead delays the ones the threads wait for)
 HINT_AHEAD_BYTES = 8 << 20
-#: bytes of a block's consecutive layers one task reads through the page cache, in one request
-#: where they are stored as they are: reads of one layer each (192 KiB of a 256-token SmolLM2
-#: block in bf16) restored slower than the same KV in larger blocks (bench/ab_reload.py
-#: --block-tokens-b), whose layers are larger reads
-GROUP_READ_BYTES = 1 << 20
 
 
 def _consecutive(layers: list[int]) -> Iterator[range]:
@@ -235,9 +230,6 @@ class SSDReads:
                         if odirect:
                             self._stats.count("ssd_direct_read_bytes", sum(
                                 parsed.layers[layer][2][0][1] for layer in layers))
-                    if (item.error is None and not odirect and len(layers) > 1 and not isinstance(item, BlockLoad)
-                            and stored_span(parsed, layers) is not None):
-                        odirect = read_layers_buffered(parsed, layers, handle._targets, item.start, item.used)
                     if item.error is None and not odirect:  # memory not aligned: layer by layer
                         for layer in layers:
                             if isinstance(item, BlockLoad):
@@ -301,22 +293,8 @@ class SSDReads:
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
         # on every submit (profiled: tens of microseconds each).
         order: list[tuple[Any, Any, range, bool]] = []
-        if not direct_runs and needs is None and values is not None:
-            # Buffered reads of every layer (the default). A block whose value the page cache
-            # holds whole: a task per group of its layers, one read each where they are stored
-            # as they are (fewer, larger copies out of memory). Any other: a task per layer, the
-            # disk kept busy by the kernel's readahead (read a group at a time, cold restores ran
-            # slower: bench/results/group_reads/).
-            cached = [parsed.read_at is not None and values.cached(where[item.block.key][0], parsed.nbytes)
-                      for item, parsed in work]
-            for layers in self._read_groups():
-                for layer in layers:
-                    order += [(item, parsed, range(layer, layer + 1), False)
-                              for (item, parsed), warm in zip(work, cached) if not warm]
-                order += [(item, parsed, layers, False) for (item, parsed), warm in zip(work, cached) if warm]
-            groups = []
         for g, layers in enumerate(groups):
-            if not direct_runs:  # buffered reads: a task per (layer, block)
+            if not direct_runs:  # buffered reads (the default): a task per (layer, block)
                 order += [(item, parsed, range(layer, layer + 1), False)
                           for layer in layers for item, parsed in work if needs is None or needs(item, layer)]
                 continue
@@ -379,14 +357,6 @@ class SSDReads:
 
         for _ in range(min(self._io_threads, len(order))):
             self._pool.submit(worker)
-
-    def _read_groups(self) -> list[range]:
-        """Consecutive layers in groups of about GROUP_READ_BYTES of a full block (one layer
-        each where a layer alone reaches that)."""
-        L = self.spec.num_layers
-        layer_bytes = max(b - a for a, b in (self.spec.layer_span(i, self.block_tokens) for i in range(L)))
-        per = max(1, GROUP_READ_BYTES // max(1, layer_bytes))
-        return [range(g, min(L, g + per)) for g in range(0, L, per)]
 
     def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
                      values: Any, needs: Callable[[Any, int], bool] | None) -> tuple[list[range], dict[tuple[int, int], list[range]]]:

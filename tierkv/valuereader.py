@@ -26,7 +26,7 @@ import numpy as np
 
 from .codec import CorruptValueError
 from .errors import TierKVError
-from .pagecache import all_resident, any_resident, unmap_pages
+from .pagecache import any_resident, unmap_pages
 
 if TYPE_CHECKING:
     from .store import SSDStore
@@ -198,11 +198,6 @@ class ValueReader:
         a = self.DIRECT_ALIGN
         return (offset % a == 0 and length % a == 0 and self._start + offset + length <= self._end
                 and not any_resident(self._start + offset, length))
-
-    def cached(self, offset: int, length: int) -> bool:
-        """Whether every page of the file range is in the page cache (read from memory, not
-        the disk)."""
-        return self._start + offset + length <= self._end and all_resident(self._start + offset, length)
 
     def advise_willneed(self, ranges: list[tuple[int, int]]) -> None:
         """Ask the kernel to start reading these (file offset, length) ranges now (best effort)."""
