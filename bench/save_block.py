@@ -110,7 +110,7 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
         waits = s.stats()["backpressure"]
         pool = s.stats().get("host_pool")
         writes = s.stats()["ssd_writes"]
-        blocks = s.stats()["resident_blocks"]
+        blocks = s.stats().get("resident_blocks")  # (an older version under --a may not count them)
     print(json.dumps({"resident_blocks": blocks, "saves": saves, "pool_ready_s": ready, "host_pool": pool, "bytes": per, "backpressure": waits,
                       "until_flushed_s": until_flushed, "ssd_writes": writes}))
 

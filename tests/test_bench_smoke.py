@@ -273,7 +273,6 @@ def test_ab_reload_bench_runs(tmp_path, own_stores):
         assert res["store_file_bytes"]["B"] < 0.9 * res["store_file_bytes"]["A"]
 
 
-
 def test_ab_reload_bench_compares_block_sizes(tmp_path):
     """``--model`` restores random KV in a preset's layout; ``--block-tokens-b`` gives B's store
     another block size (each version writes its own store): each restores every session whole,
@@ -290,6 +289,7 @@ def test_ab_reload_bench_compares_block_sizes(tmp_path):
     tokens = res["tokens_per_session"]
     assert res["restored_blocks"] == {"A": res["sessions"] * tokens // 128, "B": res["sessions"] * tokens // 512}
     assert all(len(v["runs"]) == 2 and v["median"] > 0 for v in res["gbps"].values())
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tierkv's pread reader is Linux-only")
 def test_reload_timeline_bench_runs(tmp_path):
@@ -479,7 +479,6 @@ def test_save_block_bench_in_another_models_layout(tmp_path):
     saves = [x["blocked"] for p in ("growing", "full") for x in child["saves"][p]]
     assert len(saves) == 3 and child["until_flushed_s"] > sum(saves) + 2 * 0.05
     assert res["until_flushed_s"]["this version"]["median"] == child["until_flushed_s"]
-
 
 
 def test_save_block_bench_compares_block_sizes(tmp_path):
