@@ -63,9 +63,9 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         raise SystemExit(f"tierkv was imported from {tierkv.__file__}, not from {root}")
     import common
     from common import collected
-    from reload import TOKENS
+    from reload import TOKENS, bench_kv
 
-    spec, kv, block_tokens = kv_of(synthetic, cache_dir, dtype, model, block_tokens)
+    spec, kv, block_tokens = bench_kv(synthetic, cache_dir, dtype, model, block_tokens)
     if mode == "write":
         write_store(tierkv, store, spec, kv, sessions, codec, block_tokens)
         print(json.dumps({"written": store}))
@@ -95,21 +95,6 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         el = time.perf_counter() - t
     print(json.dumps({"gbps": sessions * TOKENS * spec.bytes_per_token / el / 1e9, "seconds": el,
                       "setup_s": setup, "blocks": blocks}))
-
-
-def kv_of(synthetic: bool, cache_dir: str, dtype: str, model: str | None,
-          block_tokens: int | None) -> tuple[Any, Any, int]:
-    """The spec, KV and block size of the bench's sessions: SmolLM2's KV (or random with
-    ``synthetic``) in 256-token blocks, or random KV in ``model``'s layout in its store's block
-    size; ``block_tokens`` overrides the block size."""
-    from reload import TOKENS, model_spec, random_kv, session_kv
-
-    if model:
-        spec, size = model_spec(model, dtype)
-        kv = random_kv(spec, TOKENS)
-    else:
-        (spec, kv), size = session_kv(synthetic, cache_dir, dtype), 256
-    return spec, kv, block_tokens or size
 
 
 def write_store(tierkv: Any, store: str, spec: Any, kv: Any, sessions: int, codec: str, block_tokens: int = 256) -> None:
@@ -166,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.codec_b or args.block_tokens_b:
         args.own_stores = True
     import tierkv
-    from reload import model_name
+    from reload import bench_kv, model_name
 
     if args.model:
         try:
@@ -179,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tierkv.cli import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
-    spec, kv, block_tokens = kv_of(args.synthetic, cache_dir, args.dtype, args.model, args.block_tokens)
+    spec, kv, block_tokens = bench_kv(args.synthetic, cache_dir, args.dtype, args.model, args.block_tokens)
     blocks = {"A": block_tokens, "B": args.block_tokens_b or block_tokens}
     per = TOKENS * spec.bytes_per_token
     sessions = max(1, parse_size(args.size, "--size") // per)

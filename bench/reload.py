@@ -109,6 +109,18 @@ def random_kv(spec: tierkv.KVSpec, tokens: int) -> list[tuple[torch.Tensor, ...]
             for layer in spec.layers]
 
 
+def bench_kv(synthetic: bool, cache_dir: str | None, dtype: str, model: str | None,
+             block_tokens: int | None = None) -> tuple[tierkv.KVSpec, list[tuple[torch.Tensor, ...]], int]:
+    """The spec, KV (``TOKENS`` tokens) and block size of the bench's sessions: SmolLM2's KV
+    (random with ``synthetic``) in 256-token blocks, or random KV in ``model``'s layout in its
+    store's block size (``model_spec``); ``block_tokens`` overrides the block size."""
+    if model:
+        spec, size = model_spec(model, dtype)
+        return spec, random_kv(spec, TOKENS), block_tokens or size
+    spec, kv = session_kv(synthetic, cache_dir, dtype)
+    return spec, kv, block_tokens or 256
+
+
 def block_bytes(spec: tierkv.KVSpec, kv: list[tuple[torch.Tensor, ...]], start: int, n: int) -> bytes:
     """Tokens ``start .. start + n`` of a session's KV as raw bytes, tensor after tensor of each
     layer (the raw LMDB baseline's value of one block)."""
@@ -277,13 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tierkv.cli import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
-    if args.model is None:
-        spec, kv, block_tokens = *session_kv(args.synthetic, cache_dir, args.dtype), 256
-        kv_name = ("synthetic-" if args.synthetic else "smollm2-") + args.dtype
-    else:
-        spec, block_tokens = model_spec(args.model, args.dtype)
-        kv, kv_name = random_kv(spec, TOKENS), f"synthetic-{args.model}-{args.dtype}"
-    block_tokens = args.block_tokens or block_tokens
+    spec, kv, block_tokens = bench_kv(args.synthetic, cache_dir, args.dtype, args.model, args.block_tokens)
+    kv_name = (f"synthetic-{args.model}-" if args.model else "synthetic-" if args.synthetic else "smollm2-") + args.dtype
     per = TOKENS * spec.bytes_per_token
     n_sessions = max(1, parse_size(args.size, "--size") // per)
     total = n_sessions * per

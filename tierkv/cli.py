@@ -184,8 +184,10 @@ def _block_size(geom: Any, args: argparse.Namespace) -> dict[str, Any]:
     """``calc --block-tokens``: the bytes of one stored block and of each of its layers (a
     restore reads a block layer by layer). Per-token layouts only: what tierkv stores of
     DeepSeek V4's compressed attention depends on where a block falls in its compression."""
-    if not 16 <= args.block_tokens <= 4096:
-        raise ConfigError(f"--block-tokens must be in 16..4096, got {args.block_tokens}")
+    from .config import BLOCK_TOKENS
+
+    if not BLOCK_TOKENS[0] <= args.block_tokens <= BLOCK_TOKENS[1]:
+        raise ConfigError(f"--block-tokens must be in {BLOCK_TOKENS[0]}..{BLOCK_TOKENS[1]}, got {args.block_tokens}")
     if geom.family == "v4_hybrid":
         raise ConfigError("--block-tokens: what tierkv stores of DeepSeek V4's compressed attention is not a "
                           "per-token layout; tierkv bench reload --model NAME stores and measures it")

@@ -16,7 +16,8 @@ import torch
 from .affinity import AFFINITIES
 from .errors import ConfigError
 
-__all__ = ["parse_size", "format_size", "is_int", "check_timeout", "check_device", "TierKVConfig", "PERSIST_MODES"]
+__all__ = ["parse_size", "format_size", "is_int", "check_timeout", "check_device", "TierKVConfig", "PERSIST_MODES",
+           "BLOCK_TOKENS"]
 
 _UNITS = {
     "": 1,
@@ -123,6 +124,10 @@ def check_device(device: object, name: str = "device") -> torch.device:
     return dev
 
 
+#: the block sizes a store takes, in tokens (lowest, highest)
+BLOCK_TOKENS = (16, 4096)
+
+
 def _int_in(value: object, lo: int, hi: int) -> bool:
     """A plain int in ``lo..hi``, not a bool: a setting, which goes into the store's JSON as it is."""
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
@@ -205,8 +210,9 @@ class TierKVConfig:
             object.__setattr__(self, name, parse_size(getattr(self, name), name))
         if self.ssd_bytes <= 0:
             raise ConfigError("ssd_bytes must be > 0: the SSD tier is where sessions persist")
-        if not _int_in(self.block_tokens, 16, 4096):
-            raise ConfigError(f"block_tokens must be an int in 16..4096, got {self.block_tokens!r}")
+        if not _int_in(self.block_tokens, *BLOCK_TOKENS):
+            raise ConfigError(f"block_tokens must be an int in {BLOCK_TOKENS[0]}..{BLOCK_TOKENS[1]}, "
+                              f"got {self.block_tokens!r}")
         if self.persist not in PERSIST_MODES:
             raise ConfigError(f"persist must be one of {PERSIST_MODES}, got {self.persist!r}")
         if self.full_policy not in ("raise", "miss"):
