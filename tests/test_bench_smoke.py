@@ -689,3 +689,18 @@ def test_reload_runs_tables_match_the_runs_own_ratios(capsys):
     # a tally counts the runs at or above the target's ratio, and only runs that measured it
     fp32 = report["configs"]["fp32"]["tallies"]["vs O_DIRECT"]
     assert 0 <= fp32["met"] <= fp32["runs"] <= len(report["configs"]["fp32"]["runs"])
+
+
+def test_demo_block_sizes_script(tmp_path):
+    """bench/demo_block_sizes.sh: ``tierkv demo --json`` per block size, alternating, each on a
+    fresh store, one JSON object per run; the demo's own options pass through after ``--``."""
+    r = subprocess.run(["bash", "bench/demo_block_sizes.sh", str(tmp_path / "out"), "1", "64", "128", "--",
+                        "--context-tokens", "200", "--answer-tokens", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["demo_128_run1.json", "demo_64_run1.json"]
+    for bt in (64, 128):
+        res = json.loads((tmp_path / "out" / f"demo_{bt}_run1.json").read_text())
+        assert res["tokens_identical"] is True and res["restored_from"] == "ssd"
+        assert res["context_tokens"] >= 200
+    assert r.stdout.count("tokens identical True") == 2
