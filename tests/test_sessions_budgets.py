@@ -246,15 +246,50 @@ def test_leased_blocks_outlive_their_last_reference_and_are_evicted_last(open_st
     other.close()
 
 
-def test_write_through_commit_writes_a_block_whose_write_failed(open_store):
+@pytest.mark.parametrize("codec", ["raw", "zstd-planes"])
+def test_values_in_reused_encode_buffers_are_stored_exactly(open_store, monkeypatch, codec):
+    """Values encoded into the writer's reused buffers (here all of them: threshold 0; in use,
+    those past 32 MiB) reach the store exactly. A buffer goes back only once LMDB has copied its
+    value, and the next batches' encodes write into it: a burst of write-through saves, one op
+    per batch, restores bit-exact after a reopen, and once the writer is idle it holds none."""
+    monkeypatch.setattr(tierkv.writer, "REUSE_ABOVE", 0)
+    monkeypatch.setattr(tierkv.writer, "WRITE_BATCH_BYTES", 1)  # a transaction per save
+    s = open_store(SPEC, ssd_codec=codec, persist="write_through")
+    kvs = {f"s{i}": make_kv(SPEC, 5 * BLOCK + i, seed=100 + i) for i in range(12)}
+    toks = {sid: [i * 1000 + t for t in range(5 * BLOCK + i)] for i, sid in enumerate(kvs)}
+    for sid, kv in kvs.items():
+        s.save(toks[sid], kv, session=sid)
+    s.flush()
+    writes = s.stats()["ssd_writes"]
+    assert writes["buffers_reused"] > 0
+    assert writes["buffers_reused"] + writes["buffers_new"] >= 12 * 5
+    deadline = time.monotonic() + 10
+    while s._encode_buffers.free_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert s._encode_buffers.free_bytes() == 0  # idle: let go
+    s.close()
+    s2 = open_store(SPEC, ssd_codec=codec, persist="write_through")
+    for sid, kv in kvs.items():
+        got = s2.restore(toks[sid], session=sid)
+        assert got.num_tokens == len(toks[sid])
+        assert_kv_equal(got.kv, kv)
+    assert s2.stats()["corrupt_blocks"] == 0
+
+
+@pytest.mark.parametrize("reuse_above", [None, 0])
+def test_write_through_commit_writes_a_block_whose_write_failed(open_store, monkeypatch, reuse_above):
     """Two saves in one write batch: x's brings six new blocks, more than the whole SSD budget,
     and y's names x's first block and brings nothing (x's op claimed its write). The batch
     fails on the full store and each op is retried alone: x's fails, y's commits, and its
     check finds the block with no value, held in memory. With write-through the commit writes
     it there: before, it trusted a write to come, but the write that claimed it had just
     failed, so y's acknowledged record named a block with no value until the block happened
-    to be demoted (a process killed first left it behind)."""
+    to be demoted (a process killed first left it behind). With ``reuse_above`` 0 every value
+    is in a reused buffer, which the failed commit gave back: the retries encode them again."""
     import threading
+
+    if reuse_above is not None:
+        monkeypatch.setattr(tierkv.writer, "REUSE_ABOVE", reuse_above)
 
     s = open_store(SPEC, ssd_codec="raw", persist="write_through", ssd_bytes=4 * BLK + 4 * 1024)
     toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)

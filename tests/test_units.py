@@ -98,8 +98,17 @@ def test_codec_round_trip(dtype, n_tokens, codec_name, noise, align, zero_layer)
     payload[: len(noise)] = np.frombuffer(noise, np.uint8)[: payload.size]
     if zero_layer:
         payload[slice(*spec.layer_span(0, n_tokens))] = 0
-    codec = {"zstd": ZstdPlanesCodec(), "planes": ZstdPlanesCodec(min_ratio=0.0), "raw": RawCodec()}[codec_name]
+    codecs = {"zstd": ZstdPlanesCodec, "planes": lambda: ZstdPlanesCodec(min_ratio=0.0), "raw": RawCodec}
+    codec = codecs[codec_name]()
     value = encode_block(codec, b"F" * 16, spec, payload, n_tokens, align=align)
+    asked = []  # into a buffer given (the writer's reused ones): the same bytes, in it
+
+    def into(n):
+        asked.append(n)
+        return memoryview(bytearray(b"\xee" * (n + 7)))[:n]  # a used buffer, larger than asked
+    given = encode_block(codecs[codec_name](), b"F" * 16, spec, payload, n_tokens, align=align, into=into)
+    assert isinstance(given, memoryview) and asked == [len(value)] and bytes(given) == value
+    assert encode_block(codecs[codec_name](), b"F" * 16, spec, payload, n_tokens, align=align, into=lambda n: None) == value
     parsed = parse_block(value, b"F" * 16, spec, codec, 64)
     if align is not None and payload.size >= 16 * align[0]:
         page, shift = align
@@ -647,3 +656,37 @@ def test_doom_marks_follow_overlapping_transactions(tmp_path, per_bucket):
     finally:
         writer.close()
         saver.close()
+
+
+def test_encode_buffers_lend_reuse_and_let_go():
+    """The writer's buffers for large values: none for values up to the threshold (a new bytes
+    costs no more); a buffer given back is lent again for a value it holds (the smallest that
+    fits), a new one where none does; free ones kept up to ``keep_bytes``; values it did not
+    lend are ignored; ``clear`` lets go of the free ones."""
+    from tierkv.stats import Stats
+    from tierkv.writer import EncodeBuffers
+
+    stats = Stats()
+    bufs = EncodeBuffers(stats, keep_bytes=3000, reuse_above=100)
+    assert bufs.take(100) is None
+    a, b = bufs.take(1000), bufs.take(2000)
+    assert len(a) == 1000 and len(b) == 2000 and not a.readonly
+    a[:] = b"\x01" * 1000
+    bufs.give(b)
+    bufs.give(a)
+    assert bufs.free_bytes() == 3000
+    bufs.give(a)  # given twice: no longer lent, ignored
+    bufs.give(b"x" * 500)
+    assert bufs.free_bytes() == 3000
+    c = bufs.take(900)  # the 1,000-byte one, not the 2,000
+    assert c.obj is a.obj and len(c) == 900
+    d = bufs.take(2500)  # none large enough: new
+    assert d.obj is not b.obj and bufs.free_bytes() == 2000
+    bufs.give(d)  # 2,000 + 2,500 free would pass keep_bytes: dropped
+    assert bufs.free_bytes() == 2000
+    bufs.give(c)
+    assert bufs.free_bytes() == 3000
+    bufs.clear()
+    assert bufs.free_bytes() == 0
+    writes = stats.snapshot({}, {}, {})["ssd_writes"]
+    assert (writes["buffers_reused"], writes["buffers_new"]) == (1, 3)

@@ -240,7 +240,7 @@ class Batch:
         meta = self._get_bmeta(key)
         return meta is not None and meta.enc_bytes > 0
 
-    def put_value(self, key: bytes, value: bytes, n_tokens: int, replace: bool = False) -> BlockMeta:
+    def put_value(self, key: bytes, value: bytes | memoryview, n_tokens: int, replace: bool = False) -> BlockMeta:
         """Store a block's encoded value; a block no session references enters the LRU index.
         Returns the block's bookkeeping as it now stands.
 

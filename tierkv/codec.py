@@ -194,7 +194,8 @@ def layer_itemsize(spec: KVSpec, layer: int, codec: Codec) -> int:
 
 
 def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.ndarray, n_tokens: int,
-                 key: bytes = b"", align: tuple[int, int] | None = None) -> bytes:
+                 key: bytes = b"", align: tuple[int, int] | None = None,
+                 into: Callable[[int], memoryview | None] | None = None) -> bytes | memoryview:
     """Encode a block payload (uint8, ``n_tokens * spec.bytes_per_token`` bytes) into one value.
 
     ``key``: the block key the value is stored under; it seeds the header checksum, so a value
@@ -203,7 +204,9 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
     with ``(o + shift) % page == 0``, where the store puts a value's first byte ``shift`` bytes
     into a page of its file (``SSDStore.value_alignment``); None: no padding. Values whose planes
     fill fewer than 16 pages are not padded: the padding would cost more than a sixteenth of
-    them, and reads that small gain nothing from O_DIRECT."""
+    them, and reads that small gain nothing from O_DIRECT.
+    ``into``: asked for a writable buffer of the value's size; the value is copied into it and
+    a view of it returned. Where it is None, or returns None, the value is a new ``bytes``."""
     aligned = align is not None and payload.size >= 16 * align[0]
     page, shift = align if aligned else (1, 0)
     if not (0 < page <= _MAX_PAGE and page & (page - 1) == 0):
@@ -243,7 +246,15 @@ def encode_block(codec: Codec, fingerprint: bytes, spec: KVSpec, payload: np.nda
         ext = _ALIGN_EXT.pack(page, len(pad))
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, codec.codec_id, flags, fingerprint, n_tokens, spec.num_layers)
     head += ext + b"".join(table)
-    return b"".join([head, _U32.pack(crc32c(head, crc32c(key))), pad] + frames)
+    parts = [head, _U32.pack(crc32c(head, crc32c(key))), pad] + frames
+    out = into(sum(map(len, parts))) if into is not None else None
+    if out is None:
+        return b"".join(parts)
+    at = 0
+    for part in parts:
+        out[at:at + len(part)] = part
+        at += len(part)
+    return out
 
 
 def _planes_worth_trying(codec: Codec, layer: int) -> bool:

@@ -48,7 +48,7 @@ from .spec import KVSpec
 from .stats import Stats
 from .store import SSDStore
 from .tiers import MemoryTier
-from .writer import Op, SSDWriter
+from .writer import EncodeBuffers, Op, SSDWriter
 
 __all__ = ["TierKV"]
 
@@ -134,6 +134,7 @@ class TierKV(SSDWriter, Loads):
         self._unreported_demotion: BaseException | None = None  # the last demotion's, if among them
         self._bg_error: BaseException | None = None
         self._stats = Stats()
+        self._encode_buffers = EncodeBuffers(self._stats)  # the writer's, for values past 32 MiB
         self._closed = False
         self._pid = os.getpid()  # the process that owns the environment and threads
         self._stopping = False                       # close() has begun: no new calls start
@@ -812,6 +813,7 @@ class TierKV(SSDWriter, Loads):
             self._blocks.clear()
             self._sessions.clear()
             self._encoded_ahead.clear()
+            self._encode_buffers.clear()
         if error is not None:
             raise error
         if self._bg_error is not None:

@@ -87,12 +87,14 @@ def copy_payload(payload: torch.Tensor, dst: MemoryTier) -> torch.Tensor:
 
 
 def encode_payload(codec: Codec, fingerprint: bytes, spec: KVSpec, block: Block, payload: torch.Tensor,
-                   align: tuple[int, int] | None = None) -> bytes:
+                   align: tuple[int, int] | None = None,
+                   into: Callable[[int], memoryview | None] | None = None) -> bytes | memoryview:
     """Encode a host payload into a self-describing SSD value (planes page-aligned in the store's
-    file when ``align``, ``SSDStore.value_alignment``, is given)."""
+    file when ``align``, ``SSDStore.value_alignment``, is given; into a buffer ``into`` gives,
+    where it gives one: ``encode_block``)."""
     if payload.device.type != "cpu":
         payload = payload.cpu()
-    return encode_block(codec, fingerprint, spec, payload.numpy(), block.n_tokens, key=block.key, align=align)
+    return encode_block(codec, fingerprint, spec, payload.numpy(), block.n_tokens, key=block.key, align=align, into=into)
 
 
 def decode_layer_into(codec: Codec, spec: KVSpec, parsed: ParsedBlock, layer: int, buffer: torch.Tensor) -> None:

@@ -110,7 +110,11 @@ class Stats:
             "ssd_writes": {"batches": c.get("ssd_batches", 0),
                            "encode_seconds": c.get("ssd_encode_us", 0) / 1e6,
                            "transaction_seconds": c.get("ssd_transaction_us", 0) / 1e6,
-                           "commit_seconds": c.get("ssd_commit_us", 0) / 1e6},
+                           "commit_seconds": c.get("ssd_commit_us", 0) / 1e6,
+                           # values past 32 MiB encoded into a buffer the writer had used before
+                           # (given back once LMDB copied its value), or into a new one
+                           "buffers_reused": c.get("encode_buffers_reused", 0),
+                           "buffers_new": c.get("encode_buffers_new", 0)},
             "ssd_raw_written": raw,
             "ssd_enc_written": enc,
             "compression_ratio": (raw / enc) if enc else None,

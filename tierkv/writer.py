@@ -20,10 +20,11 @@ import itertools
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .blocks import Block, BlockState, Epoch
@@ -37,7 +38,7 @@ from .records import SessionRecord
 from .store import SSDStore
 from .tiers import MemoryTier
 
-__all__ = ["Op", "SSDWriter", "TOUCH_WRITE_S", "WRITE_BATCH_BYTES"]
+__all__ = ["EncodeBuffers", "Op", "SSDWriter", "TOUCH_WRITE_S", "WRITE_BATCH_BYTES"]
 
 #: seconds a restore's mark of use may wait for a write batch before the writer makes one for it
 TOUCH_WRITE_S = 2.0
@@ -46,6 +47,64 @@ TOUCH_WRITE_S = 2.0
 #: and spills them to disk past about 512 MiB; batches of everything queued (660 MB in a probe)
 #: wrote far slower per byte than transactions of a session (bench/save_bound.py)
 WRITE_BATCH_BYTES = 128 << 20
+#: encoded values larger than this go into buffers the writer reuses: glibc's allocator serves
+#: anything larger (past its largest mmap threshold) from a mapping of its own, new memory the
+#: kernel faults in and zeroes for each value and unmaps after (docs/benchmarks.md, "Session 59");
+#: smaller ones it serves from its heaps, memory used before
+REUSE_ABOVE = 32 << 20
+#: free reused buffers the writer keeps at most (it lets go of all of them once idle for
+#: IDLE_RELEASE_S): a batch's values are given back one by one as LMDB copies them in, and the
+#: next batch's encodes take them
+KEEP_BUFFERS_BYTES = 2 * WRITE_BATCH_BYTES
+IDLE_RELEASE_S = 1.0
+
+
+class EncodeBuffers:
+    """The writer's buffers for large encoded values, reused from one value to the next.
+
+    ``take(n)``: a writable view of ``n`` bytes, of a free buffer large enough or of a new one;
+    None for ``n`` up to ``REUSE_ABOVE`` (a new ``bytes`` costs no more there).
+    ``give(value)``: a value ``take`` made, once nothing reads it (LMDB has copied it into its
+    transaction); kept for reuse while the free ones total at most ``keep_bytes``. Other values
+    are ignored. ``clear()``: let go of the free ones. Thread-safe (encodes run on the I/O pool).
+    """
+
+    def __init__(self, stats: Stats, keep_bytes: int | None = None, reuse_above: int | None = None) -> None:
+        self._stats = stats
+        self._keep = KEEP_BUFFERS_BYTES if keep_bytes is None else keep_bytes
+        self._above = REUSE_ABOVE if reuse_above is None else reuse_above
+        self._lock = threading.Lock()
+        self._free: list[np.ndarray] = []
+        self._lent: dict[int, np.ndarray] = {}
+
+    def take(self, n: int) -> memoryview | None:
+        if n <= self._above:
+            return None
+        with self._lock:
+            fits = [i for i, free in enumerate(self._free) if free.size >= n]
+            if fits:
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].size))
+            else:
+                buf = np.empty(n, dtype=np.uint8)
+            self._lent[id(buf)] = buf
+        self._stats.count("encode_buffers_reused" if fits else "encode_buffers_new", 1)
+        return memoryview(buf)[:n]  # type: ignore[arg-type]  # numpy arrays are buffers
+
+    def give(self, value: object) -> None:
+        if not isinstance(value, memoryview):
+            return
+        with self._lock:
+            buf = self._lent.pop(id(value.obj), None)
+            if buf is not None and buf.size + sum(b.size for b in self._free) <= self._keep:
+                self._free.append(buf)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(b.size for b in self._free)
 
 
 @dataclass(eq=False)
@@ -99,6 +158,7 @@ class SSDWriter:
     _writing: bool
     _last_batch: float
     _encoded_ahead: dict[bytes, tuple[Any, Any]]
+    _encode_buffers: EncodeBuffers
     _unreported: list[BaseException]
     _unreported_demotion: BaseException | None
     _bg_error: BaseException | None
@@ -113,6 +173,8 @@ class SSDWriter:
             with self._wake:
                 while (not self._ops and not self._stopping and not self._over_budget()
                        and not self._touches_due()):
+                    if time.monotonic() - self._last_batch >= IDLE_RELEASE_S:
+                        self._encode_buffers.clear()  # idle: hold no memory for the next burst
                     self._wake.wait(timeout=1.0)
                 if self._stopping and not self._ops and not self._last_write_back():
                     return
@@ -182,8 +244,11 @@ class SSDWriter:
             size += b.nbytes
         return parts
 
-    def _encode(self, b: Block, payload: torch.Tensor) -> bytes:
-        return encode_payload(self.codec, self.fingerprint, self.spec, b, payload, self._align)
+    def _encode(self, b: Block, payload: torch.Tensor, reuse: bool = False) -> bytes | memoryview:
+        """``b``'s value; with ``reuse``, a large one in a reused buffer, which the caller gives
+        back to ``_encode_buffers`` once LMDB has copied it."""
+        return encode_payload(self.codec, self.fingerprint, self.spec, b, payload, self._align,
+                              into=self._encode_buffers.take if reuse else None)
 
     def _encode_ahead(self, taken: dict[bytes, Any]) -> None:
         """Start encoding the next batch's values (the ops ``_take_batch`` will take next) on
@@ -196,8 +261,13 @@ class SSDWriter:
                 for b in op.write:
                     if b.payload is not None and b.key not in taken and b.key not in todo:
                         todo[b.key] = (b, b.payload)
-        self._encoded_ahead = {key: (payload, self._pool.submit(self._encode, b, payload))
+        self._encoded_ahead = {key: (payload, self._pool.submit(self._encode, b, payload, True))
                                for key, (b, payload) in todo.items()}
+
+    def _give_back_encoded(self, encoded: Future) -> None:
+        """(A done callback.) An encode ahead that no batch used: its buffer, back for reuse."""
+        if not encoded.cancelled() and encoded.exception() is None:
+            self._encode_buffers.give(encoded.result())
 
     def _next_batch_len(self) -> int:
         """How many queued ops the next transaction takes (locked): whole ops, at least one,
@@ -246,11 +316,18 @@ class SSDWriter:
         ahead, self._encoded_ahead = self._encoded_ahead, {}
         futures = {}
         for key, (b, payload) in todo.items():
-            got = ahead.get(key)  # encoded while the last batch committed: the same payload only
-            futures[key] = got[1] if got is not None and got[0] is payload else self._pool.submit(self._encode, b, payload)
-        values = {key: f.result() for key, f in futures.items()}
+            got = ahead.pop(key, None)  # encoded while the last batch committed: the same payload only
+            if got is not None and got[0] is payload:
+                futures[key] = got[1]
+            else:
+                futures[key] = self._pool.submit(self._encode, b, payload, True)
+                if got is not None:
+                    ahead[key] = got
+        for _, unused in ahead.values():
+            unused.add_done_callback(self._give_back_encoded)
+        values: dict[bytes, bytes | memoryview | None] = {key: f.result() for key, f in futures.items()}
         raw = sum(b.nbytes for b, _ in items)
-        enc = sum(len(v) for v in values.values())
+        enc = sum(len(v or b"") for v in values.values())
         self._stats.count("ssd_encode_us", int((time.perf_counter() - t0) * 1e6))
         self._encode_ahead(todo)
         try:
@@ -265,10 +342,15 @@ class SSDWriter:
             else:
                 failed = []
                 for op in ops:
+                    for b in op.write:  # given back by the failed commit: encoded again
+                        if b.key in values and values[b.key] is None:
+                            values[b.key] = self._encode(b, todo[b.key][1], reuse=True)
                     try:
                         self._commit([op], values, {}, protect, keep)
                     except (StoreFullError, StoreIOError) as e1:
                         failed.append((op, e1))
+        for value in values.values():  # those no commit took
+            self._encode_buffers.give(value)
         self._stats.moved("host->ssd", raw, time.perf_counter() - t0)
         self._stats.count("ssd_raw_written", raw)
         self._stats.count("ssd_enc_written", enc)
@@ -318,8 +400,10 @@ class SSDWriter:
                 op.done.set()
             self._wake.notify_all()
 
-    def _commit(self, ops: list[Op], values: dict[bytes, bytes], touched: dict[str, float],
+    def _commit(self, ops: list[Op], values: dict[bytes, bytes | memoryview | None], touched: dict[str, float],
                 protect: set[str], keep: set[bytes]) -> None:
+        """Write ``ops`` in one transaction. Each of ``values`` (none None on entry) is given
+        back to ``_encode_buffers`` as soon as LMDB has copied it, and set to None."""
         now = time.time()
         self._last_batch = time.monotonic()
         started = time.perf_counter()
@@ -329,15 +413,21 @@ class SSDWriter:
             # session restored a moment ago must not go as the least recently used
             for sid, t in touched.items():
                 batch.touch_session(sid, t)
-            need = sum(len(values[b.key]) for op in ops for b in op.write if b.key in values)
+            need = sum(len(values[b.key] or b"") for op in ops for b in op.write if b.key in values)
             batch.make_room(need, now, protect)
+            put: set[bytes] = set()
             for op in ops:
                 if op.kind == "drop":
                     batch.drop_session(op.session)
                     continue
                 for b in op.write:
-                    if b.key in values:
-                        batch.put_value(b.key, values[b.key], b.n_tokens, replace=b.repair)
+                    if b.key in values and b.key not in put:  # a key twice in a batch: one value
+                        value = values[b.key]
+                        assert value is not None
+                        batch.put_value(b.key, value, b.n_tokens, replace=b.repair)
+                        put.add(b.key)
+                        values[b.key] = None  # copied into the transaction: its buffer is free
+                        self._encode_buffers.give(value)
                 if op.kind == "session":
                     kept = batch.put_session(op.record, self.block_tokens, self._missing_value, op.lease)
                     op.kept = kept if kept < len(op.record.keys) else None
@@ -388,7 +478,7 @@ class SSDWriter:
                 return True
             payload = b.payload
         self._stats.count("values_written_again", 1)
-        return self._encode(b, payload)
+        return bytes(self._encode(b, payload))  # a new bytes already: not copied again
 
     def _cut_back(self, op: Op) -> None:
         """Mirror in memory a session record its commit cut back (``op.kept`` blocks; none: not
