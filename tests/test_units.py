@@ -690,3 +690,28 @@ def test_encode_buffers_lend_reuse_and_let_go():
     assert bufs.free_bytes() == 0
     writes = stats.snapshot({}, {}, {})["ssd_writes"]
     assert (writes["buffers_reused"], writes["buffers_new"]) == (1, 3)
+
+
+def test_encode_buffers_keep_what_was_lent_at_once():
+    """Past ``keep_bytes``, the free buffers may total as much as was lent at once since the
+    last ``clear``: a batch's values, given back, wait there for the next batch's encodes
+    (memory the writer held anyway); ``clear`` starts that count again."""
+    from tierkv.stats import Stats
+    from tierkv.writer import EncodeBuffers
+
+    bufs = EncodeBuffers(Stats(), keep_bytes=0, reuse_above=0)
+    lent = [bufs.take(100) for _ in range(3)]
+    for v in lent:
+        bufs.give(v)
+    assert bufs.free_bytes() == 300
+    again = [bufs.take(100) for _ in range(3)]
+    assert {v.obj.ctypes.data for v in again} == {v.obj.ctypes.data for v in lent}  # the same three
+    bufs.clear()  # the three still lent count
+    for v in again:
+        bufs.give(v)
+    assert bufs.free_bytes() == 300
+    bufs.clear()
+    one = bufs.take(100)
+    bufs.clear()
+    bufs.give(one)  # lent at most 100 since: kept
+    assert bufs.free_bytes() == 100

@@ -52,9 +52,9 @@ WRITE_BATCH_BYTES = 128 << 20
 #: kernel faults in and zeroes for each value and unmaps after (docs/benchmarks.md, "Session 59");
 #: smaller ones it serves from its heaps, memory used before
 REUSE_ABOVE = 32 << 20
-#: free reused buffers the writer keeps at most (it lets go of all of them once idle for
-#: IDLE_RELEASE_S): a batch's values are given back one by one as LMDB copies them in, and the
-#: next batch's encodes take them
+#: free reused buffers the writer keeps at least (more while it has lent more at once: up to
+#: that much, memory it held anyway), until idle for IDLE_RELEASE_S: a batch's values are given
+#: back one by one as LMDB copies them in, and the next batch's encodes take them
 KEEP_BUFFERS_BYTES = 2 * WRITE_BATCH_BYTES
 IDLE_RELEASE_S = 1.0
 
@@ -65,8 +65,10 @@ class EncodeBuffers:
     ``take(n)``: a writable view of ``n`` bytes, of a free buffer large enough or of a new one;
     None for ``n`` up to ``REUSE_ABOVE`` (a new ``bytes`` costs no more there).
     ``give(value)``: a value ``take`` made, once nothing reads it (LMDB has copied it into its
-    transaction); kept for reuse while the free ones total at most ``keep_bytes``. Other values
-    are ignored. ``clear()``: let go of the free ones. Thread-safe (encodes run on the I/O pool).
+    transaction); kept for reuse while the free ones total at most ``keep_bytes``, or the most
+    it had lent at once since the last ``clear`` where that is more (a batch's values, given
+    back, are what the next batch's encodes take). Other values are ignored.
+    ``clear()``: let go of the free ones. Thread-safe (encodes run on the I/O pool).
     """
 
     def __init__(self, stats: Stats, keep_bytes: int | None = None, reuse_above: int | None = None) -> None:
@@ -76,6 +78,8 @@ class EncodeBuffers:
         self._lock = threading.Lock()
         self._free: list[np.ndarray] = []
         self._lent: dict[int, np.ndarray] = {}
+        self._lent_bytes = 0
+        self._peak = 0  # the most lent at once since the last clear
 
     def take(self, n: int) -> memoryview | None:
         if n <= self._above:
@@ -87,6 +91,8 @@ class EncodeBuffers:
             else:
                 buf = np.empty(n, dtype=np.uint8)
             self._lent[id(buf)] = buf
+            self._lent_bytes += buf.size
+            self._peak = max(self._peak, self._lent_bytes)
         self._stats.count("encode_buffers_reused" if fits else "encode_buffers_new", 1)
         return memoryview(buf)[:n]  # type: ignore[arg-type]  # numpy arrays are buffers
 
@@ -95,12 +101,16 @@ class EncodeBuffers:
             return
         with self._lock:
             buf = self._lent.pop(id(value.obj), None)
-            if buf is not None and buf.size + sum(b.size for b in self._free) <= self._keep:
+            if buf is None:
+                return
+            self._lent_bytes -= buf.size
+            if buf.size + sum(b.size for b in self._free) <= max(self._keep, self._peak):
                 self._free.append(buf)
 
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._peak = self._lent_bytes
 
     def free_bytes(self) -> int:
         with self._lock:
@@ -329,9 +339,14 @@ class SSDWriter:
         raw = sum(b.nbytes for b, _ in items)
         enc = sum(len(v or b"") for v in values.values())
         self._stats.count("ssd_encode_us", int((time.perf_counter() - t0) * 1e6))
-        self._encode_ahead(todo)
+        # The next batch's values encode during this commit. Where this one's are in reused
+        # buffers, not before they are copied into the transaction (then given back): the next
+        # ones take those buffers, not new memory, and still encode during LMDB's commit.
+        reused = any(isinstance(v, memoryview) for v in values.values())
+        if not reused:
+            self._encode_ahead(todo)
         try:
-            self._commit(ops, values, touched, protect, keep)
+            self._commit(ops, values, touched, protect, keep, encode_next=todo if reused else None)
             failed: list[tuple[Op, BaseException]] = []
         except (StoreFullError, StoreIOError) as e:
             with self._lock:  # not written: keep the uses for the next batch
@@ -401,9 +416,11 @@ class SSDWriter:
             self._wake.notify_all()
 
     def _commit(self, ops: list[Op], values: dict[bytes, bytes | memoryview | None], touched: dict[str, float],
-                protect: set[str], keep: set[bytes]) -> None:
+                protect: set[str], keep: set[bytes], encode_next: dict[bytes, Any] | None = None) -> None:
         """Write ``ops`` in one transaction. Each of ``values`` (none None on entry) is given
-        back to ``_encode_buffers`` as soon as LMDB has copied it, and set to None."""
+        back to ``_encode_buffers`` as soon as LMDB has copied it, and set to None.
+        ``encode_next``: this batch's (``_encode_ahead``'s ``taken``): once every value is in
+        the transaction, the next batch's encodes start, during LMDB's commit."""
         now = time.time()
         self._last_batch = time.monotonic()
         started = time.perf_counter()
@@ -433,6 +450,8 @@ class SSDWriter:
                     op.kept = kept if kept < len(op.record.keys) else None
                     if op.kept is not None and op.lease is not None:  # how it got past the lease
                         op.cut_lease = self._ssd.leases.standing(op.record.keys[kept], op.lease)
+            if encode_next is not None:
+                self._encode_ahead(encode_next)
             self._stats.count("blocks_kept_for_leases", batch.kept_for_leases)
             self._stats.count("leased_blocks_evicted", batch.leased_evicted)
             cut_away = {op.session for op in ops if op.kind == "drop" or op.kept == 0}
