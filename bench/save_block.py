@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -111,8 +112,10 @@ def child(root: str, target: str, args: argparse.Namespace) -> None:
         pool = s.stats().get("host_pool")
         writes = s.stats()["ssd_writes"]
         blocks = s.stats().get("resident_blocks")  # (an older version under --a may not count them)
+    # the process's peak resident memory: the caller's KV, the tiers and whatever the writer held
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"resident_blocks": blocks, "saves": saves, "pool_ready_s": ready, "host_pool": pool, "bytes": per, "backpressure": waits,
-                      "until_flushed_s": until_flushed, "ssd_writes": writes}))
+                      "until_flushed_s": until_flushed, "ssd_writes": writes, "max_rss_bytes": peak}))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               for n in versions},
         # from a run's first save until its last flush returned
         "until_flushed_s": {n: stats_of([res["until_flushed_s"] for res in got[n]]) for n in versions},
+        # each run's peak resident memory (the child process's)
+        "max_rss_bytes": {n: stats_of([res.get("max_rss_bytes", 0) for res in got[n]]) for n in versions},
         # time saves waited for the writer (a memory tier over its budget's slack), per run
         "backpressure_s": {n: stats_of([(res.get("backpressure") or {}).get("seconds", 0.0) for res in got[n]])
                            for n in versions},
@@ -225,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.burst:
         print("  waited for the writer per run, median s: "
               + ", ".join(f"{n} {out['backpressure_s'][n]['median']:.2f}" for n in versions))
+    print("  peak resident memory per run, median GiB: "
+          + ", ".join(f"{n} {out['max_rss_bytes'][n]['median'] / 2**30:.2f}" for n in versions))
     print("  first save until flushed, median s: "
           + ", ".join(f"{n} {out['until_flushed_s'][n]['median']:.2f}" for n in versions))
     if a_root:

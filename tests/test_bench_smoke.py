@@ -456,6 +456,8 @@ def test_save_block_bench_runs(tmp_path, burst):
         total = sum(x["blocked"] for p in ("growing", "full") for x in child["saves"][p])
         assert res["blocked_per_run_s"][name]["median"] == pytest.approx(total)
         assert res["backpressure_s"][name]["n"] == 1
+        # the child's peak memory: more than the KV it saves
+        assert res["max_rss_bytes"][name]["median"] == child["max_rss_bytes"] > res["bytes_per_save"]
     assert set(res["this_vs_a_per_round"]) == set(res["this_vs_a_copy_per_round"]) == {"growing", "full"}
     assert res["this_vs_a_per_run_total"]["n"] == 1
     assert res["this_vs_a_until_flushed"]["n"] == 1
