@@ -181,11 +181,12 @@ class SSDWriter:
         """The writer thread: a batch of queued ops at a time, then demotions, until close."""
         while True:
             with self._wake:
+                idle_since = time.monotonic()
                 while (not self._ops and not self._stopping and not self._over_budget()
                        and not self._touches_due()):
-                    if time.monotonic() - self._last_batch >= IDLE_RELEASE_S:
+                    if time.monotonic() - idle_since >= IDLE_RELEASE_S:
                         self._encode_buffers.clear()  # idle: hold no memory for the next burst
-                    self._wake.wait(timeout=1.0)
+                    self._wake.wait(timeout=IDLE_RELEASE_S)
                 if self._stopping and not self._ops and not self._last_write_back():
                     return
                 ops = self._take_batch()
