@@ -157,9 +157,9 @@ def test_writer_bounds_each_transaction(open_store, monkeypatch, cap):
     encoded = []
     real_encode = s._encode
 
-    def counting(b, payload):
+    def counting(b, payload, reuse=False):
         encoded.append(b.key)
-        return real_encode(b, payload)
+        return real_encode(b, payload, reuse)
 
     s._encode = counting
     kvs = [make_kv(spec, n, seed=i) for i in range(5)]
@@ -231,7 +231,7 @@ def test_stats_split_the_writers_time(open_store):
     spec = small_spec()
     s = open_store(spec, persist="write_through")
     assert s.stats()["ssd_writes"] == {"batches": 0, "encode_seconds": 0.0, "transaction_seconds": 0.0,
-                                       "commit_seconds": 0.0}
+                                       "commit_seconds": 0.0, "buffers_reused": 0, "buffers_new": 0}
     n = 3 * BLOCK
     s.save(range(n), make_kv(spec, n), session="s").wait()
     w = s.stats()["ssd_writes"]
@@ -239,6 +239,7 @@ def test_stats_split_the_writers_time(open_store):
     # LMDB's commit is a part of the transaction, which wrote every value and the session record
     assert 0 < w["commit_seconds"] <= w["transaction_seconds"]
     assert s.stats()["moved"]["host->ssd"]["seconds"] >= w["transaction_seconds"]
+    assert w["buffers_reused"] == w["buffers_new"] == 0  # values of a few KiB: new bytes, as ever
 
 
 def test_cache_pool_serves_restores_from_the_same_memory(open_store):

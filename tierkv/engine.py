@@ -336,6 +336,12 @@ class TierKV(SSDWriter, Loads):
         self._enqueue(op)
 
     def _enqueue(self, op: Op) -> None:
+        """Queue ``op`` for the writer (locked). Once a background thread has failed, fail it
+        at once: the store refuses calls from then on, and a failed writer takes no more ops."""
+        if self._bg_error is not None:
+            op.error = BackgroundError(f"a background thread failed: {self._bg_error!r}; close and reopen the store")
+            op.done.set()
+            return
         if op.session is not None:
             self._pending[op.session] += 1
         self._ops.append(op)

@@ -199,11 +199,15 @@ class SSDWriter:
                     self._apply(work)
                 self._maintain()
             except BaseException as e:  # noqa: BLE001 - surfaced by the next call
-                self._bg_error = self._bg_error or e
-                self._writing = False
-                for op in ops:
-                    op.error = op.error or BackgroundError(f"writer failed: {e!r}")
-                    op.done.set()
+                with self._wake:
+                    self._bg_error = self._bg_error or e
+                    self._writing = False
+                    # the batch, and every op queued behind it, which no thread will take now:
+                    # left queued, a flush or a save's wait() waited forever
+                    for op in [*ops, *self._ops]:
+                        op.error = op.error or BackgroundError(f"writer failed: {e!r}")
+                        op.done.set()
+                    self._ops.clear()
                 return
             self._writing = False
             for op in ops:
