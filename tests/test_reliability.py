@@ -1283,3 +1283,48 @@ def test_ttl_counts_from_another_process_s_use(tmp_path):
         assert got.num_tokens == 2 * BLOCK
         assert_kv_equal(got.kv, kv)
         assert s.session_info("x")["last_used"] >= used
+
+
+def test_a_failed_writer_leaves_no_call_waiting(open_store):
+    """The writer thread fails on a batch while more saves and a flush are queued behind it:
+    each of them gets BackgroundError instead of waiting forever (before, only the failed
+    batch's ops were told; a flush queued behind it never returned), and later calls are
+    refused with it."""
+    s = open_store(small_spec(), persist="write_through")
+    gate, holding, real = threading.Event(), threading.Event(), s._apply
+
+    def failing(ops):  # the first batch waits until more is queued behind it, then fails
+        holding.set()
+        gate.wait(10)
+        raise RuntimeError("disk on fire")
+
+    s._apply = failing
+    kv = make_kv(small_spec(), BLOCK)
+    first = s.save(range(BLOCK), kv, session="a")
+    assert holding.wait(10)
+    behind = s.save(range(100, 100 + BLOCK), kv, session="b")
+    done = threading.Event()
+    outcome = []
+
+    def flushing():
+        try:
+            s.flush(timeout=30)
+        except BaseException as e:  # noqa: BLE001 - what the flush raised is the result
+            outcome.append(e)
+        done.set()
+
+    t = threading.Thread(target=flushing)
+    t.start()
+    time.sleep(0.2)  # the flush's barrier queued behind the held batch
+    gate.set()
+    assert done.wait(20)
+    t.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], tierkv.BackgroundError)
+    for h in (first, behind):
+        with pytest.raises(tierkv.BackgroundError):
+            h.wait(timeout=10)
+    with pytest.raises(tierkv.BackgroundError):
+        s.save(range(200, 200 + BLOCK), kv, session="c")
+    s._apply = real
+    with pytest.raises(tierkv.BackgroundError):  # close reports it too, and closes
+        s.close()
