@@ -675,3 +675,51 @@ def test_memory_only_blocks_beyond_the_ssd_budget_are_written_in_parts_that_fit(
         assert_kv_equal(r.kv, kv[i])
     for i in range(n - 4):   # the oldest went to make room for them
         assert s.lookup(toks[i], session=f"s{i}") < 4 * BLOCK
+
+
+def test_a_save_lets_go_of_blocks_on_ssd_to_fit_the_host_tier(open_store):
+    """A save that would take the host tier over its budget first lets go of the least recently
+    used blocks there that are on SSD already (its own excepted), as the writer would between
+    its batches: here the writer is stuck in a transaction, and the save still leaves the tier
+    within its budget, its copy going into the places those blocks held. Before, the tier ran
+    over (by up to its slack) until the writer's next batch ended, and the save's blocks came
+    from new memory. Nothing is lost: the blocks let go restore from SSD."""
+    import threading
+
+    s = open_store(SPEC, device_bytes=0, host_bytes=4 * BLK, persist="write_through")
+    kv = {n: make_kv(SPEC, 2 * BLOCK, seed=i) for i, n in enumerate("ab")}
+    toks = {n: [i * 1000 + t for t in range(2 * BLOCK)] for i, n in enumerate("ab")}
+    for n in "ab":
+        s.save(toks[n], kv[n], session=n).wait()
+    s.flush()
+    assert s.stats()["resident_bytes"]["host"] == 4 * BLK
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # the store's write lock: the writer cannot finish a batch, nor demote after it
+        with s._ssd.batch():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        more = make_kv(SPEC, 4 * BLOCK, seed=7)
+        kv_c = [tuple(torch.cat([x, y[:, 2 * BLOCK:]], 1) for x, y in zip(la, lm)) for la, lm in zip(kv["a"], more)]
+        toks_c = toks["a"] + [5000 + t for t in range(2 * BLOCK)]
+        c = s.save(toks_c, kv_c, session="c")  # a's two blocks and two new ones
+        stats = s.stats()
+        assert stats["resident_bytes"]["host"] == 4 * BLK  # within budget, writer or not
+        assert stats["evicted"]["host_blocks"] == 2
+        held_keys = set(s._tiers["host"]._lru)
+        assert set(s._sessions["a"].keys) <= held_keys  # its own blocks stay
+        assert not set(s._sessions["b"].keys) & held_keys  # b's, on SSD, went
+    finally:
+        release.set()
+        holder.join(60)
+    c.wait()
+    s.flush()
+    for n, t, want in (("b", toks["b"], kv["b"]), ("c", toks_c, kv_c), ("a", toks["a"], kv["a"])):
+        got = s.restore(t, session=n)
+        assert got.num_tokens == len(t)
+        assert_kv_equal(got.kv, want)

@@ -397,6 +397,9 @@ class TierKV(SSDWriter, Loads):
                 lease = self._ssd.leases.new_owner()
                 being_deleted = self._ssd.leases.grant(keys, lease)
             missing = self._to_copy(keys, being_deleted)
+            if target is self._tiers["host"] and target.enabled:
+                self._release_clean(target, sum(min(B, len(toks) - i * B) for i in missing) * self.spec.bytes_per_token,
+                                    set(keys))
         # The slab pool's thread holds off until this save returns: prefaulting alongside the
         # copy slowed it as much as the faults it spared, and alongside the bookkeeping after it
         # added milliseconds to the return (likely the process's memory-map lock, which the
@@ -555,6 +558,25 @@ class TierKV(SSDWriter, Loads):
                 self._wake.wait(timeout=min(left, 0.1))
         self._stats.count("save_waits")
         self._stats.count("save_wait_us", int((time.monotonic() - t0) * 1e6))
+
+    def _release_clean(self, tier: MemoryTier, nbytes: int, keep: set[bytes]) -> None:
+        """(Locked.) Before a save copies ``nbytes`` into the host ``tier``: let go of its least
+        recently used blocks that are on SSD already (as the writer's ``_maintain`` does between
+        its batches) until they fit in its budget, so that the save copies into their places in
+        the slab pool rather than new memory. Blocks of the save itself (``keep``) stay. In a
+        burst of large saves the writer was in a transaction of seconds, and the blocks it had
+        written stayed in memory meanwhile, the tier over budget, while each save's blocks came
+        from new memory (docs/benchmarks.md, "Session 61")."""
+        excess = tier.used + nbytes - tier.budget
+        if excess <= 0:
+            return
+        for b in tier.victims():
+            if b.on_ssd and b.key not in keep:
+                tier.remove(b)
+                self._stats.count(f"{tier.name}_evicted_blocks", 1)
+                excess -= b.nbytes
+                if excess <= 0:
+                    return
 
     def _claim_writes(self, blocks: Sequence[Block]) -> list[Block]:
         out = []
