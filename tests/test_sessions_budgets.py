@@ -1,5 +1,7 @@
 """Sharing, reference counts, budgets, eviction order, pins and TTLs, under scripted sequences."""
 
+import contextlib
+import threading
 import time
 
 import pytest
@@ -14,6 +16,27 @@ BLK = BLOCK * SPEC.bytes_per_token  # bytes of one full block
 
 def tiers_of(s, session):
     return s.session_info(session)["blocks_by_tier"]
+
+
+@contextlib.contextmanager
+def writer_held_off(s):
+    """Hold the store's write lock on a thread of its own while the block runs: the writer can
+    neither commit a batch nor demote after one."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with s._ssd.batch():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        yield
+    finally:
+        release.set()
+        holder.join(60)
 
 
 def test_shared_prefix_stored_once_and_survives_drop(open_store):
@@ -286,31 +309,16 @@ def test_write_through_commit_writes_a_block_whose_write_failed(open_store, monk
     failed, so y's acknowledged record named a block with no value until the block happened
     to be demoted (a process killed first left it behind). With ``reuse_above`` 0 every value
     is in a reused buffer, which the failed commit gave back: the retries encode them again."""
-    import threading
-
     if reuse_above is not None:
         monkeypatch.setattr(tierkv.writer, "REUSE_ABOVE", reuse_above)
 
     s = open_store(SPEC, ssd_codec="raw", persist="write_through", ssd_bytes=4 * BLK + 4 * 1024)
     toks, kv = list(range(6 * BLOCK)), make_kv(SPEC, 6 * BLOCK)
-    held, release = threading.Event(), threading.Event()
-
-    def hold():  # the store's write lock, so the writer waits with the saves queued behind it
-        with s._ssd.batch():
-            held.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert held.wait(60)
+    with writer_held_off(s):  # so the writer waits with the saves queued behind it
         first = s.save([9000 + t for t in range(BLOCK)], make_kv(SPEC, BLOCK, seed=9), session="z")
         time.sleep(0.5)  # the writer has taken z's op and waits for the lock
         x = s.save(toks, kv, session="x")
         y = s.save(toks[:BLOCK], kv_slice(kv, BLOCK), session="y")
-    finally:
-        release.set()
-        holder.join(60)
     first.wait()
     with pytest.raises(tierkv.StoreFullError):
         x.wait()
@@ -684,7 +692,6 @@ def test_a_save_lets_go_of_blocks_on_ssd_to_fit_the_host_tier(open_store):
     within its budget, its copy going into the places those blocks held. Before, the tier ran
     over (by up to its slack) until the writer's next batch ended, and the save's blocks came
     from new memory. Nothing is lost: the blocks let go restore from SSD."""
-    import threading
 
     s = open_store(SPEC, device_bytes=0, host_bytes=4 * BLK, persist="write_through")
     kv = {n: make_kv(SPEC, 2 * BLOCK, seed=i) for i, n in enumerate("ab")}
@@ -693,17 +700,7 @@ def test_a_save_lets_go_of_blocks_on_ssd_to_fit_the_host_tier(open_store):
         s.save(toks[n], kv[n], session=n).wait()
     s.flush()
     assert s.stats()["resident_bytes"]["host"] == 4 * BLK
-    held, release = threading.Event(), threading.Event()
-
-    def hold():  # the store's write lock: the writer cannot finish a batch, nor demote after it
-        with s._ssd.batch():
-            held.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert held.wait(60)
+    with writer_held_off(s):  # the writer cannot finish a batch, nor demote after it
         more = make_kv(SPEC, 4 * BLOCK, seed=7)
         kv_c = [tuple(torch.cat([x, y[:, 2 * BLOCK:]], 1) for x, y in zip(la, lm)) for la, lm in zip(kv["a"], more)]
         toks_c = toks["a"] + [5000 + t for t in range(2 * BLOCK)]
@@ -714,9 +711,6 @@ def test_a_save_lets_go_of_blocks_on_ssd_to_fit_the_host_tier(open_store):
         held_keys = set(s._tiers["host"]._lru)
         assert set(s._sessions["a"].keys) <= held_keys  # its own blocks stay
         assert not set(s._sessions["b"].keys) & held_keys  # b's, on SSD, went
-    finally:
-        release.set()
-        holder.join(60)
     c.wait()
     s.flush()
     for n, t, want in (("b", toks["b"], kv["b"]), ("c", toks_c, kv_c), ("a", toks["a"], kv["a"])):
