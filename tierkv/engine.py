@@ -386,6 +386,10 @@ class TierKV(SSDWriter, Loads):
         if pinned is not None and not isinstance(pinned, bool):  # "no" would pin
             raise ConfigError(f"pinned must be True, False or None, got {pinned!r}")
         B = self.block_tokens
+
+        def block_bytes(i: int) -> int:  # the payload of the save's block i (the last may be partial)
+            return min(B, len(toks) - i * B) * self.spec.bytes_per_token
+
         keys = block_keys(chain_seed(self.fingerprint, tenant), toks, B, partial=session is not None)
         target = self._tiers["device"] if self._tiers["device"].enabled else self._tiers["host"]
         self._wait_for_memory(target)
@@ -398,8 +402,7 @@ class TierKV(SSDWriter, Loads):
                 being_deleted = self._ssd.leases.grant(keys, lease)
             missing = self._to_copy(keys, being_deleted)
             if target is self._tiers["host"] and target.enabled:
-                self._release_clean(target, sum(min(B, len(toks) - i * B) for i in missing) * self.spec.bytes_per_token,
-                                    set(keys))
+                self._release_clean(target, sum(map(block_bytes, missing)), set(keys))
         # The slab pool's thread holds off until this save returns: prefaulting alongside the
         # copy slowed it as much as the faults it spared, and alongside the bookkeeping after it
         # added milliseconds to the return (likely the process's memory-map lock, which the
@@ -410,7 +413,7 @@ class TierKV(SSDWriter, Loads):
             t0 = time.perf_counter()
             cuda = target.device if target.device.type == "cuda" else next((x.device for x in kv[0] if x.is_cuda), None)
             for i in missing:
-                payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
+                payloads[i] = target.alloc(block_bytes(i))
             # while the writer works, the copy stays on this thread (blocks.serial_pieces): split
             # across torch's intra-op threads, they spin and take cores from the writer
             pack_blocks(self.spec, kv, B, payloads, serial=self._writer_busy())
@@ -442,7 +445,7 @@ class TierKV(SSDWriter, Loads):
                     if i not in payloads and not self._available(b):
                         # Dropped by another thread since the first look: copy it now (rare), and
                         # wait for it as for the others
-                        payloads[i] = target.alloc(min(B, len(toks) - i * B) * self.spec.bytes_per_token)
+                        payloads[i] = target.alloc(block_bytes(i))
                         pack_blocks(self.spec, kv, B, {i: payloads[i]})
                         if cuda is not None:
                             torch.cuda.current_stream(cuda).synchronize()
@@ -572,9 +575,7 @@ class TierKV(SSDWriter, Loads):
             return
         for b in tier.victims():
             if b.on_ssd and b.key not in keep:
-                tier.remove(b)
-                self._stats.count(f"{tier.name}_evicted_blocks", 1)
-                excess -= b.nbytes
+                excess -= self._let_go(tier, b)
                 if excess <= 0:
                     return
 

@@ -579,6 +579,12 @@ class SSDWriter:
                     self._discard(key)
             self._stats.count("ssd_evicted_sessions", len(sessions))
 
+    def _let_go(self, tier: MemoryTier, b: Block) -> int:
+        """(Locked.) Forget the copy in ``tier`` of ``b``, which SSD holds too; returns its bytes."""
+        tier.remove(b)
+        self._stats.count(f"{tier.name}_evicted_blocks", 1)
+        return b.nbytes
+
     def _maintain(self) -> None:
         """Demote least-recently-used blocks from tiers over budget (device → host → SSD)."""
         dev, host = self._tiers["device"], self._tiers["host"]
@@ -605,9 +611,7 @@ class SSDWriter:
                     excess = tier.excess()
                     for b in tier.victims():
                         if b.on_ssd:  # a copy on SSD already: released
-                            tier.remove(b)
-                            self._stats.count(f"{tier.name}_evicted_blocks", 1)
-                            excess -= b.nbytes
+                            excess -= self._let_go(tier, b)
                         elif not b.write_queued:
                             victims.append(b)
                             excess -= b.nbytes
