@@ -37,10 +37,17 @@ def setup(tmp_path_factory):
     return model_dir, d
 
 
-def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, prefix_caching=False, **env):
-    """One vLLM process (tests/vllm/e2e.py); ``env`` sets more of its TIERKV_E2E_* knobs."""
+def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, prefix_caching=False, server=False, **env):
+    """One vLLM process (tests/vllm/e2e.py); ``env`` sets more of its TIERKV_E2E_* knobs.
+
+    ``server``: vLLM's own process layout (an engine-core process and a worker process per rank,
+    the connector's metadata serialized between them), as a server runs; tensor parallelism
+    always has it. Otherwise engine core and worker run in the one process, which starts in
+    about half the time; a run without the connector ("plain") always does."""
     model_dir, d = setup
+    layout = "server" if kind == "connector" and (server or tp > 1) else "one"
     env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)),
+               TIERKV_E2E_PROCESSES=layout,
                **{f"TIERKV_E2E_{k.upper()}": str(v) for k, v in env.items()})
     r = subprocess.run([VLLM_PY, os.path.join(HERE, "vllm", "e2e.py"), kind, model_dir, str(d / store),
                         str(d / stats), str(d / prompts), str(d / out)], capture_output=True, text=True,
@@ -66,12 +73,12 @@ def plain(setup):
 
 
 def test_restart_serves_prefix_from_ssd_with_identical_output(setup, plain):
-    first = phase(setup, "connector", "first.json", "first_out.json", stats="stats1")
+    first = phase(setup, "connector", "first.json", "first_out.json", stats="stats1", server=True)
     assert first[0]["tokens"] == plain[0]["tokens"]
     s1 = stats(setup, "stats1")
     assert s1["worker"]["connector_saved_tokens"] >= 256  # 4 full 64-token blocks of the shared prefix
     # a new vLLM process on the same store
-    second = phase(setup, "connector", "second.json", "second_out.json", stats="stats2")
+    second = phase(setup, "connector", "second.json", "second_out.json", stats="stats2", server=True)
     s2 = stats(setup, "stats2")
     assert s2["scheduler"]["connector_matched_tokens"] == 2 * 256
     assert s2["worker"]["connector_loaded_tokens"] == 2 * 256
@@ -116,11 +123,12 @@ def test_sliding_window_model_under_the_hybrid_kv_cache_manager(setup, plain):
     ref = phase(sw, "plain", "sw_all.json", "sw_plain.json", stats="sw_stats0", **knobs)
     full_attention = phase(setup, "plain", "all.json", "sw_full.json", stats="sw_stats_f", **knobs)
     assert [b["tokens"] for b in ref[:2]] != [b["tokens"] for b in full_attention]
-    first = phase(sw, "connector", "first.json", "sw_first.json", store="sw_store", stats="sw_stats1", **knobs)
+    first = phase(sw, "connector", "first.json", "sw_first.json", store="sw_store", stats="sw_stats1", server=True,
+                  **knobs)
     assert first[0]["tokens"] == ref[0]["tokens"]
     assert stats(setup, "sw_stats1")["worker"]["connector_saved_tokens"] == 256
     second = phase(sw, "connector", "sw_second_long.json", "sw_second.json", store="sw_store", stats="sw_stats2",
-                   prefix_caching=True, **knobs)
+                   prefix_caching=True, server=True, **knobs)
     s2 = stats(setup, "sw_stats2")["worker"]
     assert second[0]["cached"][0] == 256 and second[0]["tokens"] == ref[1]["tokens"]
     assert s2["hits"]["ssd"] >= 4 and s2["connector_loaded_tokens"] >= 256
@@ -130,7 +138,8 @@ def test_sliding_window_model_under_the_hybrid_kv_cache_manager(setup, plain):
     # tierkv's 64 here), all but its window's pages of the sliding layers
     assert second[1]["cached"][0] > 256 and second[1]["tokens"] == ref[2]["tokens"]
     assert s2["connector_saved_tokens"] == 384 and s2["connector_incomplete_saves"] == 0
-    third = phase(sw, "connector", "sw_long.json", "sw_third.json", store="sw_store", stats="sw_stats3", **knobs)
+    third = phase(sw, "connector", "sw_long.json", "sw_third.json", store="sw_store", stats="sw_stats3", server=True,
+                  **knobs)
     assert third[0]["cached"] == [384] and third[0]["tokens"] == ref[2]["tokens"]
     s3 = stats(setup, "sw_stats3")["worker"]
     assert s3["connector_loaded_tokens"] == 384
@@ -253,7 +262,7 @@ def test_requests_preempted_and_resumed_load_their_prefix(setup):
     small = {"dtype": "float32", "blocks": 24, "max_len": 640, "max_tokens": 100}
     plain = phase(setup, "plain", "preempt.json", "preempt_plain.json", stats="stats_p0", **small)
     out = phase(setup, "connector", "preempt.json", "preempt_out.json", store="preempt_store",
-                stats="stats_p1", **small)
+                stats="stats_p1", server=True, **small)
     s = stats(setup, "stats_p1")
     matched, loaded = s["scheduler"]["connector_matched_tokens"], s["worker"]["connector_loaded_tokens"]
     assert out[0]["tokens"] == plain[0]["tokens"]
@@ -270,11 +279,11 @@ def test_prompts_prefilled_in_chunks_are_saved_and_loaded(setup):
     chunked = {"dtype": "float32", "step_tokens": 96, "max_tokens": 32}
     ref = phase(setup, "plain", "all.json", "chunked_plain.json", stats="stats_c0", **chunked)
     first = phase(setup, "connector", "first.json", "chunked_first.json", store="chunked_store",
-                  stats="stats_c1", **chunked)
+                  stats="stats_c1", server=True, **chunked)
     assert first[0]["tokens"] == ref[0]["tokens"]
     assert stats(setup, "stats_c1")["worker"]["connector_saved_tokens"] >= 256
     second = phase(setup, "connector", "second.json", "chunked_second.json", store="chunked_store",
-                   stats="stats_c2", **chunked)
+                   stats="stats_c2", server=True, **chunked)
     assert second[0]["cached"] == [256, 256] and second[0]["tokens"] == ref[1]["tokens"]
     assert stats(setup, "stats_c2")["worker"]["connector_loaded_tokens"] == 2 * 256
 

