@@ -37,16 +37,17 @@ def setup(tmp_path_factory):
     return model_dir, d
 
 
-def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, prefix_caching=False, server=False, **env):
+def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, pp=1, prefix_caching=False, server=False,
+          **env):
     """One vLLM process (tests/vllm/e2e.py); ``env`` sets more of its TIERKV_E2E_* knobs.
 
     ``server``: vLLM's own process layout (an engine-core process and a worker process per rank,
     the connector's metadata serialized between them), as a server runs; tensor parallelism
-    always has it. Otherwise engine core and worker run in the one process, which starts in
+    always has it, and pipeline stages (``pp``). Otherwise engine core and worker run in the one process, which starts in
     about half the time; a run without the connector ("plain") always does."""
     model_dir, d = setup
-    layout = "server" if kind == "connector" and (server or tp > 1) else "one"
-    env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)),
+    layout = "server" if kind == "connector" and (server or tp * pp > 1) else "one"
+    env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PP=str(pp), TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)),
                TIERKV_E2E_PROCESSES=layout,
                **{f"TIERKV_E2E_{k.upper()}": str(v) for k, v in env.items()})
     r = subprocess.run([VLLM_PY, os.path.join(HERE, "vllm", "e2e.py"), kind, model_dir, str(d / store),
@@ -450,6 +451,26 @@ def test_tensor_parallel_ranks_each_restore_their_own_heads(setup):
     assert b[1]["cached"] == [0]
     assert s2["scheduler"]["connector_matched_tokens"] == 2 * 256
     assert sorted(w["connector_shard"][0] for w in s2["worker"]) == [0, 1, 2]
+    for w in s2["worker"]:
+        assert w["connector_loaded_tokens"] == 2 * 256 and w["hits"]["ssd"] >= 4 and w["corrupt_blocks"] == 0
+
+
+def test_pipeline_stages_each_restore_their_own_layers(setup, plain):
+    """Two pipeline stages, each a worker process holding 15 of SmolLM2's 30 layers: each keeps
+    a store of its own for its layers, and a restarted server loads the shared prefix of both
+    prompts into each stage from its own store, with the outputs of the server without the
+    connector (a single worker)."""
+    _, d = setup
+    first = phase(setup, "connector", "first.json", "pp_first.json", store="pp_store", stats="pp_stats1", pp=2)
+    assert first[0]["tokens"] == plain[0]["tokens"]
+    assert sorted(os.listdir(d / "pp_store")) == ["tp0-of-1.layers-0-15", "tp0-of-1.layers-15-30"]
+    workers = stats(setup, "pp_stats1")["worker"]
+    assert sorted(w["connector_shard"] for w in workers) == [[0, 1, 0, 15], [0, 1, 15, 30]]
+    assert all(w["connector_saved_tokens"] >= 256 for w in workers)
+    second = phase(setup, "connector", "second.json", "pp_second.json", store="pp_store", stats="pp_stats2", pp=2)
+    s2 = stats(setup, "pp_stats2")
+    assert second[0]["cached"] == [256, 256] and second[0]["tokens"] == plain[1]["tokens"]
+    assert s2["scheduler"]["connector_matched_tokens"] == 2 * 256
     for w in s2["worker"]:
         assert w["connector_loaded_tokens"] == 2 * 256 and w["hits"]["ssd"] >= 4 and w["corrupt_blocks"] == 0
 

@@ -4,7 +4,7 @@
 
 PHASE is "connector" (serve with TierKVConnector) or "plain" (no connector). Each run is its own
 process, as a restarted server would be. Knobs, from the environment: TIERKV_E2E_TP (tensor
-parallelism, one worker process per rank), TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache),
+parallelism, one worker process per rank), TIERKV_E2E_PP (pipeline stages, the same), TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache),
 TIERKV_E2E_BLOCKS (pages in vLLM's paged cache: few make it preempt requests),
 TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks), TIERKV_E2E_DTYPE (float32),
 TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec), TIERKV_E2E_LORA
@@ -46,13 +46,14 @@ if __name__ == "__main__":
     max_len = int(os.environ.get("TIERKV_E2E_MAX_LEN", "1024"))
     max_tokens = int(os.environ.get("TIERKV_E2E_MAX_TOKENS", "16"))
     tp = int(os.environ.get("TIERKV_E2E_TP", "1"))
-    if tp > 1:  # one worker process per rank; CPU workers each need a CPU group to bind to
+    pp = int(os.environ.get("TIERKV_E2E_PP", "1"))
+    if tp * pp > 1:  # one worker process per rank; CPU workers each need a CPU group to bind to
         cpus = sorted(os.sched_getaffinity(0))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(tp)))
-        kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cpus[i % len(cpus)]) for i in range(tp * pp)))
+        kw.update(tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="mp")
     if ONE_PROCESS:
-        if tp > 1:
-            raise SystemExit("TIERKV_E2E_PROCESSES=one runs a single worker: TIERKV_E2E_TP must be 1")
+        if tp * pp > 1:
+            raise SystemExit("TIERKV_E2E_PROCESSES=one runs a single worker: TIERKV_E2E_TP and _PP must be 1")
         kw["distributed_executor_backend"] = "uni"
     if os.environ.get("TIERKV_E2E_BLOCKS"):  # a small paged cache: requests get preempted
         kw["num_gpu_blocks_override"] = int(os.environ["TIERKV_E2E_BLOCKS"])
@@ -67,7 +68,14 @@ if __name__ == "__main__":
     # changed between runs of the same batches (a near tie in their repetitive tail), so no run
     # was a reference; each output comparison in tests/test_vllm.py wants one
     dtype = os.environ.get("TIERKV_E2E_DTYPE", "float32")
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=True, block_size=32,
+    if pp > 1:
+        # vllm-cpu 0.32 with pipeline stages: in eager mode (no compilation) it skips the warm-up
+        # that allocates a later stage's buffer for the previous stage's activations, and that
+        # stage fails its first step (AssertionError in sync_and_gather_intermediate_tensors).
+        # Stock torch.compile with the "eager" backend (Dynamo traces, nothing is compiled by a
+        # C++ compiler) runs the warm-up.
+        kw["compilation_config"] = {"mode": 1, "backend": "eager", "cudagraph_mode": "NONE"}  # STOCK_TORCH_COMPILE
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_len, enforce_eager=pp == 1, block_size=32,
               enable_prefix_caching=os.environ.get("TIERKV_E2E_PREFIX_CACHING") == "1", seed=0, **kw)
     prompts = json.load(open(prompts_file))
     results = []
