@@ -151,6 +151,54 @@ def test_sliding_window_model_under_the_hybrid_kv_cache_manager(setup, plain):
     assert s3["hits"]["ssd"] == 6 and s3["ssd_read_bytes"] < 0.7 * 384 * 30 * 2 * 3 * 64 * 4  # of fp32 KV
 
 
+def test_chunked_local_attention_model_under_the_hybrid_kv_cache_manager(setup):
+    """Chunked local attention (Llama 4's: a layer attends only within its chunk of 96 tokens),
+    on a small Llama 4 text model with random weights, three chunked layers and one full. With
+    vLLM's hybrid KV cache manager on (vLLM 0.32 turns it off for such models unless
+    VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE is set; off, every layer is paged as
+    full attention), the chunked layers' group frees the pages of chunks a prompt has passed, and
+    prompts prefill in steps of 96 tokens. One server saves the 256-token shared prefix, every
+    layer's KV of every token (the chunked layers' from the steps that computed them); a
+    restarted one loads it, reading in the chunked layers only block 3 (tokens 192-255, the
+    chunk of token 256 begins at 192), with the outputs of a plain run of the same model."""
+    import torch
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4ForCausalLM
+
+    from tierkv.integrations.hf import load_smollm2
+
+    _, d = setup
+    _, tok, _ = load_smollm2()
+    cfg = Llama4TextConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, intermediate_size_mlp=512,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                           interleave_moe_layer_step=8,  # no MoE layer
+                           attention_chunk_size=96, no_rope_layers=[1, 1, 1, 0], max_position_embeddings=2048,
+                           initializer_range=0.2, num_local_experts=1, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    assert cfg.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
+    torch.manual_seed(0)
+    chunked_dir = str(d / "chunked_model")
+    Llama4ForCausalLM(cfg).eval().save_pretrained(chunked_dir)
+    tok.save_pretrained(chunked_dir)
+    m = (chunked_dir, d)
+    knobs = {"dtype": "float32", "step_tokens": 96, "chunked_hma": 1}
+    ref = phase(m, "plain", "all.json", "chunked_local_plain.json", **knobs)
+    first = phase(m, "connector", "first.json", "chunked_local_first.json", store="cl_store", stats="cl_stats1",
+                  server=True, **knobs)
+    assert first[0]["tokens"] == ref[0]["tokens"]
+    w1 = stats(setup, "cl_stats1")["worker"]
+    assert w1["connector_saved_tokens"] == 256 and w1["connector_incomplete_saves"] == 0
+    second = phase(m, "connector", "second.json", "chunked_local_second.json", store="cl_store", stats="cl_stats2",
+                   server=True, **knobs)
+    w2 = stats(setup, "cl_stats2")["worker"]
+    assert second[0]["cached"] == [256, 256] and second[0]["tokens"] == ref[1]["tokens"]
+    assert w2["connector_loaded_tokens"] == 2 * 256 and w2["hits"]["ssd"] >= 4 and w2["corrupt_blocks"] == 0
+    # the chunked layers' group held no pages for tokens 0-191 (their chunks passed): blocks 0-2
+    # left unread in the 3 chunked layers, for each of the 2 requests
+    assert w2["connector_unpaged_tokens"] == 2 * 3 * 192
+    assert w2["skipped_block_layers"] == 3 * 3 * 2
+
+
 def test_corrupt_store_is_recomputed_not_served(setup):
     _, d = setup
     # flip a payload byte in every stored block: every load must fail its checksum

