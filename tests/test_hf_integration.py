@@ -530,15 +530,89 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
         cache_to_kv(prefill(v4, list(range(1, 40)), DynamicCache(config=v4.config))[1])
     # a runner refuses a model it cannot save when it is made, not after a turn's work: a
-    # convolution state beside attention (LFM2)
-    from transformers import AutoModelForCausalLM, Lfm2Config
+    # linear-attention (gated delta net) state beside attention (Qwen3-Next). LFM2's convolution
+    # state was refused this way before session 64 (test_lfm2_conv_layers_restore_at_any_token)
+    from transformers import AutoModelForCausalLM, Qwen3NextConfig
 
-    cfg = Lfm2Config(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=1, layer_types=["conv", "full_attention"])
-    lfm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    cfg = Qwen3NextConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, linear_num_value_heads=2,
+                          linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=2,
+                          num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                          layer_types=["linear_attention", "full_attention"])
+    qwen = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
         with pytest.raises(SpecMismatchError, match="0: LinearAttentionLayer"):
-            SessionRunner(kv, lfm)
+            SessionRunner(kv, qwen)
+
+
+def tiny_lfm2(dtype: torch.dtype = torch.float32, moe: bool = False) -> Any:
+    """LFM2's architecture (or LFM2-MoE's) at toy size, random weights: convolution layers
+    (kernel 3) and full attention, interleaved."""
+    from transformers import AutoModelForCausalLM, Lfm2Config, Lfm2MoeConfig
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention"],
+              max_position_embeddings=1024, initializer_range=0.2)
+    cfg = (Lfm2MoeConfig(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_dense_layers=1, **kw)
+           if moe else Lfm2Config(**kw))
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype,moe", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["lfm2-fp32", "lfm2-bf16", "lfm2_moe-fp32"])
+def test_lfm2_conv_layers_restore_at_any_token(tmp_path, dtype, moe):
+    """LFM2's convolution layers keep a state, not keys and values: their last 3 tokens' inputs
+    to the convolution (refused before session 64). A session_cache's conv layers keep every
+    token's input, so a conv layer restores at any token like an attention layer. Three runner
+    turns, the later ones restoring the whole previous turn from the store (the third from SSD,
+    in a fresh handle); each equals the same turn on transformers' own cache continued from the
+    previous turn, tokens and logits to the bit. Then a second session that shares 37 tokens,
+    prefilled there in two passes so that transformers' own cache exists at 37: restored at 37,
+    it continues as that cache does."""
+    lfm = tiny_lfm2(dtype, moe)
+    cfg = lfm.config
+    spec = spec_for_model(lfm, model_id="test/lfm2")
+    assert [len(layer.tensors) for layer in spec.layers] == [1, 2, 1, 2]
+    assert spec.layers[0].tensors[0].name == "conv_input" and spec.layers[0].tensors[0].dims == (1, 64)
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
+    store, ctx = str(tmp_path / "store"), rand(50)
+    own = DynamicCache(config=cfg)  # transformers' own cache, continued turn after turn
+
+    def same_turn(t, tokens, start):
+        nonlocal own
+        logits, own = prefill(lfm, tokens[start:], own)
+        toks, all_logits, own = greedy_decode(lfm, logits, own, 5)
+        assert t.restored_tokens == start and t.tokens == toks
+        assert all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+
+    start = 0
+    with TierKV(store, spec, block_tokens=16) as kv:
+        runner = SessionRunner(kv, lfm)
+        runner.reserve(256)  # the restore buffers from its pool, conv layers' too
+        for _ in range(2):
+            t = runner.turn("s", ctx, max_new_tokens=5)
+            same_turn(t, ctx, start)
+            start = len(ctx) + 4  # the turn's tokens but the last were saved
+            ctx = ctx + t.tokens + rand(9)
+    with TierKV(store, spec, block_tokens=16) as kv:  # a fresh handle: from SSD
+        t = SessionRunner(kv, lfm).turn("s", ctx, max_new_tokens=5)
+        assert t.sources.get("ssd", 0) >= 1 and set(t.sources) == {"ssd"}
+        same_turn(t, ctx, start)
+    # a prefix inside another session: transformers' own cache at 37 exists after two passes
+    other = ctx[:37] + rand(12)
+    _, own37 = prefill(lfm, other[:37], DynamicCache(config=cfg))
+    with TierKV(store, spec, block_tokens=16) as kv:
+        _, mine = prefill(lfm, other[:37])
+        _, mine = prefill(lfm, other[37:], mine)
+        kv.save(other, cache_to_kv(mine), session="o")  # a session of 49 tokens, whose first 37 ...
+        r = kv.restore(other[:37], session="o")
+    back = kv_to_cache(r.kv, cfg)
+    assert cache_len(back) == 37 and [type(x).__name__ for x in back.layers][0] == "ConvHistoryLayer"
+    a, b = prefill(lfm, other[37:], back), prefill(lfm, other[37:], own37)
+    assert torch.equal(a[0], b[0])
+    assert greedy_decode(lfm, a[0], a[1], 4)[0] == greedy_decode(lfm, b[0], b[1], 4)[0]
 
 
 def tiny_deepseek_v4(layer_types: list[str], dtype: torch.dtype = torch.float32) -> Any:

@@ -4,7 +4,8 @@ Primitives:
     spec_for_model: a KVSpec from a loaded causal LM (its config and dtype).
     cache_to_kv / kv_to_cache: a ``DynamicCache`` (batch 1) to tierkv's per-layer tensors and back.
     session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
-        token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point).
+        token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point;
+        LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``).
     restore_step: how often a model's cache can be restored (every token; for DeepSeek V4, every
         ``restore_step`` tokens).
     prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic).
@@ -22,10 +23,11 @@ plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_he
 (Llama, Qwen2, Qwen3, Mistral, ...), sliding-window and chunked-attention (Llama 4) layers in a
 ``session_cache`` (which keeps every token: ``SlidingHistoryLayer``), MLA models (DeepSeek V2/V3, ...), whose layers cache a
 compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
-layers add their indexer's keys, and DeepSeek V4 (compressed attention), restored at restore points
-(``restore_step``). Other cache layers keep part of the context (transformers' own sliding-window
-and V4 layers) or state besides their keys and values (quantized KV, a linear-attention state), so
-they cannot be restored exactly: ``cache_to_kv`` refuses them.
+layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at restore points
+(``restore_step``), and LFM2 / LFM2-MoE (short convolutions beside attention), restored at any
+token. Other cache layers keep part of the context (transformers' own sliding-window and V4
+layers) or state besides their keys and values (quantized KV, a linear-attention or Mamba state),
+so they cannot be restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -220,6 +222,11 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
                             for name, w in _v4_widths(v4, kind, step).items())) for kind in kinds), revision)
     if not rank:
         spec = KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
+        if _conv_kernel(config) is not None:  # LFM2: a conv layer stores each token's convolution input
+            conv = LayerSpec((TensorSpec("conv_input", (1, int(text.hidden_size)), 1, dt),))
+            kinds = list(text.layer_types)
+            return KVSpec(model_id, tuple(conv if kind == "conv" else layer for layer, kind in zip(spec.layers, kinds)),
+                          revision)
     else:
         try:
             layers, rope = int(text.num_hidden_layers), int(text.qk_rope_head_dim)
@@ -248,6 +255,9 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, _V4History):
             out.append(layer.saved())
+            continue
+        if isinstance(layer, ConvHistoryLayer):
+            out.append((layer.history(),))
             continue
         # a plain sliding-window layer keeps only part of the context, other subclasses state
         # besides their keys and values (quantized KV, a linear-attention state): a save would
@@ -279,7 +289,8 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
     them all and attends to its window; DeepSeek V4 layers take what ``cache_to_kv`` gave, cut
     at a restore point)."""
     if not isinstance(kv, (list, tuple)) or not all(
-            isinstance(p, (list, tuple)) and len(p) >= (1 if _v4_config(config) is not None else 2)
+            isinstance(p, (list, tuple)) and len(p) >= (1 if _v4_config(config) is not None or _conv_kernel(config)
+                                                        else 2)
             and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
         raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
     cache = session_cache(config)
@@ -288,6 +299,11 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
     for i, (layer, p) in enumerate(zip(cache.layers, kv)):
         if isinstance(layer, _V4History):
             layer.load(p)
+            continue
+        if isinstance(layer, ConvHistoryLayer):
+            if len(p) != 1:
+                raise SpecMismatchError(f"layer {i} is a conv layer: expected its inputs alone, got {len(p)} tensors")
+            layer.load(p[0])
             continue
         if len(p) not in (2, 3):
             raise SpecMismatchError(f"layer {i}: expected (key, value) or (key, value, indexer keys), got {len(p)} tensors")
@@ -309,9 +325,12 @@ def session_cache(config: Any) -> Any:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]
     step = restore_step(config) if _v4_config(config) is not None else 0
+    kernel = _conv_kernel(config)
     for i, layer in enumerate(cache.layers):
         kind = getattr(type(layer), "_layer_type", None)
-        if step and kind in _V4_TYPES:
+        if kernel and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "conv":
+            cache.layers[i] = ConvHistoryLayer(kernel)
+        elif step and kind in _V4_TYPES:
             cache.layers[i] = _v4_layer(type(layer))(config, step, kind)
         # chunked attention (Llama 4) is the same layer class under another mask: the same tensors
         # and mask sizes serve it (test_llama4_chunked_attention_random_weights)
@@ -446,7 +465,7 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     if len(kinds) != store.spec.num_layers:
         raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
     for i, kind in enumerate(kinds):
-        want = len(kind.widths) if isinstance(kind, _V4History) else None
+        want = len(kind.widths) if isinstance(kind, _V4History) else 1 if isinstance(kind, ConvHistoryLayer) else None
         have = len(store.spec.layers[i].tensors)
         if (want is None and have < 2) or (want is not None and have != want):
             raise SpecMismatchError(f"the store's layer {i} holds {have} tensors, the config's cache layer "
@@ -464,6 +483,9 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     for i, kind in enumerate(kinds):
         if isinstance(kind, _V4History):
             layers.append(type(kind)(config, step, kind.kind, handle, i, [buffers[(i, j)] for j in range(len(kind.widths))], n))
+            continue
+        if isinstance(kind, ConvHistoryLayer):
+            layers.append(ConvHistoryLayer(kind._kernel, handle, i, buffers[(i, 0)], n))
             continue
         k, v = buffers[(i, 0)], buffers[(i, 1)]
         if isinstance(kind, SlidingHistoryLayer):
@@ -627,6 +649,130 @@ class SlidingHistoryLayer(DynamicSlidingWindowLayer):
         keep = self._n + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
         self._n = self.cumulative_length = max(0, min(self._n, keep))
         self._window()
+
+
+# ---------------------------------------------------------------------------- short convolutions
+# LFM2's convolution layers (LFM2, LFM2-MoE) keep no keys and values: each keeps a state, the
+# last ``conv_L_cache`` tokens' inputs to its causal convolution (``B * x``, one vector of
+# ``hidden_size`` per token). That state at any token is those tokens' inputs, so storing every
+# token's input, as a key is stored, restores a conv layer at any token, exactly.
+_CONV_MODELS = ("lfm2", "lfm2_moe")
+_LinearLayer: Any = getattr(cache_utils, "LinearAttentionLayer", None)
+
+
+def _conv_kernel(config: Any) -> int | None:
+    """The kernel size of a short-convolution model's conv layers (``conv_L_cache``), else None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "model_type", None) not in _CONV_MODELS or _LinearLayer is None:
+        return None
+    return int(text.conv_L_cache)
+
+
+class _LazyStates(dict):
+    """A conv layer's per-state dict whose first read waits for the layer's restore: transformers
+    reads ``has_previous_state`` and ``conv_states`` straight from the layer."""
+
+    def __init__(self, layer: Any, items: dict) -> None:
+        super().__init__(items)
+        self._layer = layer
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._layer._handle is not None:
+            self._layer._materialize()
+        return super().__getitem__(key)
+
+
+class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
+    """A short-convolution cache layer (LFM2's) that also keeps every token's convolution input.
+
+    Attention sees exactly what ``LinearAttentionLayer`` gives it (the same conv state, updated
+    in place by transformers' one-token decode kernel); ``history()`` gives a save every token's
+    input, ``[1, n, channels]``. A prefill hands the layer its tokens' inputs; a decode step
+    writes its token's input into the state in place, which this layer copies at the next step
+    or save. With ``handle``, its first ``n`` tokens' inputs are being restored into ``buf``
+    (``[1, 1, capacity, channels]``), and the state is built from the last ``kernel`` of them the
+    first time the model reads it."""
+
+    def __init__(self, kernel: int, handle: Any = None, index: int = 0, buf: torch.Tensor | None = None,
+                 n: int = 0) -> None:
+        super().__init__()
+        self._kernel, self._handle, self._index = kernel, handle, index
+        self._buf, self._n, self._pending = buf, n, False
+        if handle is not None:
+            for name in ("conv_states", "has_previous_state", "is_conv_states_initialized"):
+                setattr(self, name, _LazyStates(self, getattr(self, name)))
+
+    def _materialize(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.layer(self._index)  # waits for this layer; fills the buffer view
+        self._state_from_history()
+
+    def _state_from_history(self) -> None:
+        """The state transformers' layer holds after these ``_n`` tokens: their last ``kernel``
+        inputs, zeros before the first token."""
+        assert self._buf is not None  # a restore's buffer, or load()'s
+        hist = self._buf[0, 0, :self._n]
+        m = min(self._kernel, self._n)
+        state = hist.new_zeros(1, hist.shape[1], self._kernel)
+        state[0, :, self._kernel - m:] = hist[self._n - m:].T
+        self.dtype, self.device = hist.dtype, hist.device
+        for name, value in (("conv_states", state), ("conv_kernel_size", self._kernel),
+                            ("is_conv_states_initialized", True), ("has_previous_state", True)):
+            dict.__setitem__(getattr(self, name), 0, value)
+        self.cumulative_length_linear = torch.tensor(self._n, dtype=torch.long, device=hist.device)
+
+    def _record(self, inputs: torch.Tensor) -> None:
+        """Append ``inputs`` (``[m, channels]``) to the history."""
+        m, c = inputs.shape
+        with torch.inference_mode():  # a save flushes outside the forward pass, into the pass's tensors
+            if self._buf is None:
+                self._buf = inputs.new_empty(1, 1, m + HEADROOM, c)
+            self._buf = _append(self._buf, self._n, inputs.reshape(1, 1, m, c))
+        self._n += m
+
+    def _flush(self) -> None:
+        # the last decode step's input, which transformers' kernel wrote into the state in place
+        if self._pending:
+            self._pending = False
+            self._record(dict.__getitem__(self.conv_states, 0)[0, :, -1:].T)
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        if self._handle is not None:
+            self._materialize()
+        if conv_states.shape[0] != 1 or state_idx != 0:
+            raise SpecMismatchError("a conv history layer holds one sequence's single state (batch 1)")
+        self._flush()
+        self._record(conv_states[0].T)
+        return super().update_conv_state(conv_states, state_idx, **kwargs)
+
+    def increase_count(self, state_idx: int) -> None:
+        # transformers' one-token decode: called before its kernel writes the token into the state
+        if self._handle is not None:
+            self._materialize()
+        self._flush()
+        super().increase_count(state_idx)
+        self._pending = state_idx == 0
+
+    def get_seq_length(self) -> int:
+        return self._n + self._pending
+
+    def history(self) -> torch.Tensor:
+        """Every token's convolution input, ``[1, n, channels]`` (a view)."""
+        if self._handle is not None:
+            self._materialize()
+        self._flush()
+        if self._buf is None:
+            raise SpecMismatchError("an empty conv layer has no inputs to save")
+        return self._buf[0, :, :self._n]
+
+    def load(self, inputs: torch.Tensor) -> None:
+        """Start from restored inputs ``[1, n, channels]``."""
+        if inputs.dim() != 3 or inputs.shape[0] != 1:
+            raise SpecMismatchError(f"conv layer inputs must be [1, tokens, channels], got {tuple(inputs.shape)}")
+        self._buf, self._n, self._pending = None, 0, False
+        self._record(inputs[0])
+        self._state_from_history()
 
 
 # ---------------------------------------------------------------------------- DeepSeek V4
@@ -864,7 +1010,7 @@ def _savable(layer: Any) -> bool:
     """Whether ``cache_to_kv`` can save a cache layer exactly: it holds every token's keys and
     values (and a DSA indexer's keys), and nothing else. Exactly these classes: a subclass may
     keep only part of the context or other state."""
-    return isinstance(layer, _V4History) or (type(layer) in _SAVABLE_LAYERS
+    return isinstance(layer, (_V4History, ConvHistoryLayer)) or (type(layer) in _SAVABLE_LAYERS
                                              and (type(layer) is SlidingHistoryLayer or not layer.is_sliding))
 
 
