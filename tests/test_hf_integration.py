@@ -569,7 +569,8 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, dtype, moe):
     in a fresh handle); each equals the same turn on transformers' own cache continued from the
     previous turn, tokens and logits to the bit. Then a second session that shares 37 tokens,
     prefilled there in two passes so that transformers' own cache exists at 37: restored at 37,
-    it continues as that cache does."""
+    it continues as that cache does. Last, a damaged block: the turn restarts from the block
+    before it."""
     lfm = tiny_lfm2(dtype, moe)
     cfg = lfm.config
     spec = spec_for_model(lfm, model_id="test/lfm2")
@@ -613,6 +614,28 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, dtype, moe):
     a, b = prefill(lfm, other[37:], back), prefill(lfm, other[37:], own37)
     assert torch.equal(a[0], b[0])
     assert greedy_decode(lfm, a[0], a[1], 4)[0] == greedy_decode(lfm, b[0], b[1], 4)[0]
+    # session s's second block (tokens 16..31) fails its checksum: the next turn meets it
+    # mid-forward (a conv layer's state is read) and restarts from the first block, never from
+    # wrong state; it equals that block's restored cache continued by hand
+    seen, nxt = ctx + t.tokens[:-1], ctx + t.tokens + rand(5)
+    with TierKV(store, spec, block_tokens=16) as kv:
+        first = kv.restore(seen[:16], session="s")
+        seed = tierkv.keys.chain_seed(kv.fingerprint, None)
+    damaged = tierkv.keys.block_keys(seed, tierkv.keys.as_tokens(seen[:32]), 16, partial=False)[1]
+    env = lmdb.open(store, subdir=True, max_dbs=8)
+    with env.begin(write=True) as txn:
+        blocks = env.open_db(b"blocks", txn=txn)
+        value = bytearray(txn.get(damaged, db=blocks))
+        value[-5] ^= 0x40
+        txn.put(damaged, bytes(value), db=blocks)
+    env.close()
+    with TierKV(store, spec, block_tokens=16) as kv:
+        t = SessionRunner(kv, lfm).turn("s", nxt, max_new_tokens=5)
+        assert kv.stats()["corrupt_blocks"] >= 1
+    logits, cache = prefill(lfm, nxt[16:], kv_to_cache(first.kv, cfg))
+    toks, all_logits, _ = greedy_decode(lfm, logits, cache, 5)
+    assert t.restored_tokens == 16 and t.tokens == toks
+    assert all(torch.equal(x, y) for x, y in zip(t.logits, all_logits))
 
 
 def tiny_deepseek_v4(layer_types: list[str], dtype: torch.dtype = torch.float32) -> Any:
