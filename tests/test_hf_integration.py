@@ -545,6 +545,20 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
             SessionRunner(kv, qwen)
 
 
+def damage_block(store: str, fingerprint: bytes, tokens: list[int], block_tokens: int, index: int) -> None:
+    """Flip a byte near the end of the stored value of block ``index`` of ``tokens`` (no tenant),
+    in the LMDB store at ``store``, closed: the block then fails its checksum."""
+    seed = tierkv.keys.chain_seed(fingerprint, None)
+    key = tierkv.keys.block_keys(seed, tierkv.keys.as_tokens(tokens), block_tokens, partial=False)[index]
+    env = lmdb.open(store, subdir=True, max_dbs=8)
+    with env.begin(write=True) as txn:
+        blocks = env.open_db(b"blocks", txn=txn)
+        value = bytearray(txn.get(key, db=blocks))
+        value[-5] ^= 0x40
+        txn.put(key, bytes(value), db=blocks)
+    env.close()
+
+
 def tiny_lfm2(dtype: torch.dtype = torch.float32, moe: bool = False) -> Any:
     """LFM2's architecture (or LFM2-MoE's) at toy size, random weights: convolution layers
     (kernel 3) and full attention, interleaved."""
@@ -620,15 +634,8 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, dtype, moe):
     seen, nxt = ctx + t.tokens[:-1], ctx + t.tokens + rand(5)
     with TierKV(store, spec, block_tokens=16) as kv:
         first = kv.restore(seen[:16], session="s")
-        seed = tierkv.keys.chain_seed(kv.fingerprint, None)
-    damaged = tierkv.keys.block_keys(seed, tierkv.keys.as_tokens(seen[:32]), 16, partial=False)[1]
-    env = lmdb.open(store, subdir=True, max_dbs=8)
-    with env.begin(write=True) as txn:
-        blocks = env.open_db(b"blocks", txn=txn)
-        value = bytearray(txn.get(damaged, db=blocks))
-        value[-5] ^= 0x40
-        txn.put(damaged, bytes(value), db=blocks)
-    env.close()
+        fingerprint = kv.fingerprint
+    damage_block(store, fingerprint, seen[:32], 16, 1)
     with TierKV(store, spec, block_tokens=16) as kv:
         t = SessionRunner(kv, lfm).turn("s", nxt, max_new_tokens=5)
         assert kv.stats()["corrupt_blocks"] >= 1
@@ -693,18 +700,11 @@ def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
         t = SessionRunner(kv, v4).turn("other", other, max_new_tokens=6)
         assert t.sources == {"ssd": 1}
         same_turn(t, other, 128)
-        seed = tierkv.keys.chain_seed(kv.fingerprint, None)
+        fingerprint = kv.fingerprint
     # the session's second block (tokens 128..255) fails its checksum: the next turn asks for the
     # restore point at 256, meets the damaged block mid-forward, and restarts from the restore
     # point before it (the first block), never from wrong state
-    damaged = tierkv.keys.block_keys(seed, tierkv.keys.as_tokens(ctx[:256]), 2 * step, partial=False)[1]
-    env = lmdb.open(store, subdir=True, max_dbs=8)
-    with env.begin(write=True) as txn:
-        blocks = env.open_db(b"blocks", txn=txn)
-        value = bytearray(txn.get(damaged, db=blocks))
-        value[-5] ^= 0x40
-        txn.put(damaged, bytes(value), db=blocks)
-    env.close()
+    damage_block(store, fingerprint, ctx[:256], 2 * step, 1)
     with TierKV(store, spec, block_tokens=2 * step) as kv:
         t = SessionRunner(kv, v4).turn("s", ctx, max_new_tokens=6)
         same_turn(t, ctx, 128)
