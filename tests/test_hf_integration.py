@@ -559,23 +559,28 @@ def damage_block(store: str, fingerprint: bytes, tokens: list[int], block_tokens
     env.close()
 
 
-def tiny_lfm2(dtype: torch.dtype = torch.float32, moe: bool = False) -> Any:
-    """LFM2's architecture (or LFM2-MoE's) at toy size, random weights: convolution layers
-    (kernel 3) and full attention, interleaved."""
-    from transformers import AutoModelForCausalLM, Lfm2Config, Lfm2MoeConfig
+def tiny_lfm(kind: str, dtype: torch.dtype = torch.float32) -> Any:
+    """LFM2's architecture (or LFM2-MoE's, or LFM3's) at toy size, random weights: convolution
+    layers and attention, interleaved (LFM3: kernel 7 and a sliding-window layer of 8 tokens)."""
+    from transformers import AutoModelForCausalLM, Lfm2Config, Lfm2MoeConfig, Lfm3Config
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention"],
               max_position_embeddings=1024, initializer_range=0.2)
-    cfg = (Lfm2MoeConfig(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_dense_layers=1, **kw)
-           if moe else Lfm2Config(**kw))
+    if kind == "lfm3":
+        kw.update(num_hidden_layers=6, head_dim=16, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  layer_types=None)
+    cfg = {"lfm2": Lfm2Config, "lfm3": Lfm3Config,
+           "lfm2_moe": lambda **k: Lfm2MoeConfig(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                                  num_dense_layers=1, **k)}[kind](**kw)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("dtype,moe", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
-                         ids=["lfm2-fp32", "lfm2-bf16", "lfm2_moe-fp32"])
-def test_lfm2_conv_layers_restore_at_any_token(tmp_path, dtype, moe):
+@pytest.mark.parametrize("kind,dtype", [("lfm2", torch.float32), ("lfm2", torch.bfloat16), ("lfm2_moe", torch.float32),
+                                        ("lfm3", torch.float32)],
+                         ids=["lfm2-fp32", "lfm2-bf16", "lfm2_moe-fp32", "lfm3-fp32"])
+def test_lfm2_conv_layers_restore_at_any_token(tmp_path, kind, dtype):
     """LFM2's convolution layers keep a state, not keys and values: their last 3 tokens' inputs
     to the convolution (refused before session 64). A session_cache's conv layers keep every
     token's input, so a conv layer restores at any token like an attention layer. Three runner
@@ -584,11 +589,11 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, dtype, moe):
     previous turn, tokens and logits to the bit. Then a second session that shares 37 tokens,
     prefilled there in two passes so that transformers' own cache exists at 37: restored at 37,
     it continues as that cache does. Last, a damaged block: the turn restarts from the block
-    before it."""
-    lfm = tiny_lfm2(dtype, moe)
+    before it. LFM2-MoE and LFM3 (kernel 7, with a sliding-window layer) the same."""
+    lfm = tiny_lfm(kind, dtype)
     cfg = lfm.config
     spec = spec_for_model(lfm, model_id="test/lfm2")
-    assert [len(layer.tensors) for layer in spec.layers] == [1, 2, 1, 2]
+    assert [len(layer.tensors) for layer in spec.layers] == [1 if k == "conv" else 2 for k in cfg.layer_types]
     assert spec.layers[0].tensors[0].name == "conv_input" and spec.layers[0].tensors[0].dims == (1, 64)
     gen = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731

@@ -24,8 +24,8 @@ plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_he
 ``session_cache`` (which keeps every token: ``SlidingHistoryLayer``), MLA models (DeepSeek V2/V3, ...), whose layers cache a
 compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
 layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at restore points
-(``restore_step``), and LFM2 / LFM2-MoE (short convolutions beside attention), restored at any
-token. Other cache layers keep part of the context (transformers' own sliding-window and V4
+(``restore_step``), and LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
+any token. Other cache layers keep part of the context (transformers' own sliding-window and V4
 layers) or state besides their keys and values (quantized KV, a linear-attention or Mamba state),
 so they cannot be restored exactly: ``cache_to_kv`` refuses them.
 """
@@ -652,11 +652,11 @@ class SlidingHistoryLayer(DynamicSlidingWindowLayer):
 
 
 # ---------------------------------------------------------------------------- short convolutions
-# LFM2's convolution layers (LFM2, LFM2-MoE) keep no keys and values: each keeps a state, the
+# LFM2's convolution layers (LFM2, LFM2-MoE, LFM3) keep no keys and values: each keeps a state, the
 # last ``conv_L_cache`` tokens' inputs to its causal convolution (``B * x``, one vector of
 # ``hidden_size`` per token). That state at any token is those tokens' inputs, so storing every
 # token's input, as a key is stored, restores a conv layer at any token, exactly.
-_CONV_MODELS = ("lfm2", "lfm2_moe")
+_CONV_MODELS = ("lfm2", "lfm2_moe", "lfm3")
 _LinearLayer: Any = getattr(cache_utils, "LinearAttentionLayer", None)
 
 
