@@ -595,6 +595,9 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, kind, dtype):
     spec = spec_for_model(lfm, model_id="test/lfm2")
     assert [len(layer.tensors) for layer in spec.layers] == [1 if k == "conv" else 2 for k in cfg.layer_types]
     assert spec.layers[0].tensors[0].name == "conv_input" and spec.layers[0].tensors[0].dims == (1, 64)
+    # transformers' own cache keeps only the last inputs: refused, naming the cache that works
+    with pytest.raises(SpecMismatchError, match="0 is a LinearAttentionLayer.*session_cache"):
+        cache_to_kv(prefill(lfm, list(range(1, 20)), DynamicCache(config=cfg))[1])
     gen = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
     store, ctx = str(tmp_path / "store"), rand(50)
