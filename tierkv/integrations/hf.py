@@ -267,7 +267,8 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
                     if type(layer) is DynamicSlidingWindowLayer else
                     " (make the cache with session_cache(config): for LFM2-family models its convolution layers "
                     "keep every token's input)"
-                    if type(layer) is _LinearLayer and not any(layer.is_recurrent_states_initialized.values()) else "")
+                    if type(layer) is _LinearLayer and not any(getattr(layer, "is_recurrent_states_initialized", {}).values())
+                    else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
                                     f"can be saved exactly{hint}")
