@@ -1014,8 +1014,8 @@ def _savable(layer: Any) -> bool:
     """Whether ``cache_to_kv`` can save a cache layer exactly: it holds every token's keys and
     values (and a DSA indexer's keys), and nothing else. Exactly these classes: a subclass may
     keep only part of the context or other state."""
-    return isinstance(layer, (_V4History, ConvHistoryLayer)) or (type(layer) in _SAVABLE_LAYERS
-                                             and (type(layer) is SlidingHistoryLayer or not layer.is_sliding))
+    return isinstance(layer, (_V4History, ConvHistoryLayer)) or (
+        type(layer) in _SAVABLE_LAYERS and (type(layer) is SlidingHistoryLayer or not layer.is_sliding))
 
 
 def cache_len(cache: Any) -> int:
