@@ -197,6 +197,20 @@ def test_soak_bench_runs(tmp_path):
         assert res["verify"]["after_repair"]["blocks_without_values"] == 0
 
 
+@pytest.mark.model  # SmolLM2's tokenizer
+def test_lfm_restore_bench_runs(tmp_path):
+    """bench/lfm_restore.py on a toy LFM2: restored from cold SSD, the logits equal continuing the
+    original cache, and the conv layers' inputs are counted in the stored bytes."""
+    out = tmp_path / "lfm.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "lfm_restore.py"), "--small", "--tokens", "120",
+                        "--rounds", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["logits_identical"] is True and res["context_tokens"] == 120
+    assert res["conv_input_bytes_per_token"] == 2 * 64 * 4 and res["bytes_per_token"] == 2 * 64 * 4 + 2 * 2 * 2 * 16 * 4
+    assert set(res["ttft_s"]) == {"recompute", "cold_ssd"}
+
+
 @pytest.mark.model  # loads SmolLM2 (or KV captured from it)
 def test_ttft_parts_bench_runs(tmp_path):
     out = tmp_path / "ttft_parts.json"
