@@ -9,6 +9,7 @@ import torch
 
 import tierkv
 from tierkv.cli import main
+from tierkv import ConfigError
 from tierkv.kvmath import Geometry, load_presets, parse_tokens, plan, preset
 
 GIB = 2**30
@@ -83,6 +84,33 @@ def test_geometry_from_hf_config_and_config_json(tmp_path):
     g2 = Geometry.from_config_json(str(p))
     assert g2.family == "mla_dsa"
     assert g2.footprint(1000).total == preset("deepseek-v3.2").footprint(1000).total
+
+
+def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
+    """An LFM2-family config (conv layers beside attention): the footprint counts what tierkv
+    stores for each layer, keys and values for attention and each token's convolution input for a
+    conv layer (before session 64 every layer was counted as attention), and equals the engine's
+    spec for the same config. Layers with a recurrent state (Qwen3-Next's linear attention),
+    which tierkv does not store, are refused, not counted as attention."""
+    from transformers import Lfm2Config, Qwen3NextConfig
+
+    from tierkv.integrations.hf import spec_for_config
+
+    kinds = ["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)]
+    cfg = Lfm2Config(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     layer_types=kinds)
+    g = Geometry.from_hf_config(cfg)
+    per_token = 6 * 2 * 8 * 64 * 2 + 10 * 2048 * 2  # bf16
+    assert g.footprint(1000).total == 1000 * per_token
+    assert spec_for_config(cfg, torch.bfloat16).bytes_per_token == per_token == g.kvspec().bytes_per_token
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg.to_dict()))
+    assert Geometry.from_config_json(str(p)).footprint(10).total == 10 * per_token
+    with pytest.raises(ConfigError, match="linear_attention"):
+        Geometry.from_hf_config(Qwen3NextConfig(num_hidden_layers=4, layer_types=["linear_attention"] * 3
+                                                + ["full_attention"]))
+    with pytest.raises(ConfigError, match="layer_types for"):
+        Geometry.from_config_dict({**cfg.to_dict(), "layer_types": kinds[:4]})
 
 
 def test_plan_cascades_and_reports_assumptions():

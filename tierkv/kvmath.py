@@ -9,7 +9,9 @@ Primitives:
     plan: how many sessions fit in HBM, DRAM and SSD, and how long one takes to reload.
 
 For gqa and mla models the per-token bytes come from the engine's own ``KVSpec`` (``Geometry.kvspec``):
-the planner and the store can never disagree about what a token of KV weighs.
+the planner and the store can never disagree about what a token of KV weighs. A gqa config with
+short-convolution layers (LFM2's ``conv`` layer type) counts each conv layer's per-token input,
+as the transformers integration stores it; layers with a recurrent state are refused.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _REQUIRED = {
     "mla_dsa": ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim", "index_head_dim"),
     "v4_hybrid": ("num_hidden_layers", "head_dim", "sliding_window", "index_head_dim", "compress_ratios"),
 }
+#: layer types whose cache is a recurrent state (Qwen3-Next, Qwen3.5, Mamba hybrids): no token's
+#: own values give it back, so tierkv does not store them and a footprint would be wrong
+_STATE_LAYER_TYPES = ("linear_attention", "mamba", "mamba2", "ssm")
 _TOKENS_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*$")
 
 
@@ -104,6 +109,10 @@ class Geometry:
                     raise ConfigError(f"{self.name}: compress_ratios must be a list of non-negative ints")
             elif k in _REQUIRED[self.family] and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"{self.name}: {k} must be a positive int, got {v!r}")
+        if "conv_dim" in self.fields and not (
+                isinstance(self.fields["conv_dim"], int) and self.fields["conv_dim"] > 0
+                and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
+            raise ConfigError(f"{self.name}: conv_dim needs a positive int and one layer_types entry per layer")
         if self.family == "v4_hybrid" and len(self.fields["compress_ratios"]) < self.layers:
             raise ConfigError(f"{self.name}: compress_ratios needs one entry per layer ({self.layers})")
 
@@ -131,7 +140,20 @@ class Geometry:
             except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
                 raise ConfigError(f"{name}: config lacks attention fields (num_attention_heads, hidden_size "
                                   f"or head_dim): {e}") from None
-        keep = set(_REQUIRED.get(family, ())) | {"mtp_layers", "num_key_value_heads", "max_position_embeddings"}
+            types = cfg.get("layer_types")
+            if isinstance(types, list):
+                state = sorted({t for t in types if t in _STATE_LAYER_TYPES})
+                if state:
+                    raise ConfigError(f"{name}: layers of type {state} keep a recurrent state, which tierkv "
+                                      "does not store (no token's own values give it back)")
+                if "conv" in types:  # LFM2-family short convolutions: tierkv stores each token's input
+                    if len(types) != int(cfg.get("num_hidden_layers", -1)):
+                        raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
+                    cfg["conv_dim"] = int(cfg["hidden_size"])
+                else:
+                    cfg.pop("layer_types")
+        keep = set(_REQUIRED.get(family, ())) | {"mtp_layers", "num_key_value_heads", "max_position_embeddings",
+                                                 "layer_types", "conv_dim"}
         return cls(name, family, {k: cfg[k] for k in keep if k in cfg}, source)
 
     @classmethod
@@ -171,6 +193,11 @@ class Geometry:
         if self.family == "gqa":
             d = (int(f["num_key_value_heads"]), int(f["head_dim"]))
             layer = LayerSpec((TensorSpec("key", d, 1, dtype), TensorSpec("value", d, 1, dtype)))
+            if f.get("conv_dim"):  # LFM2-family: a conv layer stores each token's convolution input
+                conv = LayerSpec((TensorSpec("conv_input", (1, int(f["conv_dim"])), 1, dtype),))
+                extra = ["full_attention"] * (self.layer_count(include_mtp) - self.layers)  # MTP layers attend
+                kinds = list(f["layer_types"])[:self.layers] + extra
+                return KVSpec(self.name, tuple(conv if k == "conv" else layer for k in kinds))
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
         else:
