@@ -700,32 +700,26 @@ assert kv_cache_groups(None, 32) == [[]]
 assert kv_cache_groups(NS(kv_cache_groups=[KVCacheGroupSpec(["a", "b"], full)]), 32) == [["a", "b"]]
 assert kv_cache_groups(NS(kv_cache_groups=[KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["b"], window)]),
                        32) == [["a"], ["b"]]
-mamba = MambaSpec(block_size=32, shapes=((4,),), dtypes=(torch.float32,))
-for groups, size, why in (([KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["m"], mamba)], 32, "MambaSpec"),
-                          ([KVCacheGroupSpec(["a"], full)], 16, "block_size 16")):
-    try:
-        kv_cache_groups(NS(kv_cache_groups=groups), size)
-    except ConfigError as e:
-        assert why in str(e), str(e)
-    else:
-        raise SystemExit(f"accepted {why}")
-# DeepSeek V4 (vLLM's own spec types, as vLLM groups a V4 model's layers): compressed entries and
-# V4 windows are refused by name, whichever group comes first; full-attention layers of different
-# shapes in one group are refused too, saying so
+# ... and DeepSeek V4 (vLLM's own spec types, as vLLM groups a V4 model's layers): compressed
+# entries and V4 windows are refused by name, whichever group comes first; full-attention layers
+# of different shapes in one group are refused too, saying so
 from vllm.v1.kv_cache_interface import MLAAttentionSpec, SlidingWindowMLASpec, UniformTypeKVCacheSpecs
 def uniform(**specs):
     return UniformTypeKVCacheSpecs(block_size=next(iter(specs.values())).block_size, kv_cache_specs=specs)
+mamba = MambaSpec(block_size=32, shapes=((4,),), dtypes=(torch.float32,))
 swa = SlidingWindowMLASpec(block_size=64, num_kv_heads=1, head_size=512, dtype=torch.bfloat16, sliding_window=128,
                            model_version="deepseek_v4")
 csa = MLAAttentionSpec(block_size=256, num_kv_heads=1, head_size=512, dtype=torch.bfloat16, tokens_per_state=4)
-for groups, why in (([KVCacheGroupSpec(["w0", "w1"], uniform(w0=swa, w1=swa)), KVCacheGroupSpec(["c1"], csa)],
-                     "layer 'c1' pages compressed entries of 4 tokens each"),
-                    ([KVCacheGroupSpec(["w0"], uniform(w0=swa))], "layer 'w0' is paged as DeepSeek V4's"),
-                    ([KVCacheGroupSpec(["a", "b"], uniform(a=full, b=FullAttentionSpec(
-                        block_size=32, num_kv_heads=1, head_size=64, dtype=torch.bfloat16)))],
-                     "(FullAttentionSpec layers of different shapes)")):
+for groups, size, why in (([KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["m"], mamba)], 32, "MambaSpec"),
+                          ([KVCacheGroupSpec(["a"], full)], 16, "block_size 16"),
+                          ([KVCacheGroupSpec(["w0", "w1"], uniform(w0=swa, w1=swa)), KVCacheGroupSpec(["c1"], csa)],
+                           32, "layer 'c1' pages compressed entries of 4 tokens each"),
+                          ([KVCacheGroupSpec(["w0"], uniform(w0=swa))], 32, "layer 'w0' is paged as DeepSeek V4's"),
+                          ([KVCacheGroupSpec(["a", "b"], uniform(a=full, b=FullAttentionSpec(
+                              block_size=32, num_kv_heads=1, head_size=64, dtype=torch.bfloat16)))],
+                           32, "(FullAttentionSpec layers of different shapes)")):
     try:
-        kv_cache_groups(NS(kv_cache_groups=groups), 32)
+        kv_cache_groups(NS(kv_cache_groups=groups), size)
     except ConfigError as e:
         assert why in str(e), str(e)
     else:

@@ -61,6 +61,7 @@ from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..keys import as_tokens
+from ..kvmath import Geometry
 from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
 __all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache",
@@ -221,12 +222,9 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
             LayerSpec(tuple(TensorSpec(name, (1, w), 1, "float32" if name == "chunk_gates" else dt)
                             for name, w in _v4_widths(v4, kind, step).items())) for kind in kinds), revision)
     if not rank:
-        spec = KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
         if _conv_kernel(config) is not None:  # LFM2: a conv layer stores each token's convolution input
-            conv = LayerSpec((TensorSpec("conv_input", (1, int(text.hidden_size)), 1, dt),))
-            kinds = list(text.layer_types)
-            return KVSpec(model_id, tuple(conv if kind == "conv" else layer for layer, kind in zip(spec.layers, kinds)),
-                          revision)
+            return KVSpec(model_id, Geometry.from_hf_config(config).kvspec(dt).layers, revision)
+        spec = KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
     else:
         try:
             layers, rope = int(text.num_hidden_layers), int(text.qk_rope_head_dim)

@@ -51,8 +51,9 @@ pipeline stages, with an MLA model on one worker (fp32 with the reference CPU_ML
 with AMX_MLA), and with sliding-window and chunked-local-attention models under the hybrid KV
 cache manager. Models whose pages are not one slot per token are refused at start-up, saying
 why: DeepSeek V4's compressed attention (compressed entries and compressor state) and hybrid
-models with Mamba, linear-attention or convolution state (LFM2 tested). The scheduler and the workers run in separate processes, each opening the stores
-it needs; the workers write through to SSD so the scheduler's lookups see what they saved.
+models with Mamba, linear-attention or convolution state (LFM2 tested). The scheduler and the
+workers run in separate processes, each opening the stores it needs; the workers write through
+to SSD so the scheduler's lookups see what they saved.
 """
 
 from __future__ import annotations
@@ -408,9 +409,9 @@ def kv_cache_groups(kv_cache_config: Any, block_size: int) -> list[list[str]]:
             why = f"{', '.join(inner)} layers of different shapes" if inner else UNPAGED_WHY.get(kind)
             raise ConfigError(f"TierKVConnector: a KV cache group of {kind} ({list(g.layer_names)[:2]}...) is not "
                               f"supported{f' ({why})' if why else ''}; supported: {list(PAGED_GROUPS)}")
-        if int(getattr(g.kv_cache_spec, "tokens_per_state", 1)) != 1 or not getattr(g, "enable_kv_transfer", True):
-            raise ConfigError(f"TierKVConnector: a KV cache group of {kind} layers keeps other than one slot per "
-                              "token, or is not transferable: not supported")
+        if not getattr(g, "enable_kv_transfer", True):  # (compressed slots: _refuse_compressed_attention)
+            raise ConfigError(f"TierKVConnector: a KV cache group of {kind} layers is not transferable: "
+                              "not supported")
         if int(getattr(g.kv_cache_spec, "block_size", block_size)) != block_size:
             raise ConfigError(f"TierKVConnector: a KV cache group pages {g.kv_cache_spec.block_size} tokens per "
                               f"block, not vLLM's block_size {block_size}")
