@@ -529,20 +529,18 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     v4 = tiny_deepseek_v4(["compressed_sparse_attention", "heavily_compressed_attention"])
     with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
         cache_to_kv(prefill(v4, list(range(1, 40)), DynamicCache(config=v4.config))[1])
-    # a runner refuses a model it cannot save when it is made, not after a turn's work: a
-    # linear-attention (gated delta net) state beside attention (Qwen3-Next). LFM2's convolution
-    # state was refused this way before session 64 (test_lfm2_conv_layers_restore_at_any_token)
-    from transformers import AutoModelForCausalLM, Qwen3NextConfig
+    # a runner refuses a model it cannot save when it is made, not after a turn's work: a Mamba-2
+    # state beside attention (Bamba). LFM2's convolution state was refused this way before session
+    # 64, Qwen3-Next's gated delta nets before session 65 (test_lfm2_*, test_gated_delta_net_*)
+    from transformers import AutoModelForCausalLM, BambaConfig
 
-    cfg = Qwen3NextConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, linear_num_value_heads=2,
-                          linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=2,
-                          num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                          layer_types=["linear_attention", "full_attention"])
-    qwen = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    cfg = BambaConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16,
+                      mamba_d_state=16, mamba_n_groups=1)
+    bamba = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
         with pytest.raises(SpecMismatchError, match="0: LinearAttentionLayer"):
-            SessionRunner(kv, qwen)
+            SessionRunner(kv, bamba)
 
 
 def damage_block(store: str, fingerprint: bytes, tokens: list[int], block_tokens: int, index: int) -> None:
@@ -747,6 +745,122 @@ def test_deepseek_v4_layers_round_trip():
         for name, entries in mine.compressed_kv.items():
             assert entries.shape[1] == 128 // mine.compress_rate
             assert torch.equal(entries, theirs.compressed_kv[name][:, :entries.shape[1]])
+
+
+def tiny_gdn(kind: str, dtype: torch.dtype = torch.float32) -> Any:
+    """Qwen3-Next's architecture (or Qwen3.5's, dense or MoE) at toy size, random weights: three
+    gated delta net layers (kernel 4, 2 key and 4 value heads of 16) and an attention layer."""
+    from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=1, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+              linear_key_head_dim=16, linear_value_head_dim=16, max_position_embeddings=1024, initializer_range=0.2,
+              layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    cfg = {"qwen3_next": lambda: Qwen3NextConfig(**kw, **moe), "qwen3_5": lambda: Qwen3_5TextConfig(**kw),
+           "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(**kw, **moe)}[kind]()
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("kind,dtype", [("qwen3_next", torch.float32), ("qwen3_next", torch.bfloat16),
+                                        ("qwen3_5", torch.float32), ("qwen3_5_moe", torch.float32)],
+                         ids=["qwen3_next-fp32", "qwen3_next-bf16", "qwen3_5-fp32", "qwen3_5_moe-fp32"])
+def test_gated_delta_net_sessions_restore_at_restore_points(tmp_path, kind, dtype):
+    """Qwen3-Next's and Qwen3.5's gated delta nets keep a conv state and a recurrent state, no
+    per-token KV (refused before session 65). A session_cache keeps both states at each restore
+    point (every 64 tokens here), where prefill stops its passes, and restores there: three
+    runner turns (each restoring the last restore point of the turn before), then, in a fresh
+    handle, a second session sharing 150 tokens (restored from SSD up to 128), then a turn whose
+    second block fails its checksum (restarted from the restore point before it), each equal to
+    the same turn on transformers' own cache from the same point, tokens and logits to the bit."""
+    qwen = tiny_gdn(kind, dtype)
+    cfg, step = qwen.config, restore_step(qwen.config)
+    assert step == 64  # 896 elements of state per layer against 32 of keys and values per token
+    spec = spec_for_model(qwen, model_id="test/gdn")
+    names = [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers]
+    dt = tierkv.spec.dtype_name(dtype)
+    assert names[0] == [("conv_state", (1, 8), dt), ("recurrent_state", (1, 16), "float32")]  # 128 x 4, 4 x 16 x 16
+    assert names[2] == [("key", (1, 16), dt), ("value", (1, 16), dt)]
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
+    store, ctx, points = str(tmp_path / "store"), rand(128), {}
+
+    def same_turn(t, tokens, start):
+        # transformers' own cache from the state it had at ``start``, through the same prefill
+        logits, cache = prefill(qwen, tokens[start:], copy.deepcopy(points[start]) if start else DynamicCache(config=cfg))
+        points[len(tokens)] = copy.deepcopy(cache)
+        toks, all_logits, cache = greedy_decode(qwen, logits, cache, 6)
+        assert t.restored_tokens == start and t.tokens == toks
+        assert all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+
+    with TierKV(str(tmp_path / "small"), spec, block_tokens=32) as small:
+        with pytest.raises(ConfigError, match="multiple of 64"):
+            SessionRunner(small, qwen)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        runner = SessionRunner(kv, qwen)
+        runner.reserve(256)  # the restore buffers from its pool, the states' too
+        for start in (0, 128, 192):  # the turn before saved 133 and 197 tokens
+            t = runner.turn("s", ctx, max_new_tokens=6)
+            same_turn(t, ctx, start)
+            ctx = ctx + t.tokens + rand(58)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        other = ctx[:150] + rand(20)
+        t = SessionRunner(kv, qwen).turn("other", other, max_new_tokens=6)
+        assert t.sources == {"ssd": 1}
+        same_turn(t, other, 128)
+        fingerprint = kv.fingerprint
+    # the session's second block (tokens 128..255) fails its checksum: the next turn asks for the
+    # restore point at 256, meets the damaged block mid-forward, and restarts from the restore
+    # point before it (the first block), never from wrong state
+    damage_block(store, fingerprint, ctx[:256], 2 * step, 1)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        t = SessionRunner(kv, qwen).turn("s", ctx, max_new_tokens=6)
+        assert kv.stats()["corrupt_blocks"] >= 1
+        same_turn(t, ctx, 128)
+
+
+def test_gated_delta_net_layers_round_trip():
+    """What a gated delta net session_cache saves, kv_to_cache restores at a restore point and
+    nowhere else, and saves back unchanged. Saved at 150 tokens, a cache holds the states of its
+    64- and 128-token restore points: restored at 128, it continues as transformers' own cache at
+    128 does, to the bit, and the states it keeps at 192, reached one decode step at a time, are
+    those of transformers' own cache there. A pass that runs past a restore point leaves it
+    without a state: such a cache is refused at save, never stored with zeros there."""
+    qwen = tiny_gdn("qwen3_next")
+    cfg = qwen.config
+    ids = torch.randint(1, 256, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    _, cache = prefill(qwen, ids[:150])
+    _, ref = prefill(qwen, ids[:128], DynamicCache(config=cfg))
+    kv = cache_to_kv(cache)
+    assert [[tuple(x.shape) for x in p] for p in kv] == [[(1, 150, 8), (1, 150, 16)]] * 2 + [[(1, 150, 16)] * 2] + \
+        [[(1, 150, 8), (1, 150, 16)]]
+    with pytest.raises(SpecMismatchError, match="multiple of 64"):
+        kv_to_cache(kv, cfg)
+    point = [[x[:, :128] for x in p] for p in kv]
+    back = kv_to_cache(point, cfg)
+    assert cache_len(back) == 128 and type(back.layers[0]).__name__ == "StateSnapshotLayer"
+    # saved again, a restored cache gives back what it was given
+    assert all(torch.equal(a, b) for p, q in zip(cache_to_kv(back), point) for a, b in zip(p, q))
+    for x in ids[128:200]:  # one token a pass (decode steps), both caches
+        a, back = prefill(qwen, [x], back)
+        b, ref = prefill(qwen, [x], ref)
+        assert torch.equal(a, b)
+        if cache_len(ref) == 192:
+            at192 = copy.deepcopy(ref)
+    mine = kv_to_cache([[x[:, :192] for x in p] for p in cache_to_kv(back)], cfg)
+    for i in (0, 1, 3):
+        for name in ("conv_states", "recurrent_states"):
+            assert torch.equal(getattr(mine.layers[i], name)[0], getattr(at192.layers[i], name)[0]), (i, name)
+    # transformers' own cache keeps only the last state: refused, naming the cache that works
+    with pytest.raises(SpecMismatchError, match="0 is a LinearAttentionLayer.*restore points"):
+        cache_to_kv(ref)
+    # one pass of 150 tokens runs past 64 and 128 without seeing the states there
+    run_past = session_cache(cfg)
+    with torch.inference_mode():
+        qwen(input_ids=torch.tensor([ids[:150]]), cache=run_past, use_cache=True)
+    with pytest.raises(SpecMismatchError, match="past restore point 64"):
+        cache_to_kv(run_past)
 
 
 def test_sliding_window_layers_are_saved_only_whole():

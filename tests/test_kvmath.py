@@ -90,8 +90,9 @@ def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
     """An LFM2-family config (conv layers beside attention): the footprint counts what tierkv
     stores for each layer, keys and values for attention and each token's convolution input for a
     conv layer (before session 64 every layer was counted as attention), and equals the engine's
-    spec for the same config. Layers with a recurrent state (Qwen3-Next's linear attention),
-    which tierkv does not store, are refused, not counted as attention."""
+    spec for the same config. Qwen3-Next's gated delta nets count the states tierkv stores at
+    their restore points; other layers with a recurrent state (Mamba), which tierkv does not
+    store, are refused, not counted as attention."""
     from transformers import Lfm2Config, Qwen3NextConfig
 
     from tierkv.integrations.hf import spec_for_config
@@ -106,11 +107,26 @@ def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
     p = tmp_path / "config.json"
     p.write_text(json.dumps(cfg.to_dict()))
     assert Geometry.from_config_json(str(p)).footprint(10).total == 10 * per_token
-    with pytest.raises(ConfigError, match="linear_attention"):
-        Geometry.from_hf_config(Qwen3NextConfig(num_hidden_layers=4, layer_types=["linear_attention"] * 3
-                                                + ["full_attention"]))
     with pytest.raises(ConfigError, match="layer_types for"):
         Geometry.from_config_dict({**cfg.to_dict(), "layer_types": kinds[:4]})
+    # Qwen3-Next-80B (transformers' defaults): 12 attention layers, 36 gated delta nets whose
+    # states (a conv state of 8,192 x 4, a float32 recurrent state of 32 x 128 x 128) tierkv
+    # stores every 1,024 tokens, spread over them; counted as attention before session 65, then
+    # refused
+    nxt = Qwen3NextConfig()
+    g = Geometry.from_hf_config(nxt)
+    assert g.restore_step == 1024 and nxt.layer_types.count("linear_attention") == 36
+    per_token = 12 * 2 * 2 * 256 * 2 + 36 * (8192 * 4 // 1024 * 2 + 32 * 128 * 128 // 1024 * 4)
+    assert g.footprint(1000).total == 1000 * per_token == 1000 * 100_608
+    assert spec_for_config(nxt, torch.bfloat16).bytes_per_token == per_token == g.kvspec().bytes_per_token
+    # at 8 bits the keys, values and conv states halve; the recurrent state stays float32
+    assert g.footprint(1000, kv_bits=8).total == 1000 * (per_token - (12 * 2048 + 36 * 64) // 2)
+    # a Mamba layer's state (Bamba, Nemotron-H, ...) is not stored: refused, not counted as attention
+    with pytest.raises(ConfigError, match="mamba"):
+        Geometry.from_config_dict({**cfg.to_dict(), "layer_types": ["mamba"] * 15 + ["full_attention"]})
+    # a linear-attention layer without a gated delta net's fields is not one tierkv knows
+    with pytest.raises(ConfigError, match="linear_attention"):
+        Geometry.from_config_dict({**cfg.to_dict(), "layer_types": ["linear_attention"] * 15 + ["full_attention"]})
 
 
 def test_plan_cascades_and_reports_assumptions():

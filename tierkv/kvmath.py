@@ -11,7 +11,10 @@ Primitives:
 For gqa and mla models the per-token bytes come from the engine's own ``KVSpec`` (``Geometry.kvspec``):
 the planner and the store can never disagree about what a token of KV weighs. A gqa config with
 short-convolution layers (LFM2's ``conv`` layer type) counts each conv layer's per-token input,
-as the transformers integration stores it; layers with a recurrent state are refused.
+as the transformers integration stores it. A gated delta net layer (Qwen3-Next's and Qwen3.5's
+``linear_attention``) keeps a state instead, which tierkv stores at restore points, every
+``restore_step`` tokens, spread over that many tokens: it counts that share per token. Other
+layers with a recurrent state (Mamba) are refused.
 """
 
 from __future__ import annotations
@@ -39,8 +42,14 @@ _REQUIRED = {
     "v4_hybrid": ("num_hidden_layers", "head_dim", "sliding_window", "index_head_dim", "compress_ratios"),
 }
 #: layer types whose cache is a recurrent state (Qwen3-Next, Qwen3.5, Mamba hybrids): no token's
-#: own values give it back, so tierkv does not store them and a footprint would be wrong
+#: own values give it back. Gated delta nets (``linear_attention`` with the fields below) are
+#: stored at restore points; the others are not stored, and a footprint would be wrong
 _STATE_LAYER_TYPES = ("linear_attention", "mamba", "mamba2", "ssm")
+#: a gated delta net layer's config fields (Qwen3-Next, Qwen3.5): conv kernel, heads and head dims
+_GDN_FIELDS = ("linear_conv_kernel_dim", "linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
+               "linear_value_head_dim")
+#: restore points of a gated delta net model lie on multiples of this (its kernels' chunk size)
+GDN_MIN_STEP = 64
 _TOKENS_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*$")
 
 
@@ -56,6 +65,16 @@ def parse_tokens(text: str | int) -> int:
     if n <= 0:
         raise ConfigError(f"token count must be positive, got {text!r}")
     return n
+
+
+def is_positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def spread_width(elements: int, step: int) -> int:
+    """Elements per token of a state of ``elements`` spread over ``step`` tokens, rounded up to 4
+    (so every tensor of a layer starts 4-byte aligned, KVSpec's rule, whatever the dtype)."""
+    return -(-elements // (4 * step)) * 4
 
 
 def _check_bits(bits: int, what: str) -> None:
@@ -113,6 +132,12 @@ class Geometry:
                 isinstance(self.fields["conv_dim"], int) and self.fields["conv_dim"] > 0
                 and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
             raise ConfigError(f"{self.name}: conv_dim needs a positive int and one layer_types entry per layer")
+        if "linear_state" in self.fields and not (
+                isinstance(self.fields["linear_state"], list) and len(self.fields["linear_state"]) == 5
+                and all(is_positive_int(x) for x in self.fields["linear_state"])
+                and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
+            raise ConfigError(f"{self.name}: linear_state needs five positive ints (conv dim, kernel, value heads, "
+                              "key dim, value dim) and one layer_types entry per layer")
         if self.family == "v4_hybrid" and len(self.fields["compress_ratios"]) < self.layers:
             raise ConfigError(f"{self.name}: compress_ratios needs one entry per layer ({self.layers})")
 
@@ -143,6 +168,14 @@ class Geometry:
             types = cfg.get("layer_types")
             if isinstance(types, list):
                 state = sorted({t for t in types if t in _STATE_LAYER_TYPES})
+                if state == ["linear_attention"] and all(is_positive_int(cfg.get(k)) for k in _GDN_FIELDS):
+                    # a gated delta net: its conv state [conv_dim, kernel] and recurrent state
+                    # [value heads, key dim, value dim], stored at restore points
+                    if len(types) != int(cfg.get("num_hidden_layers", -1)):
+                        raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
+                    kernel, nk, dk, nv, dv = (int(cfg[k]) for k in _GDN_FIELDS)
+                    cfg["linear_state"] = [2 * nk * dk + nv * dv, kernel, nv, dk, dv]
+                    state = []
                 if state:
                     raise ConfigError(f"{name}: layers of type {state} keep a recurrent state, which tierkv "
                                       "does not store (no token's own values give it back)")
@@ -150,10 +183,10 @@ class Geometry:
                     if len(types) != int(cfg.get("num_hidden_layers", -1)):
                         raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
                     cfg["conv_dim"] = int(cfg["hidden_size"])
-                else:
+                elif "linear_state" not in cfg:
                     cfg.pop("layer_types")
         keep = set(_REQUIRED.get(family, ())) | {"mtp_layers", "num_key_value_heads", "max_position_embeddings",
-                                                 "layer_types", "conv_dim"}
+                                                 "layer_types", "conv_dim", "linear_state"}
         return cls(name, family, {k: cfg[k] for k in keep if k in cfg}, source)
 
     @classmethod
@@ -187,17 +220,45 @@ class Geometry:
         """Layers that keep KV: the hidden layers, and with ``include_mtp`` the MTP layers too."""
         return self.layers + (int(self.fields.get("mtp_layers", 0)) if include_mtp else 0)
 
+    @property
+    def restore_step(self) -> int:
+        """Tokens between the points a cache of this model can be restored at: 1, or for a gated
+        delta net model the smallest power of two, at least ``GDN_MIN_STEP``, over which one
+        layer's state (conv and recurrent) spreads to no more elements per token than an attention
+        layer's keys and values: 1,024 for Qwen3-Next-80B (a state of 557,056 elements against
+        1,024 per token), 2,048 for Qwen3.5's larger models. A store's ``block_tokens`` must be a
+        multiple of it."""
+        state = self.fields.get("linear_state")
+        if not state:
+            return 1
+        conv, kernel, nv, dk, dv = state
+        per_token = 2 * int(self.fields["num_key_value_heads"]) * int(self.fields["head_dim"])
+        step = GDN_MIN_STEP
+        while -(-(conv * kernel + nv * dk * dv) // step) > per_token:
+            step *= 2
+        return step
+
     def kvspec(self, dtype: str = "bfloat16", include_mtp: bool = False) -> KVSpec:
-        """The engine's KVSpec of the per-token part (gqa key/value; MLA latent)."""
+        """The engine's KVSpec of the per-token part (gqa key/value; MLA latent; a conv layer's
+        input; a gated delta net layer's states at restore points, spread over ``restore_step``
+        tokens, the recurrent one in float32 whatever ``dtype``)."""
         f = self.fields
         if self.family == "gqa":
             d = (int(f["num_key_value_heads"]), int(f["head_dim"]))
             layer = LayerSpec((TensorSpec("key", d, 1, dtype), TensorSpec("value", d, 1, dtype)))
+            other = None
             if f.get("conv_dim"):  # LFM2-family: a conv layer stores each token's convolution input
-                conv = LayerSpec((TensorSpec("conv_input", (1, int(f["conv_dim"])), 1, dtype),))
+                other = "conv", LayerSpec((TensorSpec("conv_input", (1, int(f["conv_dim"])), 1, dtype),))
+            elif f.get("linear_state"):  # a gated delta net: its states at each restore point
+                conv, kernel, nv, dk, dv = f["linear_state"]
+                step = self.restore_step
+                other = "linear_attention", LayerSpec((
+                    TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
+                    TensorSpec("recurrent_state", (1, spread_width(nv * dk * dv, step)), 1, "float32")))
+            if other is not None:
                 extra = ["full_attention"] * (self.layer_count(include_mtp) - self.layers)  # MTP layers attend
                 kinds = list(f["layer_types"])[:self.layers] + extra
-                return KVSpec(self.name, tuple(conv if k == "conv" else layer for k in kinds))
+                return KVSpec(self.name, tuple(other[1] if k == other[0] else layer for k in kinds))
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
         else:
@@ -214,7 +275,9 @@ class Geometry:
         f = self.fields
         if self.family in ("gqa", "mla", "mla_dsa"):
             spec = self.kvspec("uint8", include_mtp)  # one byte per element: elements per token
-            kv = tokens * spec.bytes_per_token * b_kv
+            # a gated delta net's recurrent state is float32 whatever the KV's bits
+            fixed = sum(t.bytes_per_token for layer in spec.layers for t in layer.tensors if t.dtype == "float32")
+            kv = tokens * ((spec.bytes_per_token - fixed) * b_kv + fixed)
             idx = tokens * self.layer_count(include_mtp) * int(f["index_head_dim"]) * b_idx if self.family == "mla_dsa" else 0.0
             return Footprint(tokens, kv, idx, 0.0)
         ratios = list(f["compress_ratios"][:self.layers])

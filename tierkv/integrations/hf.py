@@ -61,7 +61,7 @@ from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..keys import as_tokens
-from ..kvmath import Geometry
+from ..kvmath import Geometry, spread_width
 from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
 __all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache",
@@ -222,7 +222,9 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
             LayerSpec(tuple(TensorSpec(name, (1, w), 1, "float32" if name == "chunk_gates" else dt)
                             for name, w in _v4_widths(v4, kind, step).items())) for kind in kinds), revision)
     if not rank:
-        if _conv_kernel(config) is not None:  # LFM2: a conv layer stores each token's convolution input
+        if _conv_kernel(config) is not None or _gdn_geometry(config) is not None:
+            # LFM2: a conv layer stores each token's convolution input; a gated delta net its
+            # states at restore points (kvmath's layout, which tierkv calc counts too)
             return KVSpec(model_id, Geometry.from_hf_config(config).kvspec(dt).layers, revision)
         spec = KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
     else:
@@ -257,6 +259,9 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
         if isinstance(layer, ConvHistoryLayer):
             out.append((layer.history(),))
             continue
+        if isinstance(layer, StateSnapshotLayer):
+            out.append(layer.saved())
+            continue
         # a plain sliding-window layer keeps only part of the context, other subclasses state
         # besides their keys and values (quantized KV, a linear-attention state): a save would
         # drop it and a restore would lack it
@@ -266,7 +271,9 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
                     " (make the cache with session_cache(config): for LFM2-family models its convolution layers "
                     "keep every token's input)"
                     if type(layer) is _LinearLayer and not any(getattr(layer, "is_recurrent_states_initialized", {}).values())
-                    else "")
+                    else " (make the cache with session_cache(config): for Qwen3-Next and Qwen3.5 its gated delta "
+                    "net layers keep their states at restore points)"
+                    if type(layer) is _LinearLayer else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
                                     f"can be saved exactly{hint}")
@@ -292,7 +299,7 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
     at a restore point)."""
     if not isinstance(kv, (list, tuple)) or not all(
             isinstance(p, (list, tuple)) and len(p) >= (1 if _v4_config(config) is not None or _conv_kernel(config)
-                                                        else 2)
+                                                        or _gdn_geometry(config) is not None else 2)
             and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
         raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
     cache = session_cache(config)
@@ -300,6 +307,9 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
         raise SpecMismatchError(f"kv has {len(kv)} layers, the config's cache {len(cache.layers)}")
     for i, (layer, p) in enumerate(zip(cache.layers, kv)):
         if isinstance(layer, _V4History):
+            layer.load(p)
+            continue
+        if isinstance(layer, StateSnapshotLayer):
             layer.load(p)
             continue
         if isinstance(layer, ConvHistoryLayer):
@@ -327,11 +337,13 @@ def session_cache(config: Any) -> Any:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]
     step = restore_step(config) if _v4_config(config) is not None else 0
-    kernel = _conv_kernel(config)
+    kernel, gdn = _conv_kernel(config), _gdn_geometry(config)
     for i, layer in enumerate(cache.layers):
         kind = getattr(type(layer), "_layer_type", None)
         if kernel and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "conv":
             cache.layers[i] = ConvHistoryLayer(kernel)
+        elif gdn is not None and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "linear_attention":
+            cache.layers[i] = StateSnapshotLayer(gdn.restore_step, gdn.fields["linear_state"])
         elif step and kind in _V4_TYPES:
             cache.layers[i] = _v4_layer(type(layer))(config, step, kind)
         # chunked attention (Llama 4) is the same layer class under another mask: the same tensors
@@ -351,16 +363,31 @@ def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> t
     Only the last position's logits are computed (``logits_to_keep=1``), as a server does: the LM
     head over every prompt position is a sizeable share of a long prefill (49,152 x 576 for
     SmolLM2, per position).
+
+    For a gated delta net model (Qwen3-Next, Qwen3.5) the tokens run in passes that stop at each
+    restore point (every ``restore_step`` tokens of the whole session), whatever cache is given,
+    so a ``session_cache`` sees the state there and any two caches at the same point compute the
+    rest alike.
     """
     if cache is None:
         cache = session_cache(model.config)
-    ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=model.device).unsqueeze(0)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
-    returned = out.cache if "cache" in out else out.past_key_values
-    if returned is not cache:
-        # a model that ignored the cache it was given computed from scratch: never hand that on
-        raise SpecMismatchError(f"{type(model).__name__} did not run on the cache it was given (transformers "
-                                f"{transformers.__version__}); its forward takes neither 'cache' nor 'past_key_values'")
+    ids = list(input_ids)
+    gdn = _gdn_geometry(model.config)
+    cuts = [len(ids)]
+    if gdn is not None and ids:
+        step, n0 = gdn.restore_step, cache_len(cache)
+        cuts = list(range(step - n0 % step, len(ids), step)) + [len(ids)]
+    start = 0
+    for end in cuts:
+        piece = torch.as_tensor(ids[start:end], dtype=torch.long, device=model.device).unsqueeze(0)
+        out = model(input_ids=piece, use_cache=True, logits_to_keep=1, **{_cache_argument(model): cache})
+        returned = out.cache if "cache" in out else out.past_key_values
+        if returned is not cache:
+            # a model that ignored the cache it was given computed from scratch: never hand that on
+            raise SpecMismatchError(f"{type(model).__name__} did not run on the cache it was given (transformers "
+                                    f"{transformers.__version__}); its forward takes neither 'cache' nor "
+                                    "'past_key_values'")
+        start = end
     return out.logits[0, -1].float(), returned
 
 
@@ -467,13 +494,14 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     if len(kinds) != store.spec.num_layers:
         raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
     for i, kind in enumerate(kinds):
-        want = len(kind.widths) if isinstance(kind, _V4History) else 1 if isinstance(kind, ConvHistoryLayer) else None
+        want = (len(kind.widths) if isinstance(kind, (_V4History, StateSnapshotLayer))
+                else 1 if isinstance(kind, ConvHistoryLayer) else None)
         have = len(store.spec.layers[i].tensors)
         if (want is None and have < 2) or (want is not None and have != want):
             raise SpecMismatchError(f"the store's layer {i} holds {have} tensors, the config's cache layer "
                                     f"{want or 'a key and a value'}: restore with the config of the store's model")
     step = restore_step(config) if config is not None else 1
-    if step > 1:  # DeepSeek V4: restore up to the last restore point of what is cached
+    if step > 1:  # DeepSeek V4, gated delta nets: restore up to the last restore point of what is cached
         _check_block_tokens(store, step)
         toks = as_tokens(tokens)
         cached = store.lookup(toks, session=session, tenant=tenant)
@@ -488,6 +516,9 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
             continue
         if isinstance(kind, ConvHistoryLayer):
             layers.append(ConvHistoryLayer(kind._kernel, handle, i, buffers[(i, 0)], n))
+            continue
+        if isinstance(kind, StateSnapshotLayer):
+            layers.append(StateSnapshotLayer(kind.step, kind._state, handle, i, [buffers[(i, 0)], buffers[(i, 1)]], n))
             continue
         k, v = buffers[(i, 0)], buffers[(i, 1)]
         if isinstance(kind, SlidingHistoryLayer):
@@ -777,6 +808,143 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
         self._state_from_history()
 
 
+# ---------------------------------------------------------------------------- gated delta nets
+# A gated delta net layer (Qwen3-Next's and Qwen3.5's ``linear_attention``) keeps two states and
+# nothing per token: a conv state (the last ``kernel`` tokens' inputs to its causal convolution,
+# ``[1, conv_dim, kernel]``) and a recurrent state (``[1, value heads, key dim, value dim]``,
+# float32) that every token updates. Neither is given back by a token's own values, so tierkv
+# restores these models at restore points, every ``restore_step`` tokens (kvmath), as it does
+# DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
+# over that point's ``step`` tokens, and ``prefill`` stops its passes there.
+_GDN_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+
+
+def _gdn_geometry(config: Any) -> Geometry | None:
+    """The geometry of a gated delta net model (Qwen3-Next, Qwen3.5), else None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "model_type", None) not in _GDN_MODELS or _LinearLayer is None:
+        return None
+    geom = Geometry.from_hf_config(text)
+    return geom if geom.fields.get("linear_state") else None
+
+
+class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
+    """A gated delta net cache layer that also keeps its states at each restore point.
+
+    Attention sees exactly what ``LinearAttentionLayer`` gives it (transformers' own layer; the
+    one-token decode kernel still updates the conv state in place). When a forward pass ends on a
+    restore point (a multiple of ``step`` tokens), the layer copies its conv and recurrent states
+    into per-token buffers, spread over the ``step`` tokens before the point; ``saved()`` gives
+    them as ``[1, n, width]`` tensors. A pass that runs past a restore point without ending there
+    leaves that point without a state, and the cache cannot be saved (``prefill`` never does).
+    With ``handle``, the layer's first ``n`` tokens (a restore point) are being restored into
+    ``bufs``, and the states are taken from them the first time the model reads one."""
+
+    def __init__(self, step: int, state: Sequence[int], handle: Any = None, index: int = 0,
+                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0) -> None:
+        super().__init__()
+        conv, kernel, nv, dk, dv = (int(x) for x in state)
+        self.step, self._state = step, (conv, kernel, nv, dk, dv)
+        self.widths = [spread_width(conv * kernel, step), spread_width(nv * dk * dv, step)]
+        self._handle, self._index, self._n = handle, index, n
+        self._bufs: Any = list(bufs) if bufs is not None else None  # [1, 1, capacity, width] each
+        self._missed: int | None = None  # the first restore point a pass ran past
+        if handle is not None:
+            for name in ("conv_states", "recurrent_states", "has_previous_state", "is_conv_states_initialized",
+                         "is_recurrent_states_initialized"):
+                setattr(self, name, _LazyStates(self, getattr(self, name)))
+
+    def _materialize(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.layer(self._index)  # waits for this layer; fills the buffer views
+        conv, kernel, nv, dk, dv = self._state
+        n, step, bufs = self._n, self.step, self._bufs
+        rows = [b[0, 0, n - step:n].reshape(-1) for b in bufs]  # the restore point's share of each
+        conv_state = rows[0][:conv * kernel].view(1, conv, kernel).clone()
+        recurrent = rows[1][:nv * dk * dv].view(1, nv, dk, dv).clone()
+        self.dtype, self.device = conv_state.dtype, conv_state.device
+        for name, value in (("conv_states", conv_state), ("recurrent_states", recurrent), ("conv_kernel_size", kernel),
+                            ("is_conv_states_initialized", True), ("is_recurrent_states_initialized", True),
+                            ("has_previous_state", True)):
+            dict.__setitem__(getattr(self, name), 0, value)
+        self.cumulative_length_linear = torch.tensor(n, dtype=torch.long, device=conv_state.device)
+
+    def _advance(self, m: int, dtype: torch.dtype, device: torch.device) -> None:
+        """``m`` more tokens: their rows of the state buffers (zeros until a restore point's copy)."""
+        n0, n1, step = self._n, self._n + m, self.step
+        with torch.inference_mode():  # a save flushes outside the forward pass, into the pass's tensors
+            if self._bufs is None:
+                self._bufs = [torch.zeros(1, 1, m + HEADROOM, w, dtype=dt, device=device)
+                              for w, dt in zip(self.widths, (dtype, torch.float32))]
+            self._bufs = [_append(b, n0, b.new_zeros(1, 1, m, b.shape[3])) for b in self._bufs]
+        inside = (n0 // step + 1) * step
+        if inside < n1 and self._missed is None:
+            self._missed = inside
+        self._n = n1
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        if self._handle is not None:
+            self._materialize()
+        if conv_states.shape[0] != 1 or state_idx != 0:
+            raise SpecMismatchError("a gated delta net layer holds one sequence's single state (batch 1)")
+        self._advance(conv_states.shape[-1], conv_states.dtype, conv_states.device)
+        return super().update_conv_state(conv_states, state_idx, **kwargs)
+
+    def increase_count(self, state_idx: int) -> None:
+        # transformers' one-token decode: the kernel then writes the token into the conv state
+        if self._handle is not None:
+            self._materialize()
+        super().increase_count(state_idx)
+        if state_idx == 0:
+            conv = dict.__getitem__(self.conv_states, 0)
+            self._advance(1, conv.dtype, conv.device)
+
+    def update_recurrent_state(self, recurrent_states: Any, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        # the last call of a layer's forward pass: both states now hold the pass's last token
+        out = super().update_recurrent_state(recurrent_states, state_idx, **kwargs)
+        n, step = self._n, self.step
+        if state_idx == 0 and n and n % step == 0:
+            conv = dict.__getitem__(self.conv_states, 0)
+            recurrent = dict.__getitem__(self.recurrent_states, 0)
+            if conv.numel() != self._state[0] * self._state[1] or recurrent.numel() != math.prod(self._state[2:]):
+                raise SpecMismatchError(f"gated delta net states of {tuple(conv.shape)} and {tuple(recurrent.shape)}, "
+                                        f"where the config gives {self._state}: not a layout tierkv knows")
+            with torch.inference_mode():
+                for buf, x in zip(self._bufs, (conv, recurrent)):
+                    buf[0, 0, n - step:n].view(-1)[:x.numel()] = x.reshape(-1).to(buf.dtype)
+        return out
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's stored tensors, ``[1, n, width]`` each (views): its conv states, then its
+        recurrent states, at each restore point so far, spread over the tokens before it."""
+        if self._handle is not None:
+            self._materialize()
+        if self._missed is not None:
+            raise SpecMismatchError(f"a forward pass ran past restore point {self._missed} without stopping there, so "
+                                    "the gated delta net's state there was never seen: run passes through tierkv's "
+                                    f"prefill, which stops at every multiple of {self.step} tokens (restore_step)")
+        if self._bufs is None:
+            raise SpecMismatchError("an empty gated delta net layer has nothing to save")
+        return self._bufs[0][0, :, :self._n], self._bufs[1][0, :, :self._n]
+
+    def load(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Start this empty layer at a restore point: ``tensors`` as ``saved()`` gives them."""
+        n = tensors[0].shape[1] if len(tensors) and tensors[0].dim() == 3 else 0
+        if n % self.step or not n or self._bufs is not None:
+            raise SpecMismatchError(f"a gated delta net layer restores only into an empty layer, at a multiple of "
+                                    f"{self.step} tokens (restore_step), not {n}")
+        if len(tensors) != 2 or any(t.dim() != 3 or t.shape[0] != 1 or t.shape[1] != n or t.shape[2] != w
+                                    for t, w in zip(tensors, self.widths)):
+            raise SpecMismatchError(f"a gated delta net layer takes 2 tensors [1, {n}, width] of widths {self.widths}, "
+                                    f"got {[tuple(t.shape) for t in tensors]}")
+        self._bufs, self._n = [t.unsqueeze(0) for t in tensors], n
+        self._materialize()
+
+
 # ---------------------------------------------------------------------------- DeepSeek V4
 # V4's compressed attention keeps, per layer, a sliding window of recent keys (K = V) and
 # compressor state: compressed entries (one per ``rate`` tokens), the tokens of an unfinished
@@ -799,8 +967,12 @@ def restore_step(config: Any) -> int:
     """Tokens between the points a cache of ``config`` can be restored at: 1, or for DeepSeek V4
     the smallest multiple of every compression rate that is at least eight times its window of
     keys (1,024 for V4-Flash and V4-Pro: rates 4 and 128, a window of 127 keys), so the window
-    keys stored for each restore point come to an eighth of a key per token. A V4 store's
-    ``block_tokens`` must be a multiple of it."""
+    keys stored for each restore point come to an eighth of a key per token; for a gated delta
+    net model (Qwen3-Next, Qwen3.5) ``Geometry.restore_step`` (1,024 for Qwen3-Next-80B). A
+    store's ``block_tokens`` must be a multiple of it."""
+    gdn = _gdn_geometry(config)
+    if gdn is not None:
+        return gdn.restore_step
     text = _v4_config(config)
     if text is None:
         return 1
@@ -1012,7 +1184,7 @@ def _savable(layer: Any) -> bool:
     """Whether ``cache_to_kv`` can save a cache layer exactly: it holds every token's keys and
     values (and a DSA indexer's keys), and nothing else. Exactly these classes: a subclass may
     keep only part of the context or other state."""
-    return isinstance(layer, (_V4History, ConvHistoryLayer)) or (
+    return isinstance(layer, (_V4History, ConvHistoryLayer, StateSnapshotLayer)) or (
         type(layer) in _SAVABLE_LAYERS and (type(layer) is SlidingHistoryLayer or not layer.is_sliding))
 
 
