@@ -5,10 +5,13 @@ Primitives:
     cache_to_kv / kv_to_cache: a ``DynamicCache`` (batch 1) to tierkv's per-layer tensors and back.
     session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
         token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point;
-        LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``).
-    restore_step: how often a model's cache can be restored (every token; for DeepSeek V4, every
-        ``restore_step`` tokens).
-    prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic).
+        LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``;
+        Qwen3-Next's and Qwen3.5's gated delta nets keep their states at each restore point:
+        ``StateSnapshotLayer``).
+    restore_step: how often a model's cache can be restored (every token; for DeepSeek V4 and
+        gated delta net models, every ``restore_step`` tokens).
+    prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic; a gated
+        delta net model's passes stop at each restore point).
     use_grouped_attention: on CPU, masked attention over grouped KV heads without copying them.
     restore_cache: a transformers cache filled layer by layer from an asynchronous restore.
     CachePool: restore buffers kept between turns (a server's KV pool; ``tierkv.CachePool``,
@@ -24,10 +27,11 @@ plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_he
 ``session_cache`` (which keeps every token: ``SlidingHistoryLayer``), MLA models (DeepSeek V2/V3, ...), whose layers cache a
 compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
 layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at restore points
-(``restore_step``), and LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
-any token. Other cache layers keep part of the context (transformers' own sliding-window and V4
-layers) or state besides their keys and values (quantized KV, a linear-attention or Mamba state),
-so they cannot be restored exactly: ``cache_to_kv`` refuses them.
+(``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
+any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE (gated delta nets beside attention), restored
+at restore points. Other cache layers keep part of the context (transformers' own sliding-window,
+V4, conv and gated delta net layers) or state besides their keys and values (quantized KV, a
+Mamba state), so they cannot be restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -332,7 +336,8 @@ def session_cache(config: Any) -> Any:
     ``DynamicCache(config=config)`` makes, each sliding-window (or chunked-attention) layer
     replaced by a ``SlidingHistoryLayer``, which keeps every token's keys and values while
     attention sees the same window; a DeepSeek V4 model's layers are ``_V4History`` layers, which
-    also keep the state of each restore point. ``prefill`` and ``SessionRunner`` start every cache with it."""
+    also keep the state of each restore point, as a gated delta net's ``StateSnapshotLayer`` does;
+    an LFM2 conv layer is a ``ConvHistoryLayer``. ``prefill`` and ``SessionRunner`` start every cache with it."""
     cache = DynamicCache(config=config)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]

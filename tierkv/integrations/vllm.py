@@ -385,7 +385,8 @@ PAGED_GROUPS = ("FullAttentionSpec", "MLAAttentionSpec", "SlidingWindowSpec", "S
 #: Why the group kinds vLLM's hybrid models bring are refused, for the error.
 UNPAGED_WHY = {
     "MambaSpec": "a recurrent or convolution state per request: Mamba, linear attention, short convolutions; "
-                 "not one slot per token",
+                 "not one slot per token (tierkv's transformers integration restores LFM2, Qwen3-Next and Qwen3.5 "
+                 "sessions: tierkv.integrations.hf)",
     "CrossAttentionSpec": "the encoder's tokens, not the prompt's",
 }
 
