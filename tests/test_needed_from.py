@@ -168,3 +168,50 @@ def test_a_restore_with_gaps_asks_the_disk_for_every_layer_it_needs_ahead(open_s
         assert len(gapped) == 2 * (whole - 1)
         for (first, length), (third, _) in zip(gapped[::2], gapped[1::2]):
             assert third - first == 2 * layer_bytes   # layer 1 lies between them, in no hint
+
+
+def test_a_save_never_copies_rows_it_was_not_given(open_store):
+    """A save's ``known_from``: the KV a restore with ``needed_from`` gave (rows before each
+    layer's first needed block hold what the caller's memory held, the sentinel here), grown by
+    new tokens, saves the session whole where the store holds the blocks it was not given all of;
+    where it lacks one, the session ends before it, and nothing of the sentinel rows is ever
+    stored. Layer 3 needs the prefix's last, partial block: grown, it is a new block, copied.
+    Needing nothing of it (``NEEDED``'s last layer) cuts the save before it."""
+    needed = NEEDED[:3] + [8 * BLOCK]
+    spec = small_spec()
+    s, kv = stored(open_store, spec, "cpu", "ssd")
+    grown = make_kv(spec, N + 2 * BLOCK, seed=4)
+    h = s.restore_async(range(N), session="s", needed_from=needed,
+                        allocate=lambda layer, index, shape, dtype, dev: torch.full(shape, SENTINEL, dtype=dtype))
+    mine = [tuple(torch.cat([x, y.narrow(1, N, 2 * BLOCK)], dim=1) for x, y in zip(p, q))
+            for p, q in zip(h.result().kv, grown)]
+    # without the prefix's last rows of layer 3, its grown block 8 cannot be made: cut before it
+    s.save(range(N + 2 * BLOCK), mine, session="w", known_from=NEEDED).wait()
+    assert s.lookup(range(N + 2 * BLOCK), session="w") == 8 * BLOCK and s.stats()["saves_cut_unknown"] == 1
+    # the store holds every block of the prefix: the save names them and adds the new ones
+    s.save(range(N + 2 * BLOCK), mine, session="s", known_from=needed).wait()
+    want = [tuple(torch.cat([x, y.narrow(1, N, 2 * BLOCK)], dim=1) for x, y in zip(p, q)) for p, q in zip(kv, grown)]
+    assert_kv_equal(on_cpu(s.restore(range(N + 2 * BLOCK), session="s").kv), want)
+    assert s.stats()["saves_cut_unknown"] == 1
+    # a store that holds only the first two blocks (another session's): the save ends before
+    # block 2, which it was not given all of (known_from 3 x BLOCK + 5 for layer 1)
+    other = open_store(spec, path=s.path + "-other", ssd_codec="raw")
+    other.save(range(2 * BLOCK), kv_slice(kv, 2 * BLOCK), session="a").wait()
+    other.save(range(N + 2 * BLOCK), mine, session="t", known_from=needed).wait()
+    assert other.lookup(range(N + 2 * BLOCK), session="t") == 2 * BLOCK
+    assert_kv_equal(on_cpu(other.restore(range(N + 2 * BLOCK), session="t").kv), kv_slice(kv, 2 * BLOCK))
+    assert other.stats()["saves_cut_unknown"] == 1
+    # one that holds none of them: cut to nothing, the session is not made, nothing stored
+    empty = open_store(spec, path=s.path + "-empty", ssd_codec="raw")
+    handle = empty.save(range(N + 2 * BLOCK), mine, session="u", known_from=needed)
+    assert handle.done() and handle.wait()
+    assert empty.lookup(range(N + 2 * BLOCK), session="u") == 0 and empty.stats()["saves_cut_unknown"] == 1
+    assert sum(empty.stats()["resident_blocks"].values()) == 0
+    with pytest.raises(tierkv.ConfigError, match="known_from must"):
+        empty.save(range(N + 2 * BLOCK), mine, session="u", known_from=[1, 2])
+    # a block dropped between the save's first look and its record (another thread): the same cut
+    real = other._to_copy
+    other._to_copy = lambda keys, deleting: [i for i in real(keys, deleting) if i >= 8]  # noqa: E731
+    other.save(range(N + 2 * BLOCK), mine, session="v", known_from=needed).wait()
+    assert other.lookup(range(N + 2 * BLOCK), session="v") == 2 * BLOCK
+    assert other.stats()["saves_cut_unknown"] == 2

@@ -82,7 +82,7 @@ def check_timeout(timeout: object) -> float | None:
     return None if timeout >= threading.TIMEOUT_MAX else float(timeout)
 
 
-def check_needed_from(needed_from: object, num_layers: int) -> list[int] | None:
+def check_needed_from(needed_from: object, num_layers: int, name: str = "needed_from") -> list[int] | None:
     """A restore's ``needed_from``: ``None``, an int (every layer) or one int per layer, each the
     first token the caller needs of that layer. Returns one int per layer, or ``None`` where
     every layer needs every token.
@@ -94,11 +94,11 @@ def check_needed_from(needed_from: object, num_layers: int) -> list[int] | None:
         return None
     given = [needed_from] * num_layers if is_int(needed_from) else needed_from
     if not isinstance(given, (list, tuple)) or not all(is_int(x) for x in given):
-        raise ConfigError(f"needed_from must be None, an int or a list of {num_layers} ints (one per layer), "
+        raise ConfigError(f"{name} must be None, an int or a list of {num_layers} ints (one per layer), "
                           f"got {needed_from!r:.80}")
     needed = [int(x) for x in given]
     if len(needed) != num_layers or any(x < 0 for x in needed):
-        raise ConfigError(f"needed_from must name a token >= 0 for each of the {num_layers} layers, "
+        raise ConfigError(f"{name} must name a token >= 0 for each of the {num_layers} layers, "
                           f"got {needed_from!r:.80}")
     return needed if any(needed) else None
 

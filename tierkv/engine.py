@@ -349,7 +349,7 @@ class TierKV(SSDWriter, Loads):
 
     # ------------------------------------------------------------------ save
     def save(self, tokens: Any, kv: _KV, session: str | None = None, *, tenant: str | None = None,
-             ttl: float | None = None, pinned: bool | None = None) -> SaveHandle:
+             ttl: float | None = None, pinned: bool | None = None, known_from: Any = None) -> SaveHandle:
         """Cache ``kv`` for ``tokens`` (and make it ``session``'s state, if given).
 
         Args:
@@ -361,6 +361,12 @@ class TierKV(SSDWriter, Loads):
             ttl: seconds of idleness after which the session expires (``None`` keeps the
                 previous TTL, or none).
             pinned: keep the session from eviction (``None`` keeps the previous setting).
+            known_from: an int, or one int per layer: the first token whose KV ``kv`` holds for
+                that layer; the rows before it are not KV (a restore with ``needed_from`` left
+                them unread). A block with such rows is never copied from ``kv``: where the store
+                holds it, the save names it as it is; where it does not, the save ends before it
+                (its tokens, and every later one, are not saved: ``stats()["saves_cut_unknown"]``,
+                and a save cut to nothing leaves the session as it was).
 
         Returns:
             A SaveHandle; ``save`` itself returns once the new blocks are copied into the first
@@ -378,6 +384,7 @@ class TierKV(SSDWriter, Loads):
                 for x in layer:
                     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                         raise SpecMismatchError(f"layer {i}: KV holds NaN or Inf (nan_policy='refuse')")
+        known = check_needed_from(known_from, self.spec.num_layers, "known_from")
         if session is not None:
             check_session_id(session)
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0
@@ -386,11 +393,14 @@ class TierKV(SSDWriter, Loads):
         if pinned is not None and not isinstance(pinned, bool):  # "no" would pin
             raise ConfigError(f"pinned must be True, False or None, got {pinned!r}")
         B = self.block_tokens
+        # blocks before this one hold rows the caller did not give (known_from): never copied
+        unknown = -(-min(max(known), len(toks)) // B) if known else 0
 
         def block_bytes(i: int) -> int:  # the payload of the save's block i (the last may be partial)
             return min(B, len(toks) - i * B) * self.spec.bytes_per_token
 
         keys = block_keys(chain_seed(self.fingerprint, tenant), toks, B, partial=session is not None)
+        keys_of_lease = keys
         target = self._tiers["device"] if self._tiers["device"].enabled else self._tiers["host"]
         self._wait_for_memory(target)
 
@@ -401,6 +411,14 @@ class TierKV(SSDWriter, Loads):
                 lease = self._ssd.leases.new_owner()
                 being_deleted = self._ssd.leases.grant(keys, lease)
             missing = self._to_copy(keys, being_deleted)
+            cut = next((i for i in missing if i < unknown), None)
+            if cut is not None:  # not held here, and not given: the session ends before it
+                keys, toks, missing = keys[:cut], toks[:cut * B], [i for i in missing if i < cut]
+                self._stats.count("saves_cut_unknown", 1)
+                if lease is not None:
+                    self._ssd.leases.release(keys_of_lease[cut:], lease)
+                if not keys:
+                    return self._save_of_nothing(lease, keys_of_lease)
             if target is self._tiers["host"] and target.enabled:
                 self._release_clean(target, sum(map(block_bytes, missing)), set(keys))
         # The slab pool's thread holds off until this save returns: prefaulting alongside the
@@ -442,6 +460,13 @@ class TierKV(SSDWriter, Loads):
                 self._blocks_of(keys)  # records of them all, in one read of the store
                 for i, key in enumerate(keys):
                     b = self._blocks.get(key)
+                    if i not in payloads and not self._available(b) and i < unknown:
+                        # dropped since the first look, and not given: the session ends before it
+                        keys, toks = keys[:i], toks[:i * B]
+                        self._stats.count("saves_cut_unknown", 1)
+                        if not keys:
+                            return self._save_of_nothing(lease, keys_of_lease)
+                        break
                     if i not in payloads and not self._available(b):
                         # Dropped by another thread since the first look: copy it now (rare), and
                         # wait for it as for the others
@@ -489,6 +514,14 @@ class TierKV(SSDWriter, Loads):
                 self._enqueue(op)
                 self._stats.count("saved_tokens", len(toks))
             return SaveHandle(op.done, lambda: self._op_error(op))
+
+    def _save_of_nothing(self, lease: int | None, keys: list[bytes]) -> SaveHandle:
+        """A save cut to no block (``known_from``): nothing changes; its lease is let go."""
+        if lease is not None:
+            self._ssd.leases.release(keys, lease)
+        done = threading.Event()
+        done.set()
+        return SaveHandle(done, lambda: None)
 
     def _to_copy(self, keys: list[bytes], being_deleted: set[bytes]) -> list[int]:
         """Indexes of the blocks a save must copy: those not available here, and those this

@@ -87,6 +87,9 @@ class Stats:
             # store no longer had (another process had removed it): written again from memory
             "stale_blocks_rewritten": c.get("stale_blocks_rewritten", 0),
             "dropped_saves": c.get("dropped_saves", 0),
+            # saves that ended before a block the caller had not given all the rows of
+            # (``known_from``: a restore left them unread) and the store no longer held
+            "saves_cut_unknown": c.get("saves_cut_unknown", 0),
             "saved_tokens": c.get("saved_tokens", 0),
             "moved": moved,
             "resident_bytes": resident,
