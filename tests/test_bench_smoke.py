@@ -203,21 +203,25 @@ def test_hybrid_restore_bench_runs(tmp_path, arch):
     """bench/hybrid_restore.py on a toy LFM2 and a toy Qwen3.5: restored from cold SSD, the logits
     equal continuing the original cache from the point restored, and what the conv layers (LFM2)
     or the gated delta nets' restore points (Qwen3.5) take is counted in the stored bytes. The
-    Qwen3.5 session of 120 tokens restores up to its restore point at 64."""
+    Qwen3.5 session of 200 tokens restores up to its restore point at 192. Reading only what each
+    layer needs (``needed_only``) reads less, and gives the same logits."""
     out = tmp_path / f"{arch}.json"
+    tokens, block = (120, 16) if arch == "lfm2" else (200, 64)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "hybrid_restore.py"), "--arch", arch, "--small",
-                        "--tokens", "120", "--rounds", "1", "--out", str(out)],
+                        "--tokens", str(tokens), "--block-tokens", str(block), "--rounds", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["logits_identical"] is True and res["context_tokens"] == 120 and res["arch"] == arch
+    assert res["logits_identical"] is True and res["context_tokens"] == tokens and res["arch"] == arch
     if arch == "lfm2":
         assert res["restored_tokens"] == 120 and res["restore_step"] == 1
         assert res["state_bytes_per_token"] == 2 * 64 * 4 and res["bytes_per_token"] == 2 * 64 * 4 + 2 * 2 * 2 * 16 * 4
     else:  # three layers' conv state (8 values per token) and recurrent state (16), one attention layer's K and V
-        assert res["restored_tokens"] == 64 and res["restore_step"] == 64
+        assert res["restored_tokens"] == 192 and res["restore_step"] == 64
         assert res["state_bytes_per_token"] == 3 * (8 + 16) * 4 and res["bytes_per_token"] == 3 * 24 * 4 + 2 * 16 * 4
-    assert set(res["ttft_s"]) == {"recompute", "cold_ssd"}
+    assert set(res["ttft_s"]) == {"recompute", "cold_ssd", "cold_ssd_needed"}
+    # each conv layer reads its last inputs only, each gated delta net its restore point's state
+    assert 0 < res["ssd_read_bytes"]["cold_ssd_needed"] < res["ssd_read_bytes"]["cold_ssd"]
 
 
 @pytest.mark.model  # loads SmolLM2 (or KV captured from it)

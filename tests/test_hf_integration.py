@@ -23,7 +23,7 @@ from tierkv import ConfigError, ForeignStoreError, KVSpec, SpecMismatchError, Ti
 from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, adapter_tenant, cache_len, cache_to_kv,  # noqa: E402
                                     greedy_decode, kv_to_cache, load_smollm2, prefill, restore_cache,
                                     restore_step, session_cache, spec_for_config, spec_for_model, use_grouped_attention)
-from tierkv.integrations.hf import SlidingHistoryLayer  # noqa: E402
+from tierkv.integrations.hf import SlidingHistoryLayer, save_cache  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -621,6 +621,16 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, kind, dtype):
         t = SessionRunner(kv, lfm).turn("s", ctx, max_new_tokens=5)
         assert t.sources.get("ssd", 0) >= 1 and set(t.sources) == {"ssd"}
         same_turn(t, ctx, start)
+        # the conv layers read only the blocks of their last inputs (the runner's needed_only)
+        assert kv.stats()["skipped_block_layers"] >= 3
+        # such a cache's unread rows are no KV: cache_to_kv refuses it, save_cache tells the store
+        c, _ = restore_cache(kv, ctx, cfg, session="s", needed_only=True)
+        with pytest.raises(SpecMismatchError, match="save_cache"):
+            cache_to_kv(c)
+        save_cache(kv, ctx, c, session="copy").wait()
+        assert all(torch.equal(a, b) for p, q in zip(kv.restore(ctx, session="copy").kv, kv.restore(ctx, session="s").kv)
+                   for a, b in zip(p, q))
+        assert kv.stats()["saves_cut_unknown"] == 0
     # a prefix inside another session: transformers' own cache at 37 exists after two passes
     other = ctx[:37] + rand(12)
     _, own37 = prefill(lfm, other[:37], DynamicCache(config=cfg))
@@ -634,9 +644,11 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, kind, dtype):
     a, b = prefill(lfm, other[37:], back), prefill(lfm, other[37:], own37)
     assert torch.equal(a[0], b[0])
     assert greedy_decode(lfm, a[0], a[1], 4)[0] == greedy_decode(lfm, b[0], b[1], 4)[0]
-    # session s's second block (tokens 16..31) fails its checksum: the next turn meets it
-    # mid-forward (a conv layer's state is read) and restarts from the first block, never from
-    # wrong state; it equals that block's restored cache continued by hand
+    # session s's second block (tokens 16..31) fails its checksum, in its last layer: the next
+    # turn meets it mid-forward (a conv layer's state is read) and restarts from the first block,
+    # never from wrong state; it equals that block's restored cache continued by hand. LFM3's
+    # last layer is a conv layer, which reads only its last 7 tokens' blocks (needed_only): the
+    # damage is never read, and the turn restores the whole prefix, equal to transformers' cache
     seen, nxt = ctx + t.tokens[:-1], ctx + t.tokens + rand(5)
     with TierKV(store, spec, block_tokens=16) as kv:
         first = kv.restore(seen[:16], session="s")
@@ -644,7 +656,12 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, kind, dtype):
     damage_block(store, fingerprint, seen[:32], 16, 1)
     with TierKV(store, spec, block_tokens=16) as kv:
         t = SessionRunner(kv, lfm).turn("s", nxt, max_new_tokens=5)
-        assert kv.stats()["corrupt_blocks"] >= 1
+        corrupt = kv.stats()["corrupt_blocks"]
+    if cfg.layer_types[-1] == "conv":
+        assert corrupt == 0
+        same_turn(t, nxt, len(seen))
+        return
+    assert corrupt >= 1
     logits, cache = prefill(lfm, nxt[16:], kv_to_cache(first.kv, cfg))
     toks, all_logits, _ = greedy_decode(lfm, logits, cache, 5)
     assert t.restored_tokens == 16 and t.tokens == toks

@@ -70,7 +70,7 @@ from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_n
 
 __all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache",
            "prefill", "greedy_decode", "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult",
-           "load_smollm2", "smollm2_gguf", "default_cache_dir", "adapter_tenant", "restore_step"]
+           "load_smollm2", "smollm2_gguf", "default_cache_dir", "adapter_tenant", "restore_step", "save_cache"]
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -249,10 +249,34 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
                                   for layer, kind in zip(spec.layers, types)), revision)
 
 
+#: on a cache ``restore_cache(..., needed_only=True)`` made: per layer, the first token whose rows
+#: it read (the rows before hold no KV; ``save_cache`` tells the store)
+_KNOWN_FROM = "_tierkv_known_from"
+
+
 def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
     """Per-layer ``(key, value)`` tensors ``[kv_heads, seq, head_dim]`` of a batch-1 cache (views);
     a DSA layer adds its indexer's keys, ``[1, seq, index_head_dim]``; a ``session_cache``'s
-    DeepSeek V4 layer gives its restore points' state (``_V4History.saved``)."""
+    DeepSeek V4 layer gives its restore points' state (``_V4History.saved``). A cache
+    ``restore_cache(..., needed_only=True)`` made is refused: save it with ``save_cache``."""
+    if getattr(cache, _KNOWN_FROM, None) is not None:
+        raise SpecMismatchError("this cache was restored with needed_only=True: rows before each layer's window or "
+                                "state were never read, and cache_to_kv would hand them out as KV; save it with "
+                                "save_cache(store, tokens, cache), which tells the store which rows it holds")
+    return _cache_kv(cache)
+
+
+def save_cache(store: TierKV, tokens: Sequence[int], cache: Any, session: str | None = None, *,
+               tenant: str | None = None, ttl: float | None = None, pinned: bool | None = None) -> Any:
+    """``store.save(tokens, cache_to_kv(cache), ...)`` for any cache ``cache_to_kv`` takes, and for
+    one ``restore_cache(..., needed_only=True)`` made: the store is told which rows it never read
+    (``known_from``), so it never copies them, and where it no longer holds a block of them the
+    session is saved up to that block (``stats()["saves_cut_unknown"]``). Returns the SaveHandle."""
+    return store.save(tokens, _cache_kv(cache), session, tenant=tenant, ttl=ttl, pinned=pinned,
+                      known_from=getattr(cache, _KNOWN_FROM, None))
+
+
+def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
     if not isinstance(cache, Cache):  # a legacy tuple of (key, value) pairs, None, ...
         raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
     out: list[tuple[torch.Tensor, ...]] = []
@@ -281,6 +305,8 @@ def cache_to_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
                                     f"can be saved exactly{hint}")
+        if isinstance(layer, RestoringLayer) and not layer.is_initialized:
+            layer._materialize()  # restored, and not run since: its keys are the restored ones
         k, v = layer.history() if type(layer) is SlidingHistoryLayer else (layer.keys, layer.values)
         if k is None or k.dim() != 4 or k.shape[0] != 1:
             raise SpecMismatchError(f"cache layer {i}: expected keys [1, heads, seq, dim], got "
@@ -463,7 +489,8 @@ HEADROOM = 512
 
 
 def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: str | None = None,
-                  tenant: str | None = None, headroom: int = HEADROOM, pool: CachePool | None = None) -> tuple[Any, Any]:
+                  tenant: str | None = None, headroom: int = HEADROOM, pool: CachePool | None = None,
+                  needed_only: bool = False) -> tuple[Any, Any]:
     """Start restoring the cached prefix of ``tokens`` into a transformers cache, layer by layer.
 
     Returns ``(cache, handle)`` at once. The cache's layer ``i`` waits for layer ``i`` of the
@@ -474,7 +501,15 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     pass; ``SessionRunner`` then restarts the turn from the valid prefix. With ``pool``, the
     buffers come from it (see CachePool). ``config`` says which layers attend to a sliding
     window: those are ``SlidingHistoryLayer``s (``session_cache``); with None, none do. For a
-    DeepSeek V4 config, what is cached is restored up to its last restore point (``restore_step``).
+    DeepSeek V4 or gated delta net config, what is cached is restored up to its last restore point
+    (``restore_step``).
+
+    With ``needed_only``, each layer reads only the blocks it needs to go on: a sliding-window
+    layer its window, an LFM2 conv layer its last ``conv_L_cache`` tokens, a gated delta net its
+    restore point's state (``TierKV.restore_async``'s ``needed_from``); attention layers read
+    everything. The block that holds the prefix's end is read whole (the next save grows it).
+    The rows before hold no KV, so ``cache_to_kv`` refuses such a cache: save it with
+    ``save_cache``. ``SessionRunner`` restores this way.
     """
     buffers: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -506,12 +541,25 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
             raise SpecMismatchError(f"the store's layer {i} holds {have} tensors, the config's cache layer "
                                     f"{want or 'a key and a value'}: restore with the config of the store's model")
     step = restore_step(config) if config is not None else 1
-    if step > 1:  # DeepSeek V4, gated delta nets: restore up to the last restore point of what is cached
+    if step > 1:
         _check_block_tokens(store, step)
-        toks = as_tokens(tokens)
+    toks = as_tokens(tokens)
+    needed = None
+    if step > 1 or needed_only:
         cached = store.lookup(toks, session=session, tenant=tenant)
-        tokens = toks[:cached - cached % step]  # type: ignore[assignment]
-    handle = store.restore_async(tokens, session=session, tenant=tenant, allocate=allocate)
+    while True:
+        if step > 1 or needed_only:
+            # DeepSeek V4, gated delta nets: up to the last restore point of what is cached
+            cached -= cached % step
+            toks = toks[:cached]
+            needed = _needed_from(kinds, cached, store.block_tokens) if needed_only else None
+        handle = store.restore_async(toks, session=session, tenant=tenant, allocate=allocate, needed_from=needed)
+        if not (step > 1 or needed_only) or handle.num_tokens == cached:
+            break
+        # blocks went between the lookup and the restore: a shorter prefix would end off a restore
+        # point, or need rows its needed_from left unread
+        handle.result()
+        cached = handle.num_tokens
     if not handle.num_tokens:
         return None, handle
     n, layers = handle.num_tokens, list[Any]()
@@ -533,7 +581,28 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
         else:
             layers.append(RestoringLayer(handle, i, k, v, n))
     cache = Cache(layers=layers)  # a DynamicCache is the same Cache over DynamicLayers
+    if needed is not None:
+        setattr(cache, _KNOWN_FROM, needed)
     return cache, handle
+
+
+def _needed_from(kinds: Sequence[Any], n: int, block_tokens: int) -> list[int] | None:
+    """Per layer, the first of ``n`` restored tokens whose rows a cache of ``kinds`` reads again:
+    a sliding window's, a conv layer's last inputs, a gated delta net's restore point's state;
+    every row for other layers. Never after the block holding token ``n``, which a save grows."""
+    cap = n - n % block_tokens
+    out = []
+    for kind in kinds:
+        if isinstance(kind, SlidingHistoryLayer):
+            want = n - kind.sliding_window + 1
+        elif isinstance(kind, ConvHistoryLayer):
+            want = n - kind._kernel
+        elif isinstance(kind, StateSnapshotLayer):
+            want = n - kind.step
+        else:
+            want = 0
+        out.append(max(0, min(want, cap)))
+    return out if any(out) else None
 
 
 def _append(buf: torch.Tensor, used: int, x: torch.Tensor) -> torch.Tensor:
@@ -1294,23 +1363,28 @@ class SessionRunner:
             raise ConfigError(f"session {session!r} was saved under other PEFT adapters than the model runs now "
                               f"({'none' if tenant is None else 'some'}): each adapter state needs a session id of its own")
         # Keep at least one token to prefill: its logits start the decode.
+        # each layer reads only what it needs (a window, a conv layer's last inputs, a state)
         cache, handle = restore_cache(self.store, tokens[:-1], self.model.config, session=session, tenant=tenant,
-                                      pool=self.pool)
+                                      pool=self.pool, needed_only=True)
         n = handle.num_tokens
-        try:
-            logits, cache = prefill(self.model, tokens[n:], cache)  # no cache: a new session_cache
-        except BlockLoadError:
-            # A block failed its checksum mid-pass: restart from the valid prefix (a counted miss).
-            restored = handle.result()
-            n = restored.num_tokens
-            cache = kv_to_cache(restored.kv, self.model.config) if n else None
-            logits, cache = prefill(self.model, tokens[n:], cache)
+        while True:
+            try:
+                logits, cache = prefill(self.model, tokens[n:], cache)  # no cache: a new session_cache
+                break
+            except BlockLoadError:
+                # A block failed its checksum mid-pass (a counted miss): restart from the valid
+                # prefix, restored again, since a shorter prefix needs rows the first one did not
+                # read (a window further back); a damaged one of those ends it earlier still
+                valid = handle.result().num_tokens
+                cache, handle = restore_cache(self.store, tokens[:valid], self.model.config,
+                                              session=session, tenant=tenant, pool=self.pool, needed_only=True)
+                n = handle.num_tokens
         ttft = time.perf_counter() - t0
         out, all_logits, cache = greedy_decode(self.model, logits, cache, max_new_tokens, self.eos_token_id)
         seen = tokens + out[:-1]
         if cache_len(cache) != len(seen):
             raise SpecMismatchError(f"cache holds {cache_len(cache)} tokens, the session {len(seen)}")
-        self.store.save(seen, cache_to_kv(cache), session=session, tenant=tenant)
+        save_cache(self.store, seen, cache, session=session, tenant=tenant)
         sources = handle.result().sources if n else {}
         return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, sources)
 
