@@ -5,6 +5,10 @@ token's convolution input for them (``ConvHistoryLayer``), ``hidden_size`` value
 conv layer, and restores at any token. ``--arch qwen3_5``: Qwen3.5's (and Qwen3-Next's) gated
 delta nets keep a conv state and a float32 recurrent state; tierkv stores both at restore points
 (``StateSnapshotLayer``), every ``restore_step`` tokens, and restores at the last one cached.
+``--arch gemma3``: most of Gemma 3's layers attend to a sliding window; tierkv stores every
+token's keys and values for them too (``SlidingHistoryLayer``). Each restore runs twice: reading
+every row, and reading only what each layer needs (``needed_only``, as ``SessionRunner`` does:
+a window, a conv layer's last inputs, a restore point's state), with the bytes each read.
 
 This measures what that costs and buys at a realistic size: a model of the geometry below
 (random weights: the time of a forward pass does not depend on their values; no checkpoint of
@@ -18,6 +22,7 @@ they must be equal, bit for bit. Rounds alternate the two, ``--rounds`` each.
 
     python bench/hybrid_restore.py [--arch lfm2] [--tokens 2048] [--rounds 3]   # -> bench/results/lfm_restore.json
     python bench/hybrid_restore.py --arch qwen3_5 [--tokens 2048]              # -> bench/results/qwen3_5_restore.json
+    python bench/hybrid_restore.py --arch gemma3 --tokens 8192                 # -> bench/results/gemma3_restore.json
 
 (Named ``bench/lfm_restore.py`` in session 64, before ``--arch``.)
 """
@@ -58,6 +63,15 @@ QWEN_GEOMETRY = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers
                      num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
                      linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
                      layer_types=["full_attention" if i % 4 == 3 else "linear_attention" for i in range(24)])
+#: A Gemma 3 architecture shape of about 270M parameters, as this script sets it (not a published
+#: config): 18 layers, five in six attending to a window of the last 512 tokens (4 heads, 1 KV
+#: head of 256), over a hidden size of 640.
+GEMMA_GEOMETRY = dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=256, sliding_window=512,
+                      layer_types=["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)])
+GEMMA_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=16, sliding_window=16,
+                   layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])
 QWEN_SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                   linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
@@ -68,21 +82,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int_at_least(32), default=2048)
     ap.add_argument("--rounds", type=int_at_least(1), default=3)
-    ap.add_argument("--arch", choices=("lfm2", "qwen3_5"), default="lfm2")
+    ap.add_argument("--arch", choices=("lfm2", "qwen3_5", "gemma3"), default="lfm2")
     ap.add_argument("--small", action="store_true", help="a toy geometry (for tests)")
     ap.add_argument("--block-tokens", type=int_at_least(1), default=None,
                     help="the store's block (default 256, or the smallest multiple of restore_step above it)")
-    ap.add_argument("--out", default=None, help="default bench/results/lfm_restore.json or qwen3_5_restore.json")
+    ap.add_argument("--out", default=None, help="default bench/results/{lfm,qwen3_5,gemma3}_restore.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, Lfm2Config, Qwen3_5TextConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Lfm2Config, Qwen3_5TextConfig
 
     _, tok, _ = load_smollm2()
-    lfm = args.arch == "lfm2"
-    geometry = (SMALL if args.small else GEOMETRY) if lfm else (QWEN_SMALL if args.small else QWEN_GEOMETRY)
-    out_path = args.out or ("bench/results/lfm_restore.json" if lfm else "bench/results/qwen3_5_restore.json")
+    geometry = {"lfm2": (GEOMETRY, SMALL), "qwen3_5": (QWEN_GEOMETRY, QWEN_SMALL),
+                "gemma3": (GEMMA_GEOMETRY, GEMMA_SMALL)}[args.arch][bool(args.small)]
+    out_path = args.out or f"bench/results/{'lfm' if args.arch == 'lfm2' else args.arch}_restore.json"
     torch.manual_seed(0)
-    cfg = (Lfm2Config if lfm else Qwen3_5TextConfig)(
+    cfg = {"lfm2": Lfm2Config, "qwen3_5": Qwen3_5TextConfig, "gemma3": Gemma3TextConfig}[args.arch](
         vocab_size=len(tok), max_position_embeddings=max(4096, 2 * args.tokens), bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **geometry)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
