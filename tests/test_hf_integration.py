@@ -683,6 +683,54 @@ def tiny_deepseek_v4(layer_types: list[str], dtype: torch.dtype = torch.float32)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
+def restore_point_turns(model: Any, spec: KVSpec, tmp: str, reserve: int | None = None) -> None:
+    """Runner turns of a model restored at restore points every 64 tokens (DeepSeek V4, gated
+    delta nets), each equal to the same turn on transformers' own cache from the same point, tokens
+    and logits to the bit: a store whose blocks are not a multiple of 64 refused; three turns, each
+    restoring the last restore point of the turn before (the runner's pool ``reserve``d first,
+    where given); in a fresh handle, a second session sharing 150 tokens, restored from SSD up to
+    128; then a turn whose second block (tokens 128..255) fails its checksum: it asks for the
+    restore point at 256, meets the damaged block mid-forward and restarts from the restore point
+    before it (the first block), never from wrong state."""
+    cfg, step = model.config, restore_step(model.config)
+    assert step == 64
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
+    store, ctx, points = os.path.join(tmp, "store"), rand(128), {}
+
+    def same_turn(t, tokens, start):
+        # transformers' own cache from the state it had at ``start`` (a copy: V4 layers cannot crop),
+        # through the same prefill
+        logits, cache = prefill(model, tokens[start:], copy.deepcopy(points[start]) if start else DynamicCache(config=cfg))
+        points[len(tokens)] = copy.deepcopy(cache)
+        toks, all_logits, cache = greedy_decode(model, logits, cache, 6)
+        assert t.restored_tokens == start and t.tokens == toks
+        assert all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
+
+    with TierKV(os.path.join(tmp, "small"), spec, block_tokens=32) as small:
+        with pytest.raises(ConfigError, match="multiple of 64"):
+            SessionRunner(small, model)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        runner = SessionRunner(kv, model)
+        if reserve:
+            runner.reserve(reserve)
+        for start in (0, 128, 192):  # the turn before saved 133 and 197 tokens
+            t = runner.turn("s", ctx, max_new_tokens=6)
+            same_turn(t, ctx, start)
+            ctx = ctx + t.tokens + rand(58)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        other = ctx[:150] + rand(20)
+        t = SessionRunner(kv, model).turn("other", other, max_new_tokens=6)
+        assert t.sources == {"ssd": 1}
+        same_turn(t, other, 128)
+        fingerprint = kv.fingerprint
+    damage_block(store, fingerprint, ctx[:256], 2 * step, 1)
+    with TierKV(store, spec, block_tokens=2 * step) as kv:
+        t = SessionRunner(kv, model).turn("s", ctx, max_new_tokens=6)
+        assert kv.stats()["corrupt_blocks"] >= 1
+        same_turn(t, ctx, 128)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
     """DeepSeek V4's compressed attention (a window of recent keys, CSA with its indexer, HCA):
@@ -694,43 +742,8 @@ def test_deepseek_v4_sessions_restore_at_restore_points(tmp_path, dtype):
     cache from the same point, tokens and logits to the bit."""
     v4 = tiny_deepseek_v4(["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                            "compressed_sparse_attention"], dtype)
-    cfg, step = v4.config, restore_step(v4.config)
-    assert step == 64  # rates 4 and 16, eight windows of 7 keys
-    spec = spec_for_model(v4, model_id="test/v4")
-    gen = torch.Generator().manual_seed(1)
-    rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
-    store, ctx, points = str(tmp_path / "store"), rand(128), {}
-
-    def same_turn(t, tokens, start):
-        # transformers' own cache from the state it had at ``start`` (a copy: V4 layers cannot crop)
-        logits, cache = prefill(v4, tokens[start:], copy.deepcopy(points[start]) if start else DynamicCache(config=cfg))
-        points[len(tokens)] = copy.deepcopy(cache)
-        toks, all_logits, cache = greedy_decode(v4, logits, cache, 6)
-        assert t.restored_tokens == start and t.tokens == toks
-        assert all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
-
-    with TierKV(str(tmp_path / "small"), spec, block_tokens=32) as small:
-        with pytest.raises(ConfigError, match="multiple of 64"):
-            SessionRunner(small, v4)
-    with TierKV(store, spec, block_tokens=2 * step) as kv:
-        runner = SessionRunner(kv, v4)
-        for start in (0, 128, 192):  # the turn before saved 133 and 197 tokens
-            t = runner.turn("s", ctx, max_new_tokens=6)
-            same_turn(t, ctx, start)
-            ctx = ctx + t.tokens + rand(58)
-    with TierKV(store, spec, block_tokens=2 * step) as kv:
-        other = ctx[:150] + rand(20)
-        t = SessionRunner(kv, v4).turn("other", other, max_new_tokens=6)
-        assert t.sources == {"ssd": 1}
-        same_turn(t, other, 128)
-        fingerprint = kv.fingerprint
-    # the session's second block (tokens 128..255) fails its checksum: the next turn asks for the
-    # restore point at 256, meets the damaged block mid-forward, and restarts from the restore
-    # point before it (the first block), never from wrong state
-    damage_block(store, fingerprint, ctx[:256], 2 * step, 1)
-    with TierKV(store, spec, block_tokens=2 * step) as kv:
-        t = SessionRunner(kv, v4).turn("s", ctx, max_new_tokens=6)
-        same_turn(t, ctx, 128)
+    assert restore_step(v4.config) == 64  # rates 4 and 16, eight windows of 7 keys
+    restore_point_turns(v4, spec_for_model(v4, model_id="test/v4"), str(tmp_path))
 
 
 def test_deepseek_v4_layers_round_trip():
@@ -792,49 +805,13 @@ def test_gated_delta_net_sessions_restore_at_restore_points(tmp_path, kind, dtyp
     second block fails its checksum (restarted from the restore point before it), each equal to
     the same turn on transformers' own cache from the same point, tokens and logits to the bit."""
     qwen = tiny_gdn(kind, dtype)
-    cfg, step = qwen.config, restore_step(qwen.config)
-    assert step == 64  # 896 elements of state per layer against 32 of keys and values per token
+    assert restore_step(qwen.config) == 64  # 896 elements of state per layer against 32 of keys and values per token
     spec = spec_for_model(qwen, model_id="test/gdn")
     names = [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers]
     dt = tierkv.spec.dtype_name(dtype)
     assert names[0] == [("conv_state", (1, 8), dt), ("recurrent_state", (1, 16), "float32")]  # 128 x 4, 4 x 16 x 16
     assert names[2] == [("key", (1, 16), dt), ("value", (1, 16), dt)]
-    gen = torch.Generator().manual_seed(1)
-    rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
-    store, ctx, points = str(tmp_path / "store"), rand(128), {}
-
-    def same_turn(t, tokens, start):
-        # transformers' own cache from the state it had at ``start``, through the same prefill
-        logits, cache = prefill(qwen, tokens[start:], copy.deepcopy(points[start]) if start else DynamicCache(config=cfg))
-        points[len(tokens)] = copy.deepcopy(cache)
-        toks, all_logits, cache = greedy_decode(qwen, logits, cache, 6)
-        assert t.restored_tokens == start and t.tokens == toks
-        assert all(torch.equal(a, b) for a, b in zip(t.logits, all_logits))
-
-    with TierKV(str(tmp_path / "small"), spec, block_tokens=32) as small:
-        with pytest.raises(ConfigError, match="multiple of 64"):
-            SessionRunner(small, qwen)
-    with TierKV(store, spec, block_tokens=2 * step) as kv:
-        runner = SessionRunner(kv, qwen)
-        runner.reserve(256)  # the restore buffers from its pool, the states' too
-        for start in (0, 128, 192):  # the turn before saved 133 and 197 tokens
-            t = runner.turn("s", ctx, max_new_tokens=6)
-            same_turn(t, ctx, start)
-            ctx = ctx + t.tokens + rand(58)
-    with TierKV(store, spec, block_tokens=2 * step) as kv:
-        other = ctx[:150] + rand(20)
-        t = SessionRunner(kv, qwen).turn("other", other, max_new_tokens=6)
-        assert t.sources == {"ssd": 1}
-        same_turn(t, other, 128)
-        fingerprint = kv.fingerprint
-    # the session's second block (tokens 128..255) fails its checksum: the next turn asks for the
-    # restore point at 256, meets the damaged block mid-forward, and restarts from the restore
-    # point before it (the first block), never from wrong state
-    damage_block(store, fingerprint, ctx[:256], 2 * step, 1)
-    with TierKV(store, spec, block_tokens=2 * step) as kv:
-        t = SessionRunner(kv, qwen).turn("s", ctx, max_new_tokens=6)
-        assert kv.stats()["corrupt_blocks"] >= 1
-        same_turn(t, ctx, 128)
+    restore_point_turns(qwen, spec, str(tmp_path), reserve=256)
 
 
 def test_gated_delta_net_layers_round_trip():
