@@ -849,6 +849,22 @@ def test_gated_delta_net_layers_round_trip():
     # transformers' own cache keeps only the last state: refused, naming the cache that works
     with pytest.raises(SpecMismatchError, match="0 is a LinearAttentionLayer.*restore points"):
         cache_to_kv(ref)
+    # restore points further apart, where the config says so (tierkv_restore_step): the states
+    # spread over twice the tokens, restored at 128 and not at 64; a step that is not a multiple
+    # of 64 is refused
+    cfg.tierkv_restore_step = 128
+    assert restore_step(cfg) == 128 and spec_for_model(qwen).layers[0].tensors[1].dims == (1, 8)
+    _, wide = prefill(qwen, ids[:150])
+    kv = cache_to_kv(wide)
+    with pytest.raises(SpecMismatchError, match="multiple of 128"):
+        kv_to_cache([[x[:, :64] for x in p] for p in kv], cfg)
+    at128 = kv_to_cache([[x[:, :128] for x in p] for p in kv], cfg)
+    _, ref_wide = prefill(qwen, ids[:128], DynamicCache(config=cfg))  # one pass to 128, as the session's
+    assert torch.equal(prefill(qwen, ids[128:], at128)[0], prefill(qwen, ids[128:], ref_wide)[0])
+    cfg.tierkv_restore_step = 96
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        restore_step(cfg)
+    del cfg.tierkv_restore_step
     # one pass of 150 tokens runs past 64 and 128 without seeing the states there
     run_past = session_cache(cfg)
     with torch.inference_mode():

@@ -121,6 +121,10 @@ def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
     assert spec_for_config(nxt, torch.bfloat16).bytes_per_token == per_token == g.kvspec().bytes_per_token
     # at 8 bits the keys, values and conv states halve; the recurrent state stays float32
     assert g.footprint(1000, kv_bits=8).total == 1000 * (per_token - (12 * 2048 + 36 * 64) // 2)
+    # restore points twice as far apart (the config's tierkv_restore_step): half the state per token
+    nxt.tierkv_restore_step = 2048
+    g = Geometry.from_hf_config(nxt)
+    assert g.restore_step == 2048 and g.footprint(1000).total == 1000 * (per_token - 36 * 2112 // 2)
     # a Mamba layer's state (Bamba, Nemotron-H, ...) is not stored: refused, not counted as attention
     with pytest.raises(ConfigError, match="mamba"):
         Geometry.from_config_dict({**cfg.to_dict(), "layer_types": ["mamba"] * 15 + ["full_attention"]})

@@ -175,6 +175,10 @@ class Geometry:
                         raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
                     kernel, nk, dk, nv, dv = (int(cfg[k]) for k in _GDN_FIELDS)
                     cfg["linear_state"] = [2 * nk * dk + nv * dv, kernel, nv, dk, dv]
+                    step = cfg.get("tierkv_restore_step")
+                    if step is not None and not (is_positive_int(step) and step % GDN_MIN_STEP == 0):
+                        raise ConfigError(f"{name}: tierkv_restore_step must be a positive multiple of "
+                                          f"{GDN_MIN_STEP}, got {step!r}")
                     state = []
                 if state:
                     raise ConfigError(f"{name}: layers of type {state} keep a recurrent state, which tierkv "
@@ -186,7 +190,7 @@ class Geometry:
                 elif "linear_state" not in cfg:
                     cfg.pop("layer_types")
         keep = set(_REQUIRED.get(family, ())) | {"mtp_layers", "num_key_value_heads", "max_position_embeddings",
-                                                 "layer_types", "conv_dim", "linear_state"}
+                                                 "layer_types", "conv_dim", "linear_state", "tierkv_restore_step"}
         return cls(name, family, {k: cfg[k] for k in keep if k in cfg}, source)
 
     @classmethod
@@ -226,11 +230,14 @@ class Geometry:
         delta net model the smallest power of two, at least ``GDN_MIN_STEP``, over which one
         layer's state (conv and recurrent) spreads to no more elements per token than an attention
         layer's keys and values: 1,024 for Qwen3-Next-80B (a state of 557,056 elements against
-        1,024 per token), 2,048 for Qwen3.5's larger models. A store's ``block_tokens`` must be a
+        1,024 per token), 512 for transformers' default Qwen3.5 config; or the config's
+        ``tierkv_restore_step`` (a multiple of 64), where set. A store's ``block_tokens`` must be a
         multiple of it."""
         state = self.fields.get("linear_state")
         if not state:
             return 1
+        if self.fields.get("tierkv_restore_step"):
+            return int(self.fields["tierkv_restore_step"])
         conv, kernel, nv, dk, dv = state
         per_token = 2 * int(self.fields["num_key_value_heads"]) * int(self.fields["head_dim"])
         step = GDN_MIN_STEP
