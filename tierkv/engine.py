@@ -466,6 +466,8 @@ class TierKV(SSDWriter, Loads):
                         self._stats.count("saves_cut_unknown", 1)
                         if not keys:
                             return self._save_of_nothing(lease, keys_of_lease)
+                        if lease is not None:
+                            self._ssd.leases.release(keys_of_lease[i:], lease)
                         break
                     if i not in payloads and not self._available(b):
                         # Dropped by another thread since the first look: copy it now (rare), and
