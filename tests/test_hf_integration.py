@@ -873,6 +873,33 @@ def test_gated_delta_net_layers_round_trip():
         cache_to_kv(run_past)
 
 
+def test_a_restore_whose_prefix_shrinks_starts_again_at_a_restore_point(tmp_path):
+    """restore_cache looks the prefix up, then restores it; blocks that go in between (another
+    thread's drop, an eviction) leave a shorter prefix, which may end off a restore point (or need
+    rows its needed_from left unread). The restore then starts again from the prefix found: here
+    the first read finds 100 of 150 tokens, and the cache comes back at 64, the restore point
+    before, equal to transformers' own cache there."""
+    qwen = tiny_gdn("qwen3_next")
+    cfg = qwen.config
+    ids = torch.randint(1, 256, (160,), generator=torch.Generator().manual_seed(5)).tolist()
+    _, whole = prefill(qwen, ids[:150])
+    with TierKV(str(tmp_path / "store"), spec_for_model(qwen), block_tokens=64) as kv:
+        kv.save(ids[:150], cache_to_kv(whole), session="s").wait()
+        real, calls = kv.restore_async, []
+
+        def shrinking(tokens, *args, **kw):  # the first read finds only 100 tokens
+            calls.append(len(tokens))
+            return real(tokens[:100] if len(calls) == 1 else tokens, *args, **kw)
+
+        kv.restore_async = shrinking
+        for needed_only in (False, True):
+            calls.clear()
+            cache, handle = restore_cache(kv, ids[:150], cfg, session="s", needed_only=needed_only)
+            assert calls == [128, 64] and handle.num_tokens == 64 and cache_len(cache) == 64
+            _, own = prefill(qwen, ids[:64], DynamicCache(config=cfg))
+            assert torch.equal(prefill(qwen, ids[64:], cache)[0], prefill(qwen, ids[64:], own)[0])
+
+
 def test_sliding_window_layers_are_saved_only_whole():
     """transformers' own sliding-window layer keeps only its window: refused, with the way out.
     session_cache's layers keep every token, so cache_to_kv saves them all, and kv_to_cache gives
