@@ -403,9 +403,11 @@ def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> t
     if cache is None:
         cache = session_cache(model.config)
     ids = list(input_ids)
-    gdn = _gdn_geometry(model.config)
     cuts = [len(ids)]
-    if gdn is not None and ids:
+    # a decode step's one token can only end on a restore point, never pass one: no look at the
+    # config (a dict of it for a gated delta net model) on that path
+    gdn = _gdn_geometry(model.config) if len(ids) > 1 else None
+    if gdn is not None:
         step, n0 = gdn.restore_step, cache_len(cache)
         cuts = list(range(step - n0 % step, len(ids), step)) + [len(ids)]
     start = 0
@@ -544,17 +546,18 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     if step > 1:
         _check_block_tokens(store, step)
     toks = as_tokens(tokens)
+    # the prefix is looked up first where the restore depends on its length: cut to a restore
+    # point (DeepSeek V4, gated delta nets), or read in part (needed_only)
+    planned = step > 1 or needed_only
+    cached = store.lookup(toks, session=session, tenant=tenant) if planned else 0
     needed = None
-    if step > 1 or needed_only:
-        cached = store.lookup(toks, session=session, tenant=tenant)
     while True:
-        if step > 1 or needed_only:
-            # DeepSeek V4, gated delta nets: up to the last restore point of what is cached
+        if planned:
             cached -= cached % step
             toks = toks[:cached]
             needed = _needed_from(kinds, cached, store.block_tokens) if needed_only else None
         handle = store.restore_async(toks, session=session, tenant=tenant, allocate=allocate, needed_from=needed)
-        if not (step > 1 or needed_only) or handle.num_tokens == cached:
+        if not planned or handle.num_tokens == cached:
             break
         # blocks went between the lookup and the restore: a shorter prefix would end off a restore
         # point, or need rows its needed_from left unread
