@@ -24,6 +24,7 @@ from tierkv.integrations.hf import (GROUPED_ATTENTION, SessionRunner, adapter_te
                                     greedy_decode, kv_to_cache, load_smollm2, prefill, restore_cache,
                                     restore_step, session_cache, spec_for_config, spec_for_model, use_grouped_attention)
 from tierkv.integrations.hf import SlidingHistoryLayer, save_cache  # noqa: E402
+from tierkv.kvmath import Geometry  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -529,18 +530,21 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     v4 = tiny_deepseek_v4(["compressed_sparse_attention", "heavily_compressed_attention"])
     with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
         cache_to_kv(prefill(v4, list(range(1, 40)), DynamicCache(config=v4.config))[1])
-    # a runner refuses a model it cannot save when it is made, not after a turn's work: a Mamba-2
-    # state beside attention (Bamba). LFM2's convolution state was refused this way before session
-    # 64, Qwen3-Next's gated delta nets before session 65 (test_lfm2_*, test_gated_delta_net_*)
-    from transformers import AutoModelForCausalLM, BambaConfig
+    # a runner refuses a model it cannot save when it is made, not after a turn's work: attention
+    # and a Mamba-2 state side by side in every layer (Falcon-H1). LFM2's convolution state was
+    # refused this way before session 64, Qwen3-Next's gated delta nets before session 65, Bamba's
+    # Mamba layers before session 66 (test_lfm2_*, test_gated_delta_net_*, test_mamba_hybrid_*)
+    from transformers import AutoModelForCausalLM, FalconH1Config
 
-    cfg = BambaConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=1, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16,
-                      mamba_d_state=16, mamba_n_groups=1)
-    bamba = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    cfg = FalconH1Config(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, mamba_n_heads=8, mamba_d_head=16,
+                         mamba_d_state=16, mamba_n_groups=1, mamba_d_ssm=128)
+    falcon = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
-        with pytest.raises(SpecMismatchError, match="0: LinearAttentionLayer"):
-            SessionRunner(kv, bamba)
+        with pytest.raises(SpecMismatchError, match="0: LinearAttentionAndFullAttentionLayer"):
+            SessionRunner(kv, falcon)
+    with pytest.raises(ConfigError, match="side by side"):
+        Geometry.from_hf_config(cfg)
 
 
 def damage_block(store: str, fingerprint: bytes, tokens: list[int], block_tokens: int, index: int) -> None:
@@ -871,6 +875,62 @@ def test_gated_delta_net_layers_round_trip():
         qwen(input_ids=torch.tensor([ids[:150]]), cache=run_past, use_cache=True)
     with pytest.raises(SpecMismatchError, match="past restore point 64"):
         cache_to_kv(run_past)
+
+
+def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
+    """A Mamba hybrid at toy size, random weights: Bamba's or Granite 4.0-H's architecture (Mamba-2
+    layers: 8 heads of 16, state 8, kernel 4) or Jamba's (Mamba-1: inner dim 128, state 8), two
+    Mamba layers around an attention layer, then one more."""
+    from transformers import AutoModelForCausalLM, BambaConfig, GraniteMoeHybridConfig, JambaConfig
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=1, max_position_embeddings=1024, initializer_range=0.2)
+    mamba2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16)
+    cfg = {"bamba": lambda: BambaConfig(**kw, **mamba2, attn_layer_indices=[2]),
+           "granite4": lambda: GraniteMoeHybridConfig(
+               **kw, **mamba2, layer_types=["mamba", "mamba", "attention", "mamba"], num_local_experts=4,
+               num_experts_per_tok=2, shared_intermediate_size=32),
+           "jamba": lambda: JambaConfig(**kw, attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2,
+                                        num_experts=2, mamba_d_state=8, mamba_dt_rank=8)}[kind]()
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("kind,dtype", [("bamba", torch.float32), ("bamba", torch.bfloat16),
+                                        ("granite4", torch.float32), ("jamba", torch.float32)],
+                         ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32"])
+def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
+    """Bamba's and Granite 4.0-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a conv state and
+    a float32 recurrent state, as a gated delta net does (refused before session 66): a
+    session_cache keeps both at each restore point (every 64 tokens here) and restores there. The
+    runner turns of test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same
+    turn on transformers' own cache from the same point, tokens and logits to the bit; and the
+    states a cache keeps at a restore point reached one decode step at a time are those of
+    transformers' own cache there."""
+    model = tiny_mamba(kind, dtype)
+    cfg = model.config
+    assert restore_step(cfg) == 64
+    spec = spec_for_model(model, model_id="test/mamba")
+    dt = tierkv.spec.dtype_name(dtype)
+    # conv [144, 4] over 64 tokens, rounded up to 4; recurrent [8, 16, 8] (Mamba-1: conv [128, 4], [128, 8])
+    widths = [(1, 8), (1, 16)] if kind == "jamba" else [(1, 12), (1, 16)]
+    assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == \
+        [[("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]] * 2 + \
+        [[("key", (1, 16), dt), ("value", (1, 16), dt)]] + [[("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]]
+    ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
+    _, mine = prefill(model, ids[:120])
+    _, ref = prefill(model, ids[:120], DynamicCache(config=cfg))
+    for x in ids[120:130]:  # decode steps past the restore point at 128, both caches
+        a, mine = prefill(model, [x], mine)
+        b, ref = prefill(model, [x], ref)
+        assert torch.equal(a, b)
+        if cache_len(ref) == 128:
+            at128 = copy.deepcopy(ref)
+    back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
+    for i in (0, 1, 3):
+        for name in ("conv_states", "recurrent_states"):
+            assert torch.equal(getattr(back.layers[i], name)[0], getattr(at128.layers[i], name)[0]), (i, name)
+    restore_point_turns(model, spec, str(tmp_path))
 
 
 def test_a_restore_whose_prefix_shrinks_starts_again_at_a_restore_point(tmp_path):

@@ -91,8 +91,8 @@ def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
     stores for each layer, keys and values for attention and each token's convolution input for a
     conv layer (before session 64 every layer was counted as attention), and equals the engine's
     spec for the same config. Qwen3-Next's gated delta nets count the states tierkv stores at
-    their restore points; other layers with a recurrent state (Mamba), which tierkv does not
-    store, are refused, not counted as attention."""
+    their restore points; a recurrent state of a kind tierkv does not know is refused, not
+    counted as attention (Mamba layers: test_mamba_hybrids_count_their_states_at_restore_points)."""
     from transformers import Lfm2Config, Qwen3NextConfig
 
     from tierkv.integrations.hf import spec_for_config
@@ -125,12 +125,55 @@ def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
     nxt.tierkv_restore_step = 2048
     g = Geometry.from_hf_config(nxt)
     assert g.restore_step == 2048 and g.footprint(1000).total == 1000 * (per_token - 36 * 2112 // 2)
-    # a Mamba layer's state (Bamba, Nemotron-H, ...) is not stored: refused, not counted as attention
-    with pytest.raises(ConfigError, match="mamba"):
-        Geometry.from_config_dict({**cfg.to_dict(), "layer_types": ["mamba"] * 15 + ["full_attention"]})
-    # a linear-attention layer without a gated delta net's fields is not one tierkv knows
-    with pytest.raises(ConfigError, match="linear_attention"):
-        Geometry.from_config_dict({**cfg.to_dict(), "layer_types": ["linear_attention"] * 15 + ["full_attention"]})
+    # a Mamba or linear-attention layer without a gated delta net's or a Mamba layer's fields is not
+    # one tierkv knows: refused, not counted as attention
+    for kind in ("mamba", "linear_attention"):
+        with pytest.raises(ConfigError, match="neither a gated delta net's fields"):
+            Geometry.from_config_dict({**cfg.to_dict(), "layer_types": [kind] * 15 + ["full_attention"]})
+
+
+def test_mamba_hybrids_count_their_states_at_restore_points():
+    """Bamba's and Granite 4.0-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a conv state and
+    a float32 recurrent state, which tierkv stores at restore points as it does a gated delta net's
+    (refused before session 66), whichever field a config names its layers in; models whose
+    layers tierkv does not store are refused, never counted as attention."""
+    pytest.importorskip("transformers")
+    from transformers import BambaConfig, JambaConfig
+
+    from tierkv.integrations.hf import spec_for_config
+
+    # transformers' default Bamba (32 layers, attention at 9, 18 and 27: 8 KV heads of 128): a
+    # Mamba-2 state of 128 heads x 64 x 256 (float32) and a conv state of 8,704 x 4, every 2,048 tokens
+    bamba = BambaConfig(attn_layer_indices=[9, 18, 27])
+    g = Geometry.from_hf_config(bamba)
+    assert g.fields["linear_state"] == [8704, 4, 128, 64, 256] and g.restore_step == 2048
+    per_token = 3 * 2 * 8 * 128 * 2 + 29 * (20 * 2 + 128 * 64 * 256 // 2048 * 4)  # conv 17 -> 20 (rounded up to 4)
+    assert g.footprint(1000).total == 1000 * per_token == 1000 * 132_232
+    assert spec_for_config(bamba, torch.bfloat16).bytes_per_token == per_token == g.kvspec().bytes_per_token
+    # the same model as its config.json says it: head dim "auto", or Granite 4.0's layer_types names
+    raw = {k: v for k, v in bamba.to_dict().items() if k != "attn_layer_indices"}
+    assert Geometry.from_config_dict({**raw, "attn_layer_indices": [9, 18, 27], "mamba_d_head": "auto"}).footprint(
+        1000).total == 1000 * per_token
+    kinds = ["attention" if i in (9, 18, 27) else "mamba" for i in range(32)]
+    assert Geometry.from_config_dict({**raw, "model_type": "granitemoehybrid", "layer_types": kinds}).footprint(
+        1000).total == 1000 * per_token
+    # Jamba (Mamba-1: an inner dim of 8,192, state 16; attention every 8th layer from the 4th)
+    jamba = JambaConfig()
+    g = Geometry.from_hf_config(jamba)
+    assert g.fields["linear_state"] == [8192, 4, 8192, 16] and g.restore_step == 128
+    assert g.fields["layer_types"].count("full_attention") == 4
+    per_token = 4 * 2 * 8 * 128 * 2 + 28 * (8192 * 4 // 128 * 2 + 8192 * 16 // 128 * 4)
+    assert g.footprint(1000).total == 1000 * per_token == 1000 * 145_408
+    assert spec_for_config(jamba, torch.bfloat16).bytes_per_token == per_token
+    # refused: Nemotron-H's MLP layers keep no cache; Falcon-H1 runs attention and Mamba in every
+    # layer (its config names no layer kinds; Zamba2's calls them "hybrid")
+    nemotron = {**raw, "model_type": "nemotron_h", "hybrid_override_pattern": "M-M*-M-", "mamba_num_heads": 8}
+    with pytest.raises(ConfigError, match="keep no cache"):
+        Geometry.from_config_dict({k: v for k, v in nemotron.items() if k != "num_hidden_layers"})
+    with pytest.raises(ConfigError, match="side by side"):
+        Geometry.from_config_dict({**raw, "model_type": "falcon_h1"})
+    with pytest.raises(ConfigError, match="side by side"):
+        Geometry.from_config_dict({**raw, "layer_types": ["hybrid"] * 32})
 
 
 def test_plan_cascades_and_reports_assumptions():

@@ -13,8 +13,11 @@ the planner and the store can never disagree about what a token of KV weighs. A 
 short-convolution layers (LFM2's ``conv`` layer type) counts each conv layer's per-token input,
 as the transformers integration stores it. A gated delta net layer (Qwen3-Next's and Qwen3.5's
 ``linear_attention``) keeps a state instead, which tierkv stores at restore points, every
-``restore_step`` tokens, spread over that many tokens: it counts that share per token. Other
-layers with a recurrent state (Mamba) are refused.
+``restore_step`` tokens, spread over that many tokens: it counts that share per token. A
+Mamba layer of a hybrid model (Bamba, Granite 4.0, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps a
+conv state and a recurrent state too, stored the same way. Other recurrent states (a model whose
+every layer runs attention and Mamba side by side, Falcon-H1; linear-attention kinds tierkv does
+not know) are refused.
 """
 
 from __future__ import annotations
@@ -42,13 +45,25 @@ _REQUIRED = {
     "v4_hybrid": ("num_hidden_layers", "head_dim", "sliding_window", "index_head_dim", "compress_ratios"),
 }
 #: layer types whose cache is a recurrent state (Qwen3-Next, Qwen3.5, Mamba hybrids): no token's
-#: own values give it back. Gated delta nets (``linear_attention`` with the fields below) are
-#: stored at restore points; the others are not stored, and a footprint would be wrong
+#: own values give it back. Gated delta nets and Mamba layers (``linear_attention`` with the
+#: fields below) are stored at restore points; the others are refused, as a footprint would be wrong
 _STATE_LAYER_TYPES = ("linear_attention", "mamba", "mamba2", "ssm")
+#: layers that run attention and a recurrent state side by side (Falcon-H1, Zamba2): refused
+_PARALLEL_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+#: the names transformers gives older layer types (``mamba`` is a Mamba layer, as ``linear_attention``)
+_LEGACY_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+#: Nemotron-H's layer pattern, one character per layer
+_PATTERN_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 #: a gated delta net layer's config fields (Qwen3-Next, Qwen3.5): conv kernel, heads and head dims
 _GDN_FIELDS = ("linear_conv_kernel_dim", "linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
                "linear_value_head_dim")
-#: restore points of a gated delta net model lie on multiples of this (its kernels' chunk size)
+#: a Mamba-2 layer's config fields, as each family names them: heads, head dim, state size,
+#: groups, conv kernel (Bamba and Granite 4.0; Nemotron-H)
+_MAMBA2_FIELDS = (("mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups", "mamba_d_conv"),
+                  ("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel"))
+#: a Mamba-1 layer's (Jamba's): state size, conv kernel, expansion of the hidden size
+_MAMBA1_FIELDS = ("mamba_d_state", "mamba_d_conv", "mamba_expand")
+#: restore points of a model with state layers lie on multiples of this (its kernels' chunk size)
 GDN_MIN_STEP = 64
 _TOKENS_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*$")
 
@@ -75,6 +90,73 @@ def spread_width(elements: int, step: int) -> int:
     """Elements per token of a state of ``elements`` spread over ``step`` tokens, rounded up to 4
     (so every tensor of a layer starts 4-byte aligned, KVSpec's rule, whatever the dtype)."""
     return -(-elements // (4 * step)) * 4
+
+
+def _layer_types(cfg: dict[str, Any], name: str) -> list[str] | None:
+    """Each layer's cache type, as transformers names it, from whichever field a config gives it
+    in (``layer_types``, ``layers_block_type``, Bamba's ``attn_layer_indices``, Jamba's
+    ``attn_layer_period``/``attn_layer_offset``, Nemotron-H's ``hybrid_override_pattern``); None
+    for a config with none. Layers whose cache tierkv does not store are refused here."""
+    types = cfg.get("layer_types") or cfg.get("layers_block_type")
+    layers: int = cfg["num_hidden_layers"] if is_positive_int(cfg.get("num_hidden_layers")) else 0
+    if isinstance(cfg.get("hybrid_override_pattern"), str) and not isinstance(types, list):
+        pattern = cfg["hybrid_override_pattern"]
+        if set(pattern) - set(_PATTERN_TYPES):
+            raise ConfigError(f"{name}: hybrid_override_pattern {pattern!r} holds layers other than {set(_PATTERN_TYPES)}")
+        types = [_PATTERN_TYPES[c] for c in pattern]
+    elif layers and not isinstance(types, list):
+        if isinstance(cfg.get("attn_layer_indices"), list):
+            types = ["full_attention" if i in cfg["attn_layer_indices"] else "linear_attention" for i in range(layers)]
+        elif is_positive_int(cfg.get("attn_layer_period")) and isinstance(cfg.get("attn_layer_offset"), int):
+            period, offset = int(cfg["attn_layer_period"]), int(cfg["attn_layer_offset"])
+            types = ["full_attention" if i % period == offset else "linear_attention" for i in range(layers)]
+    if not isinstance(types, list):
+        if any(k in cfg for k in ("mamba_d_state", "ssm_state_size", "mamba_n_heads", "mamba_num_heads")):
+            raise ConfigError(f"{name}: a Mamba config that says nowhere which layers attend (Falcon-H1 runs "
+                              "attention and Mamba side by side in every layer): tierkv does not store it")
+        return None
+    types = [_LEGACY_TYPES.get(t, t) for t in types]
+    if not cfg.get("num_hidden_layers"):  # Nemotron-H: its pattern says how many layers there are
+        cfg["num_hidden_layers"] = len(types)
+    parallel = sorted({t for t in types if t in _PARALLEL_LAYER_TYPES})
+    if parallel:
+        raise ConfigError(f"{name}: layers of type {parallel} run attention and a recurrent state side by side "
+                          "(Falcon-H1, Zamba2): tierkv does not store them")
+    none = sorted({t for t in types if t in ("mlp", "moe")})
+    if none:
+        raise ConfigError(f"{name}: layers of type {none} keep no cache (Nemotron-H); tierkv's layouts give every "
+                          "layer tensors, so this model is not one it stores")
+    state = sorted({t for t in types if t in _STATE_LAYER_TYPES and t != "linear_attention"})
+    if state:
+        raise ConfigError(f"{name}: layers of type {state} keep a recurrent state of a kind tierkv does not know")
+    return types
+
+
+def _linear_state(cfg: dict[str, Any], name: str) -> list[int]:
+    """A state layer's shapes ``[conv dim, kernel, *recurrent state]``: a gated delta net's
+    (recurrent ``[value heads, key dim, value dim]``), a Mamba-2 layer's (``[heads, head dim,
+    state size]``) or a Mamba-1 layer's (``[inner dim, state size]``), from the config's fields."""
+    if all(is_positive_int(cfg.get(k)) for k in _GDN_FIELDS):
+        kernel, nk, dk, nv, dv = (int(cfg[k]) for k in _GDN_FIELDS)
+        return [2 * nk * dk + nv * dv, kernel, nv, dk, dv]
+    for names in _MAMBA2_FIELDS:
+        values: list[Any] = [cfg.get(k) for k in names]
+        if values[1] == "auto" and is_positive_int(values[0]):  # Bamba: expand x hidden over the heads
+            try:
+                values[1] = int(cfg["mamba_expand"] * cfg["hidden_size"]) // int(values[0])
+            except (KeyError, TypeError) as e:
+                raise ConfigError(f"{name}: mamba_d_head 'auto' needs mamba_expand and hidden_size: {e}") from None
+        if all(is_positive_int(v) for v in values):
+            heads, head_dim, d_state, groups, kernel = (int(v) for v in values)
+            return [heads * head_dim + 2 * groups * d_state, kernel, heads, head_dim, d_state]
+    if all(k in cfg for k in _MAMBA1_FIELDS) and not any(k in cfg for names in _MAMBA2_FIELDS for k in names[:2]):
+        d_state, kernel = cfg["mamba_d_state"], cfg["mamba_d_conv"]
+        inner = cfg["mamba_expand"] * cfg.get("hidden_size", 0)
+        if all(is_positive_int(v) for v in (d_state, kernel, inner)):
+            return [inner, kernel, inner, d_state]
+    raise ConfigError(f"{name}: layers of type linear_attention (or mamba) keep a recurrent state, and the config "
+                      f"has neither a gated delta net's fields {list(_GDN_FIELDS)} nor a Mamba layer's "
+                      f"({[list(n) for n in _MAMBA2_FIELDS]} or {list(_MAMBA1_FIELDS)}): not a state tierkv knows")
 
 
 def _check_bits(bits: int, what: str) -> None:
@@ -133,11 +215,11 @@ class Geometry:
                 and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
             raise ConfigError(f"{self.name}: conv_dim needs a positive int and one layer_types entry per layer")
         if "linear_state" in self.fields and not (
-                isinstance(self.fields["linear_state"], list) and len(self.fields["linear_state"]) == 5
+                isinstance(self.fields["linear_state"], list) and len(self.fields["linear_state"]) in (4, 5)
                 and all(is_positive_int(x) for x in self.fields["linear_state"])
                 and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
-            raise ConfigError(f"{self.name}: linear_state needs five positive ints (conv dim, kernel, value heads, "
-                              "key dim, value dim) and one layer_types entry per layer")
+            raise ConfigError(f"{self.name}: linear_state needs four or five positive ints (conv dim, kernel, then "
+                              "the recurrent state's shape) and one layer_types entry per layer")
         if self.family == "v4_hybrid" and len(self.fields["compress_ratios"]) < self.layers:
             raise ConfigError(f"{self.name}: compress_ratios needs one entry per layer ({self.layers})")
 
@@ -165,27 +247,20 @@ class Geometry:
             except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
                 raise ConfigError(f"{name}: config lacks attention fields (num_attention_heads, hidden_size "
                                   f"or head_dim): {e}") from None
-            types = cfg.get("layer_types")
-            if isinstance(types, list):
-                state = sorted({t for t in types if t in _STATE_LAYER_TYPES})
-                if state == ["linear_attention"] and all(is_positive_int(cfg.get(k)) for k in _GDN_FIELDS):
-                    # a gated delta net: its conv state [conv_dim, kernel] and recurrent state
-                    # [value heads, key dim, value dim], stored at restore points
-                    if len(types) != int(cfg.get("num_hidden_layers", -1)):
-                        raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
-                    kernel, nk, dk, nv, dv = (int(cfg[k]) for k in _GDN_FIELDS)
-                    cfg["linear_state"] = [2 * nk * dk + nv * dv, kernel, nv, dk, dv]
+            types = _layer_types(cfg, name)
+            if types is not None:
+                if ("linear_attention" in types or "conv" in types) and len(types) != int(cfg.get("num_hidden_layers", -1)):
+                    raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
+                cfg["layer_types"] = types
+                if "linear_attention" in types:
+                    # gated delta nets and Mamba layers: their conv state [conv_dim, kernel] and
+                    # recurrent state, stored at restore points
+                    cfg["linear_state"] = _linear_state(cfg, name)
                     step = cfg.get("tierkv_restore_step")
                     if step is not None and not (is_positive_int(step) and step % GDN_MIN_STEP == 0):
                         raise ConfigError(f"{name}: tierkv_restore_step must be a positive multiple of "
                                           f"{GDN_MIN_STEP}, got {step!r}")
-                    state = []
-                if state:
-                    raise ConfigError(f"{name}: layers of type {state} keep a recurrent state, which tierkv "
-                                      "does not store (no token's own values give it back)")
                 if "conv" in types:  # LFM2-family short convolutions: tierkv stores each token's input
-                    if len(types) != int(cfg.get("num_hidden_layers", -1)):
-                        raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
                     cfg["conv_dim"] = int(cfg["hidden_size"])
                 elif "linear_state" not in cfg:
                     cfg.pop("layer_types")
@@ -226,11 +301,14 @@ class Geometry:
 
     @property
     def restore_step(self) -> int:
-        """Tokens between the points a cache of this model can be restored at: 1, or for a gated
-        delta net model the smallest power of two, at least ``GDN_MIN_STEP``, over which one
-        layer's state (conv and recurrent) spreads to no more elements per token than an attention
-        layer's keys and values: 1,024 for Qwen3-Next-80B (a state of 557,056 elements against
-        1,024 per token), 512 for transformers' default Qwen3.5 config; or the config's
+        """Tokens between the points a cache of this model can be restored at: 1, or for a model
+        with state layers (gated delta nets, Mamba) the smallest power of two, at least
+        ``GDN_MIN_STEP``, over which one layer's state (conv and recurrent) spreads to no more
+        elements per token than an attention layer's keys and values: 1,024 for Qwen3-Next-80B (a
+        state of 557,056 elements against 1,024 per token), 512 for transformers' default Qwen3.5
+        config, 2,048 for transformers' default Bamba config (attention at layers 9, 18 and 27: a
+        Mamba-2 state of 2,131,968 elements against 2,048), 128 for its default Jamba config
+        (Mamba-1); or the config's
         ``tierkv_restore_step`` (a multiple of 64), where set. A store's ``block_tokens`` must be a
         multiple of it."""
         state = self.fields.get("linear_state")
@@ -238,10 +316,10 @@ class Geometry:
             return 1
         if self.fields.get("tierkv_restore_step"):
             return int(self.fields["tierkv_restore_step"])
-        conv, kernel, nv, dk, dv = state
+        conv, kernel, *recurrent = state
         per_token = 2 * int(self.fields["num_key_value_heads"]) * int(self.fields["head_dim"])
         step = GDN_MIN_STEP
-        while -(-(conv * kernel + nv * dk * dv) // step) > per_token:
+        while -(-(conv * kernel + math.prod(recurrent)) // step) > per_token:
             step *= 2
         return step
 
@@ -256,12 +334,12 @@ class Geometry:
             other = None
             if f.get("conv_dim"):  # LFM2-family: a conv layer stores each token's convolution input
                 other = "conv", LayerSpec((TensorSpec("conv_input", (1, int(f["conv_dim"])), 1, dtype),))
-            elif f.get("linear_state"):  # a gated delta net: its states at each restore point
-                conv, kernel, nv, dk, dv = f["linear_state"]
+            elif f.get("linear_state"):  # a gated delta net or Mamba layer: its states at each restore point
+                conv, kernel, *recurrent = f["linear_state"]
                 step = self.restore_step
                 other = "linear_attention", LayerSpec((
                     TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
-                    TensorSpec("recurrent_state", (1, spread_width(nv * dk * dv, step)), 1, "float32")))
+                    TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1, "float32")))
             if other is not None:
                 extra = ["full_attention"] * (self.layer_count(include_mtp) - self.layers)  # MTP layers attend
                 kinds = list(f["layer_types"])[:self.layers] + extra
@@ -282,7 +360,7 @@ class Geometry:
         f = self.fields
         if self.family in ("gqa", "mla", "mla_dsa"):
             spec = self.kvspec("uint8", include_mtp)  # one byte per element: elements per token
-            # a gated delta net's recurrent state is float32 whatever the KV's bits
+            # a state layer's recurrent state is float32 whatever the KV's bits
             fixed = sum(t.bytes_per_token for layer in spec.layers for t in layer.tensors if t.dtype == "float32")
             kv = tokens * ((spec.bytes_per_token - fixed) * b_kv + fixed)
             idx = tokens * self.layer_count(include_mtp) * int(f["index_head_dim"]) * b_idx if self.family == "mla_dsa" else 0.0

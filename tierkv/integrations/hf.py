@@ -6,12 +6,12 @@ Primitives:
     session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
         token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point;
         LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``;
-        Qwen3-Next's and Qwen3.5's gated delta nets keep their states at each restore point:
-        ``StateSnapshotLayer``).
+        Qwen3-Next's and Qwen3.5's gated delta nets and the Mamba layers of Bamba, Granite 4.0 and
+        Jamba keep their states at each restore point: ``StateSnapshotLayer``).
     restore_step: how often a model's cache can be restored (every token; for DeepSeek V4 and
-        gated delta net models, every ``restore_step`` tokens).
-    prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic; a gated
-        delta net model's passes stop at each restore point).
+        models with state layers, every ``restore_step`` tokens).
+    prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic; a model
+        with state layers runs passes that stop at each restore point).
     use_grouped_attention: on CPU, masked attention over grouped KV heads without copying them.
     restore_cache: a transformers cache filled layer by layer from an asynchronous restore.
     CachePool: restore buffers kept between turns (a server's KV pool; ``tierkv.CachePool``,
@@ -28,10 +28,12 @@ plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_he
 compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
 layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at restore points
 (``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
-any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE (gated delta nets beside attention), restored
-at restore points. Other cache layers keep part of the context (transformers' own sliding-window,
-V4, conv and gated delta net layers) or state besides their keys and values (quantized KV, a
-Mamba state), so they cannot be restored exactly: ``cache_to_kv`` refuses them.
+any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE (gated delta nets beside attention) and Bamba /
+Granite 4.0-H / Jamba (Mamba-2 or Mamba-1 layers beside attention), restored at restore points.
+Other cache layers keep part of the context (transformers' own sliding-window, V4, conv and state
+layers) or state besides their keys and values (quantized KV; Falcon-H1's attention and Mamba in
+one layer; Nemotron-H, whose MLP layers keep no cache), so they cannot be restored exactly:
+``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -226,8 +228,8 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
             LayerSpec(tuple(TensorSpec(name, (1, w), 1, "float32" if name == "chunk_gates" else dt)
                             for name, w in _v4_widths(v4, kind, step).items())) for kind in kinds), revision)
     if not rank:
-        if _conv_kernel(config) is not None or _gdn_geometry(config) is not None:
-            # LFM2: a conv layer stores each token's convolution input; a gated delta net its
+        if _conv_kernel(config) is not None or _state_geometry(config) is not None:
+            # LFM2: a conv layer stores each token's convolution input; a gated delta net or a Mamba layer its
             # states at restore points (kvmath's layout, which tierkv calc counts too)
             return KVSpec(model_id, Geometry.from_hf_config(config).kvspec(dt).layers, revision)
         spec = KVSpec.from_hf_config(config, dtype=dtype, model_id=model_id, revision=revision)
@@ -299,8 +301,8 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
                     " (make the cache with session_cache(config): for LFM2-family models its convolution layers "
                     "keep every token's input)"
                     if type(layer) is _LinearLayer and not any(getattr(layer, "is_recurrent_states_initialized", {}).values())
-                    else " (make the cache with session_cache(config): for Qwen3-Next and Qwen3.5 its gated delta "
-                    "net layers keep their states at restore points)"
+                    else " (make the cache with session_cache(config): for Qwen3-Next, Qwen3.5, Bamba, Granite "
+                    "4.0-H and Jamba its state layers keep their states at restore points)"
                     if type(layer) is _LinearLayer else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
@@ -329,7 +331,7 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
     at a restore point)."""
     if not isinstance(kv, (list, tuple)) or not all(
             isinstance(p, (list, tuple)) and len(p) >= (1 if _v4_config(config) is not None or _conv_kernel(config)
-                                                        or _gdn_geometry(config) is not None else 2)
+                                                        or _state_geometry(config) is not None else 2)
             and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
         raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
     cache = session_cache(config)
@@ -362,13 +364,14 @@ def session_cache(config: Any) -> Any:
     ``DynamicCache(config=config)`` makes, each sliding-window (or chunked-attention) layer
     replaced by a ``SlidingHistoryLayer``, which keeps every token's keys and values while
     attention sees the same window; a DeepSeek V4 model's layers are ``_V4History`` layers, which
-    also keep the state of each restore point, as a gated delta net's ``StateSnapshotLayer`` does;
+    also keep the state of each restore point, as a gated delta net's or Mamba layer's
+    ``StateSnapshotLayer`` does;
     an LFM2 conv layer is a ``ConvHistoryLayer``. ``prefill`` and ``SessionRunner`` start every cache with it."""
     cache = DynamicCache(config=config)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]
     step = restore_step(config) if _v4_config(config) is not None else 0
-    kernel, gdn = _conv_kernel(config), _gdn_geometry(config)
+    kernel, gdn = _conv_kernel(config), _state_geometry(config)
     for i, layer in enumerate(cache.layers):
         kind = getattr(type(layer), "_layer_type", None)
         if kernel and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "conv":
@@ -395,7 +398,7 @@ def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> t
     head over every prompt position is a sizeable share of a long prefill (49,152 x 576 for
     SmolLM2, per position).
 
-    For a gated delta net model (Qwen3-Next, Qwen3.5) the tokens run in passes that stop at each
+    For a model with state layers (Qwen3-Next, Qwen3.5, Bamba, ...) the tokens run in passes that stop at each
     restore point (every ``restore_step`` tokens of the whole session), whatever cache is given,
     so a ``session_cache`` sees the state there and any two caches at the same point compute the
     rest alike.
@@ -405,8 +408,8 @@ def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> t
     ids = list(input_ids)
     cuts = [len(ids)]
     # a decode step's one token can only end on a restore point, never pass one: no look at the
-    # config (a dict of it for a gated delta net model) on that path
-    gdn = _gdn_geometry(model.config) if len(ids) > 1 else None
+    # config (a dict of it for a model with state layers) on that path
+    gdn = _state_geometry(model.config) if len(ids) > 1 else None
     if gdn is not None:
         step, n0 = gdn.restore_step, cache_len(cache)
         cuts = list(range(step - n0 % step, len(ids), step)) + [len(ids)]
@@ -503,11 +506,11 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     pass; ``SessionRunner`` then restarts the turn from the valid prefix. With ``pool``, the
     buffers come from it (see CachePool). ``config`` says which layers attend to a sliding
     window: those are ``SlidingHistoryLayer``s (``session_cache``); with None, none do. For a
-    DeepSeek V4 or gated delta net config, what is cached is restored up to its last restore point
+    DeepSeek V4 config or one with state layers, what is cached is restored up to its last restore point
     (``restore_step``).
 
     With ``needed_only``, each layer reads only the blocks it needs to go on: a sliding-window
-    layer its window, an LFM2 conv layer its last ``conv_L_cache`` tokens, a gated delta net its
+    layer its window, an LFM2 conv layer its last ``conv_L_cache`` tokens, a state layer its
     restore point's state (``TierKV.restore_async``'s ``needed_from``); attention layers read
     everything. The block that holds the prefix's end is read whole (the next save grows it).
     The rows before hold no KV, so ``cache_to_kv`` refuses such a cache: save it with
@@ -547,7 +550,7 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
         _check_block_tokens(store, step)
     toks = as_tokens(tokens)
     # the prefix is looked up first where the restore depends on its length: cut to a restore
-    # point (DeepSeek V4, gated delta nets), or read in part (needed_only)
+    # point (DeepSeek V4, state layers), or read in part (needed_only)
     planned = step > 1 or needed_only
     cached = store.lookup(toks, session=session, tenant=tenant) if planned else 0
     needed = None
@@ -591,7 +594,7 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
 
 def _needed_from(kinds: Sequence[Any], n: int, block_tokens: int) -> list[int] | None:
     """Per layer, the first of ``n`` restored tokens whose rows a cache of ``kinds`` reads again:
-    a sliding window's, a conv layer's last inputs, a gated delta net's restore point's state;
+    a sliding window's, a conv layer's last inputs, a state layer's restore point's state;
     every row for other layers. Never after the block holding token ``n``, which a save grows."""
     cap = n - n % block_tokens
     out = []
@@ -885,7 +888,7 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
         self._state_from_history()
 
 
-# ---------------------------------------------------------------------------- gated delta nets
+# ---------------------------------------------------------------------------- state layers
 # A gated delta net layer (Qwen3-Next's and Qwen3.5's ``linear_attention``) keeps two states and
 # nothing per token: a conv state (the last ``kernel`` tokens' inputs to its causal convolution,
 # ``[1, conv_dim, kernel]``) and a recurrent state (``[1, value heads, key dim, value dim]``,
@@ -893,20 +896,26 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # restores these models at restore points, every ``restore_step`` tokens (kvmath), as it does
 # DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
-_GDN_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+# A Mamba layer (Bamba's, Granite 4.0-H's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
+# through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
+# size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way.
+# Models are named here once their layers' calls are tested against transformers' own cache.
+_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "granitemoehybrid", "jamba")
 
 
-def _gdn_geometry(config: Any) -> Geometry | None:
-    """The geometry of a gated delta net model (Qwen3-Next, Qwen3.5), else None."""
+def _state_geometry(config: Any) -> Geometry | None:
+    """The geometry of a model with state layers (Qwen3-Next, Qwen3.5, Bamba, Granite 4.0-H,
+    Jamba), else None."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if getattr(text, "model_type", None) not in _GDN_MODELS or _LinearLayer is None:
+    if getattr(text, "model_type", None) not in _STATE_MODELS or _LinearLayer is None:
         return None
     geom = Geometry.from_hf_config(text)
     return geom if geom.fields.get("linear_state") else None
 
 
 class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
-    """A gated delta net cache layer that also keeps its states at each restore point.
+    """A state layer's cache (a gated delta net's, a Mamba layer's) that also keeps its states at
+    each restore point.
 
     Attention sees exactly what ``LinearAttentionLayer`` gives it (transformers' own layer; the
     one-token decode kernel still updates the conv state in place). When a forward pass ends on a
@@ -920,9 +929,9 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
     def __init__(self, step: int, state: Sequence[int], handle: Any = None, index: int = 0,
                  bufs: Sequence[torch.Tensor] | None = None, n: int = 0) -> None:
         super().__init__()
-        conv, kernel, nv, dk, dv = (int(x) for x in state)
-        self.step, self._state = step, (conv, kernel, nv, dk, dv)
-        self.widths = [spread_width(conv * kernel, step), spread_width(nv * dk * dv, step)]
+        # [conv dim, kernel, *recurrent state's shape] (kvmath's linear_state)
+        self.step, self._state = step, tuple(int(x) for x in state)
+        self.widths = [spread_width(self._state[0] * self._state[1], step), spread_width(math.prod(self._state[2:]), step)]
         self._handle, self._index, self._n = handle, index, n
         self._bufs: Any = list(bufs) if bufs is not None else None  # [1, 1, capacity, width] each
         self._missed: int | None = None  # the first restore point a pass ran past
@@ -935,11 +944,11 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.layer(self._index)  # waits for this layer; fills the buffer views
-        conv, kernel, nv, dk, dv = self._state
+        conv, kernel, *shape = self._state
         n, step, bufs = self._n, self.step, self._bufs
         rows = [b[0, 0, n - step:n].reshape(-1) for b in bufs]  # the restore point's share of each
         conv_state = rows[0][:conv * kernel].view(1, conv, kernel).clone()
-        recurrent = rows[1][:nv * dk * dv].view(1, nv, dk, dv).clone()
+        recurrent = rows[1][:math.prod(shape)].view(1, *shape).clone()
         self.dtype, self.device = conv_state.dtype, conv_state.device
         for name, value in (("conv_states", conv_state), ("recurrent_states", recurrent), ("conv_kernel_size", kernel),
                             ("is_conv_states_initialized", True), ("is_recurrent_states_initialized", True),
@@ -964,7 +973,7 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         if self._handle is not None:
             self._materialize()
         if conv_states.shape[0] != 1 or state_idx != 0:
-            raise SpecMismatchError("a gated delta net layer holds one sequence's single state (batch 1)")
+            raise SpecMismatchError("a state layer holds one sequence's single state (batch 1)")
         self._advance(conv_states.shape[-1], conv_states.dtype, conv_states.device)
         return super().update_conv_state(conv_states, state_idx, **kwargs)
 
@@ -984,9 +993,12 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         if state_idx == 0 and n and n % step == 0:
             conv = dict.__getitem__(self.conv_states, 0)
             recurrent = dict.__getitem__(self.recurrent_states, 0)
-            if conv.numel() != self._state[0] * self._state[1] or recurrent.numel() != math.prod(self._state[2:]):
-                raise SpecMismatchError(f"gated delta net states of {tuple(conv.shape)} and {tuple(recurrent.shape)}, "
-                                        f"where the config gives {self._state}: not a layout tierkv knows")
+            if (tuple(conv.shape[1:]) != self._state[:2] or tuple(recurrent.shape[1:]) != self._state[2:]
+                    or recurrent.dtype != torch.float32):
+                # a restore gives back a float32 recurrent state of the config's shape, nothing else
+                raise SpecMismatchError(f"state layer states of {tuple(conv.shape)} and {tuple(recurrent.shape)} "
+                                        f"{recurrent.dtype}, where the config gives {self._state} and float32: "
+                                        "not a layout tierkv knows")
             with torch.inference_mode():
                 for buf, x in zip(self._bufs, (conv, recurrent)):
                     buf[0, 0, n - step:n].view(-1)[:x.numel()] = x.reshape(-1).to(buf.dtype)
@@ -1002,21 +1014,21 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
             self._materialize()
         if self._missed is not None:
             raise SpecMismatchError(f"a forward pass ran past restore point {self._missed} without stopping there, so "
-                                    "the gated delta net's state there was never seen: run passes through tierkv's "
+                                    "the layer's state there was never seen: run passes through tierkv's "
                                     f"prefill, which stops at every multiple of {self.step} tokens (restore_step)")
         if self._bufs is None:
-            raise SpecMismatchError("an empty gated delta net layer has nothing to save")
+            raise SpecMismatchError("an empty state layer has nothing to save")
         return self._bufs[0][0, :, :self._n], self._bufs[1][0, :, :self._n]
 
     def load(self, tensors: Sequence[torch.Tensor]) -> None:
         """Start this empty layer at a restore point: ``tensors`` as ``saved()`` gives them."""
         n = tensors[0].shape[1] if len(tensors) and tensors[0].dim() == 3 else 0
         if n % self.step or not n or self._bufs is not None:
-            raise SpecMismatchError(f"a gated delta net layer restores only into an empty layer, at a multiple of "
+            raise SpecMismatchError(f"a state layer restores only into an empty layer, at a multiple of "
                                     f"{self.step} tokens (restore_step), not {n}")
         if len(tensors) != 2 or any(t.dim() != 3 or t.shape[0] != 1 or t.shape[1] != n or t.shape[2] != w
                                     for t, w in zip(tensors, self.widths)):
-            raise SpecMismatchError(f"a gated delta net layer takes 2 tensors [1, {n}, width] of widths {self.widths}, "
+            raise SpecMismatchError(f"a state layer takes 2 tensors [1, {n}, width] of widths {self.widths}, "
                                     f"got {[tuple(t.shape) for t in tensors]}")
         self._bufs, self._n = [t.unsqueeze(0) for t in tensors], n
         self._materialize()
@@ -1044,10 +1056,10 @@ def restore_step(config: Any) -> int:
     """Tokens between the points a cache of ``config`` can be restored at: 1, or for DeepSeek V4
     the smallest multiple of every compression rate that is at least eight times its window of
     keys (1,024 for V4-Flash and V4-Pro: rates 4 and 128, a window of 127 keys), so the window
-    keys stored for each restore point come to an eighth of a key per token; for a gated delta
-    net model (Qwen3-Next, Qwen3.5) ``Geometry.restore_step`` (1,024 for Qwen3-Next-80B). A
-    store's ``block_tokens`` must be a multiple of it."""
-    gdn = _gdn_geometry(config)
+    keys stored for each restore point come to an eighth of a key per token; for a model with
+    state layers (Qwen3-Next, Qwen3.5, Bamba, ...) ``Geometry.restore_step`` (1,024 for
+    Qwen3-Next-80B). A store's ``block_tokens`` must be a multiple of it."""
+    gdn = _state_geometry(config)
     if gdn is not None:
         return gdn.restore_step
     text = _v4_config(config)
