@@ -878,10 +878,11 @@ def test_gated_delta_net_layers_round_trip():
 
 
 def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
-    """A Mamba hybrid at toy size, random weights: Bamba's or Granite 4.0-H's architecture (Mamba-2
-    layers: 8 heads of 16, state 8, kernel 4) or Jamba's (Mamba-1: inner dim 128, state 8), two
-    Mamba layers around an attention layer, then one more."""
-    from transformers import AutoModelForCausalLM, BambaConfig, GraniteMoeHybridConfig, JambaConfig
+    """A Mamba hybrid at toy size, random weights: Bamba's, Granite 4.0-H's or Nemotron-H's
+    architecture (Mamba-2 layers: 8 heads of 16, state 8, kernel 4) or Jamba's (Mamba-1: inner dim
+    128, state 8): two Mamba layers, an attention layer, one more Mamba layer (Nemotron-H: with an
+    MLP layer and a MoE layer between them, which keep no cache)."""
+    from transformers import AutoModelForCausalLM, BambaConfig, GraniteMoeHybridConfig, JambaConfig, NemotronHConfig
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -892,17 +893,24 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
                **kw, **mamba2, layer_types=["mamba", "mamba", "attention", "mamba"], num_local_experts=4,
                num_experts_per_tok=2, shared_intermediate_size=32),
            "jamba": lambda: JambaConfig(**kw, attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2,
-                                        num_experts=2, mamba_d_state=8, mamba_dt_rank=8)}[kind]()
+                                        num_experts=2, mamba_d_state=8, mamba_dt_rank=8),
+           "nemotron_h": lambda: NemotronHConfig(
+               **{k: v for k, v in kw.items() if k != "num_hidden_layers"}, head_dim=16, mamba_num_heads=8,
+               mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16, n_routed_experts=4,
+               num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+               layers_block_type=["mamba", "mlp", "mamba", "attention", "moe", "mamba"])}[kind]()
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("kind,dtype", [("bamba", torch.float32), ("bamba", torch.bfloat16),
-                                        ("granite4", torch.float32), ("jamba", torch.float32)],
-                         ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32"])
+                                        ("granite4", torch.float32), ("jamba", torch.float32),
+                                        ("nemotron_h", torch.float32)],
+                         ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32", "nemotron_h-fp32"])
 def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
-    """Bamba's and Granite 4.0-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a conv state and
-    a float32 recurrent state, as a gated delta net does (refused before session 66): a
-    session_cache keeps both at each restore point (every 64 tokens here) and restores there. The
+    """Bamba's, Granite 4.0-H's and Nemotron-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a
+    conv state and a float32 recurrent state, as a gated delta net does (refused before session
+    66): a session_cache keeps both at each restore point (every 64 tokens here) and restores
+    there; Nemotron-H's MLP and MoE layers keep nothing and have no layer in the store. The
     runner turns of test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same
     turn on transformers' own cache from the same point, tokens and logits to the bit; and the
     states a cache keeps at a restore point reached one decode step at a time are those of
@@ -914,9 +922,9 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     dt = tierkv.spec.dtype_name(dtype)
     # conv [144, 4] over 64 tokens, rounded up to 4; recurrent [8, 16, 8] (Mamba-1: conv [128, 4], [128, 8])
     widths = [(1, 8), (1, 16)] if kind == "jamba" else [(1, 12), (1, 16)]
+    state = [("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]
     assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == \
-        [[("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]] * 2 + \
-        [[("key", (1, 16), dt), ("value", (1, 16), dt)]] + [[("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]]
+        [state] * 2 + [[("key", (1, 16), dt), ("value", (1, 16), dt)]] + [state]
     ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
     _, mine = prefill(model, ids[:120])
     _, ref = prefill(model, ids[:120], DynamicCache(config=cfg))
@@ -927,7 +935,9 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
         if cache_len(ref) == 128:
             at128 = copy.deepcopy(ref)
     back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
-    for i in (0, 1, 3):
+    states = [i for i, layer in enumerate(back.layers) if type(layer).__name__ == "StateSnapshotLayer"]
+    assert len(states) == 3 and len(back.layers) == cfg.num_hidden_layers
+    for i in states:
         for name in ("conv_states", "recurrent_states"):
             assert torch.equal(getattr(back.layers[i], name)[0], getattr(at128.layers[i], name)[0]), (i, name)
     restore_point_turns(model, spec, str(tmp_path))

@@ -133,12 +133,12 @@ def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
 
 
 def test_mamba_hybrids_count_their_states_at_restore_points():
-    """Bamba's and Granite 4.0-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a conv state and
-    a float32 recurrent state, which tierkv stores at restore points as it does a gated delta net's
+    """Bamba's, Granite 4.0-H's and Nemotron-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a
+    conv state and a float32 recurrent state, which tierkv stores at restore points as it does a gated delta net's
     (refused before session 66), whichever field a config names its layers in; models whose
     layers tierkv does not store are refused, never counted as attention."""
     pytest.importorskip("transformers")
-    from transformers import BambaConfig, JambaConfig
+    from transformers import BambaConfig, JambaConfig, NemotronHConfig
 
     from tierkv.integrations.hf import spec_for_config
 
@@ -165,11 +165,19 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     per_token = 4 * 2 * 8 * 128 * 2 + 28 * (8192 * 4 // 128 * 2 + 8192 * 16 // 128 * 4)
     assert g.footprint(1000).total == 1000 * per_token == 1000 * 145_408
     assert spec_for_config(jamba, torch.bfloat16).bytes_per_token == per_token
-    # refused: Nemotron-H's MLP layers keep no cache; Falcon-H1 runs attention and Mamba in every
-    # layer (its config names no layer kinds; Zamba2's calls them "hybrid")
-    nemotron = {**raw, "model_type": "nemotron_h", "hybrid_override_pattern": "M-M*-M-", "mamba_num_heads": 8}
-    with pytest.raises(ConfigError, match="keep no cache"):
-        Geometry.from_config_dict({k: v for k, v in nemotron.items() if k != "num_hidden_layers"})
+    # Nemotron-H (transformers' default: Mamba-2 with 8 groups, then MoE, attention, MLP): its MLP
+    # and MoE layers keep no cache and count nothing; its pattern names the layers in a config.json
+    nemotron = NemotronHConfig()
+    g = Geometry.from_hf_config(nemotron)
+    assert g.fields["linear_state"] == [128 * 64 + 2 * 8 * 128, 4, 128, 64, 128] and g.restore_step == 1024
+    per_token = 2 * 8 * 128 * 2 + (10240 * 4 // 1024 * 2 + 128 * 64 * 128 // 1024 * 4)
+    assert g.layer_count() == 2 and g.footprint(1000).total == 1000 * per_token == 1000 * 8_272
+    assert spec_for_config(nemotron, torch.bfloat16).bytes_per_token == per_token
+    raw_nemotron = {k: v for k, v in nemotron.to_dict().items() if k not in ("layers_block_type", "layer_types")}
+    g = Geometry.from_config_dict({**raw_nemotron, "hybrid_override_pattern": "M-M*EM-"})
+    assert g.layers == 7 and g.layer_count() == 4 and g.footprint(1000).total == 1000 * (per_token + 2 * 4176)
+    # refused: Falcon-H1 runs attention and Mamba in every layer (its config names no layer kinds;
+    # Zamba2's calls them "hybrid")
     with pytest.raises(ConfigError, match="side by side"):
         Geometry.from_config_dict({**raw, "model_type": "falcon_h1"})
     with pytest.raises(ConfigError, match="side by side"):

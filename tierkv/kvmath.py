@@ -15,7 +15,8 @@ as the transformers integration stores it. A gated delta net layer (Qwen3-Next's
 ``linear_attention``) keeps a state instead, which tierkv stores at restore points, every
 ``restore_step`` tokens, spread over that many tokens: it counts that share per token. A
 Mamba layer of a hybrid model (Bamba, Granite 4.0, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps a
-conv state and a recurrent state too, stored the same way. Other recurrent states (a model whose
+conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
+nothing, and count nothing). Other recurrent states (a model whose
 every layer runs attention and Mamba side by side, Falcon-H1; linear-attention kinds tierkv does
 not know) are refused.
 """
@@ -54,6 +55,8 @@ _PARALLEL_LAYER_TYPES = ("hybrid", "hybrid_sliding")
 _LEGACY_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
 #: Nemotron-H's layer pattern, one character per layer
 _PATTERN_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+#: layers that keep no cache at all (Nemotron-H's MLP and MoE layers): no tensors stored for them
+NO_CACHE_TYPES = ("mlp", "moe")
 #: a gated delta net layer's config fields (Qwen3-Next, Qwen3.5): conv kernel, heads and head dims
 _GDN_FIELDS = ("linear_conv_kernel_dim", "linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
                "linear_value_head_dim")
@@ -122,10 +125,6 @@ def _layer_types(cfg: dict[str, Any], name: str) -> list[str] | None:
     if parallel:
         raise ConfigError(f"{name}: layers of type {parallel} run attention and a recurrent state side by side "
                           "(Falcon-H1, Zamba2): tierkv does not store them")
-    none = sorted({t for t in types if t in ("mlp", "moe")})
-    if none:
-        raise ConfigError(f"{name}: layers of type {none} keep no cache (Nemotron-H); tierkv's layouts give every "
-                          "layer tensors, so this model is not one it stores")
     state = sorted({t for t in types if t in _STATE_LAYER_TYPES and t != "linear_attention"})
     if state:
         raise ConfigError(f"{name}: layers of type {state} keep a recurrent state of a kind tierkv does not know")
@@ -249,7 +248,8 @@ class Geometry:
                                   f"or head_dim): {e}") from None
             types = _layer_types(cfg, name)
             if types is not None:
-                if ("linear_attention" in types or "conv" in types) and len(types) != int(cfg.get("num_hidden_layers", -1)):
+                kept = {"linear_attention", "conv", *NO_CACHE_TYPES} & set(types)
+                if kept and len(types) != int(cfg.get("num_hidden_layers", -1)):
                     raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
                 cfg["layer_types"] = types
                 if "linear_attention" in types:
@@ -262,7 +262,7 @@ class Geometry:
                                           f"{GDN_MIN_STEP}, got {step!r}")
                 if "conv" in types:  # LFM2-family short convolutions: tierkv stores each token's input
                     cfg["conv_dim"] = int(cfg["hidden_size"])
-                elif "linear_state" not in cfg:
+                elif not kept:
                     cfg.pop("layer_types")
         keep = set(_REQUIRED.get(family, ())) | {"mtp_layers", "num_key_value_heads", "max_position_embeddings",
                                                  "layer_types", "conv_dim", "linear_state", "tierkv_restore_step"}
@@ -296,8 +296,10 @@ class Geometry:
         return int(self.fields["num_hidden_layers"])
 
     def layer_count(self, include_mtp: bool = False) -> int:
-        """Layers that keep KV: the hidden layers, and with ``include_mtp`` the MTP layers too."""
-        return self.layers + (int(self.fields.get("mtp_layers", 0)) if include_mtp else 0)
+        """Layers that keep KV: the hidden layers but those that keep no cache (Nemotron-H's MLP
+        and MoE layers), and with ``include_mtp`` the MTP layers too."""
+        empty = sum(t in NO_CACHE_TYPES for t in self.fields.get("layer_types", ())[:self.layers])
+        return self.layers - empty + (int(self.fields.get("mtp_layers", 0)) if include_mtp else 0)
 
     @property
     def restore_step(self) -> int:
@@ -325,8 +327,9 @@ class Geometry:
 
     def kvspec(self, dtype: str = "bfloat16", include_mtp: bool = False) -> KVSpec:
         """The engine's KVSpec of the per-token part (gqa key/value; MLA latent; a conv layer's
-        input; a gated delta net layer's states at restore points, spread over ``restore_step``
-        tokens, the recurrent one in float32 whatever ``dtype``)."""
+        input; a gated delta net's or Mamba layer's states at restore points, spread over
+        ``restore_step`` tokens, the recurrent one in float32 whatever ``dtype``; nothing for a
+        layer that keeps no cache)."""
         f = self.fields
         if self.family == "gqa":
             d = (int(f["num_key_value_heads"]), int(f["head_dim"]))
@@ -340,10 +343,11 @@ class Geometry:
                 other = "linear_attention", LayerSpec((
                     TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
                     TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1, "float32")))
-            if other is not None:
-                extra = ["full_attention"] * (self.layer_count(include_mtp) - self.layers)  # MTP layers attend
-                kinds = list(f["layer_types"])[:self.layers] + extra
-                return KVSpec(self.name, tuple(other[1] if k == other[0] else layer for k in kinds))
+            if f.get("layer_types"):  # a layer per kind; none for a layer that keeps no cache
+                kinds = [k for k in list(f["layer_types"])[:self.layers] if k not in NO_CACHE_TYPES]
+                kinds += ["full_attention"] * (self.layer_count(include_mtp) - len(kinds))  # MTP layers attend
+                return KVSpec(self.name, tuple(other[1] if other is not None and k == other[0] else layer
+                                               for k in kinds))
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
         else:

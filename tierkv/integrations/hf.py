@@ -6,8 +6,9 @@ Primitives:
     session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
         token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point;
         LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``;
-        Qwen3-Next's and Qwen3.5's gated delta nets and the Mamba layers of Bamba, Granite 4.0 and
-        Jamba keep their states at each restore point: ``StateSnapshotLayer``).
+        Qwen3-Next's and Qwen3.5's gated delta nets and the Mamba layers of Bamba, Granite 4.0-H,
+        Nemotron-H and Jamba keep their states at each restore point: ``StateSnapshotLayer``;
+        Nemotron-H's MLP and MoE layers keep nothing: ``NoCacheLayer``).
     restore_step: how often a model's cache can be restored (every token; for DeepSeek V4 and
         models with state layers, every ``restore_step`` tokens).
     prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic; a model
@@ -29,11 +30,11 @@ compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-
 layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at restore points
 (``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
 any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE (gated delta nets beside attention) and Bamba /
-Granite 4.0-H / Jamba (Mamba-2 or Mamba-1 layers beside attention), restored at restore points.
-Other cache layers keep part of the context (transformers' own sliding-window, V4, conv and state
-layers) or state besides their keys and values (quantized KV; Falcon-H1's attention and Mamba in
-one layer; Nemotron-H, whose MLP layers keep no cache), so they cannot be restored exactly:
-``cache_to_kv`` refuses them.
+Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside attention), restored at
+restore points. Other cache layers keep part of the context (transformers' own sliding-window,
+V4, conv and state layers) or state besides their keys and values (quantized KV; Falcon-H1's
+attention and Mamba in one layer), or read another layer's cache (KV sharing), so they cannot be
+restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..keys import as_tokens
-from ..kvmath import Geometry, spread_width
+from ..kvmath import NO_CACHE_TYPES, Geometry, spread_width
 from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
 __all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache",
@@ -283,6 +284,8 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
         raise SpecMismatchError(f"expected a transformers Cache (a DynamicCache), got {type(cache).__name__}")
     out: list[tuple[torch.Tensor, ...]] = []
     for i, layer in enumerate(cache.layers):
+        if isinstance(layer, NoCacheLayer):  # keeps nothing: no entry (nor a layer of the spec)
+            continue
         if isinstance(layer, _V4History):
             out.append(layer.saved())
             continue
@@ -302,7 +305,7 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
                     "keep every token's input)"
                     if type(layer) is _LinearLayer and not any(getattr(layer, "is_recurrent_states_initialized", {}).values())
                     else " (make the cache with session_cache(config): for Qwen3-Next, Qwen3.5, Bamba, Granite "
-                    "4.0-H and Jamba its state layers keep their states at restore points)"
+                    "4.0-H, Nemotron-H and Jamba its state layers keep their states at restore points)"
                     if type(layer) is _LinearLayer else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
@@ -335,9 +338,10 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
             and all(isinstance(x, torch.Tensor) for x in p) for p in kv):
         raise SpecMismatchError("kv must be a list of (key, value) tensor pairs, one per layer (RestoredKV.kv)")
     cache = session_cache(config)
-    if len(cache.layers) != len(kv):
-        raise SpecMismatchError(f"kv has {len(kv)} layers, the config's cache {len(cache.layers)}")
-    for i, (layer, p) in enumerate(zip(cache.layers, kv)):
+    slots = [layer for layer in cache.layers if not isinstance(layer, NoCacheLayer)]
+    if len(slots) != len(kv):
+        raise SpecMismatchError(f"kv has {len(kv)} layers, the config's cache {len(slots)} that keep one")
+    for i, (layer, p) in enumerate(zip(slots, kv)):
         if isinstance(layer, _V4History):
             layer.load(p)
             continue
@@ -374,7 +378,9 @@ def session_cache(config: Any) -> Any:
     kernel, gdn = _conv_kernel(config), _state_geometry(config)
     for i, layer in enumerate(cache.layers):
         kind = getattr(type(layer), "_layer_type", None)
-        if kernel and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "conv":
+        if gdn is not None and type(layer) is _DummyLayer and gdn.fields["layer_types"][i] in NO_CACHE_TYPES:
+            cache.layers[i] = NoCacheLayer()  # (transformers' layer types call these and KV-sharing layers "dummy")
+        elif kernel and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "conv":
             cache.layers[i] = ConvHistoryLayer(kernel)
         elif gdn is not None and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "linear_attention":
             cache.layers[i] = StateSnapshotLayer(gdn.restore_step, gdn.fields["linear_state"])
@@ -534,8 +540,10 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
         buffers[(layer, index)] = full
         return full[0, :, :n]
 
-    # which layers slide, and over what window (no config: none, as before session 53)
-    kinds = session_cache(config).layers if config is not None else [None] * store.spec.num_layers
+    # which layers slide, and over what window (no config: none, as before session 53); the store
+    # holds a layer for each cache layer but those that keep nothing (NoCacheLayer)
+    every = session_cache(config).layers if config is not None else [None] * store.spec.num_layers
+    kinds = [kind for kind in every if not isinstance(kind, NoCacheLayer)]
     if len(kinds) != store.spec.num_layers:
         raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
     for i, kind in enumerate(kinds):
@@ -586,6 +594,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
             layers.append(RestoringIndexedLayer(handle, i, k, v, n, buffers[(i, 2)]))
         else:
             layers.append(RestoringLayer(handle, i, k, v, n))
+    restored = iter(layers)
+    layers = [NoCacheLayer() if isinstance(kind, NoCacheLayer) else next(restored) for kind in every]
     cache = Cache(layers=layers)  # a DynamicCache is the same Cache over DynamicLayers
     if needed is not None:
         setattr(cache, _KNOWN_FROM, needed)
@@ -896,16 +906,24 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # restores these models at restore points, every ``restore_step`` tokens (kvmath), as it does
 # DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
-# A Mamba layer (Bamba's, Granite 4.0-H's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
+# A Mamba layer (Bamba's, Granite 4.0-H's, Nemotron-H's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
 # size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way.
 # Models are named here once their layers' calls are tested against transformers' own cache.
-_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "granitemoehybrid", "jamba")
+_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "granitemoehybrid", "jamba", "nemotron_h")
+_DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
+
+
+class NoCacheLayer(_DummyLayer or object):  # type: ignore[misc]
+    """A layer that keeps no cache at all (Nemotron-H's MLP and MoE layers): nothing is stored for
+    it, and the store's spec has no layer for it. ``session_cache`` puts it where transformers puts
+    its ``DummyLayer``, which also stands for a layer reading another layer's cache (KV sharing),
+    which tierkv refuses."""
 
 
 def _state_geometry(config: Any) -> Geometry | None:
     """The geometry of a model with state layers (Qwen3-Next, Qwen3.5, Bamba, Granite 4.0-H,
-    Jamba), else None."""
+    Nemotron-H, Jamba), else None."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if getattr(text, "model_type", None) not in _STATE_MODELS or _LinearLayer is None:
         return None
@@ -1273,7 +1291,7 @@ def _savable(layer: Any) -> bool:
     """Whether ``cache_to_kv`` can save a cache layer exactly: it holds every token's keys and
     values (and a DSA indexer's keys), and nothing else. Exactly these classes: a subclass may
     keep only part of the context or other state."""
-    return isinstance(layer, (_V4History, ConvHistoryLayer, StateSnapshotLayer)) or (
+    return isinstance(layer, (_V4History, ConvHistoryLayer, StateSnapshotLayer, NoCacheLayer)) or (
         type(layer) in _SAVABLE_LAYERS and (type(layer) is SlidingHistoryLayer or not layer.is_sliding))
 
 
