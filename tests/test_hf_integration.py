@@ -530,20 +530,24 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     v4 = tiny_deepseek_v4(["compressed_sparse_attention", "heavily_compressed_attention"])
     with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
         cache_to_kv(prefill(v4, list(range(1, 40)), DynamicCache(config=v4.config))[1])
-    # a runner refuses a model it cannot save when it is made, not after a turn's work: attention
-    # and a Mamba-2 state side by side in every layer (Falcon-H1). LFM2's convolution state was
-    # refused this way before session 64, Qwen3-Next's gated delta nets before session 65, Bamba's
-    # Mamba layers before session 66 (test_lfm2_*, test_gated_delta_net_*, test_mamba_hybrid_*)
-    from transformers import AutoModelForCausalLM, FalconH1Config
+    # a runner refuses a model it cannot save when it is made, not after a turn's work: Kimi
+    # Linear's KDA layers, a state of a kind tierkv does not know, beside MLA (whose formula
+    # counted them as latents in tierkv calc before session 66). LFM2's convolution state was
+    # refused this way before session 64, Qwen3-Next's gated delta nets before session 65, the
+    # Mamba hybrids (Bamba, Falcon-H1, ...) before session 66 (test_lfm2_*, test_gated_delta_net_*,
+    # test_mamba_hybrid_*)
+    from transformers import AutoModelForCausalLM, KimiLinearConfig
 
-    cfg = FalconH1Config(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, mamba_n_heads=8, mamba_d_head=16,
-                         mamba_d_state=16, mamba_n_groups=1, mamba_d_ssm=128)
-    falcon = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    cfg = KimiLinearConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           layer_types=["linear_attention", "full_attention"], linear_head_dim=16, linear_num_heads=4,
+                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                           moe_intermediate_size=32, num_experts=4, num_experts_per_token=2)
+    kimi = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
-        with pytest.raises(SpecMismatchError, match="0: LinearAttentionAndFullAttentionLayer"):
-            SessionRunner(kv, falcon)
-    with pytest.raises(ConfigError, match="side by side"):
+        with pytest.raises(SpecMismatchError, match="0: LinearAttentionLayer"):
+            SessionRunner(kv, kimi)
+    with pytest.raises(ConfigError, match="Kimi Linear"):
         Geometry.from_hf_config(cfg)
 
 
@@ -782,9 +786,11 @@ def test_deepseek_v4_layers_round_trip():
 
 
 def tiny_gdn(kind: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Qwen3-Next's architecture (or Qwen3.5's, dense or MoE) at toy size, random weights: three
-    gated delta net layers (kernel 4, 2 key and 4 value heads of 16) and an attention layer."""
-    from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
+    """Qwen3-Next's architecture (or Qwen3.5's, dense or MoE, or OLMo Hybrid's) at toy size, random
+    weights: three gated delta net layers (kernel 4, 2 key and 4 value heads of 16) and an
+    attention layer."""
+    from transformers import (AutoModelForCausalLM, OlmoHybridConfig, Qwen3_5MoeTextConfig, Qwen3_5TextConfig,
+                              Qwen3NextConfig)
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -793,16 +799,19 @@ def tiny_gdn(kind: str, dtype: torch.dtype = torch.float32) -> Any:
               layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     cfg = {"qwen3_next": lambda: Qwen3NextConfig(**kw, **moe), "qwen3_5": lambda: Qwen3_5TextConfig(**kw),
-           "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(**kw, **moe)}[kind]()
+           "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(**kw, **moe),
+           "olmo_hybrid": lambda: OlmoHybridConfig(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)}[kind]()
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("kind,dtype", [("qwen3_next", torch.float32), ("qwen3_next", torch.bfloat16),
-                                        ("qwen3_5", torch.float32), ("qwen3_5_moe", torch.float32)],
-                         ids=["qwen3_next-fp32", "qwen3_next-bf16", "qwen3_5-fp32", "qwen3_5_moe-fp32"])
+                                        ("qwen3_5", torch.float32), ("qwen3_5_moe", torch.float32),
+                                        ("olmo_hybrid", torch.float32)],
+                         ids=["qwen3_next-fp32", "qwen3_next-bf16", "qwen3_5-fp32", "qwen3_5_moe-fp32",
+                              "olmo_hybrid-fp32"])
 def test_gated_delta_net_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     """Qwen3-Next's and Qwen3.5's gated delta nets keep a conv state and a recurrent state, no
-    per-token KV (refused before session 65). A session_cache keeps both states at each restore
+    per-token KV (refused before session 65; OLMo Hybrid's, the same layer, before session 66). A session_cache keeps both states at each restore
     point (every 64 tokens here), where prefill stops its passes, and restores there: three
     runner turns (each restoring the last restore point of the turn before), then, in a fresh
     handle, a second session sharing 150 tokens (restored from SSD up to 128), then a turn whose
@@ -881,8 +890,10 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     """A Mamba hybrid at toy size, random weights: Bamba's, Granite 4.0-H's or Nemotron-H's
     architecture (Mamba-2 layers: 8 heads of 16, state 8, kernel 4) or Jamba's (Mamba-1: inner dim
     128, state 8): two Mamba layers, an attention layer, one more Mamba layer (Nemotron-H: with an
-    MLP layer and a MoE layer between them, which keep no cache)."""
-    from transformers import AutoModelForCausalLM, BambaConfig, GraniteMoeHybridConfig, JambaConfig, NemotronHConfig
+    MLP layer and a MoE layer between them, which keep no cache); or Falcon-H1's, four layers each
+    running attention and Mamba-2 side by side."""
+    from transformers import (AutoModelForCausalLM, BambaConfig, FalconH1Config, GraniteMoeHybridConfig, JambaConfig,
+                              NemotronHConfig)
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -898,19 +909,23 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
                **{k: v for k, v in kw.items() if k != "num_hidden_layers"}, head_dim=16, mamba_num_heads=8,
                mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16, n_routed_experts=4,
                num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
-               layers_block_type=["mamba", "mlp", "mamba", "attention", "moe", "mamba"])}[kind]()
+               layers_block_type=["mamba", "mlp", "mamba", "attention", "moe", "mamba"]),
+           "falcon_h1": lambda: FalconH1Config(**kw, **mamba2, mamba_d_ssm=128)}[kind]()
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("kind,dtype", [("bamba", torch.float32), ("bamba", torch.bfloat16),
                                         ("granite4", torch.float32), ("jamba", torch.float32),
-                                        ("nemotron_h", torch.float32)],
-                         ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32", "nemotron_h-fp32"])
+                                        ("nemotron_h", torch.float32), ("falcon_h1", torch.float32),
+                                        ("falcon_h1", torch.bfloat16)],
+                         ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32", "nemotron_h-fp32",
+                              "falcon_h1-fp32", "falcon_h1-bf16"])
 def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     """Bamba's, Granite 4.0-H's and Nemotron-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a
     conv state and a float32 recurrent state, as a gated delta net does (refused before session
     66): a session_cache keeps both at each restore point (every 64 tokens here) and restores
-    there; Nemotron-H's MLP and MoE layers keep nothing and have no layer in the store. The
+    there; Nemotron-H's MLP and MoE layers keep nothing and have no layer in the store; a Falcon-H1
+    layer keeps every token's keys and values beside its states. The
     runner turns of test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same
     turn on transformers' own cache from the same point, tokens and logits to the bit; and the
     states a cache keeps at a restore point reached one decode step at a time are those of
@@ -923,8 +938,9 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     # conv [144, 4] over 64 tokens, rounded up to 4; recurrent [8, 16, 8] (Mamba-1: conv [128, 4], [128, 8])
     widths = [(1, 8), (1, 16)] if kind == "jamba" else [(1, 12), (1, 16)]
     state = [("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]
+    attention = [("key", (1, 16), dt), ("value", (1, 16), dt)]
     assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == \
-        [state] * 2 + [[("key", (1, 16), dt), ("value", (1, 16), dt)]] + [state]
+        ([attention + state] * 4 if kind == "falcon_h1" else [state] * 2 + [attention] + [state])
     ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
     _, mine = prefill(model, ids[:120])
     _, ref = prefill(model, ids[:120], DynamicCache(config=cfg))
@@ -935,8 +951,8 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
         if cache_len(ref) == 128:
             at128 = copy.deepcopy(ref)
     back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
-    states = [i for i, layer in enumerate(back.layers) if type(layer).__name__ == "StateSnapshotLayer"]
-    assert len(states) == 3 and len(back.layers) == cfg.num_hidden_layers
+    states = [i for i, layer in enumerate(back.layers) if type(layer).__name__ in ("StateSnapshotLayer", "ParallelStateLayer")]
+    assert len(states) == (4 if kind == "falcon_h1" else 3) and len(back.layers) == cfg.num_hidden_layers
     for i in states:
         for name in ("conv_states", "recurrent_states"):
             assert torch.equal(getattr(back.layers[i], name)[0], getattr(at128.layers[i], name)[0]), (i, name)

@@ -133,12 +133,12 @@ def test_short_convolution_and_recurrent_layers_from_a_config(tmp_path):
 
 
 def test_mamba_hybrids_count_their_states_at_restore_points():
-    """Bamba's, Granite 4.0-H's and Nemotron-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a
+    """Bamba's, Granite 4.0-H's, Nemotron-H's and Falcon-H1's Mamba-2 layers and Jamba's Mamba-1 layers keep a
     conv state and a float32 recurrent state, which tierkv stores at restore points as it does a gated delta net's
     (refused before session 66), whichever field a config names its layers in; models whose
     layers tierkv does not store are refused, never counted as attention."""
     pytest.importorskip("transformers")
-    from transformers import BambaConfig, JambaConfig, NemotronHConfig
+    from transformers import BambaConfig, FalconH1Config, JambaConfig, NemotronHConfig
 
     from tierkv.integrations.hf import spec_for_config
 
@@ -176,12 +176,23 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     raw_nemotron = {k: v for k, v in nemotron.to_dict().items() if k not in ("layers_block_type", "layer_types")}
     g = Geometry.from_config_dict({**raw_nemotron, "hybrid_override_pattern": "M-M*EM-"})
     assert g.layers == 7 and g.layer_count() == 4 and g.footprint(1000).total == 1000 * (per_token + 2 * 4176)
-    # refused: Falcon-H1 runs attention and Mamba in every layer (its config names no layer kinds;
-    # Zamba2's calls them "hybrid")
+    # Falcon-H1 (transformers' default) runs attention and Mamba-2 side by side in every layer (its
+    # config names no layer kinds): each layer stores its keys and values and both states
+    falcon = FalconH1Config()
+    g = Geometry.from_hf_config(falcon)
+    assert g.fields["layer_types"] == ["hybrid"] * 32 and g.fields["linear_state"] == [1024 + 2 * 256, 4, 128, 8, 256]
+    per_token = 32 * (2 * 8 * 128 * 2 + 1536 * 4 // 256 * 2 + 128 * 8 * 256 // 256 * 4)
+    assert g.restore_step == 256 and g.footprint(1000).total == 1000 * per_token == 1000 * 263_680
+    assert spec_for_config(falcon, torch.bfloat16).bytes_per_token == per_token
+    # refused: a Mamba config that names no layer kinds (but Falcon-H1's), sliding windows beside a
+    # state, MLA beside a state (Kimi Linear)
+    with pytest.raises(ConfigError, match="says nowhere which layers attend"):
+        Geometry.from_config_dict({**raw, "model_type": "bamba"})
     with pytest.raises(ConfigError, match="side by side"):
-        Geometry.from_config_dict({**raw, "model_type": "falcon_h1"})
-    with pytest.raises(ConfigError, match="side by side"):
-        Geometry.from_config_dict({**raw, "layer_types": ["hybrid"] * 32})
+        Geometry.from_config_dict({**raw, "layer_types": ["hybrid_sliding"] * 32})
+    with pytest.raises(ConfigError, match="Kimi Linear"):
+        Geometry.from_config_dict({**raw, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                                   "layer_types": ["linear_attention", "full_attention"] * 16})
 
 
 def test_plan_cascades_and_reports_assumptions():

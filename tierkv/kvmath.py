@@ -49,8 +49,10 @@ _REQUIRED = {
 #: own values give it back. Gated delta nets and Mamba layers (``linear_attention`` with the
 #: fields below) are stored at restore points; the others are refused, as a footprint would be wrong
 _STATE_LAYER_TYPES = ("linear_attention", "mamba", "mamba2", "ssm")
-#: layers that run attention and a recurrent state side by side (Falcon-H1, Zamba2): refused
-_PARALLEL_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+#: a layer that runs attention and a Mamba layer side by side (Falcon-H1's every layer): both kept
+PARALLEL_TYPE = "hybrid"
+#: the same over a sliding window (no model tierkv knows): refused
+_PARALLEL_LAYER_TYPES = ("hybrid_sliding",)
 #: the names transformers gives older layer types (``mamba`` is a Mamba layer, as ``linear_attention``)
 _LEGACY_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
 #: Nemotron-H's layer pattern, one character per layer
@@ -113,18 +115,20 @@ def _layer_types(cfg: dict[str, Any], name: str) -> list[str] | None:
         elif is_positive_int(cfg.get("attn_layer_period")) and isinstance(cfg.get("attn_layer_offset"), int):
             period, offset = int(cfg["attn_layer_period"]), int(cfg["attn_layer_offset"])
             types = ["full_attention" if i % period == offset else "linear_attention" for i in range(layers)]
+    if not isinstance(types, list) and cfg.get("model_type") == "falcon_h1" and layers:
+        types = [PARALLEL_TYPE] * layers  # attention and Mamba in every layer (its config's own layers_block_type)
     if not isinstance(types, list):
         if any(k in cfg for k in ("mamba_d_state", "ssm_state_size", "mamba_n_heads", "mamba_num_heads")):
-            raise ConfigError(f"{name}: a Mamba config that says nowhere which layers attend (Falcon-H1 runs "
-                              "attention and Mamba side by side in every layer): tierkv does not store it")
+            raise ConfigError(f"{name}: a Mamba config that says nowhere which layers attend: tierkv cannot "
+                              "tell what it stores")
         return None
     types = [_LEGACY_TYPES.get(t, t) for t in types]
     if not cfg.get("num_hidden_layers"):  # Nemotron-H: its pattern says how many layers there are
         cfg["num_hidden_layers"] = len(types)
     parallel = sorted({t for t in types if t in _PARALLEL_LAYER_TYPES})
     if parallel:
-        raise ConfigError(f"{name}: layers of type {parallel} run attention and a recurrent state side by side "
-                          "(Falcon-H1, Zamba2): tierkv does not store them")
+        raise ConfigError(f"{name}: layers of type {parallel} run sliding-window attention and a recurrent state "
+                          "side by side: tierkv does not store them")
     state = sorted({t for t in types if t in _STATE_LAYER_TYPES and t != "linear_attention"})
     if state:
         raise ConfigError(f"{name}: layers of type {state} keep a recurrent state of a kind tierkv does not know")
@@ -141,8 +145,9 @@ def _linear_state(cfg: dict[str, Any], name: str) -> list[int]:
     for names in _MAMBA2_FIELDS:
         values: list[Any] = [cfg.get(k) for k in names]
         if values[1] == "auto" and is_positive_int(values[0]):  # Bamba: expand x hidden over the heads
-            try:
-                values[1] = int(cfg["mamba_expand"] * cfg["hidden_size"]) // int(values[0])
+            try:  # (Falcon-H1: its mamba_d_ssm, where set)
+                inner = cfg.get("mamba_d_ssm") or int(cfg["mamba_expand"] * cfg["hidden_size"])
+                values[1] = int(inner) // int(values[0])
             except (KeyError, TypeError) as e:
                 raise ConfigError(f"{name}: mamba_d_head 'auto' needs mamba_expand and hidden_size: {e}") from None
         if all(is_positive_int(v) for v in values):
@@ -237,6 +242,13 @@ class Geometry:
         elif cfg.get("kv_lora_rank"):
             family = "mla"
         else:
+            family = ""
+        if family in ("mla", "mla_dsa") and any(t in _STATE_LAYER_TYPES for t in cfg.get("layer_types") or ()):
+            # Kimi Linear: MLA beside a recurrent state (its KDA layers), which MLA's formula would
+            # count as latents
+            raise ConfigError(f"{name}: MLA layers beside layers that keep a recurrent state (Kimi Linear): "
+                              "tierkv does not store such a model")
+        if not family:
             family = "gqa"
             try:
                 heads = int(cfg["num_attention_heads"])
@@ -248,11 +260,11 @@ class Geometry:
                                   f"or head_dim): {e}") from None
             types = _layer_types(cfg, name)
             if types is not None:
-                kept = {"linear_attention", "conv", *NO_CACHE_TYPES} & set(types)
+                kept = {"linear_attention", "conv", PARALLEL_TYPE, *NO_CACHE_TYPES} & set(types)
                 if kept and len(types) != int(cfg.get("num_hidden_layers", -1)):
                     raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
                 cfg["layer_types"] = types
-                if "linear_attention" in types:
+                if "linear_attention" in types or PARALLEL_TYPE in types:
                     # gated delta nets and Mamba layers: their conv state [conv_dim, kernel] and
                     # recurrent state, stored at restore points
                     cfg["linear_state"] = _linear_state(cfg, name)
@@ -340,13 +352,16 @@ class Geometry:
             elif f.get("linear_state"):  # a gated delta net or Mamba layer: its states at each restore point
                 conv, kernel, *recurrent = f["linear_state"]
                 step = self.restore_step
-                other = "linear_attention", LayerSpec((
-                    TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
-                    TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1, "float32")))
+                states = (TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
+                          TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1, "float32"))
+                other = "linear_attention", LayerSpec(states)
             if f.get("layer_types"):  # a layer per kind; none for a layer that keeps no cache
                 kinds = [k for k in list(f["layer_types"])[:self.layers] if k not in NO_CACHE_TYPES]
                 kinds += ["full_attention"] * (self.layer_count(include_mtp) - len(kinds))  # MTP layers attend
-                return KVSpec(self.name, tuple(other[1] if other is not None and k == other[0] else layer
+                # Falcon-H1: attention and Mamba side by side, keys and values then both states
+                both = LayerSpec(layer.tensors + other[1].tensors) if other is not None and other[0] == "linear_attention" else None
+                return KVSpec(self.name, tuple(both if k == PARALLEL_TYPE and both is not None
+                                               else other[1] if other is not None and k == other[0] else layer
                                                for k in kinds))
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))

@@ -6,9 +6,11 @@ Primitives:
     session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
         token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point;
         LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``;
-        Qwen3-Next's and Qwen3.5's gated delta nets and the Mamba layers of Bamba, Granite 4.0-H,
-        Nemotron-H and Jamba keep their states at each restore point: ``StateSnapshotLayer``;
-        Nemotron-H's MLP and MoE layers keep nothing: ``NoCacheLayer``).
+        the gated delta nets of Qwen3-Next, Qwen3.5 and OLMo Hybrid and the Mamba layers of Bamba,
+        Granite 4.0-H, Nemotron-H and Jamba keep their states at each restore point:
+        ``StateSnapshotLayer``; Falcon-H1's layers, attention and Mamba side by side, keys and
+        values too: ``ParallelStateLayer``; Nemotron-H's MLP and MoE layers keep nothing:
+        ``NoCacheLayer``).
     restore_step: how often a model's cache can be restored (every token; for DeepSeek V4 and
         models with state layers, every ``restore_step`` tokens).
     prefill / greedy_decode: plain forward passes with a cache (no ``generate`` magic; a model
@@ -29,12 +31,12 @@ plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_he
 compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
 layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at restore points
 (``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
-any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE (gated delta nets beside attention) and Bamba /
-Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside attention), restored at
-restore points. Other cache layers keep part of the context (transformers' own sliding-window,
-V4, conv and state layers) or state besides their keys and values (quantized KV; Falcon-H1's
-attention and Mamba in one layer), or read another layer's cache (KV sharing), so they cannot be
-restored exactly: ``cache_to_kv`` refuses them.
+any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid (gated delta nets beside
+attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
+attention) and Falcon-H1 (both in every layer), restored at restore points. Other cache layers
+keep part of the context (transformers' own sliding-window, V4, conv and state layers) or state
+besides their keys and values (quantized KV; Kimi Linear's KDA layers), or read another layer's
+cache (KV sharing), so they cannot be restored exactly: ``cache_to_kv`` refuses them.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from ..cli import default_cache_dir
 from ..config import is_int
 from ..errors import ConfigError, SpecMismatchError, UnknownSessionError
 from ..keys import as_tokens
-from ..kvmath import NO_CACHE_TYPES, Geometry, spread_width
+from ..kvmath import NO_CACHE_TYPES, PARALLEL_TYPE, Geometry, spread_width
 from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_name
 
 __all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache",
@@ -292,7 +294,7 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
         if isinstance(layer, ConvHistoryLayer):
             out.append((layer.history(),))
             continue
-        if isinstance(layer, StateSnapshotLayer):
+        if isinstance(layer, StateSnapshotLayer):  # a ParallelStateLayer's keys and values too
             out.append(layer.saved())
             continue
         # a plain sliding-window layer keeps only part of the context, other subclasses state
@@ -304,8 +306,9 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
                     " (make the cache with session_cache(config): for LFM2-family models its convolution layers "
                     "keep every token's input)"
                     if type(layer) is _LinearLayer and not any(getattr(layer, "is_recurrent_states_initialized", {}).values())
-                    else " (make the cache with session_cache(config): for Qwen3-Next, Qwen3.5, Bamba, Granite "
-                    "4.0-H, Nemotron-H and Jamba its state layers keep their states at restore points)"
+                    else " (make the cache with session_cache(config): for Qwen3-Next, Qwen3.5, OLMo Hybrid, Bamba, "
+                    "Granite 4.0-H, Nemotron-H, Jamba and Falcon-H1 its state layers keep their states at restore "
+                    "points)"
                     if type(layer) is _LinearLayer else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
@@ -384,6 +387,8 @@ def session_cache(config: Any) -> Any:
             cache.layers[i] = ConvHistoryLayer(kernel)
         elif gdn is not None and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "linear_attention":
             cache.layers[i] = StateSnapshotLayer(gdn.restore_step, gdn.fields["linear_state"])
+        elif gdn is not None and type(layer) is _ParallelLayer and gdn.fields["layer_types"][i] == PARALLEL_TYPE:
+            cache.layers[i] = ParallelStateLayer(gdn.restore_step, gdn.fields["linear_state"])
         elif step and kind in _V4_TYPES:
             cache.layers[i] = _v4_layer(type(layer))(config, step, kind)
         # chunked attention (Llama 4) is the same layer class under another mask: the same tensors
@@ -547,7 +552,7 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     if len(kinds) != store.spec.num_layers:
         raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
     for i, kind in enumerate(kinds):
-        want = (len(kind.widths) if isinstance(kind, (_V4History, StateSnapshotLayer))
+        want = (len(kind.widths) + 2 * isinstance(kind, ParallelStateLayer) if isinstance(kind, (_V4History, StateSnapshotLayer))
                 else 1 if isinstance(kind, ConvHistoryLayer) else None)
         have = len(store.spec.layers[i].tensors)
         if (want is None and have < 2) or (want is not None and have != want):
@@ -584,6 +589,10 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
         if isinstance(kind, ConvHistoryLayer):
             layers.append(ConvHistoryLayer(kind._kernel, handle, i, buffers[(i, 0)], n))
             continue
+        if isinstance(kind, ParallelStateLayer):  # keys and values, then the states
+            layers.append(ParallelStateLayer(kind.step, kind._state, handle, i, [buffers[(i, 2)], buffers[(i, 3)]], n,
+                                             (buffers[(i, 0)], buffers[(i, 1)])))
+            continue
         if isinstance(kind, StateSnapshotLayer):
             layers.append(StateSnapshotLayer(kind.step, kind._state, handle, i, [buffers[(i, 0)], buffers[(i, 1)]], n))
             continue
@@ -613,8 +622,8 @@ def _needed_from(kinds: Sequence[Any], n: int, block_tokens: int) -> list[int] |
             want = n - kind.sliding_window + 1
         elif isinstance(kind, ConvHistoryLayer):
             want = n - kind._kernel
-        elif isinstance(kind, StateSnapshotLayer):
-            want = n - kind.step
+        elif isinstance(kind, StateSnapshotLayer) and not isinstance(kind, ParallelStateLayer):
+            want = n - kind.step  # (a Falcon-H1 layer attends to every token: all of them)
         else:
             want = 0
         out.append(max(0, min(want, cap)))
@@ -906,11 +915,14 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # restores these models at restore points, every ``restore_step`` tokens (kvmath), as it does
 # DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
-# A Mamba layer (Bamba's, Granite 4.0-H's, Nemotron-H's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
+# OLMo Hybrid's linear attention is the same gated delta net. A Mamba layer (Bamba's, Granite
+# 4.0-H's, Nemotron-H's, Falcon-H1's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
 # size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way.
 # Models are named here once their layers' calls are tested against transformers' own cache.
-_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "granitemoehybrid", "jamba", "nemotron_h")
+_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "bamba", "granitemoehybrid", "jamba",
+                 "nemotron_h", "falcon_h1")
+_ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
 
 
@@ -922,8 +934,7 @@ class NoCacheLayer(_DummyLayer or object):  # type: ignore[misc]
 
 
 def _state_geometry(config: Any) -> Geometry | None:
-    """The geometry of a model with state layers (Qwen3-Next, Qwen3.5, Bamba, Granite 4.0-H,
-    Nemotron-H, Jamba), else None."""
+    """The geometry of a model with state layers (``_STATE_MODELS``), else None."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if getattr(text, "model_type", None) not in _STATE_MODELS or _LinearLayer is None:
         return None
@@ -1025,7 +1036,7 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
     def get_seq_length(self) -> int:
         return self._n
 
-    def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def saved(self) -> tuple[torch.Tensor, ...]:
         """The layer's stored tensors, ``[1, n, width]`` each (views): its conv states, then its
         recurrent states, at each restore point so far, spread over the tokens before it."""
         if self._handle is not None:
@@ -1050,6 +1061,68 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
                                     f"got {[tuple(t.shape) for t in tensors]}")
         self._bufs, self._n = [t.unsqueeze(0) for t in tensors], n
         self._materialize()
+
+
+class ParallelStateLayer(StateSnapshotLayer, DynamicLayer):  # type: ignore[misc]
+    """A Falcon-H1 cache layer, where attention and a Mamba-2 layer run side by side: every
+    token's keys and values, as a ``DynamicLayer`` keeps them, and the Mamba states at each
+    restore point, as a ``StateSnapshotLayer`` keeps them (transformers' own is a
+    ``LinearAttentionAndFullAttentionLayer``). ``saved()`` gives keys and values ``[heads, n,
+    dim]`` then both states; with ``handle``, ``kv`` are the buffers its keys and values are being
+    restored into (``[1, heads, capacity, dim]``), filled with the states' first read."""
+
+    # as transformers' own layer: growing keys are not compileable, and a cache that says it is
+    # gets an explicit decode mask where transformers' gets none (logits a few ulps apart)
+    is_compileable = False
+
+    def __init__(self, step: int, state: Sequence[int], handle: Any = None, index: int = 0,
+                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0,
+                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        DynamicLayer.__init__(self)
+        StateSnapshotLayer.__init__(self, step, state, handle, index, bufs, n)
+        self._kv, self._nk = kv, n if kv is not None else 0
+
+    def _materialize(self) -> None:
+        super()._materialize()
+        if self._kv is not None:
+            self.keys, self.values = self._kv[0][:, :, :self._nk], self._kv[1][:, :, :self._nk]
+            self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self._handle is not None:
+            self._materialize()
+        if key_states.shape[0] != 1:
+            raise SpecMismatchError("a Falcon-H1 layer holds one sequence (batch 1)")
+        if self._kv is None:
+            heads, m, dim = key_states.shape[1:]
+            self._kv = (key_states.new_empty(1, heads, m + HEADROOM, dim), value_states.new_empty(1, heads, m + HEADROOM, dim))
+        k, v = _append(self._kv[0], self._nk, key_states), _append(self._kv[1], self._nk, value_states)
+        self._kv, self._nk = (k, v), self._nk + key_states.shape[-2]
+        self.keys, self.values = k[:, :, :self._nk], v[:, :, :self._nk]
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def saved(self) -> tuple[torch.Tensor, ...]:
+        """Keys and values ``[heads, n, dim]``, then the states as ``StateSnapshotLayer.saved``."""
+        states = super().saved()
+        if self._kv is None or self._nk != self._n:
+            raise SpecMismatchError(f"a Falcon-H1 layer holds {self._nk} tokens' keys and values and {self._n} "
+                                    "tokens' states: not a cache tierkv can save")
+        k, v = self._kv
+        return (k[0, :, :self._nk], v[0, :, :self._nk]) + tuple(states)
+
+    def load(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Start this empty layer at a restore point: ``tensors`` as ``saved()`` gives them."""
+        if len(tensors) != 4 or tensors[0].dim() != 3 or tensors[0].shape != tensors[1].shape:
+            raise SpecMismatchError(f"a Falcon-H1 layer takes keys and values [heads, n, dim] and two states, got "
+                                    f"{[tuple(t.shape) for t in tensors]}")
+        super().load(tensors[2:])
+        if tensors[0].shape[1] != self._n:
+            raise SpecMismatchError(f"keys of {tensors[0].shape[1]} tokens beside states of {self._n}")
+        self.update(tensors[0].unsqueeze(0), tensors[1].unsqueeze(0))
 
 
 # ---------------------------------------------------------------------------- DeepSeek V4
