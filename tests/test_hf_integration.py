@@ -957,6 +957,12 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
         for name in ("conv_states", "recurrent_states"):
             assert torch.equal(getattr(back.layers[i], name)[0], getattr(at128.layers[i], name)[0]), (i, name)
     restore_point_turns(model, spec, str(tmp_path))
+    # a layer whose states are not of the config's shape is refused at the restore point, never
+    # stored in another form
+    odd = session_cache(cfg)
+    odd.layers[0]._state = (16,) + odd.layers[0]._state[1:]  # a conv dim the model does not have
+    with pytest.raises(SpecMismatchError, match="not a layout tierkv knows"):
+        prefill(model, ids[:64], odd)
 
 
 def test_a_restore_whose_prefix_shrinks_starts_again_at_a_restore_point(tmp_path):

@@ -14,11 +14,11 @@ short-convolution layers (LFM2's ``conv`` layer type) counts each conv layer's p
 as the transformers integration stores it. A gated delta net layer (Qwen3-Next's and Qwen3.5's
 ``linear_attention``) keeps a state instead, which tierkv stores at restore points, every
 ``restore_step`` tokens, spread over that many tokens: it counts that share per token. A
-Mamba layer of a hybrid model (Bamba, Granite 4.0, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps a
-conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
-nothing, and count nothing). Other recurrent states (a model whose
-every layer runs attention and Mamba side by side, Falcon-H1; linear-attention kinds tierkv does
-not know) are refused.
+Mamba layer of a hybrid model (Bamba, Granite 4.0-H, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps
+a conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
+nothing, and count nothing; Falcon-H1's layers run attention and Mamba side by side, and count
+both). Other recurrent states (Kimi Linear's beside MLA; linear-attention kinds tierkv does not
+know) are refused.
 """
 
 from __future__ import annotations
@@ -358,11 +358,11 @@ class Geometry:
             if f.get("layer_types"):  # a layer per kind; none for a layer that keeps no cache
                 kinds = [k for k in list(f["layer_types"])[:self.layers] if k not in NO_CACHE_TYPES]
                 kinds += ["full_attention"] * (self.layer_count(include_mtp) - len(kinds))  # MTP layers attend
-                # Falcon-H1: attention and Mamba side by side, keys and values then both states
-                both = LayerSpec(layer.tensors + other[1].tensors) if other is not None and other[0] == "linear_attention" else None
-                return KVSpec(self.name, tuple(both if k == PARALLEL_TYPE and both is not None
-                                               else other[1] if other is not None and k == other[0] else layer
-                                               for k in kinds))
+                by_kind = {"full_attention": layer, **dict([other] if other is not None else [])}
+                if other is not None and other[0] == "linear_attention":
+                    # Falcon-H1: attention and Mamba side by side, keys and values then both states
+                    by_kind[PARALLEL_TYPE] = LayerSpec(layer.tensors + other[1].tensors)
+                return KVSpec(self.name, tuple(by_kind.get(k, layer) for k in kinds))
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
         else:

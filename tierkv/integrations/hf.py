@@ -552,7 +552,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
     if len(kinds) != store.spec.num_layers:
         raise SpecMismatchError(f"the store holds {store.spec.num_layers} layers, the config's cache {len(kinds)}")
     for i, kind in enumerate(kinds):
-        want = (len(kind.widths) + 2 * isinstance(kind, ParallelStateLayer) if isinstance(kind, (_V4History, StateSnapshotLayer))
+        want = (4 if isinstance(kind, ParallelStateLayer)  # keys, values and two states
+                else len(kind.widths) if isinstance(kind, (_V4History, StateSnapshotLayer))
                 else 1 if isinstance(kind, ConvHistoryLayer) else None)
         have = len(store.spec.layers[i].tensors)
         if (want is None and have < 2) or (want is not None and have != want):
@@ -960,7 +961,8 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         super().__init__()
         # [conv dim, kernel, *recurrent state's shape] (kvmath's linear_state)
         self.step, self._state = step, tuple(int(x) for x in state)
-        self.widths = [spread_width(self._state[0] * self._state[1], step), spread_width(math.prod(self._state[2:]), step)]
+        self.widths = [spread_width(self._state[0] * self._state[1], step),
+                       spread_width(math.prod(self._state[2:]), step)]
         self._handle, self._index, self._n = handle, index, n
         self._bufs: Any = list(bufs) if bufs is not None else None  # [1, 1, capacity, width] each
         self._missed: int | None = None  # the first restore point a pass ran past
