@@ -785,6 +785,26 @@ def test_deepseek_v4_layers_round_trip():
             assert torch.equal(entries, theirs.compressed_kv[name][:, :entries.shape[1]])
 
 
+def decode_alike(model: Any, ids: list[int], mine: Any, ref: Any, keep_at: int) -> tuple[Any, Any, Any]:
+    """Decode ``ids`` one token a pass on both caches, each step's logits equal to the bit; returns
+    both caches and a copy of ``ref`` as it was when it held ``keep_at`` tokens."""
+    kept = None
+    for x in ids:
+        a, mine = prefill(model, [x], mine)
+        b, ref = prefill(model, [x], ref)
+        assert torch.equal(a, b)
+        if cache_len(ref) == keep_at:
+            kept = copy.deepcopy(ref)
+    return mine, ref, kept
+
+
+def assert_same_states(mine: Any, theirs: Any, layers: Any) -> None:
+    """The conv and recurrent states of ``layers`` are the same in both caches, to the bit."""
+    for i in layers:
+        for name in ("conv_states", "recurrent_states"):
+            assert torch.equal(getattr(mine.layers[i], name)[0], getattr(theirs.layers[i], name)[0]), (i, name)
+
+
 def tiny_gdn(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     """Qwen3-Next's architecture (or Qwen3.5's, dense or MoE, or OLMo Hybrid's) at toy size, random
     weights: three gated delta net layers (kernel 4, 2 key and 4 value heads of 16) and an
@@ -849,16 +869,8 @@ def test_gated_delta_net_layers_round_trip():
     assert cache_len(back) == 128 and type(back.layers[0]).__name__ == "StateSnapshotLayer"
     # saved again, a restored cache gives back what it was given
     assert all(torch.equal(a, b) for p, q in zip(cache_to_kv(back), point) for a, b in zip(p, q))
-    for x in ids[128:200]:  # one token a pass (decode steps), both caches
-        a, back = prefill(qwen, [x], back)
-        b, ref = prefill(qwen, [x], ref)
-        assert torch.equal(a, b)
-        if cache_len(ref) == 192:
-            at192 = copy.deepcopy(ref)
-    mine = kv_to_cache([[x[:, :192] for x in p] for p in cache_to_kv(back)], cfg)
-    for i in (0, 1, 3):
-        for name in ("conv_states", "recurrent_states"):
-            assert torch.equal(getattr(mine.layers[i], name)[0], getattr(at192.layers[i], name)[0]), (i, name)
+    back, ref, at192 = decode_alike(qwen, ids[128:200], back, ref, 192)
+    assert_same_states(kv_to_cache([[x[:, :192] for x in p] for p in cache_to_kv(back)], cfg), at192, (0, 1, 3))
     # transformers' own cache keeps only the last state: refused, naming the cache that works
     with pytest.raises(SpecMismatchError, match="0 is a LinearAttentionLayer.*restore points"):
         cache_to_kv(ref)
@@ -944,18 +956,11 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
     _, mine = prefill(model, ids[:120])
     _, ref = prefill(model, ids[:120], DynamicCache(config=cfg))
-    for x in ids[120:130]:  # decode steps past the restore point at 128, both caches
-        a, mine = prefill(model, [x], mine)
-        b, ref = prefill(model, [x], ref)
-        assert torch.equal(a, b)
-        if cache_len(ref) == 128:
-            at128 = copy.deepcopy(ref)
+    mine, ref, at128 = decode_alike(model, ids[120:130], mine, ref, 128)  # past the restore point at 128
     back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
     states = [i for i, layer in enumerate(back.layers) if type(layer).__name__ in ("StateSnapshotLayer", "ParallelStateLayer")]
     assert len(states) == (4 if kind == "falcon_h1" else 3) and len(back.layers) == cfg.num_hidden_layers
-    for i in states:
-        for name in ("conv_states", "recurrent_states"):
-            assert torch.equal(getattr(back.layers[i], name)[0], getattr(at128.layers[i], name)[0]), (i, name)
+    assert_same_states(back, at128, states)
     restore_point_turns(model, spec, str(tmp_path))
     # a layer whose states are not of the config's shape is refused at the restore point, never
     # stored in another form
