@@ -154,6 +154,12 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     raw = {k: v for k, v in bamba.to_dict().items() if k != "attn_layer_indices"}
     assert Geometry.from_config_dict({**raw, "attn_layer_indices": [9, 18, 27], "mamba_d_head": "auto"}).footprint(
         1000).total == 1000 * per_token
+    # restore points never further apart than a store's largest block (4,096 tokens), which must be
+    # a multiple of the step: a state that wants more (one KV head: 256 values a token) spreads
+    # over 4,096 tokens; a tierkv_restore_step beyond it is refused
+    assert Geometry.from_config_dict({**bamba.to_dict(), "num_key_value_heads": 1}).restore_step == 4096
+    with pytest.raises(ConfigError, match="up to 4096"):
+        Geometry.from_config_dict({**bamba.to_dict(), "tierkv_restore_step": 8192})
     kinds = ["attention" if i in (9, 18, 27) else "mamba" for i in range(32)]
     assert Geometry.from_config_dict({**raw, "model_type": "granitemoehybrid", "layer_types": kinds}).footprint(
         1000).total == 1000 * per_token
@@ -271,3 +277,30 @@ def test_cli_calc_block_size(capsys):
     assert "not a per-token layout" in capsys.readouterr().err
     assert main(["calc", "qwen3-8b", "--block-tokens", "8"]) == 2
     assert "16..4096" in capsys.readouterr().err
+
+
+def test_cli_calc_restore_points(tmp_path, capsys):
+    """A model with state layers (here transformers' default Bamba config, attention at layers 9,
+    18 and 27) restores at restore points: calc says how far apart and what share of each token's
+    bytes their states take, and refuses a block that is not a multiple of the step (the store
+    would refuse it)."""
+    pytest.importorskip("transformers")
+    from transformers import BambaConfig
+
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(BambaConfig(attn_layer_indices=[9, 18, 27]).to_dict()))
+    assert main(["calc", str(p), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # 29 Mamba layers: a bf16 conv state of 20 values and a float32 recurrent state of 1,024 per token
+    assert out["restore_step"] == 2048 and out["state_bytes_per_token"] == 29 * (20 * 2 + 1024 * 4) == 119_944
+    assert out["bytes_per_token"] == 132_232
+    assert main(["calc", str(p), "--kv-bits", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state_bytes_per_token"] == 29 * (20 + 1024 * 4)
+    assert main(["calc", str(p)]) == 0
+    assert "restore points every 2,048 tokens" in capsys.readouterr().out
+    assert main(["calc", str(p), "--block-tokens", "1024"]) == 2
+    assert "multiples of 2048 tokens" in capsys.readouterr().err
+    assert main(["calc", str(p), "--block-tokens", "2048"]) == 0
+    capsys.readouterr()
+    assert main(["calc", "qwen3-8b", "--json"]) == 0
+    assert "restore_step" not in json.loads(capsys.readouterr().out)

@@ -160,6 +160,12 @@ def _calc(args: argparse.Namespace) -> int:
     fp = geom.footprint(tokens, args.kv_bits, args.indexer_bits, args.include_mtp)
     out = {"model": geom.name, "family": geom.family, "kv_bits": args.kv_bits, "indexer_bits": args.indexer_bits,
            "include_mtp": args.include_mtp, **fp.as_dict(), "bytes_per_token": fp.total / tokens, "source": geom.source}
+    step = geom.restore_step  # a model with state layers (gated delta nets, Mamba): where a restore can land
+    if step > 1:
+        spec = geom.kvspec("uint8", args.include_mtp)
+        out |= {"restore_step": step, "state_bytes_per_token": sum(
+            t.bytes_per_token * (1 if t.dtype == "float32" else args.kv_bits / 8)  # uint8: elements; float32 stays
+            for layer in spec.layers for t in layer.tensors if t.name in ("conv_state", "recurrent_state"))}
     if args.block_tokens is not None:
         out |= _block_size(geom, args)
     if args.json:
@@ -172,6 +178,9 @@ def _calc(args: argparse.Namespace) -> int:
         if v or label == "KV":
             print(f"  {label:<15} {v:>20,.0f} B  {v / 2**30:>10.2f} GiB")
     print(f"  {'total':<15} {fp.total:>20,.0f} B  {fp.total / 2**30:>10.2f} GiB  ({format_size(fp.total / tokens)} per token)")
+    if step > 1:
+        print(f"  restore points every {step:,} tokens; their states are {format_size(out['state_bytes_per_token'])} "
+              "of each token's bytes (a config's tierkv_restore_step sets the step: docs/kv-math.md)")
     if args.block_tokens is not None:
         print(f"  a block of {args.block_tokens:,} tokens: {format_size(out['block_bytes'])}, "
               f"{format_size(out['block_layer_bytes'])} per layer"
@@ -191,6 +200,9 @@ def _block_size(geom: Any, args: argparse.Namespace) -> dict[str, Any]:
     if geom.family == "v4_hybrid":
         raise ConfigError("--block-tokens: what tierkv stores of DeepSeek V4's compressed attention is not a "
                           "per-token layout; tierkv bench reload --model NAME stores and measures it")
+    if args.block_tokens % geom.restore_step:
+        raise ConfigError(f"--block-tokens: a store of this model restores at multiples of {geom.restore_step} tokens "
+                          f"(restore_step), so its block_tokens must be a multiple of it, not {args.block_tokens}")
     per_token = geom.footprint(1, args.kv_bits, args.indexer_bits, args.include_mtp).total
     block = per_token * args.block_tokens
     return {"block_tokens": args.block_tokens, "block_bytes": block,

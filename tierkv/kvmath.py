@@ -32,6 +32,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from .config import BLOCK_TOKENS
 from .errors import ConfigError
 from .spec import KVSpec, LayerSpec, TensorSpec
 
@@ -269,9 +270,11 @@ class Geometry:
                     # recurrent state, stored at restore points
                     cfg["linear_state"] = _linear_state(cfg, name)
                     step = cfg.get("tierkv_restore_step")
-                    if step is not None and not (is_positive_int(step) and step % GDN_MIN_STEP == 0):
+                    if step is not None and not (is_positive_int(step) and step % GDN_MIN_STEP == 0
+                                                 and step <= BLOCK_TOKENS[1]):
                         raise ConfigError(f"{name}: tierkv_restore_step must be a positive multiple of "
-                                          f"{GDN_MIN_STEP}, got {step!r}")
+                                          f"{GDN_MIN_STEP} up to {BLOCK_TOKENS[1]} (a store's largest block, "
+                                          f"which it must divide), got {step!r}")
                 if "conv" in types:  # LFM2-family short convolutions: tierkv stores each token's input
                     cfg["conv_dim"] = int(cfg["hidden_size"])
                 elif not kept:
@@ -324,7 +327,8 @@ class Geometry:
         Mamba-2 state of 2,131,968 elements against 2,048), 128 for its default Jamba config
         (Mamba-1); or the config's
         ``tierkv_restore_step`` (a multiple of 64), where set. A store's ``block_tokens`` must be a
-        multiple of it."""
+        multiple of it, so it is never more than the largest block (4,096): a state that would
+        want more spreads over 4,096 tokens, more values per token than the rule's."""
         state = self.fields.get("linear_state")
         if not state:
             return 1
@@ -333,7 +337,7 @@ class Geometry:
         conv, kernel, *recurrent = state
         per_token = 2 * int(self.fields["num_key_value_heads"]) * int(self.fields["head_dim"])
         step = GDN_MIN_STEP
-        while -(-(conv * kernel + math.prod(recurrent)) // step) > per_token:
+        while -(-(conv * kernel + math.prod(recurrent)) // step) > per_token and step < BLOCK_TOKENS[1]:
             step *= 2
         return step
 
