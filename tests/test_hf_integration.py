@@ -785,6 +785,27 @@ def test_deepseek_v4_layers_round_trip():
             assert torch.equal(entries, theirs.compressed_kv[name][:, :entries.shape[1]])
 
 
+def test_deepseek_v4_sliding_layers_read_only_their_restore_point(tmp_path):
+    """A V4 sliding-window layer stores only its window's keys at each restore point, spread over
+    the ``step`` tokens before it: a needed_only restore reads only that block for it (since
+    session 66; every row before), while its compressed layers read every entry. Restored at 192
+    tokens in 64-token blocks, the sliding layer skips blocks 0 and 1, and the cache continues
+    as one restored whole does, to the bit."""
+    v4 = tiny_deepseek_v4(["compressed_sparse_attention", "sliding_attention", "heavily_compressed_attention"])
+    ids = torch.randint(1, 256, (220,), generator=torch.Generator().manual_seed(4)).tolist()
+    _, cache = prefill(v4, ids[:192])
+    with TierKV(str(tmp_path / "store"), spec_for_model(v4), block_tokens=64) as kv:
+        kv.save(ids[:192], cache_to_kv(cache), session="s").wait()
+        kv.flush()
+        outs = []
+        for needed_only in (False, True):
+            before = kv.stats()["skipped_block_layers"]
+            c, h = restore_cache(kv, ids[:192], v4.config, session="s", needed_only=needed_only)
+            outs.append(prefill(v4, ids[192:], c)[0])
+            assert h.result().num_tokens == 192 and kv.stats()["skipped_block_layers"] - before == 2 * needed_only
+        assert torch.equal(outs[0], outs[1])
+
+
 def decode_alike(model: Any, ids: list[int], mine: Any, ref: Any, keep_at: int) -> tuple[Any, Any, Any]:
     """Decode ``ids`` one token a pass on both caches, each step's logits equal to the bit; returns
     both caches and a copy of ``ref`` as it was when it held ``keep_at`` tokens."""

@@ -614,7 +614,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
 
 def _needed_from(kinds: Sequence[Any], n: int, block_tokens: int) -> list[int] | None:
     """Per layer, the first of ``n`` restored tokens whose rows a cache of ``kinds`` reads again:
-    a sliding window's, a conv layer's last inputs, a state layer's restore point's state;
+    a sliding window's, a conv layer's last inputs, a state layer's (or a DeepSeek V4 sliding-window
+    layer's) restore point's state;
     every row for other layers. Never after the block holding token ``n``, which a save grows."""
     cap = n - n % block_tokens
     out = []
@@ -625,6 +626,8 @@ def _needed_from(kinds: Sequence[Any], n: int, block_tokens: int) -> list[int] |
             want = n - kind._kernel
         elif isinstance(kind, StateSnapshotLayer) and not isinstance(kind, ParallelStateLayer):
             want = n - kind.step  # (a Falcon-H1 layer attends to every token: all of them)
+        elif isinstance(kind, _V4History) and kind.kind == "sliding_attention":
+            want = n - kind.step  # its window's keys at the restore point; compressed layers read every entry
         else:
             want = 0
         out.append(max(0, min(want, cap)))
