@@ -638,6 +638,18 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, kind, dtype):
         save_cache(kv, ctx, c, session="copy").wait()
         assert all(torch.equal(a, b) for p, q in zip(kv.restore(ctx, session="copy").kv, kv.restore(ctx, session="s").kv)
                    for a, b in zip(p, q))
+        # the same through the engine's own restore: RestoredKV.known_from marks kv_to_cache's cache
+        needed = getattr(c, "_tierkv_known_from")
+        r = kv.restore(ctx, session="s", needed_from=needed)
+        assert r.known_from == needed and kv.restore(ctx, session="s").known_from is None
+        marked = kv_to_cache(r.kv, cfg, known_from=r.known_from)
+        with pytest.raises(SpecMismatchError, match="save_cache"):
+            cache_to_kv(marked)
+        with pytest.raises(SpecMismatchError, match="one token index"):
+            kv_to_cache(r.kv, cfg, known_from=needed[:-1])
+        save_cache(kv, ctx, marked, session="copy2").wait()
+        assert all(torch.equal(a, b) for p, q in zip(kv.restore(ctx, session="copy2").kv, kv.restore(ctx, session="s").kv)
+                   for a, b in zip(p, q))
         assert kv.stats()["saves_cut_unknown"] == 0
     # a prefix inside another session: transformers' own cache at 37 exists after two passes
     other = ctx[:37] + rand(12)

@@ -92,6 +92,8 @@ def test_blocks_no_layer_needs_are_not_hits_of_any_tier(open_store, device):
     assert r.num_tokens == N and r.sources == {"ssd": 4}
     assert s.stats()["hits"]["ssd"] == 4
     check_rows(kv, on_cpu(r.kv), [5 * BLOCK] * spec.num_layers, 0.0)
+    # what a save of this KV, grown, passes as known_from (a restore of every row: None)
+    assert r.known_from == [5 * BLOCK] * spec.num_layers and s.restore(range(N), session="s").known_from is None
 
 
 def block_key(s, n_block):

@@ -41,11 +41,15 @@ class RestoredKV:
         kv: one tuple of tensors per layer, each in its spec shape with ``num_tokens`` tokens;
             empty when ``num_tokens`` is 0.
         sources: blocks served from each tier (``"device"``, ``"host"``, ``"ssd"``).
+        known_from: a restore with ``needed_from``: per layer, the first token whose rows it may
+            have left unread before (the rows before are zeros, not KV); pass it to
+            ``save(..., known_from=...)`` when this KV, grown, is saved again. None: every row read.
     """
 
     num_tokens: int
     kv: list[tuple[torch.Tensor, ...]]
     sources: dict[str, int] = field(default_factory=dict)
+    known_from: list[int] | None = None
 
 
 class SaveHandle:
@@ -538,4 +542,4 @@ class LoadHandle:
         kv = [tuple(x.narrow(t.seq_axis, 0, n) if n < self.num_tokens else x
                     for t, x in zip(self._spec.layers[i].tensors, self._outs[i]))
               for i in range(self._spec.num_layers)]
-        return RestoredKV(n, kv, sources)
+        return RestoredKV(n, kv, sources, None if self._needed is None else list(self._needed))

@@ -330,11 +330,14 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
     return out
 
 
-def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
+def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any, known_from: Sequence[int] | None = None) -> Any:
     """A cache (``session_cache``'s layers) holding restored per-layer tensors (a batch axis of
     1 is added; a DSA layer's third tensor is its indexer's keys; a sliding-window layer keeps
     them all and attends to its window; DeepSeek V4 layers take what ``cache_to_kv`` gave, cut
-    at a restore point)."""
+    at a restore point). ``known_from``: a restore with ``needed_from`` left the rows before it
+    unread (``RestoredKV.known_from``): the cache is marked as ``restore_cache(...,
+    needed_only=True)`` marks its own, so ``cache_to_kv`` refuses it and ``save_cache`` tells
+    the store."""
     if not isinstance(kv, (list, tuple)) or not all(
             isinstance(p, (list, tuple)) and len(p) >= (1 if _v4_config(config) is not None or _conv_kernel(config)
                                                         or _state_geometry(config) is not None else 2)
@@ -363,6 +366,10 @@ def kv_to_cache(kv: Sequence[Sequence[torch.Tensor]], config: Any) -> Any:
             if not hasattr(layer, "update_indexer"):
                 raise SpecMismatchError(f"layer {i} has indexer keys, but the config's layer {i} is a {type(layer).__name__}")
             layer.update_indexer(p[2])
+    if known_from is not None:
+        if len(known_from) != len(kv) or not all(is_int(x) and x >= 0 for x in known_from):
+            raise SpecMismatchError(f"known_from must give one token index >= 0 per layer ({len(kv)}), got {known_from!r}")
+        setattr(cache, _KNOWN_FROM, [int(x) for x in known_from])
     return cache
 
 
