@@ -936,9 +936,10 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     architecture (Mamba-2 layers: 8 heads of 16, state 8, kernel 4) or Jamba's (Mamba-1: inner dim
     128, state 8): two Mamba layers, an attention layer, one more Mamba layer (Nemotron-H: with an
     MLP layer and a MoE layer between them, which keep no cache); or Falcon-H1's, four layers each
-    running attention and Mamba-2 side by side."""
+    running attention and Mamba-2 side by side; or Zamba2's, whose third layer runs its shared
+    attention block (heads of 32) beside Mamba-2."""
     from transformers import (AutoModelForCausalLM, BambaConfig, FalconH1Config, GraniteMoeHybridConfig, JambaConfig,
-                              NemotronHConfig)
+                              NemotronHConfig, Zamba2Config)
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -955,22 +956,26 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
                mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16, n_routed_experts=4,
                num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
                layers_block_type=["mamba", "mlp", "mamba", "attention", "moe", "mamba"]),
-           "falcon_h1": lambda: FalconH1Config(**kw, **mamba2, mamba_d_ssm=128)}[kind]()
+           "falcon_h1": lambda: FalconH1Config(**kw, **mamba2, mamba_d_ssm=128),
+           "zamba2": lambda: Zamba2Config(
+               **kw, n_mamba_heads=8, mamba_headdim=16, mamba_d_state=8, mamba_ngroups=1, chunk_size=16,
+               num_mem_blocks=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               layers_block_type=["mamba", "mamba", "hybrid", "mamba"])}[kind]()
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("kind,dtype", [("bamba", torch.float32), ("bamba", torch.bfloat16),
                                         ("granite4", torch.float32), ("jamba", torch.float32),
                                         ("nemotron_h", torch.float32), ("falcon_h1", torch.float32),
-                                        ("falcon_h1", torch.bfloat16)],
+                                        ("falcon_h1", torch.bfloat16), ("zamba2", torch.float32)],
                          ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32", "nemotron_h-fp32",
-                              "falcon_h1-fp32", "falcon_h1-bf16"])
+                              "falcon_h1-fp32", "falcon_h1-bf16", "zamba2-fp32"])
 def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     """Bamba's, Granite 4.0-H's and Nemotron-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a
     conv state and a float32 recurrent state, as a gated delta net does (refused before session
     66): a session_cache keeps both at each restore point (every 64 tokens here) and restores
     there; Nemotron-H's MLP and MoE layers keep nothing and have no layer in the store; a Falcon-H1
-    layer keeps every token's keys and values beside its states. The
+    layer (and Zamba2's attention layer) keeps every token's keys and values beside its states. The
     runner turns of test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same
     turn on transformers' own cache from the same point, tokens and logits to the bit; and the
     states a cache keeps at a restore point reached one decode step at a time are those of
@@ -983,16 +988,18 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     # conv [144, 4] over 64 tokens, rounded up to 4; recurrent [8, 16, 8] (Mamba-1: conv [128, 4], [128, 8])
     widths = [(1, 8), (1, 16)] if kind == "jamba" else [(1, 12), (1, 16)]
     state = [("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]
-    attention = [("key", (1, 16), dt), ("value", (1, 16), dt)]
+    head = (1, 32) if kind == "zamba2" else (1, 16)
+    attention = [("key", head, dt), ("value", head, dt)]
     assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == \
-        ([attention + state] * 4 if kind == "falcon_h1" else [state] * 2 + [attention] + [state])
+        {"falcon_h1": [attention + state] * 4, "zamba2": [state, state, attention + state, state]}.get(
+            kind, [state, state, attention, state])
     ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
     _, mine = prefill(model, ids[:120])
     _, ref = prefill(model, ids[:120], DynamicCache(config=cfg))
     mine, ref, at128 = decode_alike(model, ids[120:130], mine, ref, 128)  # past the restore point at 128
     back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
     states = [i for i, layer in enumerate(back.layers) if type(layer).__name__ in ("StateSnapshotLayer", "ParallelStateLayer")]
-    assert len(states) == (4 if kind == "falcon_h1" else 3) and len(back.layers) == cfg.num_hidden_layers
+    assert len(states) == (4 if kind in ("falcon_h1", "zamba2") else 3) and len(back.layers) == cfg.num_hidden_layers
     assert_same_states(back, at128, states)
     restore_point_turns(model, spec, str(tmp_path))
     # a layer whose states are not of the config's shape is refused at the restore point, never

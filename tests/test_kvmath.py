@@ -138,7 +138,7 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     (refused before session 66), whichever field a config names its layers in; models whose
     layers tierkv does not store are refused, never counted as attention."""
     pytest.importorskip("transformers")
-    from transformers import BambaConfig, FalconH1Config, JambaConfig, NemotronHConfig
+    from transformers import BambaConfig, FalconH1Config, JambaConfig, NemotronHConfig, Zamba2Config
 
     from tierkv.integrations.hf import spec_for_config
 
@@ -190,6 +190,14 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     per_token = 32 * (2 * 8 * 128 * 2 + 1536 * 4 // 256 * 2 + 128 * 8 * 256 // 256 * 4)
     assert g.restore_step == 256 and g.footprint(1000).total == 1000 * per_token == 1000 * 263_680
     assert spec_for_config(falcon, torch.bfloat16).bytes_per_token == per_token
+    # Zamba2: Mamba-2 layers (its own field names), and "hybrid" ones that run its shared attention
+    # block, over heads of 2 x hidden size / heads, beside Mamba-2
+    zamba = Zamba2Config()
+    g = Geometry.from_hf_config(zamba)
+    assert g.fields["head_dim"] == 2 * zamba.hidden_size // zamba.num_attention_heads
+    assert g.fields["linear_state"][2:] == [zamba.n_mamba_heads, zamba.mamba_headdim, zamba.mamba_d_state]
+    assert g.fields["layer_types"].count("hybrid") == len(zamba.hybrid_layer_ids) > 0
+    assert spec_for_config(zamba, torch.bfloat16).bytes_per_token == g.footprint(1).total
     # refused: a Mamba config that names no layer kinds (but Falcon-H1's), sliding windows beside a
     # state, MLA beside a state (Kimi Linear)
     with pytest.raises(ConfigError, match="says nowhere which layers attend"):

@@ -16,8 +16,8 @@ as the transformers integration stores it. A gated delta net layer (Qwen3-Next's
 ``restore_step`` tokens, spread over that many tokens: it counts that share per token. A
 Mamba layer of a hybrid model (Bamba, Granite 4.0-H, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps
 a conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
-nothing, and count nothing; Falcon-H1's layers run attention and Mamba side by side, and count
-both). Other recurrent states (Kimi Linear's beside MLA; linear-attention kinds tierkv does not
+nothing, and count nothing; Falcon-H1's layers, and Zamba2's "hybrid" ones, run attention and
+Mamba side by side, and count both). Other recurrent states (Kimi Linear's beside MLA; linear-attention kinds tierkv does not
 know) are refused.
 """
 
@@ -64,9 +64,10 @@ NO_CACHE_TYPES = ("mlp", "moe")
 _GDN_FIELDS = ("linear_conv_kernel_dim", "linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
                "linear_value_head_dim")
 #: a Mamba-2 layer's config fields, as each family names them: heads, head dim, state size,
-#: groups, conv kernel (Bamba and Granite 4.0; Nemotron-H)
+#: groups, conv kernel (Bamba, Granite 4.0-H and Falcon-H1; Nemotron-H; Zamba2)
 _MAMBA2_FIELDS = (("mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups", "mamba_d_conv"),
-                  ("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel"))
+                  ("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel"),
+                  ("n_mamba_heads", "mamba_headdim", "mamba_d_state", "mamba_ngroups", "mamba_d_conv"))
 #: a Mamba-1 layer's (Jamba's): state size, conv kernel, expansion of the hidden size
 _MAMBA1_FIELDS = ("mamba_d_state", "mamba_d_conv", "mamba_expand")
 #: restore points of a model with state layers lie on multiples of this (its kernels' chunk size)
@@ -254,6 +255,9 @@ class Geometry:
             try:
                 heads = int(cfg["num_attention_heads"])
                 cfg.setdefault("num_key_value_heads", heads)
+                if not cfg.get("head_dim") and cfg.get("model_type") == "zamba2":
+                    # Zamba2's shared attention runs over twice the hidden size: its own head dim
+                    cfg["head_dim"] = int(cfg["attention_head_dim"])
                 if not cfg.get("head_dim"):
                     cfg["head_dim"] = int(cfg["hidden_size"]) // heads
             except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:

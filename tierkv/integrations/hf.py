@@ -8,8 +8,8 @@ Primitives:
         LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``;
         the gated delta nets of Qwen3-Next, Qwen3.5 and OLMo Hybrid and the Mamba layers of Bamba,
         Granite 4.0-H, Nemotron-H and Jamba keep their states at each restore point:
-        ``StateSnapshotLayer``; Falcon-H1's layers, attention and Mamba side by side, keys and
-        values too: ``ParallelStateLayer``; Nemotron-H's MLP and MoE layers keep nothing:
+        ``StateSnapshotLayer``; Falcon-H1's and Zamba2's layers that run attention and Mamba side
+        by side, keys and values too: ``ParallelStateLayer``; Nemotron-H's MLP and MoE layers keep nothing:
         ``NoCacheLayer``).
     restore_step: how often a model's cache can be restored (every token; for DeepSeek V4 and
         models with state layers, every ``restore_step`` tokens).
@@ -33,7 +33,8 @@ layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at
 (``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
 any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid (gated delta nets beside
 attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
-attention) and Falcon-H1 (both in every layer), restored at restore points. Other cache layers
+attention), Falcon-H1 (both in every layer) and Zamba2 (a shared attention block beside some of
+its Mamba layers), restored at restore points. Other cache layers
 keep part of the context (transformers' own sliding-window, V4, conv and state layers) or state
 besides their keys and values (quantized KV; Kimi Linear's KDA layers), or read another layer's
 cache (KV sharing), so they cannot be restored exactly: ``cache_to_kv`` refuses them.
@@ -307,8 +308,8 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
                     "keep every token's input)"
                     if type(layer) is _LinearLayer and not any(getattr(layer, "is_recurrent_states_initialized", {}).values())
                     else " (make the cache with session_cache(config): for Qwen3-Next, Qwen3.5, OLMo Hybrid, Bamba, "
-                    "Granite 4.0-H, Nemotron-H, Jamba and Falcon-H1 its state layers keep their states at restore "
-                    "points)"
+                    "Granite 4.0-H, Nemotron-H, Jamba, Falcon-H1 and Zamba2 its state layers keep their states at "
+                    "restore points)"
                     if type(layer) is _LinearLayer else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
@@ -927,12 +928,12 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
 # OLMo Hybrid's linear attention is the same gated delta net. A Mamba layer (Bamba's, Granite
-# 4.0-H's, Nemotron-H's, Falcon-H1's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
+# 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
 # size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way.
 # Models are named here once their layers' calls are tested against transformers' own cache.
 _STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "bamba", "granitemoehybrid", "jamba",
-                 "nemotron_h", "falcon_h1")
+                 "nemotron_h", "falcon_h1", "zamba2")
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
 
@@ -1076,7 +1077,7 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
 
 
 class ParallelStateLayer(StateSnapshotLayer, DynamicLayer):  # type: ignore[misc]
-    """A Falcon-H1 cache layer, where attention and a Mamba-2 layer run side by side: every
+    """A Falcon-H1 (or Zamba2 "hybrid") cache layer, where attention and a Mamba-2 layer run side by side: every
     token's keys and values, as a ``DynamicLayer`` keeps them, and the Mamba states at each
     restore point, as a ``StateSnapshotLayer`` keeps them (transformers' own is a
     ``LinearAttentionAndFullAttentionLayer``). ``saved()`` gives keys and values ``[heads, n,
