@@ -841,9 +841,10 @@ def assert_same_states(mine: Any, theirs: Any, layers: Any) -> None:
 def tiny_gdn(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     """Qwen3-Next's architecture (or Qwen3.5's, dense or MoE, or OLMo Hybrid's) at toy size, random
     weights: three gated delta net layers (kernel 4, 2 key and 4 value heads of 16) and an
-    attention layer."""
-    from transformers import (AutoModelForCausalLM, OlmoHybridConfig, Qwen3_5MoeTextConfig, Qwen3_5TextConfig,
-                              Qwen3NextConfig)
+    attention layer; LaRA Mini's: two gated delta nets, a sliding-window layer (24 tokens) and an
+    attention layer, MoE."""
+    from transformers import (AutoModelForCausalLM, LaraMiniConfig, OlmoHybridConfig, Qwen3_5MoeTextConfig,
+                              Qwen3_5TextConfig, Qwen3NextConfig)
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -853,18 +854,23 @@ def tiny_gdn(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     cfg = {"qwen3_next": lambda: Qwen3NextConfig(**kw, **moe), "qwen3_5": lambda: Qwen3_5TextConfig(**kw),
            "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(**kw, **moe),
-           "olmo_hybrid": lambda: OlmoHybridConfig(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)}[kind]()
+           "olmo_hybrid": lambda: OlmoHybridConfig(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+           "lara_mini": lambda: LaraMiniConfig(
+               **{**kw, "layer_types": ["linear_attention", "sliding_attention", "full_attention", "linear_attention"]},
+               sliding_window=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2)}[kind]()
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("kind,dtype", [("qwen3_next", torch.float32), ("qwen3_next", torch.bfloat16),
                                         ("qwen3_5", torch.float32), ("qwen3_5_moe", torch.float32),
-                                        ("olmo_hybrid", torch.float32)],
+                                        ("olmo_hybrid", torch.float32), ("lara_mini", torch.float32)],
                          ids=["qwen3_next-fp32", "qwen3_next-bf16", "qwen3_5-fp32", "qwen3_5_moe-fp32",
-                              "olmo_hybrid-fp32"])
+                              "olmo_hybrid-fp32", "lara_mini-fp32"])
 def test_gated_delta_net_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     """Qwen3-Next's and Qwen3.5's gated delta nets keep a conv state and a recurrent state, no
-    per-token KV (refused before session 65; OLMo Hybrid's, the same layer, before session 66). A session_cache keeps both states at each restore
+    per-token KV (refused before session 65; OLMo Hybrid's and LaRA Mini's, the same layer, before
+    session 66; LaRA Mini's sliding-window layer restores beside them). A session_cache keeps both states at each restore
     point (every 64 tokens here), where prefill stops its passes, and restores there: three
     runner turns (each restoring the last restore point of the turn before), then, in a fresh
     handle, a second session sharing 150 tokens (restored from SSD up to 128), then a turn whose

@@ -6,7 +6,7 @@ Primitives:
     session_cache: an empty cache that ``cache_to_kv`` can save (sliding-window layers keep every
         token: ``SlidingHistoryLayer``; DeepSeek V4's layers keep the state of each restore point;
         LFM2's convolution layers keep every token's convolution input: ``ConvHistoryLayer``;
-        the gated delta nets of Qwen3-Next, Qwen3.5 and OLMo Hybrid and the Mamba layers of Bamba,
+        the gated delta nets of Qwen3-Next, Qwen3.5, OLMo Hybrid and LaRA Mini and the Mamba layers of Bamba,
         Granite 4.0-H, Nemotron-H and Jamba keep their states at each restore point:
         ``StateSnapshotLayer``; Falcon-H1's and Zamba2's layers that run attention and Mamba side
         by side, keys and values too: ``ParallelStateLayer``; Nemotron-H's MLP and MoE layers keep nothing:
@@ -31,8 +31,8 @@ plain ``DynamicLayer``s keeping full per-layer key/value tensors ``[batch, kv_he
 compressed latent and a rotary key the same way, DSA models (DeepSeek V3.2, GLM-5), whose
 layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at restore points
 (``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
-any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid (gated delta nets beside
-attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
+any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid / LaRA Mini (gated delta nets
+beside attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
 attention), Falcon-H1 (both in every layer) and Zamba2 (a shared attention block beside some of
 its Mamba layers), restored at restore points. Other cache layers
 keep part of the context (transformers' own sliding-window, V4, conv and state layers) or state
@@ -307,9 +307,9 @@ def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, ...]]:
                     " (make the cache with session_cache(config): for LFM2-family models its convolution layers "
                     "keep every token's input)"
                     if type(layer) is _LinearLayer and not any(getattr(layer, "is_recurrent_states_initialized", {}).values())
-                    else " (make the cache with session_cache(config): for Qwen3-Next, Qwen3.5, OLMo Hybrid, Bamba, "
-                    "Granite 4.0-H, Nemotron-H, Jamba, Falcon-H1 and Zamba2 its state layers keep their states at "
-                    "restore points)"
+                    else " (make the cache with session_cache(config): for the state models tierkv knows, "
+                    "Qwen3-Next, Qwen3.5, Bamba, Granite 4.0-H, Nemotron-H, Falcon-H1 and others, its state layers "
+                    "keep their states at restore points)"
                     if type(layer) is _LinearLayer else "")
             raise SpecMismatchError(f"cache layer {i} is a {type(layer).__name__}: only caches whose layers hold "
                                     "every token's keys and values (and a DSA indexer's keys), and nothing else, "
@@ -927,13 +927,13 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # restores these models at restore points, every ``restore_step`` tokens (kvmath), as it does
 # DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
-# OLMo Hybrid's linear attention is the same gated delta net. A Mamba layer (Bamba's, Granite
+# OLMo Hybrid's and LaRA Mini's linear attention is the same gated delta net. A Mamba layer (Bamba's, Granite
 # 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
 # size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way.
 # Models are named here once their layers' calls are tested against transformers' own cache.
-_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "bamba", "granitemoehybrid", "jamba",
-                 "nemotron_h", "falcon_h1", "zamba2")
+_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "bamba",
+                 "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2")
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
 
