@@ -83,10 +83,11 @@ def model_name(text: str) -> str:
 def model_spec(name: str, dtype: str) -> tuple[tierkv.KVSpec, int]:
     """``--model``: the KVSpec of a preset of ``tierkv calc --list`` (or a config.json path) in
     ``dtype`` ("fp32" or "bf16"), and the block size its store takes: 256 tokens, or for DeepSeek
-    V4 its ``restore_step`` (1,024), which its store's blocks must be a multiple of. A V4 spec is
-    what tierkv stores for V4's compressed attention (``spec_for_config``; needs transformers),
-    the others the per-token layout ``Geometry.kvspec`` gives (GQA keys and values, MLA's
-    latent). Raises ConfigError for an unknown name."""
+    V4 and models with state layers (gated delta nets, Mamba) their ``restore_step`` where it is
+    larger (1,024 for V4), which their store's blocks must be a multiple of. A V4 spec is what
+    tierkv stores for V4's compressed attention (``spec_for_config``; needs transformers), the
+    others the per-token layout ``Geometry.kvspec`` gives (GQA keys and values, MLA's latent, a
+    state layer's states at restore points). Raises ConfigError for an unknown name."""
     from tierkv import kvmath
 
     geom = kvmath.preset(name)
@@ -98,7 +99,7 @@ def model_spec(name: str, dtype: str) -> tuple[tierkv.KVSpec, int]:
 
         cfg = DeepseekV4Config(**geom.fields)
         return spec_for_config(cfg, full, model_id=geom.name or name, revision="bench"), restore_step(cfg)
-    return geom.kvspec(full), 256
+    return geom.kvspec(full), max(256, geom.restore_step)  # (restore steps are powers of two)
 
 
 def random_kv(spec: tierkv.KVSpec, tokens: int) -> list[tuple[torch.Tensor, ...]]:

@@ -629,6 +629,23 @@ def test_reload_bench_model_layouts(model, layers, tensors, block_tokens, capsys
     assert stopped.value.code == 2 and "unknown model 'no-such-model'; known: deepseek-v3.2" in capsys.readouterr().err
 
 
+def test_reload_bench_state_model_layout(tmp_path):
+    """``bench/reload.py --model config.json`` of a Mamba hybrid (transformers' default Bamba
+    config, attention at layers 9, 18 and 27): its layout as tierkv stores it, states at restore
+    points, in blocks of its restore step (2,048 tokens), which its store's blocks must divide."""
+    pytest.importorskip("transformers")
+    from transformers import BambaConfig
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import reload
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(BambaConfig(attn_layer_indices=[9, 18, 27]).to_dict()))
+    spec, bt = reload.model_spec(str(path), "bf16")
+    assert (spec.num_layers, bt, spec.bytes_per_token) == (32, 2048, 132_232)
+    assert [t.name for t in spec.layers[0].tensors] == ["conv_state", "recurrent_state"]
+
+
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is not available here")
 @pytest.mark.parametrize("threads,huge", [(1, False), (3, False), (4, False), (1, True), (2, True)])
 def test_odirect_read_covers_the_file(tmp_path, threads, huge):
