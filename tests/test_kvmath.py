@@ -138,7 +138,7 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     (refused before session 66), whichever field a config names its layers in; models whose
     layers tierkv does not store are refused, never counted as attention."""
     pytest.importorskip("transformers")
-    from transformers import BambaConfig, FalconH1Config, JambaConfig, NemotronHConfig, Zamba2Config
+    from transformers import BambaConfig, FalconH1Config, JambaConfig, KimiLinearConfig, NemotronHConfig, Zamba2Config
 
     from tierkv.integrations.hf import spec_for_config
 
@@ -204,9 +204,27 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
         Geometry.from_config_dict({**raw, "model_type": "bamba"})
     with pytest.raises(ConfigError, match="side by side"):
         Geometry.from_config_dict({**raw, "layer_types": ["hybrid_sliding"] * 32})
-    with pytest.raises(ConfigError, match="Kimi Linear"):
+    with pytest.raises(ConfigError, match="recurrent state of a kind tierkv does not know"):
         Geometry.from_config_dict({**raw, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
                                    "layer_types": ["linear_attention", "full_attention"] * 16})
+    # Kimi Linear (transformers' default: 27 layers, MLA at every fourth from the fourth and the
+    # last, KDA elsewhere: 32 heads of 128, kernel 4): MLA latents per token, KDA states (q, k and
+    # v convs; [32, 128, 128] float32) every 1,024 tokens; from its config.json's
+    # linear_attn_config too (1-indexed layer lists; before session 66 the MLA formula counted
+    # every layer as a latent)
+    kimi = KimiLinearConfig()
+    g = Geometry.from_hf_config(kimi)
+    assert g.family == "mla" and g.fields["linear_state"] == [3 * 32 * 128, 4, 32, 128, 128] and g.restore_step == 1024
+    mla = kimi.layer_types.count("full_attention")
+    per_token = mla * 576 * 2 + (27 - mla) * (12288 * 4 // 1024 * 2 + 32 * 128 * 128 // 1024 * 4)
+    assert mla == 6 and g.footprint(1000).total == 1000 * per_token == 1000 * 51_936
+    assert spec_for_config(kimi, torch.bfloat16).bytes_per_token == per_token
+    flat = ("layer_types", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim")
+    kda = {"num_heads": 32, "head_dim": 128, "short_conv_kernel_size": 4,
+           "full_attn_layers": [i + 1 for i, t in enumerate(kimi.layer_types) if t == "full_attention"],
+           "kda_layers": [i + 1 for i, t in enumerate(kimi.layer_types) if t == "linear_attention"]}
+    as_json = {**{k: v for k, v in kimi.to_dict().items() if k not in flat}, "linear_attn_config": kda}
+    assert Geometry.from_config_dict(as_json).footprint(1000).total == 1000 * per_token
 
 
 def test_plan_cascades_and_reports_assumptions():

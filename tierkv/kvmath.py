@@ -17,7 +17,8 @@ as the transformers integration stores it. A gated delta net layer (Qwen3-Next's
 Mamba layer of a hybrid model (Bamba, Granite 4.0-H, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps
 a conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
 nothing, and count nothing; Falcon-H1's layers, and Zamba2's "hybrid" ones, run attention and
-Mamba side by side, and count both). Other recurrent states (Kimi Linear's beside MLA; linear-attention kinds tierkv does not
+Mamba side by side, and count both). Kimi Linear's KDA layers beside MLA count the same way.
+Other recurrent states (Bailing Hybrid's beside MLA; linear-attention kinds tierkv does not
 know) are refused.
 """
 
@@ -30,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from .config import BLOCK_TOKENS
 from .errors import ConfigError
@@ -245,11 +246,28 @@ class Geometry:
             family = "mla"
         else:
             family = ""
-        if family in ("mla", "mla_dsa") and any(t in _STATE_LAYER_TYPES for t in cfg.get("layer_types") or ()):
-            # Kimi Linear: MLA beside a recurrent state (its KDA layers), which MLA's formula would
-            # count as latents
-            raise ConfigError(f"{name}: MLA layers beside layers that keep a recurrent state (Kimi Linear): "
-                              "tierkv does not store such a model")
+        if family == "mla" and cfg.get("model_type") == "kimi_linear":
+            # Kimi Linear: MLA beside KDA layers, whose conv state (q, k and v: 3 x heads x head
+            # dim, over the kernel) and float32 recurrent state [heads, head dim, head dim] tierkv
+            # stores at restore points, as a gated delta net's
+            kda = cfg.get("linear_attn_config") or {}  # its config.json's names (transformers' are flat)
+            if not isinstance(cfg.get("layer_types"), list) and kda.get("kda_layers") and kda.get("full_attn_layers"):
+                full = set(kda["full_attn_layers"])  # 1-indexed there
+                cfg["layer_types"] = ["full_attention" if i + 1 in full else "linear_attention"
+                                      for i in range(int(cfg.get("num_hidden_layers", 0)))]
+            heads, dim, kernel = (cast(Any, cfg.get(k) or kda.get(j)) for k, j in (
+                ("linear_num_heads", "num_heads"), ("linear_head_dim", "head_dim"),
+                ("linear_conv_kernel_dim", "short_conv_kernel_size")))
+            types = cfg.get("layer_types")
+            if not (isinstance(types, list) and len(types) == cfg.get("num_hidden_layers")
+                    and all(is_positive_int(x) for x in (heads, dim, kernel))):
+                raise ConfigError(f"{name}: a Kimi Linear config needs layer_types (or linear_attn_config's "
+                                  "kda_layers and full_attn_layers) and its KDA heads, head dim and conv kernel")
+            cfg["linear_state"] = [3 * heads * dim, kernel, heads, dim, dim]
+        elif family in ("mla", "mla_dsa") and any(t in _STATE_LAYER_TYPES for t in cfg.get("layer_types") or ()):
+            # MLA beside a recurrent state of another kind, which MLA's formula would count as latents
+            raise ConfigError(f"{name}: MLA layers beside layers that keep a recurrent state of a kind tierkv "
+                              "does not know: tierkv does not store such a model")
         if not family:
             family = "gqa"
             try:
@@ -339,7 +357,9 @@ class Geometry:
         if self.fields.get("tierkv_restore_step"):
             return int(self.fields["tierkv_restore_step"])
         conv, kernel, *recurrent = state
-        per_token = 2 * int(self.fields["num_key_value_heads"]) * int(self.fields["head_dim"])
+        f = self.fields  # an attention layer's values per token: keys and values, or an MLA latent
+        per_token = (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]) if self.family == "mla"
+                     else 2 * int(f["num_key_value_heads"]) * int(f["head_dim"]))
         step = GDN_MIN_STEP
         while -(-(conv * kernel + math.prod(recurrent)) // step) > per_token and step < BLOCK_TOKENS[1]:
             step *= 2
@@ -373,6 +393,14 @@ class Geometry:
                 return KVSpec(self.name, tuple(by_kind.get(k, layer) for k in kinds))
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
+            if f.get("linear_state"):  # Kimi Linear: its KDA layers' states at restore points
+                conv, kernel, *recurrent = f["linear_state"]
+                step = self.restore_step
+                kda = LayerSpec((TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
+                                 TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1,
+                                            "float32")))
+                return KVSpec(self.name, tuple(kda if k == "linear_attention" else layer
+                                               for k in list(f["layer_types"])[:self.layers]))
         else:
             raise ConfigError(f"{self.name}: a {self.family} cache is not a per-token layout a KVSpec describes")
         return KVSpec(self.name, (layer,) * self.layer_count(include_mtp))

@@ -33,11 +33,12 @@ layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at
 (``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
 any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid / LaRA Mini (gated delta nets
 beside attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
-attention), Falcon-H1 (both in every layer) and Zamba2 (a shared attention block beside some of
-its Mamba layers), restored at restore points. Other cache layers
-keep part of the context (transformers' own sliding-window, V4, conv and state layers) or state
-besides their keys and values (quantized KV; Kimi Linear's KDA layers), or read another layer's
-cache (KV sharing), so they cannot be restored exactly: ``cache_to_kv`` refuses them.
+attention), Falcon-H1 (both in every layer), Zamba2 (a shared attention block beside some of
+its Mamba layers) and Kimi Linear (KDA beside MLA), restored at restore points. Other cache
+layers keep part of the context (transformers' own sliding-window, V4, conv and state layers) or
+state besides their keys and values (quantized KV; Bailing Hybrid's linear attention), or read
+another layer's cache (KV sharing), so they cannot be restored exactly: ``cache_to_kv`` refuses
+them.
 """
 
 from __future__ import annotations
@@ -243,6 +244,12 @@ def _cache_spec(config: Any, dtype: torch.dtype, model_id: str, revision: str) -
         except AttributeError as e:
             raise ConfigError(f"MLA config lacks a field tierkv needs: {e}") from None
         layer = LayerSpec((TensorSpec("latent", (1, int(rank)), 1, dt), TensorSpec("rope_key", (1, rope), 1, dt)))
+        geom = _state_geometry(config)
+        if geom is not None:  # Kimi Linear: KDA layers' states (kvmath's layout) beside the MLA layers
+            states = geom.kvspec(dt).layers
+            kinds = list(geom.fields["layer_types"])
+            return KVSpec(model_id, tuple(states[i] if kinds[i] == "linear_attention" else layer
+                                          for i in range(layers)), revision)
         spec = KVSpec(model_id, (layer,) * layers, revision)
     # DSA layers (DeepSeek V3.2, GLM-5) also cache their indexer's keys, [batch, seq, index_head_dim]
     types = list(getattr(text, "layer_types", None) or [])
@@ -927,12 +934,13 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # restores these models at restore points, every ``restore_step`` tokens (kvmath), as it does
 # DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
-# OLMo Hybrid's and LaRA Mini's linear attention is the same gated delta net. A Mamba layer (Bamba's, Granite
+# OLMo Hybrid's and LaRA Mini's linear attention is the same gated delta net, Kimi Linear's KDA
+# the same two states (a conv state of q, k and v) beside MLA layers. A Mamba layer (Bamba's, Granite
 # 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
 # size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way.
 # Models are named here once their layers' calls are tested against transformers' own cache.
-_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "bamba",
+_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear", "bamba",
                  "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2")
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
