@@ -365,6 +365,14 @@ class Geometry:
             step *= 2
         return step
 
+    def _state_layer(self, dtype: str) -> LayerSpec:
+        """A state layer's stored tensors: its conv state (``dtype``) and recurrent state (float32),
+        each spread over the ``restore_step`` tokens before a restore point."""
+        conv, kernel, *recurrent = self.fields["linear_state"]
+        step = self.restore_step
+        return LayerSpec((TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
+                          TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1, "float32")))
+
     def kvspec(self, dtype: str = "bfloat16", include_mtp: bool = False) -> KVSpec:
         """The engine's KVSpec of the per-token part (gqa key/value; MLA latent; a conv layer's
         input; a gated delta net's or Mamba layer's states at restore points, spread over
@@ -374,31 +382,21 @@ class Geometry:
         if self.family == "gqa":
             d = (int(f["num_key_value_heads"]), int(f["head_dim"]))
             layer = LayerSpec((TensorSpec("key", d, 1, dtype), TensorSpec("value", d, 1, dtype)))
-            other = None
+            by_kind = {"full_attention": layer}
             if f.get("conv_dim"):  # LFM2-family: a conv layer stores each token's convolution input
-                other = "conv", LayerSpec((TensorSpec("conv_input", (1, int(f["conv_dim"])), 1, dtype),))
+                by_kind["conv"] = LayerSpec((TensorSpec("conv_input", (1, int(f["conv_dim"])), 1, dtype),))
             elif f.get("linear_state"):  # a gated delta net or Mamba layer: its states at each restore point
-                conv, kernel, *recurrent = f["linear_state"]
-                step = self.restore_step
-                states = (TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
-                          TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1, "float32"))
-                other = "linear_attention", LayerSpec(states)
+                states = by_kind["linear_attention"] = self._state_layer(dtype)
+                # Falcon-H1: attention and Mamba side by side, keys and values then both states
+                by_kind[PARALLEL_TYPE] = LayerSpec(layer.tensors + states.tensors)
             if f.get("layer_types"):  # a layer per kind; none for a layer that keeps no cache
                 kinds = [k for k in list(f["layer_types"])[:self.layers] if k not in NO_CACHE_TYPES]
                 kinds += ["full_attention"] * (self.layer_count(include_mtp) - len(kinds))  # MTP layers attend
-                by_kind = {"full_attention": layer, **dict([other] if other is not None else [])}
-                if other is not None and other[0] == "linear_attention":
-                    # Falcon-H1: attention and Mamba side by side, keys and values then both states
-                    by_kind[PARALLEL_TYPE] = LayerSpec(layer.tensors + other[1].tensors)
                 return KVSpec(self.name, tuple(by_kind.get(k, layer) for k in kinds))
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
             if f.get("linear_state"):  # Kimi Linear: its KDA layers' states at restore points
-                conv, kernel, *recurrent = f["linear_state"]
-                step = self.restore_step
-                kda = LayerSpec((TensorSpec("conv_state", (1, spread_width(conv * kernel, step)), 1, dtype),
-                                 TensorSpec("recurrent_state", (1, spread_width(math.prod(recurrent), step)), 1,
-                                            "float32")))
+                kda = self._state_layer(dtype)
                 return KVSpec(self.name, tuple(kda if k == "linear_attention" else layer
                                                for k in list(f["layer_types"])[:self.layers]))
         else:
