@@ -6,6 +6,8 @@ conv layer, and restores at any token. ``--arch qwen3_5``: Qwen3.5's (and Qwen3-
 delta nets keep a conv state and a float32 recurrent state; tierkv stores both at restore points
 (``StateSnapshotLayer``), every ``restore_step`` tokens, and restores at the last one cached.
 ``--arch granite4``: Granite 4.0-H's Mamba-2 layers keep the same two states, stored the same way.
+``--arch mamba2``: Mamba-2 layers alone, no attention: a restore reads the states of one restore
+point, however long the context (``needed_only``), or every point's (every row).
 ``--arch gemma3``: most of Gemma 3's layers attend to a sliding window; tierkv stores every
 token's keys and values for them too (``SlidingHistoryLayer``). Each restore runs twice: reading
 every row, and reading only what each layer needs (``needed_only``, as ``SessionRunner`` does:
@@ -24,6 +26,7 @@ they must be equal, bit for bit. Rounds alternate the two, ``--rounds`` each.
     python bench/hybrid_restore.py [--arch lfm2] [--tokens 2048] [--rounds 3]   # -> bench/results/lfm_restore.json
     python bench/hybrid_restore.py --arch qwen3_5 [--tokens 2048]              # -> bench/results/qwen3_5_restore.json
     python bench/hybrid_restore.py --arch granite4 [--tokens 2048]             # -> bench/results/granite4_restore.json
+    python bench/hybrid_restore.py --arch mamba2 [--tokens 2048]               # -> bench/results/mamba2_restore.json
     python bench/hybrid_restore.py --arch gemma3 --tokens 8192                 # -> bench/results/gemma3_restore.json
 
 (Named ``bench/lfm_restore.py`` in session 64, before ``--arch``.)
@@ -86,6 +89,13 @@ GRANITE_SMALL = dict(hidden_size=64, intermediate_size=64, shared_intermediate_s
                      num_experts_per_tok=0, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
                      mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4,
                      mamba_expand=2, layer_types=["mamba", "mamba", "attention", "mamba"])
+#: A Mamba-2 shape of about 130M parameters, as this script sets it (not a published config): 24
+#: Mamba-2 layers (24 heads of 64, state 128, one group, kernel 4) over a hidden size of 768, no
+#: attention.
+MAMBA2_GEOMETRY = dict(hidden_size=768, num_hidden_layers=24, num_heads=24, head_dim=64, state_size=128, n_groups=1,
+                       conv_kernel=4, expand=2, chunk_size=256)
+MAMBA2_SMALL = dict(hidden_size=64, num_hidden_layers=4, num_heads=8, head_dim=16, state_size=8, n_groups=1,
+                    conv_kernel=4, expand=2, chunk_size=16)
 QWEN_SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                   linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
@@ -96,22 +106,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int_at_least(32), default=2048)
     ap.add_argument("--rounds", type=int_at_least(1), default=3)
-    ap.add_argument("--arch", choices=("lfm2", "qwen3_5", "granite4", "gemma3"), default="lfm2")
+    ap.add_argument("--arch", choices=("lfm2", "qwen3_5", "granite4", "gemma3", "mamba2"), default="lfm2")
     ap.add_argument("--small", action="store_true", help="a toy geometry (for tests)")
     ap.add_argument("--block-tokens", type=int_at_least(1), default=None,
                     help="the store's block (default 256, or the smallest multiple of restore_step above it)")
-    ap.add_argument("--out", default=None, help="default bench/results/{lfm,qwen3_5,granite4,gemma3}_restore.json")
+    ap.add_argument("--out", default=None, help="default bench/results/{lfm,qwen3_5,granite4,gemma3,mamba2}_restore.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GraniteMoeHybridConfig, Lfm2Config, Qwen3_5TextConfig
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GraniteMoeHybridConfig, Lfm2Config, Mamba2Config,
+                              Qwen3_5TextConfig)
 
     _, tok, _ = load_smollm2()
     geometry = {"lfm2": (GEOMETRY, SMALL), "qwen3_5": (QWEN_GEOMETRY, QWEN_SMALL), "granite4": (GRANITE_GEOMETRY, GRANITE_SMALL),
-                "gemma3": (GEMMA_GEOMETRY, GEMMA_SMALL)}[args.arch][bool(args.small)]
+                "gemma3": (GEMMA_GEOMETRY, GEMMA_SMALL), "mamba2": (MAMBA2_GEOMETRY, MAMBA2_SMALL)}[args.arch][bool(args.small)]
     out_path = args.out or f"bench/results/{'lfm' if args.arch == 'lfm2' else args.arch}_restore.json"
     torch.manual_seed(0)
     cfg = {"lfm2": Lfm2Config, "qwen3_5": Qwen3_5TextConfig, "granite4": GraniteMoeHybridConfig,
-           "gemma3": Gemma3TextConfig}[args.arch](
+           "gemma3": Gemma3TextConfig, "mamba2": Mamba2Config}[args.arch](
         vocab_size=len(tok), max_position_embeddings=max(4096, 2 * args.tokens), bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **geometry)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -176,7 +187,7 @@ def main() -> None:
     stats = {k: stats_of(v) for k, v in times.items()}
     results = {"machine": machine(), "arch": args.arch,
                "geometry": {k: v for k, v in geometry.items() if k != "layer_types"},
-               "layer_types": geometry["layer_types"], "context_tokens": args.tokens, "new_tokens": len(message),
+               "layer_types": model.config.layer_types, "context_tokens": args.tokens, "new_tokens": len(message),
                "restore_step": step, "restored_tokens": point, "block_tokens": block,
                "bytes_per_token": spec.bytes_per_token, "state_bytes_per_token": state_bytes,
                "ttft_s": stats, "speedup": stats["recompute"]["median"] / stats["cold_ssd"]["median"],

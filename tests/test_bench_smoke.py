@@ -198,16 +198,17 @@ def test_soak_bench_runs(tmp_path):
 
 
 @pytest.mark.model  # SmolLM2's tokenizer
-@pytest.mark.parametrize("arch", ["lfm2", "qwen3_5", "granite4", "gemma3"])
+@pytest.mark.parametrize("arch", ["lfm2", "qwen3_5", "granite4", "gemma3", "mamba2"])
 def test_hybrid_restore_bench_runs(tmp_path, arch):
-    """bench/hybrid_restore.py on a toy LFM2, Qwen3.5, Granite 4.0-H and Gemma 3: restored from cold
-    SSD, the logits equal continuing the original cache from the point restored, and what the conv
-    layers (LFM2) or the state layers' restore points (Qwen3.5, Granite 4.0-H) take is counted in
-    the stored bytes. The Qwen3.5 and Granite sessions of 200 tokens restore up to their restore
-    point at 192. Reading only what each
-    layer needs (``needed_only``) reads less, and gives the same logits."""
+    """bench/hybrid_restore.py on a toy LFM2, Qwen3.5, Granite 4.0-H, Gemma 3 and Mamba-2: restored
+    from cold SSD, the logits equal continuing the original cache from the point restored, and
+    what the conv layers (LFM2) or the state layers' restore points (Qwen3.5, Granite 4.0-H,
+    Mamba-2) take is counted in the stored bytes. The Qwen3.5, Granite and Mamba-2 sessions of 200
+    tokens restore up to their restore point at 192. Reading only what each layer needs
+    (``needed_only``) reads less (Mamba-2: one block of three), and gives the same logits."""
     out = tmp_path / f"{arch}.json"
-    tokens, block = {"lfm2": (120, 16), "qwen3_5": (200, 64), "granite4": (200, 64), "gemma3": (100, 16)}[arch]
+    tokens, block = {"lfm2": (120, 16), "qwen3_5": (200, 64), "granite4": (200, 64), "gemma3": (100, 16),
+                     "mamba2": (200, 64)}[arch]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "hybrid_restore.py"), "--arch", arch, "--small",
                         "--tokens", str(tokens), "--block-tokens", str(block), "--rounds", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -223,6 +224,10 @@ def test_hybrid_restore_bench_runs(tmp_path, arch):
     elif arch == "granite4":  # three Mamba-2 layers' conv state (144 x 4 over 64: 12 values), state 8 x 16 x 8 (16)
         assert res["restored_tokens"] == 192 and res["restore_step"] == 64
         assert res["state_bytes_per_token"] == 3 * (12 + 16) * 4 and res["bytes_per_token"] == 3 * 28 * 4 + 2 * 16 * 4
+    elif arch == "mamba2":  # four Mamba-2 layers alone, the same states: one 64-token block read of three
+        assert res["restored_tokens"] == 192 and res["restore_step"] == 64
+        assert res["state_bytes_per_token"] == res["bytes_per_token"] == 4 * 28 * 4
+        assert res["ssd_read_bytes"]["cold_ssd_needed"] * 3 <= res["ssd_read_bytes"]["cold_ssd"]
     else:  # three window layers of 16 tokens and a full one, K and V of one head of 16
         assert res["restored_tokens"] == 100 and res["state_bytes_per_token"] == 0
         assert res["bytes_per_token"] == 4 * 2 * 16 * 4

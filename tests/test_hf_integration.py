@@ -943,14 +943,17 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     128, state 8): two Mamba layers, an attention layer, one more Mamba layer (Nemotron-H: with an
     MLP layer and a MoE layer between them, which keep no cache); or Falcon-H1's, four layers each
     running attention and Mamba-2 side by side; or Zamba2's, whose third layer runs its shared
-    attention block (heads of 32) beside Mamba-2."""
-    from transformers import (AutoModelForCausalLM, BambaConfig, FalconH1Config, GraniteMoeHybridConfig, JambaConfig,
-                              NemotronHConfig, Zamba2Config)
+    attention block (heads of 32) beside Mamba-2; or four Mamba layers alone (Mamba's and Falcon
+    Mamba's Mamba-1, Mamba-2's), no attention at all."""
+    from transformers import (AutoModelForCausalLM, BambaConfig, FalconH1Config, FalconMambaConfig,
+                              GraniteMoeHybridConfig, JambaConfig, Mamba2Config, MambaConfig, NemotronHConfig,
+                              Zamba2Config)
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=1, max_position_embeddings=1024, initializer_range=0.2)
     mamba2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16)
+    alone = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, state_size=8, initializer_range=0.2)
     cfg = {"bamba": lambda: BambaConfig(**kw, **mamba2, attn_layer_indices=[2]),
            "granite4": lambda: GraniteMoeHybridConfig(
                **kw, **mamba2, layer_types=["mamba", "mamba", "attention", "mamba"], num_local_experts=4,
@@ -966,22 +969,29 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
            "zamba2": lambda: Zamba2Config(
                **kw, n_mamba_heads=8, mamba_headdim=16, mamba_d_state=8, mamba_ngroups=1, chunk_size=16,
                num_mem_blocks=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               layers_block_type=["mamba", "mamba", "hybrid", "mamba"])}[kind]()
+               layers_block_type=["mamba", "mamba", "hybrid", "mamba"]),
+           "mamba": lambda: MambaConfig(**alone, intermediate_size=128, time_step_rank=8),
+           "falcon_mamba": lambda: FalconMambaConfig(**alone, intermediate_size=128, time_step_rank=8),
+           "mamba2": lambda: Mamba2Config(**alone, num_heads=8, head_dim=16, n_groups=1, chunk_size=16)}[kind]()
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("kind,dtype", [("bamba", torch.float32), ("bamba", torch.bfloat16),
                                         ("granite4", torch.float32), ("jamba", torch.float32),
                                         ("nemotron_h", torch.float32), ("falcon_h1", torch.float32),
-                                        ("falcon_h1", torch.bfloat16), ("zamba2", torch.float32)],
+                                        ("falcon_h1", torch.bfloat16), ("zamba2", torch.float32),
+                                        ("mamba", torch.float32), ("mamba", torch.bfloat16),
+                                        ("falcon_mamba", torch.float32), ("mamba2", torch.float32)],
                          ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32", "nemotron_h-fp32",
-                              "falcon_h1-fp32", "falcon_h1-bf16", "zamba2-fp32"])
+                              "falcon_h1-fp32", "falcon_h1-bf16", "zamba2-fp32", "mamba-fp32", "mamba-bf16",
+                              "falcon_mamba-fp32", "mamba2-fp32"])
 def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     """Bamba's, Granite 4.0-H's and Nemotron-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a
     conv state and a float32 recurrent state, as a gated delta net does (refused before session
     66): a session_cache keeps both at each restore point (every 64 tokens here) and restores
     there; Nemotron-H's MLP and MoE layers keep nothing and have no layer in the store; a Falcon-H1
-    layer (and Zamba2's attention layer) keeps every token's keys and values beside its states. The
+    layer (and Zamba2's attention layer) keeps every token's keys and values beside its states;
+    Mamba, Falcon Mamba and Mamba-2 (refused before session 67) have Mamba layers alone. The
     runner turns of test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same
     turn on transformers' own cache from the same point, tokens and logits to the bit; and the
     states a cache keeps at a restore point reached one decode step at a time are those of
@@ -992,20 +1002,21 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     spec = spec_for_model(model, model_id="test/mamba")
     dt = tierkv.spec.dtype_name(dtype)
     # conv [144, 4] over 64 tokens, rounded up to 4; recurrent [8, 16, 8] (Mamba-1: conv [128, 4], [128, 8])
-    widths = [(1, 8), (1, 16)] if kind == "jamba" else [(1, 12), (1, 16)]
+    widths = [(1, 8), (1, 16)] if kind in ("jamba", "mamba", "falcon_mamba") else [(1, 12), (1, 16)]
     state = [("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]
     head = (1, 32) if kind == "zamba2" else (1, 16)
     attention = [("key", head, dt), ("value", head, dt)]
     assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == \
-        {"falcon_h1": [attention + state] * 4, "zamba2": [state, state, attention + state, state]}.get(
-            kind, [state, state, attention, state])
+        {"falcon_h1": [attention + state] * 4, "zamba2": [state, state, attention + state, state],
+         "mamba": [state] * 4, "falcon_mamba": [state] * 4, "mamba2": [state] * 4}.get(kind, [state, state, attention, state])
     ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
     _, mine = prefill(model, ids[:120])
     _, ref = prefill(model, ids[:120], DynamicCache(config=cfg))
     mine, ref, at128 = decode_alike(model, ids[120:130], mine, ref, 128)  # past the restore point at 128
     back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
     states = [i for i, layer in enumerate(back.layers) if type(layer).__name__ in ("StateSnapshotLayer", "ParallelStateLayer")]
-    assert len(states) == (4 if kind in ("falcon_h1", "zamba2") else 3) and len(back.layers) == cfg.num_hidden_layers
+    assert len(states) == (3 if kind in ("bamba", "granite4", "jamba", "nemotron_h") else 4)
+    assert len(back.layers) == cfg.num_hidden_layers
     assert_same_states(back, at128, states)
     restore_point_turns(model, spec, str(tmp_path))
     # a layer whose states are not of the config's shape is refused at the restore point, never
@@ -1014,6 +1025,36 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     odd.layers[0]._state = (16,) + odd.layers[0]._state[1:]  # a conv dim the model does not have
     with pytest.raises(SpecMismatchError, match="not a layout tierkv knows"):
         prefill(model, ids[:64], odd)
+
+
+def test_mamba_alone_restores_read_one_restore_point(tmp_path):
+    """A model of Mamba layers alone restores from the states of its last restore point, and a
+    needed_only restore (the runner's) reads only the block holding them: at 256 tokens in
+    64-token blocks, blocks 0..2 of every layer go unread, the bytes read are those of one block
+    (``plan``'s reload_bytes), and the cache continues as a restore of every block does, and as
+    transformers' own cache at 256 does, to the bit."""
+    from tierkv.kvmath import plan
+
+    model = tiny_mamba("mamba2")
+    cfg, spec = model.config, spec_for_model(model)
+    ids = torch.randint(1, 256, (280,), generator=torch.Generator().manual_seed(6)).tolist()
+    _, cache = prefill(model, ids[:256])
+    _, ref = prefill(model, ids[:256], DynamicCache(config=cfg))
+    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
+        kv.save(ids[:256], cache_to_kv(cache), session="s").wait()
+        kv.flush()
+    outs = []
+    for needed_only in (False, True):
+        with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:  # cold: every block from SSD
+            c, h = restore_cache(kv, ids[:256], cfg, session="s", needed_only=needed_only)
+            outs.append(prefill(model, ids[256:], c)[0])
+            stats = kv.stats()
+            assert h.result().num_tokens == 256 and stats["skipped_block_layers"] == 12 * needed_only
+            read = sum(m["bytes"] for d, m in stats["moved"].items() if d.startswith("ssd->"))  # raw bytes
+            assert read == (64 if needed_only else 256) * spec.bytes_per_token
+    r = plan(Geometry.from_hf_config(cfg), 256, 1, hbm=1, dram=1, ssd=1 << 30, kv_bits=32)
+    assert r["restore_point"] == 256 and r["reload_bytes"] == read
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], prefill(model, ids[256:], ref)[0])
 
 
 def test_kimi_linear_sessions_restore_at_restore_points(tmp_path):

@@ -227,6 +227,66 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     assert Geometry.from_config_dict(as_json).footprint(1000).total == 1000 * per_token
 
 
+def test_mamba_models_alone_count_their_states_at_restore_points(tmp_path, capsys):
+    """Mamba, Falcon Mamba and Mamba-2 have Mamba layers alone (refused before session 67: their
+    configs name no attention fields, and no layer types in a config.json): family ``state``,
+    each layer's states stored at restore points where they spread to no more than 1,024 values
+    per token (there is no attention layer to weigh them against), or the config's
+    tierkv_restore_step; from a config.json as from transformers' config, calc included."""
+    pytest.importorskip("transformers")
+    from transformers import BambaConfig, FalconMambaConfig, Mamba2Config, MambaConfig
+
+    from tierkv.integrations.hf import spec_for_config
+
+    # mamba-130m's layout (24 layers, inner dim 1,536, state 16): 30,720 values a layer, every 64 tokens
+    small = MambaConfig(hidden_size=768, intermediate_size=1536, num_hidden_layers=24)
+    g = Geometry.from_hf_config(small)
+    assert g.family == "state" and g.fields["linear_state"] == [1536, 4, 1536, 16] and g.restore_step == 64
+    per_token = 24 * (1536 * 4 // 64 * 2 + 1536 * 16 // 64 * 4)
+    assert g.footprint(1000).total == 1000 * per_token == 1000 * 41_472
+    assert spec_for_config(small, torch.bfloat16).bytes_per_token == per_token == g.kvspec().bytes_per_token
+    assert g.footprint(1000, kv_bits=8).total == 1000 * (per_token - 24 * 96)  # the recurrent state stays float32
+    # Falcon Mamba 7B's layout (64 layers, inner 8,192, state 16): every 256 tokens
+    falcon = FalconMambaConfig(hidden_size=4096, intermediate_size=8192, num_hidden_layers=64)
+    g = Geometry.from_hf_config(falcon)
+    assert g.restore_step == 256 and g.footprint(1).total == 64 * (8192 * 4 // 256 * 2 + 8192 * 16 // 256 * 4)
+    # transformers' default Mamba-2 (Mamba-Codestral 7B's layout: 128 heads of 64, state 128, 8
+    # groups): 1,089,536 values a layer, every 2,048 tokens
+    codestral = Mamba2Config()
+    g = Geometry.from_hf_config(codestral)
+    assert g.fields["linear_state"] == [128 * 64 + 2 * 8 * 128, 4, 128, 64, 128] and g.restore_step == 2048
+    per_token = 64 * (10240 * 4 // 2048 * 2 + 128 * 64 * 128 // 2048 * 4)
+    assert g.footprint(1000).total == 1000 * per_token == 1000 * 133_632
+    assert spec_for_config(codestral, torch.bfloat16).bytes_per_token == per_token
+    # a config.json names neither layer types nor attention fields: the same geometry from it,
+    # and from Mamba-1's expand where it names no intermediate_size; tierkv_restore_step honoured
+    raw = {k: v for k, v in small.to_dict().items() if k != "intermediate_size"}
+    assert Geometry.from_config_dict(raw).fields == Geometry.from_hf_config(small).fields
+    assert Geometry.from_config_dict({**raw, "tierkv_restore_step": 1024}).restore_step == 1024
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        Geometry.from_config_dict({**raw, "tierkv_restore_step": 100})
+    with pytest.raises(ConfigError, match="needs positive ints"):
+        Geometry.from_config_dict({k: v for k, v in codestral.to_dict().items() if k != "n_groups"})
+    # a restore reads one restore point's states, whatever the context: 2,048 tokens' share at 128K
+    r = plan(g, 128_000, 10, hbm=0, dram=0, ssd=1 << 50)
+    assert r["restore_point"] == 126_976 and r["reload_bytes"] == 2048 * per_token
+    assert r["session_bytes"] == 128_000 * per_token and r["reload_s"]["ssd"] == 2048 * per_token / 1.4 / 6e9
+    assert plan(g, 2000, 1, hbm=0, dram=0, ssd=1 << 40)["reload_bytes"] == 0  # before the first restore point
+    # a hybrid reads every token's keys and values before the point, its states only there
+    bamba = Geometry.from_hf_config(BambaConfig(attn_layer_indices=[9, 18, 27]))
+    state = bamba.state_bytes_per_token()
+    assert state == 29 * (20 * 2 + 1024 * 4)
+    assert plan(bamba, 5000, 1, hbm=0, dram=0, ssd=1 << 40)["reload_bytes"] == 4096 * (132_232 - state) + 2048 * state
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(codestral.to_dict()))
+    assert main(["calc", str(p), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["family"] == "state" and out["restore_step"] == 2048
+    assert out["bytes_per_token"] == out["state_bytes_per_token"] == 133_632
+    assert main(["calc", str(p), "--block-tokens", "1024"]) == 2
+    assert "multiples of 2048 tokens" in capsys.readouterr().err
+
+
 def test_plan_cascades_and_reports_assumptions():
     r = plan(preset("qwen3-8b"), 128_000, 100, hbm=40 * GIB, dram=400 * GIB, ssd=4000 * GIB)
     per = r["session_bytes"]
@@ -234,6 +294,7 @@ def test_plan_cascades_and_reports_assumptions():
     assert r["placed"]["hbm"] == int(40 * GIB // per)
     assert sum(r["placed"].values()) + r["unplaced"] == 100
     assert r["reload_s"]["ssd"] >= r["reload_s"]["dram"] > 0
+    assert r["restore_point"] == 128_000 and r["reload_bytes"] == per  # every token's KV
     assert set(r["assumptions"]) >= {"ssd_gbps", "pcie_gbps", "codec_ratio", "kv_bits"}
 
 

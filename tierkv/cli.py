@@ -162,10 +162,7 @@ def _calc(args: argparse.Namespace) -> int:
            "include_mtp": args.include_mtp, **fp.as_dict(), "bytes_per_token": fp.total / tokens, "source": geom.source}
     step = geom.restore_step  # a model with state layers (gated delta nets, Mamba): where a restore can land
     if step > 1:
-        spec = geom.kvspec("uint8", args.include_mtp)
-        out |= {"restore_step": step, "state_bytes_per_token": sum(
-            t.bytes_per_token * (1 if t.dtype == "float32" else args.kv_bits / 8)  # uint8: elements; float32 stays
-            for layer in spec.layers for t in layer.tensors if t.name in ("conv_state", "recurrent_state"))}
+        out |= {"restore_step": step, "state_bytes_per_token": geom.state_bytes_per_token(args.kv_bits, args.include_mtp)}
     if args.block_tokens is not None:
         out |= _block_size(geom, args)
     if args.json:
@@ -243,6 +240,9 @@ def _plan(args: argparse.Namespace) -> int:
     for tier, cap in (("hbm", a["hbm_bytes"]), ("dram", a["dram_bytes"]), ("ssd", a["ssd_bytes"])):
         print(f"  {tier:<6} {format_size(cap):>12} {r['fits'][tier]:>10,} {r['placed'][tier]:>10,} "
               f"{r['reload_s'][tier] * 1000:>10.1f} ms")
+    if r["restore_step"] > 1:
+        print(f"  a restore lands on the restore point at {r['restore_point']:,} tokens (every {r['restore_step']:,}) "
+              f"and reads {format_size(r['reload_bytes'])}: its states there, not at every point before")
     if r["unplaced"]:
         print(f"  {r['unplaced']:,} sessions do not fit anywhere")
     print("  assumptions:")

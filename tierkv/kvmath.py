@@ -1,8 +1,9 @@
 """KV-cache arithmetic: bytes per token of a model's attention geometry, and tier planning.
 
 Primitives:
-    Geometry: a model's attention geometry in one of four families (gqa, mla, mla_dsa, v4_hybrid),
-        from a preset, a transformers config or a config.json.
+    Geometry: a model's attention geometry in one of five families (gqa, mla, mla_dsa, v4_hybrid,
+        and ``state`` for a model of state layers alone), from a preset, a transformers config or
+        a config.json.
     Footprint: bytes of KV for a context, split into KV, indexer and sliding-window parts.
     load_presets / preset: the bundled presets (tierkv/data/geometry_presets.json).
     parse_tokens: "128k" -> 128_000, "1M" -> 1_000_000.
@@ -17,7 +18,9 @@ as the transformers integration stores it. A gated delta net layer (Qwen3-Next's
 Mamba layer of a hybrid model (Bamba, Granite 4.0-H, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps
 a conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
 nothing, and count nothing; Falcon-H1's layers, and Zamba2's "hybrid" ones, run attention and
-Mamba side by side, and count both). Kimi Linear's KDA layers beside MLA count the same way.
+Mamba side by side, and count both). Kimi Linear's KDA layers beside MLA count the same way. A
+model of Mamba layers alone (Mamba, Mamba-2, Falcon Mamba: family ``state``) counts its states
+only, at restore points placed by a rule of its own (``Geometry.restore_step``).
 Other recurrent states (Bailing Hybrid's beside MLA; linear-attention kinds tierkv does not
 know) are refused.
 """
@@ -39,14 +42,27 @@ from .spec import KVSpec, LayerSpec, TensorSpec
 
 __all__ = ["Geometry", "Footprint", "load_presets", "preset", "parse_tokens", "plan", "FAMILIES", "BITS"]
 
-FAMILIES = ("gqa", "mla", "mla_dsa", "v4_hybrid")
+FAMILIES = ("gqa", "mla", "mla_dsa", "v4_hybrid", "state")
 BITS = (32, 16, 8, 4)
 _REQUIRED = {
     "gqa": ("num_hidden_layers", "num_key_value_heads", "head_dim"),
     "mla": ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim"),
     "mla_dsa": ("num_hidden_layers", "kv_lora_rank", "qk_rope_head_dim", "index_head_dim"),
     "v4_hybrid": ("num_hidden_layers", "head_dim", "sliding_window", "index_head_dim", "compress_ratios"),
+    "state": ("num_hidden_layers", "linear_state"),
 }
+#: models of Mamba layers alone (no attention): their config names neither layer types (a
+#: property of transformers' config, not in its config.json) nor a Mamba layer's fields as the
+#: hybrids do; the names each gives its Mamba-1 (state size, conv kernel, inner dim) or Mamba-2
+#: (heads, head dim, state size, groups, conv kernel) fields
+_STATE_ONLY_MODELS = {"mamba": ("state_size", "conv_kernel", "intermediate_size"),
+                      "falcon_mamba": ("state_size", "conv_kernel", "intermediate_size"),
+                      "mamba2": ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel")}
+#: a model of state layers alone has no attention layer to weigh its states against: its restore
+#: points lie where one layer's state spreads to no more values per token than this (1,024
+#: float32 values, 4 KiB: the bytes a layer of Llama 3 8B's layout, 8 KV heads of 128, keeps per
+#: token in bf16)
+STATE_ONLY_VALUES_PER_TOKEN = 1024
 #: layer types whose cache is a recurrent state (Qwen3-Next, Qwen3.5, Mamba hybrids): no token's
 #: own values give it back. Gated delta nets and Mamba layers (``linear_attention`` with the
 #: fields below) are stored at restore points; the others are refused, as a footprint would be wrong
@@ -166,6 +182,34 @@ def _linear_state(cfg: dict[str, Any], name: str) -> list[int]:
                       f"({[list(n) for n in _MAMBA2_FIELDS]} or {list(_MAMBA1_FIELDS)}): not a state tierkv knows")
 
 
+def _state_only(cfg: dict[str, Any], name: str) -> tuple[list[str], list[int]]:
+    """A model of Mamba layers alone: every layer's type (``linear_attention``, as transformers'
+    config names them) and their states' shapes ``[conv dim, kernel, *recurrent state]``: Mamba-1
+    (Mamba, Falcon Mamba) ``[inner, kernel, inner, state size]``, Mamba-2 ``[heads x head dim + 2 x
+    groups x state size, kernel, heads, head dim, state size]``."""
+    names = _STATE_ONLY_MODELS[cfg["model_type"]]
+    values: list[Any] = [cfg.get(k) for k in names]
+    if len(names) == 3 and values[2] is None and is_positive_int(cfg.get("hidden_size")):
+        values[2] = int(cfg.get("expand", 2)) * int(cfg["hidden_size"])  # Mamba-1's inner dim, where unnamed
+    if not is_positive_int(cfg.get("num_hidden_layers")) or not all(is_positive_int(v) for v in values):
+        raise ConfigError(f"{name}: a {cfg['model_type']} config needs positive ints num_hidden_layers and "
+                          f"{list(names)}, got {dict(zip(names, values))}")
+    if len(names) == 3:
+        d_state, kernel, inner = (int(v) for v in values)
+        state = [inner, kernel, inner, d_state]
+    else:
+        heads, head_dim, d_state, groups, kernel = (int(v) for v in values)
+        state = [heads * head_dim + 2 * groups * d_state, kernel, heads, head_dim, d_state]
+    return ["linear_attention"] * int(cfg["num_hidden_layers"]), state
+
+
+def _check_restore_step(cfg: dict[str, Any], name: str) -> None:
+    step = cfg.get("tierkv_restore_step")
+    if step is not None and not (is_positive_int(step) and step % GDN_MIN_STEP == 0 and step <= BLOCK_TOKENS[1]):
+        raise ConfigError(f"{name}: tierkv_restore_step must be a positive multiple of {GDN_MIN_STEP} up to "
+                          f"{BLOCK_TOKENS[1]} (a store's largest block, which it must divide), got {step!r}")
+
+
 def _check_bits(bits: int, what: str) -> None:
     if bits not in BITS:
         raise ConfigError(f"{what} must be one of {BITS[1:]} (or 32 for fp32), got {bits}")
@@ -215,7 +259,7 @@ class Geometry:
             if k == "compress_ratios":
                 if not isinstance(v, list) or not all(isinstance(r, int) and r >= 0 for r in v):
                     raise ConfigError(f"{self.name}: compress_ratios must be a list of non-negative ints")
-            elif k in _REQUIRED[self.family] and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            elif k in _REQUIRED[self.family] and k != "linear_state" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"{self.name}: {k} must be a positive int, got {v!r}")
         if "conv_dim" in self.fields and not (
                 isinstance(self.fields["conv_dim"], int) and self.fields["conv_dim"] > 0
@@ -238,6 +282,10 @@ class Geometry:
         name = name or cfg.get("_name_or_path") or cfg.get("model_type") or "model"
         if "family" in cfg:
             family = cfg["family"]
+        elif cfg.get("model_type") in _STATE_ONLY_MODELS:
+            family = "state"
+            cfg["layer_types"], cfg["linear_state"] = _state_only(cfg, name)
+            _check_restore_step(cfg, name)
         elif "compress_ratios" in cfg:
             family = "v4_hybrid"
         elif cfg.get("kv_lora_rank") and cfg.get("index_head_dim"):
@@ -291,12 +339,7 @@ class Geometry:
                     # gated delta nets and Mamba layers: their conv state [conv_dim, kernel] and
                     # recurrent state, stored at restore points
                     cfg["linear_state"] = _linear_state(cfg, name)
-                    step = cfg.get("tierkv_restore_step")
-                    if step is not None and not (is_positive_int(step) and step % GDN_MIN_STEP == 0
-                                                 and step <= BLOCK_TOKENS[1]):
-                        raise ConfigError(f"{name}: tierkv_restore_step must be a positive multiple of "
-                                          f"{GDN_MIN_STEP} up to {BLOCK_TOKENS[1]} (a store's largest block, "
-                                          f"which it must divide), got {step!r}")
+                    _check_restore_step(cfg, name)
                 if "conv" in types:  # LFM2-family short convolutions: tierkv stores each token's input
                     cfg["conv_dim"] = int(cfg["hidden_size"])
                 elif not kept:
@@ -347,8 +390,10 @@ class Geometry:
         state of 557,056 elements against 1,024 per token), 512 for transformers' default Qwen3.5
         config, 2,048 for transformers' default Bamba config (attention at layers 9, 18 and 27: a
         Mamba-2 state of 2,131,968 elements against 2,048), 128 for its default Jamba config
-        (Mamba-1); or the config's
-        ``tierkv_restore_step`` (a multiple of 64), where set. A store's ``block_tokens`` must be a
+        (Mamba-1). A model of state layers alone (family ``state``) has no attention layer to
+        weigh against: its step spreads a state to no more than ``STATE_ONLY_VALUES_PER_TOKEN``
+        values per token (64 for mamba-130m, 256 for Falcon Mamba 7B, 2,048 for Mamba-Codestral
+        7B). Or the config's ``tierkv_restore_step`` (a multiple of 64), where set. A store's ``block_tokens`` must be a
         multiple of it, so it is never more than the largest block (4,096): a state that would
         want more spreads over 4,096 tokens, more values per token than the rule's."""
         state = self.fields.get("linear_state")
@@ -359,11 +404,22 @@ class Geometry:
         conv, kernel, *recurrent = state
         f = self.fields  # an attention layer's values per token: keys and values, or an MLA latent
         per_token = (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]) if self.family == "mla"
+                     else STATE_ONLY_VALUES_PER_TOKEN if self.family == "state"
                      else 2 * int(f["num_key_value_heads"]) * int(f["head_dim"]))
         step = GDN_MIN_STEP
         while -(-(conv * kernel + math.prod(recurrent)) // step) > per_token and step < BLOCK_TOKENS[1]:
             step *= 2
         return step
+
+    def state_bytes_per_token(self, kv_bits: int = 16, include_mtp: bool = False) -> float:
+        """Bytes per token of the states kept at restore points (conv states at ``kv_bits``,
+        recurrent states float32): 0 for a model without state layers."""
+        if not self.fields.get("linear_state"):
+            return 0.0
+        _check_bits(kv_bits, "kv bits")
+        spec = self.kvspec("uint8", include_mtp)  # one byte per element: elements per token
+        return sum(t.bytes_per_token * (1 if t.dtype == "float32" else kv_bits / 8)
+                   for layer in spec.layers for t in layer.tensors if t.name in ("conv_state", "recurrent_state"))
 
     def _state_layer(self, dtype: str) -> LayerSpec:
         """A state layer's stored tensors: its conv state (``dtype``) and recurrent state (float32),
@@ -393,6 +449,8 @@ class Geometry:
                 kinds = [k for k in list(f["layer_types"])[:self.layers] if k not in NO_CACHE_TYPES]
                 kinds += ["full_attention"] * (self.layer_count(include_mtp) - len(kinds))  # MTP layers attend
                 return KVSpec(self.name, tuple(by_kind.get(k, layer) for k in kinds))
+        elif self.family == "state":  # Mamba layers alone: their states at each restore point
+            layer = self._state_layer(dtype)
         elif self.family in ("mla", "mla_dsa"):
             layer = LayerSpec((TensorSpec("latent", (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]),), 0, dtype),))
             if f.get("linear_state"):  # Kimi Linear: its KDA layers' states at restore points
@@ -411,7 +469,7 @@ class Geometry:
             raise ConfigError(f"tokens must be a positive int, got {tokens!r}")
         b_kv, b_idx = kv_bits / 8, indexer_bits / 8
         f = self.fields
-        if self.family in ("gqa", "mla", "mla_dsa"):
+        if self.family in ("gqa", "mla", "mla_dsa", "state"):
             spec = self.kvspec("uint8", include_mtp)  # one byte per element: elements per token
             # a state layer's recurrent state is float32 whatever the KV's bits
             fixed = sum(t.bytes_per_token for layer in spec.layers for t in layer.tensors if t.dtype == "float32")
@@ -458,7 +516,11 @@ def plan(geom: Geometry, tokens: int, sessions: int, hbm: int, dram: int, ssd: i
 
     Sessions fill HBM first, then DRAM, then SSD (compressed by ``codec_ratio``). Reload times:
     DRAM -> HBM over PCIe; SSD -> DRAM -> HBM pipelined, so the slower of the SSD read (compressed
-    bytes) and the PCIe copy (raw bytes) sets the pace.
+    bytes) and the PCIe copy (raw bytes) sets the pace. A model with state layers restores at its
+    last restore point (``restore_point``), reading every token's KV before it but its states
+    only there (a ``needed_only`` restore, blocks of ``restore_step`` tokens): ``reload_bytes``,
+    what the reload times count. A model of state layers alone reads one point's states, whatever
+    the context.
     """
     for name, v in (("sessions", sessions), ("ssd_gbps", ssd_gbps), ("pcie_gbps", pcie_gbps), ("codec_ratio", codec_ratio)):
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
@@ -471,19 +533,24 @@ def plan(geom: Geometry, tokens: int, sessions: int, hbm: int, dram: int, ssd: i
     for tier in ("hbm", "dram", "ssd"):
         placed[tier] = min(left, fit[tier])
         left -= placed[tier]
+    step, state = geom.restore_step, geom.state_bytes_per_token(kv_bits, include_mtp)
+    point = tokens // step * step
+    read = point * (per / tokens - state) + (step * state if point else 0.0)
     return {
         "model": geom.name, "family": geom.family, "tokens": tokens, "sessions": sessions,
         "session_bytes": per, "session_ssd_bytes": per_ssd, "footprint": fp.as_dict(),
         "fits": fit, "placed": placed, "unplaced": left,
         "total_bytes": per * sessions, "total_ssd_bytes_if_all_on_ssd": per_ssd * sessions,
-        "reload_s": {"hbm": 0.0, "dram": per / (pcie_gbps * 1e9),
-                     "ssd": max(per_ssd / (ssd_gbps * 1e9), per / (pcie_gbps * 1e9))},
+        "restore_step": step, "restore_point": point, "reload_bytes": read,
+        "reload_s": {"hbm": 0.0, "dram": read / (pcie_gbps * 1e9),
+                     "ssd": max(read / codec_ratio / (ssd_gbps * 1e9), read / (pcie_gbps * 1e9))},
         "assumptions": {
             "kv_bits": kv_bits, "indexer_bits": indexer_bits, "include_mtp": include_mtp,
             "hbm_bytes": hbm, "dram_bytes": dram, "ssd_bytes": ssd, "ssd_gbps": ssd_gbps,
             "pcie_gbps": pcie_gbps, "codec_ratio": codec_ratio,
             "placement": "sessions fill HBM, then DRAM, then SSD; whole sessions only",
-            "reload": "DRAM->HBM = raw bytes / PCIe; SSD->HBM = max(compressed bytes / SSD, raw bytes / PCIe), pipelined",
+            "reload": "DRAM->HBM = raw bytes / PCIe; SSD->HBM = max(compressed bytes / SSD, raw bytes / PCIe), "
+                      "pipelined; the bytes a restore reads (reload_bytes: states at the restore point only)",
             "not counted": "allocator and page overhead, model weights and activations in HBM",
         },
     }

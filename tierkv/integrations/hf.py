@@ -938,10 +938,11 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # the same two states (a conv state of q, k and v) beside MLA layers. A Mamba layer (Bamba's, Granite
 # 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
-# size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way.
+# size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way;
+# so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers are all Mamba layers.
 # Models are named here once their layers' calls are tested against transformers' own cache.
 _STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear", "bamba",
-                 "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2")
+                 "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2", "mamba", "mamba2", "falcon_mamba")
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
 
