@@ -530,24 +530,23 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     v4 = tiny_deepseek_v4(["compressed_sparse_attention", "heavily_compressed_attention"])
     with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
         cache_to_kv(prefill(v4, list(range(1, 40)), DynamicCache(config=v4.config))[1])
-    # a runner refuses a model it cannot save when it is made, not after a turn's work: Bailing
-    # Hybrid's linear attention, a state of a kind tierkv does not know, beside MLA (whose formula
-    # would count it as latents in tierkv calc). LFM2's convolution state was refused this way
-    # before session 64, Qwen3-Next's gated delta nets before session 65, the Mamba hybrids
-    # (Bamba, Falcon-H1, ...) and Kimi Linear before session 66 (test_lfm2_*,
-    # test_gated_delta_net_*, test_mamba_hybrid_*, test_kimi_linear_*)
+    # a runner refuses a model it cannot save when it is made, not after a turn's work: ZAYA's
+    # attention keeps a conv state and a delayed value state of a kind tierkv does not know beside
+    # its keys and values (which tierkv calc would not size either). LFM2's convolution state was
+    # refused this way before session 64, Qwen3-Next's gated delta nets before session 65, the
+    # Mamba hybrids (Bamba, Falcon-H1, ...) and Kimi Linear before session 66, Bailing Hybrid
+    # (this test's example then) and Mamba alone before session 67 (test_lfm2_*,
+    # test_gated_delta_net_*, test_mamba_hybrid_*, test_kda_*)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("bailing_hybrid", vocab_size=256, hidden_size=64, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0,
-                               bos_token_id=1, eos_token_id=2, layer_types=["linear_attention", "full_attention"],
-                               linear_head_dim=16, linear_num_heads=4, moe_intermediate_size=32, num_experts=4,
-                               num_experts_per_token=2, num_shared_experts=1, num_nextn_predict_layers=0)
-    bailing = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    cfg = AutoConfig.for_model("zaya", vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                               router_hidden_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    zaya = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
-        with pytest.raises(SpecMismatchError, match="0: LinearAttentionLayer"):
-            SessionRunner(kv, bailing)
-    with pytest.raises(ConfigError, match="recurrent state of a kind tierkv"):
+        with pytest.raises(SpecMismatchError, match="0: LinearAttentionAndFullAttentionLayer"):
+            SessionRunner(kv, zaya)
+    with pytest.raises(ConfigError, match="not a state tierkv knows"):
         Geometry.from_hf_config(cfg)
 
 
@@ -1057,35 +1056,39 @@ def test_mamba_alone_restores_read_one_restore_point(tmp_path):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], prefill(model, ids[256:], ref)[0])
 
 
-def test_kimi_linear_sessions_restore_at_restore_points(tmp_path):
-    """Kimi Linear's KDA layers keep a conv state (q, k and v) and a float32 recurrent state
-    through the same cache calls as a gated delta net, beside MLA layers (refused before session
-    66): a session_cache keeps the states at each restore point (every 64 tokens here), the MLA
-    layers their latent and rotary key per token. The runner turns of
+@pytest.mark.parametrize("kind", ["kimi_linear", "bailing_hybrid"])
+def test_kda_sessions_restore_at_restore_points(tmp_path, kind):
+    """Kimi Linear's and Bailing Hybrid's (Ring-linear's) KDA layers keep a conv state (q, k and v)
+    and a float32 recurrent state through the same cache calls as a gated delta net, beside MLA
+    layers (refused before session 66; Bailing Hybrid before session 67): a session_cache keeps
+    the states at each restore point (every 64 tokens here), the MLA layers their latent and
+    rotary key per token. The runner turns of
     test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same turn on
     transformers' own cache from the same point, tokens and logits to the bit; and the states kept
     at a restore point reached one decode step at a time are transformers' own there."""
-    from transformers import AutoModelForCausalLM, KimiLinearConfig
+    from transformers import AutoModelForCausalLM, BailingHybridConfig, KimiLinearConfig
 
     torch.manual_seed(0)
-    cfg = KimiLinearConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                           layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
-                           linear_head_dim=16, linear_num_heads=4, kv_lora_rank=32, qk_rope_head_dim=8,
-                           qk_nope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, num_experts=4,
-                           num_experts_per_token=2, initializer_range=0.2)
-    kimi = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, kv_lora_rank=32,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, num_experts=4,
+              num_experts_per_token=2, initializer_range=0.2,
+              layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
+    cfg = (KimiLinearConfig(**kw, linear_head_dim=16, linear_num_heads=4) if kind == "kimi_linear" else
+           BailingHybridConfig(**kw, head_dim=16, num_shared_experts=1, num_nextn_predict_layers=0, n_group=1,
+                               topk_group=1, first_k_dense_replace=1))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     assert restore_step(cfg) == 64  # 1,792 state values against a latent and rotary key of 40
-    spec = spec_for_model(kimi, model_id="test/kimi")
+    spec = spec_for_model(model, model_id=f"test/{kind}")
     state = [("conv_state", (1, 12), "float32"), ("recurrent_state", (1, 16), "float32")]  # 192 x 4, 4 x 16 x 16
     assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == \
         [state, state, [("latent", (1, 32), "float32"), ("rope_key", (1, 8), "float32")], state]
     ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
-    _, mine = prefill(kimi, ids[:120])
-    _, ref = prefill(kimi, ids[:120], DynamicCache(config=cfg))
-    mine, ref, at128 = decode_alike(kimi, ids[120:130], mine, ref, 128)
+    _, mine = prefill(model, ids[:120])
+    _, ref = prefill(model, ids[:120], DynamicCache(config=cfg))
+    mine, ref, at128 = decode_alike(model, ids[120:130], mine, ref, 128)
     assert_same_states(kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg), at128, (0, 1, 3))
-    restore_point_turns(kimi, spec, str(tmp_path))
+    restore_point_turns(model, spec, str(tmp_path))
 
 
 def test_a_restore_whose_prefix_shrinks_starts_again_at_a_restore_point(tmp_path):

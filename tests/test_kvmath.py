@@ -138,7 +138,8 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     (refused before session 66), whichever field a config names its layers in; models whose
     layers tierkv does not store are refused, never counted as attention."""
     pytest.importorskip("transformers")
-    from transformers import BambaConfig, FalconH1Config, JambaConfig, KimiLinearConfig, NemotronHConfig, Zamba2Config
+    from transformers import (BailingHybridConfig, BambaConfig, FalconH1Config, JambaConfig, KimiLinearConfig,
+                              NemotronHConfig, Zamba2Config)
 
     from tierkv.integrations.hf import spec_for_config
 
@@ -225,6 +226,20 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
            "kda_layers": [i + 1 for i, t in enumerate(kimi.layer_types) if t == "linear_attention"]}
     as_json = {**{k: v for k, v in kimi.to_dict().items() if k not in flat}, "linear_attn_config": kda}
     assert Geometry.from_config_dict(as_json).footprint(1000).total == 1000 * per_token
+    # Bailing Hybrid (Ring-linear; transformers' default: 42 layers, the last of every 6 MLA, KDA
+    # elsewhere: 32 heads of 128, kernel 4), counted the same way since session 67 (refused before);
+    # its config.json names the KDA heads num_attention_heads and head_dim, and no layer_types
+    bailing = BailingHybridConfig()
+    g = Geometry.from_hf_config(bailing)
+    assert g.family == "mla" and g.fields["linear_state"] == [3 * 32 * 128, 4, 32, 128, 128] and g.restore_step == 1024
+    per_token = 7 * 576 * 2 + 35 * (12288 * 4 // 1024 * 2 + 32 * 128 * 128 // 1024 * 4)
+    assert g.fields["layer_types"].count("full_attention") == 7 and g.footprint(1000).total == 1000 * per_token
+    assert per_token == 83_104 and spec_for_config(bailing, torch.bfloat16).bytes_per_token == per_token
+    flat = ("layer_types", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim")
+    as_json = {**{k: v for k, v in bailing.to_dict().items() if k not in flat}, "head_dim": 128}
+    assert Geometry.from_config_dict(as_json).footprint(1000).total == 1000 * per_token
+    with pytest.raises(ConfigError, match="layer_group_size"):
+        Geometry.from_config_dict({k: v for k, v in as_json.items() if k != "layer_group_size"})
 
 
 def test_mamba_models_alone_count_their_states_at_restore_points(tmp_path, capsys):

@@ -18,11 +18,12 @@ as the transformers integration stores it. A gated delta net layer (Qwen3-Next's
 Mamba layer of a hybrid model (Bamba, Granite 4.0-H, Nemotron-H: Mamba-2; Jamba: Mamba-1) keeps
 a conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
 nothing, and count nothing; Falcon-H1's layers, and Zamba2's "hybrid" ones, run attention and
-Mamba side by side, and count both). Kimi Linear's KDA layers beside MLA count the same way. A
+Mamba side by side, and count both). Kimi Linear's and Bailing Hybrid's KDA layers beside MLA
+count the same way. A
 model of Mamba layers alone (Mamba, Mamba-2, Falcon Mamba: family ``state``) counts its states
 only, at restore points placed by a rule of its own (``Geometry.restore_step``).
-Other recurrent states (Bailing Hybrid's beside MLA; linear-attention kinds tierkv does not
-know) are refused.
+Other recurrent states (GLM-5-Next's beside MLA; linear-attention kinds tierkv does not know)
+are refused.
 """
 
 from __future__ import annotations
@@ -294,23 +295,34 @@ class Geometry:
             family = "mla"
         else:
             family = ""
-        if family == "mla" and cfg.get("model_type") == "kimi_linear":
-            # Kimi Linear: MLA beside KDA layers, whose conv state (q, k and v: 3 x heads x head
-            # dim, over the kernel) and float32 recurrent state [heads, head dim, head dim] tierkv
-            # stores at restore points, as a gated delta net's
-            kda = cfg.get("linear_attn_config") or {}  # its config.json's names (transformers' are flat)
+        if family == "mla" and cfg.get("model_type") in ("kimi_linear", "bailing_hybrid"):
+            # Kimi Linear and Bailing Hybrid (Ring-linear): MLA beside KDA layers, whose conv state
+            # (q, k and v: 3 x heads x head dim, over the kernel) and float32 recurrent state
+            # [heads, head dim, head dim] tierkv stores at restore points, as a gated delta net's
+            kda = cfg.get("linear_attn_config") or {}  # Kimi's config.json's names (transformers' are flat)
+            layers = int(cfg["num_hidden_layers"]) if is_positive_int(cfg.get("num_hidden_layers")) else 0
             if not isinstance(cfg.get("layer_types"), list) and kda.get("kda_layers") and kda.get("full_attn_layers"):
                 full = set(kda["full_attn_layers"])  # 1-indexed there
-                cfg["layer_types"] = ["full_attention" if i + 1 in full else "linear_attention"
-                                      for i in range(int(cfg.get("num_hidden_layers", 0)))]
+                cfg["layer_types"] = ["full_attention" if i + 1 in full else "linear_attention" for i in range(layers)]
+            if cfg["model_type"] == "bailing_hybrid":
+                # its config.json's names: the KDA heads are the attention heads, of head_dim (which
+                # transformers' config then sets to the rotary dim, keeping the KDA's flat, as Kimi's);
+                # the last layer of each layer_group_size attends
+                kda = {"num_heads": cfg.get("num_attention_heads"), "head_dim": cfg.get("head_dim"),
+                       "short_conv_kernel_size": cfg.get("short_conv_kernel_size")}
+                group = cfg.get("layer_group_size")
+                if not isinstance(cfg.get("layer_types"), list) and is_positive_int(group):
+                    cfg["layer_types"] = ["full_attention" if (i + 1) % group == 0 else "linear_attention"
+                                          for i in range(layers)]
             heads, dim, kernel = (cast(Any, cfg.get(k) or kda.get(j)) for k, j in (
                 ("linear_num_heads", "num_heads"), ("linear_head_dim", "head_dim"),
                 ("linear_conv_kernel_dim", "short_conv_kernel_size")))
             types = cfg.get("layer_types")
             if not (isinstance(types, list) and len(types) == cfg.get("num_hidden_layers")
                     and all(is_positive_int(x) for x in (heads, dim, kernel))):
-                raise ConfigError(f"{name}: a Kimi Linear config needs layer_types (or linear_attn_config's "
-                                  "kda_layers and full_attn_layers) and its KDA heads, head dim and conv kernel")
+                raise ConfigError(f"{name}: a {cfg['model_type']} config needs layer_types (or Kimi Linear's "
+                                  "linear_attn_config kda_layers and full_attn_layers, Bailing Hybrid's "
+                                  "layer_group_size) and its KDA heads, head dim and conv kernel")
             cfg["linear_state"] = [3 * heads * dim, kernel, heads, dim, dim]
         elif family in ("mla", "mla_dsa") and any(t in _STATE_LAYER_TYPES for t in cfg.get("layer_types") or ()):
             # MLA beside a recurrent state of another kind, which MLA's formula would count as latents

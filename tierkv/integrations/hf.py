@@ -34,9 +34,10 @@ layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at
 any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid / LaRA Mini (gated delta nets
 beside attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
 attention), Falcon-H1 (both in every layer), Zamba2 (a shared attention block beside some of
-its Mamba layers) and Kimi Linear (KDA beside MLA), restored at restore points. Other cache
+its Mamba layers), Kimi Linear and Bailing Hybrid (KDA beside MLA), Mamba / Falcon Mamba /
+Mamba-2 (Mamba layers alone), restored at restore points. Other cache
 layers keep part of the context (transformers' own sliding-window, V4, conv and state layers) or
-state besides their keys and values (quantized KV; Bailing Hybrid's linear attention), or read
+state besides their keys and values (quantized KV; ZAYA's attention), or read
 another layer's cache (KV sharing), so they cannot be restored exactly: ``cache_to_kv`` refuses
 them.
 """
@@ -934,15 +935,17 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # restores these models at restore points, every ``restore_step`` tokens (kvmath), as it does
 # DeepSeek V4: the layer copies both states when a forward pass ends on a restore point, spread
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
-# OLMo Hybrid's and LaRA Mini's linear attention is the same gated delta net, Kimi Linear's KDA
-# the same two states (a conv state of q, k and v) beside MLA layers. A Mamba layer (Bamba's, Granite
+# OLMo Hybrid's and LaRA Mini's linear attention is the same gated delta net, Kimi Linear's and
+# Bailing Hybrid's KDA the same two states (a conv state of q, k and v) beside MLA layers. A Mamba
+# layer (Bamba's, Granite
 # 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
 # size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way;
 # so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers are all Mamba layers.
 # Models are named here once their layers' calls are tested against transformers' own cache.
-_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear", "bamba",
-                 "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2", "mamba", "mamba2", "falcon_mamba")
+_STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear",
+                 "bailing_hybrid", "bamba", "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2", "mamba",
+                 "mamba2", "falcon_mamba")
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
 
