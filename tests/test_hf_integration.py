@@ -702,7 +702,7 @@ def tiny_deepseek_v4(layer_types: list[str], dtype: torch.dtype = torch.float32)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
-def restore_point_turns(model: Any, spec: KVSpec, tmp: str, reserve: int | None = None) -> None:
+def restore_point_turns(model: Any, spec: KVSpec, tmp: str, reserve: int | None = None, own: Any = None) -> None:
     """Runner turns of a model restored at restore points every 64 tokens (DeepSeek V4, gated
     delta nets), each equal to the same turn on transformers' own cache from the same point, tokens
     and logits to the bit: a store whose blocks are not a multiple of 64 refused; three turns, each
@@ -710,8 +710,10 @@ def restore_point_turns(model: Any, spec: KVSpec, tmp: str, reserve: int | None 
     where given); in a fresh handle, a second session sharing 150 tokens, restored from SSD up to
     128; then a turn whose second block (tokens 128..255) fails its checksum: it asks for the
     restore point at 256, meets the damaged block mid-forward and restarts from the restore point
-    before it (the first block), never from wrong state."""
+    before it (the first block), never from wrong state. ``own`` makes transformers' own cache
+    for the model (default ``DynamicCache(config=...)``)."""
     cfg, step = model.config, restore_step(model.config)
+    own = own or (lambda: DynamicCache(config=cfg))
     assert step == 64
     gen = torch.Generator().manual_seed(1)
     rand = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731
@@ -720,7 +722,7 @@ def restore_point_turns(model: Any, spec: KVSpec, tmp: str, reserve: int | None 
     def same_turn(t, tokens, start):
         # transformers' own cache from the state it had at ``start`` (a copy: V4 layers cannot crop),
         # through the same prefill
-        logits, cache = prefill(model, tokens[start:], copy.deepcopy(points[start]) if start else DynamicCache(config=cfg))
+        logits, cache = prefill(model, tokens[start:], copy.deepcopy(points[start]) if start else own())
         points[len(tokens)] = copy.deepcopy(cache)
         toks, all_logits, cache = greedy_decode(model, logits, cache, 6)
         assert t.restored_tokens == start and t.tokens == toks
@@ -1054,6 +1056,80 @@ def test_mamba_alone_restores_read_one_restore_point(tmp_path):
     r = plan(Geometry.from_hf_config(cfg), 256, 1, hbm=1, dram=1, ssd=1 << 30, kv_bits=32)
     assert r["restore_point"] == 256 and r["reload_bytes"] == read
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], prefill(model, ids[256:], ref)[0])
+
+
+def tiny_minimax(first: str, dtype: torch.dtype = torch.float32) -> Any:
+    """MiniMax's architecture at toy size, random weights: lightning attention (4 heads of 16,
+    blocks of 16) and attention layers alternating, the first of kind ``first``."""
+    from transformers import AutoModelForCausalLM, MiniMaxConfig
+
+    torch.manual_seed(0)
+    other = {"full_attention": "linear_attention", "linear_attention": "full_attention"}[first]
+    cfg = MiniMaxConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                        num_experts_per_tok=2, layer_types=[first, other] * 2, block_size=16, initializer_range=0.2,
+                        max_position_embeddings=1024)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minimax_lightning_sessions_restore_at_restore_points(tmp_path, dtype):
+    """MiniMax's lightning attention keeps one state per layer (``[heads, head dim, head dim]``,
+    in the model's dtype), which transformers' ``MiniMaxCache`` holds in a list beside its layers
+    (refused before session 67). ``session_cache`` makes a ``LightningCache`` (a MiniMaxCache,
+    as MiniMax's forward demands) whose ``LightningStateLayer``s keep the state at each restore
+    point (every 64 tokens here) and restore there: the runner turns of
+    test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same turn on
+    transformers' own cache from the same point, tokens and logits to the bit; and the states kept
+    at a restore point reached one decode step at a time are transformers' own there."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    model = tiny_minimax("full_attention", dtype)
+    cfg = model.config
+    assert restore_step(cfg) == 64  # a state of 4 x 16 x 16 values against 32 of keys and values per token
+    spec = spec_for_model(model, model_id="test/minimax")
+    dt = tierkv.spec.dtype_name(dtype)
+    attention, state = [("key", (1, 16), dt), ("value", (1, 16), dt)], [("recurrent_state", (1, 16), dt)]
+    assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == [attention, state] * 2
+    ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
+    _, mine = prefill(model, ids[:120])
+    _, ref = prefill(model, ids[:120], MiniMaxCache())
+    assert type(mine).__name__ == "LightningCache" and isinstance(mine, MiniMaxCache)
+    mine, ref, at128 = decode_alike(model, ids[120:130], mine, ref, 128)
+    back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
+    for i in (1, 3):
+        assert torch.equal(back.layers[i].get(), at128.linear_cache[i])
+    restore_point_turns(model, spec, str(tmp_path), own=MiniMaxCache)
+    # a state of another shape is refused where it would be kept, never stored in another form
+    odd = session_cache(cfg)
+    odd.layers[1]._state = (4, 16, 8)
+    with pytest.raises(SpecMismatchError, match="not a layout tierkv knows"):
+        prefill(model, ids[:64], odd)
+
+
+def test_minimax_lightning_first_layer_counts_its_tokens(tmp_path):
+    """MiniMax-Text-01's layout starts with lightning attention layers. transformers'
+    ``MiniMaxCache`` then reports 0 cached tokens (its first layer never takes keys), so a pass
+    without position ids restarts its positions at 0; tierkv's ``LightningCache`` counts them (a
+    state set before the pass's first attention layer is placed when that layer tells the pass's
+    length). Restored from SSD at a restore point, such a cache continues as the unsaved one
+    does, to the bit."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    model = tiny_minimax("linear_attention")
+    cfg, spec = model.config, spec_for_model(model)
+    ids = torch.randint(1, 256, (150,), generator=torch.Generator().manual_seed(4)).tolist()
+    _, theirs = prefill(model, ids[:120], MiniMaxCache())
+    _, mine = prefill(model, ids[:128])
+    assert theirs.get_seq_length() == 0 and mine.get_seq_length() == 128
+    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
+        kv.save(ids[:128], cache_to_kv(mine), session="s").wait()
+        kv.flush()
+    with TierKV(str(tmp_path / "store"), spec, block_tokens=64) as kv:
+        c, h = restore_cache(kv, ids, cfg, session="s", needed_only=True)
+        assert h.result().num_tokens == 128 and kv.stats()["skipped_block_layers"] == 2  # block 0 of each state layer
+        assert torch.equal(prefill(model, ids[128:], c)[0], prefill(model, ids[128:], copy.deepcopy(mine))[0])
+        assert c.get_seq_length() == 150
 
 
 @pytest.mark.parametrize("kind", ["kimi_linear", "bailing_hybrid"])

@@ -302,6 +302,38 @@ def test_mamba_models_alone_count_their_states_at_restore_points(tmp_path, capsy
     assert "multiples of 2048 tokens" in capsys.readouterr().err
 
 
+def test_minimax_counts_its_lightning_states_at_restore_points():
+    """MiniMax's lightning attention layers keep one state each, ``[heads, head dim, head dim]``
+    in the model's dtype (no conv state), which tierkv stores at restore points (refused before
+    session 67), from transformers' config or a config.json that names no layer kinds
+    (transformers' default alternation: attention first)."""
+    pytest.importorskip("transformers")
+    from transformers import MiniMaxConfig
+
+    from tierkv.integrations.hf import spec_for_config
+
+    # transformers' default: 32 layers alternating, 32 heads of 128 (state 524,288 values) against
+    # 8 KV heads of 128 (2,048 values per token): every 256 tokens
+    default = MiniMaxConfig()
+    g = Geometry.from_hf_config(default)
+    assert g.fields["lightning_state"] == [32, 128] and g.restore_step == 256
+    per_token = 16 * 2 * 8 * 128 * 2 + 16 * (32 * 128 * 128 // 256) * 2
+    assert g.footprint(1000).total == 1000 * per_token == 1000 * 131_072
+    assert g.state_bytes_per_token() == 16 * 2048 * 2 and g.footprint(1000, kv_bits=8).total == 1000 * per_token // 2
+    assert spec_for_config(default, torch.bfloat16).bytes_per_token == per_token
+    assert Geometry.from_config_dict({k: v for k, v in default.to_dict().items() if k != "layer_types"}).fields == g.fields
+    # MiniMax-Text-01's layout (80 layers, seven lightning then one attention, 64 heads of 128):
+    # every 512 tokens
+    text01 = MiniMaxConfig(num_hidden_layers=80, hidden_size=6144, num_attention_heads=64, num_key_value_heads=8,
+                           head_dim=128, layer_types=["full_attention" if i % 8 == 7 else "linear_attention"
+                                                      for i in range(80)])
+    g = Geometry.from_hf_config(text01)
+    assert g.restore_step == 512
+    assert g.footprint(1).total == 10 * 2 * 8 * 128 * 2 + 70 * (64 * 128 * 128 // 512) * 2 == 327_680
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        Geometry.from_config_dict({**text01.to_dict(), "tierkv_restore_step": 500})
+
+
 def test_plan_cascades_and_reports_assumptions():
     r = plan(preset("qwen3-8b"), 128_000, 100, hbm=40 * GIB, dram=400 * GIB, ssd=4000 * GIB)
     per = r["session_bytes"]

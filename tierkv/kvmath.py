@@ -19,8 +19,8 @@ Mamba layer of a hybrid model (Bamba, Granite 4.0-H, Nemotron-H: Mamba-2; Jamba:
 a conv state and a recurrent state too, stored the same way (Nemotron-H's MLP and MoE layers keep
 nothing, and count nothing; Falcon-H1's layers, and Zamba2's "hybrid" ones, run attention and
 Mamba side by side, and count both). Kimi Linear's and Bailing Hybrid's KDA layers beside MLA
-count the same way. A
-model of Mamba layers alone (Mamba, Mamba-2, Falcon Mamba: family ``state``) counts its states
+count the same way, and MiniMax's lightning attention layers their one state (``[heads, head
+dim, head dim]`` in the model's dtype). A model of Mamba layers alone (Mamba, Mamba-2, Falcon Mamba: family ``state``) counts its states
 only, at restore points placed by a rule of its own (``Geometry.restore_step``).
 Other recurrent states (GLM-5-Next's beside MLA; linear-attention kinds tierkv does not know)
 are refused.
@@ -137,6 +137,9 @@ def _layer_types(cfg: dict[str, Any], name: str) -> list[str] | None:
             types = ["full_attention" if i % period == offset else "linear_attention" for i in range(layers)]
     if not isinstance(types, list) and cfg.get("model_type") == "falcon_h1" and layers:
         types = [PARALLEL_TYPE] * layers  # attention and Mamba in every layer (its config's own layers_block_type)
+    if not isinstance(types, list) and cfg.get("model_type") == "minimax" and layers:
+        # transformers' MiniMax default where a config names none: attention, then lightning, alternating
+        types = ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(layers)]
     if not isinstance(types, list):
         if any(k in cfg for k in ("mamba_d_state", "ssm_state_size", "mamba_n_heads", "mamba_num_heads")):
             raise ConfigError(f"{name}: a Mamba config that says nowhere which layers attend: tierkv cannot "
@@ -272,6 +275,12 @@ class Geometry:
                 and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
             raise ConfigError(f"{self.name}: linear_state needs four or five positive ints (conv dim, kernel, then "
                               "the recurrent state's shape) and one layer_types entry per layer")
+        if "lightning_state" in self.fields and not (
+                isinstance(self.fields["lightning_state"], list) and len(self.fields["lightning_state"]) == 2
+                and all(is_positive_int(x) for x in self.fields["lightning_state"])
+                and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
+            raise ConfigError(f"{self.name}: lightning_state needs two positive ints (heads, head dim) and one "
+                              "layer_types entry per layer")
         if self.family == "v4_hybrid" and len(self.fields["compress_ratios"]) < self.layers:
             raise ConfigError(f"{self.name}: compress_ratios needs one entry per layer ({self.layers})")
 
@@ -310,7 +319,7 @@ class Geometry:
                 # the last layer of each layer_group_size attends
                 kda = {"num_heads": cfg.get("num_attention_heads"), "head_dim": cfg.get("head_dim"),
                        "short_conv_kernel_size": cfg.get("short_conv_kernel_size")}
-                group = cfg.get("layer_group_size")
+                group: Any = cfg.get("layer_group_size")
                 if not isinstance(cfg.get("layer_types"), list) and is_positive_int(group):
                     cfg["layer_types"] = ["full_attention" if (i + 1) % group == 0 else "linear_attention"
                                           for i in range(layers)]
@@ -347,7 +356,12 @@ class Geometry:
                 if kept and len(types) != int(cfg.get("num_hidden_layers", -1)):
                     raise ConfigError(f"{name}: {len(types)} layer_types for {cfg.get('num_hidden_layers')} layers")
                 cfg["layer_types"] = types
-                if "linear_attention" in types or PARALLEL_TYPE in types:
+                if "linear_attention" in types and cfg.get("model_type") == "minimax":
+                    # MiniMax's lightning attention: one state per layer, [heads, head dim, head
+                    # dim] in the model's dtype (K^T V, decayed), no conv state
+                    cfg["lightning_state"] = [heads, int(cfg["head_dim"])]
+                    _check_restore_step(cfg, name)
+                elif "linear_attention" in types or PARALLEL_TYPE in types:
                     # gated delta nets and Mamba layers: their conv state [conv_dim, kernel] and
                     # recurrent state, stored at restore points
                     cfg["linear_state"] = _linear_state(cfg, name)
@@ -357,7 +371,8 @@ class Geometry:
                 elif not kept:
                     cfg.pop("layer_types")
         keep = set(_REQUIRED.get(family, ())) | {"mtp_layers", "num_key_value_heads", "max_position_embeddings",
-                                                 "layer_types", "conv_dim", "linear_state", "tierkv_restore_step"}
+                                                 "layer_types", "conv_dim", "linear_state", "lightning_state",
+                                                 "tierkv_restore_step"}
         return cls(name, family, {k: cfg[k] for k in keep if k in cfg}, source)
 
     @classmethod
@@ -408,25 +423,34 @@ class Geometry:
         7B). Or the config's ``tierkv_restore_step`` (a multiple of 64), where set. A store's ``block_tokens`` must be a
         multiple of it, so it is never more than the largest block (4,096): a state that would
         want more spreads over 4,096 tokens, more values per token than the rule's."""
-        state = self.fields.get("linear_state")
-        if not state:
+        values = self._state_values()
+        if not values:
             return 1
         if self.fields.get("tierkv_restore_step"):
             return int(self.fields["tierkv_restore_step"])
-        conv, kernel, *recurrent = state
         f = self.fields  # an attention layer's values per token: keys and values, or an MLA latent
         per_token = (int(f["kv_lora_rank"]) + int(f["qk_rope_head_dim"]) if self.family == "mla"
                      else STATE_ONLY_VALUES_PER_TOKEN if self.family == "state"
                      else 2 * int(f["num_key_value_heads"]) * int(f["head_dim"]))
         step = GDN_MIN_STEP
-        while -(-(conv * kernel + math.prod(recurrent)) // step) > per_token and step < BLOCK_TOKENS[1]:
+        while -(-values // step) > per_token and step < BLOCK_TOKENS[1]:
             step *= 2
         return step
+
+    def _state_values(self) -> int:
+        """Values of one state layer's states (conv and recurrent; MiniMax's lightning state), or 0."""
+        if self.fields.get("lightning_state"):
+            heads, dim = self.fields["lightning_state"]
+            return int(heads) * int(dim) * int(dim)
+        if self.fields.get("linear_state"):
+            conv, kernel, *recurrent = self.fields["linear_state"]
+            return int(conv) * int(kernel) + math.prod(recurrent)
+        return 0
 
     def state_bytes_per_token(self, kv_bits: int = 16, include_mtp: bool = False) -> float:
         """Bytes per token of the states kept at restore points (conv states at ``kv_bits``,
         recurrent states float32): 0 for a model without state layers."""
-        if not self.fields.get("linear_state"):
+        if not self._state_values():
             return 0.0
         _check_bits(kv_bits, "kv bits")
         spec = self.kvspec("uint8", include_mtp)  # one byte per element: elements per token
@@ -453,6 +477,10 @@ class Geometry:
             by_kind = {"full_attention": layer}
             if f.get("conv_dim"):  # LFM2-family: a conv layer stores each token's convolution input
                 by_kind["conv"] = LayerSpec((TensorSpec("conv_input", (1, int(f["conv_dim"])), 1, dtype),))
+            elif f.get("lightning_state"):  # MiniMax: its lightning state, in the model's dtype, at restore points
+                heads, dim = f["lightning_state"]
+                by_kind["linear_attention"] = LayerSpec((TensorSpec(
+                    "recurrent_state", (1, spread_width(int(heads) * int(dim) * int(dim), self.restore_step)), 1, dtype),))
             elif f.get("linear_state"):  # a gated delta net or Mamba layer: its states at each restore point
                 states = by_kind["linear_attention"] = self._state_layer(dtype)
                 # Falcon-H1: attention and Mamba side by side, keys and values then both states

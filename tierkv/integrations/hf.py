@@ -35,7 +35,8 @@ any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid / LaRA Mini (gat
 beside attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
 attention), Falcon-H1 (both in every layer), Zamba2 (a shared attention block beside some of
 its Mamba layers), Kimi Linear and Bailing Hybrid (KDA beside MLA), Mamba / Falcon Mamba /
-Mamba-2 (Mamba layers alone), restored at restore points. Other cache
+Mamba-2 (Mamba layers alone) and MiniMax (lightning attention beside attention, in a
+``LightningCache``), restored at restore points. Other cache
 layers keep part of the context (transformers' own sliding-window, V4, conv and state layers) or
 state besides their keys and values (quantized KV; ZAYA's attention), or read
 another layer's cache (KV sharing), so they cannot be restored exactly: ``cache_to_kv`` refuses
@@ -44,6 +45,7 @@ them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -389,7 +391,9 @@ def session_cache(config: Any) -> Any:
     attention sees the same window; a DeepSeek V4 model's layers are ``_V4History`` layers, which
     also keep the state of each restore point, as a gated delta net's or Mamba layer's
     ``StateSnapshotLayer`` does;
-    an LFM2 conv layer is a ``ConvHistoryLayer``. ``prefill`` and ``SessionRunner`` start every cache with it."""
+    an LFM2 conv layer is a ``ConvHistoryLayer``; a MiniMax model's cache is a ``LightningCache``
+    (a ``MiniMaxCache``, which its forward demands) whose lightning layers are
+    ``LightningStateLayer``s. ``prefill`` and ``SessionRunner`` start every cache with it."""
     cache = DynamicCache(config=config)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kinds = getattr(cache_utils, "get_layer_types_and_kwargs", lambda c: (getattr(c, "layer_types", None), None))(text)[0]
@@ -402,7 +406,11 @@ def session_cache(config: Any) -> Any:
         elif kernel and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "conv":
             cache.layers[i] = ConvHistoryLayer(kernel)
         elif gdn is not None and type(layer) is _LinearLayer and kinds is not None and kinds[i] == "linear_attention":
-            cache.layers[i] = StateSnapshotLayer(gdn.restore_step, gdn.fields["linear_state"])
+            if gdn.fields.get("lightning_state"):  # MiniMax: [heads, head dim, head dim]
+                heads, dim = gdn.fields["lightning_state"]
+                cache.layers[i] = LightningStateLayer(gdn.restore_step, (heads, dim, dim))
+            else:
+                cache.layers[i] = StateSnapshotLayer(gdn.restore_step, gdn.fields["linear_state"])
         elif gdn is not None and type(layer) is _ParallelLayer and gdn.fields["layer_types"][i] == PARALLEL_TYPE:
             cache.layers[i] = ParallelStateLayer(gdn.restore_step, gdn.fields["linear_state"])
         elif step and kind in _V4_TYPES:
@@ -413,6 +421,8 @@ def session_cache(config: Any) -> Any:
               and kinds[i] in ("sliding_attention", "chunked_attention")):
             cache.layers[i] = (_v4_layer(DynamicSlidingWindowLayer)(config, step, kinds[i]) if step
                                else SlidingHistoryLayer(layer.sliding_window))
+    if any(isinstance(layer, LightningStateLayer) for layer in cache.layers):
+        return _cache_of(config, cache.layers)
     return cache
 
 
@@ -610,8 +620,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
             layers.append(ParallelStateLayer(kind.step, kind._state, handle, i, [buffers[(i, 2)], buffers[(i, 3)]], n,
                                              (buffers[(i, 0)], buffers[(i, 1)])))
             continue
-        if isinstance(kind, StateSnapshotLayer):
-            layers.append(StateSnapshotLayer(kind.step, kind._state, handle, i, [buffers[(i, 0)], buffers[(i, 1)]], n))
+        if isinstance(kind, StateSnapshotLayer):  # (a MiniMax LightningStateLayer: one state)
+            layers.append(type(kind)(kind.step, kind._state, handle, i, [buffers[(i, j)] for j in range(len(kind.widths))], n))
             continue
         k, v = buffers[(i, 0)], buffers[(i, 1)]
         if isinstance(kind, SlidingHistoryLayer):
@@ -622,7 +632,7 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
             layers.append(RestoringLayer(handle, i, k, v, n))
     restored = iter(layers)
     layers = [NoCacheLayer() if isinstance(kind, NoCacheLayer) else next(restored) for kind in every]
-    cache = Cache(layers=layers)  # a DynamicCache is the same Cache over DynamicLayers
+    cache = _cache_of(config, layers)  # a DynamicCache is the same Cache over DynamicLayers
     if needed is not None:
         setattr(cache, _KNOWN_FROM, needed)
     return cache, handle
@@ -945,7 +955,7 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # Models are named here once their layers' calls are tested against transformers' own cache.
 _STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear",
                  "bailing_hybrid", "bamba", "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2", "mamba",
-                 "mamba2", "falcon_mamba")
+                 "mamba2", "falcon_mamba", "minimax")
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
 
@@ -963,7 +973,7 @@ def _state_geometry(config: Any) -> Geometry | None:
     if getattr(text, "model_type", None) not in _STATE_MODELS or _LinearLayer is None:
         return None
     geom = Geometry.from_hf_config(text)
-    return geom if geom.fields.get("linear_state") else None
+    return geom if geom.fields.get("linear_state") or geom.fields.get("lightning_state") else None
 
 
 class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
@@ -1072,7 +1082,7 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
                                     f"prefill, which stops at every multiple of {self.step} tokens (restore_step)")
         if self._bufs is None:
             raise SpecMismatchError("an empty state layer has nothing to save")
-        return self._bufs[0][0, :, :self._n], self._bufs[1][0, :, :self._n]
+        return tuple(b[0, :, :self._n] for b in self._bufs)
 
     def load(self, tensors: Sequence[torch.Tensor]) -> None:
         """Start this empty layer at a restore point: ``tensors`` as ``saved()`` gives them."""
@@ -1080,9 +1090,9 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         if n % self.step or not n or self._bufs is not None:
             raise SpecMismatchError(f"a state layer restores only into an empty layer, at a multiple of "
                                     f"{self.step} tokens (restore_step), not {n}")
-        if len(tensors) != 2 or any(t.dim() != 3 or t.shape[0] != 1 or t.shape[1] != n or t.shape[2] != w
-                                    for t, w in zip(tensors, self.widths)):
-            raise SpecMismatchError(f"a state layer takes 2 tensors [1, {n}, width] of widths {self.widths}, "
+        if len(tensors) != len(self.widths) or any(t.dim() != 3 or t.shape[0] != 1 or t.shape[1] != n or t.shape[2] != w
+                                                   for t, w in zip(tensors, self.widths)):
+            raise SpecMismatchError(f"a state layer takes {len(self.widths)} tensors [1, {n}, width] of widths {self.widths}, "
                                     f"got {[tuple(t.shape) for t in tensors]}")
         self._bufs, self._n = [t.unsqueeze(0) for t in tensors], n
         self._materialize()
@@ -1148,6 +1158,118 @@ class ParallelStateLayer(StateSnapshotLayer, DynamicLayer):  # type: ignore[misc
         if tensors[0].shape[1] != self._n:
             raise SpecMismatchError(f"keys of {tensors[0].shape[1]} tokens beside states of {self._n}")
         self.update(tensors[0].unsqueeze(0), tensors[1].unsqueeze(0))
+
+
+class LightningStateLayer(StateSnapshotLayer):
+    """A MiniMax lightning attention layer's cache: one state, ``[1, heads, head dim, head dim]``
+    in the model's dtype (the decayed sum of ``K^T V``), which ``MiniMaxCache`` keeps in a list
+    beside its layers (``get_linear_cache``/``set_linear_cache``), kept at each restore point as
+    ``StateSnapshotLayer`` keeps a gated delta net's. Its cache (``LightningCache``) tells it how
+    many tokens each state follows; ``saved()`` gives one tensor."""
+
+    def __init__(self, step: int, state: Sequence[int], handle: Any = None, index: int = 0,
+                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0) -> None:
+        _LinearLayer.__init__(self)
+        self.step, self._state = step, tuple(int(x) for x in state)  # heads, head dim, head dim
+        self.widths = [spread_width(math.prod(self._state), step)]
+        self._handle, self._index, self._n = handle, index, n
+        self._bufs: Any = list(bufs) if bufs is not None else None
+        self._missed: int | None = None
+        self._value: torch.Tensor | None = None  # the state after the last pass
+        self._pending: torch.Tensor | None = None  # set before the cache knew the pass's length
+
+    def _materialize(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.layer(self._index)
+        n, step = self._n, self.step
+        row = self._bufs[0][0, 0, n - step:n].reshape(-1)
+        self._value = row[:math.prod(self._state)].view(1, *self._state).clone()
+
+    def get(self) -> torch.Tensor | None:
+        if self._handle is not None:
+            self._materialize()
+        return self._value
+
+    def set(self, state: torch.Tensor, n: int) -> None:
+        """The state after a pass that ends on token ``n``."""
+        if self._handle is not None:
+            self._materialize()
+        if not isinstance(state, torch.Tensor) or tuple(state.shape) != (1, *self._state) or n < self._n:
+            raise SpecMismatchError(f"a lightning attention state of {getattr(state, 'shape', state)} after {n} "
+                                    f"tokens, where the config gives [1, {', '.join(map(str, self._state))}] after "
+                                    f"{self._n} or more: not a layout tierkv knows")
+        self._advance(n - self._n, state.dtype, state.device)
+        if n and n % self.step == 0:
+            with torch.inference_mode():
+                self._bufs[0][0, 0, n - self.step:n].view(-1)[:state.numel()] = state.reshape(-1)
+        self._value = state
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self._n + query_length, 0
+
+    def saved(self) -> tuple[torch.Tensor, ...]:
+        """The state at each restore point so far, spread over the tokens before it (a view)."""
+        if self._pending is not None:
+            raise SpecMismatchError("a lightning attention layer's last state was never placed: save a cache after "
+                                    "its forward pass")
+        return super().saved()
+
+
+@functools.lru_cache(maxsize=1)
+def _lightning_cache() -> Any:
+    """``LightningCache``: made on first use, as it subclasses transformers' ``MiniMaxCache``
+    (MiniMax's forward refuses any other cache)."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    class LightningCache(MiniMaxCache):  # type: ignore[misc,valid-type]
+        """A ``MiniMaxCache`` over ``session_cache``'s layers: its lightning attention layers are
+        ``LightningStateLayer``s, which it hands MiniMax's ``get_linear_cache`` and
+        ``set_linear_cache`` calls. A state set before the pass's first attention layer takes its
+        keys is placed once that layer tells how long the pass was."""
+
+        def __init__(self, layers: Sequence[Any]) -> None:
+            Cache.__init__(self, layers=list(layers))
+            self.linear_cache: list[Any] = []
+            self._first = next(i for i, layer in enumerate(self.layers) if not isinstance(layer, LightningStateLayer))
+
+        def __len__(self) -> int:
+            return len(self.layers)
+
+        def get_linear_cache(self, layer_idx: int) -> Any:
+            layer: Any = self.layers[layer_idx]
+            return layer.get()
+
+        def set_linear_cache(self, layer_idx: int, linear_cache: Any) -> None:
+            layer: Any = self.layers[layer_idx]
+            if layer_idx < self._first:
+                layer._pending = linear_cache
+            else:
+                layer.set(linear_cache, self.get_seq_length(self._first))
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                   **kwargs: Any) -> Any:
+            out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            if layer_idx == self._first:
+                n = self.get_seq_length(layer_idx)
+                layer: Any
+                for layer in self.layers[:layer_idx]:
+                    if layer._pending is not None:
+                        layer.set(layer._pending, n)
+                        layer._pending = None
+            return out
+
+    return LightningCache
+
+
+def _cache_of(config: Any, layers: Sequence[Any]) -> Any:
+    """A cache over ``layers``: a ``LightningCache`` for MiniMax, else transformers' ``Cache``."""
+    if any(isinstance(layer, LightningStateLayer) for layer in layers):
+        if all(isinstance(layer, LightningStateLayer) for layer in layers):
+            raise ConfigError("a MiniMax model with lightning attention layers alone: tierkv needs an attention "
+                              "layer to tell how long each pass is")
+        return _lightning_cache()(layers)
+    return Cache(layers=list(layers))
 
 
 # ---------------------------------------------------------------------------- DeepSeek V4
