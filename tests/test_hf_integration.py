@@ -531,23 +531,61 @@ def test_caches_holding_more_than_keys_and_values_are_refused(tmp_path):
     with pytest.raises(SpecMismatchError, match="DeepseekV4CSACache"):
         cache_to_kv(prefill(v4, list(range(1, 40)), DynamicCache(config=v4.config))[1])
     # a runner refuses a model it cannot save when it is made, not after a turn's work: ZAYA's
-    # attention keeps a conv state and a delayed value state of a kind tierkv does not know beside
-    # its keys and values (which tierkv calc would not size either). LFM2's convolution state was
-    # refused this way before session 64, Qwen3-Next's gated delta nets before session 65, the
-    # Mamba hybrids (Bamba, Falcon-H1, ...) and Kimi Linear before session 66, Bailing Hybrid
-    # (this test's example then) and Mamba alone before session 67 (test_lfm2_*,
+    # sliding-window layers run its CCA beside a window (hybrid_sliding), which tierkv does not
+    # store (which tierkv calc refuses too); its full-attention ones are saved since session 67
+    # (test_zaya_*). LFM2's convolution state was refused this way before session 64, Qwen3-Next's
+    # gated delta nets before session 65, the Mamba hybrids (Bamba, Falcon-H1, ...) and Kimi
+    # Linear before session 66, Bailing Hybrid and Mamba alone before session 67 (test_lfm2_*,
     # test_gated_delta_net_*, test_mamba_hybrid_*, test_kda_*)
+    zaya = tiny_zaya(["hybrid", "hybrid_sliding"])
+    with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
+        with pytest.raises(ConfigError, match="side by side"):
+            SessionRunner(kv, zaya)
+    with pytest.raises(ConfigError, match="side by side"):
+        Geometry.from_hf_config(zaya.config)
+
+
+def tiny_zaya(layer_types: list[str], dtype: torch.dtype = torch.float32) -> Any:
+    """ZAYA's architecture at toy size, random weights: CCA attention (4 query and 2 KV heads of
+    16; conv kernels of 2 and 2) in every layer, over a sliding window of 24 in ``hybrid_sliding``
+    layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("zaya", vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
-                               router_hidden_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    zaya = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with TierKV(str(tmp_path / "store"), KVSpec.gqa("m", 2, 1, 16, torch.float32)) as kv:
-        with pytest.raises(SpecMismatchError, match="0: LinearAttentionAndFullAttentionLayer"):
-            SessionRunner(kv, zaya)
-    with pytest.raises(ConfigError, match="not a state tierkv knows"):
-        Geometry.from_hf_config(cfg)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("zaya", vocab_size=256, hidden_size=64, num_hidden_layers=len(layer_types),
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+                               num_experts=4, router_hidden_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                               initializer_range=0.2, layer_types=layer_types,
+                               sliding_window=24 if "hybrid_sliding" in layer_types else None)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_zaya_cca_sessions_restore_at_restore_points(tmp_path, dtype):
+    """ZAYA's CCA attention keeps every token's keys and values, a conv state of its queries' and
+    keys' projections and the last token's delayed value, in the model's dtype (refused before
+    session 67): a ``ParallelStateLayer`` keeps the keys and values and both states at each
+    restore point (every 64 tokens here), its delayed value stored as float32, exactly, and given
+    back in the model's dtype. The runner turns of
+    test_gated_delta_net_sessions_restore_at_restore_points, each equal to the same turn on
+    transformers' own cache from the same point, tokens and logits to the bit; and the states kept
+    at a restore point reached one decode step at a time are transformers' own there."""
+    zaya = tiny_zaya(["hybrid"] * 3, dtype)
+    cfg = zaya.config
+    assert restore_step(cfg) == 64  # a conv state of 96 x 2 and a delayed value of 16 against 64 values per token
+    spec = spec_for_model(zaya, model_id="test/zaya")
+    dt = tierkv.spec.dtype_name(dtype)
+    assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == [[
+        ("key", (2, 16), dt), ("value", (2, 16), dt), ("conv_state", (1, 4), dt),
+        ("recurrent_state", (1, 4), "float32")]] * 3
+    ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
+    _, mine = prefill(zaya, ids[:120])
+    _, ref = prefill(zaya, ids[:120], DynamicCache(config=cfg))
+    mine, ref, at128 = decode_alike(zaya, ids[120:130], mine, ref, 128)
+    back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
+    assert_same_states(back, at128, range(3))
+    assert back.layers[0].recurrent_states[0].dtype == dtype
+    restore_point_turns(zaya, spec, str(tmp_path))
 
 
 def damage_block(store: str, fingerprint: bytes, tokens: list[int], block_tokens: int, index: int) -> None:
@@ -1072,7 +1110,7 @@ def tiny_minimax(first: str, dtype: torch.dtype = torch.float32) -> Any:
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_minimax_lightning_sessions_restore_at_restore_points(tmp_path, dtype):
     """MiniMax's lightning attention keeps one state per layer (``[heads, head dim, head dim]``,
     in the model's dtype), which transformers' ``MiniMaxCache`` holds in a list beside its layers

@@ -139,7 +139,7 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     layers tierkv does not store are refused, never counted as attention."""
     pytest.importorskip("transformers")
     from transformers import (BailingHybridConfig, BambaConfig, FalconH1Config, JambaConfig, KimiLinearConfig,
-                              NemotronHConfig, Zamba2Config)
+                              NemotronHConfig, Zamba2Config, ZayaConfig)
 
     from tierkv.integrations.hf import spec_for_config
 
@@ -238,6 +238,17 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     flat = ("layer_types", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim")
     as_json = {**{k: v for k, v in bailing.to_dict().items() if k not in flat}, "head_dim": 128}
     assert Geometry.from_config_dict(as_json).footprint(1000).total == 1000 * per_token
+    # ZAYA (transformers' default: 40 layers of CCA attention, 8 heads and 2 KV heads of 128, conv
+    # kernels 2 and 2): keys and values per token, a conv state of 1,280 x 2 and a delayed value
+    # of 128 (stored float32) every 64 tokens (since session 67; refused before)
+    zaya = ZayaConfig()
+    g = Geometry.from_hf_config(zaya)
+    assert g.fields["linear_state"] == [1280, 2, 128] and g.restore_step == 64
+    per_token = 40 * (2 * 2 * 128 * 2 + 2560 // 64 * 2 + 4 * 4)  # the delayed value: 2 values a token, rounded to 4
+    assert per_token == 44_800 and g.footprint(1000).total == 1000 * per_token
+    assert spec_for_config(zaya, torch.bfloat16).bytes_per_token == per_token
+    with pytest.raises(ConfigError, match="side by side"):
+        Geometry.from_config_dict({**zaya.to_dict(), "layer_types": ["hybrid_sliding"] * 40})
     with pytest.raises(ConfigError, match="layer_group_size"):
         Geometry.from_config_dict({k: v for k, v in as_json.items() if k != "layer_group_size"})
 

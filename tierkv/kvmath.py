@@ -162,6 +162,15 @@ def _linear_state(cfg: dict[str, Any], name: str) -> list[int]:
     """A state layer's shapes ``[conv dim, kernel, *recurrent state]``: a gated delta net's
     (recurrent ``[value heads, key dim, value dim]``), a Mamba-2 layer's (``[heads, head dim,
     state size]``) or a Mamba-1 layer's (``[inner dim, state size]``), from the config's fields."""
+    if cfg.get("model_type") == "zaya":
+        # ZAYA's CCA: a conv state of the queries' and keys' projections over two convolutions'
+        # kernels, and the last token's delayed half of each value head (in the model's dtype)
+        try:
+            heads, kv, dim = (int(cfg[k]) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+            kernel = int(cfg["cca_time0"]) - 1 + int(cfg["cca_time1"]) - 1
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{name}: a ZAYA config lacks a field tierkv needs: {e}") from None
+        return [(heads + kv) * dim, kernel, kv * dim // 2]
     if all(is_positive_int(cfg.get(k)) for k in _GDN_FIELDS):
         kernel, nk, dk, nv, dv = (int(cfg[k]) for k in _GDN_FIELDS)
         return [2 * nk * dk + nv * dv, kernel, nv, dk, dv]
@@ -270,10 +279,10 @@ class Geometry:
                 and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
             raise ConfigError(f"{self.name}: conv_dim needs a positive int and one layer_types entry per layer")
         if "linear_state" in self.fields and not (
-                isinstance(self.fields["linear_state"], list) and len(self.fields["linear_state"]) in (4, 5)
+                isinstance(self.fields["linear_state"], list) and len(self.fields["linear_state"]) in (3, 4, 5)
                 and all(is_positive_int(x) for x in self.fields["linear_state"])
                 and isinstance(self.fields.get("layer_types"), list) and len(self.fields["layer_types"]) >= self.layers):
-            raise ConfigError(f"{self.name}: linear_state needs four or five positive ints (conv dim, kernel, then "
+            raise ConfigError(f"{self.name}: linear_state needs three to five positive ints (conv dim, kernel, then "
                               "the recurrent state's shape) and one layer_types entry per layer")
         if "lightning_state" in self.fields and not (
                 isinstance(self.fields["lightning_state"], list) and len(self.fields["lightning_state"]) == 2

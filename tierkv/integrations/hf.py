@@ -35,10 +35,11 @@ any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid / LaRA Mini (gat
 beside attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
 attention), Falcon-H1 (both in every layer), Zamba2 (a shared attention block beside some of
 its Mamba layers), Kimi Linear and Bailing Hybrid (KDA beside MLA), Mamba / Falcon Mamba /
-Mamba-2 (Mamba layers alone) and MiniMax (lightning attention beside attention, in a
-``LightningCache``), restored at restore points. Other cache
+Mamba-2 (Mamba layers alone), MiniMax (lightning attention beside attention, in a
+``LightningCache``) and ZAYA (CCA: attention with a conv state and a delayed value), restored at
+restore points. Other cache
 layers keep part of the context (transformers' own sliding-window, V4, conv and state layers) or
-state besides their keys and values (quantized KV; ZAYA's attention), or read
+state besides their keys and values (quantized KV; ZAYA's CCA over a sliding window), or read
 another layer's cache (KV sharing), so they cannot be restored exactly: ``cache_to_kv`` refuses
 them.
 """
@@ -412,7 +413,8 @@ def session_cache(config: Any) -> Any:
             else:
                 cache.layers[i] = StateSnapshotLayer(gdn.restore_step, gdn.fields["linear_state"])
         elif gdn is not None and type(layer) is _ParallelLayer and gdn.fields["layer_types"][i] == PARALLEL_TYPE:
-            cache.layers[i] = ParallelStateLayer(gdn.restore_step, gdn.fields["linear_state"])
+            cache.layers[i] = ParallelStateLayer(gdn.restore_step, gdn.fields["linear_state"],
+                                                 same_dtype=text.model_type in _SAME_DTYPE_STATES)
         elif step and kind in _V4_TYPES:
             cache.layers[i] = _v4_layer(type(layer))(config, step, kind)
         # chunked attention (Llama 4) is the same layer class under another mask: the same tensors
@@ -618,7 +620,7 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
             continue
         if isinstance(kind, ParallelStateLayer):  # keys and values, then the states
             layers.append(ParallelStateLayer(kind.step, kind._state, handle, i, [buffers[(i, 2)], buffers[(i, 3)]], n,
-                                             (buffers[(i, 0)], buffers[(i, 1)])))
+                                             (buffers[(i, 0)], buffers[(i, 1)]), kind.same_dtype))
             continue
         if isinstance(kind, StateSnapshotLayer):  # (a MiniMax LightningStateLayer: one state)
             layers.append(type(kind)(kind.step, kind._state, handle, i, [buffers[(i, j)] for j in range(len(kind.widths))], n))
@@ -951,11 +953,15 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
 # through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
 # size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way;
-# so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers are all Mamba layers.
+# so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers are all Mamba layers. ZAYA's CCA
+# attention keeps keys and values beside a conv state and a delayed value (in the model's dtype):
+# a ParallelStateLayer, as Falcon-H1's.
 # Models are named here once their layers' calls are tested against transformers' own cache.
 _STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear",
                  "bailing_hybrid", "bamba", "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2", "mamba",
-                 "mamba2", "falcon_mamba", "minimax")
+                 "mamba2", "falcon_mamba", "minimax", "zaya")
+#: models whose recurrent state is in the model's dtype, not float32 (ZAYA's delayed value)
+_SAME_DTYPE_STATES = ("zaya",)
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
 _DummyLayer: Any = getattr(cache_utils, "DummyLayer", None)
 
@@ -990,10 +996,13 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
     ``bufs``, and the states are taken from them the first time the model reads one."""
 
     def __init__(self, step: int, state: Sequence[int], handle: Any = None, index: int = 0,
-                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0) -> None:
+                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0, same_dtype: bool = False) -> None:
         super().__init__()
         # [conv dim, kernel, *recurrent state's shape] (kvmath's linear_state)
         self.step, self._state = step, tuple(int(x) for x in state)
+        # the recurrent state is float32 whatever the model's dtype (gated delta nets, Mamba), or
+        # in the conv state's dtype (ZAYA's delayed value): stored as float32 either way, exactly
+        self.same_dtype = same_dtype
         self.widths = [spread_width(self._state[0] * self._state[1], step),
                        spread_width(math.prod(self._state[2:]), step)]
         self._handle, self._index, self._n = handle, index, n
@@ -1013,6 +1022,8 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         rows = [b[0, 0, n - step:n].reshape(-1) for b in bufs]  # the restore point's share of each
         conv_state = rows[0][:conv * kernel].view(1, conv, kernel).clone()
         recurrent = rows[1][:math.prod(shape)].view(1, *shape).clone()
+        if self.same_dtype:
+            recurrent = recurrent.to(conv_state.dtype)
         self.dtype, self.device = conv_state.dtype, conv_state.device
         for name, value in (("conv_states", conv_state), ("recurrent_states", recurrent), ("conv_kernel_size", kernel),
                             ("is_conv_states_initialized", True), ("is_recurrent_states_initialized", True),
@@ -1058,10 +1069,11 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
             conv = dict.__getitem__(self.conv_states, 0)
             recurrent = dict.__getitem__(self.recurrent_states, 0)
             if (tuple(conv.shape[1:]) != self._state[:2] or tuple(recurrent.shape[1:]) != self._state[2:]
-                    or recurrent.dtype != torch.float32):
-                # a restore gives back a float32 recurrent state of the config's shape, nothing else
+                    or recurrent.dtype != (conv.dtype if self.same_dtype else torch.float32)):
+                # a restore gives back a recurrent state of the config's shape and dtype, nothing else
+                want = "the conv state's dtype" if self.same_dtype else "float32"
                 raise SpecMismatchError(f"state layer states of {tuple(conv.shape)} and {tuple(recurrent.shape)} "
-                                        f"{recurrent.dtype}, where the config gives {self._state} and float32: "
+                                        f"{recurrent.dtype}, where the config gives {self._state} and {want}: "
                                         "not a layout tierkv knows")
             with torch.inference_mode():
                 for buf, x in zip(self._bufs, (conv, recurrent)):
@@ -1112,9 +1124,9 @@ class ParallelStateLayer(StateSnapshotLayer, DynamicLayer):  # type: ignore[misc
 
     def __init__(self, step: int, state: Sequence[int], handle: Any = None, index: int = 0,
                  bufs: Sequence[torch.Tensor] | None = None, n: int = 0,
-                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, same_dtype: bool = False) -> None:
         DynamicLayer.__init__(self)
-        StateSnapshotLayer.__init__(self, step, state, handle, index, bufs, n)
+        StateSnapshotLayer.__init__(self, step, state, handle, index, bufs, n, same_dtype)
         self._kv, self._nk = kv, n if kv is not None else 0
 
     def _materialize(self) -> None:
@@ -1127,7 +1139,7 @@ class ParallelStateLayer(StateSnapshotLayer, DynamicLayer):  # type: ignore[misc
         if self._handle is not None:
             self._materialize()
         if key_states.shape[0] != 1:
-            raise SpecMismatchError("a Falcon-H1 layer holds one sequence (batch 1)")
+            raise SpecMismatchError("an attention-and-state layer (Falcon-H1, Zamba2, ZAYA) holds one sequence (batch 1)")
         if self._kv is None:
             heads, m, dim = key_states.shape[1:]
             self._kv = (key_states.new_empty(1, heads, m + HEADROOM, dim), value_states.new_empty(1, heads, m + HEADROOM, dim))
@@ -1144,7 +1156,7 @@ class ParallelStateLayer(StateSnapshotLayer, DynamicLayer):  # type: ignore[misc
         """Keys and values ``[heads, n, dim]``, then the states as ``StateSnapshotLayer.saved``."""
         states = super().saved()
         if self._kv is None or self._nk != self._n:
-            raise SpecMismatchError(f"a Falcon-H1 layer holds {self._nk} tokens' keys and values and {self._n} "
+            raise SpecMismatchError(f"an attention-and-state layer holds {self._nk} tokens' keys and values and {self._n} "
                                     "tokens' states: not a cache tierkv can save")
         k, v = self._kv
         return (k[0, :, :self._nk], v[0, :, :self._nk]) + tuple(states)
@@ -1152,7 +1164,7 @@ class ParallelStateLayer(StateSnapshotLayer, DynamicLayer):  # type: ignore[misc
     def load(self, tensors: Sequence[torch.Tensor]) -> None:
         """Start this empty layer at a restore point: ``tensors`` as ``saved()`` gives them."""
         if len(tensors) != 4 or tensors[0].dim() != 3 or tensors[0].shape != tensors[1].shape:
-            raise SpecMismatchError(f"a Falcon-H1 layer takes keys and values [heads, n, dim] and two states, got "
+            raise SpecMismatchError(f"an attention-and-state layer takes keys and values [heads, n, dim] and two states, got "
                                     f"{[tuple(t.shape) for t in tensors]}")
         super().load(tensors[2:])
         if tensors[0].shape[1] != self._n:
