@@ -424,7 +424,7 @@ def session_cache(config: Any) -> Any:
             cache.layers[i] = (_v4_layer(DynamicSlidingWindowLayer)(config, step, kinds[i]) if step
                                else SlidingHistoryLayer(layer.sliding_window))
     if any(isinstance(layer, LightningStateLayer) for layer in cache.layers):
-        return _cache_of(config, cache.layers)
+        return _cache_of(cache.layers)
     return cache
 
 
@@ -634,7 +634,7 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
             layers.append(RestoringLayer(handle, i, k, v, n))
     restored = iter(layers)
     layers = [NoCacheLayer() if isinstance(kind, NoCacheLayer) else next(restored) for kind in every]
-    cache = _cache_of(config, layers)  # a DynamicCache is the same Cache over DynamicLayers
+    cache = _cache_of(layers)  # a DynamicCache is the same Cache over DynamicLayers
     if needed is not None:
         setattr(cache, _KNOWN_FROM, needed)
     return cache, handle
@@ -949,11 +949,12 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
 # OLMo Hybrid's and LaRA Mini's linear attention is the same gated delta net, Kimi Linear's and
 # Bailing Hybrid's KDA the same two states (a conv state of q, k and v) beside MLA layers. A Mamba
-# layer (Bamba's, Granite
-# 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1) keeps the same two states,
-# through the same calls of transformers' cache (its recurrent state ``[1, heads, head dim, state
-# size]``, or ``[1, inner dim, state size]``, float32 in every dtype), and is stored the same way;
-# so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers are all Mamba layers. ZAYA's CCA
+# layer (Bamba's, Granite 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1)
+# keeps the same two states, through the same calls of transformers' cache (its recurrent state
+# ``[1, heads, head dim, state size]``, or ``[1, inner dim, state size]``, float32 in every
+# dtype), and is stored the same way; so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers
+# are all Mamba layers. MiniMax's lightning attention keeps one state (``LightningStateLayer``,
+# below). ZAYA's CCA
 # attention keeps keys and values beside a conv state and a delayed value (in the model's dtype):
 # a ParallelStateLayer, as Falcon-H1's.
 # Models are named here once their layers' calls are tested against transformers' own cache.
@@ -1274,7 +1275,7 @@ def _lightning_cache() -> Any:
     return LightningCache
 
 
-def _cache_of(config: Any, layers: Sequence[Any]) -> Any:
+def _cache_of(layers: Sequence[Any]) -> Any:
     """A cache over ``layers``: a ``LightningCache`` for MiniMax, else transformers' ``Cache``."""
     if any(isinstance(layer, LightningStateLayer) for layer in layers):
         if all(isinstance(layer, LightningStateLayer) for layer in layers):
