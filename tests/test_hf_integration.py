@@ -982,11 +982,12 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
     128, state 8): two Mamba layers, an attention layer, one more Mamba layer (Nemotron-H: with an
     MLP layer and a MoE layer between them, which keep no cache); or Falcon-H1's, four layers each
     running attention and Mamba-2 side by side; or Zamba2's, whose third layer runs its shared
-    attention block (heads of 32) beside Mamba-2; or four Mamba layers alone (Mamba's and Falcon
-    Mamba's Mamba-1, Mamba-2's), no attention at all."""
+    attention block (heads of 32) beside Mamba-2; or Zamba's, six layers, whose third and sixth run
+    its shared attention block beside Mamba-1 split into two heads; or four Mamba layers alone
+    (Mamba's and Falcon Mamba's Mamba-1, Mamba-2's), no attention at all."""
     from transformers import (AutoModelForCausalLM, BambaConfig, FalconH1Config, FalconMambaConfig,
                               GraniteMoeHybridConfig, JambaConfig, Mamba2Config, MambaConfig, NemotronHConfig,
-                              Zamba2Config)
+                              Zamba2Config, ZambaConfig)
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -1009,6 +1010,9 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
                **kw, n_mamba_heads=8, mamba_headdim=16, mamba_d_state=8, mamba_ngroups=1, chunk_size=16,
                num_mem_blocks=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                layers_block_type=["mamba", "mamba", "hybrid", "mamba"]),
+           "zamba": lambda: ZambaConfig(
+               **{**kw, "num_hidden_layers": 6}, n_mamba_heads=2, mamba_d_state=8, mamba_dt_rank=8,
+               attn_layer_period=3, attn_layer_offset=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
            "mamba": lambda: MambaConfig(**alone, intermediate_size=128, time_step_rank=8),
            "falcon_mamba": lambda: FalconMambaConfig(**alone, intermediate_size=128, time_step_rank=8),
            "mamba2": lambda: Mamba2Config(**alone, num_heads=8, head_dim=16, n_groups=1, chunk_size=16)}[kind]()
@@ -1018,11 +1022,11 @@ def tiny_mamba(kind: str, dtype: torch.dtype = torch.float32) -> Any:
 @pytest.mark.parametrize("kind,dtype", [("bamba", torch.float32), ("bamba", torch.bfloat16),
                                         ("granite4", torch.float32), ("jamba", torch.float32),
                                         ("nemotron_h", torch.float32), ("falcon_h1", torch.float32),
-                                        ("falcon_h1", torch.bfloat16), ("zamba2", torch.float32),
+                                        ("falcon_h1", torch.bfloat16), ("zamba2", torch.float32), ("zamba", torch.float32),
                                         ("mamba", torch.float32), ("mamba", torch.bfloat16),
                                         ("falcon_mamba", torch.float32), ("mamba2", torch.float32)],
                          ids=["bamba-fp32", "bamba-bf16", "granite4-fp32", "jamba-fp32", "nemotron_h-fp32",
-                              "falcon_h1-fp32", "falcon_h1-bf16", "zamba2-fp32", "mamba-fp32", "mamba-bf16",
+                              "falcon_h1-fp32", "falcon_h1-bf16", "zamba2-fp32", "zamba-fp32", "mamba-fp32", "mamba-bf16",
                               "falcon_mamba-fp32", "mamba2-fp32"])
 def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     """Bamba's, Granite 4.0-H's and Nemotron-H's Mamba-2 layers and Jamba's Mamba-1 layers keep a
@@ -1041,12 +1045,13 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     spec = spec_for_model(model, model_id="test/mamba")
     dt = tierkv.spec.dtype_name(dtype)
     # conv [144, 4] over 64 tokens, rounded up to 4; recurrent [8, 16, 8] (Mamba-1: conv [128, 4], [128, 8])
-    widths = [(1, 8), (1, 16)] if kind in ("jamba", "mamba", "falcon_mamba") else [(1, 12), (1, 16)]
+    widths = [(1, 8), (1, 16)] if kind in ("jamba", "mamba", "falcon_mamba", "zamba") else [(1, 12), (1, 16)]
     state = [("conv_state", widths[0], dt), ("recurrent_state", widths[1], "float32")]
-    head = (1, 32) if kind == "zamba2" else (1, 16)
+    head = {"zamba2": (1, 32), "zamba": (1, 32)}.get(kind, (1, 16))
     attention = [("key", head, dt), ("value", head, dt)]
     assert [[(t.name, t.dims, t.dtype) for t in layer.tensors] for layer in spec.layers] == \
         {"falcon_h1": [attention + state] * 4, "zamba2": [state, state, attention + state, state],
+         "zamba": [state, state, attention + state] * 2,
          "mamba": [state] * 4, "falcon_mamba": [state] * 4, "mamba2": [state] * 4}.get(kind, [state, state, attention, state])
     ids = torch.randint(1, 256, (140,), generator=torch.Generator().manual_seed(3)).tolist()
     _, mine = prefill(model, ids[:120])
@@ -1054,7 +1059,7 @@ def test_mamba_hybrid_sessions_restore_at_restore_points(tmp_path, kind, dtype):
     mine, ref, at128 = decode_alike(model, ids[120:130], mine, ref, 128)  # past the restore point at 128
     back = kv_to_cache([[x[:, :128] for x in p] for p in cache_to_kv(mine)], cfg)
     states = [i for i, layer in enumerate(back.layers) if type(layer).__name__ in ("StateSnapshotLayer", "ParallelStateLayer")]
-    assert len(states) == (3 if kind in ("bamba", "granite4", "jamba", "nemotron_h") else 4)
+    assert len(states) == {"bamba": 3, "granite4": 3, "jamba": 3, "nemotron_h": 3, "zamba": 6}.get(kind, 4)
     assert len(back.layers) == cfg.num_hidden_layers
     assert_same_states(back, at128, states)
     restore_point_turns(model, spec, str(tmp_path))

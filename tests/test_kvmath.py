@@ -139,7 +139,7 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     layers tierkv does not store are refused, never counted as attention."""
     pytest.importorskip("transformers")
     from transformers import (BailingHybridConfig, BambaConfig, FalconH1Config, JambaConfig, KimiLinearConfig,
-                              NemotronHConfig, Zamba2Config, ZayaConfig)
+                              NemotronHConfig, Zamba2Config, ZambaConfig, ZayaConfig)
 
     from tierkv.integrations.hf import spec_for_config
 
@@ -199,6 +199,13 @@ def test_mamba_hybrids_count_their_states_at_restore_points():
     assert g.fields["linear_state"][2:] == [zamba.n_mamba_heads, zamba.mamba_headdim, zamba.mamba_d_state]
     assert g.fields["layer_types"].count("hybrid") == len(zamba.hybrid_layer_ids) > 0
     assert spec_for_config(zamba, torch.bfloat16).bytes_per_token == g.footprint(1).total
+    # Zamba (v1, since session 67): Mamba-1 split into heads ([heads, inner / heads, state size]),
+    # "hybrid" layers as Zamba2's
+    zamba1 = ZambaConfig()
+    g = Geometry.from_hf_config(zamba1)
+    assert g.fields["linear_state"] == [7424, 4, 2, 3712, 16] and g.fields["head_dim"] == 464 and g.restore_step == 64
+    assert g.fields["layer_types"].count("hybrid") == zamba1.layers_block_type.count("hybrid") > 0
+    assert spec_for_config(zamba1, torch.bfloat16).bytes_per_token == g.footprint(1).total
     # refused: a Mamba config that names no layer kinds (but Falcon-H1's), sliding windows beside a
     # state, MLA beside a state (Kimi Linear)
     with pytest.raises(ConfigError, match="says nowhere which layers attend"):

@@ -171,6 +171,11 @@ def _linear_state(cfg: dict[str, Any], name: str) -> list[int]:
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{name}: a ZAYA config lacks a field tierkv needs: {e}") from None
         return [(heads + kv) * dim, kernel, kv * dim // 2]
+    if cfg.get("model_type") == "zamba" and all(is_positive_int(cfg.get(k)) for k in (
+            "n_mamba_heads", "mamba_d_state", "mamba_d_conv", "mamba_expand", "hidden_size")):
+        # Zamba (v1): Mamba-1 layers split into heads, recurrent state [heads, inner / heads, state size]
+        inner, heads = int(cfg["mamba_expand"]) * int(cfg["hidden_size"]), int(cfg["n_mamba_heads"])
+        return [inner, int(cfg["mamba_d_conv"]), heads, inner // heads, int(cfg["mamba_d_state"])]
     if all(is_positive_int(cfg.get(k)) for k in _GDN_FIELDS):
         kernel, nk, dk, nv, dv = (int(cfg[k]) for k in _GDN_FIELDS)
         return [2 * nk * dk + nv * dv, kernel, nv, dk, dv]
@@ -351,7 +356,7 @@ class Geometry:
             try:
                 heads = int(cfg["num_attention_heads"])
                 cfg.setdefault("num_key_value_heads", heads)
-                if not cfg.get("head_dim") and cfg.get("model_type") == "zamba2":
+                if not cfg.get("head_dim") and cfg.get("model_type") in ("zamba", "zamba2"):
                     # Zamba2's shared attention runs over twice the hidden size: its own head dim
                     cfg["head_dim"] = int(cfg["attention_head_dim"])
                 if not cfg.get("head_dim"):

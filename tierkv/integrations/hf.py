@@ -33,7 +33,7 @@ layers add their indexer's keys, DeepSeek V4 (compressed attention), restored at
 (``restore_step``), LFM2 / LFM2-MoE / LFM3 (short convolutions beside attention), restored at
 any token, and Qwen3-Next / Qwen3.5 / Qwen3.5-MoE / OLMo Hybrid / LaRA Mini (gated delta nets
 beside attention), Bamba / Granite 4.0-H / Nemotron-H / Jamba (Mamba-2 or Mamba-1 layers beside
-attention), Falcon-H1 (both in every layer), Zamba2 (a shared attention block beside some of
+attention), Falcon-H1 (both in every layer), Zamba / Zamba2 (a shared attention block beside some of
 its Mamba layers), Kimi Linear and Bailing Hybrid (KDA beside MLA), Mamba / Falcon Mamba /
 Mamba-2 (Mamba layers alone), MiniMax (lightning attention beside attention, in a
 ``LightningCache``) and ZAYA (CCA: attention with a conv state and a delayed value), restored at
@@ -949,7 +949,7 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # over that point's ``step`` tokens, and ``prefill`` stops its passes there.
 # OLMo Hybrid's and LaRA Mini's linear attention is the same gated delta net, Kimi Linear's and
 # Bailing Hybrid's KDA the same two states (a conv state of q, k and v) beside MLA layers. A Mamba
-# layer (Bamba's, Granite 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's: Mamba-1)
+# layer (Bamba's, Granite 4.0-H's, Nemotron-H's, Falcon-H1's, Zamba2's: Mamba-2; Jamba's, Zamba's: Mamba-1)
 # keeps the same two states, through the same calls of transformers' cache (its recurrent state
 # ``[1, heads, head dim, state size]``, or ``[1, inner dim, state size]``, float32 in every
 # dtype), and is stored the same way; so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers
@@ -959,7 +959,7 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # a ParallelStateLayer, as Falcon-H1's.
 # Models are named here once their layers' calls are tested against transformers' own cache.
 _STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear",
-                 "bailing_hybrid", "bamba", "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba2", "mamba",
+                 "bailing_hybrid", "bamba", "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba", "zamba2", "mamba",
                  "mamba2", "falcon_mamba", "minimax", "zaya")
 #: models whose recurrent state is in the model's dtype, not float32 (ZAYA's delayed value)
 _SAME_DTYPE_STATES = ("zaya",)
@@ -1009,6 +1009,7 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         self._handle, self._index, self._n = handle, index, n
         self._bufs: Any = list(bufs) if bufs is not None else None  # [1, 1, capacity, width] each
         self._missed: int | None = None  # the first restore point a pass ran past
+        self._unsnapped = False  # the last pass ended on a restore point whose states are not copied yet
         if handle is not None:
             for name in ("conv_states", "recurrent_states", "has_previous_state", "is_conv_states_initialized",
                          "is_recurrent_states_initialized"):
@@ -1033,7 +1034,12 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         self.cumulative_length_linear = torch.tensor(n, dtype=torch.long, device=conv_state.device)
 
     def _advance(self, m: int, dtype: torch.dtype, device: torch.device) -> None:
-        """``m`` more tokens: their rows of the state buffers (zeros until a restore point's copy)."""
+        """``m`` more tokens: their rows of the state buffers (zeros until a restore point's copy).
+        The pass before ended on a restore point without a call of ``update_recurrent_state``
+        (Zamba's one-token decode updates the recurrent state in place): its states, still those
+        of that point, are copied first."""
+        if self._unsnapped:
+            self._snapshot()
         n0, n1, step = self._n, self._n + m, self.step
         with torch.inference_mode():  # a save flushes outside the forward pass, into the pass's tensors
             if self._bufs is None:
@@ -1043,7 +1049,7 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         inside = (n0 // step + 1) * step
         if inside < n1 and self._missed is None:
             self._missed = inside
-        self._n = n1
+        self._n, self._unsnapped = n1, n1 % step == 0
 
     def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
         if self._handle is not None:
@@ -1065,21 +1071,27 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
     def update_recurrent_state(self, recurrent_states: Any, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
         # the last call of a layer's forward pass: both states now hold the pass's last token
         out = super().update_recurrent_state(recurrent_states, state_idx, **kwargs)
-        n, step = self._n, self.step
-        if state_idx == 0 and n and n % step == 0:
-            conv = dict.__getitem__(self.conv_states, 0)
-            recurrent = dict.__getitem__(self.recurrent_states, 0)
-            if (tuple(conv.shape[1:]) != self._state[:2] or tuple(recurrent.shape[1:]) != self._state[2:]
-                    or recurrent.dtype != (conv.dtype if self.same_dtype else torch.float32)):
-                # a restore gives back a recurrent state of the config's shape and dtype, nothing else
-                want = "the conv state's dtype" if self.same_dtype else "float32"
-                raise SpecMismatchError(f"state layer states of {tuple(conv.shape)} and {tuple(recurrent.shape)} "
-                                        f"{recurrent.dtype}, where the config gives {self._state} and {want}: "
-                                        "not a layout tierkv knows")
-            with torch.inference_mode():
-                for buf, x in zip(self._bufs, (conv, recurrent)):
-                    buf[0, 0, n - step:n].view(-1)[:x.numel()] = x.reshape(-1).to(buf.dtype)
+        if state_idx == 0 and self._unsnapped:
+            self._snapshot()
         return out
+
+    def _snapshot(self) -> None:
+        """Copy both states, which hold the restore point the layer's last pass ended on, into
+        the buffers, spread over the ``step`` tokens before it."""
+        n, step = self._n, self.step
+        conv = dict.__getitem__(self.conv_states, 0)
+        recurrent = dict.__getitem__(self.recurrent_states, 0)
+        if (tuple(conv.shape[1:]) != self._state[:2] or tuple(recurrent.shape[1:]) != self._state[2:]
+                or recurrent.dtype != (conv.dtype if self.same_dtype else torch.float32)):
+            # a restore gives back a recurrent state of the config's shape and dtype, nothing else
+            want = "the conv state's dtype" if self.same_dtype else "float32"
+            raise SpecMismatchError(f"state layer states of {tuple(conv.shape)} and {tuple(recurrent.shape)} "
+                                    f"{recurrent.dtype}, where the config gives {self._state} and {want}: "
+                                    "not a layout tierkv knows")
+        with torch.inference_mode():
+            for buf, x in zip(self._bufs, (conv, recurrent)):
+                buf[0, 0, n - step:n].view(-1)[:x.numel()] = x.reshape(-1).to(buf.dtype)
+        self._unsnapped = False
 
     def get_seq_length(self) -> int:
         return self._n
@@ -1089,6 +1101,8 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         recurrent states, at each restore point so far, spread over the tokens before it."""
         if self._handle is not None:
             self._materialize()
+        if self._unsnapped:
+            self._snapshot()
         if self._missed is not None:
             raise SpecMismatchError(f"a forward pass ran past restore point {self._missed} without stopping there, so "
                                     "the layer's state there was never seen: run passes through tierkv's "
@@ -1190,6 +1204,7 @@ class LightningStateLayer(StateSnapshotLayer):
         self._missed: int | None = None
         self._value: torch.Tensor | None = None  # the state after the last pass
         self._pending: torch.Tensor | None = None  # set before the cache knew the pass's length
+        self._unsnapped = False
 
     def _materialize(self) -> None:
         handle, self._handle = self._handle, None
@@ -1213,10 +1228,16 @@ class LightningStateLayer(StateSnapshotLayer):
                                     f"tokens, where the config gives [1, {', '.join(map(str, self._state))}] after "
                                     f"{self._n} or more: not a layout tierkv knows")
         self._advance(n - self._n, state.dtype, state.device)
-        if n and n % self.step == 0:
-            with torch.inference_mode():
-                self._bufs[0][0, 0, n - self.step:n].view(-1)[:state.numel()] = state.reshape(-1)
         self._value = state
+        if self._unsnapped:
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        n, state = self._n, self._value
+        assert state is not None  # set() placed it
+        with torch.inference_mode():
+            self._bufs[0][0, 0, n - self.step:n].view(-1)[:state.numel()] = state.reshape(-1)
+        self._unsnapped = False
 
     def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
         return self._n + query_length, 0
