@@ -20,8 +20,9 @@ a conv state and a recurrent state too, stored the same way (Nemotron-H's MLP an
 nothing, and count nothing; Falcon-H1's layers, and Zamba2's "hybrid" ones, run attention and
 Mamba side by side, and count both). Kimi Linear's and Bailing Hybrid's KDA layers beside MLA
 count the same way, and MiniMax's lightning attention layers their one state (``[heads, head
-dim, head dim]`` in the model's dtype). A model of Mamba layers alone (Mamba, Mamba-2, Falcon Mamba: family ``state``) counts its states
-only, at restore points placed by a rule of its own (``Geometry.restore_step``).
+dim, head dim]`` in the model's dtype). A model of Mamba layers alone (Mamba, Mamba-2, Falcon
+Mamba: family ``state``) counts its states only, at restore points placed by a rule of its own
+(``Geometry.restore_step``).
 Other recurrent states (GLM-5-Next's beside MLA; linear-attention kinds tierkv does not know)
 are refused.
 """
