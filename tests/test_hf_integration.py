@@ -1323,6 +1323,55 @@ def test_sliding_window_model_real_weights(smol, tmp_path):
         same_turn(t, other, shared)
 
 
+def test_runner_holds_the_garbage_collector_off_until_the_first_token(tmp_path):
+    """A full collection of Python's cyclic garbage collector in a process holding a model holds
+    the GIL for the whole heap (about 100 ms on this machine: ``tierkv demo``'s restore took
+    220-390 ms where one landed in it, 120-150 ms without). ``SessionRunner.turn`` holds it off
+    from the restore to the first token (``hold_gc``, default True), and leaves it as it found it
+    after the turn, an error's included; ``hold_gc=False`` leaves it alone."""
+    import gc
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, vocab_size=100)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    seen: list[bool] = []
+    boom: list[bool] = []
+
+    def pre(module: Any, args: Any) -> None:
+        seen.append(gc.isenabled())
+        if boom:
+            raise RuntimeError("a forward pass that fails")
+
+    hook = model.register_forward_pre_hook(pre)
+    ids = list(range(1, 40))
+    try:
+        with TierKV(str(tmp_path / "store"), spec_for_model(model), block_tokens=16) as kv:
+            assert gc.isenabled()
+            SessionRunner(kv, model).turn("s", ids, max_new_tokens=3)  # a prefill, then 2 decode steps
+            assert seen == [False, True, True] and gc.isenabled()
+            seen.clear()
+            SessionRunner(kv, model).turn("s", ids + [5, 6, 7], max_new_tokens=2)  # restored from the store
+            assert seen == [False, True] and gc.isenabled()
+            seen.clear()
+            SessionRunner(kv, model, hold_gc=False).turn("t", ids, max_new_tokens=2)
+            assert seen == [True, True]
+            gc.disable()  # a process that runs without it keeps running without it
+            seen.clear()
+            SessionRunner(kv, model).turn("u", ids, max_new_tokens=2)
+            assert seen == [False, False] and not gc.isenabled()
+            gc.enable()
+            boom.append(True)
+            with pytest.raises(RuntimeError, match="fails"):  # a prefill that fails: the collector is back on
+                SessionRunner(kv, model).turn("v", ids, max_new_tokens=1)
+            assert seen[-1] is False and gc.isenabled()
+    finally:
+        gc.enable()
+        hook.remove()
+
+
 def test_cache_helpers_refuse_what_is_not_a_cache():
     """A legacy tuple cache, None or a list went to ``cache.layers`` or tuple unpacking and raised
     AttributeError or TypeError; they are SpecMismatchErrors that say what is expected."""

@@ -46,7 +46,9 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import importlib.util
 import inspect
@@ -81,7 +83,8 @@ from ..spec import DTYPES, KVSpec, LayerSpec, TensorSpec, config_digest, dtype_n
 
 __all__ = ["spec_for_model", "spec_for_config", "cache_to_kv", "kv_to_cache", "session_cache", "restore_cache",
            "prefill", "greedy_decode", "use_grouped_attention", "CachePool", "SessionRunner", "TurnResult",
-           "load_smollm2", "smollm2_gguf", "default_cache_dir", "adapter_tenant", "restore_step", "save_cache"]
+           "load_smollm2", "smollm2_gguf", "default_cache_dir", "adapter_tenant", "restore_step", "save_cache",
+           "gc_held"]
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -1585,10 +1588,15 @@ class SessionRunner:
     (``adapter_tenant``, read at every turn); a session keeps the adapter state it was saved under.
     ``rehash_adapters=False`` hashes an adapter tensor again only when torch's version counter
     says it changed (cheaper per turn; a write through ``.data`` would go unseen).
+    ``hold_gc`` (default True): Python's cyclic garbage collector is held off from the restore to
+    the first token (``ttft_s``), and runs again after it as before: a full collection in a
+    process holding a model traverses every object transformers made, and holds the GIL the
+    restore's reader threads need meanwhile (about 100 ms on the demo's machine: the restore of
+    ``tierkv demo`` took 220-390 ms where one landed in it, 120-150 ms with it held off).
     """
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None,
-                 rehash_adapters: bool = True) -> None:
+                 rehash_adapters: bool = True, hold_gc: bool = True) -> None:
         #: None: hash the adapters' weights at every turn; a dict: reuse each tensor's digest while
         #: torch's version counter says it is unchanged (``adapter_tenant``'s ``remembered``)
         self._adapter_digests: dict | None = None if rehash_adapters else {}
@@ -1616,6 +1624,7 @@ class SessionRunner:
         self.store = store
         self.model = model
         self.eos_token_id = eos_token_id
+        self.hold_gc = hold_gc
         #: the restore buffers, reused from turn to turn (``reserve`` fills it at start-up)
         self.pool = CachePool()
 
@@ -1649,24 +1658,25 @@ class SessionRunner:
         if held != tenant:
             raise ConfigError(f"session {session!r} was saved under other PEFT adapters than the model runs now "
                               f"({'none' if tenant is None else 'some'}): each adapter state needs a session id of its own")
-        # Keep at least one token to prefill: its logits start the decode.
-        # each layer reads only what it needs (a window, a conv layer's last inputs, a state)
-        cache, handle = restore_cache(self.store, tokens[:-1], self.model.config, session=session, tenant=tenant,
-                                      pool=self.pool, needed_only=True)
-        n = handle.num_tokens
-        while True:
-            try:
-                logits, cache = prefill(self.model, tokens[n:], cache)  # no cache: a new session_cache
-                break
-            except BlockLoadError:
-                # A block failed its checksum mid-pass (a counted miss): restart from the valid
-                # prefix, restored again, since a shorter prefix needs rows the first one did not
-                # read (a window further back); a damaged one of those ends it earlier still
-                valid = handle.result().num_tokens
-                cache, handle = restore_cache(self.store, tokens[:valid], self.model.config,
-                                              session=session, tenant=tenant, pool=self.pool, needed_only=True)
-                n = handle.num_tokens
-        ttft = time.perf_counter() - t0
+        with gc_held(self.hold_gc):
+            # Keep at least one token to prefill: its logits start the decode.
+            # each layer reads only what it needs (a window, a conv layer's last inputs, a state)
+            cache, handle = restore_cache(self.store, tokens[:-1], self.model.config, session=session, tenant=tenant,
+                                          pool=self.pool, needed_only=True)
+            n = handle.num_tokens
+            while True:
+                try:
+                    logits, cache = prefill(self.model, tokens[n:], cache)  # no cache: a new session_cache
+                    break
+                except BlockLoadError:
+                    # A block failed its checksum mid-pass (a counted miss): restart from the valid
+                    # prefix, restored again, since a shorter prefix needs rows the first one did not
+                    # read (a window further back); a damaged one of those ends it earlier still
+                    valid = handle.result().num_tokens
+                    cache, handle = restore_cache(self.store, tokens[:valid], self.model.config,
+                                                  session=session, tenant=tenant, pool=self.pool, needed_only=True)
+                    n = handle.num_tokens
+            ttft = time.perf_counter() - t0
         out, all_logits, cache = greedy_decode(self.model, logits, cache, max_new_tokens, self.eos_token_id)
         seen = tokens + out[:-1]
         if cache_len(cache) != len(seen):
@@ -1674,6 +1684,21 @@ class SessionRunner:
         save_cache(self.store, seen, cache, session=session, tenant=tenant)
         sources = handle.result().sources if n else {}
         return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, sources)
+
+
+@contextlib.contextmanager
+def gc_held(hold: bool = True) -> Any:
+    """Python's cyclic garbage collector off inside (where ``hold`` and it was on), back on after:
+    around a turn's restore and prefill, so no full collection (which walks every object of a
+    process holding a model, holding the GIL the restore's reader threads need) lands in it."""
+    was = hold and gc.isenabled()
+    if was:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 # ---------------------------------------------------------------------------- the real model
