@@ -236,6 +236,21 @@ def test_hybrid_restore_bench_runs(tmp_path, arch):
     assert 0 < res["ssd_read_bytes"]["cold_ssd_needed"] < res["ssd_read_bytes"]["cold_ssd"]
 
 
+@pytest.mark.model  # loads SmolLM2
+def test_gc_pause_bench_runs(tmp_path):
+    """bench/gc_pause.py: a full collection's pause, then turns alternating hold_gc, each with the
+    full collections that ran in its window (none where the runner holds the collector off)."""
+    out = tmp_path / "gc.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gc_pause.py"), "--tokens", "300", "--rounds", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["full_collect_pause_s"]["n"] == 5 and res["full_collect_pause_s"]["median"] > 0
+    assert [x["hold_gc"] for x in res["rounds"]] == [True, False]
+    assert all(x["restored_tokens"] > 0 for x in res["rounds"])
+    assert res["rounds_with_a_full_collection"]["hold_gc=True"] == 0
+
+
 @pytest.mark.model  # loads SmolLM2 (or KV captured from it)
 def test_ttft_parts_bench_runs(tmp_path):
     out = tmp_path / "ttft_parts.json"

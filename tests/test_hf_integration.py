@@ -1325,8 +1325,9 @@ def test_sliding_window_model_real_weights(smol, tmp_path):
 
 def test_runner_holds_the_garbage_collector_off_until_the_first_token(tmp_path):
     """A full collection of Python's cyclic garbage collector in a process holding a model holds
-    the GIL for the whole heap (about 100 ms on this machine: ``tierkv demo``'s restore took
-    220-390 ms where one landed in it, 120-150 ms without). ``SessionRunner.turn`` holds it off
+    the GIL for the whole heap (192 ms with SmolLM2 loaded on this machine, bench/gc_pause.py;
+    ``tierkv demo``'s restore reads took 255-309 ms where one landed in them, 126-141 ms
+    without). ``SessionRunner.turn`` holds it off
     from the restore to the first token (``hold_gc``, default True), and leaves it as it found it
     after the turn, an error's included; ``hold_gc=False`` leaves it alone."""
     import gc

@@ -626,7 +626,8 @@ def restore_cache(store: TierKV, tokens: Sequence[int], config: Any, session: st
                                              (buffers[(i, 0)], buffers[(i, 1)]), kind.same_dtype))
             continue
         if isinstance(kind, StateSnapshotLayer):  # (a MiniMax LightningStateLayer: one state)
-            layers.append(type(kind)(kind.step, kind._state, handle, i, [buffers[(i, j)] for j in range(len(kind.widths))], n))
+            layers.append(type(kind)(kind.step, kind._state, handle, i, [buffers[(i, j)] for j in range(len(kind.widths))],
+                                     n, kind.same_dtype))
             continue
         k, v = buffers[(i, 0)], buffers[(i, 1)]
         if isinstance(kind, SlidingHistoryLayer):
@@ -957,13 +958,12 @@ class ConvHistoryLayer(_LinearLayer or object):  # type: ignore[misc]
 # ``[1, heads, head dim, state size]``, or ``[1, inner dim, state size]``, float32 in every
 # dtype), and is stored the same way; so are Mamba's, Falcon Mamba's and Mamba-2's, whose layers
 # are all Mamba layers. MiniMax's lightning attention keeps one state (``LightningStateLayer``,
-# below). ZAYA's CCA
-# attention keeps keys and values beside a conv state and a delayed value (in the model's dtype):
-# a ParallelStateLayer, as Falcon-H1's.
+# below). ZAYA's CCA attention keeps keys and values beside a conv state and a delayed value (in
+# the model's dtype): a ParallelStateLayer, as Falcon-H1's.
 # Models are named here once their layers' calls are tested against transformers' own cache.
 _STATE_MODELS = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini", "kimi_linear",
-                 "bailing_hybrid", "bamba", "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba", "zamba2", "mamba",
-                 "mamba2", "falcon_mamba", "minimax", "zaya")
+                 "bailing_hybrid", "bamba", "granitemoehybrid", "jamba", "nemotron_h", "falcon_h1", "zamba", "zamba2",
+                 "mamba", "mamba2", "falcon_mamba", "minimax", "zaya")
 #: models whose recurrent state is in the model's dtype, not float32 (ZAYA's delayed value)
 _SAME_DTYPE_STATES = ("zaya",)
 _ParallelLayer: Any = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
@@ -1007,8 +1007,7 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
         # the recurrent state is float32 whatever the model's dtype (gated delta nets, Mamba), or
         # in the conv state's dtype (ZAYA's delayed value): stored as float32 either way, exactly
         self.same_dtype = same_dtype
-        self.widths = [spread_width(self._state[0] * self._state[1], step),
-                       spread_width(math.prod(self._state[2:]), step)]
+        self.widths = self._widths()
         self._handle, self._index, self._n = handle, index, n
         self._bufs: Any = list(bufs) if bufs is not None else None  # [1, 1, capacity, width] each
         self._missed: int | None = None  # the first restore point a pass ran past
@@ -1017,6 +1016,10 @@ class StateSnapshotLayer(_LinearLayer or object):  # type: ignore[misc]
             for name in ("conv_states", "recurrent_states", "has_previous_state", "is_conv_states_initialized",
                          "is_recurrent_states_initialized"):
                 setattr(self, name, _LazyStates(self, getattr(self, name)))
+
+    def _widths(self) -> list[int]:
+        """Values per token of each stored state: the conv state's, the recurrent state's."""
+        return [spread_width(self._state[0] * self._state[1], self.step), spread_width(math.prod(self._state[2:]), self.step)]
 
     def _materialize(self) -> None:
         handle, self._handle = self._handle, None
@@ -1198,16 +1201,14 @@ class LightningStateLayer(StateSnapshotLayer):
     many tokens each state follows; ``saved()`` gives one tensor."""
 
     def __init__(self, step: int, state: Sequence[int], handle: Any = None, index: int = 0,
-                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0) -> None:
-        _LinearLayer.__init__(self)
-        self.step, self._state = step, tuple(int(x) for x in state)  # heads, head dim, head dim
-        self.widths = [spread_width(math.prod(self._state), step)]
-        self._handle, self._index, self._n = handle, index, n
-        self._bufs: Any = list(bufs) if bufs is not None else None
-        self._missed: int | None = None
+                 bufs: Sequence[torch.Tensor] | None = None, n: int = 0, same_dtype: bool = True) -> None:
+        # state: heads, head dim, head dim (in the model's dtype)
+        super().__init__(step, state, handle, index, bufs, n, same_dtype)
         self._value: torch.Tensor | None = None  # the state after the last pass
         self._pending: torch.Tensor | None = None  # set before the cache knew the pass's length
-        self._unsnapped = False
+
+    def _widths(self) -> list[int]:
+        return [spread_width(math.prod(self._state), self.step)]
 
     def _materialize(self) -> None:
         handle, self._handle = self._handle, None
@@ -1591,8 +1592,9 @@ class SessionRunner:
     ``hold_gc`` (default True): Python's cyclic garbage collector is held off from the restore to
     the first token (``ttft_s``), and runs again after it as before: a full collection in a
     process holding a model traverses every object transformers made, and holds the GIL the
-    restore's reader threads need meanwhile (about 100 ms on the demo's machine: the restore of
-    ``tierkv demo`` took 220-390 ms where one landed in it, 120-150 ms with it held off).
+    restore's reader threads need meanwhile (192 ms a full ``gc.collect()`` with SmolLM2 loaded,
+    ``bench/gc_pause.py``; ``tierkv demo``'s restore reads took 255-309 ms where one landed in
+    them, 126-141 ms with it held off).
     """
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None,
