@@ -34,7 +34,7 @@ ADAPTERS = {"none": None, "r8 k,v": (8, ["k_proj", "v_proj"]), "r16 all linear":
             "r64 all linear": (64, ALL_LINEAR)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import peft
 
     ap = argparse.ArgumentParser()
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int_at_least(1), default=8)
     ap.add_argument("--rounds", type=int_at_least(1), default=7)
     ap.add_argument("--out", default="bench/results/adapter_overhead.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     _, tok, spec = load_smollm2()
     with open(os.path.join(sysconfig.get_paths()["stdlib"], "functools.py"), encoding="utf-8") as f:
         text = tok.encode(f.read(), add_special_tokens=False)

@@ -35,12 +35,12 @@ from tierkv.integrations.hf import SessionRunner, load_smollm2  # noqa: E402
 from tierkv.pagecache import make_cold  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int_at_least(256), default=4096)
     ap.add_argument("--rounds", type=int_at_least(1), default=6, help="turns for each of hold_gc True and False")
     ap.add_argument("--out", default="bench/results/gc_pause.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model, tok, spec = load_smollm2()
     torch.set_num_threads(os.cpu_count() or 1)
     turn1, turn2 = build_context(tok, args.tokens)

@@ -102,7 +102,7 @@ QWEN_SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num
                   layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int_at_least(32), default=2048)
     ap.add_argument("--rounds", type=int_at_least(1), default=3)
@@ -112,7 +112,7 @@ def main() -> None:
                     help="the store's block (default 256, or the smallest multiple of restore_step above it)")
     ap.add_argument("--out", default=None, help="default bench/results/{lfm,qwen3_5,granite4,gemma3,mamba2}_restore.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GraniteMoeHybridConfig, Lfm2Config, Mamba2Config,
                               Qwen3_5TextConfig)
 

@@ -39,13 +39,13 @@ def lat(xs: list[float]) -> dict[str, float]:
     return {"p50_ms": pct(xs, 50) * 1e3, "p99_ms": pct(xs, 99) * 1e3, "max_ms": max(xs) * 1e3, "n": len(xs)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int_at_least(1), default=100_000)
     ap.add_argument("--long-tokens", type=int_at_least(1), default=1_000_000)
     ap.add_argument("--block-rounds", type=int_at_least(1), default=7, help="rounds of the per-block save and restore")
     ap.add_argument("--out", default="bench/results/ops.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     spec = tierkv.KVSpec.gqa("bench/tiny", 1, 1, 8, torch.bfloat16)
     work = tempfile.mkdtemp(prefix="tierkv-ops-")
     res: dict = {"machine": machine(), "spec_bytes_per_token": spec.bytes_per_token}

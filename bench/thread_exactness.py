@@ -23,12 +23,12 @@ from common import int_at_least, machine, write_json  # noqa: E402
 from tierkv.integrations.hf import kv_to_cache, load_smollm2, prefill  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int_at_least(1), nargs="+", default=[100, 1000, 4100])
     ap.add_argument("--messages", type=int_at_least(1), nargs="+", default=[1, 2, 7, 27, 64, 300])
     ap.add_argument("--out", default="bench/results/thread_exactness.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model, _, spec = load_smollm2()
     g = torch.Generator().manual_seed(0)
     saved = torch.get_num_threads()

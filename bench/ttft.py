@@ -36,14 +36,14 @@ from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm
 from tierkv.pagecache import make_cold  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int_at_least(2), nargs="+", default=[512, 2048, 8000])
     ap.add_argument("--repeats", type=int_at_least(1), default=3)
     ap.add_argument("--server-work-ms", type=float, default=50.0)
     ap.add_argument("--out", default="bench/results/ttft.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model, tok, spec = load_smollm2()
     torch.set_num_threads(os.cpu_count() or 1)
     text = "".join(open(os.path.join(os.path.dirname(os.__file__), n), encoding="utf-8").read()

@@ -50,12 +50,12 @@ from tierkv.valuereader import ValueReader  # noqa: E402
 MESSAGE = 27  # the demo's turn-2 message length
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int_at_least(2), default=8064)
     ap.add_argument("--rounds", type=int_at_least(1), default=6)
     ap.add_argument("--out", default="bench/results/ttft_parts.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model, _, spec = load_smollm2()
     torch.set_num_threads(os.cpu_count() or 1)
     _, kv2k = session_kv(False, os.path.join(os.path.expanduser("~"), ".cache", "tierkv"))
