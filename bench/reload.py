@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   map_location=gpu) for i in range(n_sessions)]))
                 # the host-to-GPU link's own limit: one copy of the same bytes from pinned memory
                 src = torch.empty(total, dtype=torch.uint8, pin_memory=gpu == "cuda")
-                src.view(-1, per)[:] = torch.from_numpy(np.frombuffer(block, np.uint8))
+                src.view(-1, per)[:] = torch.from_numpy(np.frombuffer(bytearray(block), np.uint8))
                 dst = torch.empty(total, dtype=torch.uint8, device=gpu)
                 methods[f"pinned host memory to {on} memory, one copy"] = (
                     lambda: None, on_device(lambda: dst.copy_(src, non_blocking=True)))
