@@ -784,6 +784,7 @@ def _plot(results: dict[str, Any], path: str) -> None:
     ax.set_title(f"Reload of {results['raw_bytes'] / 2**30:.2f} GiB KV ({results['kv']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)  # the smoke tests run this script in the test process, plot after plot
     print(f"wrote {path}")
 
 
