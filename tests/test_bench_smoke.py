@@ -82,14 +82,13 @@ def test_bench_commands_refuse_bad_counts_at_the_command_line(tmp_path, monkeypa
 @pytest.mark.parametrize("store_last", [False, True])
 def test_reload_bench_runs(tmp_path, store_last, bench):
     out = tmp_path / "reload.json"
-    bench("reload", "--size", "40MiB", "--repeats", "2", "--synthetic", "--out", out, "--dir", tmp_path,
-          *(
-                       # the GPU rows run on the CPU where no GPU is (store first: one run is enough)
-                       # (store last: without the O_DIRECT rows, as where the file system refuses them)
-                       # (store last: in DeepSeek V4-Flash's layout, tensors of many widths per layer)
-                       # (store first: in 512-token blocks, tierkv's and the raw LMDB rows' alike)
-            ["--store-last", "--no-o-direct", "--model", "deepseek-v4-flash", "--dtype", "bf16"]
-            if store_last else ["--block-tokens", "512"] + ([] if torch.cuda.is_available() else ["--gpu", "cpu"])))
+    # the GPU rows run on the CPU where no GPU is (store first: one run is enough)
+    # (store last: without the O_DIRECT rows, as where the file system refuses them)
+    # (store last: in DeepSeek V4-Flash's layout, tensors of many widths per layer)
+    # (store first: in 512-token blocks, tierkv's and the raw LMDB rows' alike)
+    extra = (["--store-last", "--no-o-direct", "--model", "deepseek-v4-flash", "--dtype", "bf16"] if store_last
+             else ["--block-tokens", "512"] + ([] if torch.cuda.is_available() else ["--gpu", "cpu"]))
+    bench("reload", "--size", "40MiB", "--repeats", "2", "--synthetic", "--out", out, "--dir", tmp_path, *extra)
     res = json.loads(out.read_text())
     assert res["written"].startswith("baselines" if store_last else "tierkv")
     assert (res["kv"], res["block_tokens"], res["bytes_per_token"]) == (
