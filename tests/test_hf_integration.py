@@ -1379,6 +1379,43 @@ def test_runner_holds_the_garbage_collector_off_until_the_first_token(tmp_path):
         hook.remove()
 
 
+def test_a_compiled_model_gets_its_cache_under_the_name_its_model_takes(tmp_path):
+    """``torch.compile`` wraps a model in a module whose forward takes ``*args, **kwargs`` and
+    hands them to the model's own. Asked of the wrapper, ``prefill`` passed the cache as
+    ``past_key_values``, which transformers 5.24 deprecates and 5.40 drops (no warning says so
+    under dynamo's tracing); it asks the wrapped model now, through PEFT's wrapper too. A
+    compiled model's turns, saved and restored, equal the same turns without tierkv."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tierkv.integrations.hf import _cache_argument
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, vocab_size=100)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    compiled = torch.compile(model, backend="eager")   # dynamo's tracing, no compiler needed
+    assert _cache_argument(compiled) == _cache_argument(model)
+    try:
+        import peft
+    except ImportError:
+        pass
+    else:
+        adapted = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["k_proj"]))
+        assert _cache_argument(torch.compile(adapted, backend="eager")) == _cache_argument(model)
+    ids = list(range(1, 40))
+
+    def alone(toks: list[int]) -> list[int]:
+        logits, cache = prefill(model, toks)
+        return greedy_decode(model, logits, cache, 1)[0]
+
+    with TierKV(str(tmp_path / "store"), spec_for_model(compiled), block_tokens=16) as kv:
+        first = SessionRunner(kv, compiled).turn("s", ids, max_new_tokens=1)   # prefills only: each new
+        more = ids + first.tokens + [7, 8]                                      # shape is traced again
+        second = SessionRunner(kv, compiled).turn("s", more, max_new_tokens=1)
+    assert first.tokens == alone(ids)
+    assert second.restored_tokens == len(ids) and second.tokens == alone(more)
+
+
 def test_cache_helpers_refuse_what_is_not_a_cache():
     """A legacy tuple cache, None or a list went to ``cache.layers`` or tuple unpacking and raised
     AttributeError or TypeError; they are SpecMismatchErrors that say what is expected."""

@@ -472,10 +472,19 @@ def prefill(model: Any, input_ids: Sequence[int], cache: Any | None = None) -> t
 def _cache_argument(model: Any) -> str:
     """The name a model's forward takes its cache under: ``cache`` from transformers 5.24 on
     (``past_key_values`` is a deprecated alias there), ``past_key_values`` before (5.17 ignores
-    an unknown ``cache=`` and starts a new cache, silently). A PEFT model's forward takes neither
-    by name and hands its keyword arguments to the model it wraps, whose forward decides (asked
-    of the wrapper, the deprecated name went to every adapted turn)."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    an unknown ``cache=`` and starts a new cache, silently). A wrapper's forward takes neither by
+    name and hands its keyword arguments to the model it wraps, whose forward decides: asked of
+    the wrapper, the deprecated name went to every turn of a PEFT model (``get_base_model()``)
+    or of a ``torch.compile``d one (``_orig_mod``), and to those of a compiled PEFT model."""
+    inner, seen = model, set()
+    while id(inner) not in seen:
+        seen.add(id(inner))
+        wrapped = inner.__dict__.get("_modules", {}).get("_orig_mod")   # torch.compile's OptimizedModule
+        if wrapped is None and callable(getattr(inner, "get_base_model", None)):
+            wrapped = inner.get_base_model()                             # peft's PeftModel
+        if wrapped is None:
+            break
+        inner = wrapped
     params = inspect.signature(inner.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
