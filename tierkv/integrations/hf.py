@@ -119,8 +119,9 @@ def adapter_tenant(model: Any, remembered: dict | None = None) -> str | None:
             raise ConfigError(f"PEFT adapter {name!r} is a prompt-learning adapter ({getattr(cfg, 'peft_type', '?')}): "
                               "its virtual tokens are KV outside the session's cache, which tierkv cannot restore")
     # A PeftModel wraps the model its layers are injected into: names relative to that model give
-    # a PeftModel and its base model object (which runs the same adapters) the same tenant.
-    root = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    # a PeftModel and its base model object (which runs the same adapters) the same tenant, and
+    # either of them compiled (torch.compile's wrapper would prefix every name)
+    root = _unwrapped(model)
     # adapter layers, found by their PEFT interface (BaseTunerLayer, AuxiliaryTrainingWrapper)
     layers = [(qual, m) for qual, m in root.named_modules()
               if hasattr(type(m), "adapter_layer_names") and hasattr(m, "active_adapters") and hasattr(m, "disable_adapters")]
@@ -474,19 +475,21 @@ def _cache_argument(model: Any) -> str:
     (``past_key_values`` is a deprecated alias there), ``past_key_values`` before (5.17 ignores
     an unknown ``cache=`` and starts a new cache, silently). A wrapper's forward takes neither by
     name and hands its keyword arguments to the model it wraps, whose forward decides: asked of
-    the wrapper, the deprecated name went to every turn of a PEFT model (``get_base_model()``)
-    or of a ``torch.compile``d one (``_orig_mod``), and to those of a compiled PEFT model."""
-    inner, seen = model, set()
-    while id(inner) not in seen:
-        seen.add(id(inner))
-        wrapped = inner.__dict__.get("_modules", {}).get("_orig_mod")   # torch.compile's OptimizedModule
-        if wrapped is None and callable(getattr(inner, "get_base_model", None)):
-            wrapped = inner.get_base_model()                             # peft's PeftModel
-        if wrapped is None:
-            break
-        inner = wrapped
-    params = inspect.signature(inner.forward).parameters
+    the wrapper, the deprecated name went to every turn of a PEFT model or a compiled one."""
+    params = inspect.signature(_unwrapped(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _unwrapped(model: Any) -> Any:
+    """The model a wrapper hands its calls to, through any nesting of torch.compile's
+    ``OptimizedModule`` (``_orig_mod``) and peft's ``PeftModel`` (``get_base_model()``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        if inner is None or inner is model:
+            return model
+        model = inner
 
 
 GROUPED_ATTENTION = "tierkv_grouped_sdpa"
