@@ -1329,6 +1329,14 @@ def test_sliding_window_model_real_weights(smol, tmp_path):
         same_turn(t, other, shared)
 
 
+def tiny_llama_config(layers: int = 2) -> Any:
+    """A Llama config of a few thousand weights: one KV head of 16, a vocabulary of 100."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=64, vocab_size=100)
+
+
 def test_runner_holds_the_garbage_collector_off_until_the_first_token(tmp_path):
     """A full collection of Python's cyclic garbage collector in a process holding a model holds
     the GIL for the whole heap (192 ms with SmolLM2 loaded on this machine, bench/gc_pause.py;
@@ -1338,12 +1346,10 @@ def test_runner_holds_the_garbage_collector_off_until_the_first_token(tmp_path):
     after the turn, an error's included; ``hold_gc=False`` leaves it alone."""
     import gc
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=64, vocab_size=100)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=torch.float32).eval()
     seen: list[bool] = []
     boom: list[bool] = []
 
@@ -1385,14 +1391,12 @@ def test_a_compiled_model_gets_its_cache_under_the_name_its_model_takes(tmp_path
     ``past_key_values``, which transformers 5.24 deprecates and 5.40 drops (no warning says so
     under dynamo's tracing); it asks the wrapped model now, through PEFT's wrapper too. A
     compiled model's turns, saved and restored, equal the same turns without tierkv."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from tierkv.integrations.hf import _cache_argument
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=64, vocab_size=100)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(1), dtype=torch.float32).eval()
     compiled = torch.compile(model, backend="eager")   # dynamo's tracing, no compiler needed
     assert _cache_argument(compiled) == _cache_argument(model)
     try:
@@ -1422,10 +1426,7 @@ def test_a_compiled_model_gets_its_cache_under_the_name_its_model_takes(tmp_path
 def test_cache_helpers_refuse_what_is_not_a_cache():
     """A legacy tuple cache, None or a list went to ``cache.layers`` or tuple unpacking and raised
     AttributeError or TypeError; they are SpecMismatchErrors that say what is expected."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=64, vocab_size=100)
+    cfg = tiny_llama_config()
     pair = (torch.zeros(1, 4, 16), torch.zeros(1, 4, 16))
     for cache in (None, [], ((pair[0][None], pair[1][None]),) * 2):
         with pytest.raises(SpecMismatchError, match="transformers Cache"):
