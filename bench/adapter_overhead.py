@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, int_at_least, machine, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, setup_frozen, stats_of, write_json  # noqa: E402
 
 from tierkv import TierKV  # noqa: E402
 from tierkv.integrations.hf import SessionRunner, adapter_tenant, load_smollm2  # noqa: E402
@@ -64,19 +64,20 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as d, TierKV(os.path.join(d, "store"), spec) as kv:
             runner = SessionRunner(kv, model)
             runner.turn("warm", context + [new[0]], max_new_tokens=1)  # the prefix every round restores
-            for i in range(args.rounds):
-                collected()
-                t = time.perf_counter()
-                adapter_tenant(model)
-                tenant_s.append(time.perf_counter() - t)
-                collected()
-                t = time.perf_counter()
-                adapter_tenant(model, memo)
-                remembered_s.append(time.perf_counter() - t)
-                collected()
-                t = time.perf_counter()
-                turn = runner.turn(f"round{i}", context + new, max_new_tokens=args.decode)
-                turn_s.append(time.perf_counter() - t)
+            with setup_frozen():
+                for i in range(args.rounds):
+                    collected()
+                    t = time.perf_counter()
+                    adapter_tenant(model)
+                    tenant_s.append(time.perf_counter() - t)
+                    collected()
+                    t = time.perf_counter()
+                    adapter_tenant(model, memo)
+                    remembered_s.append(time.perf_counter() - t)
+                    collected()
+                    t = time.perf_counter()
+                    turn = runner.turn(f"round{i}", context + new, max_new_tokens=args.decode)
+                    turn_s.append(time.perf_counter() - t)
         share = [a / b for a, b in zip(tenant_s, turn_s)]
         rows.append({"adapter": name, "adapter_bytes": adapter_bytes, "restored_tokens": turn.restored_tokens,
                      "tenant_ms": stats_of([x * 1e3 for x in tenant_s]),

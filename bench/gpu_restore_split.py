@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ab_reload import _tokens, write_store  # noqa: E402
-from common import collected, int_at_least, machine, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, setup_frozen, stats_of, write_json  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -151,26 +151,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         raise SystemExit("the host tier did not take every block")
                 else:
                     restore_all(s, n, "cpu")  # the store's B-tree pages and (warm) values cached
-                for _ in range(args.rounds):
-                    order = list(devices)
-                    rng.shuffle(order)
-                    orders.append([source] + order)
-                    for dev in order:
-                        if source == "cold":
-                            # as after a restart: the store closed, every page of it dropped,
-                            # B-tree pages included (an open store's map keeps the pages it has
-                            # touched, and make_cold refused to call that cold),
-                            # then opened again (untimed)
-                            s.close()
-                            make_cold(data)
-                            s = opened()
-                        collected()
-                        row = rows.setdefault(f"{source}, {labels[dev]}", {})
-                        for k, v in restore_all(s, n, dev).items():
-                            row.setdefault(k, []).append(v)
-                    print(f"  {source} round {len(orders)}: " + ", ".join(
-                        f"{labels[d]} {total / rows[f'{source}, {labels[d]}']['total_s'][-1] / 1e9:.2f} GB/s"
-                        for d in order), flush=True)
+                with setup_frozen():
+                    for _ in range(args.rounds):
+                        order = list(devices)
+                        rng.shuffle(order)
+                        orders.append([source] + order)
+                        for dev in order:
+                            if source == "cold":
+                                # as after a restart: the store closed, every page of it dropped,
+                                # B-tree pages included (an open store's map keeps the pages it has
+                                # touched, and make_cold refused to call that cold),
+                                # then opened again (untimed)
+                                s.close()
+                                make_cold(data)
+                                s = opened()
+                            collected()
+                            row = rows.setdefault(f"{source}, {labels[dev]}", {})
+                            for k, v in restore_all(s, n, dev).items():
+                                row.setdefault(k, []).append(v)
+                        print(f"  {source} round {len(orders)}: " + ", ".join(
+                            f"{labels[d]} {total / rows[f'{source}, {labels[d]}']['total_s'][-1] / 1e9:.2f} GB/s"
+                            for d in order), flush=True)
             finally:
                 s.close()
     finally:

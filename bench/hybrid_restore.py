@@ -46,7 +46,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, int_at_least, machine, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, setup_frozen, stats_of, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import (HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill,  # noqa: E402
@@ -165,23 +165,24 @@ def main(argv: list[str] | None = None) -> None:
         with tierkv.TierKV(path, spec, **opts) as s:
             s.save(ctx, kv, session="s").wait()
             s.flush()
-        for _ in range(args.rounds):
-            collected()
-            t0 = time.perf_counter()
-            prefill(model, ctx + message)
-            times["recompute"].append(time.perf_counter() - t0)
-            for way in ("cold_ssd", "cold_ssd_needed"):
-                make_cold(os.path.join(path, "data.mdb"))
-                with tierkv.TierKV(path, spec, **opts) as s:
-                    collected()
-                    t0 = time.perf_counter()
-                    c, h = restore_cache(s, ctx, model.config, session="s", pool=pool,
-                                         needed_only=way == "cold_ssd_needed")
-                    got, _ = prefill(model, ctx[h.num_tokens:] + message, c)
-                    times[way].append(time.perf_counter() - t0)
-                    assert h.num_tokens == point and set(h.result().sources) == {"ssd"}
-                    read[way].append(s.stats()["ssd_read_bytes"])
-                exact = exact and torch.equal(got, want)
+        with setup_frozen():
+            for _ in range(args.rounds):
+                collected()
+                t0 = time.perf_counter()
+                prefill(model, ctx + message)
+                times["recompute"].append(time.perf_counter() - t0)
+                for way in ("cold_ssd", "cold_ssd_needed"):
+                    make_cold(os.path.join(path, "data.mdb"))
+                    with tierkv.TierKV(path, spec, **opts) as s:
+                        collected()
+                        t0 = time.perf_counter()
+                        c, h = restore_cache(s, ctx, model.config, session="s", pool=pool,
+                                             needed_only=way == "cold_ssd_needed")
+                        got, _ = prefill(model, ctx[h.num_tokens:] + message, c)
+                        times[way].append(time.perf_counter() - t0)
+                        assert h.num_tokens == point and set(h.result().sources) == {"ssd"}
+                        read[way].append(s.stats()["ssd_read_bytes"])
+                    exact = exact and torch.equal(got, want)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stats = {k: stats_of(v) for k, v in times.items()}

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ab_reload import _tokens, write_store  # noqa: E402
-from common import collected, int_at_least, machine, preallocated, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, preallocated, setup_frozen, stats_of, write_json  # noqa: E402
 from read_patterns import layer_major, value_layout  # noqa: E402
 from reload import TOKENS, session_kv  # noqa: E402
 
@@ -188,22 +188,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows: dict[str, dict[str, list[float]]] = {}
         orders = []
         rng = random.Random(args.seed)
-        for mode in ("cold", "warm"):
-            if mode == "warm":
-                engine(), pattern()   # the store into the page cache
-            for _ in range(args.rounds if mode == "cold" else max(3, args.rounds // 2)):
-                order = list(methods)
-                rng.shuffle(order)
-                orders.append([mode] + order)
-                for name in order:
-                    if mode == "cold":
-                        make_cold(data)
-                    collected()
-                    row = rows.setdefault(f"{name} {mode}", {})
-                    for k, v in timed_run(methods[name], total).items():
-                        row.setdefault(k, []).append(v)
-                print(f"  {mode} round {len(orders)}: " + ", ".join(
-                    f"{name} {rows[f'{name} {mode}']['gbps'][-1]:.2f} GB/s" for name in order), flush=True)
+        with setup_frozen():
+            for mode in ("cold", "warm"):
+                if mode == "warm":
+                    engine(), pattern()   # the store into the page cache
+                for _ in range(args.rounds if mode == "cold" else max(3, args.rounds // 2)):
+                    order = list(methods)
+                    rng.shuffle(order)
+                    orders.append([mode] + order)
+                    for name in order:
+                        if mode == "cold":
+                            make_cold(data)
+                        collected()
+                        row = rows.setdefault(f"{name} {mode}", {})
+                        for k, v in timed_run(methods[name], total).items():
+                            row.setdefault(k, []).append(v)
+                    print(f"  {mode} round {len(orders)}: " + ", ".join(
+                        f"{name} {rows[f'{name} {mode}']['gbps'][-1]:.2f} GB/s" for name in order), flush=True)
     finally:
         os.preadv = _real_preadv
         shutil.rmtree(work, ignore_errors=True)

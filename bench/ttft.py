@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, int_at_least, machine, pyplot, stats_of, write_json  # noqa: E402
+from common import collected, int_at_least, machine, pyplot, setup_frozen, stats_of, write_json  # noqa: E402
 
 import tierkv  # noqa: E402
 from tierkv.integrations.hf import HEADROOM, CachePool, cache_to_kv, load_smollm2, prefill, restore_cache  # noqa: E402
@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             res: dict[str, list[float]] = {}
 
             def timed(name: str, fn) -> None:
-                for _ in range(args.repeats):
-                    t = fn()
-                    res.setdefault(name, []).append(t)
+                with setup_frozen():
+                    for _ in range(args.repeats):
+                        t = fn()
+                        res.setdefault(name, []).append(t)
 
             def recompute() -> float:
                 collected()

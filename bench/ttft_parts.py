@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import collected, int_at_least, machine, write_json  # noqa: E402
+from common import collected, int_at_least, machine, setup_frozen, write_json  # noqa: E402
 from reload import session_kv  # noqa: E402
 
 import tierkv  # noqa: E402
@@ -121,10 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:
-        for r in range(args.rounds):
-            for name, fn in variants.items():
-                times[name].append(fn())
-            print(f"  round {r + 1}/{args.rounds}", flush=True)
+        with setup_frozen():
+            for r in range(args.rounds):
+                for name, fn in variants.items():
+                    times[name].append(fn())
+                print(f"  round {r + 1}/{args.rounds}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = {name: {"median_s": statistics.median(x), "min_s": min(x), "max_s": max(x), "n": len(x)}
