@@ -60,9 +60,17 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path, kills):
     path = str(tmp_path / "store")
     rng = random.Random(7)
     acked, started, total_checked = {}, {}, 0
+
+    def spawn(k):   # imports while the process before it runs; opens the store when told to
+        return subprocess.Popen([sys.executable, SAVER, path, str(k), "--wait"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=child_env())
+
+    waiting = spawn(0)
     for k in range(kills):
-        proc = subprocess.Popen([sys.executable, SAVER, path, str(k)], stdout=subprocess.PIPE, text=True,
-                                env=child_env())
+        proc = waiting
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+        waiting = spawn(k + 1)
         lines = []
         t = threading.Thread(target=read_lines, args=(proc, lines), daemon=True)
         t.start()
@@ -81,6 +89,9 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path, kills):
             else:
                 started.setdefault(sid, []).append((int(vseed), int(n)))
         total_checked = check_store(path, acked, started)
+    waiting.stdin.close()   # the spare: told there is nothing to do, it exits without opening the store
+    assert waiting.wait(timeout=60) == 0
+    waiting.stdout.close()
     assert total_checked == len(acked) >= 5
 
 

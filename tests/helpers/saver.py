@@ -1,9 +1,11 @@
 """Child process for the crash and multi-process tests: saves sessions in a loop.
 
-    python saver.py STORE SEED [--shared]
+    python saver.py STORE SEED [--shared] [--wait]
 
 Prints "start SID SEED N" before each save and "ok SID SEED N" once ``save(...).wait()`` returned
 (write-through: durable). A parent kills it at random moments, or several run side by side.
+With ``--wait`` it imports, then opens the store only once a line arrives on stdin (and exits
+at end of input): a parent starts the next process while the one before it still runs.
 """
 
 import os
@@ -25,6 +27,8 @@ def tokens_for(seed: int, n: int) -> list[int]:
 def main() -> None:
     store, seed = sys.argv[1], int(sys.argv[2])
     shared = "--shared" in sys.argv
+    if "--wait" in sys.argv and not sys.stdin.readline():
+        return
     rng = random.Random(seed)
     spec = small_spec()
     with tierkv.TierKV(store, spec, block_tokens=BLOCK, persist="write_through", ssd_bytes="256MiB",
