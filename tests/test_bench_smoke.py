@@ -531,6 +531,33 @@ def test_save_block_bench_compares_block_sizes(tmp_path, bench):
     assert res["children"][a][0]["resident_blocks"]["host"] == 256 // 64
     assert res["this_vs_a_per_run_total"]["median"] > 0
 
+def test_setup_frozen_keeps_setup_out_of_collections_until_its_block_ends(monkeypatch):
+    """bench/common.py's setup_frozen(): what was alive when the block began is frozen (left out
+    of every collection inside it), what the block makes is not; an inner block leaves the
+    unfreezing to the outer one; and the end of the block unfreezes, also when it raises."""
+    import gc
+
+    monkeypatch.setattr(sys, "path", [os.path.join(ROOT, "bench"), *sys.path])
+    import common
+
+    assert gc.get_freeze_count() == 0
+    setup = [object()]
+    with common.setup_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        made = [[] for _ in range(1000)]     # tracked containers made inside the block
+        assert gc.get_freeze_count() == frozen
+        with common.setup_frozen():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen   # still frozen: the outer block has not ended
+        common.collected()
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), common.setup_frozen():
+        raise RuntimeError
+    assert gc.get_freeze_count() == 0 and setup and made
+
+
 def test_ring_read_delivers_every_chunk_in_order_and_checks_it(tmp_path):
     """The O_DIRECT read ring of bench/common.py (compressed_ceiling.py's and direct_ceiling.py's
     bounce rows): each chunk is handed over in order with its index, also when it ends mid-page
