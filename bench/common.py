@@ -38,9 +38,6 @@ def collected() -> None:
     gc.collect()
 
 
-_frozen_depth = 0
-
-
 @contextlib.contextmanager
 def setup_frozen() -> Iterator[None]:
     """Leave every object alive now out of the full collections run inside the block.
@@ -51,18 +48,17 @@ def setup_frozen() -> Iterator[None]:
     once before every timed run (41 s of the bench smoke tests' 4 minutes, when measured). Frozen
     (``gc.freeze()``) after one collection, they are skipped; what the timed runs create is
     collected as before. The block's end unfreezes them, so garbage cycles among them are not
-    kept past it. A block inside another leaves the freezing to the outer one."""
-    global _frozen_depth
-    if _frozen_depth == 0:
-        gc.collect()
-        gc.freeze()
-    _frozen_depth += 1
+    kept past it. Where objects are frozen already (an outer block, or a process that froze its
+    own), the block leaves freezing and unfreezing to whoever froze them."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:
-        _frozen_depth -= 1
-        if _frozen_depth == 0:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 def stats_of(xs: list[float]) -> dict[str, Any]:
