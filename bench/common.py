@@ -44,8 +44,8 @@ def setup_frozen() -> Iterator[None]:
 
     A bench's setup (torch imported, KV captured or a model loaded; in the test suite, pytest's
     own objects as well) leaves hundreds of thousands of tracked objects, and each full
-    collection walks all of them: about 0.1 s in a bench process and 0.2 s in the test process,
-    once before every timed run (41 s of the bench smoke tests' 4 minutes, when measured). Frozen
+    collection walks all of them (192 ms with SmolLM2 loaded, ``bench/gc_pause.py``), once before
+    every timed run: the bench smoke tests ran 3:14 with them frozen, 3:54-4:00 before. Frozen
     (``gc.freeze()``) after one collection, they are skipped; what the timed runs create is
     collected as before. The block's end unfreezes them, so garbage cycles among them are not
     kept past it. Where objects are frozen already (an outer block, or a process that froze its
