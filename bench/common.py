@@ -20,11 +20,37 @@ from typing import Any, Callable, Iterator
 import torch
 
 
+#: CPU features that decide which kernels torch and the codecs run (and so their speed, and on
+#: some CPUs the last bits of a model's rows: docs/integration.md, "Short convolutions")
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> tuple[str | None, list[str]]:
+    """The CPU's model name and which of ``_CPU_FEATURES`` it has, from Linux's cpuinfo; (None, [])
+    where there is none. The same VM image has run on different CPUs from one session to the next."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return None, []
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model, [f for f in _CPU_FEATURES if f in flags]
+
+
 def machine() -> dict[str, Any]:
     import psutil
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+    model, features = cpu_model()
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": model, "cpu_features": features,
+            "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -558,6 +558,23 @@ def test_setup_frozen_keeps_setup_out_of_collections_until_its_block_ends(monkey
     assert gc.get_freeze_count() == 0 and setup and made
 
 
+def test_machine_records_the_cpu_model_and_its_kernel_features(tmp_path, monkeypatch):
+    """bench/common.py's cpu_model(): the first model name and which of the features that pick
+    torch's kernels the flags list, from a cpuinfo file; nothing where there is no such file."""
+    monkeypatch.setattr(sys, "path", [os.path.join(ROOT, "bench"), *sys.path])
+    import common
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 fma avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu amx_tile\n")
+    assert common.cpu_model(str(info)) == ("AMD EPYC 9R14", ["avx2", "avx512f", "avx512_bf16"])
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2\n")
+    assert common.cpu_model(str(info)) == (None, ["avx2"])
+    assert common.cpu_model(str(tmp_path / "missing")) == (None, [])
+    m = common.machine()
+    assert set(m) >= {"cpu_model", "cpu_features", "cores"} and isinstance(m["cpu_features"], list)
+
+
 def test_ring_read_delivers_every_chunk_in_order_and_checks_it(tmp_path):
     """The O_DIRECT read ring of bench/common.py (compressed_ceiling.py's and direct_ceiling.py's
     bounce rows): each chunk is handed over in order with its index, also when it ends mid-page
