@@ -103,6 +103,7 @@ def test_reload_bench_runs(tmp_path, store_last, bench):
             "tierkv cold, values read through LMDB's map"} <= set(res["logical_gbps"])
     direct_rows = {"disk O_DIRECT sequential read", "disk O_DIRECT read, 4 requests in flight",
                    "disk O_DIRECT sequential read, huge-page buffer", "disk O_DIRECT read of tierkv's store file",
+                   "disk O_DIRECT read of tierkv's store file, huge-page buffer",
                    "disk O_DIRECT sequential read into a whole destination (huge pages)"}
     assert res["o_direct"] is not store_last
     if store_last:  # left out, with every ratio and target that needs them
@@ -112,6 +113,7 @@ def test_reload_bench_runs(tmp_path, store_last, bench):
         assert direct_rows <= set(res["logical_gbps"])
         assert res["ratios"]["tierkv_preallocated_cold_vs_odirect_whole_destination"] > 0
         assert res["ratios"]["tierkv_cold_vs_odirect_4_in_flight"] > 0
+        assert res["ratios"]["tierkv_cold_vs_odirect_same_file_huge_page_buffer"] > 0
         assert len(res["targets"]) == 8
         assert res["targets"]["tierkv_cold_vs_odirect_huge_page_buffer"]["at_least"] == 1.0
     assert res["map_reads_vs_pread"] > 0
