@@ -33,7 +33,8 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> tuple[str | None, list[str]]:
             text = f.read()
     except OSError:
         return None, []
-    model, flags = None, set()
+    model: str | None = None
+    flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
