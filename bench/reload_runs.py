@@ -64,9 +64,12 @@ def load_runs(results: str) -> list[dict[str, Any]]:
         bf16, number = m.group(1) is not None, int(m.group(3) or (1 if m.group(1) else 3))
         config = "fp32" if not bf16 else ("bf16 raw" if r.get("codec") == "raw" else "bf16 zstd-planes")
         label = f"{number}, store last" if m.group(4) else str(number)
+        machine = r.get("machine", {})
+        cpu = ((machine["cpu_model"], tuple(machine.get("cpu_features", ())))
+               if machine.get("cpu_model") else None)  # recorded from session 70 on
         runs.append({"file": name, "config": config, "number": number, "store_last": bool(m.group(4)),
                      "label": label, "gbps": r["logical_gbps"], "requests": r.get("disk_requests", {}),
-                     "save_4096": r.get("save_4096", {})})
+                     "save_4096": r.get("save_4096", {}), "cpu": cpu})
     order = {"fp32": 0, "bf16 zstd-planes": 1, "bf16 raw": 2}
     return sorted(runs, key=lambda run: (order[run["config"]], run["number"], run["store_last"]))
 
@@ -216,6 +219,16 @@ def glance(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def cpus_of(runs: list[dict[str, Any]]) -> dict[tuple[str, tuple[str, ...]], list[str]]:
+    """The labels of the runs whose JSON names their CPU, by (model, features): the same VM
+    image has run on different CPUs from one session to another, at different speeds."""
+    cpus: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for run in runs:
+        if run["cpu"] is not None:
+            cpus.setdefault(run["cpu"], []).append(run["label"])
+    return cpus
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -263,8 +276,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if bare:
             print(f"- the bare read pattern against raw LMDB, preallocated: {min(bare):.2f}–{max(bare):.2f}x, "
                   f"median {statistics.median(bare):.2f}x over {len(bare)} runs")
+        cpus = cpus_of(mine)
+        for (model, features), labels in cpus.items():
+            print(f"- runs that name their CPU (recorded from session 70 on): {', '.join(labels)} on {model}"
+                  f" ({', '.join(features) or 'no AVX2'})")
         print()
-        report["configs"][config] = {"runs": [run["file"] for run in mine], "tallies": t, "spans": s}
+        report["configs"][config] = {"runs": [run["file"] for run in mine], "tallies": t, "spans": s,
+                                     "cpus": cpus}
     print("### The O_DIRECT baselines: rate against request size, every run that recorded it\n")
     print("\n".join(odirect_requests(runs)))
     print()

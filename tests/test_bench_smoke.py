@@ -785,6 +785,11 @@ def test_reload_runs_tables_match_the_runs_own_ratios(capsys):
     # a tally counts the runs at or above the target's ratio, and only runs that measured it
     fp32 = report["configs"]["fp32"]["tallies"]["vs O_DIRECT"]
     assert 0 <= fp32["met"] <= fp32["runs"] <= len(report["configs"]["fp32"]["runs"])
+    # runs that name their CPU are listed under it, and no run twice
+    for config in report["configs"].values():
+        labels = [label for labels in config["cpus"].values() for label in labels]
+        assert len(labels) == len(set(labels)) <= len(config["runs"])
+    assert "76" in report["configs"]["fp32"]["cpus"].get(("AMD EPYC", ("avx2", "avx512f", "avx512_bf16")), [])
 
 
 def test_demo_block_sizes_script(tmp_path):
