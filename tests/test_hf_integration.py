@@ -637,10 +637,9 @@ def test_lfm2_conv_layers_restore_at_any_token(tmp_path, kind, dtype):
     in a fresh handle); each equals the same turn on transformers' own cache continued from the
     previous turn, tokens and logits to the bit. Then a second session of its own, prefilled in
     two passes so that transformers' own cache exists at 37: restored at 37, inside a block, it
-    continues as that cache does (its own tokens: a prefix shared with s would restore s's rows,
-    from a 50-token pass, which on a CPU whose kernels depend on a pass's length differ from a
-    37-token pass's in their last bits). Last, a damaged block: the turn restarts from the block
-    before it. LFM2-MoE and LFM3 (kernel 7, with a sliding-window layer) the same."""
+    continues as that cache does (its own tokens: see the comment there). Last, a damaged block:
+    the turn restarts from the block before it. LFM2-MoE and LFM3 (kernel 7, with a
+    sliding-window layer) the same."""
     lfm = tiny_lfm(kind, dtype)
     cfg = lfm.config
     spec = spec_for_model(lfm, model_id="test/lfm2")
