@@ -27,6 +27,9 @@ store of its own (the same KV) and restores that one: for changes to how values 
 ``bench/reload.py --model``). ``--block-tokens N``: the stores' block size (default: the model's,
 256 tokens for SmolLM2); ``--block-tokens-b M``: B's (implies ``--own-stores``): two block sizes,
 side by side (``--a . --model qwen3-32b --dtype bf16 --codec raw --block-tokens-b 32``).
+``--page-cache bypass``: both versions restore with ``ssd_page_cache="bypass"``;
+``--page-cache-b MODE``: B's mode, if not ``--page-cache``'s (``--a . --page-cache-b bypass``: the
+two modes of one version, on one store).
 """
 
 from __future__ import annotations
@@ -49,11 +52,12 @@ from common import int_at_least  # noqa: E402  (common imports no tierkv: a chil
 
 
 def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, sessions: int, mode: str,
-          codec: str, preallocated: bool = False, model: str | None = None, block_tokens: int | None = None) -> None:
+          codec: str, preallocated: bool = False, model: str | None = None, block_tokens: int | None = None,
+          page_cache: str = "use") -> None:
     """Restore every session of ``store`` with the tierkv found in ``root``; print GB/s as JSON.
     ``mode`` "write": write the store instead. ``preallocated``: restore into one CachePool
     reserved up front (as a server does, and as the reload bench's preallocated rows), not into
-    fresh tensors. ``model`` and ``block_tokens``: as the options ``--model`` and ``--block-tokens``."""
+    fresh tensors. ``model`` and ``block_tokens``: as the options ``--model`` and ``--block-tokens``; ``page_cache``: the restoring store's ``ssd_page_cache``."""
     sys.path.insert(0, os.path.abspath(root))
     sys.path.insert(1, HERE)
     import tierkv
@@ -70,7 +74,8 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         write_store(tierkv, store, spec, kv, sessions, codec, block_tokens)
         print(json.dumps({"written": store}))
         return
-    big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec, block_tokens=block_tokens)
+    big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec, block_tokens=block_tokens,
+               ssd_page_cache=page_cache)
     allocate = common.preallocated(spec, TOKENS) if preallocated else None
     if mode == "cold":
         # (the version under test may predate make_cold: its two steps, with this tree's check)
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="tokens per block of the stores (default: the model's; 256 for SmolLM2)")
     ap.add_argument("--block-tokens-b", type=int_at_least(16), default=None,
                     help="B's tokens per block, if not --block-tokens' (implies --own-stores)")
+    ap.add_argument("--page-cache", choices=("use", "bypass"), default="use",
+                    help="ssd_page_cache of the restoring stores (default: use)")
+    ap.add_argument("--page-cache-b", choices=("use", "bypass"), default=None,
+                    help="B's ssd_page_cache, if not --page-cache's")
     ap.add_argument("--dir", default=None, help="working directory on the disk to test (default: a temp dir)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="bench/results/ab_reload.json")
@@ -144,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.store, args.dtype, args.synthetic, args.cache_dir, args.sessions,
-              "write" if args.write else args.mode[0], args.codec, args.preallocated, args.model, args.block_tokens)
+              "write" if args.write else args.mode[0], args.codec, args.preallocated, args.model, args.block_tokens,
+              args.page_cache)
         return {}
 
     codecs = {"A": args.codec, "B": args.codec_b or args.codec}
@@ -166,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_dir = args.cache_dir or default_cache_dir()
     spec, kv, block_tokens = bench_kv(args.synthetic, cache_dir, args.dtype, args.model, args.block_tokens)
     blocks = {"A": block_tokens, "B": args.block_tokens_b or block_tokens}
+    page_caches = {"A": args.page_cache, "B": args.page_cache_b or args.page_cache}
     per = TOKENS * spec.bytes_per_token
     sessions = max(1, parse_size(args.size, "--size") // per)
     work = tempfile.mkdtemp(prefix="tierkv-ab-", dir=args.dir)
@@ -185,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "--sessions", str(sessions), "--cache-dir", cache_dir]
         cmd += ["--synthetic"] if args.synthetic else []
         cmd += ["--model", args.model] if args.model else []
-        cmd += ["--block-tokens", str(blocks[name])]
+        cmd += ["--block-tokens", str(blocks[name]), "--page-cache", page_caches[name]]
         cmd += ["--write"] if mode == "write" else []
         cmd += ["--preallocated"] if args.preallocated else []
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kv": (f"{args.model}-random-" if args.model else "synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "block_tokens": blocks, "restored_blocks": restored_blocks,
         "codec": args.codec, "codec_b": codecs["B"], "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
-        "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
+        "page_cache": page_caches, "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
         "round_orders": orders, "store_file_bytes": store_bytes,
         "gbps": {k: stats_of(v) for k, v in rates.items()},
         "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},

@@ -863,6 +863,7 @@ class TierKV(SSDWriter, Loads):
         if error is None:
             error = next((op.error for op in self._last_write_back_ops or () if op.error is not None), None)
         self._pool.shutdown(wait=True)
+        self._reads.close()
         if self._host_pool is not None:
             self._host_pool.close()
         with self._lock:  # a call that took the lock before close() began has finished with LMDB

@@ -111,14 +111,20 @@ def resident_fraction(path: str, offset: int = 0, length: int | None = None) -> 
 def any_resident(addr: int, length: int) -> bool:
     """Whether any page of the mapped range ``[addr, addr + length)`` is in the page cache
     (``mincore``; it reads nothing). True when it cannot tell."""
+    return resident_pages(addr, length)[0] > 0
+
+
+def resident_pages(addr: int, length: int) -> tuple[int, int]:
+    """(pages in the page cache, pages) of the mapped range ``[addr, addr + length)``
+    (``mincore``; it reads nothing); every page counts as resident when it cannot tell."""
     start = addr - addr % mmap.PAGESIZE
     pages = (addr + length - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE
     if pages <= 0:
-        return False
+        return 0, 0
     vec = (ctypes.c_ubyte * pages)()
     if _libc.mincore(ctypes.c_void_p(start), pages * mmap.PAGESIZE, vec) != 0:
-        return True
-    return b"\x01" in bytes(vec).translate(_LOW_BIT)
+        return pages, pages
+    return bytes(vec).translate(_LOW_BIT).count(1), pages
 
 
 _LOW_BIT = bytes(b & 1 for b in range(256))  # mincore's byte per page: bit 0 = resident

@@ -13,15 +13,21 @@ failed, a direct part failed, a thread's unexpected error.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
+import torch
+
 from .blocks import Block, BlockLoad
 from .codec import Codec, CorruptValueError, ValueGoneError, layers_span, parse_block, stored_span
 from .errors import StoreIOError
 from .handles import LoadHandle, _Part
+from .hostmem import HUGE_PAGE, aligned_empty, prefault
 from .movers import decode_layer_into, decode_layer_into_views, read_layers_direct
 from .pagecache import advise_willneed
 from .spec import KVSpec
@@ -29,7 +35,8 @@ from .stats import Stats
 from .store import SSDStore
 from .tiers import MemoryTier
 
-__all__ = ["SSDReads", "DIRECT_READ_BYTES", "DIRECT_MIN_BYTES", "HINT_AHEAD_BYTES"]
+__all__ = ["SSDReads", "BounceBuffers", "DIRECT_READ_BYTES", "DIRECT_MIN_BYTES", "HINT_AHEAD_BYTES",
+           "STREAM_MAX_BYTES"]
 
 #: bytes per O_DIRECT request of a block's layers (``ssd_page_cache="bypass"``): on the test machine's
 #: disk, requests of a few MiB went near its sequential rate and requests of one layer did not
@@ -42,6 +49,9 @@ DIRECT_MIN_BYTES = 1 << 20
 #: the test machine 4-16 MiB ahead did best, 1 MiB and 64 MiB worse, everything up front worst
 #: (bench/needed_reload.py --hint-ahead: a request far ahead delays the ones the threads wait for)
 HINT_AHEAD_BYTES = 8 << 20
+#: largest value (its whole pages) a ``ssd_page_cache="bypass"`` load reads in one piece with
+#: O_DIRECT into a reused bounce buffer (``SSDReads._stream``); larger ones are read layer by layer
+STREAM_MAX_BYTES = 64 << 20
 
 
 def _consecutive(layers: list[int]) -> Iterator[range]:
@@ -56,6 +66,44 @@ def _consecutive(layers: list[int]) -> Iterator[range]:
         prev = x
     if start is not None:
         yield range(start, prev + 1)
+
+
+class BounceBuffers:
+    """Page-aligned buffers in huge pages that the engine's streamed O_DIRECT reads land in, kept
+    from one load to the next: the most recently returned is handed out first, so a read goes
+    into memory written a moment before (what the test machine's disk read fastest into:
+    bench/direct_ceiling.py, "a ring of reused buffers"). At most ``keep`` wait unused; each is
+    made resident when created, so no read waits for its page faults."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: list[Any] = []   # torch uint8 tensors, most recently returned last
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> Any:
+        """A buffer of at least ``nbytes`` (a uint8 tensor; give it back with ``give``)."""
+        with self._lock:
+            for i in range(len(self._free) - 1, -1, -1):
+                if self._free[i].numel() >= nbytes:
+                    return self._free.pop(i)
+        buf = aligned_empty((-(-nbytes // HUGE_PAGE) * HUGE_PAGE,), torch.uint8, huge=True)
+        prefault(buf)
+        return buf
+
+    def give(self, buf: Any) -> None:
+        with self._lock:
+            self._free.append(buf)
+            if len(self._free) > self._keep:  # the smallest goes
+                self._free.remove(min(self._free, key=lambda b: b.numel()))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._free)
 
 
 class SSDReads:
@@ -97,6 +145,12 @@ class SSDReads:
         self._on_load_failed = on_load_failed
         self._on_direct_failed = on_direct_failed
         self._on_background_error = on_background_error
+        self._bounce = BounceBuffers(io_threads)
+        self._disk = threading.Lock()   # one streamed read at the disk at a time (``_stream``)
+
+    def close(self) -> None:
+        """Let go of the bounce buffers (the engine's close, after its I/O pool has stopped)."""
+        self._bounce.clear()
 
     def submit(self, loads: list[BlockLoad], direct: list[_Part], handle: LoadHandle, promote: bool) -> None:
         """Parse the values of ``loads`` (into host buffers) and ``direct`` parts (into the
@@ -219,13 +273,17 @@ class SSDReads:
                 self._stats.count("ssd_read_bytes", job["disk"])
             return last
 
-        def decode(item: Any, parsed: Any, layers: range, odirect: bool) -> None:
-            """Decode ``layers`` of one block (one layer, or with ``odirect`` a group of stored
-            layers read with one O_DIRECT request) into its host buffer or the handle's result."""
+        def decode(item: Any, parsed: Any, layers: range, odirect: bool | str) -> None:
+            """Decode ``layers`` of one block (one layer; with ``odirect`` a group of stored
+            layers read with one O_DIRECT request; with ``odirect="stream"`` every layer, the
+            value read whole with O_DIRECT first) into its host buffer or the handle's result."""
             last = False
             try:
                 try:
-                    if item.error is None and odirect:  # a handle's part (_direct_memory)
+                    if item.error is None and odirect == "stream":
+                        self._stream(item, parsed, where[item.block.key], handle, values)
+                        odirect = True  # nothing left to read
+                    elif item.error is None and odirect:  # a handle's part (_direct_memory)
                         odirect = read_layers_direct(parsed, layers, align, handle._targets, item.start, item.used)
                         if odirect:
                             self._stats.count("ssd_direct_read_bytes", sum(
@@ -260,7 +318,9 @@ class SSDReads:
                     release()
 
         align = values.DIRECT_ALIGN if values is not None else 0
+        streamed = self._stream_plan(work, where, wanted, values)
         groups, direct_runs = self._direct_plan(work, where, handle, values, needs)
+        direct_runs = {wg: runs for wg, runs in direct_runs.items() if wg[0] not in streamed}
         for w in {w for w, _ in direct_runs}:
             # its other layers are read through the shared descriptor, without readahead: a
             # window read ahead would bring in layers an O_DIRECT request reads again
@@ -284,7 +344,7 @@ class SSDReads:
         if values is not None:
             first_layers = []
             for w, ((item, parsed), layers) in enumerate(zip(work, wanted)):
-                if (parsed.read_at is not None and len(layers) == L
+                if (parsed.read_at is not None and len(layers) == L and w not in streamed
                         and not any(0 in r for r in direct_runs.get((w, 0), ()))):
                     off, length = layers_span(parsed, range(1))
                     first_layers.append((where[item.block.key][0] + off, length))
@@ -292,13 +352,18 @@ class SSDReads:
         # A few workers pulling from one queue, not a future per (block, layer): submitting
         # thousands of futures while the workers hold the GIL made the caller wait for the GIL
         # on every submit (profiled: tens of microseconds each).
-        order: list[tuple[Any, Any, range, bool]] = []
+        # Streamed values first, in file order: one task each (``_stream``).
+        order: list[tuple[Any, Any, range, bool | str]] = [
+            (work[w][0], work[w][1], range(L), "stream") for w in sorted(streamed, key=lambda w: where[work[w][0].block.key])]
         for g, layers in enumerate(groups):
             if not direct_runs:  # buffered reads (the default): a task per (layer, block)
                 order += [(item, parsed, range(layer, layer + 1), False)
-                          for layer in layers for item, parsed in work if needs is None or needs(item, layer)]
+                          for layer in layers for w, (item, parsed) in enumerate(work)
+                          if w not in streamed and (needs is None or needs(item, layer))]
                 continue
             for w, (item, parsed) in enumerate(work):
+                if w in streamed:
+                    continue
                 runs = direct_runs.get((w, g), ())
                 for layer in layers:
                     if needs is not None and not needs(item, layer):
@@ -316,7 +381,7 @@ class SSDReads:
         gapped = {id(item) for (item, _), layers in zip(work, wanted) if len(layers) < L}
         spans: list[tuple[int, int] | None] = [None] * len(order) if gapped else []
         for i, (item, parsed, layers, odirect) in enumerate(order if gapped and values is not None else ()):
-            if not odirect and parsed.read_at is not None and id(item) in gapped:
+            if odirect is False and parsed.read_at is not None and id(item) in gapped:
                 off, length = layers_span(parsed, layers)
                 spans[i] = (where[item.block.key][0] + off, length)
         ahead = {"next": 0, "taken": 0, "bytes": 0}   # next task to hint, tasks taken, bytes hinted not taken
@@ -357,6 +422,85 @@ class SSDReads:
 
         for _ in range(min(self._io_threads, len(order))):
             self._pool.submit(worker)
+
+    def _stream_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], wanted: list[Any],
+                     values: Any) -> set[int]:
+        """Which values (indices in ``work``) to stream (``ssd_page_cache="bypass"``): read whole,
+        with O_DIRECT, into a reused bounce buffer, then checked and copied out (``_stream``).
+        Those wanted whole, located for pread, at most STREAM_MAX_BYTES of pages, mostly not in
+        the page cache (``ValueReader.mostly_cold``: cached bytes come faster from memory); the
+        rest are read as before.
+
+        Why a bounce: on session 70's machine (AMD EPYC, AVX-512) reads in file order into a few
+        reused buffers, copied out and checked, filled a restore's memory at 1.38x the buffered
+        layer-major pattern and 1.23x direct reads straight into the result
+        (bench/direct_ceiling.py, "What bounds tierkv" in docs/benchmarks.md)."""
+        L = self.spec.num_layers
+        if not self._bypass or values is None or values.direct_fd() < 0:
+            return set()
+        a = values.DIRECT_ALIGN
+        out = set()
+        for w, ((item, parsed), layers) in enumerate(zip(work, wanted)):
+            if parsed.read_at is None or len(layers) != L:
+                continue
+            offset, size = where[item.block.key]
+            start, end = offset - offset % a, -(-(offset + size) // a) * a
+            if end - start <= STREAM_MAX_BYTES and values.mostly_cold(start, end - start):
+                out.add(w)
+        return out
+
+    def _stream(self, item: Any, parsed: Any, loc: tuple[int, int], handle: LoadHandle, values: Any) -> None:
+        """Read one value whole with O_DIRECT (DIRECT_READ_BYTES a request, one value at the disk
+        at a time, so the reads go in file order) into a bounce buffer, then check and decode
+        every layer from it into ``item``'s host buffer or the handle's result. While one I/O
+        thread checks and copies a value, the other reads the next: the disk always has one
+        request, and each request lands in memory used a moment before."""
+        offset, size = loc
+        a = values.DIRECT_ALIGN
+        start = offset - offset % a
+        need = offset + size - start
+        length = -(-need // a) * a
+        buf = self._bounce.take(length)
+        try:
+            mem = buf.numpy()
+            with self._disk:
+                direct = self._read_direct(values, mem, start, length, need)
+            if direct:
+                self._stats.count("ssd_direct_read_bytes", size)
+            else:  # O_DIRECT refused: through the page cache
+                parsed.read_at(0, [mem[offset - start:need]], size)
+            block = dataclasses.replace(parsed, buf=memoryview(mem[offset - start:need]), read_at=None)
+            for layer in range(self.spec.num_layers):
+                if isinstance(item, BlockLoad):
+                    decode_layer_into(self.codec, self.spec, block, layer, item.buffer)
+                else:
+                    decode_layer_into_views(self.codec, self.spec, block, layer, handle._targets(layer),
+                                            item.start, item.used)
+        finally:
+            self._bounce.give(buf)
+
+    @staticmethod
+    def _read_direct(values: Any, mem: Any, start: int, length: int, need: int) -> bool:
+        """Read ``length`` bytes of data.mdb from ``start`` (both aligned) into ``mem`` with
+        O_DIRECT; the first ``need`` must come back. False where O_DIRECT is refused (nothing
+        usable read): the caller reads through the page cache."""
+        fd = values.direct_fd()
+        if fd < 0:
+            return False
+        pos = 0
+        while pos < need:
+            n = min(DIRECT_READ_BYTES, length - pos)
+            try:
+                got = os.preadv(fd, [mem[pos:pos + n]], start + pos)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise CorruptValueError(f"cannot read the value: {e}") from None
+                values.direct_failed()
+                return False
+            pos += got
+            if got < n and pos < need:
+                raise CorruptValueError(f"value ends early: read {pos} of {need} B")
+        return True
 
     def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
                      values: Any, needs: Callable[[Any, int], bool] | None) -> tuple[list[range], dict[tuple[int, int], list[range]]]:

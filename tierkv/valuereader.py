@@ -26,7 +26,7 @@ import numpy as np
 
 from .codec import CorruptValueError
 from .errors import TierKVError
-from .pagecache import any_resident, unmap_pages
+from .pagecache import any_resident, resident_pages, unmap_pages
 
 if TYPE_CHECKING:
     from .store import SSDStore
@@ -198,6 +198,17 @@ class ValueReader:
         a = self.DIRECT_ALIGN
         return (offset % a == 0 and length % a == 0 and self._start + offset + length <= self._end
                 and not any_resident(self._start + offset, length))
+
+    def mostly_cold(self, offset: int, length: int) -> bool:
+        """Whether at most half of the file range's pages are in the page cache (and it lies
+        inside the map): a value to read from the disk rather than from memory. Some pages of a
+        cold value may be cached whatever a restore does: its header's, read just before, or
+        those the kernel read ahead around the store's own records when it opened (up to the
+        disk's ``read_ahead_kb``, 8 MiB on the test machine)."""
+        if self._start + offset + length > self._end:
+            return False
+        cached, pages = resident_pages(self._start + offset, length)
+        return cached * 2 <= pages
 
     def advise_willneed(self, ranges: list[tuple[int, int]]) -> None:
         """Ask the kernel to start reading these (file offset, length) ranges now (best effort)."""
