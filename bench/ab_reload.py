@@ -98,8 +98,9 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
                 raise SystemExit(f"{root}: restored {r.num_tokens} of {TOKENS} tokens (another store format?)")
             blocks += sum(r.sources.values())
         el = time.perf_counter() - t
+        direct = s.stats().get("ssd_direct_read_bytes", 0)   # (a version before session 28 has none)
     print(json.dumps({"gbps": sessions * TOKENS * spec.bytes_per_token / el / 1e9, "seconds": el,
-                      "setup_s": setup, "blocks": blocks}))
+                      "setup_s": setup, "blocks": blocks, "direct_bytes": direct}))
 
 
 def write_store(tierkv: Any, store: str, spec: Any, kv: Any, sessions: int, codec: str, block_tokens: int = 256) -> None:
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setups: dict[str, list[float]] = {}   # ms, all sessions' restore_async calls together
     store_bytes: dict[str, int] = {}
     restored_blocks: dict[str, int] = {}  # per version: blocks a child restored, all sessions together
+    direct_bytes: dict[str, int] = {}     # per version: bytes its last child read with O_DIRECT
     orders: list[tuple[str, str]] = []   # per round, which version ran first
 
     def run_child(name: str, mode: str) -> dict[str, Any]:
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     rates.setdefault(f"{mode} {name}", []).append(out["gbps"])
                     setups.setdefault(f"{mode} {name}", []).append(out["setup_s"] * 1e3)
                     restored_blocks[name] = out["blocks"]
+                    direct_bytes[name] = out["direct_bytes"]
             print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kv": (f"{args.model}-random-" if args.model else "synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "block_tokens": blocks, "restored_blocks": restored_blocks,
         "codec": args.codec, "codec_b": codecs["B"], "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
-        "page_cache": page_caches, "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
+        "page_cache": page_caches, "direct_read_bytes": direct_bytes, "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
         "round_orders": orders, "store_file_bytes": store_bytes,
         "gbps": {k: stats_of(v) for k, v in rates.items()},
         "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},

@@ -328,12 +328,19 @@ def test_ab_reload_bench_runs(tmp_path, own_stores, bench):
 def test_ab_reload_bench_compares_block_sizes(tmp_path, bench):
     """``--model`` restores random KV in a preset's layout; ``--block-tokens-b`` gives B's store
     another block size (each version writes its own store): each restores every session whole,
-    in blocks of its own size."""
+    in blocks of its own size. ``--page-cache-b bypass``: B restores with
+    ``ssd_page_cache="bypass"``, reading its cold values with O_DIRECT where the disk allows it."""
+    from tierkv.pagecache import direct_io_supported
+
     out = tmp_path / "ab.json"
     bench("ab_reload", "--a", ROOT, "--size", "20MiB", "--rounds", "2", "--model", "smollm2-135m", "--dtype", "bf16",
           "--codec", "raw", "--block-tokens", "128", "--block-tokens-b", "512", "--mode", "cold", "--out", out,
-          "--dir", tmp_path)
+          "--dir", tmp_path, "--page-cache-b", "bypass")
     res = json.loads(out.read_text())
+    assert res["page_cache"] == {"A": "use", "B": "bypass"}
+    assert res["direct_read_bytes"]["A"] == 0
+    if direct_io_supported(str(tmp_path)):
+        assert res["direct_read_bytes"]["B"] > 0.9 * res["raw_bytes"]
     assert res["kv"] == "smollm2-135m-random-bf16" and res["own_stores"] is True
     assert res["block_tokens"] == {"A": 128, "B": 512}
     tokens = res["tokens_per_session"]

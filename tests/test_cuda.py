@@ -362,9 +362,10 @@ def test_transformers_random_weights_restore_is_exact(tmp_path, device):
 
 
 def test_cold_restore_bypassing_the_page_cache(open_store, store_path, device, monkeypatch):
-    """ssd_page_cache="bypass" on every result path, exact: into CPU memory the caller allocated,
-    stored layers are read with O_DIRECT; into staging buffers that go up to the device
-    (page-locked on CUDA), allocated for the restore, through the page cache, then dropped."""
+    """ssd_page_cache="bypass" on every result path, exact: cold values are streamed with
+    O_DIRECT through bounce buffers and copied out, into CPU memory the caller allocated or
+    into the staging buffers that go up to the device (page-locked on CUDA); the page cache
+    keeps nothing of the store."""
     import os
 
     from tierkv.pagecache import drop_file_cache, resident_fraction
@@ -383,7 +384,6 @@ def test_cold_restore_bypassing_the_page_cache(open_store, store_path, device, m
     drop_file_cache(data)
     s = open_store(spec, ssd_page_cache="bypass", **settings)
     before = resident_fraction(data)
-    staged = tierkv.engine.via_host_staging(torch.device(device))
 
     def allocate(layer, index, shape, dtype, dev):
         return tierkv.hostmem.aligned_empty(tuple(shape), dtype) if dev.type == "cpu" else torch.empty(
@@ -395,9 +395,7 @@ def test_cold_restore_bypassing_the_page_cache(open_store, store_path, device, m
         got = on_cpu(r.kv)
     assert_kv_equal(got, on_cpu(kv))
     direct = s.stats()["ssd_direct_read_bytes"]
-    if staged:
-        assert direct == 0
-    elif s._ssd.values is not None and s._ssd.values.direct_fd() >= 0:
-        assert direct > 0
+    if s._ssd.values is not None and s._ssd.values.direct_fd() >= 0:
+        assert direct > 0.8 * n * spec.bytes_per_token
     s.close()
     assert resident_fraction(data) - before < 0.1

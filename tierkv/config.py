@@ -167,14 +167,14 @@ class TierKVConfig:
         io_threads: threads decoding blocks read from SSD.
         ssd_page_cache: ``"use"`` (the default): reads and writes of the SSD tier go through the
             kernel's page cache, which keeps what they touched until it needs the memory.
-            ``"bypass"``: a restore into page-aligned memory the caller allocated (``allocate``)
-            reads stored (uncompressed) layers that are not cached already with O_DIRECT, a few
-            MiB per request, straight into it; other loads read through the page cache; every
-            load then drops its values from the page cache, and the writer drops the values it
-            wrote once they are durable. For a server that keeps far more KV on SSD than it has
-            memory. O_DIRECT needs a file system that has it (else reads stay buffered) and
-            values written since values were page-aligned (older ones are read buffered); see
-            docs/integration.md.
+            ``"bypass"``: a load reads each cold value it wants whole with O_DIRECT, in file
+            order, into a reused bounce buffer, and decodes it from there into any destination;
+            a restore that needs only some of a block's layers (``needed_from``) reads runs of
+            stored layers with O_DIRECT straight into page-aligned memory the caller allocated,
+            the rest through the page cache, which it then drops; the writer drops the values
+            it wrote once they are durable. For a server that keeps far more KV on SSD than it
+            has memory. O_DIRECT needs a file system that has it (else reads stay buffered);
+            see docs/integration.md.
         io_affinity: ``"spread"`` gives each I/O thread its own slice of the CPUs the process may
             run on, so a restore's decode threads do not start out sharing one CPU (with more
             threads than CPUs, they take one CPU each in turn; see ``tierkv.affinity``);

@@ -3,8 +3,11 @@
 Primitives:
     SSDReads: ``submit(loads, direct, handle, promote)`` parses the values of blocks only on SSD,
         then reads and decodes them layer-major, into a prefetch's host buffers (``BlockLoad``) or
-        straight into a restore's result tensors (``handles._Part``), with O_DIRECT where
-        ``ssd_page_cache="bypass"`` allows it (``_direct_plan``).
+        straight into a restore's result tensors (``handles._Part``); with
+        ``ssd_page_cache="bypass"``, cold values wanted whole are streamed instead (read whole
+        with O_DIRECT, in file order, into a bounce buffer: ``_stream_plan``, ``_stream``) and
+        other layers read with O_DIRECT where it pays (``_direct_plan``).
+    BounceBuffers: the streamed reads' buffers, kept between loads.
 
 Moves bytes only. Every decision about records (a block's state, its tier, a corrupt mark, a
 counted miss) is the engine's, made in the callbacks it passes in: a block's layers loaded, a load
@@ -156,9 +159,11 @@ class SSDReads:
         """Parse the values of ``loads`` (into host buffers) and ``direct`` parts (into the
         handle's result), then decode them layer-major on the I/O pool under one read txn.
 
-        Layer-major even for a plain ``restore``: reading whole values block after block, with
-        the kernel asked to read each one ahead, or in two sequential streams, was not faster
-        (A/B timing probes on an 8K-token session).
+        Layer-major even for a plain ``restore`` through the page cache: reading whole values
+        block after block, with the kernel asked to read each one ahead, or in two sequential
+        streams, was not faster (A/B timing probes on an 8K-token session). Values streamed
+        with ``ssd_page_cache="bypass"`` (``_stream_plan``) complete block after block instead:
+        a caller waiting for layer 0 waits until every streamed block is in.
         """
         host = self._host
         started = time.perf_counter()
