@@ -71,6 +71,18 @@ def cached_growth(data, before):
     return resident_fraction(data) - before
 
 
+def located(s, block):
+    """(file offset, size) of block ``block`` of session "s" in data.mdb."""
+    key = s._ssd.get_session("s").keys[block]
+    with s._ssd.reader() as txn:
+        return s._ssd.values.locate(s._ssd.blocks_cursor(txn), key)
+
+
+def value_bytes(s, n_blocks=N // BLOCK):
+    """The stored sizes of session "s"'s first ``n_blocks`` values."""
+    return sum(located(s, i)[1] for i in range(n_blocks))
+
+
 @pytest.mark.parametrize("codec", ["raw", "zstd-planes"])
 def test_cold_restore_into_callers_memory_reads_with_o_direct_exactly(open_store, store_path, small_requests, codec):
     """Every layer comes back bit-exact; (nearly) all bytes were read with O_DIRECT, and the
@@ -85,14 +97,6 @@ def test_cold_restore_into_callers_memory_reads_with_o_direct_exactly(open_store
     assert st["ssd_direct_read_bytes"] >= 0.9 * N * spec.bytes_per_token
     s.close()  # the last decode thread drops what was read buffered: done once the store is closed
     assert cached_growth(data, before) < 0.1
-
-
-def value_bytes(s, n_blocks=N // BLOCK):
-    """The stored sizes of session "s"'s first ``n_blocks`` values."""
-    keys = s._ssd.get_session("s").keys[:n_blocks]
-    with s._ssd.reader() as txn:
-        cursor = s._ssd.blocks_cursor(txn)
-        return sum(s._ssd.values.locate(cursor, k)[1] for k in keys)
 
 
 def test_cold_restore_into_fresh_tensors_streams_past_the_page_cache(open_store, store_path, small_requests):
@@ -163,9 +167,7 @@ def test_a_damaged_layer_read_directly_is_a_counted_miss(open_store, store_path,
     spec = spec_()
     kv = make_kv(spec, N, seed=3)
     s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
-    key = s._ssd.get_session("s").keys[2]
-    with s._ssd.reader() as txn:
-        offset, size = s._ssd.values.locate(s._ssd.blocks_cursor(txn), key)
+    offset, size = located(s, 2)
     s.close()
     with open(data, "r+b") as f:
         f.seek(offset + size - 100)  # inside the last layer
@@ -186,9 +188,7 @@ def test_a_short_streamed_read_is_a_miss_not_wrong_kv(open_store, store_path, sm
     spec = spec_()
     kv = make_kv(spec, N, seed=11)
     s, _ = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
-    key = s._ssd.get_session("s").keys[3]
-    with s._ssd.reader() as txn:
-        offset, size = s._ssd.values.locate(s._ssd.blocks_cursor(txn), key)
+    offset, size = located(s, 3)
     direct_fd, real = s._ssd.values.direct_fd(), os.preadv
     short = []
 
