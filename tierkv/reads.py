@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 
@@ -281,7 +281,8 @@ class SSDReads:
         def decode(item: Any, parsed: Any, layers: range, odirect: bool | str) -> None:
             """Decode ``layers`` of one block (one layer; with ``odirect`` a group of stored
             layers read with one O_DIRECT request; with ``odirect="stream"`` every layer, the
-            value read whole with O_DIRECT first) into its host buffer or the handle's result."""
+            value read whole with O_DIRECT first unless it is mostly cached: ``_stream``) into
+            its host buffer or the handle's result."""
             last = False
             try:
                 try:
@@ -324,8 +325,7 @@ class SSDReads:
 
         align = values.DIRECT_ALIGN if values is not None else 0
         streamed = self._stream_plan(work, where, wanted, values)
-        groups, direct_runs = self._direct_plan(work, where, handle, values, needs)
-        direct_runs = {wg: runs for wg, runs in direct_runs.items() if wg[0] not in streamed}
+        groups, direct_runs = self._direct_plan(work, where, handle, values, needs, streamed)
         for w in {w for w, _ in direct_runs}:
             # its other layers are read through the shared descriptor, without readahead: a
             # window read ahead would bring in layers an O_DIRECT request reads again
@@ -520,7 +520,8 @@ class SSDReads:
         return True
 
     def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
-                     values: Any, needs: Callable[[Any, int], bool] | None) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
+                     values: Any, needs: Callable[[Any, int], bool] | None,
+                     streamed: Collection[int] = ()) -> tuple[list[range], dict[tuple[int, int], list[range]]]:
         """Which layers of which SSD blocks to read with O_DIRECT (``ssd_page_cache="bypass"``).
 
         The layers are taken in groups of about DIRECT_READ_BYTES; within a group, each run
@@ -531,7 +532,8 @@ class SSDReads:
         disk's sequential rate on the test machine, requests of a layer each did not). Returns
         the groups, and per (index in ``work``, group) the runs to read so; every other layer is
         read as before, one task each. Layers a part's caller does not need (``needs``, None: it needs
-        every one) are in no run."""
+        every one) are in no run, nor are the values ``streamed`` (``_stream_plan``: indices in
+        ``work``), which are read otherwise."""
         L = self.spec.num_layers
         if not self._bypass or values is None or values.direct_fd() < 0:
             return [range(layer, layer + 1) for layer in range(L)], {}
@@ -541,7 +543,7 @@ class SSDReads:
         fits = self._direct_memory(handle, values.DIRECT_ALIGN)
         runs: dict[tuple[int, int], list[range]] = {}
         for w, (item, parsed) in enumerate(work):
-            if parsed.read_at is None or not fits(item):
+            if parsed.read_at is None or w in streamed or not fits(item):
                 continue
             base = where[item.block.key][0]
             for g, layers in enumerate(groups):
