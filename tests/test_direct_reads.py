@@ -206,6 +206,28 @@ def test_a_short_streamed_read_is_a_miss_not_wrong_kv(open_store, store_path, sm
     assert_kv_equal(r.kv, kv_slice(kv, 3 * BLOCK))
 
 
+def test_a_streamed_value_behind_a_wrong_page_header_is_a_miss(open_store, store_path, small_requests):
+    """A streamed value is parsed from the bytes it reads, the LMDB overflow page header in
+    front of it included: when that header names another page (a damaged page, or a location
+    gone stale), the value is a miss, counted, and the blocks before it are restored exactly."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=14)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
+    offset, _ = located(s, 1)
+    s.close()
+    with open(data, "r+b") as f:  # the low byte of the page number in front of block 1's value
+        f.seek(offset - 16)
+        b = f.read(1)
+        f.seek(offset - 16)
+        f.write(bytes([b[0] ^ 0x01]))
+    drop_file_cache(data)
+    s = open_store(spec, host_bytes=0, device_bytes=0, ssd_codec="raw", ssd_page_cache="bypass")
+    r = s.restore(range(N), session="s")
+    assert r.num_tokens == BLOCK
+    assert_kv_equal(r.kv, kv_slice(kv, BLOCK))
+    assert s.stats()["corrupt_blocks"] == 1
+
+
 def test_a_value_above_the_stream_limit_is_read_layer_by_layer(open_store, store_path, small_requests, monkeypatch):
     """Values larger than STREAM_MAX_BYTES are not streamed (a bounce buffer per I/O thread of
     their size would cost too much memory): into fresh tensors they are read through the page

@@ -5,7 +5,7 @@ Primitives:
         then reads and decodes them layer-major, into a prefetch's host buffers (``BlockLoad``) or
         straight into a restore's result tensors (``handles._Part``); with
         ``ssd_page_cache="bypass"``, cold values wanted whole are streamed instead (read whole
-        with O_DIRECT, in file order, into a bounce buffer: ``_stream_plan``, ``_stream``) and
+        with O_DIRECT, in file order, into a bounce buffer, and parsed there: ``_streamable``, ``_stream``) and
         other layers read with O_DIRECT where it pays (``_direct_plan``).
     BounceBuffers: the streamed reads' buffers, kept between loads.
 
@@ -16,7 +16,6 @@ failed, a direct part failed, a thread's unexpected error.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import threading
@@ -28,6 +27,7 @@ import torch
 
 from .blocks import Block, BlockLoad
 from .codec import Codec, CorruptValueError, ValueGoneError, layers_span, parse_block, stored_span
+from .valuereader import OVERFLOW_HEADER_BYTES
 from .errors import StoreIOError
 from .handles import LoadHandle, _Part
 from .hostmem import HUGE_PAGE, aligned_empty, prefault
@@ -162,7 +162,7 @@ class SSDReads:
         Layer-major even for a plain ``restore`` through the page cache: reading whole values
         block after block, with the kernel asked to read each one ahead, or in two sequential
         streams, was not faster (A/B timing probes on an 8K-token session). Values streamed
-        with ``ssd_page_cache="bypass"`` (``_stream_plan``) complete block after block instead:
+        with ``ssd_page_cache="bypass"`` (``_streamable``) complete block after block instead:
         a caller waiting for layer 0 waits until every streamed block is in.
         """
         host = self._host
@@ -192,6 +192,12 @@ class SSDReads:
             where[b.key] = loc
 
         files: list[Any] = []   # the values' readers, closed when the job is done
+        streams = self._bypass and values is not None and values.direct_fd() >= 0
+
+        def streamed_whole(b: Block, whole: bool) -> bool:
+            """Whether to stream this block's value (``_stream``), which then reads and parses
+            its header too: its header is not read here, where the disk waits for it."""
+            return streams and whole and self._streamable(where.get(b.key), values)
 
         def parse(b: Block) -> Any:
             loc = where.get(b.key)
@@ -231,14 +237,15 @@ class SSDReads:
         try:
             for bl in loads:
                 try:
-                    parsed = parse(bl.block)
+                    parsed = None if streamed_whole(bl.block, True) else parse(bl.block)
                     bl.buffer = host.alloc(bl.block.nbytes)
                     work.append((bl, parsed))
                 except CorruptValueError as e:
                     self._on_load_failed(bl, e)
             for p in direct:
+                whole = handle._needed is None or all(handle._needs(p, layer) for layer in range(self.spec.num_layers))
                 try:
-                    work.append((p, parse(p.block)))
+                    work.append((p, None if streamed_whole(p.block, whole) else parse(p.block)))
                 except CorruptValueError as e:
                     self._on_direct_failed(p, e, handle, all_layers=True)
         except BaseException:
@@ -262,9 +269,9 @@ class SSDReads:
                "bytes": sum(item.block.nbytes if len(ls) == L else
                             sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
                             for (item, _), ls in zip(work, wanted)),
-               "disk": sum(parsed.nbytes if len(ls) == L else
+               "disk": sum((parsed.nbytes if parsed is not None else where[item.block.key][1]) if len(ls) == L else
                            sum(length for layer in ls for _, length, _ in parsed.layers[layer][2])
-                           for (_, parsed), ls in zip(work, wanted))}
+                           for (item, parsed), ls in zip(work, wanted))}
 
         def count_down(n: int) -> bool:
             """``n`` (block, layer) tasks are done; True for the job's last. Its moves are
@@ -287,7 +294,7 @@ class SSDReads:
             try:
                 try:
                     if item.error is None and odirect == "stream":
-                        self._stream(item, parsed, where[item.block.key], handle, values)
+                        self._stream(item, where[item.block.key], handle, values)
                         odirect = True  # nothing left to read
                     elif item.error is None and odirect:  # a handle's part (_direct_memory)
                         odirect = read_layers_direct(parsed, layers, align, handle._targets, item.start, item.used)
@@ -324,7 +331,7 @@ class SSDReads:
                     release()
 
         align = values.DIRECT_ALIGN if values is not None else 0
-        streamed = self._stream_plan(work, where, wanted, values)
+        streamed = {w for w, (_, parsed) in enumerate(work) if parsed is None}   # parsed by _stream
         groups, direct_runs = self._direct_plan(work, where, handle, values, needs, streamed)
         for w in {w for w, _ in direct_runs}:
             # its other layers are read through the shared descriptor, without readahead: a
@@ -334,7 +341,7 @@ class SSDReads:
         # Layer-major order: layer 0 of every block first, so per-layer waits finish early. Read
         # through the map, the disk is asked for the bytes in that order up front; with pread
         # the decode threads read each (block, layer) range themselves, io_threads at a time.
-        mapped = [(item, parsed) for item, parsed in work if parsed.read_at is None]
+        mapped = [(item, parsed) for item, parsed in work if parsed is not None and parsed.read_at is None]
         for layer in range(L if mapped else 0):
             for item, parsed in mapped:
                 if needs is not None and not needs(item, layer):
@@ -349,7 +356,7 @@ class SSDReads:
         if values is not None:
             first_layers = []
             for w, ((item, parsed), layers) in enumerate(zip(work, wanted)):
-                if (parsed.read_at is not None and len(layers) == L and w not in streamed
+                if (w not in streamed and parsed.read_at is not None and len(layers) == L
                         and not any(0 in r for r in direct_runs.get((w, 0), ()))):
                     off, length = layers_span(parsed, range(1))
                     first_layers.append((where[item.block.key][0] + off, length))
@@ -428,61 +435,58 @@ class SSDReads:
         for _ in range(min(self._io_threads, len(order))):
             self._pool.submit(worker)
 
-    def _stream_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], wanted: list[Any],
-                     values: Any) -> set[int]:
-        """Which values (indices in ``work``) to stream (``ssd_page_cache="bypass"``): read whole,
-        with O_DIRECT, into a reused bounce buffer, then checked and copied out (``_stream``).
-        Those wanted whole, located for pread, at most STREAM_MAX_BYTES of pages; the rest are
-        read as before. Whether a value is cold is the task's to find out, on an I/O thread
-        (``_stream``): asking the kernel here took about 0.1 ms per 12 MB value, in each
-        restore's setup, while the disk waits.
+    @staticmethod
+    def _streamable(loc: Any, values: Any) -> bool:
+        """Whether a value (``ValueReader.locate``'s (offset, size), or None) can be streamed
+        (``ssd_page_cache="bypass"``, a value a load wants whole): located for pread, at most
+        STREAM_MAX_BYTES of pages.
 
         Why a bounce: on session 70's machine (AMD EPYC, AVX-512) reads in file order into a few
         reused buffers, copied out and checked, filled a restore's memory at 1.38x the buffered
         layer-major pattern and 1.23x direct reads straight into the result
         (bench/direct_ceiling.py, "What bounds tierkv" in docs/benchmarks.md)."""
-        L = self.spec.num_layers
-        if not self._bypass or values is None or values.direct_fd() < 0:
-            return set()
+        if not isinstance(loc, tuple):
+            return False
         a = values.DIRECT_ALIGN
-        out = set()
-        for w, ((item, parsed), layers) in enumerate(zip(work, wanted)):
-            if parsed.read_at is None or len(layers) != L:
-                continue
-            offset, size = where[item.block.key]
-            start, end = offset - offset % a, -(-(offset + size) // a) * a
-            if end - start <= STREAM_MAX_BYTES:
-                out.add(w)
-        return out
+        offset, size = loc
+        return -(-(offset + size) // a) * a - (offset - offset % a) <= STREAM_MAX_BYTES
 
-    def _stream(self, item: Any, parsed: Any, loc: tuple[int, int], handle: LoadHandle, values: Any) -> None:
+    def _stream(self, item: Any, loc: tuple[int, int], handle: LoadHandle, values: Any) -> None:
         """Read one value whole with O_DIRECT (DIRECT_READ_BYTES a request, one value at the disk
-        at a time, so the reads go in file order) into a bounce buffer, then check and decode
-        every layer from it into ``item``'s host buffer or the handle's result. While one I/O
-        thread checks and copies a value, the other reads the next: the disk always has one
-        request, and each request lands in memory used a moment before.
+        at a time, so the reads go in file order) into a bounce buffer, then parse it there and
+        check and decode every layer into ``item``'s host buffer or the handle's result. While
+        one I/O thread checks and copies a value, the other reads the next: the disk always has
+        one request, and each request lands in memory used a moment before.
 
         A value mostly in the page cache already (``ValueReader.mostly_cold``: cached bytes come
-        faster from memory) is decoded layer by layer from there instead."""
+        faster from memory; asked here, on an I/O thread: over a 12 MB value it took about 0.1
+        ms, in each restore's setup while the disk waited) is copied from there instead. The
+        overflow page header in front of the value must name its page (``ValueReader.page_head_ok``),
+        else the value is a miss."""
         offset, size = loc
         a = values.DIRECT_ALIGN
         start = offset - offset % a
         need = offset + size - start
         length = -(-need // a) * a
-        if not values.mostly_cold(start, length):
-            self._decode_all(item, parsed, handle)
-            return
         buf = self._bounce.take(length)
         try:
             mem = buf.numpy()
-            with self._disk:
-                direct = self._read_direct(values, mem, start, length, need)
+            direct = False
+            if values.mostly_cold(start, length):
+                with self._disk:
+                    direct = self._read_direct(values, mem, start, length, need)
             if direct:
                 self._stats.count("ssd_direct_read_bytes", size)
-            else:  # O_DIRECT refused: through the page cache
-                parsed.read_at(0, [mem[offset - start:need]], size)
-            self._decode_all(item, dataclasses.replace(parsed, buf=memoryview(mem[offset - start:need]), read_at=None),
-                             handle)
+            else:  # mostly cached, or O_DIRECT refused: through the page cache
+                values.read_at(start)(0, [mem[:need]], need)
+            lead = offset - start
+            if not values.page_head_ok(offset, size, mem[lead - OVERFLOW_HEADER_BYTES:lead]):
+                raise CorruptValueError("the page in front of the value does not name it")
+            parsed = parse_block(memoryview(mem[lead:need]), self.fingerprint, self.spec, self.codec,
+                                 self.block_tokens, key=item.block.key)
+            if parsed.n_tokens != item.block.n_tokens:
+                raise CorruptValueError("value holds another token count than its record")
+            self._decode_all(item, parsed, handle)
         finally:
             self._bounce.give(buf)
 
@@ -532,7 +536,7 @@ class SSDReads:
         disk's sequential rate on the test machine, requests of a layer each did not). Returns
         the groups, and per (index in ``work``, group) the runs to read so; every other layer is
         read as before, one task each. Layers a part's caller does not need (``needs``, None: it needs
-        every one) are in no run, nor are the values ``streamed`` (``_stream_plan``: indices in
+        every one) are in no run, nor are the values ``streamed`` (``_streamable``: indices in
         ``work``), which are read otherwise."""
         L = self.spec.num_layers
         if not self._bypass or values is None or values.direct_fd() < 0:
@@ -543,7 +547,7 @@ class SSDReads:
         fits = self._direct_memory(handle, values.DIRECT_ALIGN)
         runs: dict[tuple[int, int], list[range]] = {}
         for w, (item, parsed) in enumerate(work):
-            if parsed.read_at is None or w in streamed or not fits(item):
+            if w in streamed or parsed.read_at is None or not fits(item):
                 continue
             base = where[item.block.key][0]
             for g, layers in enumerate(groups):

@@ -19,7 +19,7 @@ import errno
 import os
 import struct
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
@@ -126,11 +126,14 @@ class ValueReader:
         reads the value through the map, where its own checksums still judge it."""
         page, head = bytearray(_PAGE_HEAD.size), bytearray(min(n, size))
         self.read_at(offset - _PAGE_HEAD.size)(0, [page, head], len(page) + len(head))  # shared descriptor: no close
-        pgno, _, flags, pages = _PAGE_HEAD.unpack(page)
-        if (pgno * self._psize + _PAGE_HEAD.size != offset or not flags & _P_OVERFLOW
-                or pages * self._psize < size + _PAGE_HEAD.size):
-            return None
-        return bytes(head)
+        return bytes(head) if self.page_head_ok(offset, size, page) else None
+
+    def page_head_ok(self, offset: int, size: int, page: Any) -> bool:
+        """Whether ``page``, the OVERFLOW_HEADER_BYTES in front of the value at ``offset`` (of
+        ``size`` bytes), is an overflow page header that names its own page and holds the value."""
+        pgno, _, flags, pages = _PAGE_HEAD.unpack(bytes(page))
+        return (pgno * self._psize + _PAGE_HEAD.size == offset and bool(flags & _P_OVERFLOW)
+                and pages * self._psize >= size + _PAGE_HEAD.size)
 
     def read_at(self, base: int, own_fd: bool = False) -> "ValueFile":
         """A ``read_at`` (codec.ReadAt) for the value at file offset ``base``; ``close()`` it after.
