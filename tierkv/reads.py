@@ -233,7 +233,7 @@ class SSDReads:
             if self._bypass and values is not None:  # what was read through the page cache goes
                 values.drop_values([loc for loc in where.values() if isinstance(loc, tuple)])
 
-        work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed)
+        work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed; None: streamed, parsed by its task)
         try:
             for bl in loads:
                 try:
