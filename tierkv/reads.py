@@ -16,8 +16,6 @@ failed, a direct part failed, a thread's unexpected error.
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -471,14 +469,16 @@ class SSDReads:
         buf = self._bounce.take(length)
         try:
             mem = buf.numpy()
-            direct = False
+            pages = values.read_at(start)   # through the shared descriptors: nothing to close
             if values.mostly_cold(start, length):
                 with self._disk:
-                    direct = self._read_direct(values, mem, start, length, need)
-            if direct:
-                self._stats.count("ssd_direct_read_bytes", size)
-            else:  # mostly cached, or O_DIRECT refused: through the page cache
-                values.read_at(start)(0, [mem[:need]], need)
+                    for pos in range(0, length, DIRECT_READ_BYTES):
+                        n = min(DIRECT_READ_BYTES, length - pos)
+                        pages.direct(pos, [mem[pos:pos + n]], n)   # buffered where O_DIRECT is refused
+                if values.direct_fd() >= 0:
+                    self._stats.count("ssd_direct_read_bytes", size)
+            else:  # mostly cached: from the page cache
+                pages(0, [mem[:need]], need)
             lead = offset - start
             if not values.page_head_ok(offset, size, mem[lead - OVERFLOW_HEADER_BYTES:lead]):
                 raise CorruptValueError("the page in front of the value does not name it")
@@ -499,29 +499,6 @@ class SSDReads:
             else:
                 decode_layer_into_views(self.codec, self.spec, parsed, layer, handle._targets(layer),
                                         item.start, item.used)
-
-    @staticmethod
-    def _read_direct(values: Any, mem: Any, start: int, length: int, need: int) -> bool:
-        """Read ``length`` bytes of data.mdb from ``start`` (both aligned) into ``mem`` with
-        O_DIRECT; the first ``need`` must come back. False where O_DIRECT is refused (nothing
-        usable read): the caller reads through the page cache."""
-        fd = values.direct_fd()
-        if fd < 0:
-            return False
-        pos = 0
-        while pos < need:
-            n = min(DIRECT_READ_BYTES, length - pos)
-            try:
-                got = os.preadv(fd, [mem[pos:pos + n]], start + pos)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise CorruptValueError(f"cannot read the value: {e}") from None
-                values.direct_failed()
-                return False
-            pos += got
-            if got < n and pos < need:
-                raise CorruptValueError(f"value ends early: read {pos} of {need} B")
-        return True
 
     def _direct_plan(self, work: list[tuple[Any, Any]], where: dict[bytes, Any], handle: LoadHandle,
                      values: Any, needs: Callable[[Any, int], bool] | None,
