@@ -457,10 +457,10 @@ class SSDReads:
         one request, and each request lands in memory used a moment before.
 
         A value mostly in the page cache already (``ValueReader.mostly_cold``: cached bytes come
-        faster from memory; asked here, on an I/O thread: over a 12 MB value it took about 0.1
-        ms, in each restore's setup while the disk waited) is copied from there instead. The
-        overflow page header in front of the value must name its page (``ValueReader.page_head_ok``),
-        else the value is a miss."""
+        faster from memory; asked here, on an I/O thread, not in the restore's setup while the
+        disk waits: bench/results/ab_reload_stream_cold_check_in_task.json) is copied from
+        there instead. The overflow page header in front of the value must name its page
+        (``ValueReader.page_head_ok``), else the value is a miss."""
         offset, size = loc
         a = values.DIRECT_ALIGN
         start = offset - offset % a
