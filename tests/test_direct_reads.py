@@ -8,7 +8,9 @@ a miss, and the page cache does not keep the store."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import resource
 import sys
 
 import numpy as np
@@ -18,7 +20,8 @@ import torch
 import tierkv
 import tierkv.reads as reads_mod
 from tierkv.hostmem import HUGE_PAGE, aligned_empty
-from tierkv.pagecache import drop_file_cache, resident_fraction
+from tierkv.pagecache import drop_file_cache, resident_fraction, resident_pages
+from tierkv.valuereader import OVERFLOW_HEADER_BYTES
 
 from conftest import BLOCK, assert_kv_equal, kv_slice, make_kv, small_spec
 
@@ -112,6 +115,63 @@ def test_cold_restore_into_fresh_tensors_streams_past_the_page_cache(open_store,
     assert s.stats()["corrupt_blocks"] == 0
     assert cached_growth(data, before) < 0.1
     s.close()
+
+
+def header_pages_cached(s, locations):
+    """Per value at these (offset, size): whether the page holding its overflow page header (the
+    page it begins in) is in the page cache. (Asked with mincore: a lookup would read it in.)"""
+    start = s._ssd.values._start
+    return [resident_pages(start + offset - OVERFLOW_HEADER_BYTES, 1)[0] == 1 for offset, _ in locations]
+
+
+def test_a_bypass_restore_keeps_each_values_first_page_so_the_next_lookup_reads_no_disk(open_store, store_path):
+    """A bypassing restore drops what it read, but not the page each value begins in: LMDB reads
+    that page whenever a lookup stops at the block's key, so the next restore of the session
+    would otherwise read it from the disk in its setup, on the caller's thread (a major fault
+    per block). Kept, the next restore's setup faults nothing in from the disk, and the rest of
+    the values stays out of the page cache."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=12)
+    s, data = cold_store(open_store, store_path, kv, spec, ssd_codec="raw", ssd_page_cache="bypass")
+    locations = [located(s, i) for i in range(N // BLOCK)]
+    before = resident_fraction(data)
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+    s.flush()   # the decode threads are done: the load's pages are dropped
+    assert all(header_pages_cached(s, locations))
+    assert cached_growth(data, before) < 0.1
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
+    handle = s.restore_async(range(N), session="s")
+    assert resource.getrusage(resource.RUSAGE_THREAD).ru_majflt == faults   # the setup read no page from the disk
+    assert_kv_equal(handle.result().kv, kv)
+    assert s.stats()["corrupt_blocks"] == 0
+
+
+def test_dropping_values_keeps_their_first_pages_even_where_ranges_merge(tmp_path):
+    """ValueReader.drop_values asks to drop every page of each value but its first, also where
+    the values lie close together and their ranges go to the kernel as one."""
+    from tierkv.valuereader import ValueReader
+
+    asked = []
+
+    class Reader(ValueReader):
+        def __init__(self):
+            self._start, self._end = 0, 0   # no map: nothing to unmap
+
+        def _advise(self, ranges, advice):
+            asked.extend(ranges)
+
+    page = mmap.PAGESIZE
+    head = OVERFLOW_HEADER_BYTES
+    values = [(page + head, 2 * page + 100), (4 * page + head, page), ((64 << 20) + head, 3 * page)]
+    Reader().drop_values(values)
+    dropped = {p for start, length in asked for p in range(start, start + length, page)}
+    for offset, size in values:
+        first = offset - head
+        assert first not in dropped
+        assert all(p in dropped for p in range(first + page, (offset + size) // page * page, page))
+    # the first two values' ranges are closer than DONTNEED_GAP: one merged range, split around
+    # the second value's first page
+    assert asked[0] == (2 * page, 2 * page)
 
 
 def test_the_default_restore_fills_the_page_cache_for_comparison(open_store, store_path):
