@@ -514,9 +514,9 @@ class SSDReads:
         the groups, and per (index in ``work``, group) the runs to read so; every other layer is
         read as before, one task each. Layers a part's caller does not need (``needs``, None: it needs
         every one) are in no run, nor are the values ``streamed`` (``_streamable``: indices in
-        ``work``), which are read otherwise."""
+        ``work``), which are read otherwise; where every value streams, nothing is planned."""
         L = self.spec.num_layers
-        if not self._bypass or values is None or values.direct_fd() < 0:
+        if not self._bypass or values is None or values.direct_fd() < 0 or len(streamed) == len(work):
             return [range(layer, layer + 1) for layer in range(L)], {}
         layer_bytes = max(b - a for a, b in (self.spec.layer_span(i, self.block_tokens) for i in range(L)))
         per = max(1, DIRECT_READ_BYTES // max(1, layer_bytes))
