@@ -17,6 +17,15 @@ per-task bookkeeping), so it gives a ceiling, not a figure of the engine:
   result (a bounce: a copy more, but every read lands in memory used a moment before);
 - each of those into a result of 4 KiB pages and into one backed by huge pages (memory a server
   reserves for its KV at start-up could ask for them);
+- ``direct, file order, whole values into a bounce buffer per thread`` (session 72): what
+  ``ssd_page_cache="bypass"`` does since session 71 (``reads.SSDReads._stream``): two threads
+  take the values in file order, one value at the disk at a time; each reads its value whole,
+  4 MiB a request, into its own reused huge-page buffer, then checks every layer's CRC32C and
+  copies the layer's per-head runs into the result while the other thread reads the next value;
+- ``direct, file order, 4 MiB pieces into a bounce buffer per thread`` (session 72): the same
+  with buffers of one request: each thread reads the next 4 MiB of the file, copies its bytes
+  into the runs they belong to, and checks a layer's CRC32C on the result once all of it has
+  landed (this VM's disk reads faster into less memory used again and again);
 - ``O_DIRECT sequential, reused huge-page buffer``: the reload target's baseline;
 - ``O_DIRECT sequential, whole huge-page destination``: the same read, each 4 MiB to its own place.
 
@@ -201,6 +210,118 @@ def direct_through_ring(path: str, layout: Layout, result: np.ndarray, crcs: lis
     ring_read(path, index, deliver, slot)
 
 
+
+def layer_crcs(spec: Any, kv: list[tuple[Any, Any]], layout: Layout, block_tokens: int) -> list[list[int]]:
+    """Per block of a session, each layer's CRC32C (its K then V runs), as tierkv's header keeps them."""
+    values = block_payloads(spec, kv, block_tokens, layout.blocks, layout.stride)
+    return [[crc32c(v[layer * layout.layer_bytes:(layer + 1) * layout.layer_bytes]) for layer in range(layout.layers)]
+            for v in values]
+
+
+def _in_two_threads(work: Callable[[np.ndarray], None], buffer_bytes: int) -> None:
+    """``work(buffer)`` on two threads, each with its own reused huge-page buffer; the first
+    failure is raised here."""
+    maps = [huge_page_buffer(buffer_bytes) for _ in range(2)]
+    failed: list[BaseException] = []
+
+    def run(view: memoryview) -> None:
+        try:
+            work(np.frombuffer(view, np.uint8))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            failed.append(e)
+
+    pool = [threading.Thread(target=run, args=(view,)) for _, view in maps]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    for m, view in maps:
+        view.release()
+        m.close()
+    if failed:
+        raise failed[0]
+
+
+def direct_whole_values(path: str, layout: Layout, result: np.ndarray, crcs: list[list[int]],
+                        request: int = 4 << 20) -> None:
+    """tierkv's bypass stream: two threads take the values in file order; one value at the disk at
+    a time, read whole (``request`` bytes a ``preadv``) into the thread's own buffer; then every
+    layer is checked (CRC32C) and its runs copied into the result while the other thread reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    disk, take = threading.Lock(), threading.Lock()
+    values = iter([(s, b) for s in range(layout.sessions) for b in range(layout.blocks)])
+
+    def work(buf: np.ndarray) -> None:
+        while True:
+            with take:
+                v = next(values, None)
+            if v is None:
+                return
+            s, b = v
+            at = layout.value_offset(s, b)
+            with disk:
+                for off in range(0, layout.stride, request):
+                    n = min(request, layout.stride - off)
+                    if os.preadv(fd, [buf[off:off + n]], at + off) < min(n, layout.value - off):
+                        raise OSError("short read")
+            for layer in range(layout.layers):
+                src = buf[layer * layout.layer_bytes:(layer + 1) * layout.layer_bytes]
+                if crc32c(src) != crcs[b][layer]:
+                    raise SystemExit(f"value {v}, layer {layer}: checksum mismatch")
+                for i, r in enumerate(layout.runs(result, s, b, layer)):
+                    r[:] = src[i * layout.run:(i + 1) * layout.run]
+
+    try:
+        _in_two_threads(work, -(-layout.stride // HUGE_PAGE) * HUGE_PAGE)
+    finally:
+        os.close(fd)
+
+
+def direct_pieces(path: str, layout: Layout, result: np.ndarray, crcs: list[list[int]],
+                  piece: int = 4 << 20) -> None:
+    """The same in pieces of one request: two threads take the next ``piece`` bytes of a value
+    in file order (one piece at the disk at a time) into a buffer of that size each, copy its
+    bytes into the runs they belong to, and check a layer's CRC32C on the result once every byte
+    of it has landed (whichever thread lands the last)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    disk, take, count = threading.Lock(), threading.Lock(), threading.Lock()
+    pieces = iter([(s, b, off) for s in range(layout.sessions) for b in range(layout.blocks)
+                   for off in range(0, layout.stride, piece)])
+    landed: dict[tuple[int, int, int], int] = {}
+
+    def work(buf: np.ndarray) -> None:
+        while True:
+            with take:
+                p = next(pieces, None)
+            if p is None:
+                return
+            s, b, off = p
+            n = min(piece, layout.stride - off)
+            with disk:
+                if os.preadv(fd, [buf[:n]], layout.value_offset(s, b) + off) < min(n, layout.value - off):
+                    raise OSError("short read")
+            pos, end = off, min(off + n, layout.value)
+            while pos < end:   # value bytes [pos, end): a run, or the part of one in this piece
+                layer, within = divmod(pos, layout.layer_bytes)
+                i, at = divmod(within, layout.run)
+                k = min(end - pos, layout.run - at)
+                layout.runs(result, s, b, layer)[i][at:at + k] = buf[pos - off:pos - off + k]
+                with count:
+                    got = landed[(s, b, layer)] = landed.get((s, b, layer), 0) + k
+                if got == layout.layer_bytes:
+                    c = 0
+                    for r in layout.runs(result, s, b, layer):
+                        c = crc32c(r, c)
+                    if c != crcs[b][layer]:
+                        raise SystemExit(f"value {(s, b)}, layer {layer}: checksum mismatch")
+                pos += k
+
+    try:
+        _in_two_threads(work, piece)
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_side_by_side_arguments(ap, rounds=5, out="bench/results/direct_ceiling.json")
@@ -239,6 +360,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lambda r=result: direct_block_major(path, layout, r, args.group))
             methods[f"direct, file order, through a ring of reused buffers, result in {kind}"] = (
                 lambda r=result: direct_through_ring(path, layout, r, crcs))
+        per_layer = layer_crcs(spec, kv, layout, args.block_tokens)
+        hp = results["huge pages"]
+        methods["direct, file order, whole values into a bounce buffer per thread, result in huge pages"] = (
+            lambda: direct_whole_values(path, layout, hp, per_layer))
+        methods["direct, file order, 4 MiB pieces into a bounce buffer per thread, result in huge pages"] = (
+            lambda: direct_pieces(path, layout, hp, per_layer))
         methods[BASELINE] = lambda: odirect_read(path, huge=True)
         methods["O_DIRECT sequential, whole huge-page destination"] = lambda: odirect_read(path, into=whole)
         for name, f in methods.items():  # first use: code warmed; and each pattern's bytes checked

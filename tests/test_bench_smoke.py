@@ -431,7 +431,7 @@ def test_direct_ceiling_bench_runs(tmp_path, bench):
             raise
         pytest.skip("O_DIRECT refused by this file system")   # tmpfs
     res = json.loads(out.read_text())
-    assert len(res["gbps"]) == 8 and all(v > 0 for v in res["gbps"].values())
+    assert len(res["gbps"]) == 10 and all(v > 0 for v in res["gbps"].values())
     assert res["vs_odirect_reused_buffer"]["O_DIRECT sequential, reused huge-page buffer"] == 1.0
     assert res["round_orders"] and sorted(res["round_orders"][0]) == sorted(res["gbps"])
 
