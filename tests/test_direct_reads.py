@@ -146,9 +146,34 @@ def test_a_bypass_restore_keeps_each_values_first_page_so_the_next_lookup_reads_
     assert s.stats()["corrupt_blocks"] == 0
 
 
-def test_dropping_values_keeps_their_first_pages_even_where_ranges_merge(tmp_path):
-    """ValueReader.drop_values asks to drop every page of each value but its first, also where
-    the values lie close together and their ranges go to the kernel as one."""
+def test_a_bypass_restore_of_cached_values_leaves_none_of_them_cached(open_store, store_path):
+    """Values the page cache held already (written by a store that uses it) come from there, and
+    a bypassing restore drops them, first pages too: the kernel keeps such pages in folios of
+    many, and keeping one page would keep its whole folio."""
+    spec = spec_()
+    kv = make_kv(spec, N, seed=13)
+    base = dict(host_bytes=0, device_bytes=0, persist="write_through", ssd_codec="raw")
+    s = open_store(spec, **base, ssd_page_cache="use")
+    s.save(range(N), kv, session="s")
+    s.flush()
+    s.close()
+    data = os.path.join(store_path, "data.mdb")
+    s = open_store(spec, **base, ssd_page_cache="bypass")
+    if s._ssd.values is None or s._ssd.values.direct_fd() < 0:
+        pytest.skip("no O_DIRECT reads on this file system")
+    if resident_fraction(data) < 0.5:
+        pytest.skip("the written values did not stay in the page cache")
+    value_total = value_bytes(s)
+    assert_kv_equal(s.restore(range(N), session="s").kv, kv)
+    assert s.stats()["ssd_direct_read_bytes"] == 0   # every value came from the page cache
+    s.close()
+    assert resident_fraction(data) * os.path.getsize(data) < 0.25 * value_total
+
+
+def test_dropping_values_keeps_the_first_pages_asked_for_even_where_ranges_merge(tmp_path):
+    """ValueReader.drop_values asks to drop every page of each value but the first of those in
+    ``keep_first``, also where the values lie close together and their ranges go to the kernel
+    as one; without ``keep_first`` every page goes."""
     from tierkv.valuereader import ValueReader
 
     asked = []
@@ -163,7 +188,7 @@ def test_dropping_values_keeps_their_first_pages_even_where_ranges_merge(tmp_pat
     page = mmap.PAGESIZE
     head = OVERFLOW_HEADER_BYTES
     values = [(page + head, 2 * page + 100), (4 * page + head, page), ((64 << 20) + head, 3 * page)]
-    Reader().drop_values(values)
+    Reader().drop_values(values, keep_first={offset for offset, _ in values})
     dropped = {p for start, length in asked for p in range(start, start + length, page)}
     for offset, size in values:
         first = offset - head
@@ -172,6 +197,10 @@ def test_dropping_values_keeps_their_first_pages_even_where_ranges_merge(tmp_pat
     # the first two values' ranges are closer than DONTNEED_GAP: one merged range, split around
     # the second value's first page
     assert asked[0] == (2 * page, 2 * page)
+    asked.clear()
+    Reader().drop_values(values)
+    dropped = {p for start, length in asked for p in range(start, start + length, page)}
+    assert all(offset - head in dropped for offset, _ in values)
 
 
 def test_the_default_restore_fills_the_page_cache_for_comparison(open_store, store_path):

@@ -224,12 +224,15 @@ class SSDReads:
                 raise CorruptValueError("value holds another token count than its record")
             return parsed
 
+        job: dict[str, Any] = {}   # the reads' progress, filled in below
+
         def release() -> None:
             txn.abort()
             for f in files:
                 f.close()
             if self._bypass and values is not None:  # what was read through the page cache goes
-                values.drop_values([loc for loc in where.values() if isinstance(loc, tuple)])
+                values.drop_values([loc for loc in where.values() if isinstance(loc, tuple)],
+                                   keep_first=job.get("cold", ()))
 
         work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed; None: streamed, parsed by its task)
         try:
@@ -263,13 +266,14 @@ class SSDReads:
         needs = part_needs if handle._needed is not None else None
         wanted = [range(L) if needs is None else [layer for layer in range(L) if needs(item, layer)]
                   for item, _ in work]
-        job = {"left": sum(map(len, wanted)), "lock": threading.Lock(),
+        # "cold": the offsets of the values streamed from the disk (their first pages stay cached)
+        job.update({"left": sum(map(len, wanted)), "lock": threading.Lock(), "cold": set(),
                "bytes": sum(item.block.nbytes if len(ls) == L else
                             sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
                             for (item, _), ls in zip(work, wanted)),
                "disk": sum((parsed.nbytes if parsed is not None else where[item.block.key][1]) if len(ls) == L else
                            sum(length for layer in ls for _, length, _ in parsed.layers[layer][2])
-                           for (item, parsed), ls in zip(work, wanted))}
+                           for (item, parsed), ls in zip(work, wanted))})
 
         def count_down(n: int) -> bool:
             """``n`` (block, layer) tasks are done; True for the job's last. Its moves are
@@ -292,7 +296,7 @@ class SSDReads:
             try:
                 try:
                     if item.error is None and odirect == "stream":
-                        self._stream(item, where[item.block.key], handle, values)
+                        self._stream(item, where[item.block.key], handle, values, job["cold"])
                         odirect = True  # nothing left to read
                     elif item.error is None and odirect:  # a handle's part (_direct_memory)
                         odirect = read_layers_direct(parsed, layers, align, handle._targets, item.start, item.used)
@@ -449,7 +453,7 @@ class SSDReads:
         offset, size = loc
         return -(-(offset + size) // a) * a - (offset - offset % a) <= STREAM_MAX_BYTES
 
-    def _stream(self, item: Any, loc: tuple[int, int], handle: LoadHandle, values: Any) -> None:
+    def _stream(self, item: Any, loc: tuple[int, int], handle: LoadHandle, values: Any, cold: set[int]) -> None:
         """Read one value whole with O_DIRECT (DIRECT_READ_BYTES a request, one value at the disk
         at a time, so the reads go in file order) into a bounce buffer, then parse it there and
         check and decode every layer into ``item``'s host buffer or the handle's result. While
@@ -460,7 +464,8 @@ class SSDReads:
         faster from memory; asked here, on an I/O thread, not in the restore's setup while the
         disk waits: bench/results/ab_reload_stream_cold_check_in_task.json) is copied from
         there instead. The overflow page header in front of the value must name its page
-        (``ValueReader.page_head_ok``), else the value is a miss."""
+        (``ValueReader.page_head_ok``), else the value is a miss. ``cold`` gets the offset of a
+        value read with O_DIRECT (its first page stays cached: ``ValueReader.drop_values``)."""
         offset, size = loc
         a = values.DIRECT_ALIGN
         start = offset - offset % a
@@ -477,6 +482,7 @@ class SSDReads:
                         pages.direct(pos, [mem[pos:pos + n]], n)   # buffered where O_DIRECT is refused
                 if values.direct_fd() >= 0:
                     self._stats.count("ssd_direct_read_bytes", size)
+                    cold.add(offset)
             else:  # mostly cached: from the page cache
                 pages(0, [mem[:need]], need)
             lead = offset - start

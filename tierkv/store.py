@@ -389,7 +389,7 @@ class SSDStore:
         with self.reader() as txn:
             cur = self.blocks_cursor(txn)
             found = [loc for loc in (self.values.locate(cur, key) for key in keys) if loc is not None]
-        self.values.drop_values(found, keep_first=False)
+        self.values.drop_values(found)
 
     @property
     def value_alignment(self) -> tuple[int, int]:

@@ -218,24 +218,31 @@ class ValueReader:
         """Ask the kernel to start reading these (file offset, length) ranges now (best effort)."""
         self._advise(ranges, os.POSIX_FADV_WILLNEED)
 
-    def drop_values(self, locations: list[tuple[int, int]], keep_first: bool = True) -> None:
+    def drop_values(self, locations: list[tuple[int, int]], keep_first: Collection[int] = ()) -> None:
         """Drop the values at these ``locate`` results (offset, size) from the page cache, the
         page header in front of each included (best effort: ``advise_dontneed``).
 
-        ``keep_first``: all but the page each value begins in, which holds that header. LMDB
-        reads it whenever a lookup stops at the value's key (``locate``): dropped, the next
-        lookup of the block reads it from the disk, in a restore's setup on the caller's thread,
-        behind whatever the disk is busy with. After a load's reads, where that page came in
-        alone (LMDB's map reads no page around it), one page a value stays cached: 4 KiB of a
-        256-token SmolLM2 block's 5.6 MiB (bf16). Not after a write, whose pages the kernel
-        caches in folios of many pages: one of them kept would keep all of its folio."""
+        ``keep_first``: the offsets of values whose first page stays: the page that holds their
+        overflow page header, which LMDB reads whenever a lookup stops at the key (``locate``).
+        Dropped, the next lookup of the block reads it from the disk, in a restore's setup on
+        the caller's thread, behind whatever the disk is busy with. For values a load read from
+        the disk with O_DIRECT, that page came in alone, when the load looked the block up
+        (LMDB's map reads nothing around a page on Linux), so one page a value stays: 4 KiB of a
+        256-token SmolLM2 block's 5.6 MiB (bf16). Not for values the page cache held already,
+        nor after a write: the kernel caches those in folios of many pages, and one page kept
+        would keep its whole folio (a quarter of the store, where a restore kept them all)."""
         a = mmap.PAGESIZE
-        keep = [(offset - _PAGE_HEAD.size) - (offset - _PAGE_HEAD.size) % a for offset, _ in locations]
-        if not keep_first:
-            self.advise_dontneed([(k, offset + size - k) for k, (offset, size) in zip(keep, locations)])
-            return
-        self.advise_dontneed([(k + a, offset + size - (k + a)) for k, (offset, size) in zip(keep, locations)
-                              if offset + size > k + a], keep=keep)
+        ranges: list[tuple[int, int]] = []
+        keep: list[int] = []
+        for offset, size in locations:
+            first = (offset - _PAGE_HEAD.size) - (offset - _PAGE_HEAD.size) % a
+            if offset in keep_first:
+                keep.append(first)
+                if offset + size > first + a:
+                    ranges.append((first + a, offset + size - first - a))
+            else:
+                ranges.append((first, offset + size - first))
+        self.advise_dontneed(ranges, keep=keep)
 
     def advise_dontneed(self, ranges: list[tuple[int, int]], keep: Collection[int] = ()) -> None:
         """Ask the kernel to drop these (file offset, length) ranges' clean pages (best effort),
