@@ -218,15 +218,22 @@ def layer_crcs(spec: Any, kv: list[tuple[Any, Any]], layout: Layout, block_token
             for v in values]
 
 
-def _in_two_threads(work: Callable[[np.ndarray], None], buffer_bytes: int) -> None:
-    """``work(buffer)`` on two threads, each with its own reused huge-page buffer; the first
-    failure is raised here."""
+def _in_two_threads(tasks: list[Any], work: Callable[[np.ndarray, Any], None], buffer_bytes: int) -> None:
+    """``work(buffer, task)`` for each of ``tasks``, taken in order by two threads, each with its
+    own reused huge-page buffer; the first failure is raised here."""
     maps = [huge_page_buffer(buffer_bytes) for _ in range(2)]
+    left, take = iter(tasks), threading.Lock()
     failed: list[BaseException] = []
 
     def run(view: memoryview) -> None:
+        buf = np.frombuffer(view, np.uint8)
         try:
-            work(np.frombuffer(view, np.uint8))
+            while True:
+                with take:
+                    task = next(left, None)
+                if task is None:
+                    return
+                work(buf, task)
         except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             failed.append(e)
 
@@ -248,31 +255,26 @@ def direct_whole_values(path: str, layout: Layout, result: np.ndarray, crcs: lis
     a time, read whole (``request`` bytes a ``preadv``) into the thread's own buffer; then every
     layer is checked (CRC32C) and its runs copied into the result while the other thread reads."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    disk, take = threading.Lock(), threading.Lock()
-    values = iter([(s, b) for s in range(layout.sessions) for b in range(layout.blocks)])
+    disk = threading.Lock()
 
-    def work(buf: np.ndarray) -> None:
-        while True:
-            with take:
-                v = next(values, None)
-            if v is None:
-                return
-            s, b = v
-            at = layout.value_offset(s, b)
-            with disk:
-                for off in range(0, layout.stride, request):
-                    n = min(request, layout.stride - off)
-                    if os.preadv(fd, [buf[off:off + n]], at + off) < min(n, layout.value - off):
-                        raise OSError("short read")
-            for layer in range(layout.layers):
-                src = buf[layer * layout.layer_bytes:(layer + 1) * layout.layer_bytes]
-                if crc32c(src) != crcs[b][layer]:
-                    raise SystemExit(f"value {v}, layer {layer}: checksum mismatch")
-                for i, r in enumerate(layout.runs(result, s, b, layer)):
-                    r[:] = src[i * layout.run:(i + 1) * layout.run]
+    def work(buf: np.ndarray, value: tuple[int, int]) -> None:
+        s, b = value
+        at = layout.value_offset(s, b)
+        with disk:
+            for off in range(0, layout.stride, request):
+                n = min(request, layout.stride - off)
+                if os.preadv(fd, [buf[off:off + n]], at + off) < min(n, layout.value - off):
+                    raise OSError("short read")
+        for layer in range(layout.layers):
+            src = buf[layer * layout.layer_bytes:(layer + 1) * layout.layer_bytes]
+            if crc32c(src) != crcs[b][layer]:
+                raise SystemExit(f"value {value}, layer {layer}: checksum mismatch")
+            for i, r in enumerate(layout.runs(result, s, b, layer)):
+                r[:] = src[i * layout.run:(i + 1) * layout.run]
 
     try:
-        _in_two_threads(work, -(-layout.stride // HUGE_PAGE) * HUGE_PAGE)
+        _in_two_threads([(s, b) for s in range(layout.sessions) for b in range(layout.blocks)], work,
+                        -(-layout.stride // HUGE_PAGE) * HUGE_PAGE)
     finally:
         os.close(fd)
 
@@ -284,40 +286,34 @@ def direct_pieces(path: str, layout: Layout, result: np.ndarray, crcs: list[list
     bytes into the runs they belong to, and check a layer's CRC32C on the result once every byte
     of it has landed (whichever thread lands the last)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    disk, take, count = threading.Lock(), threading.Lock(), threading.Lock()
-    pieces = iter([(s, b, off) for s in range(layout.sessions) for b in range(layout.blocks)
-                   for off in range(0, layout.stride, piece)])
+    disk, count = threading.Lock(), threading.Lock()
     landed: dict[tuple[int, int, int], int] = {}
 
-    def work(buf: np.ndarray) -> None:
-        while True:
-            with take:
-                p = next(pieces, None)
-            if p is None:
-                return
-            s, b, off = p
-            n = min(piece, layout.stride - off)
-            with disk:
-                if os.preadv(fd, [buf[:n]], layout.value_offset(s, b) + off) < min(n, layout.value - off):
-                    raise OSError("short read")
-            pos, end = off, min(off + n, layout.value)
-            while pos < end:   # value bytes [pos, end): a run, or the part of one in this piece
-                layer, within = divmod(pos, layout.layer_bytes)
-                i, at = divmod(within, layout.run)
-                k = min(end - pos, layout.run - at)
-                layout.runs(result, s, b, layer)[i][at:at + k] = buf[pos - off:pos - off + k]
-                with count:
-                    got = landed[(s, b, layer)] = landed.get((s, b, layer), 0) + k
-                if got == layout.layer_bytes:
-                    c = 0
-                    for r in layout.runs(result, s, b, layer):
-                        c = crc32c(r, c)
-                    if c != crcs[b][layer]:
-                        raise SystemExit(f"value {(s, b)}, layer {layer}: checksum mismatch")
-                pos += k
+    def work(buf: np.ndarray, task: tuple[int, int, int]) -> None:
+        s, b, off = task
+        n = min(piece, layout.stride - off)
+        with disk:
+            if os.preadv(fd, [buf[:n]], layout.value_offset(s, b) + off) < min(n, layout.value - off):
+                raise OSError("short read")
+        pos, end = off, min(off + n, layout.value)
+        while pos < end:   # value bytes [pos, end): a run, or the part of one in this piece
+            layer, within = divmod(pos, layout.layer_bytes)
+            i, at = divmod(within, layout.run)
+            k = min(end - pos, layout.run - at)
+            layout.runs(result, s, b, layer)[i][at:at + k] = buf[pos - off:pos - off + k]
+            with count:
+                got = landed[(s, b, layer)] = landed.get((s, b, layer), 0) + k
+            if got == layout.layer_bytes:
+                c = 0
+                for r in layout.runs(result, s, b, layer):
+                    c = crc32c(r, c)
+                if c != crcs[b][layer]:
+                    raise SystemExit(f"value {(s, b)}, layer {layer}: checksum mismatch")
+            pos += k
 
     try:
-        _in_two_threads(work, piece)
+        _in_two_threads([(s, b, off) for s in range(layout.sessions) for b in range(layout.blocks)
+                         for off in range(0, layout.stride, piece)], work, piece)
     finally:
         os.close(fd)
 
