@@ -268,12 +268,12 @@ class SSDReads:
                   for item, _ in work]
         # "cold": the offsets of the values streamed from the disk (their first pages stay cached)
         job.update({"left": sum(map(len, wanted)), "lock": threading.Lock(), "cold": set(),
-               "bytes": sum(item.block.nbytes if len(ls) == L else
-                            sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
-                            for (item, _), ls in zip(work, wanted)),
-               "disk": sum((parsed.nbytes if parsed is not None else where[item.block.key][1]) if len(ls) == L else
-                           sum(length for layer in ls for _, length, _ in parsed.layers[layer][2])
-                           for (item, parsed), ls in zip(work, wanted))})
+                    "bytes": sum(item.block.nbytes if len(ls) == L else
+                                 sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
+                                 for (item, _), ls in zip(work, wanted)),
+                    "disk": sum((parsed.nbytes if parsed is not None else where[item.block.key][1]) if len(ls) == L else
+                                sum(length for layer in ls for _, length, _ in parsed.layers[layer][2])
+                                for (item, parsed), ls in zip(work, wanted))})
 
         def count_down(n: int) -> bool:
             """``n`` (block, layer) tasks are done; True for the job's last. Its moves are
