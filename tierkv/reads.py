@@ -224,15 +224,14 @@ class SSDReads:
                 raise CorruptValueError("value holds another token count than its record")
             return parsed
 
-        job: dict[str, Any] = {}   # the reads' progress, filled in below
+        cold: set[int] = set()   # offsets of the values streamed from the disk (``_stream``)
 
         def release() -> None:
             txn.abort()
             for f in files:
                 f.close()
             if self._bypass and values is not None:  # what was read through the page cache goes
-                values.drop_values([loc for loc in where.values() if isinstance(loc, tuple)],
-                                   keep_first=job.get("cold", ()))
+                values.drop_values([loc for loc in where.values() if isinstance(loc, tuple)], keep_first=cold)
 
         work: list[tuple[Any, Any]] = []   # (BlockLoad | _Part, parsed; None: streamed, parsed by its task)
         try:
@@ -266,14 +265,13 @@ class SSDReads:
         needs = part_needs if handle._needed is not None else None
         wanted = [range(L) if needs is None else [layer for layer in range(L) if needs(item, layer)]
                   for item, _ in work]
-        # "cold": the offsets of the values streamed from the disk (their first pages stay cached)
-        job.update({"left": sum(map(len, wanted)), "lock": threading.Lock(), "cold": set(),
-                    "bytes": sum(item.block.nbytes if len(ls) == L else
-                                 sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
-                                 for (item, _), ls in zip(work, wanted)),
-                    "disk": sum((parsed.nbytes if parsed is not None else where[item.block.key][1]) if len(ls) == L else
-                                sum(length for layer in ls for _, length, _ in parsed.layers[layer][2])
-                                for (item, parsed), ls in zip(work, wanted))})
+        job = {"left": sum(map(len, wanted)), "lock": threading.Lock(),
+               "bytes": sum(item.block.nbytes if len(ls) == L else
+                            sum(self.spec.layers[layer].bytes_per_token for layer in ls) * item.block.n_tokens
+                            for (item, _), ls in zip(work, wanted)),
+               "disk": sum((parsed.nbytes if parsed is not None else where[item.block.key][1]) if len(ls) == L else
+                           sum(length for layer in ls for _, length, _ in parsed.layers[layer][2])
+                           for (item, parsed), ls in zip(work, wanted))}
 
         def count_down(n: int) -> bool:
             """``n`` (block, layer) tasks are done; True for the job's last. Its moves are
@@ -296,7 +294,7 @@ class SSDReads:
             try:
                 try:
                     if item.error is None and odirect == "stream":
-                        self._stream(item, where[item.block.key], handle, values, job["cold"])
+                        self._stream(item, where[item.block.key], handle, values, cold)
                         odirect = True  # nothing left to read
                     elif item.error is None and odirect:  # a handle's part (_direct_memory)
                         odirect = read_layers_direct(parsed, layers, align, handle._targets, item.start, item.used)
@@ -304,12 +302,7 @@ class SSDReads:
                             self._stats.count("ssd_direct_read_bytes", sum(
                                 parsed.layers[layer][2][0][1] for layer in layers))
                     if item.error is None and not odirect:  # memory not aligned: layer by layer
-                        for layer in layers:
-                            if isinstance(item, BlockLoad):
-                                decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
-                            else:
-                                decode_layer_into_views(self.codec, self.spec, parsed, layer,
-                                                        handle._targets(layer), item.start, item.used)
+                        self._decode_layers(item, parsed, layers, handle)
                 finally:
                     last = count_down(len(layers))  # before this task's waiters wake, even on a failure
                 if not isinstance(item, BlockLoad):
@@ -492,14 +485,14 @@ class SSDReads:
                                  self.block_tokens, key=item.block.key)
             if parsed.n_tokens != item.block.n_tokens:
                 raise CorruptValueError("value holds another token count than its record")
-            self._decode_all(item, parsed, handle)
+            self._decode_layers(item, parsed, range(self.spec.num_layers), handle)
         finally:
             self._bounce.give(buf)
 
-    def _decode_all(self, item: Any, parsed: Any, handle: LoadHandle) -> None:
-        """Check and decode every layer of a parsed value into ``item``'s host buffer or the
+    def _decode_layers(self, item: Any, parsed: Any, layers: range, handle: LoadHandle) -> None:
+        """Check and decode ``layers`` of a parsed value into ``item``'s host buffer or the
         handle's result."""
-        for layer in range(self.spec.num_layers):
+        for layer in layers:
             if isinstance(item, BlockLoad):
                 decode_layer_into(self.codec, self.spec, parsed, layer, item.buffer)
             else:
