@@ -19,7 +19,7 @@ import torch
 
 import tierkv
 import tierkv.reads as reads_mod
-from tierkv.hostmem import HUGE_PAGE, aligned_empty
+from tierkv.hostmem import HUGE_PAGE, aligned_empty, prefault
 from tierkv.pagecache import drop_file_cache, resident_fraction, resident_pages
 from tierkv.valuereader import OVERFLOW_HEADER_BYTES
 
@@ -477,6 +477,53 @@ def test_aligned_empty_starts_on_a_page_and_on_huge_pages_when_asked():
     t.fill_(7)
     assert int(t.sum()) == 7 * 3 * HUGE_PAGE
 
+
+
+def _anon_huge_kib(addr: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds ``addr``, from smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= addr < hi
+            elif inside and head[0] == "AnonHugePages:":
+                return int(head[1])
+    return 0
+
+
+def _thp_fallbacks() -> int:
+    with open("/proc/vmstat") as f:
+        return sum(int(v) for k, v in (line.split() for line in f) if k == "thp_fault_fallback")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_huge_buffers_get_huge_pages_after_the_c_allocator_freed_large_ones():
+    """Once a process has freed a large buffer, glibc serves the next large requests from its
+    heap, whose memory ``MADV_HUGEPAGE`` did not turn into huge pages: a huge buffer (a bypassing
+    load's bounce buffers, a ``CachePool``'s slab) then came out in 4 KiB pages, and its 4 MiB
+    O_DIRECT reads reached the disk in pieces of about 1 MiB (reload run 81)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    if "[never]" in thp:
+        pytest.skip("transparent huge pages are off")
+    for _ in range(3):   # large buffers freed: glibc raises its threshold for mapping one apart
+        x = torch.empty(24 << 20, dtype=torch.uint8)
+        x.fill_(1)
+        del x
+    before = _thp_fallbacks()
+    t = aligned_empty((4 * HUGE_PAGE,), torch.uint8, huge=True)   # under the raised threshold
+    prefault(t)
+    if _thp_fallbacks() > before:
+        pytest.skip("the kernel had no huge page to give")
+    assert t.data_ptr() % HUGE_PAGE == 0 and t.numel() == 4 * HUGE_PAGE
+    assert _anon_huge_kib(t.data_ptr()) >= 4 * HUGE_PAGE // 1024
+    t.fill_(3)   # the memory is the tensor's own, and writable
+    assert int(t[-1]) == 3 and int(t[0]) == 3
 
 @pytest.mark.parametrize("mode", ["use", "bypass"])
 def test_saved_values_leave_the_page_cache_when_bypassing_it(open_store, store_path, mode):
