@@ -525,6 +525,23 @@ def test_huge_buffers_get_huge_pages_after_the_c_allocator_freed_large_ones():
     t.fill_(3)   # the memory is the tensor's own, and writable
     assert int(t[-1]) == 3 and int(t[0]) == 3
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_a_huge_buffer_is_unmapped_when_its_last_view_dies():
+    """A huge buffer is a map of its own: a view keeps all of it, and the last one to go unmaps it."""
+    import psutil
+
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    t = aligned_empty((32 * HUGE_PAGE,), torch.uint8, huge=True)
+    prefault(t)
+    view = t.view(torch.float32)[:16]
+    del t
+    view.fill_(1.5)
+    assert proc.memory_info().rss - before > 48 * 2**20   # 64 MiB resident, held by the view
+    del view
+    assert proc.memory_info().rss - before < 16 * 2**20
+
 @pytest.mark.parametrize("mode", ["use", "bypass"])
 def test_saved_values_leave_the_page_cache_when_bypassing_it(open_store, store_path, mode):
     """With "bypass", the writer drops the values it wrote from the page cache once committed;
