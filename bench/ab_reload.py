@@ -30,6 +30,9 @@ side by side (``--a . --model qwen3-32b --dtype bf16 --codec raw --block-tokens-
 ``--page-cache bypass``: both versions restore with ``ssd_page_cache="bypass"``;
 ``--page-cache-b MODE``: B's mode, if not ``--page-cache``'s (``--a . --page-cache-b bypass``: the
 two modes of one version, on one store).
+``--freed-first``: each child allocates and frees a few 24 MiB buffers before it opens the store,
+as a process that has run a while has: glibc then serves the next large requests from its heap
+(a server's bounce buffers came out in 4 KiB pages so until session 73: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ from common import int_at_least  # noqa: E402  (common imports no tierkv: a chil
 
 def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, sessions: int, mode: str,
           codec: str, preallocated: bool = False, model: str | None = None, block_tokens: int | None = None,
-          page_cache: str = "use") -> None:
+          page_cache: str = "use", freed_first: bool = False) -> None:
     """Restore every session of ``store`` with the tierkv found in ``root``; print GB/s as JSON.
     ``mode`` "write": write the store instead. ``preallocated``: restore into one CachePool
     reserved up front (as a server does, and as the reload bench's preallocated rows), not into
-    fresh tensors. ``model`` and ``block_tokens``: as the options ``--model`` and ``--block-tokens``; ``page_cache``: the restoring store's ``ssd_page_cache``."""
+    fresh tensors. ``model`` and ``block_tokens``: as the options ``--model`` and ``--block-tokens``; ``page_cache``: the restoring store's ``ssd_page_cache``.
+    ``freed_first``: free a few large buffers first (``--freed-first``)."""
     sys.path.insert(0, os.path.abspath(root))
     sys.path.insert(1, HERE)
     import tierkv
@@ -74,6 +78,8 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         write_store(tierkv, store, spec, kv, sessions, codec, block_tokens)
         print(json.dumps({"written": store}))
         return
+    if freed_first:
+        freed_large_buffers()
     big = dict(device_bytes=0, host_bytes=1 << 40, ssd_bytes=1 << 40, ssd_codec=codec, block_tokens=block_tokens,
                ssd_page_cache=page_cache)
     allocate = common.preallocated(spec, TOKENS) if preallocated else None
@@ -101,6 +107,18 @@ def child(root: str, store: str, dtype: str, synthetic: bool, cache_dir: str, se
         direct = s.stats().get("ssd_direct_read_bytes", 0)   # (a version before session 28 has none)
     print(json.dumps({"gbps": sessions * TOKENS * spec.bytes_per_token / el / 1e9, "seconds": el,
                       "setup_s": setup, "blocks": blocks, "direct_bytes": direct}))
+
+
+def freed_large_buffers(n: int = 3, nbytes: int = 24 << 20) -> None:
+    """Allocate, write and free ``n`` buffers of ``nbytes``: glibc maps each apart and, on the
+    first free, raises its threshold for doing so (up to 32 MiB), so the next large requests under
+    it come from its heap, in memory already faulted in as 4 KiB pages."""
+    import torch
+
+    for _ in range(n):
+        x = torch.empty(nbytes, dtype=torch.uint8)
+        x.fill_(1)
+        del x
 
 
 def write_store(tierkv: Any, store: str, spec: Any, kv: Any, sessions: int, codec: str, block_tokens: int = 256) -> None:
@@ -147,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="each version writes and restores a store of its own (for encoder changes)")
     ap.add_argument("--preallocated", action="store_true",
                     help="restore into tensors reserved up front (a CachePool), not fresh ones")
+    ap.add_argument("--freed-first", action="store_true",
+                    help="each child frees a few large buffers before opening the store (a process that has run a while)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sessions", type=int, default=0, help=argparse.SUPPRESS)
@@ -155,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         child(args.child, args.store, args.dtype, args.synthetic, args.cache_dir, args.sessions,
               "write" if args.write else args.mode[0], args.codec, args.preallocated, args.model, args.block_tokens,
-              args.page_cache)
+              args.page_cache, args.freed_first)
         return {}
 
     codecs = {"A": args.codec, "B": args.codec_b or args.codec}
@@ -201,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cmd += ["--block-tokens", str(blocks[name]), "--page-cache", page_caches[name]]
         cmd += ["--write"] if mode == "write" else []
         cmd += ["--preallocated"] if args.preallocated else []
+        cmd += ["--freed-first"] if args.freed_first and mode != "write" else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"version {name} ({root}) failed:\n{r.stderr[-3000:]}")
@@ -232,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kv": (f"{args.model}-random-" if args.model else "synthetic-" if args.synthetic else "smollm2-") + args.dtype,
         "block_tokens": blocks, "restored_blocks": restored_blocks,
         "codec": args.codec, "codec_b": codecs["B"], "sessions": sessions, "tokens_per_session": TOKENS, "raw_bytes": sessions * per,
-        "page_cache": page_caches, "direct_read_bytes": direct_bytes, "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated,
+        "page_cache": page_caches, "direct_read_bytes": direct_bytes, "rounds": args.rounds, "own_stores": args.own_stores, "preallocated": args.preallocated, "freed_first": args.freed_first,
         "round_orders": orders, "store_file_bytes": store_bytes,
         "gbps": {k: stats_of(v) for k, v in rates.items()},
         "b_over_a": {m: statistics.median(rates[f"{m} B"]) / statistics.median(rates[f"{m} A"]) for m in args.mode},

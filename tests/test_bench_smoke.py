@@ -306,14 +306,16 @@ def test_ab_reload_bench_runs(tmp_path, own_stores, bench):
 
     With its own stores, B writes with another SSD codec (``--codec-b``, which implies
     ``--own-stores``): bf16 KV's byte planes compress, so B's zstd-planes store is smaller than
-    A's raw one (one run for both: each was a test of its own, 12 s more of the suite)."""
+    A's raw one (one run for both: each was a test of its own, 12 s more of the suite). The
+    other run's children free large buffers before they restore (``--freed-first``)."""
     out = tmp_path / "ab.json"
     mode = "cold" if own_stores else "warm"
     bench("ab_reload", "--a", ROOT, "--size", "20MiB", "--rounds", "2", "--synthetic", "--mode", mode, "--out", out,
           "--dir", tmp_path, *(["--preallocated", "--dtype", "bf16", "--codec", "raw", "--codec-b", "zstd-planes"]
-                               if own_stores else []))
+                               if own_stores else ["--freed-first"]))
     res = json.loads(out.read_text())
     assert res["preallocated"] is own_stores   # into a reserved CachePool, or fresh tensors
+    assert res["freed_first"] is not own_stores
     assert set(res["gbps"]) == {f"{mode} A", f"{mode} B"} and set(res["b_over_a"]) == {mode}
     assert all(v["median"] > 0 and len(v["runs"]) == 2 for v in res["gbps"].values())
     assert res["round_orders"] == [["A", "B"], ["B", "A"]]
