@@ -28,6 +28,16 @@ ODIRECT_HUGE = "disk O_DIRECT sequential read, huge-page buffer"
 WHOLE = "disk O_DIRECT sequential read into a whole destination (huge pages)"
 #: tierkv's store file read in the engine's pattern without the engine (bench/read_patterns.py)
 PATTERN = "tierkv's read pattern without the engine (cold)"
+#: from run 41: the restores with ``ssd_page_cache="bypass"`` (O_DIRECT; since session 71 into
+#: bounce buffers on huge pages)
+BYPASS, BYPASS_PRE = ("tierkv cold, bypassing the page cache",
+                      "tierkv cold, bypassing the page cache, into preallocated tensors")
+#: a bypass row whose requests number this many times its configuration's median went to the disk
+#: in pieces: its 4 MiB reads landed in memory that was not on huge pages (session 73)
+SPLIT_AT = 1.4
+#: the first run per configuration whose bypassing restore into fresh tensors streamed through
+#: bounce buffers (session 71); before, it read through the page cache, in requests of other sizes
+STREAMED_FROM = {"fp32": 78, "bf16 raw": 26}
 TORCH, LMDB, LMDB_PRE = ("torch.load per session (cold)", "raw LMDB values, no codec (cold)",
                          "raw LMDB values into a preallocated buffer (cold)")
 
@@ -169,6 +179,39 @@ def odirect_requests(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+
+def bypass_requests(runs: list[dict[str, Any]]) -> list[str]:
+    """The bypassing restores against the requests the disk saw (runs that recorded
+    ``disk_requests``): per configuration and row, the runs whose requests number ``SPLIT_AT``
+    times the median of that row or more (their reads went out in pieces) and the others. Only
+    restores that read with O_DIRECT into memory meant to be on huge pages: into a reserved
+    pool, every run; into fresh tensors, from ``STREAMED_FROM`` on."""
+    groups: dict[tuple[str, str], list[tuple[int, float, str]]] = {}
+    for run in runs:
+        for row, name in ((BYPASS, "fresh tensors"), (BYPASS_PRE, "preallocated")):
+            if row == BYPASS and run["number"] < STREAMED_FROM.get(run["config"], 1 << 30):
+                continue
+            req = run["requests"].get(row)
+            if req is not None and row in run["gbps"]:
+                groups.setdefault((run["config"], name), []).append((req["requests"], run["gbps"][row], run["label"]))
+    lines = ["| configuration | into | runs | median requests | runs in pieces (requests) | their GB/s | the others' requests | their GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def span(values: list[float], fmt: str) -> str:
+        if not values:
+            return "—"
+        lo, hi = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
+        return lo if lo == hi else f"{lo}–{hi}"
+    for (config, name), got in groups.items():
+        med = statistics.median(n for n, _, _ in got)
+        split = [g for g in got if g[0] >= SPLIT_AT * med]
+        rest = [g for g in got if g[0] < SPLIT_AT * med]
+        lines.append(f"| {config} | {name} | {len(got)} | {med:.0f} | "
+                     + (", ".join(f"{label} ({n})" for n, _, label in split) or "none") + " | "
+                     f"{span([g for _, g, _ in split], '.2f')} | {span([n for n, _, _ in rest], 'd')} | "
+                     f"{span([g for _, g, _ in rest], '.2f')} |")
+    return lines
+
 #: the targets as the table at a glance names them: (name, fresh, preallocated)
 GLANCE = [
     ("cold ≥1.0x the disk's limit, an O_DIRECT read into huge pages", "vs O_DIRECT in huge pages", "vs O_DIRECT in huge pages, preallocated"),
@@ -285,6 +328,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "cpus": cpus}
     print("### The O_DIRECT baselines: rate against request size, every run that recorded it\n")
     print("\n".join(odirect_requests(runs)))
+    print()
+    report["bypass_requests"] = bypass_requests(runs)
+    print("### The bypassing restores: the requests the disk saw, every run that recorded them\n")
+    print("\n".join(report["bypass_requests"]))
     print()
     return report
 

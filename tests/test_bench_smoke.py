@@ -799,6 +799,12 @@ def test_reload_runs_tables_match_the_runs_own_ratios(capsys):
         labels = [label for labels in config["cpus"].values() for label in labels]
         assert len(labels) == len(set(labels)) <= len(config["runs"])
     assert "76" in report["configs"]["fp32"]["cpus"].get(("AMD EPYC", ("avx2", "avx512f", "avx512_bf16")), [])
+    # so does the table of the bypassing restores' requests, and it names run 81, whose bounce
+    # buffers were not on huge pages (session 73)
+    bypass = report["bypass_requests"]
+    start = doc.index(bypass[0])
+    assert doc[start:start + len(bypass)] == bypass and doc[start + len(bypass)].strip() == ""
+    assert any(line.startswith("| fp32 | fresh tensors |") and "81 (1186)" in line for line in bypass)
 
 
 def test_demo_block_sizes_script(tmp_path):
