@@ -28,7 +28,7 @@ ODIRECT_HUGE = "disk O_DIRECT sequential read, huge-page buffer"
 WHOLE = "disk O_DIRECT sequential read into a whole destination (huge pages)"
 #: tierkv's store file read in the engine's pattern without the engine (bench/read_patterns.py)
 PATTERN = "tierkv's read pattern without the engine (cold)"
-#: from run 41: the restores with ``ssd_page_cache="bypass"`` (O_DIRECT; since session 71 into
+#: from run 43: the restores with ``ssd_page_cache="bypass"`` (O_DIRECT; since session 71 into
 #: bounce buffers on huge pages)
 BYPASS, BYPASS_PRE = ("tierkv cold, bypassing the page cache",
                       "tierkv cold, bypassing the page cache, into preallocated tensors")
@@ -179,7 +179,6 @@ def odirect_requests(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-
 def bypass_requests(runs: list[dict[str, Any]]) -> list[str]:
     """The bypassing restores against the requests the disk saw (runs that recorded
     ``disk_requests``): per configuration and row, the runs whose requests number ``SPLIT_AT``
@@ -202,6 +201,7 @@ def bypass_requests(runs: list[dict[str, Any]]) -> list[str]:
             return "—"
         lo, hi = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
         return lo if lo == hi else f"{lo}–{hi}"
+
     for (config, name), got in groups.items():
         med = statistics.median(n for n, _, _ in got)
         split = [g for g in got if g[0] >= SPLIT_AT * med]
@@ -211,6 +211,7 @@ def bypass_requests(runs: list[dict[str, Any]]) -> list[str]:
                      f"{span([g for _, g, _ in split], '.2f')} | {span([n for n, _, _ in rest], 'd')} | "
                      f"{span([g for _, g, _ in rest], '.2f')} |")
     return lines
+
 
 #: the targets as the table at a glance names them: (name, fresh, preallocated)
 GLANCE = [

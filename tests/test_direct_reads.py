@@ -478,7 +478,6 @@ def test_aligned_empty_starts_on_a_page_and_on_huge_pages_when_asked():
     assert int(t.sum()) == 7 * 3 * HUGE_PAGE
 
 
-
 def _anon_huge_kib(addr: int) -> int:
     """AnonHugePages (KiB) of the mapping of this process that holds ``addr``, from smaps."""
     inside = False
