@@ -5,7 +5,8 @@ that holds the GIL for a while, and the restore's reader threads wait. Whether o
 a turn's restore depends on how many objects the process allocated before (``tierkv demo``
 restored at half its rate after an unrelated change moved one there, session 67). This script
 measures both parts on SmolLM2 (fp32, 256-token blocks, zstd-planes): the pause of a full
-``gc.collect()`` in the process holding the model, and runner turns restoring a ``--tokens``
+``gc.collect()`` in the process holding the model (and again with the objects alive then frozen,
+``gc.freeze()``, as a server does once started: ``tierkv.demo.freeze_startup_heap``), and runner turns restoring a ``--tokens``
 session from cold SSD, alternating ``hold_gc`` True and False, each with the number of full
 collections that ran inside its restore-to-first-token window (``gc.callbacks``). A round
 without a collection in its window says nothing about the hold; its TTFT is reported as is.
@@ -35,6 +36,16 @@ from tierkv.integrations.hf import SessionRunner, load_smollm2  # noqa: E402
 from tierkv.pagecache import make_cold  # noqa: E402
 
 
+def full_collect_pauses(n: int = 5) -> list[float]:
+    """Seconds of ``n`` full collections, one after another."""
+    pauses = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        gc.collect()
+        pauses.append(time.perf_counter() - t0)
+    return pauses
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int_at_least(256), default=4096)
@@ -44,11 +55,19 @@ def main(argv: list[str] | None = None) -> None:
     model, tok, spec = load_smollm2()
     torch.set_num_threads(os.cpu_count() or 1)
     turn1, turn2 = build_context(tok, args.tokens)
-    pauses = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+    pauses = full_collect_pauses()
+    # as a server does once started (tierkv.demo.freeze_startup_heap): later full collections
+    # walk only what was made since
+    ours = not gc.get_freeze_count()  # else whoever froze them (a caller's process) unfreezes them
+    if ours:
         gc.collect()
-        pauses.append(time.perf_counter() - t0)
+        gc.freeze()
+    frozen_objects = gc.get_freeze_count()
+    try:
+        frozen_pauses = full_collect_pauses()
+    finally:
+        if ours:
+            gc.unfreeze()
     full: list[float] = []  # durations of generation-2 collections since the last reset
     started: list[float] = []
 
@@ -83,12 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     by = {h: [x for x in rounds if x["hold_gc"] is h] for h in (True, False)}
     result = {"machine": machine(), "tokens": len(turn1) + len(turn2), "rounds": rounds,
               "full_collect_pause_s": stats_of(pauses),
+              "full_collect_pause_frozen_s": stats_of(frozen_pauses), "frozen_objects": frozen_objects,
               "ttft_s": {f"hold_gc={h}": stats_of([x["ttft_s"] for x in xs]) for h, xs in by.items()},
               "rounds_with_a_full_collection": {f"hold_gc={h}": sum(x["full_collections"] > 0 for x in xs)
                                                 for h, xs in by.items()}}
     write_json(args.out, result)
     print(f"a full gc.collect() with the model loaded: {result['full_collect_pause_s']['median'] * 1000:.1f} ms "
-          "(median of 5)")
+          "(median of 5); after gc.freeze() of its "
+          f"{frozen_objects} objects: {result['full_collect_pause_frozen_s']['median'] * 1000:.2f} ms")
     for x in rounds:
         print(f"  hold_gc={x['hold_gc']!s:<5}  TTFT {x['ttft_s'] * 1000:7.1f} ms  full collections in the window: "
               f"{x['full_collections']} ({x['full_collection_s'] * 1000:.1f} ms)")

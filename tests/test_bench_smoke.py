@@ -247,12 +247,16 @@ def test_hybrid_restore_bench_runs(tmp_path, arch, bench):
 
 @pytest.mark.model  # loads SmolLM2
 def test_gc_pause_bench_runs(tmp_path, bench):
-    """bench/gc_pause.py: a full collection's pause, then turns alternating hold_gc, each with the
-    full collections that ran in its window (none where the runner holds the collector off)."""
+    """bench/gc_pause.py: a full collection's pause, as is and with the objects alive frozen, then
+    turns alternating hold_gc, each with the full collections that ran in its window (none where
+    the runner holds the collector off)."""
     out = tmp_path / "gc.json"
     bench("gc_pause", "--tokens", "300", "--rounds", "1", "--out", out)
     res = json.loads(out.read_text())
     assert res["full_collect_pause_s"]["n"] == 5 and res["full_collect_pause_s"]["median"] > 0
+    # frozen, a full collection skips the model's and pytest's objects: a fraction of the time
+    assert res["frozen_objects"] > 100_000
+    assert res["full_collect_pause_frozen_s"]["median"] < res["full_collect_pause_s"]["median"] / 4
     assert [x["hold_gc"] for x in res["rounds"]] == [True, False]
     assert all(x["restored_tokens"] > 0 for x in res["rounds"])
     assert res["rounds_with_a_full_collection"]["hold_gc=True"] == 0
