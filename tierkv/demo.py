@@ -81,16 +81,18 @@ class Progress:
         return el
 
 
-def freeze_startup_heap() -> None:
+def freeze_startup_heap() -> int:
     """Collect once, then leave every object alive now (torch, transformers, the model) out of
     later full collections (``gc.freeze()``), as a server does once started: vLLM's engine core
     and workers, SGLang and Ray Serve freeze theirs after start-up. A full collection walks every
     object not frozen, holding the GIL, whenever the interpreter's thresholds say so, inside
-    whatever call is running: with SmolLM2 loaded, 174 ms (``bench/gc_pause.py``), which landed
-    in turn 1's ``save`` in every ``make demo`` of session 74 (238-318 ms blocked against 61-104
-    with none there). Frozen, it walks only what the turns made since."""
+    whatever call is running: with SmolLM2 loaded, 230 ms (``bench/gc_pause.py``, session 74).
+    One landed in turn 1's ``save`` in every ``make demo`` of session 74 before this: blocked
+    225-318 ms, against 62-77 ms frozen (docs/integration.md). Frozen, a full collection walks
+    only what the turns made since. Returns how many objects are frozen."""
     gc.collect()
     gc.freeze()
+    return gc.get_freeze_count()
 
 
 def build_context(tok: Any, context_tokens: int) -> tuple[list[int], list[int]]:
@@ -139,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
     model, tok, spec = load_smollm2(cache_dir)
     p.close()
     torch.set_num_threads(os.cpu_count() or 1)
-    freeze_startup_heap()
+    frozen = freeze_startup_heap()
     turn1, turn2 = build_context(tok, args.context_tokens)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
 
@@ -204,6 +206,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "ssd_bytes": st["resident_bytes"]["ssd"],
         "compression_ratio": (len(seen) * spec.bytes_per_token) / st["resident_bytes"]["ssd"],
         "save_blocked_s": save_block_s,
+        "turn1_frozen_objects": frozen,
         "store": store_path,
         "turn2_text": tok.decode(child.pop("restore_tokens"), skip_special_tokens=True).strip(),
     }
@@ -273,7 +276,7 @@ def child_main(argv: list[str]) -> int:
              for t in (layer.tensors[0] for layer in spec.layers)]
     prefill(model, turn2, kv_to_cache(zeros, model.config))
     del zeros
-    freeze_startup_heap()
+    frozen = freeze_startup_heap()
     resident = resident_fraction(os.path.join(a.store, "data.mdb"))
 
     with TierKV(a.store, spec, ssd_codec=a.codec, block_tokens=a.block_tokens) as kv:
@@ -314,6 +317,7 @@ def child_main(argv: list[str]) -> int:
         "max_abs_logit_diff": diff,
         "recompute_tokens_identical": re_tokens == ref_tokens,
         "restore_tokens": tokens,
+        "turn2_frozen_objects": frozen,
     }))
     return 0
 

@@ -1610,9 +1610,9 @@ class SessionRunner:
     every object transformers made, and holds the GIL the restore's reader threads need
     meanwhile (192 ms a full ``gc.collect()`` with SmolLM2 loaded, ``bench/gc_pause.py``;
     ``tierkv demo``'s restore reads took 255-309 ms where one landed in them, 126-141 ms with it
-    held off; its turn-1 save blocked 238-318 ms where one landed in it, 61-104 ms without). A
-    server that freezes its start-up objects (``gc.freeze()``, ``tierkv.demo.freeze_startup_heap``)
-    makes every full collection short; the hold then costs nothing and still helps.
+    held off; its turn-1 save blocked 225-318 ms where one landed in it). A server that freezes
+    its start-up objects (``gc.freeze()``, as ``tierkv.demo.freeze_startup_heap`` does) makes
+    every full collection short wherever it lands (docs/integration.md).
     """
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None,
