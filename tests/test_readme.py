@@ -1,5 +1,6 @@
 """The README's first example is what a new user runs first: it must run as written."""
 
+import gc
 import os
 import re
 
@@ -21,7 +22,13 @@ def test_readme_use_example_runs_and_restores_the_first_turn(tmp_path, capsys):
     assert '"/var/cache/tierkv"' in block, "the example's store path changed: update this test"
     code = block.replace('"/var/cache/tierkv"', repr(str(tmp_path / "store")))
     ns: dict = {}
-    exec(compile(code, README, "exec"), ns)
+    frozen_before = gc.get_freeze_count()
+    try:
+        exec(compile(code, README, "exec"), ns)
+        assert gc.get_freeze_count() > frozen_before   # it froze what start-up made, as it says
+    finally:
+        if not frozen_before:  # pytest's process goes on: its objects collectable again
+            gc.unfreeze()
     t1, t2, prompt, tok = ns["t1"], ns["t2"], ns["prompt"], ns["tok"]
     second = prompt + t1.tokens + tok.encode(" And functools.partial?")
     assert t2.restored_tokens > len(prompt)                 # the first turn's prompt and answer came back
