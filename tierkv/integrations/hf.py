@@ -1605,14 +1605,15 @@ class SessionRunner:
     ``rehash_adapters=False`` hashes an adapter tensor again only when torch's version counter
     says it changed (cheaper per turn; a write through ``.data`` would go unseen).
     ``hold_gc`` (default True): Python's cyclic garbage collector is held off from the restore to
-    the first token (``ttft_s``), and again during the save at the turn's end, and runs as before
-    in between (the decode) and after: a full collection in a process holding a model traverses
-    every object transformers made, and holds the GIL the restore's reader threads need
-    meanwhile (192 ms a full ``gc.collect()`` with SmolLM2 loaded, ``bench/gc_pause.py``;
-    ``tierkv demo``'s restore reads took 255-309 ms where one landed in them, 126-141 ms with it
-    held off; its turn-1 save blocked 225-318 ms where one landed in it). A server that freezes
-    its start-up objects (``gc.freeze()``, as ``tierkv.demo.freeze_startup_heap`` does) makes
-    every full collection short wherever it lands (docs/integration.md).
+    the first token (``ttft_s``), and runs again after it as before: a full collection in a
+    process holding a model traverses every object transformers made, and holds the GIL the
+    restore's reader threads need meanwhile (192 ms a full ``gc.collect()`` with SmolLM2 loaded,
+    ``bench/gc_pause.py``; ``tierkv demo``'s restore reads took 255-309 ms where one landed in
+    them, 126-141 ms with it held off). Holding off only moves a collection that is due to the
+    next allocation after the hold: there it stalls no reads, but costs the caller as much (one
+    landed in ``tierkv demo``'s save: 225-318 ms blocked). A server that freezes its start-up
+    objects (``gc.freeze()``, as ``tierkv.demo.freeze_startup_heap`` does) makes every full
+    collection short wherever it lands (docs/integration.md).
     """
 
     def __init__(self, store: TierKV, model: Any, eos_token_id: int | None = None,
@@ -1701,8 +1702,7 @@ class SessionRunner:
         seen = tokens + out[:-1]
         if cache_len(cache) != len(seen):
             raise SpecMismatchError(f"cache holds {cache_len(cache)} tokens, the session {len(seen)}")
-        with gc_held(self.hold_gc):  # the save's copy blocks the turn too
-            save_cache(self.store, seen, cache, session=session, tenant=tenant)
+        save_cache(self.store, seen, cache, session=session, tenant=tenant)
         sources = handle.result().sources if n else {}
         return TurnResult(out, [x.cpu() for x in all_logits], n, len(tokens) - n, ttft, sources)
 
@@ -1710,9 +1710,8 @@ class SessionRunner:
 @contextlib.contextmanager
 def gc_held(hold: bool = True) -> Any:
     """Python's cyclic garbage collector off inside (where ``hold`` and it was on), back on after:
-    around a turn's restore and prefill, and around its save, so no full collection (which walks
-    every object of a process holding a model, holding the GIL the restore's reader threads
-    need) lands in them."""
+    around a turn's restore and prefill, so no full collection (which walks every object of a
+    process holding a model, holding the GIL the restore's reader threads need) lands in it."""
     was = hold and gc.isenabled()
     if was:
         gc.disable()
