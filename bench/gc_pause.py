@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import int_at_least, machine, stats_of, write_json  # noqa: E402
+from common import int_at_least, machine, setup_frozen, stats_of, write_json  # noqa: E402
 
 from tierkv import TierKV  # noqa: E402
 from tierkv.demo import build_context  # noqa: E402
@@ -58,16 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     pauses = full_collect_pauses()
     # as a server does once started (tierkv.demo.freeze_startup_heap): later full collections
     # walk only what was made since
-    ours = not gc.get_freeze_count()  # else whoever froze them (a caller's process) unfreezes them
-    if ours:
-        gc.collect()
-        gc.freeze()
-    frozen_objects = gc.get_freeze_count()
-    try:
+    with setup_frozen():
+        frozen_objects = gc.get_freeze_count()
         frozen_pauses = full_collect_pauses()
-    finally:
-        if ours:
-            gc.unfreeze()
     full: list[float] = []  # durations of generation-2 collections since the last reset
     started: list[float] = []
 
